@@ -1,0 +1,435 @@
+"""`smitin dataset build`: the Apache Beam pipeline from audio files to the captioned clips table.
+
+    files (matched on the driver, compared with the last build for refresh)
+      -> Reshuffle (spread files over worker processes)
+      -> ProcessFile: hash, decode, cut clips, analyse, caption     -> errors (tagged output)
+      -> + rows of unchanged files, read back from the previous shards
+      -> key by shard (hash of the source) -> GroupByKey -> WriteShard (rows sorted by clip_id)
+
+Shard contents and names depend only on the data, never on worker timing, so an unchanged input gives
+byte-identical shards and DVC sees no change. Files in = files with clips + files in the errors table.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import apache_beam as beam
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines import schema
+from pipelines.audio import AUDIO_EXTENSIONS, encode_flac, iter_clips, resample, sha256_of
+from pipelines.captions import base_description, clip_rng, compose_caption, control_sentences, read_sidecar
+from pipelines.errors import PipelineUserError
+from pipelines.features import ClipAnalyzer, FeatureParams
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Driver side: what to process
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    path: str
+    size: int
+    mtime: float
+
+
+def match_audio(input_spec: str) -> list[SourceFile]:
+    """Audio files under a folder, matching a glob, or a single file; local paths or fsspec URLs."""
+    fs, root = fsspec.core.url_to_fs(input_spec)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if any(ch in root for ch in "*?["):
+        paths = fs.glob(root)
+    elif fs.isdir(root):
+        paths = [p for p in fs.find(root)]
+    elif fs.exists(root):
+        paths = [root]
+    else:
+        raise PipelineUserError(f"input not found: {input_spec}")
+    files = []
+    for p in sorted(paths):
+        if not p.lower().endswith(AUDIO_EXTENSIONS) or "/." in p:
+            continue
+        info = fs.info(p)
+        if info.get("type") == "directory":
+            continue
+        mtime = info.get("mtime") or info.get("LastModified") or info.get("updated") or 0
+        if hasattr(mtime, "timestamp"):
+            mtime = mtime.timestamp()
+        url = p if protocol in ("file", "local") else f"{protocol}://{p}"
+        files.append(SourceFile(url, int(info.get("size") or 0), float(mtime)))
+    return files
+
+
+@dataclass
+class RefreshPlan:
+    to_process: list[SourceFile]
+    kept: dict[str, dict]  # source_path -> previous sources row, for unchanged files
+    dropped: list[str]  # sources that disappeared since the last build
+
+    @property
+    def up_to_date(self) -> bool:
+        return not self.to_process and not self.dropped
+
+
+def plan_refresh(files: list[SourceFile], out: str) -> RefreshPlan:
+    previous = _read_small(out, schema.SOURCES_FILE)
+    before = {row["source_path"]: row for row in previous}
+    kept, to_process = {}, []
+    for f in files:
+        row = before.get(f.path)
+        if row is not None and row["size"] == f.size and abs(row["mtime"] - f.mtime) < 1e-3:
+            kept[f.path] = row
+        else:
+            to_process.append(f)
+    # A previous build whose shards are missing cannot be trusted for kept rows.
+    if kept and not _list_shards(out):
+        to_process = files
+        kept = {}
+    seen = {f.path for f in files}
+    dropped = sorted(p for p in before if p not in seen)
+    return RefreshPlan(to_process, kept, dropped)
+
+
+def _read_small(out: str, name: str) -> list[dict]:
+    fs, root = fsspec.core.url_to_fs(out)
+    path = f"{root.rstrip('/')}/{name}"
+    if not fs.exists(path):
+        return []
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f).to_pylist()
+
+
+def _list_shards(out: str) -> list[str]:
+    fs, root = fsspec.core.url_to_fs(out)
+    return sorted(fs.glob(f"{root.rstrip('/')}/{schema.CLIPS_GLOB}"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Worker side
+
+
+def assign_split(key: str, fractions: dict[str, float]) -> str:
+    """Deterministic split from a hash of the source (or its group): all clips of a file share it."""
+    u = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+    total = 0.0
+    for name in ("train", "valid", "test"):
+        total += float(fractions.get(name, 0.0))
+        if u < total:
+            return name
+    return "train"
+
+
+def shard_of(source_sha256: str, num_shards: int) -> int:
+    return int(source_sha256[:8], 16) % num_shards
+
+
+class ProcessFile(beam.DoFn):
+    """One source file -> all its clip rows, or one error row. Never both: a file that fails part-way
+    through is reported as an error and none of its clips are kept, so files in = files ok + files failed."""
+
+    def __init__(self, params: dict):
+        self.params = params
+
+    def setup(self):
+        self.analyzer = ClipAnalyzer(FeatureParams.from_params(self.params))
+        self.clips_counter = beam.metrics.Metrics.counter("dataset", "clips")
+        self.failed_counter = beam.metrics.Metrics.counter("dataset", "files_failed")
+
+    def process(self, source: SourceFile):
+        p = self.params
+        stage = "read"
+        try:
+            sha, size = sha256_of(source.path)
+            if size == 0:
+                raise ValueError("empty file")
+            sidecar = read_sidecar(source.path)
+            stage = "decode"
+            sr = int(p["analysis_sample_rate"])
+            info, clips = iter_clips(source.path, sr, p["clip_seconds"], p["hop_seconds"], p["min_clip_seconds"],
+                                     p.get("max_file_seconds"))
+            rows = []
+            for index, start_s, wave in clips:
+                stage = "analyze"
+                rows.append(self._row(source, sha, sidecar, index, start_s, wave))
+                stage = "decode"
+            if not rows:
+                raise ValueError(f"shorter than min_clip_seconds={p['min_clip_seconds']}s "
+                                 f"({info.duration_s:.2f}s decoded)")
+        except Exception as e:  # every failure becomes an error row; the pipeline goes on
+            self.failed_counter.inc()
+            yield beam.pvalue.TaggedOutput("errors", {
+                "source_path": source.path, "stage": stage, "error_type": type(e).__name__,
+                "message": str(e)[:1000]})
+            yield beam.pvalue.TaggedOutput("sources", {
+                "source_path": source.path, "size": source.size, "mtime": source.mtime,
+                "source_sha256": None, "status": "error", "n_clips": 0})
+            return
+        self.clips_counter.inc(len(rows))
+        yield beam.pvalue.TaggedOutput("sources", {
+            "source_path": source.path, "size": source.size, "mtime": source.mtime, "source_sha256": sha,
+            "status": "ok", "n_clips": len(rows)})
+        for row in rows:
+            yield row
+
+    def _row(self, source: SourceFile, sha: str, sidecar: dict, index: int, start_s: float,
+             wave: np.ndarray) -> dict:
+        p = self.params
+        sr = int(p["analysis_sample_rate"])
+        features = self.analyzer.analyze(wave)
+        store_sr = int(p["store_sample_rate"])
+        clip_id = f"{sha[:16]}-{int(round(start_s * 1000)):09d}"
+        rng = clip_rng(int(p.get("seed", 0)), clip_id)
+        base = base_description(sidecar)
+        sentences = control_sentences(features, rng)
+        caption = compose_caption(base, sentences, rng, p.get("caption_sentence_probs", (0.15, 0.25, 0.3, 0.2, 0.1)))
+        traits = sidecar.get("traits") or {}
+        name = os.path.basename(source.path)
+        return {
+            "clip_id": clip_id,
+            "source_path": source.path,
+            "source_sha256": sha,
+            "clip_index": index,
+            "start_s": float(start_s),
+            "duration_s": len(wave) / sr,
+            "sample_rate": store_sr,
+            "split": assign_split(str(sidecar.get("split_group") or sha), p["split_fractions"]),
+            "audio": {"bytes": encode_flac(resample(wave, sr, store_sr), store_sr),
+                      "path": f"{name}#{index:05d}.flac"},
+            "is_silent": features.is_silent,
+            "tempo_bpm": features.tempo_bpm,
+            "tempo_confidence": features.tempo_confidence,
+            "beats_s": features.beats_s,
+            "downbeats_s": features.downbeats_s,
+            "time_signature": features.time_signature,
+            "key": features.key,
+            "mode": features.mode,
+            "key_strength": features.key_strength,
+            "chords": features.chords,
+            "loudness_lufs": features.loudness_lufs,
+            "traits": [{"name": str(k), "present": bool(v)} for k, v in sorted(traits.items())],
+            "caption": caption,
+            "caption_base": base,
+            **sentences,
+        }
+
+
+class ReadKeptRows(beam.DoFn):
+    """Rows of the previous build whose source is unchanged (refresh): read back, not recomputed."""
+
+    def __init__(self, kept_paths: list[str]):
+        self.kept_paths = kept_paths
+
+    def process(self, shard_path: str):
+        keep = set(self.kept_paths)
+        pf = pq.ParquetFile(fsspec.open(shard_path, "rb").open())
+        for i in range(pf.num_row_groups):
+            table = pf.read_row_group(i)
+            for row in table.to_pylist():
+                if row["source_path"] in keep:
+                    yield row
+
+
+class WriteShard(beam.DoFn):
+    def __init__(self, tmp_dir: str, num_shards: int):
+        self.tmp_dir = tmp_dir
+        self.num_shards = num_shards
+
+    def process(self, keyed):
+        index, rows = keyed
+        rows = sorted(rows, key=lambda r: r["clip_id"])
+        table = pa.Table.from_pylist(rows, schema=schema.CLIPS_SCHEMA)
+        path = f"{self.tmp_dir}/{schema.shard_name(index, self.num_shards)}"
+        with fsspec.open(path, "wb") as f:
+            # Row groups of ~64 clips keep readers' memory small (each row carries its FLAC audio).
+            pq.write_table(table, f, compression="zstd", row_group_size=64)
+        yield path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The pipeline
+
+
+@dataclass
+class BuildResult:
+    out: str
+    up_to_date: bool
+    stats: dict = field(default_factory=dict)
+
+
+def pipeline_options(runner: str | None, workers: int, beam_args: list[str] | None = None):
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    flags = list(beam_args or [])
+    if runner and runner not in ("FnApiRunner", "local"):
+        return None, PipelineOptions(flags + [f"--runner={runner}"])
+    mode = "multi_processing" if workers > 1 else "in_memory"
+    return "local", PipelineOptions(flags + [f"--direct_num_workers={workers}", f"--direct_running_mode={mode}"])
+
+
+def _make_pipeline(runner: str | None, workers: int, beam_args: list[str] | None):
+    kind, options = pipeline_options(runner, workers, beam_args)
+    if kind == "local":
+        # Chosen explicitly: the default DirectRunner first tries to download the Prism binary.
+        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+        return beam.Pipeline(runner=FnApiRunner(), options=options)
+    return beam.Pipeline(options=options)
+
+
+def build_dataset(input_spec: str, out: str, params: dict, runner: str | None = None, workers: int | None = None,
+                  beam_args: list[str] | None = None) -> BuildResult:
+    """Build (or refresh) the clips table in folder `out` from the audio at `input_spec`."""
+    _check_params(params)
+    workers = int(workers or params.get("workers", 1))
+    files = match_audio(input_spec)
+    fs, out_root = fsspec.core.url_to_fs(out)
+    fs.makedirs(out_root, exist_ok=True)
+    plan = plan_refresh(files, out)
+    if plan.up_to_date and _list_shards(out):
+        log.info("dataset at %s is up to date (%d files); nothing written", out, len(files))
+        return BuildResult(out, True, _read_stats(out))
+    log.info("%d files matched: %d to process, %d unchanged, %d gone", len(files), len(plan.to_process),
+             len(plan.kept), len(plan.dropped))
+
+    num_shards = int(params.get("num_shards", 1))
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    tmp_root = f"{out_root.rstrip('/')}/.tmp-{uuid.uuid4().hex[:8]}"
+    tmp_url = tmp_root if protocol in ("file", "local") else f"{protocol}://{tmp_root}"
+    fs.makedirs(tmp_root, exist_ok=True)
+    old_shards = _list_shards(out) if plan.kept else []
+    old_shard_urls = [s if protocol in ("file", "local") else f"{protocol}://{s}" for s in old_shards]
+    old_errors = [r for r in _read_small(out, schema.ERRORS_FILE) if r["source_path"] in plan.kept]
+    old_sources = list(plan.kept.values())
+
+    started = time.time()
+    with _make_pipeline(params.get("runner") if runner is None else runner, workers, beam_args) as p:
+        results = (
+            p
+            | "Files" >> beam.Create(plan.to_process)
+            | "Spread" >> beam.Reshuffle()
+            | "ProcessFile" >> beam.ParDo(ProcessFile(params)).with_outputs("errors", "sources", main="clips")
+        )
+        clips = results.clips
+        if old_shard_urls:
+            kept_rows = (p | "OldShards" >> beam.Create(old_shard_urls)
+                         | "ReadKept" >> beam.ParDo(ReadKeptRows(sorted(plan.kept))))
+            clips = (clips, kept_rows) | "AllClips" >> beam.Flatten()
+        (clips
+         | "KeyByShard" >> beam.Map(lambda r, n=num_shards: (shard_of(r["source_sha256"], n), r))
+         | "GroupShards" >> beam.GroupByKey()
+         | "WriteShards" >> beam.ParDo(WriteShard(tmp_url, num_shards)))
+        (results.errors | "CollectErrors" >> beam.combiners.ToList()
+         | "WriteErrors" >> beam.Map(_write_small, f"{tmp_url}/{schema.ERRORS_FILE}", schema.ERRORS_SCHEMA, old_errors))
+        (results.sources | "CollectSources" >> beam.combiners.ToList()
+         | "WriteSources" >> beam.Map(_write_small, f"{tmp_url}/{schema.SOURCES_FILE}", schema.SOURCES_SCHEMA,
+                                      old_sources))
+    elapsed = time.time() - started
+
+    # Empty shards are still written, so the set of file names is always the same.
+    for i in range(num_shards):
+        path = f"{tmp_root}/{schema.shard_name(i, num_shards)}"
+        if not fs.exists(path):
+            with fs.open(path, "wb") as f:
+                pq.write_table(schema.CLIPS_SCHEMA.empty_table(), f, compression="zstd")
+    stats = compute_stats(tmp_url, n_files=len(files))
+    stats["build_seconds"] = round(elapsed, 2)
+    with fs.open(f"{tmp_root}/{schema.STATS_FILE}", "w") as f:
+        json.dump(stats, f, indent=2, sort_keys=True)
+    _swap_into_place(fs, tmp_root, out_root)
+    log.info("wrote %d clips (%.2f h) from %d files (%d failed) to %s in %.1fs", stats["clips"], stats["hours"],
+             stats["files_in"], stats["files_failed"], out, elapsed)
+    return BuildResult(out, False, stats)
+
+
+def _write_small(rows: list[dict], path: str, table_schema: pa.Schema, extra: list[dict]) -> str:
+    all_rows = sorted(list(rows) + list(extra), key=lambda r: (r["source_path"], r.get("stage", "")))
+    with fsspec.open(path, "wb") as f:
+        pq.write_table(pa.Table.from_pylist(all_rows, schema=table_schema), f, compression="zstd")
+    return path
+
+
+def _swap_into_place(fs, tmp_root: str, out_root: str) -> None:
+    """Replace the previous build's files by the new ones (stale shards of another shard count removed)."""
+    new = {p.rsplit("/", 1)[1] for p in fs.ls(tmp_root, detail=False)}
+    for old in fs.glob(f"{out_root.rstrip('/')}/{schema.CLIPS_GLOB}"):
+        if old.rsplit("/", 1)[1] not in new:
+            fs.rm(old)
+    for name in sorted(new):
+        target = f"{out_root.rstrip('/')}/{name}"
+        if fs.exists(target):
+            fs.rm(target)
+        fs.mv(f"{tmp_root}/{name}", target)
+    fs.rm(tmp_root, recursive=True)
+
+
+def _read_stats(out: str) -> dict:
+    fs, root = fsspec.core.url_to_fs(out)
+    path = f"{root.rstrip('/')}/{schema.STATS_FILE}"
+    if not fs.exists(path):
+        return {}
+    with fs.open(path, "r") as f:
+        return json.load(f)
+
+
+def _check_params(params: dict) -> None:
+    for key in ("analysis_sample_rate", "store_sample_rate", "clip_seconds", "hop_seconds", "min_clip_seconds",
+                "split_fractions"):
+        if key not in params:
+            raise PipelineUserError(f"build_dataset params lack {key!r}")
+    if float(params["min_clip_seconds"]) > float(params["clip_seconds"]):
+        raise PipelineUserError("min_clip_seconds must not exceed clip_seconds")
+    if float(params["hop_seconds"]) <= 0 or float(params["clip_seconds"]) <= 0:
+        raise PipelineUserError("clip_seconds and hop_seconds must be positive")
+
+
+def _summary(values) -> dict:
+    arr = np.asarray([v for v in values if v is not None], dtype=float)
+    if not len(arr):
+        return {"count": 0}
+    q = np.percentile(arr, [5, 25, 50, 75, 95])
+    return {"count": int(len(arr)), "mean": round(float(arr.mean()), 3), "p05": round(float(q[0]), 3),
+            "p25": round(float(q[1]), 3), "median": round(float(q[2]), 3), "p75": round(float(q[3]), 3),
+            "p95": round(float(q[4]), 3)}
+
+
+def compute_stats(out: str, n_files: int) -> dict:
+    """Counts and feature distributions (DVC metrics); reads no audio bytes."""
+    cols = ["source_path", "split", "duration_s", "is_silent", "tempo_bpm", "tempo_confidence", "key", "mode",
+            "key_strength", "loudness_lufs", "time_signature", "chords"]
+    table = schema.read_clips_table(out, columns=cols)
+    rows = table.to_pydict()
+    errors = _read_small(out, schema.ERRORS_FILE)
+    failed = len({e["source_path"] for e in errors})
+    ok = len(set(rows["source_path"]))
+    count = lambda xs: dict(sorted({str(x): xs.count(x) for x in set(xs) if x is not None}.items()))  # noqa: E731
+    keys = [f"{k} {m}" for k, m in zip(rows["key"], rows["mode"]) if k]
+    n_chords = [len({seg["label"] for seg in c}) for c in rows["chords"]]
+    return {
+        "files_in": n_files,
+        "files_ok": ok,
+        "files_failed": failed,
+        "clips": table.num_rows,
+        "silent_clips": int(sum(bool(s) for s in rows["is_silent"])),
+        "hours": round(float(sum(rows["duration_s"])) / 3600, 4),
+        "clips_per_split": count(rows["split"]),
+        "tempo_bpm": _summary(rows["tempo_bpm"]),
+        "tempo_confidence": _summary(rows["tempo_confidence"]),
+        "key_strength": _summary(rows["key_strength"]),
+        "loudness_lufs": _summary(rows["loudness_lufs"]),
+        "distinct_chords_per_clip": _summary(n_chords),
+        "modes": count(rows["mode"]),
+        "keys": count(keys),
+        "time_signatures": count(rows["time_signature"]),
+    }
