@@ -1,7 +1,6 @@
 """The `smitin` console script. Each package adds its own subcommands; this module only dispatches.
 
-Errors a user can cause are raised as `UserError` (or one of the packages' own error classes listed in
-`_USER_ERRORS`) and printed as one line with a non-zero exit, never a traceback.
+Errors a user can cause are raised as `pipelines.errors.UserError` (or a subclass) and printed as one line with a non-zero exit, never a traceback.
 """
 from __future__ import annotations
 
@@ -16,14 +15,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
-class UserError(Exception):
-    """A mistake the user can fix (bad path, bad parameter): printed as one line, exit code 2."""
-
-
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from pipelines.errors import PipelineUserError
+    from pipelines.errors import UserError
 
-    return (UserError, PipelineUserError, FileNotFoundError)
+    return (UserError, FileNotFoundError)
 
 
 def build_parser() -> argparse.ArgumentParser:

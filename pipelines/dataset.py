@@ -205,6 +205,7 @@ class ProcessFile(beam.DoFn):
             "duration_s": len(wave) / sr,
             "sample_rate": store_sr,
             "split": assign_split(str(sidecar.get("split_group") or sha), p["split_fractions"]),
+            "mix_id": str(sidecar["mix_id"]) if sidecar.get("mix_id") is not None else None,
             "audio": {"bytes": encode_flac(resample(wave, sr, store_sr), store_sr),
                       "path": f"{name}#{index:05d}.flac"},
             "is_silent": features.is_silent,

@@ -25,6 +25,8 @@ CLIPS_SCHEMA = pa.schema(
         ("duration_s", pa.float64()),
         ("sample_rate", pa.int32()),
         ("split", pa.string()),
+        # sidecar `mix_id`: files sharing it are the same mixture with/without some stems (trait pairs)
+        ("mix_id", pa.string()),
         # audio (FLAC, mono, `sample_rate`)
         ("audio", AUDIO),
         ("is_silent", pa.bool_()),
