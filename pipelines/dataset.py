@@ -346,6 +346,9 @@ def build_dataset(input_spec: str, out: str, params: dict, runner: str | None = 
                 pq.write_table(schema.CLIPS_SCHEMA.empty_table(), f, compression="zstd")
     stats = compute_stats(tmp_url, n_files=len(files))
     stats["build_seconds"] = round(elapsed, 2)
+    stats["files_processed"] = len(plan.to_process)
+    stats["files_unchanged"] = len(plan.kept)
+    stats["files_removed"] = len(plan.dropped)
     with fs.open(f"{tmp_root}/{schema.STATS_FILE}", "w") as f:
         json.dump(stats, f, indent=2, sort_keys=True)
     _swap_into_place(fs, tmp_root, out_root)

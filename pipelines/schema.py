@@ -78,9 +78,11 @@ SOURCES_SCHEMA = pa.schema(
 )
 
 CLIPS_GLOB = "clips-*.parquet"
-ERRORS_FILE = "errors.parquet"
-SOURCES_FILE = "sources.parquet"
-STATS_FILE = "stats.json"
+# Side files start with "_" so that readers of the folder as one table (pandas.read_parquet, pyarrow.dataset,
+# Hugging Face `datasets`) skip them and see only the clip shards.
+ERRORS_FILE = "_errors.parquet"
+SOURCES_FILE = "_sources.parquet"
+STATS_FILE = "_stats.json"
 
 
 def shard_name(index: int, count: int) -> str:
