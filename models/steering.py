@@ -1,0 +1,415 @@
+"""The SMITIN steering runtime: push attention heads along trait-probe directions while generating.
+
+At a generation step the chosen heads' outputs before the output projection move by
+
+    z[l, h] += alpha * w[l, h] * sigma[l, h] * theta[l, h] * f
+
+(alpha: the trait's signed strength, w: head weight, sigma: spread along the unit direction theta, f: the monitor's
+push factor in [0, 1]). Modes:
+- `none`: no push; the monitor still runs so a report shows what the probes see.
+- `iti`: the top-K heads by probe accuracy, w = 1, f = 1 at every step (always on).
+- `smitin`: soft weights on all heads, a push only every `every` steps, and self-monitoring: C, the median
+  probability of the top-16 probes at the current position, is compared with tau (median(acc) - std(acc) of the
+  probe set unless given); the push decays as C rises, f = (1 - C / tau) ** decay, and is off once C >= tau.
+  A negative strength removes a trait: the push goes the other way and the monitor watches 1 - C.
+
+Hooks go on every `head_out` from outside (`steer(generator, plan)`, a context manager) and edit only the last
+position of each forward, i.e. the position that produces the next frame:
+- the first forward of a generation sees the whole prompt; earlier prompt positions are never pushed (they are the
+  user's audio), the last one is "step 0";
+- with the KV cache each later step has T == 1 and its pushed state stays in the cache; without it the whole
+  prefix is recomputed each step, so the push each earlier step received is replayed at its position, and both
+  paths give the same tokens (tested);
+- under classifier-free guidance only the conditional rows (the first `batch_layout["n_cond"]`) are monitored and
+  pushed. The unconditional rows stay the plain model: the guided logits u + g (c - u) then treat the push as part
+  of the condition, so guidance strengthens it instead of cancelling it (pushing both halves alike would largely
+  subtract it out again), and the unconditional half keeps meaning "the model without any request".
+- SMITIN's monitor reads the probes at the step's position before that step's push and decides the push of the
+  next step, because within one forward the upper layers (where the best probes usually are) run after the lower
+  layers have already been pushed. Step 0 is therefore observe-only in smitin mode; pushes fall on steps
+  1, 1 + every, 1 + 2 every, ...
+
+Each row of a batch has its own monitor. `SteeringSession.report()` returns per step, per trait and per row the
+monitored probability, the push factor and whether the push was on; it saves as JSON and a PNG plot.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from models.probes import ProbeSet
+from pipelines.errors import UserError
+
+MODES = ("none", "iti", "smitin")
+DIRECTIONS = ("probe", "random")
+
+
+class SteeringError(UserError):
+    """Bad steering request (unknown trait, bad strength, mismatched probe set): one line at the CLI."""
+
+
+@dataclass
+class SteeringParams:
+    mode: str = "smitin"
+    top_k: int = 16  # iti: heads pushed
+    every: int = 5  # smitin: push every `every` steps
+    monitor_heads: int = 16  # heads whose median probe probability is the monitor
+    tau: float | None = None  # None: median(acc) - std(acc) of each probe set
+    decay: float = 0.5  # smitin push factor (1 - C / tau) ** decay below tau; 0 = full push until tau
+    direction: str = "probe"  # "random": the control (random unit directions, their own sigma)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise SteeringError(f"unknown steering mode {self.mode!r} (choose {', '.join(MODES)})")
+        if self.direction not in DIRECTIONS:
+            raise SteeringError(f"unknown steering direction {self.direction!r} (choose {', '.join(DIRECTIONS)})")
+        for name in ("top_k", "every", "monitor_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise SteeringError(f"steering {name} must be a positive integer, got {value!r}")
+        if self.tau is not None:
+            self.tau = _number("tau", self.tau)
+            if not 0.0 < self.tau <= 1.0:
+                raise SteeringError(f"steering tau must be in (0, 1], got {self.tau}")
+        self.decay = _number("decay", self.decay)
+        if self.decay < 0:
+            raise SteeringError(f"steering decay must be >= 0, got {self.decay}")
+
+
+def _number(name: str, value) -> float:
+    if isinstance(value, bool):
+        raise SteeringError(f"{name} is not a number: {value!r}")
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise SteeringError(f"{name} is not a number: {value!r}") from None
+    if not math.isfinite(x):
+        raise SteeringError(f"{name} is not a finite number: {value!r}")
+    return x
+
+
+def parse_strengths(spec: str | Mapping[str, object] | Sequence[tuple[str, object]]) -> dict[str, float]:
+    """`"drums=+5, piano=-3"` (or a mapping / pairs) -> {"drums": 5.0, "piano": -3.0}. Refuses strengths that are
+    not numbers, a trait named twice (with opposite signs: a conflict), and empty specs, one line each."""
+    if isinstance(spec, str):
+        pairs = []
+        for part in filter(None, (p.strip() for p in re.split(r"[,;]", spec))):
+            if "=" not in part:
+                raise SteeringError(f"steering request {part!r} is not TRAIT=STRENGTH (e.g. drums=+5)")
+            name, _, value = part.partition("=")
+            pairs.append((name.strip(), value.strip()))
+    elif isinstance(spec, Mapping):
+        pairs = list(spec.items())
+    else:
+        pairs = list(spec)
+    if not pairs:
+        raise SteeringError("no traits to steer (expected e.g. drums=+5,piano=-3)")
+    out: dict[str, float] = {}
+    for name, value in pairs:
+        if not name:
+            raise SteeringError(f"steering request has an empty trait name (strength {value!r})")
+        alpha = _number(f"strength of {name!r}", value)
+        if name in out:
+            if (alpha > 0) != (out[name] > 0):
+                raise SteeringError(f"conflicting strengths for trait {name!r}: {out[name]:+g} and {alpha:+g} "
+                                    "(adding and removing it at once)")
+            raise SteeringError(f"trait {name!r} is given twice ({out[name]:+g}, {alpha:+g})")
+        out[name] = alpha
+    return out
+
+
+@dataclass
+class SteeringPlan:
+    """Several probe sets with signed strengths, and how to apply them."""
+
+    probe_sets: dict[str, ProbeSet]
+    strengths: dict[str, float]
+    params: SteeringParams = field(default_factory=SteeringParams)
+
+    @classmethod
+    def build(cls, available: Mapping[str, ProbeSet] | Sequence[ProbeSet],
+              strengths: str | Mapping[str, object] | Sequence[tuple[str, object]], **params) -> "SteeringPlan":
+        if not isinstance(available, Mapping):
+            available = {p.trait: p for p in available}
+        parsed = parse_strengths(strengths)
+        unknown = [t for t in parsed if t not in available]
+        if unknown:
+            have = ", ".join(sorted(available)) or "none"
+            raise SteeringError(f"unknown trait {unknown[0]!r}: probe sets are available for {have}")
+        return cls({t: available[t] for t in parsed}, parsed, SteeringParams(**params))
+
+    @property
+    def traits(self) -> list[str]:
+        return list(self.strengths)
+
+    def check_generator(self, generator, fingerprint: str | None = None) -> None:
+        fingerprint = fingerprint or generator.fingerprint()
+        for trait, ps in self.probe_sets.items():
+            if ps.generator_fingerprint != fingerprint:
+                raise SteeringError(f"probe set {trait!r} was trained on generator {ps.generator_fingerprint}, "
+                                    f"not on this generator ({fingerprint}); retrain the probes for it")
+            shape = (generator.n_layers, generator.n_heads, generator.head_dim)
+            if (ps.n_layers, ps.n_heads, ps.head_dim) != shape:
+                raise SteeringError(f"probe set {trait!r} has shape {(ps.n_layers, ps.n_heads, ps.head_dim)}, "
+                                    f"the generator {shape}")
+
+    def head_deltas(self) -> np.ndarray:
+        """float32[n_traits, L, H, Dh]: alpha * w * sigma * theta per trait, for the plan's mode and direction."""
+        p = self.params
+        out = []
+        for trait, alpha in self.strengths.items():
+            ps = self.probe_sets[trait]
+            if p.direction == "random":
+                theta, sigma = ps.random_direction, ps.random_sigma
+            else:
+                theta, sigma = ps.direction, ps.sigma
+            if p.mode == "iti":
+                w = np.zeros_like(ps.accuracy)
+                for layer, head in ps.top_heads(p.top_k):
+                    w[layer, head] = 1.0
+            elif p.mode == "smitin":
+                w = ps.weight
+            else:
+                w = np.zeros_like(ps.accuracy)
+            out.append((alpha * w * sigma)[..., None] * theta)
+        return np.stack(out).astype(np.float32)
+
+    def taus(self) -> list[float]:
+        return [self.params.tau if self.params.tau is not None else ps.tau() for ps in self.probe_sets.values()]
+
+    def describe(self) -> dict:
+        return {"mode": self.params.mode, "strengths": dict(self.strengths), "params": asdict(self.params),
+                "tau": dict(zip(self.traits, self.taus()))}
+
+
+def smitin_factor(monitor: torch.Tensor, sign: torch.Tensor, tau: torch.Tensor, decay: float) -> torch.Tensor:
+    """SMITIN's push factor from the monitored probability [n, T]: the goal probability is C for an added trait and
+    1 - C for a removed one (sign < 0); the factor is (1 - goal / tau) ** decay while goal < tau, and 0 from tau on."""
+    goal = torch.where(sign > 0, monitor, 1.0 - monitor)
+    f = (1.0 - goal / tau).clamp(0.0, 1.0) ** decay
+    return torch.where(goal >= tau, torch.zeros_like(f), f)
+
+
+def _median(x: torch.Tensor) -> torch.Tensor:
+    """Median over the last dim, averaging the two middle values when their count is even (numpy's convention;
+    torch.median takes the lower one, and torch.quantile is slow)."""
+    m = x.shape[-1]
+    v = x.sort(dim=-1).values
+    return v[..., m // 2] if m % 2 else 0.5 * (v[..., m // 2 - 1] + v[..., m // 2])
+
+
+class SteeringSession:
+    """Per-generation state of the hooks. Created by `steer`; one session may see several generate calls (a new
+    generation is recognised by its first forward, which re-starts the step count and the report)."""
+
+    def __init__(self, generator, plan: SteeringPlan, fingerprint: str | None = None):
+        plan.check_generator(generator, fingerprint)
+        self.generator, self.plan = generator, plan
+        p = plan.params
+        L, H = generator.n_layers, generator.n_heads
+        self.n_layers = L
+        param = next(iter(generator.parameters()), None)
+        dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+        device = param.device if param is not None else torch.device("cpu")
+        sets = list(plan.probe_sets.values())
+        self.delta = torch.from_numpy(plan.head_deltas()).to(device, dtype)  # [T, L, H, Dh]
+        self.push_enabled = p.mode != "none" and bool(self.delta.abs().sum() > 0)
+        idx = [[layer * H + head for layer, head in ps.top_heads(p.monitor_heads)] for ps in sets]
+        self.monitor_idx = torch.tensor(idx, dtype=torch.long, device=device)  # [T, M]
+        coef = torch.stack([torch.from_numpy(ps.coef).reshape(L * H, -1) for ps in sets]).to(device, dtype)
+        intercept = torch.stack([torch.from_numpy(ps.intercept).reshape(L * H) for ps in sets]).to(device, dtype)
+        self.monitor_coef = torch.gather(coef, 1, self.monitor_idx[..., None].expand(-1, -1, coef.shape[-1]))
+        self.monitor_bias = torch.gather(intercept, 1, self.monitor_idx)  # [T, M]
+        self.sign = torch.tensor([1.0 if a > 0 else -1.0 for a in plan.strengths.values()], device=device)
+        self.tau = torch.tensor(plan.taus(), device=device)
+        self._reset(None)
+        self.generations: list[dict] = []
+
+    # ---- state
+    def _reset(self, rows: int | None) -> None:
+        self._rows = rows
+        self._last_pos: int | None = None
+        self._step = -1
+        self._monitor: torch.Tensor | None = None  # [n_cond, T] monitored probability of the last step
+        self._applied: dict[int, torch.Tensor] = {}  # absolute position -> combined push [n, L, H, Dh]
+        self._stash: list[torch.Tensor | None] = [None] * self.n_layers
+        self._now: torch.Tensor | None = None
+        self._replay: list[tuple[int, torch.Tensor]] = []
+        self._log: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (step, probability [n,T], factor [n,T])
+
+    def _factor(self, n: int) -> torch.Tensor | None:
+        """Push factor [n, T] for the step about to run; None when nothing is pushed."""
+        p = self.plan.params
+        if not self.push_enabled:
+            return None
+        if p.mode == "iti":
+            return torch.ones(n, len(self.sign), device=self.sign.device)
+        step = self._step
+        if step < 1 or (step - 1) % p.every or self._monitor is None:
+            return None
+        return smitin_factor(self._monitor, self.sign, self.tau, p.decay)
+
+    def _begin_forward(self, z: torch.Tensor) -> None:
+        B, T = z.shape[0], z.shape[1]
+        layout = getattr(self.generator, "batch_layout", None) or {}
+        n = int(layout.get("n_cond") or B) if layout.get("cfg") else B
+        if self._last_pos is not None and B == self._rows and T == 1:
+            pos = self._last_pos + 1  # KV-cached step
+        elif self._last_pos is not None and B == self._rows and T == self._last_pos + 2:
+            pos = T - 1  # uncached step: the whole prefix again, one position longer
+        else:
+            if self._log:
+                self.generations.append(self._finish())
+            self._reset(B)
+            pos = T - 1
+        self._n, self._last_pos, self._step = n, pos, self._step + 1
+        factor = self._factor(n)
+        self._factor_now = factor
+        self._now = torch.einsum("nt,tlhd->nlhd", factor, self.delta) if factor is not None else None
+        if self._now is not None:
+            self._applied[pos] = self._now
+        # positions recomputed by an uncached step that were pushed when they were generated
+        self._replay = [(q, d) for q, d in self._applied.items() if q < pos] if T > 1 else []
+
+    def _end_forward(self) -> None:
+        acts = torch.stack(self._stash, dim=1).flatten(1, 2)  # [n, L*H, Dh]
+        sel = acts[:, self.monitor_idx]  # [n, T, M, Dh]
+        logits = (sel * self.monitor_coef).sum(-1) + self.monitor_bias
+        prob = _median(torch.sigmoid(logits.float()))  # [n, T]: median over the monitored heads
+        self._monitor = prob
+        self._log.append((self._step, prob, self._factor_now))
+        self._stash = [None] * self.n_layers
+
+    def hook(self, layer: int):
+        last_layer = self.n_layers - 1
+
+        def fn(_module, _inputs, z):
+            if layer == 0:
+                self._begin_forward(z)
+            n = self._n
+            edit = self._now is not None or self._replay
+            if edit:
+                if torch.is_grad_enabled():
+                    z = z.clone()
+                self._stash[layer] = z[:n, -1].clone()
+                for q, d in self._replay:
+                    z[:n, q] += d[:, layer]
+                if self._now is not None:
+                    z[:n, -1] += self._now[:, layer]
+            else:
+                self._stash[layer] = z[:n, -1]
+            if layer == last_layer:
+                self._end_forward()
+            return z if edit else None
+
+        return fn
+
+    # ---- report
+    def _finish(self) -> dict:
+        steps = []
+        traits = self.plan.traits
+        for step, prob, factor in self._log:
+            prob = prob.tolist()
+            factor = factor.tolist() if factor is not None else [[0.0] * len(traits) for _ in prob]
+            steps.append({"step": step, "traits": {t: {"probability": [r[i] for r in prob],
+                                                        "push": [r[i] for r in factor],
+                                                        "on": [r[i] > 0 for r in factor]}
+                                                    for i, t in enumerate(traits)}})
+        return {"plan": self.plan.describe(), "steps": steps}
+
+    def report(self) -> "SteeringReport":
+        """The report of the latest generation (the session's hooks keep running for the next one)."""
+        gens = self.generations + ([self._finish()] if self._log else [])
+        if not gens:
+            return SteeringReport({"plan": self.plan.describe(), "steps": []})
+        return SteeringReport(gens[-1])
+
+
+class SteeringReport:
+    """Per step: each trait's monitored probability (per batch row), push factor, and whether the push was on."""
+
+    def __init__(self, data: dict):
+        self.data = data
+
+    @property
+    def steps(self) -> list[dict]:
+        return self.data["steps"]
+
+    def probabilities(self, trait: str, row: int = 0) -> list[float]:
+        return [s["traits"][trait]["probability"][row] for s in self.steps]
+
+    def pushes(self, trait: str, row: int = 0) -> list[float]:
+        return [s["traits"][trait]["push"][row] for s in self.steps]
+
+    def summary(self) -> dict:
+        out = {}
+        for trait in self.data["plan"]["strengths"]:
+            prob = np.array([s["traits"][trait]["probability"] for s in self.steps])
+            on = np.array([s["traits"][trait]["on"] for s in self.steps])
+            out[trait] = {"final_probability": prob[-1].tolist() if len(prob) else [],
+                          "mean_probability": prob.mean(0).tolist() if len(prob) else [],
+                          "push_steps": on.sum(0).astype(int).tolist() if len(on) else []}
+        return out
+
+    def save(self, path_json: str | Path, path_png: str | Path | None = None) -> None:
+        path_json = Path(path_json)
+        path_json.parent.mkdir(parents=True, exist_ok=True)
+        path_json.write_text(json.dumps({**self.data, "summary": self.summary()}, indent=1) + "\n")
+        if path_png:
+            self.plot(path_png)
+
+    def plot(self, path: str | Path, row: int = 0) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        plan = self.data["plan"]
+        fig, ax = plt.subplots(figsize=(8, 3.2))
+        steps = [s["step"] for s in self.steps]
+        for i, trait in enumerate(plan["strengths"]):
+            color = f"C{i}"
+            prob = self.probabilities(trait, row)
+            ax.plot(steps, prob, color=color, label=f"{trait} ({plan['strengths'][trait]:+g})")
+            ax.axhline(plan["tau"][trait], color=color, ls=":", lw=0.8)
+            on = [s for s, p in zip(steps, self.pushes(trait, row)) if p > 0]
+            ax.scatter(on, [1.02 + 0.03 * i] * len(on), marker="|", color=color, s=40)
+        ax.set_ylim(0, 1.1)
+        ax.set_xlabel("generation step")
+        ax.set_ylabel("monitored probability")
+        ax.set_title(f"steering report ({plan['mode']}): ticks = push on, dotted = tau")
+        ax.legend(loc="lower right", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+
+@contextmanager
+def steer(generator, plan: SteeringPlan, fingerprint: str | None = None) -> Iterator[SteeringSession]:
+    """Install the plan's hooks on every `head_out` for the duration of the block; yields the session (its
+    `report()` describes the latest generation). Refuses probe sets from another generator."""
+    session = SteeringSession(generator, plan, fingerprint)
+    handles = [site.register_forward_hook(session.hook(layer)) for layer, site in enumerate(generator.head_sites())]
+    try:
+        yield session
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def load_probe_sets(paths: Sequence[str | Path]) -> dict[str, ProbeSet]:
+    out: dict[str, ProbeSet] = {}
+    for path in paths:
+        ps = ProbeSet.load(path)
+        if ps.trait in out:
+            raise SteeringError(f"two probe sets for trait {ps.trait!r} ({path})")
+        out[ps.trait] = ps
+    return out
