@@ -21,7 +21,7 @@ $(BIN)/smitin: requirements.lock pyproject.toml
 setup: $(BIN)/smitin
 
 demo: setup
-	$(BIN)/smitin demo
+	$(BIN)/dvc repro
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
