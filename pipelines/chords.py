@@ -25,7 +25,8 @@ _SUFFIX_TO_HARTE = {
     "9": "9", "maj9": "maj9", "m9": "min9", "min9": "min9", "sus4": "sus4", "sus": "sus4", "sus2": "sus2",
     "7sus4": "sus4(b7)",
 }
-_SYMBOL = re.compile(r"^([A-Ga-g])([#b♯♭]*)(.*?)(?:/([A-Ga-g][#b♯♭]*))?$")
+# The bass after "/" may carry lead-sheet decorations we ignore (Nottingham writes e.g. "D/f+").
+_SYMBOL = re.compile(r"^([A-Ga-g])([#b♯♭]*)(.*?)(?:/([A-Ga-g][#b♯♭]*)[+\-]?)?$")
 
 
 class ChordLabelError(ValueError):
@@ -60,7 +61,9 @@ def to_harte(symbol: str) -> str:
     rpc = pitch_class(root + acc)
     label = f"{PITCH_CLASSES[rpc]}:{quality}"
     if bass:
-        interval = (pitch_class(bass) - rpc) % 12
+        # a trailing "+" on the bass is the Nottingham database's sharp ("D/f+" = D/F#, a descending bass line)
+        sharp = 1 if s.endswith("+") else 0
+        interval = (pitch_class(bass) + sharp - rpc) % 12
         label += "/" + _INTERVAL_DEGREE[interval]
     return label
 
