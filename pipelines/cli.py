@@ -27,6 +27,19 @@ def register(commands: argparse._SubParsersAction) -> None:
     build.add_argument("--metrics", default=None, help="also write the stats JSON here (a DVC metrics file)")
     build.set_defaults(func=_dataset_build, accepts_beam_args=True)
 
+    ev = dataset_cmds.add_parser(
+        "eval", help="score the clips table's features against the rendered corpus' ground truth (mir_eval)",
+        description="Join clips with labels by source file, cut the ground truth to each clip, report key "
+                    "(weighted/exact), tempo Acc1/Acc2, beat and downbeat F, chord majmin/root recall; overall and "
+                    "drums vs no drums. Writes a metrics JSON (DVC metrics) and a per-piece CSV.")
+    ev.add_argument("--clips", default="data/clips", help="clips table folder (default: data/clips)")
+    ev.add_argument("--labels", default="data/corpus/labels.parquet", help="ground-truth labels table")
+    ev.add_argument("--out", default="metrics/features.json", help="metrics JSON (default: metrics/features.json)")
+    ev.add_argument("--table", default=None, help="per-piece CSV (default: beside --out, *_per_piece.csv)")
+    ev.set_defaults(func=_dataset_eval)
+
+    register_corpus(commands)
+
 
 def _dataset_build(args: argparse.Namespace) -> int:
     from pipelines.dataset import build_dataset
@@ -49,4 +62,57 @@ def _dataset_build(args: argparse.Namespace) -> int:
         print(f"{args.out}: up to date ({s.get('clips', '?')} clips); nothing written")
     else:
         print(json.dumps({k: s[k] for k in ("files_in", "files_ok", "files_failed", "clips", "hours")}))
+    return 0
+
+
+def register_corpus(commands: argparse._SubParsersAction) -> None:
+    corpus = commands.add_parser("corpus", help="render real scores into audio + stems + ground truth")
+    corpus_cmds = corpus.add_subparsers(dest="corpus_command", required=True, metavar="ACTION")
+    render = corpus_cmds.add_parser(
+        "render", help="scores (music21's corpus and/or your folder) -> audio mixes, stems, labels, with Beam",
+        description="Render Bach chorales / Nottingham / Essen tunes from music21's corpus, and any folder of "
+                    "MIDI/MusicXML/ABC (--scores), through a General-MIDI SoundFont with seeded instruments, tempo, "
+                    "transposition and drum/bass/piano stems. Writes OUT/audio (mixes + sidecar JSON, the input of "
+                    "`smitin dataset build`), OUT/stems, OUT/labels.parquet (ground truth). Unknown --flags go to Beam.")
+    render.add_argument("--out", default="data/corpus", help="output folder (default: data/corpus)")
+    render.add_argument("--params", default="params.yaml", help="params file (section corpus)")
+    render.add_argument("--scores", default=None, help="also render this folder of MIDI/MusicXML/ABC scores")
+    render.add_argument("--soundfont", default=None, help="a .sf2 to use instead of pretty_midi's TimGM6mb.sf2")
+    render.add_argument("--workers", type=int, default=None, help="local worker processes (default: params)")
+    render.add_argument("--runner", default=None, help="Beam runner (default: FnApiRunner in worker processes)")
+    render.add_argument("--metrics", default=None, help="also write the render stats JSON here")
+    render.set_defaults(func=_corpus_render, accepts_beam_args=True)
+
+
+def _corpus_render(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipelines.corpus import render_corpus
+
+    params = load_params(args.params, "corpus")
+    if args.scores:
+        if not Path(args.scores).is_dir():
+            from pipelines.errors import PipelineUserError
+
+            raise PipelineUserError(f"--scores folder not found: {args.scores}")
+        params["scores_dir"] = args.scores
+    if args.soundfont:
+        params["soundfont"] = args.soundfont
+    result = render_corpus(args.out, params, workers=args.workers, runner=args.runner,
+                           beam_args=getattr(args, "beam_args", None))
+    if args.metrics:
+        Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.metrics).write_text(json.dumps(result.stats, indent=2, sort_keys=True) + "\n")
+    print(json.dumps({k: result.stats[k] for k in ("pieces_rendered", "pieces_failed", "mixes", "audio_hours",
+                                                   "realtime_factor")}))
+    return 0
+
+
+def _dataset_eval(args: argparse.Namespace) -> int:
+    from pipelines.evaluate import evaluate_features, format_table, write_outputs
+
+    metrics, rows = evaluate_features(args.clips, args.labels)
+    table = write_outputs(metrics, rows, args.out, args.table)
+    print(format_table(metrics))
+    print(f"wrote {args.out} and {table}")
     return 0
