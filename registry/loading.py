@@ -1,0 +1,143 @@
+"""Resolve `models:/name@alias` (or `models:/name/3`, or a plain local directory) to files on disk, through a
+local cache keyed by content hash: resolving is one registry query, loading a cached version touches no network
+and copies nothing. Downloads are verified against the registered manifest before they enter the cache."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from registry.artifacts import MANIFEST, inspect_dir, verify_dir
+from registry.errors import CorruptArtifact, IncompatibleProbeSet, ModelNotFound, RegistryError
+from registry.store import CHAMPION, TAG, Registry, first_line, translate_errors
+
+_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
+
+
+@dataclass
+class LocalModel:
+    """A generator or probe set on local disk, with where it came from."""
+    path: Path
+    kind: str
+    uri: str
+    name: str | None = None            # registered model name (None for a plain directory)
+    version: str | None = None
+    aliases: list[str] = field(default_factory=list)
+    tags: dict = field(default_factory=dict)
+    trait: str | None = None
+    fingerprint: str | None = None             # generator
+    generator_fingerprint: str | None = None   # probe set
+    cached: bool = False
+
+    def label(self) -> str:
+        return f"{self.name} v{self.version}" if self.name else str(self.path)
+
+
+def parse_uri(uri: str) -> tuple[str, str | None, str | None]:
+    m = _URI.match(uri.strip())
+    if not m:
+        raise RegistryError(f"not a model URI: {uri!r} (expected models:/NAME@ALIAS or models:/NAME/VERSION)")
+    return m["name"], m["version"], m["alias"]
+
+
+def resolve(reg: Registry, uri: str):
+    """The model version a URI points at (one registry query). Raises a one-line error when the model, the version
+    or the alias does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    name, version, alias = parse_uri(uri)
+    reg.check()
+    c = reg.client
+    with translate_errors(reg):
+        try:
+            return c.get_model_version_by_alias(name, alias) if alias else c.get_model_version(name, version)
+        except MlflowException as e:
+            if getattr(e, "error_code", "") != "RESOURCE_DOES_NOT_EXIST" and "not found" not in str(e).lower():
+                raise
+        if not c.search_registered_models(f"name = '{name}'"):
+            known = sorted(m.name for m in c.search_registered_models(max_results=100))
+            raise ModelNotFound(f"no registered model {name!r} in {reg.uri}"
+                                + (f" (registered: {', '.join(known)})" if known else " (nothing registered yet)"))
+        if alias:
+            rm = c.get_registered_model(name)
+            have = ", ".join(f"{a}->v{v}" for a, v in sorted((rm.aliases or {}).items())) or "none"
+            hint = f"; promote one with `smitin registry promote {name}`" if alias == CHAMPION else ""
+            raise ModelNotFound(f"{name} has no version with alias '{alias}' (aliases: {have}){hint}")
+        raise ModelNotFound(f"{name} has no version {version}")
+
+
+def default_cache_dir(reg: Registry) -> Path:
+    return Path(reg.settings.cache_dir)
+
+
+def fetch(reg: Registry | None, uri: str | os.PathLike, cache_dir: str | Path | None = None) -> LocalModel:
+    """A local copy of a registered version (downloaded once, verified, cached by content hash), or a plain
+    directory described as is."""
+    text = str(uri)
+    if not text.startswith("models:/"):
+        info = inspect_dir(text)
+        return LocalModel(path=info.path, kind=info.kind, uri=text, trait=info.trait, fingerprint=info.fingerprint,
+                          generator_fingerprint=info.generator_fingerprint)
+    if reg is None:
+        raise RegistryError("a models:/ URI needs a registry")
+    mv = resolve(reg, text)
+    content = mv.tags.get(TAG + "content_hash")
+    label = f"{mv.name} v{mv.version}"
+    if not content:
+        raise CorruptArtifact(f"{label} has no content hash: it was not registered by smitin and cannot be verified")
+    cache = Path(cache_dir or default_cache_dir(reg))
+    final = cache / content
+    cached = True
+    if (final / MANIFEST).exists():
+        try:
+            verify_dir(final, content, full=False, what=f"cached copy of {label} ({final})")
+        except CorruptArtifact:
+            shutil.rmtree(final, ignore_errors=True)  # damaged cache entry: fetch it again below
+    if not (final / MANIFEST).exists():
+        cached = False
+        _download(reg, mv, final, content, label)
+    kind = mv.tags.get(TAG + "kind") or ("generator" if (final / "generator.json").exists() else "probe_set")
+    return LocalModel(path=final, kind=kind, uri=text, name=mv.name, version=str(mv.version),
+                      aliases=list(mv.aliases or []), tags=dict(mv.tags), trait=mv.tags.get(TAG + "trait"),
+                      fingerprint=mv.tags.get(TAG + "fingerprint"),
+                      generator_fingerprint=mv.tags.get(TAG + "generator_fingerprint"), cached=cached)
+
+
+def _download(reg: Registry, mv, final: Path, content: str, label: str) -> None:
+    import mlflow.artifacts
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=final.parent))
+    try:
+        with translate_errors(reg):
+            source = reg.client.get_model_version_download_uri(mv.name, mv.version)
+            try:
+                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp),
+                                                                 tracking_uri=reg.uri, registry_uri=reg.uri))
+            except Exception as e:  # noqa: BLE001 - missing files are a corrupt artifact, not a crash
+                if "connection" in str(e).lower():
+                    raise
+                raise CorruptArtifact(f"{label}: artifacts cannot be downloaded from {source} ({first_line(e)[:160]})") from None
+        verify_dir(local, content, full=True, what=label)
+        try:
+            os.rename(local, final)
+        except OSError:
+            if not (final / MANIFEST).exists():  # not a concurrent download that won the race
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_compatible(probe_set: LocalModel, generator: LocalModel) -> None:
+    """Refuse a probe set trained on another generator, naming both."""
+    if probe_set.generator_fingerprint != generator.fingerprint:
+        trained_on = probe_set.tags.get(TAG + "generator_version")
+        trained = f"generator {str(probe_set.generator_fingerprint)[:12]}" + (
+            f" (smitin-generator v{trained_on})" if trained_on and trained_on != "unregistered" else "")
+        raise IncompatibleProbeSet(
+            f"probe set {probe_set.label()} (trait {probe_set.trait}) was trained on {trained}, not on "
+            f"{generator.label()} ({str(generator.fingerprint)[:12]}); retrain the probes for this generator or "
+            f"pick the generator they were trained on")

@@ -1,0 +1,200 @@
+"""Promotion: move alias `champion` to a version only when the gates pass, and keep every decision as history.
+
+Gates (params.yaml `registry.gates`):
+- ready: the version finished registering and carries a content hash (so its files can be verified);
+- metrics: every gated metric the current champion has is not worse on the candidate beyond `tolerance`
+  (`higher` / `lower` is better, per metric);
+- compatible (probe sets): trained on the current champion generator (same fingerprint).
+`--force` promotes anyway; the event records which gates were overridden."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from registry.errors import ModelNotFound, PromotionRefused, RegistryError
+from registry.history import read_history, record_event
+from registry.store import CHALLENGER, CHAMPION, TAG, Registry, translate_errors
+
+
+@dataclass
+class Gate:
+    name: str
+    passed: bool
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.name}: {'ok' if self.passed else 'FAILED'} ({self.detail})"
+
+
+@dataclass
+class Promotion:
+    name: str
+    version: str
+    previous: str | None
+    gates: list[Gate] = field(default_factory=list)
+    promoted: bool = False
+    forced: bool = False
+    event: dict = field(default_factory=dict)
+
+    @property
+    def failed(self) -> list[Gate]:
+        return [g for g in self.gates if not g.passed]
+
+
+def version_metrics(mv) -> dict[str, float]:
+    try:
+        return json.loads(mv.tags.get(TAG + "metrics", "{}"))
+    except ValueError:
+        return {}
+
+
+def alias_version(client, name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def metric_gate(candidate, champion, gates: dict, kind: str) -> Gate:
+    if champion is None:
+        return Gate("metrics", True, "no current champion to compare with")
+    spec = gates.get(kind) or {}
+    tol = float(gates.get("tolerance", 0.0))
+    cand, champ = version_metrics(candidate), version_metrics(champion)
+    problems, compared = [], []
+    for metric, direction in spec.items():
+        if metric not in champ:
+            continue
+        if metric not in cand:
+            problems.append(f"{metric} missing (champion v{champion.version} has {_fmt(champ[metric])})")
+            continue
+        c, ref = cand[metric], champ[metric]
+        worse = c < ref - tol if direction == "higher" else c > ref + tol
+        compared.append(metric)
+        if worse:
+            sign = "<" if direction == "higher" else ">"
+            problems.append(f"{metric} {_fmt(c)} {sign} champion v{champion.version} {_fmt(ref)} "
+                            f"{'-' if direction == 'higher' else '+'} tolerance {_fmt(tol)}")
+    if problems:
+        return Gate("metrics", False, "; ".join(problems))
+    if not compared:
+        return Gate("metrics", True, f"no gated metric in common with champion v{champion.version}")
+    return Gate("metrics", True, f"{', '.join(compared)} within {_fmt(tol)} of champion v{champion.version} or better")
+
+
+def compatibility_gate(reg: Registry, candidate) -> Gate:
+    fp = candidate.tags.get(TAG + "generator_fingerprint", "")
+    gen_name = reg.settings.generator_name
+    gen = alias_version(reg.client, gen_name, CHAMPION) if reg.client.search_registered_models(
+        f"name = '{gen_name}'") else None
+    if gen is None:
+        return Gate("compatible", False, f"{gen_name} has no champion to check the probe set against; promote a "
+                                         f"generator first")
+    gen_fp = gen.tags.get(TAG + "fingerprint", "")
+    if fp != gen_fp:
+        return Gate("compatible", False, f"trained on generator {fp[:12] or '?'} (v{candidate.tags.get(TAG + 'generator_version', '?')}), "
+                                         f"champion {gen_name} v{gen.version} is {gen_fp[:12]}")
+    return Gate("compatible", True, f"trained on champion {gen_name} v{gen.version} ({gen_fp[:12]})")
+
+
+def evaluate_gates(reg: Registry, name: str, candidate, champion) -> list[Gate]:
+    kind = candidate.tags.get(TAG + "kind", "probe_set" if name != reg.settings.generator_name else "generator")
+    ready = candidate.status == "READY" and bool(candidate.tags.get(TAG + "content_hash"))
+    gates = [Gate("ready", ready, "registered, content hash recorded" if ready else
+                  f"status {candidate.status}, content hash {'present' if candidate.tags.get(TAG + 'content_hash') else 'missing'}")]
+    gates.append(metric_gate(candidate, champion, reg.settings.gates, kind))
+    if kind == "probe_set":
+        gates.append(compatibility_gate(reg, candidate))
+    return gates
+
+
+def _candidate(reg: Registry, name: str, version: str | int | None):
+    c = reg.client
+    if not c.search_registered_models(f"name = '{name}'"):
+        raise ModelNotFound(f"no registered model named {name!r}; see `smitin registry list`")
+    if version is not None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return c.get_model_version(name, str(version))
+        except MlflowException:
+            raise ModelNotFound(f"{name} has no version {version}") from None
+    mv = alias_version(c, name, CHALLENGER)
+    if mv is None:
+        versions = c.search_model_versions(f"name = '{name}'")
+        if not versions:
+            raise ModelNotFound(f"{name} has no versions")
+        mv = max(versions, key=lambda v: int(v.version))
+    return mv
+
+
+def promote(reg: Registry, model: str, version: str | int | None = None, *, force: bool = False,
+            reason: str = "", dry_run: bool = False) -> Promotion:
+    """Move `champion` to `version` (default: the challenger, else the newest) if the gates pass or `force`.
+    A refusal is recorded in the history too, then raised as `PromotionRefused` naming the failed gates."""
+    reg.check()
+    with translate_errors(reg), reg.lock("promotion"):
+        c = reg.client
+        name = reg.resolve_name(model)
+        candidate = _candidate(reg, name, version)
+        champion = alias_version(c, name, CHAMPION)
+        result = Promotion(name, str(candidate.version), str(champion.version) if champion else None)
+        if champion is not None and str(champion.version) == str(candidate.version):
+            result.gates = [Gate("noop", True, f"v{candidate.version} is already the champion")]
+            return result
+        result.gates = evaluate_gates(reg, name, candidate, champion)
+        if dry_run:
+            return result
+        failed = result.failed
+        base = {"alias": CHAMPION, "from": result.previous, "to": result.version, "why": reason or "",
+                "gates": [str(g) for g in result.gates]}
+        if failed and not force:
+            result.event = record_event(c, name, {**base, "action": "refused"})
+            raise PromotionRefused(f"{name} v{candidate.version} not promoted: " + "; ".join(
+                f"gate {g.name} failed: {g.detail}" for g in failed) + " (use --force to override, it is recorded)")
+        if failed and not candidate.tags.get(TAG + "content_hash"):
+            raise RegistryError(f"{name} v{candidate.version} has no content hash: it was not registered by smitin "
+                                f"and cannot be verified, not even with --force")
+        c.set_registered_model_alias(name, CHAMPION, result.version)
+        try:
+            result.event = record_event(c, name, {**base, "action": "force-promote" if failed else "promote",
+                                                  "forced": bool(failed),
+                                                  "overridden": [g.name for g in failed]})
+        except Exception:
+            # No history, no promotion: put the previous champion back.
+            if champion is not None:
+                c.set_registered_model_alias(name, CHAMPION, result.previous)
+            else:
+                c.delete_registered_model_alias(name, CHAMPION)
+            raise
+        c.set_model_version_tag(name, result.version, TAG + "promoted_at", result.event["when"])
+        result.promoted, result.forced = True, bool(failed)
+        return result
+
+
+def history(reg: Registry, model: str) -> tuple[str, list[dict]]:
+    reg.check()
+    with translate_errors(reg):
+        name = reg.resolve_name(model)
+        if not reg.client.search_registered_models(f"name = '{name}'"):
+            raise ModelNotFound(f"no registered model named {name!r}; see `smitin registry list`")
+        return name, read_history(reg.client, name)
+
+
+def stale_probe_sets(reg: Registry, generator_fingerprint: str) -> list[str]:
+    """Probe-set models whose champion was trained on another generator than `generator_fingerprint`."""
+    out = []
+    prefix = reg.settings.probe_set_prefix
+    for rm in reg.client.search_registered_models(max_results=1000):
+        if not rm.name.startswith(prefix):
+            continue
+        champ = alias_version(reg.client, rm.name, CHAMPION)
+        if champ is not None and champ.tags.get(TAG + "generator_fingerprint") != generator_fingerprint:
+            out.append(f"{rm.name} v{champ.version}")
+    return out

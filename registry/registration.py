@@ -1,0 +1,255 @@
+"""Log and register a generator or probe-set directory as a new model version (alias `challenger`).
+
+One registration = one MLflow run (params, metrics, lineage tags, plots) + one LoggedModel (the directory's files
+as plain artifacts + a sha256 manifest, the same metrics) + one model version (lineage tags, `smitin.metrics`).
+Either all of it exists at the end or none of it: a failure at any step rolls back what was made. The same
+content registered twice gives back the existing version (the DVC stage can re-run safely)."""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from registry.artifacts import ArtifactInfo, inspect_dir, numeric, verify_dir, write_manifest
+from registry.errors import RegistryError
+from registry.history import record_event, who
+from registry.lineage import dvc_lineage, git_state
+from registry.store import CHALLENGER, TAG, Registry, first_line, translate_errors
+
+
+@dataclass
+class Registered:
+    name: str
+    version: str
+    model_id: str
+    run_id: str
+    content_hash: str
+    created: bool            # False: this content was already registered as `version`
+
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def _find_by_content(client, name: str, content_hash: str):
+    for mv in client.search_model_versions(f"name = '{name}'"):
+        if mv.tags.get(TAG + "content_hash") == content_hash and mv.status == "READY":
+            return mv
+    return None
+
+
+def _generator_version(reg: Registry, fingerprint: str) -> str:
+    """The registered generator version with this fingerprint (the newest if several), or 'unregistered'."""
+    c = reg.client
+    name = reg.settings.generator_name
+    if not c.search_registered_models(f"name = '{name}'"):
+        return "unregistered"
+    versions = [int(mv.version) for mv in c.search_model_versions(f"name = '{name}'")
+                if mv.tags.get(TAG + "fingerprint") == fingerprint]
+    return str(max(versions)) if versions else "unregistered"
+
+
+def _ensure_registered_model(reg: Registry, name: str, info: ArtifactInfo) -> None:
+    from mlflow.exceptions import MlflowException
+
+    c = reg.client
+    if c.search_registered_models(f"name = '{name}'"):
+        return
+    what = ("the smitin generator (with its codec)" if info.kind == "generator"
+            else f"SMITIN probe sets for the trait '{info.trait}'")
+    try:
+        c.create_registered_model(name, tags={TAG + "kind": info.kind, **({TAG + "trait": info.trait} if info.trait else {})},
+                                  description=f"{what}; aliases: champion (serving), challenger (newest registered)")
+    except MlflowException as e:
+        if getattr(e, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
+def register_dir(reg: Registry, directory: str | Path, kind: str | None = None, *, trait: str | None = None,
+                 extra_metrics: dict | None = None, plots: list[str | Path] = (), lineage: dict | None = None,
+                 description: str = "", alias: str | None = CHALLENGER, _fail_after: str | None = None) -> Registered:
+    """Register one directory. `lineage` tags override the computed ones (git, dvc.lock). `_fail_after` is a
+    test hook: raise after the named step to exercise the rollback."""
+    info = inspect_dir(directory, kind)
+    if trait and info.trait and trait != info.trait:
+        raise RegistryError(f"{directory} is a probe set for '{info.trait}', not '{trait}'")
+    name = reg.model_name(info.kind, info.trait)
+    metrics = {**info.metrics, **numeric(extra_metrics or {})}
+    reg.check(create=True)
+    with translate_errors(reg), reg.lock(f"registration of {name}"):
+        _ensure_registered_model(reg, name, info)
+        existing = _find_by_content(reg.client, name, info.content_hash)
+        if existing is not None:
+            return Registered(name, str(existing.version), existing.model_id or "", existing.run_id or "",
+                              info.content_hash, created=False)
+        tags = {"kind": info.kind, "content_hash": info.content_hash, "registered_by": who(),
+                **git_state(".")}
+        tags.update(dvc_lineage(directory))
+        if info.kind == "generator":
+            tags["fingerprint"] = info.fingerprint
+        else:
+            tags.update(trait=info.trait, generator_fingerprint=info.generator_fingerprint,
+                        generator_version=_generator_version(reg, info.generator_fingerprint),
+                        data_hash=str(info.meta.get("data_hash", "")))
+        tags.update({k: str(v) for k, v in (lineage or {}).items()})
+        tags = {TAG + k: str(v) for k, v in tags.items()}
+        return _register(reg, info, name, metrics, tags, plots, description, alias, _fail_after)
+
+
+def _register(reg: Registry, info: ArtifactInfo, name: str, metrics: dict, tags: dict, plots, description: str,
+              alias: str | None, fail_after: str | None) -> Registered:
+    from mlflow.entities import Metric, Param, RunTag
+
+    c = reg.client
+    made: dict = {}
+
+    def step(label: str) -> None:
+        if fail_after == label:
+            raise RuntimeError(f"injected failure after {label}")
+
+    try:
+        exp_id = reg.experiment_id()
+        short = name.removeprefix("smitin-")
+        run_tags = {**tags, "mlflow.runName": f"register-{short}", "mlflow.user": who(),
+                    "mlflow.source.name": "smitin registry register", "mlflow.source.type": "LOCAL"}
+        if tags.get(TAG + "git_commit", "unknown") != "unknown":
+            run_tags["mlflow.source.git.commit"] = tags[TAG + "git_commit"]
+        run = c.create_run(exp_id, run_name=f"register-{short}", tags=run_tags)
+        made["run"] = run.info.run_id
+        params = {k: str(v)[:6000] for k, v in info.params.items()}
+        items = sorted(params.items())
+        for i in range(0, len(items), 100):
+            c.log_batch(run.info.run_id, params=[Param(k, v) for k, v in items[i:i + 100]])
+        for plot in plots:
+            plot = Path(plot)
+            if plot.is_dir():
+                c.log_artifacts(run.info.run_id, str(plot), "plots")
+            elif plot.is_file():
+                c.log_artifact(run.info.run_id, str(plot), "plots")
+        step("run")
+        lm = c.create_logged_model(exp_id, name=short, source_run_id=run.info.run_id, tags=tags,
+                                   params=dict(items[:100]), model_type=f"smitin-{info.kind}")
+        made["logged_model"] = lm
+        c.log_model_artifacts(lm.model_id, str(info.path))
+        with tempfile.TemporaryDirectory() as tmp:
+            write_manifest(info, Path(tmp))
+            c.log_model_artifacts(lm.model_id, tmp)
+        if lm.artifact_location.startswith("file:"):
+            # Local store: check the stored copy is what was hashed (the source could change under us).
+            from urllib.request import url2pathname
+            from urllib.parse import urlparse
+
+            verify_dir(Path(url2pathname(urlparse(lm.artifact_location).path)), info.content_hash,
+                       what=f"stored copy of {info.path}")
+        step("artifacts")
+        ts = int(time.time() * 1000)
+        batch = [Metric(k, v, ts, 0, model_id=lm.model_id) for k, v in sorted(metrics.items())]
+        for i in range(0, len(batch), 1000):
+            c.log_batch(run.info.run_id, metrics=batch[i:i + 1000])
+        c.finalize_logged_model(lm.model_id, "READY")
+        step("logged_model")
+        mv_tags = {**tags, TAG + "metrics": json.dumps(metrics, sort_keys=True)}
+        mv = c.create_model_version(name, source=lm.artifact_location, run_id=run.info.run_id, tags=mv_tags,
+                                    model_id=lm.model_id,
+                                    description=description or f"registered from {info.path} by {who()}")
+        made["version"] = str(mv.version)
+        step("version")
+        if alias:
+            previous = _alias_version(c, name, alias)
+            c.set_registered_model_alias(name, alias, str(mv.version))
+            record_event(c, name, {"action": "register", "alias": alias, "from": previous, "to": str(mv.version),
+                                   "why": f"registered {info.path.name} ({info.content_hash[:12]})"})
+        step("alias")
+        c.set_terminated(run.info.run_id, "FINISHED")
+        return Registered(name, str(mv.version), lm.model_id, run.info.run_id, info.content_hash, created=True)
+    except BaseException as e:
+        _rollback(reg, name, made, alias)
+        if isinstance(e, RegistryError):
+            raise
+        if isinstance(e, Exception):
+            with translate_errors(reg):
+                raise
+        raise
+
+
+def _alias_version(client, name: str, alias: str) -> str | None:
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except Exception:  # noqa: BLE001 - no such alias
+        return None
+
+
+def _rollback(reg: Registry, name: str, made: dict, alias: str | None) -> None:
+    """Undo a half-done registration, best effort, newest first. Deleting the model version also drops any alias
+    that pointed at it."""
+    c = reg.client
+    undo = []
+    if "version" in made:
+        undo.append(lambda: c.delete_model_version(name, made["version"]))
+    if "logged_model" in made:
+        lm = made["logged_model"]
+
+        def drop_model():
+            try:
+                c.finalize_logged_model(lm.model_id, "FAILED")
+            finally:
+                c.delete_logged_model(lm.model_id)
+            _delete_artifacts(lm.artifact_location)
+        undo.append(drop_model)
+    if "run" in made:
+        def drop_run():
+            c.set_tag(made["run"], TAG + "error", "registration failed and was rolled back")
+            c.set_terminated(made["run"], "FAILED")
+            c.delete_run(made["run"])
+        undo.append(drop_run)
+    for fn in undo:
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - keep undoing the rest
+            pass
+
+
+def _delete_artifacts(location: str) -> None:
+    if location.startswith("file:"):
+        from urllib.parse import urlparse
+        from urllib.request import url2pathname
+
+        shutil.rmtree(url2pathname(urlparse(location).path), ignore_errors=True)
+        return
+    try:
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        get_artifact_repository(location).delete_artifacts()
+    except Exception:  # noqa: BLE001 - not every store can delete
+        pass
+
+
+def register_from_params(reg: Registry, generator_dir: str | None, probe_dirs: dict[str, str],
+                         steering_metrics: dict[str, str] | None = None, generator_metrics: str | None = None,
+                         plots: dict[str, list[str]] | None = None, alias: str | None = CHALLENGER) -> list[Registered]:
+    """The DVC `register` stage: the generator first (so probe sets can name its version), then each trait."""
+    plots = plots or {}
+    out: list[Registered] = []
+    if generator_dir:
+        extra = _read_metrics(generator_metrics) if generator_metrics else {}
+        out.append(register_dir(reg, generator_dir, "generator", extra_metrics=extra,
+                                plots=plots.get("generator", []), alias=alias))
+    for trait, directory in sorted(probe_dirs.items()):
+        extra = _read_metrics((steering_metrics or {}).get(trait))
+        out.append(register_dir(reg, directory, "probe_set", trait=trait, extra_metrics=extra,
+                                plots=plots.get(trait, []), alias=alias))
+    return out
+
+
+def _read_metrics(path: str | None) -> dict:
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.exists():
+        raise RegistryError(f"metrics file {p} does not exist")
+    try:
+        return json.loads(p.read_text())
+    except ValueError as e:
+        raise RegistryError(f"metrics file {p} is not JSON ({first_line(e)})") from None
