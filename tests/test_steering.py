@@ -1,0 +1,297 @@
+"""Steering: the update formula at the hook (exact), the self-monitor, KV cache and CFG correctness, reports,
+refusal of foreign probe sets, bad requests."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from models.generator import Generator, GeneratorConfig
+from models.probes import ProbeSet
+from models.steering import (SteeringError, SteeringPlan, SteeringSession, parse_strengths, smitin_factor, steer)
+from pipelines.errors import UserError
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    return Generator(GeneratorConfig.debug(**kw)).eval()
+
+
+def _probe_set(model, trait="drums", seed=0, fingerprint=None, intercept=0.0):
+    L, H, D = model.n_layers, model.n_heads, model.head_dim
+    rng = np.random.default_rng(seed)
+    unit = lambda a: (a / np.linalg.norm(a, axis=-1, keepdims=True)).astype(np.float32)  # noqa: E731
+    acc = rng.uniform(0.55, 0.98, (L, H)).astype(np.float32)
+    direction = unit(rng.standard_normal((L, H, D)))
+    return ProbeSet(trait=trait, generator_fingerprint=fingerprint or model.fingerprint(),
+                    coef=(3.0 * direction).astype(np.float32), intercept=np.full((L, H), intercept, np.float32),
+                    direction=direction, sigma=rng.uniform(0.5, 2.0, (L, H)).astype(np.float32), accuracy=acc,
+                    weight=((acc - acc.min()) / (acc.max() - acc.min())) ** 3,
+                    random_direction=unit(rng.standard_normal((L, H, D))),
+                    random_sigma=rng.uniform(0.5, 2.0, (L, H)).astype(np.float32))
+
+
+def _record(model, store):
+    """Hooks that append each layer's head output (a copy) to store[layer]; returns the handles."""
+    return [site.register_forward_hook(lambda m, i, o, layer=layer: store.setdefault(layer, []).append(o.clone()))
+            for layer, site in enumerate(model.head_sites())]
+
+
+def _prompt(B=1, T=6, seed=0):
+    return torch.randint(0, 32, (B, 4, T), generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------------------- update formula
+@pytest.mark.parametrize("mode", ["iti", "smitin"])
+def test_update_formula_at_the_hook_is_exact(mode):
+    model = _model()
+    drums, piano = _probe_set(model, "drums", 0), _probe_set(model, "piano", 1)
+    plan = SteeringPlan.build([drums, piano], "drums=+4, piano=-2.5", mode=mode, top_k=3, every=1, tau=1.0)
+    before, after = {}, {}
+    handles = _record(model, before)  # registered first: sees the output before the steering hook
+    with steer(model, plan) as session:
+        handles += _record(model, after)  # registered after: sees the steered output
+        model.generate(3, prompt=_prompt(), seed=0)
+    for h in handles:
+        h.remove()
+    factors = [s["traits"] for s in session.report().steps]
+    for step in range(len(before[0])):
+        for layer in range(model.n_layers):
+            pre, post = before[layer][step], after[layer][step]
+            expected = pre.clone()
+            for trait, ps, alpha in (("drums", drums, 4.0), ("piano", piano, -2.5)):
+                f = factors[step][trait]["push"][0]
+                if mode == "iti":
+                    w = np.zeros_like(ps.accuracy)
+                    for lh in ps.top_heads(3):
+                        w[lh] = 1.0
+                else:
+                    w = ps.weight
+                delta = (alpha * w * ps.sigma)[..., None] * ps.direction  # alpha * w * sigma * theta
+                expected[0, -1] += torch.from_numpy(f * delta[layer]).float()
+            # only the last position of the row is edited; the combination of traits is the plan's einsum, so
+            # compare with a float tolerance of one rounding, and the untouched positions exactly
+            assert torch.equal(post[:, :-1], pre[:, :-1])
+            torch.testing.assert_close(post, expected, rtol=0, atol=1e-6)
+    # iti pushes every step from the prompt's last position on; smitin observes step 0, then pushes (tau = 1)
+    pushes = [f["drums"]["push"][0] for f in factors]
+    assert pushes[0] == (1.0 if mode == "iti" else 0.0) and all(p > 0 for p in pushes[1:])
+
+
+def test_single_trait_push_is_bitwise_alpha_w_sigma_theta():
+    model = _model()
+    ps = _probe_set(model)
+    plan = SteeringPlan.build([ps], {"drums": 7.0}, mode="iti", top_k=4)
+    before, after = {}, {}
+    handles = _record(model, before)
+    with steer(model, plan):
+        handles += _record(model, after)
+        model(_prompt(B=2), condition=None)  # a teacher-forced forward counts as step 0 of a generation
+    for h in handles:
+        h.remove()
+    w = np.zeros_like(ps.accuracy)
+    for lh in ps.top_heads(4):
+        w[lh] = 1.0
+    delta = torch.from_numpy((np.float32(7.0) * w * ps.sigma)[..., None] * ps.direction)
+    for layer in range(model.n_layers):
+        expected = before[layer][0].clone()
+        expected[:, -1] += delta[layer]
+        assert torch.equal(after[layer][0], expected)
+
+
+# ----------------------------------------------------------------------------------------- monitor
+def test_smitin_factor_decays_and_stops_at_tau():
+    tau = torch.tensor([0.8, 0.8])
+    sign = torch.tensor([1.0, -1.0])
+    monitor = torch.tensor([[0.0, 1.0], [0.4, 0.6], [0.79, 0.21], [0.8, 0.2], [0.95, 0.05]])
+    f = smitin_factor(monitor, sign, tau, decay=1.0)
+    np.testing.assert_allclose(f[:, 0].numpy(), [1.0, 0.5, 1 - 0.79 / 0.8, 0.0, 0.0], atol=1e-6)
+    # a removed trait watches 1 - C: the same numbers mirrored
+    np.testing.assert_allclose(f[:, 1].numpy(), f[:, 0].numpy(), atol=1e-6)
+    assert torch.all(smitin_factor(monitor, sign, tau, decay=0.0)[:3] == 1.0)
+
+
+class _ScriptedMonitor(SteeringSession):
+    """The real session with the monitored probability replaced by a script (probability rising over steps)."""
+
+    script = [0.1, 0.2, 0.3, 0.5, 0.6, 0.7, 0.75, 0.9, 0.95, 0.97, 0.4, 0.4, 0.4, 0.4]
+
+    def _end_forward(self):
+        super()._end_forward()
+        value = self.script[min(self._step, len(self.script) - 1)]
+        self._monitor = torch.full_like(self._monitor, value)
+        self._log[-1] = (self._step, self._monitor, self._log[-1][2])
+
+
+def test_monitor_switches_the_push_off_once_the_probability_passes_tau():
+    model = _model()
+    ps = _probe_set(model)
+    plan = SteeringPlan.build([ps], "drums=+3", mode="smitin", every=2, tau=0.8, decay=1.0)
+    session = _ScriptedMonitor(model, plan)
+    before, after = {}, {}
+    handles = _record(model, before)
+    handles += [site.register_forward_hook(session.hook(layer)) for layer, site in enumerate(model.head_sites())]
+    handles += _record(model, after)
+    model.generate(len(_ScriptedMonitor.script) - 3, prompt=_prompt(), seed=0)
+    for h in handles:
+        h.remove()
+    report = session.report()
+    pushes = report.pushes("drums")
+    script = _ScriptedMonitor.script
+    for step, push in enumerate(pushes):
+        pushed_at_hook = not torch.equal(before[0][step], after[0][step])
+        assert pushed_at_hook == (push > 0)
+        if step >= 1 and (step - 1) % 2 == 0 and script[step - 1] < 0.8:
+            assert push == pytest.approx(1 - script[step - 1] / 0.8, abs=1e-6)  # decays as C rises
+        else:
+            assert push == 0.0  # off-steps, and every step after C passed tau
+    assert pushes[1] > pushes[3] > pushes[5] > 0 and pushes[9] == 0.0  # C = 0.95 at step 8: off
+    assert pushes[11] > 0  # C fell below tau again: the closed loop pushes again
+    assert report.probabilities("drums")[:3] == pytest.approx([0.1, 0.2, 0.3])
+
+
+def test_negative_strength_pushes_the_other_way_and_watches_absence():
+    model = _model()
+    ps = _probe_set(model, intercept=-20.0)  # the probes see no trait at all: nothing to remove
+    plan = SteeringPlan.build([ps], "drums=-3", mode="smitin", every=1)
+    with steer(model, plan) as session:
+        model.generate(4, prompt=_prompt(), seed=0)
+    assert all(p == 0.0 for p in session.report().pushes("drums"))
+    ps_on = _probe_set(model, intercept=20.0)  # the trait looks present: removal pushes, against the direction
+    plan = SteeringPlan.build([ps_on], "drums=-3", mode="smitin", every=1, decay=0.0)
+    before, after = {}, {}
+    handles = _record(model, before)
+    with steer(model, plan) as session:
+        handles += _record(model, after)
+        model.generate(4, prompt=_prompt(), seed=0)
+    for h in handles:
+        h.remove()
+    assert session.report().pushes("drums")[1:] == [1.0] * 6
+    moved = (after[0][1] - before[0][1])[0, -1]
+    expected = torch.from_numpy((np.float32(-3.0) * ps_on.weight * ps_on.sigma)[..., None] * ps_on.direction)[0]
+    torch.testing.assert_close(moved, expected, rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------- KV cache, CFG
+@pytest.mark.parametrize("mode", ["iti", "smitin"])
+def test_cached_and_uncached_steering_give_the_same_tokens(mode):
+    model = _model()
+    ps = _probe_set(model)
+    plan = SteeringPlan.build([ps], "drums=+12", mode=mode, every=2, tau=0.99, top_k=6)
+    runs = {}
+    for use_cache in (True, False):
+        with steer(model, plan) as session:
+            tokens = model.generate(10, prompt=_prompt(B=2), seed=5, top_k=8, use_cache=use_cache)
+        runs[use_cache] = (tokens, session.report())
+    plain = model.generate(10, prompt=_prompt(B=2), seed=5, top_k=8)
+    assert torch.equal(runs[True][0], runs[False][0])
+    assert not torch.equal(runs[True][0], plain)  # the push changed the music, so the equality means something
+    for a, b in zip(runs[True][1].steps, runs[False][1].steps):
+        assert a["traits"]["drums"]["push"] == pytest.approx(b["traits"]["drums"]["push"], abs=1e-5)
+        assert a["traits"]["drums"]["probability"] == pytest.approx(b["traits"]["drums"]["probability"], abs=1e-4)
+    assert sum(p > 0 for p in runs[True][1].pushes("drums")) >= 2
+
+
+def test_cfg_steers_and_monitors_only_the_conditional_rows():
+    model = _model()
+    ps = _probe_set(model)
+    plan = SteeringPlan.build([ps], "drums=+6", mode="iti", top_k=8)
+    condition = torch.randn(2, 384, generator=torch.Generator().manual_seed(0))
+    before, after = {}, {}
+    handles = _record(model, before)
+    with steer(model, plan) as session:
+        handles += _record(model, after)
+        model.generate(5, prompt=_prompt(B=2), condition=condition, cfg_scale=3.0, seed=0)
+    for h in handles:
+        h.remove()
+    assert before[0][0].shape[0] == 4  # [2 conditional rows; 2 unconditional rows]
+    for layer in range(model.n_layers):
+        for pre, post in zip(before[layer], after[layer]):
+            assert torch.equal(post[2:], pre[2:])  # unconditional half untouched
+            assert not torch.equal(post[:2, -1], pre[:2, -1])  # conditional half pushed
+    report = session.report()
+    assert all(len(s["traits"]["drums"]["probability"]) == 2 for s in report.steps)  # one monitor per cond row
+
+
+def test_new_generation_restarts_the_report_and_hooks_are_removed():
+    model = _model()
+    plan = SteeringPlan.build([_probe_set(model)], "drums=+1", mode="none")
+    with steer(model, plan) as session:
+        model.generate(3, prompt=_prompt(), seed=0)
+        first = len(session.report().steps)
+        model.generate(5, prompt=_prompt(T=4), seed=0)
+        assert len(session.report().steps) == 5 + 3 and first == 3 + 3  # n_frames + K - 1 steps each
+        assert len(session.generations) == 1
+    assert all(p == 0 for p in session.report().pushes("drums"))
+    assert not any(site._forward_hooks for site in model.head_sites())
+
+
+def test_report_json_and_png(tmp_path):
+    model = _model()
+    plan = SteeringPlan.build([_probe_set(model), _probe_set(model, "piano", 1)], "drums=+2,piano=-1", mode="smitin",
+                              every=1)
+    with steer(model, plan) as session:
+        model.generate(4, prompt=_prompt(B=2), seed=0)
+    report = session.report()
+    report.save(tmp_path / "r.json", tmp_path / "r.png")
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["plan"]["strengths"] == {"drums": 2.0, "piano": -1.0} and data["plan"]["mode"] == "smitin"
+    step = data["steps"][1]["traits"]["piano"]
+    assert set(step) == {"probability", "push", "on"} and len(step["on"]) == 2
+    assert set(data["summary"]) == {"drums", "piano"}
+    assert (tmp_path / "r.png").stat().st_size > 2000
+
+
+def test_random_direction_control_uses_the_random_arrays():
+    model = _model()
+    ps = _probe_set(model)
+    plan = SteeringPlan.build([ps], "drums=+2", mode="smitin", direction="random")
+    expected = (2.0 * ps.weight * ps.random_sigma)[..., None] * ps.random_direction
+    np.testing.assert_allclose(plan.head_deltas()[0], expected, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------- bad input
+def test_probe_set_from_another_generator_is_refused_naming_both():
+    model = _model()
+    ps = _probe_set(model, fingerprint="f" * 32)
+    plan = SteeringPlan.build([ps], "drums=+5")
+    with pytest.raises(SteeringError) as e:
+        with steer(model, plan):
+            pass
+    assert "f" * 32 in str(e.value) and model.fingerprint() in str(e.value)
+    assert not any(site._forward_hooks for site in model.head_sites())
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("drums=loud", "strength of 'drums' is not a number: 'loud'"),
+    ("drums=nan", "not a finite number"),
+    ("drums", "not TRAIT=STRENGTH"),
+    ("drums=+5,drums=-3", "conflicting strengths for trait 'drums'"),
+    ("drums=+5,drums=2", "given twice"),
+    ("", "no traits"),
+    ("=3", "empty trait name"),
+])
+def test_bad_strengths_give_one_clear_line(spec, message):
+    with pytest.raises(SteeringError, match=message) as e:
+        parse_strengths(spec)
+    assert "\n" not in str(e.value) and isinstance(e.value, UserError)
+
+
+def test_parse_strengths_accepts_signs_and_mappings():
+    assert parse_strengths("drums=+5, piano=-3") == {"drums": 5.0, "piano": -3.0}
+    assert parse_strengths({"bass": 2}) == {"bass": 2.0}
+    with pytest.raises(SteeringError, match="not a number"):
+        parse_strengths({"bass": True})
+
+
+def test_unknown_trait_and_bad_params():
+    model = _model()
+    ps = _probe_set(model)
+    with pytest.raises(SteeringError, match="unknown trait 'piano': probe sets are available for drums"):
+        SteeringPlan.build([ps], "piano=+3")
+    with pytest.raises(SteeringError, match="unknown steering mode"):
+        SteeringPlan.build([ps], "drums=1", mode="loud")
+    with pytest.raises(SteeringError, match="every"):
+        SteeringPlan.build([ps], "drums=1", every=0)
+    with pytest.raises(SteeringError, match="tau"):
+        SteeringPlan.build([ps], "drums=1", tau="high")
