@@ -1,0 +1,277 @@
+"""Evaluation of steering: success judged by an independent detector, quality by a Frechet distance and by
+continuation similarity, for every mode, task and strength, plus the random-direction control and the n-pairs
+ablation.
+
+- Success: the drum detector of `models.detectors` (logistic regression on audio descriptors: HPSS percussive
+  ratio, flatness, onset and band-flux statistics, onset periodicity), fitted on codec-decoded clips of the train
+  split with known `drums` traits and scored on the held-out split's decoded clips (its accuracy is reported). It
+  never sees the generator or the probes. Adding a trait is judged on prompts / captions without it (success =
+  share of clips judged to have it); removing on prompts / captions with it (share still judged to have it, and
+  the relative cut versus unsteered).
+- Quality: Frechet distance between embeddings of generated and reference audio. Embedding: per-clip mean and
+  standard deviation of 64 log-mel bands (128-d), projected by PCA (fitted on the reference) to 16 dims so the
+  covariances of a few dozen clips are estimable. Reference: the codec-decoded real continuations of the same
+  prompts (both classes), so codec artefacts do not count against the generator. It is a FAD stand-in, not FAD
+  (no VGGish / CLAP weights ship offline); compare rows with each other, not with published FADs.
+- Continuation similarity: cosine similarity of the (reference-standardised) embeddings of prompt and
+  continuation, averaged.
+
+Tasks: `continuation` (an audio prompt, unconditioned) and `text` (the test clip's caption, classifier-free
+guidance, no audio prompt). Modes per task and direction: none, iti, smitin, smitin at a higher strength, the
+random-direction control (smitin schedule, random unit directions), and smitin with probes trained on 10 and 50
+pairs (the ablation; "all" is the main smitin row).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from models.probes import ProbeSet, capture_head_outputs, encode_clips, load_trait_clips, probe_params, \
+    train_probe_set
+from models.steering import SteeringPlan, steer
+from pipelines.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DETECTABLE = ("drums",)  # traits with an independent detector in models.detectors
+
+
+def audio_embedding(wave: np.ndarray, sr: int, n_mels: int = 64) -> np.ndarray:
+    """Mean and std over time of log-mel bands: a 2 * n_mels vector."""
+    import librosa
+
+    wave = np.asarray(wave, np.float32)
+    if len(wave) < 2048:
+        wave = np.pad(wave, (0, 2048 - len(wave)))
+    mel = librosa.feature.melspectrogram(y=wave, sr=sr, n_fft=1024, hop_length=256, n_mels=n_mels)
+    logmel = np.log(mel + 1e-6)
+    return np.concatenate([logmel.mean(1), logmel.std(1)])
+
+
+class EmbeddingSpace:
+    """Standardise + PCA fitted on reference embeddings."""
+
+    def __init__(self, reference: np.ndarray, dims: int = 16):
+        self.mean = reference.mean(0)
+        self.scale = reference.std(0) + 1e-6
+        z = (reference - self.mean) / self.scale
+        _, _, vt = np.linalg.svd(z - z.mean(0), full_matrices=False)
+        self.basis = vt[: min(dims, len(reference) - 1, vt.shape[0])]
+        self.reference = self.project(reference)
+
+    def standardise(self, x: np.ndarray) -> np.ndarray:
+        return (np.atleast_2d(x) - self.mean) / self.scale
+
+    def project(self, x: np.ndarray) -> np.ndarray:
+        return self.standardise(x) @ self.basis.T
+
+    def frechet(self, x: np.ndarray) -> float:
+        return frechet_distance(self.project(x), self.reference)
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """||mu_a - mu_b||^2 + Tr(Ca + Cb - 2 (Ca Cb)^1/2) (the FID / FAD formula)."""
+    from scipy import linalg
+
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    eps = 1e-6 * np.eye(len(ca))
+    covmean, _ = linalg.sqrtm((ca + eps) @ (cb + eps), disp=False)
+    covmean = covmean.real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(ca + cb - 2 * covmean))
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-9)
+
+
+def ablation_probe_sets(trait: str, generator, codec, clips_table: str, probes_section: dict,
+                        n_pairs: list[int]) -> dict[int, ProbeSet]:
+    """Probe sets trained on only n training pairs (valid / tune kept whole), from one activation capture."""
+    params, source = probe_params(probes_section, trait)
+    seed = int(params.get("seed", 0))
+    clips = load_trait_clips(trait, source, clips_table, params["split_fractions"], seed,
+                             max_clips=params.get("max_clips"))
+    window = int(round(float(params["window_seconds"]) * float(codec.frame_rate)))
+    acts = capture_head_outputs(generator, encode_clips(codec, clips, window), params["position"],
+                                int(params["batch_size"]))
+    labels = np.array([c.label for c in clips])
+    splits = np.array([c.split for c in clips])
+    train_keys = sorted({c.key for c in clips if c.split == "train"})
+    out = {}
+    for n in n_pairs:
+        keep = set(np.random.default_rng(seed).permutation(train_keys)[:n].tolist())
+        mask = np.array([c.split != "train" or c.key in keep for c in clips])
+        ps = train_probe_set(acts[mask], labels[mask], splits[mask], trait, generator.fingerprint(),
+                             {**params, "max_train_pairs": n, "source": source})
+        out[n] = ps
+        log.info("ablation %s n=%d pairs: best acc %.3f", trait, n, ps.metrics["best_acc"])
+    return out
+
+
+def _pick_prompts(tokens, trait: str, per_class: int, min_frames: int, seed: int) -> dict[bool, list[int]]:
+    gen = np.random.default_rng(seed)
+    picked: dict[bool, list[int]] = {True: [], False: []}
+    for i in gen.permutation(len(tokens)):
+        lab = tokens.meta["traits"][int(i)].get(trait)
+        if lab is None or tokens.clip(int(i)).shape[1] < min_frames or len(picked[bool(lab)]) >= per_class:
+            continue
+        picked[bool(lab)].append(int(i))
+    return picked
+
+
+def evaluate_steering(generator_dir: str, probes_dir: str, tokens_dir: str, clips_table: str | None, params: dict,
+                      probes_section: dict | None = None, out_json: str | None = None,
+                      table_path: str | None = None, report_dir: str | None = None,
+                      progress: Callable[[str], None] | None = None) -> dict:
+    """Run the whole evaluation; returns {"metrics": nested numbers (DVC / MLflow), "rows": [...], ...}."""
+    from models.detectors import fit_drum_detector
+    from models.generator import load_generator
+    from models.train import TokenSet
+
+    say = progress or (lambda msg: log.info(msg))
+    seed = int(params.get("seed", 0))
+    torch.manual_seed(seed)
+    generator, codec = load_generator(generator_dir)
+    fingerprint = generator.fingerprint()
+    sr, fps = codec.sample_rate, float(codec.frame_rate)
+    prompt_n = int(round(float(params.get("prompt_seconds", 2.0)) * fps))
+    new_n = int(round(float(params.get("continuation_seconds", 3.0)) * fps))
+    per_class = int(params.get("prompts_per_class", 16))
+    sampling = dict(temperature=float(params.get("temperature", 1.0)), top_k=int(params.get("top_k", 0)),
+                    top_p=float(params.get("top_p", 0.0)))
+    steering = {k: params[k] for k in ("every", "decay", "tau", "monitor_heads") if params.get(k) is not None}
+
+    t0 = time.time()
+    detector = fit_drum_detector(tokens_dir, codec, new_n / fps, seed=seed,
+                                 max_clips=int(params.get("detector_max_segments", 400)))
+    say(f"detector (independent of the probes): {detector.info} ({time.time() - t0:.0f}s)")
+    tokens = TokenSet(tokens_dir, params.get("split", "test"))
+
+    rows: list[dict] = []
+    metrics: dict = {"detector": {k: v for k, v in detector.info.items() if isinstance(v, (int, float))}}
+    reports: dict = {}
+    for trait in params.get("traits", ["drums"]):
+        if trait not in DETECTABLE:
+            say(f"{trait}: no independent detector yet; skipped")
+            continue
+        probe_dir = Path(probes_dir) / trait
+        main = ProbeSet.load(probe_dir)
+        n_pairs = [int(n) for n in params.get("n_pairs", [10, 50])]
+        ablation = {}
+        if n_pairs and clips_table and probes_section:
+            ablation = ablation_probe_sets(trait, generator, codec, clips_table, probes_section, n_pairs)
+        picked = _pick_prompts(tokens, trait, per_class, prompt_n + new_n, seed)
+        if not picked[True] or not picked[False]:
+            raise UserError(f"{trait}: the {params.get('split', 'test')} tokens need clips with and without it")
+        # reference: decoded real continuations of the same prompts (both classes)
+        ref_waves = {lab: [codec.decode(tokens.clip(i)[:, prompt_n:prompt_n + new_n]) for i in idx]
+                     for lab, idx in picked.items()}
+        reference = np.stack([audio_embedding(w, sr) for lab in (True, False) for w in ref_waves[lab]])
+        space = EmbeddingSpace(reference, int(params.get("embedding_dims", 16)))
+        prompt_emb = {lab: np.stack([audio_embedding(codec.decode(tokens.clip(i)[:, :prompt_n]), sr) for i in idx])
+                      for lab, idx in picked.items()}
+        real_judged = {lab: float(np.mean([detector.probability(w, sr) >= detector.threshold for w in ws]))
+                       for lab, ws in ref_waves.items()}
+        metrics.setdefault(trait, {})["real_continuation_judged_present"] = {
+            "with_trait": real_judged[True], "without_trait": real_judged[False]}
+        metrics[trait]["probe_best_acc"] = main.metrics.get("best_acc")
+        metrics[trait]["probe_top16_acc"] = main.metrics.get("top16_acc")
+
+        for task in params.get("tasks", ["continuation", "text"]):
+            alpha = float(params.get("alpha_text" if task == "text" else "alpha", 5.0))
+            alpha_high = float(params.get("alpha_high_text" if task == "text" else "alpha_high", 2 * alpha))
+            iti_alpha = float(params.get("iti_alpha", alpha))
+            modes = [("none", main, dict(mode="none"), 1.0),
+                     ("iti", main, dict(mode="iti", top_k=int(params.get("iti_top_k", 16))), iti_alpha),
+                     ("smitin", main, dict(mode="smitin", **steering), alpha),
+                     (f"smitin_x{alpha_high / alpha:g}", main, dict(mode="smitin", **steering), alpha_high),
+                     ("random_control", main, dict(mode="smitin", direction="random", **steering), alpha)]
+            modes += [(f"smitin_{n}pairs", ps, dict(mode="smitin", **steering), alpha) for n, ps in ablation.items()]
+            for direction, lab in (("add", False), ("remove", True)):
+                idx = picked[lab]
+                sign = 1.0 if direction == "add" else -1.0
+                for name, ps, mode_params, strength in modes:
+                    t1 = time.time()
+                    plan = SteeringPlan.build({trait: ps}, {trait: sign * strength}, **mode_params)
+                    if task == "continuation":
+                        kwargs = dict(prompt=torch.stack([tokens.clip(i)[:, :prompt_n] for i in idx]))
+                    else:
+                        sel = torch.tensor(idx)
+                        kwargs = dict(condition=tokens.condition[sel], attributes=tokens.attributes[sel],
+                                      cfg_scale=float(params.get("cfg_scale", 3.0)))
+                    with steer(generator, plan, fingerprint) as session:
+                        out = generator.generate(new_n, seed=seed, **kwargs, **sampling)
+                    report = session.report()
+                    start = prompt_n if task == "continuation" else 0
+                    waves = [codec.decode(out[j, :, start:start + new_n]) for j in range(len(idx))]
+                    judged = np.array([detector.probability(w, sr) for w in waves])
+                    emb = np.stack([audio_embedding(w, sr) for w in waves])
+                    row = {"trait": trait, "task": task, "direction": direction, "mode": name,
+                           "strength": sign * strength if name != "none" else 0.0, "n": len(idx),
+                           "judged_present": float(np.mean(judged >= detector.threshold)),
+                           "mean_detector_p": float(judged.mean()),
+                           "frechet": space.frechet(emb),
+                           "mean_probe_p": float(np.mean([s["traits"][trait]["probability"] for s in report.steps])),
+                           "push_steps": float(np.mean(report.summary()[trait]["push_steps"])),
+                           "steps": len(report.steps), "seconds": round(time.time() - t1, 1)}
+                    if task == "continuation":
+                        sims = _cosine(space.standardise(prompt_emb[lab]), space.standardise(emb))
+                        row["continuation_similarity"] = float(sims.mean())
+                    rows.append(row)
+                    reports[f"{trait}/{task}/{direction}/{name}"] = report
+                    say(f"{trait} {task} {direction} {name}: present {row['judged_present']:.2f}, "
+                        f"FD {row['frechet']:.2f}, probe p {row['mean_probe_p']:.2f} ({row['seconds']}s)")
+
+    # relative numbers against the unsteered row of the same (trait, task, direction)
+    base = {(r["trait"], r["task"], r["direction"]): r for r in rows if r["mode"] == "none"}
+    for r in rows:
+        b = base[(r["trait"], r["task"], r["direction"])]
+        r["frechet_rise"] = r["frechet"] / b["frechet"] - 1 if b["frechet"] > 0 else float("nan")
+        if r["direction"] == "add":
+            r["success"] = r["judged_present"]
+        else:
+            r["success"] = 1.0 - r["judged_present"]  # share judged trait-free
+            r["removal_cut"] = (1 - r["judged_present"] / b["judged_present"]) if b["judged_present"] > 0 else None
+        node = metrics.setdefault(r["trait"], {}).setdefault(r["task"], {}).setdefault(r["direction"], {})
+        node[r["mode"]] = {k: r[k] for k in ("success", "judged_present", "frechet", "frechet_rise",
+                                             "continuation_similarity", "removal_cut", "mean_probe_p")
+                           if r.get(k) is not None}
+    result = {"metrics": metrics, "rows": rows, "generator_fingerprint": fingerprint,
+              "embedding": "mean+std of 64 log-mel bands, standardised, PCA to "
+                           f"{params.get('embedding_dims', 16)} dims fitted on decoded real continuations",
+              "detector": detector.info, "params": params}
+    if out_json:
+        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_json).write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
+    if table_path:
+        Path(table_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(table_path).write_text(format_table(rows))
+    if report_dir:
+        Path(report_dir).mkdir(parents=True, exist_ok=True)
+        (Path(report_dir) / "rows.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+        for key, report in reports.items():
+            if key.endswith(("/smitin", "/iti")):
+                name = key.replace("/", "_")
+                report.save(Path(report_dir) / f"{name}.json", Path(report_dir) / f"{name}.png")
+    return result
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown table of the evaluation rows."""
+    head = ("| trait | task | direction | mode | strength | n | success | judged present | FD | FD rise | "
+            "cont. sim | mean probe p | push steps |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        sim = r.get("continuation_similarity")
+        lines.append(f"| {r['trait']} | {r['task']} | {r['direction']} | {r['mode']} | {r['strength']:+g} | {r['n']} "
+                     f"| {r.get('success', float('nan')):.2f} | {r['judged_present']:.2f} | {r['frechet']:.2f} "
+                     f"| {r.get('frechet_rise', float('nan')):+.0%} | {'' if sim is None else f'{sim:.3f}'} "
+                     f"| {r['mean_probe_p']:.2f} | {r['push_steps']:.1f} |")
+    return "\n".join(lines) + "\n"

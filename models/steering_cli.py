@@ -1,0 +1,110 @@
+"""`smitin probes ...` and `smitin evaluate-steering`: thin DVC stage entry points for probes and steering
+(parse, read the params section, call `models.probes` / `models.evaluate_steering`, write outputs).
+Registered from `models.cli.register`."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _params(path: str, section: str) -> dict:
+    from pipelines.params import load_params
+
+    return load_params(path, section)
+
+
+def _progress(stage: str, done: int, total: int) -> None:
+    if sys.stderr.isatty() or done == total or done % 128 == 0:
+        print(f"\r{stage}: {done}/{total} clips", end="\n" if done == total else "", file=sys.stderr, flush=True)
+
+
+def _probes_train(args) -> int:
+    from models.generator import load_generator
+    from models.probes import probe_params, train_trait, write_probe_plots
+
+    section = _params(args.params, "probes")
+    for key in ("max_train_pairs", "position", "direction"):
+        if getattr(args, key, None) is not None:
+            section[key] = getattr(args, key)
+    probe_params(section, args.trait)  # unknown trait: one line before loading anything heavy
+    generator, codec = load_generator(args.generator)
+    probe_set = train_trait(args.trait, generator, codec, args.clips, section, _progress)
+    out = probe_set.save(Path(args.out) / args.trait)
+    write_probe_plots(probe_set, Path(args.plots) / args.trait)
+    metrics = {k: v for k, v in probe_set.metrics.items()}
+    metrics["top_heads"] = [f"L{layer}H{head}" for layer, head in probe_set.top_heads(8)]
+    if args.metrics:
+        path = Path(args.metrics) / f"{args.trait}.json" if not args.metrics.endswith(".json") else Path(args.metrics)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
+    m = probe_set.metrics
+    print(f"{args.trait}: best head acc {m['best_acc']:.3f}, top-16 {m['top16_acc']:.3f}, mean {m['mean_acc']:.3f} "
+          f"({m['n_train']}/{m['n_valid']}/{m['n_tune']} train/valid/tune clips) -> {out}")
+    return 0
+
+
+def _probes_show(args) -> int:
+    from models.probes import ProbeSet
+
+    ps = ProbeSet.load(args.dir)
+    print(json.dumps({"trait": ps.trait, "generator_fingerprint": ps.generator_fingerprint,
+                      "shape": [ps.n_layers, ps.n_heads, ps.head_dim], "metrics": ps.metrics,
+                      "top_heads": [[l, h, round(float(ps.accuracy[l, h]), 3)] for l, h in ps.top_heads(8)]},
+                     indent=1))
+    return 0
+
+
+def _evaluate(args) -> int:
+    from models.evaluate_steering import evaluate_steering
+
+    params = _params(args.params, "evaluate_steering")
+    probes_section = _params(args.params, "probes")
+    result = evaluate_steering(args.generator, args.probes, args.tokens, args.clips, params, probes_section,
+                               out_json=args.out, table_path=args.table, report_dir=args.reports,
+                               progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(Path(args.table).read_text() if args.table else json.dumps(result["metrics"], indent=1))
+    return 0
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    probes = commands.add_parser("probes", help="per-head trait probes (SMITIN): train, show")
+    sub = probes.add_subparsers(dest="probes_command", required=True, metavar="ACTION")
+    train = sub.add_parser("train", help="train one trait's probe set on a generator",
+                           description="Teacher-force the trait's clips through the generator (unconditioned), "
+                                       "fit a logistic regression per (layer, head), save the probe set "
+                                       "(probe_set.json + probes.safetensors) and a layer x head accuracy heatmap.")
+    train.add_argument("--trait", required=True, help="a trait named in params probes.traits (e.g. drums)")
+    train.add_argument("--generator", default="data/generator", help="generator folder (save_generator layout)")
+    train.add_argument("--clips", default="data/clips", help="clips table (stems / predicate sources)")
+    train.add_argument("--out", default="data/probes", help="probe sets folder; writes OUT/TRAIT/")
+    train.add_argument("--plots", default="plots/probes", help="plots folder; writes PLOTS/TRAIT/")
+    train.add_argument("--metrics", default="metrics/probes", help="metrics folder (TRAIT.json) or a .json path")
+    train.add_argument("--max-train-pairs", dest="max_train_pairs", type=int, default=None,
+                       help="use only this many training pairs (ablation)")
+    train.add_argument("--position", choices=["last", "mean"], default=None, help="override params probes.position")
+    train.add_argument("--direction", choices=["mass_mean", "probe"], default=None,
+                       help="override params probes.direction")
+    train.add_argument("--params", default="params.yaml")
+    train.set_defaults(func=_probes_train)
+
+    show = sub.add_parser("show", help="print a probe set's metadata, metrics and best heads")
+    show.add_argument("dir", help="probe set folder")
+    show.set_defaults(func=_probes_show)
+
+    ev = commands.add_parser("evaluate-steering",
+                             help="steering success (independent detector), Frechet distance, continuation "
+                                  "similarity per trait / task / mode, random control, n-pairs ablation")
+    ev.add_argument("--generator", default="data/generator")
+    ev.add_argument("--probes", default="data/probes", help="folder of probe sets (one subfolder per trait)")
+    ev.add_argument("--tokens", default="data/tokens", help="tokenized clips (prompts, captions, detector data)")
+    ev.add_argument("--clips", default="data/clips", help="clips table (for the n-pairs ablation probes)")
+    ev.add_argument("--out", default="metrics/evaluate_steering.json", help="metrics JSON (DVC / MLflow)")
+    ev.add_argument("--table", default="metrics/evaluate_steering.md", help="markdown table of all rows")
+    ev.add_argument("--reports", default="data/evaluate_steering", help="rows.json + example steering reports")
+    ev.add_argument("--params", default="params.yaml")
+    ev.set_defaults(func=_evaluate)
