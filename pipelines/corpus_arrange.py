@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipelines.corpus_scores import EPS, Score, chord_pcs
+from pipelines.corpus_scores import EPS, Score, chord_pcs, transpose_label
 
 DRUM_CHANNEL = 9
 KICK, SNARE, SIDESTICK, CLOSED_HAT, PEDAL_HAT, OPEN_HAT, RIDE, CRASH = 36, 38, 37, 42, 44, 46, 51, 49
@@ -285,6 +285,8 @@ def arrange(score: Score, chords_ql, cut: float, variant: int, params: dict, rng
     n_voices = len(score.voices)
     programs = [int(rng.choice(palette)) for _ in range(n_voices)]
 
+    # the accompaniment plays the chords in the variant's key
+    chords_ql = [(a, b, transpose_label(lab, transpose)) for a, b, lab in chords_ql]
     stems: dict[str, Stem] = {}
     evs, chans = score_events(score, cut, transpose, programs)
     score_stem = Stem("score", chans, evs)
