@@ -1,0 +1,357 @@
+"""Codec fitting, tokenization and generator training: the pure functions behind the DVC stages
+`fit_codec`, `tokenize` and `train_generator` (their CLI entry points in `models/cli.py` stay thin).
+
+Token files (`tokenize` output, one pair per split):
+  {split}.safetensors  codes [K, total_frames] (int32, clips concatenated), offsets [N + 1] (int64),
+                       condition [N, 384] (caption embeddings), attributes [N, 2] (tempo/key ids)
+  {split}.json         clip_id, mix_id, traits, caption per clip, plus the codec fingerprint
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from models.codec import MelCodecConfig, MelRVQCodec, load_codec
+from models.generator import Generator, GeneratorConfig, attribute_ids, save_generator
+from pipelines.errors import UserError
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "valid", "test")
+TOKENIZE_COLUMNS = ["clip_id", "audio", "sample_rate", "traits", "caption", "mix_id", "tempo_bpm", "key", "mode"]
+
+
+class TrainingDataError(UserError):
+    """The clips table or token files cannot be used for training (missing, empty, wrong codec)."""
+
+
+# ------------------------------------------------------------------------------------------------ clips table
+def read_clips(clips_dir: str, split: str, columns: list[str]):
+    """Rows of one split as a pyarrow table; missing/empty tables and columns become one-line user errors."""
+    from pipelines.schema import ClipsTableError, read_clips_table
+
+    try:
+        table = read_clips_table(clips_dir, columns=columns, split=split)
+    except ClipsTableError as e:
+        raise TrainingDataError(str(e)) from None
+    except Exception as e:  # pyarrow refuses a projection on a column a shard lacks (ArrowInvalid)
+        if type(e).__name__ != "ArrowInvalid":
+            raise
+        import glob
+
+        import pyarrow.parquet as pq
+
+        missing = sorted({c for shard in glob.glob(f"{clips_dir.rstrip('/')}/clips-*.parquet")
+                          for c in columns if c not in pq.read_schema(shard).names})
+        raise TrainingDataError(f"clips table at {clips_dir} lacks column(s) {', '.join(missing) or '?'}: "
+                                "rebuild the dataset") from None
+    return table
+
+
+def iter_waves(clips_dir: str, split: str, limit: int | None = None) -> Iterator[tuple[np.ndarray, int]]:
+    from pipelines.audio import decode_flac
+
+    table = read_clips(clips_dir, split, ["audio"])
+    if table.num_rows == 0:
+        raise TrainingDataError(f"split {split!r} of the clips table at {clips_dir} is empty")
+    n = table.num_rows if limit is None else min(limit, table.num_rows)
+    for i in range(n):
+        wave, sr = decode_flac(table["audio"][i].as_py()["bytes"])
+        yield wave, sr
+
+
+# ---------------------------------------------------------------------------------------------------- codec
+def fit_codec(clips_dir: str, out_dir: str, params: dict) -> MelRVQCodec:
+    """Fit the default mel-RVQ codec on (up to `max_clips`) training clips and save it to `out_dir`."""
+    cfg = MelCodecConfig.from_dict(params)
+    t0 = time.time()
+    codec = MelRVQCodec.fit(iter_waves(clips_dir, "train", params.get("max_clips")), cfg, seed=params.get("seed", 0),
+                            max_frames=int(params.get("max_frames", 400_000)))
+    codec.save(out_dir)
+    log.info("codec fitted in %.1fs: %d x %d codes at %.1f frames/s", time.time() - t0, codec.n_codebooks,
+             codec.card, codec.frame_rate)
+    return codec
+
+
+# ------------------------------------------------------------------------------------------------- tokenize
+def tokenize(clips_dir: str, codec_dir: str, out_dir: str, splits=SPLITS, embed=None) -> dict:
+    """Encode every clip of each split with the codec and embed its caption; returns clip counts per split."""
+    from safetensors.torch import save_file
+
+    from pipelines.audio import decode_flac
+    from pipelines.schema import traits_dict
+
+    if embed is None:
+        from models.conditioning import embed_captions as embed
+    codec = load_codec(codec_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for split in splits:
+        table = read_clips(clips_dir, split, TOKENIZE_COLUMNS)
+        if table.num_rows == 0:
+            raise TrainingDataError(f"split {split!r} of the clips table at {clips_dir} is empty")
+        rows = table.to_pylist()
+        codes, offsets = [], [0]
+        for row in rows:
+            wave, sr = decode_flac(row["audio"]["bytes"])
+            c = codec.encode(wave, sr).to(torch.int32)
+            codes.append(c)
+            offsets.append(offsets[-1] + c.shape[1])
+        condition = embed([r["caption"] or "" for r in rows])
+        attributes = torch.tensor([attribute_ids(r["tempo_bpm"], r["key"], r["mode"]) for r in rows], dtype=torch.long)
+        save_file({"codes": torch.cat(codes, 1).contiguous(), "offsets": torch.tensor(offsets, dtype=torch.long),
+                   "condition": condition.contiguous(), "attributes": attributes},
+                  str(out / f"{split}.safetensors"))
+        meta = {"codec": codec.identity(), "clip_id": [r["clip_id"] for r in rows],
+                "mix_id": [r["mix_id"] for r in rows], "traits": [traits_dict(r["traits"]) for r in rows],
+                "caption": [r["caption"] for r in rows]}
+        (out / f"{split}.json").write_text(json.dumps(meta))
+        counts[split] = len(rows)
+        log.info("tokenized %s: %d clips, %d frames", split, len(rows), offsets[-1])
+    return counts
+
+
+class TokenSet:
+    """One split's token file in memory: clip i is codes[:, offsets[i]:offsets[i + 1]]."""
+
+    def __init__(self, directory: str | Path, split: str):
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        path = directory / f"{split}.safetensors"
+        if not path.exists():
+            raise TrainingDataError(f"no {split} tokens in {directory}; run `smitin tokenize` first")
+        t = load_file(str(path))
+        self.codes, self.offsets = t["codes"].long(), t["offsets"]
+        self.condition, self.attributes = t["condition"], t["attributes"]
+        self.meta = json.loads((directory / f"{split}.json").read_text())
+        if len(self.offsets) < 2:
+            raise TrainingDataError(f"split {split!r} in {directory} has no clips")
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def clip(self, i: int) -> torch.Tensor:
+        return self.codes[:, self.offsets[i]:self.offsets[i + 1]]
+
+    def lengths(self) -> torch.Tensor:
+        return self.offsets[1:] - self.offsets[:-1]
+
+    def batch(self, idx: list[int], window: int, gen: torch.Generator | None, start: int | None = None):
+        """Windows of `window` frames (random start unless `start`), with conditions and attributes."""
+        out = []
+        for i in idx:
+            c = self.clip(i)
+            if c.shape[1] < window:
+                c = torch.cat([c, c[:, : window - c.shape[1]]], 1) if c.shape[1] >= window // 2 else \
+                    c.repeat(1, math.ceil(window / c.shape[1]))
+            s = start if start is not None else int(torch.randint(0, c.shape[1] - window + 1, (1,), generator=gen))
+            out.append(c[:, s:s + window])
+        idx_t = torch.tensor(idx)
+        return torch.stack(out), self.condition[idx_t], self.attributes[idx_t]
+
+
+# ---------------------------------------------------------------------------------------------------- train
+def generator_config(params: dict, codec) -> GeneratorConfig:
+    """The GeneratorConfig of a params section: its `model` block, overridden by the chosen preset's."""
+    preset = params.get("preset", "cpu")
+    model = dict(params.get("model", {}))
+    if preset != "cpu":
+        presets = params.get("presets", {})
+        if preset == "debug":
+            base = asdict(GeneratorConfig.debug())
+            base.update(presets.get("debug", {}).get("model", {}))
+            model = base
+        elif preset in presets:
+            model.update(presets[preset].get("model", {}))
+        else:
+            raise UserError(f"unknown train_generator preset {preset!r} (known: cpu, debug, {', '.join(presets)})")
+    model.update(n_codebooks=codec.n_codebooks, card=codec.card)
+    return GeneratorConfig.from_dict(model)
+
+
+def training_params(params: dict) -> dict:
+    p = dict(params)
+    preset = params.get("preset", "cpu")
+    p.update({k: v for k, v in params.get("presets", {}).get(preset, {}).items() if k != "model"})
+    return p
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors = {}
+    for pid, state in sd["state"].items():
+        for name, value in state.items():
+            tensors[f"{pid}.{name}"] = torch.as_tensor(value).clone().contiguous()
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def _unflatten_optimizer(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    state: dict = {}
+    for key, value in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def unigram_nats(train: TokenSet, valid: TokenSet, card: int) -> float:
+    """Cross-entropy of the valid codes under per-codebook unigram frequencies of train (a floor to beat)."""
+    total = 0.0
+    for k in range(train.codes.shape[0]):
+        p = (torch.bincount(train.codes[k], minlength=card).float() + 1.0)
+        p = p / p.sum()
+        total += float(-torch.log(p[valid.codes[k]]).mean())
+    return total / train.codes.shape[0]
+
+
+@torch.no_grad()
+def evaluate(model: Generator, data: TokenSet, window: int, batch_size: int, max_clips: int,
+             device: str) -> torch.Tensor:
+    """Per-codebook validation cross-entropy over fixed windows (the first `window` frames of each clip)."""
+    model.eval()
+    idx = list(range(min(len(data), max_clips)))
+    losses, weights = [], []
+    for i in range(0, len(idx), batch_size):
+        codes, cond, attrs = data.batch(idx[i:i + batch_size], window, None, start=0)
+        _, per_cb = model.loss(codes.to(device), cond.to(device), attrs.to(device))
+        losses.append(per_cb.cpu())
+        weights.append(len(codes))
+    model.train()
+    w = torch.tensor(weights, dtype=torch.float32)
+    return (torch.stack(losses) * w[:, None]).sum(0) / w.sum()
+
+
+def train_generator(tokens_dir: str, codec_dir: str, out_dir: str, params: dict, checkpoint_dir: str | None = None,
+                    metrics_path: str | None = None, plot_path: str | None = None, device: str | None = None,
+                    resume: bool = True) -> dict:
+    """Train the generator on token files; keep the best-validation weights; write metrics and the loss curve.
+
+    Resumable: every evaluation writes model + optimizer state (safetensors) and the loop counters (JSON) to
+    `checkpoint_dir`; a later run with the same config continues from there. Stops at `steps`, after
+    `max_minutes`, or when validation loss has not improved for `patience` evaluations.
+    """
+    from safetensors.torch import load_file, save_file
+
+    p = training_params(params)
+    seed = int(p.get("seed", 0))
+    torch.manual_seed(seed)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu" and p.get("threads"):
+        torch.set_num_threads(int(p["threads"]))
+    codec = load_codec(codec_dir)
+    train, valid = TokenSet(tokens_dir, "train"), TokenSet(tokens_dir, "valid")
+    for split in (train, valid):
+        if split.meta["codec"]["fingerprint"] != codec.fingerprint():
+            raise TrainingDataError(f"tokens in {tokens_dir} were made with another codec; re-run `smitin tokenize`")
+    cfg = generator_config(params, codec)
+    window = int(p.get("window_frames", 200))
+    if window + cfg.n_codebooks - 1 > cfg.max_frames:
+        raise UserError(f"window_frames {window} + delay {cfg.n_codebooks - 1} exceeds max_frames {cfg.max_frames}")
+    model = Generator(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=float(p.get("lr", 1e-3)), betas=(0.9, 0.95),
+                            weight_decay=float(p.get("weight_decay", 0.05)))
+    steps, batch_size = int(p.get("steps", 1000)), int(p.get("batch_size", 16))
+    warmup, eval_every = int(p.get("warmup", 50)), int(p.get("eval_every", 100))
+    patience, max_minutes = int(p.get("patience", 5)), float(p.get("max_minutes", 15))
+    state = {"step": 0, "best_valid": float("inf"), "bad_evals": 0, "history": [], "train_seconds": 0.0,
+             "config": asdict(cfg)}
+    ckpt = Path(checkpoint_dir) if checkpoint_dir else None
+    best_state = None
+    if ckpt and resume and (ckpt / "state.json").exists():
+        saved = json.loads((ckpt / "state.json").read_text())
+        if saved.get("config") == asdict(cfg):
+            model.load_state_dict(load_file(str(ckpt / "model.safetensors"), device=device))
+            _unflatten_optimizer(opt, load_file(str(ckpt / "optimizer.safetensors"), device=device), saved["optimizer"])
+            best_state = load_file(str(ckpt / "best.safetensors"), device=device)
+            state = {k: saved[k] for k in state}
+            log.info("resumed from %s at step %d", ckpt, state["step"])
+        else:
+            log.info("checkpoint in %s has another config: starting afresh", ckpt)
+    gen = torch.Generator().manual_seed(seed + state["step"])
+    floor = unigram_nats(train, valid, cfg.card)
+    log.info("generator %s params, %d train / %d valid clips, unigram floor %.3f nats",
+             f"{model.num_params() / 1e6:.2f}M", len(train), len(valid), floor)
+
+    def lr_at(step: int) -> float:
+        base = float(p.get("lr", 1e-3))
+        if step < warmup:
+            return base * (step + 1) / warmup
+        return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup)))))
+
+    model.train()
+    t_start, frames_done, run_train = time.time(), 0, []
+    stop_reason = "steps"
+    while state["step"] < steps:
+        step = state["step"]
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        idx = torch.randint(0, len(train), (batch_size,), generator=gen).tolist()
+        codes, cond, attrs = train.batch(idx, window, gen)
+        loss, per_cb = model.loss(codes.to(device), cond.to(device), attrs.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        frames_done += batch_size * window
+        run_train.append(per_cb.cpu())
+        state["step"] = step + 1
+        elapsed = time.time() - t_start
+        last = state["step"] == steps or (state["train_seconds"] + elapsed) / 60 >= max_minutes
+        if state["step"] % eval_every == 0 or last:
+            v = evaluate(model, valid, window, batch_size, int(p.get("eval_clips", 64)), device)
+            tr = torch.stack(run_train).mean(0)
+            run_train = []
+            rec = {"step": state["step"], "train_loss": float(tr.mean()), "valid_loss": float(v.mean()),
+                   "tokens_per_s": frames_done * cfg.n_codebooks / max(elapsed, 1e-9),
+                   **{f"train_loss_cb{k}": float(tr[k]) for k in range(cfg.n_codebooks)},
+                   **{f"valid_loss_cb{k}": float(v[k]) for k in range(cfg.n_codebooks)}}
+            state["history"].append(rec)
+            log.info("step %d train %.3f valid %.3f (%.0f tokens/s)", rec["step"], rec["train_loss"],
+                     rec["valid_loss"], rec["tokens_per_s"])
+            if rec["valid_loss"] < state["best_valid"] - 1e-3:
+                state["best_valid"], state["bad_evals"] = rec["valid_loss"], 0
+                best_state = {k: t.detach().clone() for k, t in model.state_dict().items()}
+            else:
+                state["bad_evals"] += 1
+            if ckpt:
+                ckpt.mkdir(parents=True, exist_ok=True)
+                save_file({k: t.contiguous() for k, t in model.state_dict().items()}, str(ckpt / "model.safetensors"))
+                save_file(best_state, str(ckpt / "best.safetensors"))
+                tensors, opt_meta = _flatten_optimizer(opt)
+                save_file(tensors, str(ckpt / "optimizer.safetensors"))
+                (ckpt / "state.json").write_text(json.dumps(
+                    {**state, "train_seconds": state["train_seconds"] + elapsed, "optimizer": opt_meta}))
+            if state["bad_evals"] >= patience:
+                stop_reason = "early_stopping"
+                break
+            if (state["train_seconds"] + elapsed) / 60 >= max_minutes:
+                stop_reason = "time_limit"
+                break
+    elapsed = time.time() - t_start
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    save_generator(model.cpu(), codec, out_dir)
+    best = min(state["history"], key=lambda r: r["valid_loss"]) if state["history"] else {}
+    metrics = {"steps": state["step"], "stop_reason": stop_reason, "params": model.num_params(),
+               "train_seconds": round(state["train_seconds"] + elapsed, 1), "unigram_valid_loss": floor,
+               "best_step": best.get("step"), "valid_loss": best.get("valid_loss"), "train_loss": best.get("train_loss"),
+               **{k: v for k, v in best.items() if k.startswith(("valid_loss_cb", "train_loss_cb"))},
+               "tokens_per_s": best.get("tokens_per_s"), "fingerprint": model.fingerprint()}
+    if metrics_path:
+        Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(metrics_path).write_text(json.dumps(metrics, indent=2))
+    if plot_path:
+        Path(plot_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(plot_path).write_text(json.dumps(
+            [{"step": r["step"], "train_loss": r["train_loss"], "valid_loss": r["valid_loss"]}
+             for r in state["history"]], indent=1))
+    return metrics

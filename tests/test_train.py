@@ -1,0 +1,89 @@
+"""Training stages on a tiny synthetic clips table: codec fit, tokenize, a debug training run whose loss falls,
+resume, the drum detector, the CLI, and bad input."""
+import json
+
+import pytest
+import torch
+
+from models.generator import load_generator
+from models.train import TokenSet, TrainingDataError, fit_codec, tokenize, train_generator
+from pipelines.errors import UserError
+from tests.clips_fixtures import fake_embed, write_clips_table
+
+CODEC_PARAMS = {"n_mels": 32, "n_codebooks": 2, "card": 16, "kmeans_iters": 5, "griffin_lim_iters": 4, "seed": 0}
+TRAIN_PARAMS = {"preset": "debug", "seed": 0, "threads": 1,
+                "presets": {"debug": {"steps": 40, "batch_size": 8, "window_frames": 32, "eval_every": 10,
+                                      "eval_clips": 8, "max_minutes": 2, "lr": 0.01, "warmup": 5, "patience": 10,
+                                      "model": {"max_frames": 48}}}}
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stages")
+    clips = write_clips_table(root / "clips")
+    fit_codec(str(clips), str(root / "codec"), CODEC_PARAMS)
+    counts = tokenize(str(clips), str(root / "codec"), str(root / "tokens"), embed=fake_embed)
+    return root, counts
+
+
+def test_tokenize_writes_codes_conditions_and_traits(stages):
+    root, counts = stages
+    assert counts == {"train": 8, "valid": 4, "test": 4}
+    ts = TokenSet(root / "tokens", "train")
+    assert len(ts) == 8 and ts.codes.shape[0] == 2 and ts.condition.shape == (8, 384)
+    assert ts.clip(0).shape == (2, 81)  # 2 s at 40 frames/s, centred frames
+    assert ts.meta["traits"][0] == {"drums": True} and ts.attributes[0].tolist() == [9, 1]
+
+
+def test_tiny_training_loss_falls_and_resumes(stages):
+    root, _ = stages
+    metrics = train_generator(str(root / "tokens"), str(root / "codec"), str(root / "gen"), TRAIN_PARAMS,
+                              checkpoint_dir=str(root / "ckpt"), metrics_path=str(root / "m.json"),
+                              plot_path=str(root / "plot.json"))
+    history = json.loads((root / "plot.json").read_text())
+    assert len(history) == 4
+    assert history[-1]["train_loss"] < history[0]["train_loss"] - 0.2
+    assert metrics["valid_loss"] < metrics["unigram_valid_loss"] + 0.5
+    assert metrics["valid_loss_cb0"] > 0 and metrics["tokens_per_s"] > 0
+    generator, codec = load_generator(root / "gen")
+    assert generator.fingerprint() == metrics["fingerprint"] and codec.n_codebooks == 2
+    # resume: more steps continue from the saved step instead of starting over
+    more = {**TRAIN_PARAMS, "presets": {"debug": {**TRAIN_PARAMS["presets"]["debug"], "steps": 50}}}
+    again = train_generator(str(root / "tokens"), str(root / "codec"), str(root / "gen2"), more,
+                            checkpoint_dir=str(root / "ckpt"), plot_path=str(root / "plot2.json"))
+    assert again["steps"] == 50
+    assert len(json.loads((root / "plot2.json").read_text())) == 5
+
+
+def test_drum_detector_separates_synthetic_drums(stages):
+    from models.codec import load_codec
+    from models.detectors import fit_drum_detector
+
+    root, _ = stages
+    det = fit_drum_detector(str(root / "tokens"), load_codec(root / "codec"), seconds=1.5, per_clip=2)
+    assert det.info["train_accuracy_decoded"] >= 0.9 and det.info["test_accuracy_decoded"] >= 0.75
+
+
+def test_bad_clips_tables(tmp_path, stages):
+    root, _ = stages
+    with pytest.raises(UserError, match="no clips table"):
+        fit_codec(str(tmp_path / "none"), str(tmp_path / "codec"), CODEC_PARAMS)
+    write_clips_table(tmp_path / "nocap", drop=("caption",))
+    with pytest.raises(UserError, match="lacks column"):
+        tokenize(str(tmp_path / "nocap"), str(root / "codec"), str(tmp_path / "tok"), embed=fake_embed)
+    write_clips_table(tmp_path / "novalid", n_per_split=(4, 0, 2))
+    with pytest.raises(TrainingDataError, match="split 'valid' .* is empty"):
+        tokenize(str(tmp_path / "novalid"), str(root / "codec"), str(tmp_path / "tok2"), embed=fake_embed)
+    with pytest.raises(TrainingDataError, match="run `smitin tokenize`"):
+        train_generator(str(tmp_path / "notokens"), str(root / "codec"), str(tmp_path / "g"), TRAIN_PARAMS)
+
+
+def test_cli_prints_one_line_errors(tmp_path, capsys):
+    from generation.cli import main
+
+    assert main(["tokenize", "--clips", str(tmp_path / "none"), "--codec", str(tmp_path / "c"),
+                 "--out", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("smitin: error:") and "\n" not in err
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
