@@ -190,19 +190,19 @@ class SteeringPlan:
                 "tau": dict(zip(self.traits, self.taus()))}
 
 
-def smitin_factor(monitor: torch.Tensor, sign: torch.Tensor, tau: torch.Tensor, decay: float) -> torch.Tensor:
+def smitin_factor(monitor: np.ndarray, sign: np.ndarray, tau: np.ndarray, decay: float) -> np.ndarray:
     """SMITIN's push factor from the monitored probability [n, T]: the goal probability is C for an added trait and
     1 - C for a removed one (sign < 0); the factor is (1 - goal / tau) ** decay while goal < tau, and 0 from tau on."""
-    goal = torch.where(sign > 0, monitor, 1.0 - monitor)
-    f = (1.0 - goal / tau).clamp(0.0, 1.0) ** decay
-    return torch.where(goal >= tau, torch.zeros_like(f), f)
+    goal = np.where(sign > 0, monitor, 1.0 - monitor)
+    f = np.clip(1.0 - goal / tau, 0.0, 1.0) ** decay
+    return np.where(goal >= tau, 0.0, f).astype(np.float32)
 
 
-def _median(x: torch.Tensor) -> torch.Tensor:
-    """Median over the last dim, averaging the two middle values when their count is even (numpy's convention;
-    torch.median takes the lower one, and torch.quantile is slow)."""
+def _median(x: np.ndarray) -> np.ndarray:
+    """Median over the last dim (the two middle values averaged when their count is even), without np.median's
+    per-call overhead: this runs once per generation step."""
     m = x.shape[-1]
-    v = x.sort(dim=-1).values
+    v = np.sort(x, axis=-1)
     return v[..., m // 2] if m % 2 else 0.5 * (v[..., m // 2 - 1] + v[..., m // 2])
 
 
@@ -222,14 +222,24 @@ class SteeringSession:
         sets = list(plan.probe_sets.values())
         self.delta = torch.from_numpy(plan.head_deltas()).to(device, dtype)  # [T, L, H, Dh]
         self.push_enabled = p.mode != "none" and bool(self.delta.abs().sum() > 0)
-        idx = [[layer * H + head for layer, head in ps.top_heads(p.monitor_heads)] for ps in sets]
-        self.monitor_idx = torch.tensor(idx, dtype=torch.long, device=device)  # [T, M]
-        coef = torch.stack([torch.from_numpy(ps.coef).reshape(L * H, -1) for ps in sets]).to(device, dtype)
-        intercept = torch.stack([torch.from_numpy(ps.intercept).reshape(L * H) for ps in sets]).to(device, dtype)
-        self.monitor_coef = torch.gather(coef, 1, self.monitor_idx[..., None].expand(-1, -1, coef.shape[-1]))
-        self.monitor_bias = torch.gather(intercept, 1, self.monitor_idx)  # [T, M]
-        self.sign = torch.tensor([1.0 if a > 0 else -1.0 for a in plan.strengths.values()], device=device)
-        self.tau = torch.tensor(plan.taus(), device=device)
+        # The monitor as one linear map per layer: logits[n, T*M] = sum_l z_l[n, H*Dh] @ W_l + b, where W_l holds
+        # the probe weights of the monitored heads that sit in layer l (zeros elsewhere): one addmm per layer.
+        D = generator.head_dim
+        self.n_monitor = min(p.monitor_heads, L * H)
+        w = np.zeros((L, H * D, len(sets) * self.n_monitor), np.float32)
+        b = np.zeros(len(sets) * self.n_monitor, np.float32)
+        for t, ps in enumerate(sets):
+            for m, (layer, head) in enumerate(ps.top_heads(self.n_monitor)):
+                w[layer, head * D:(head + 1) * D, t * self.n_monitor + m] = ps.coef[layer, head]
+                b[t * self.n_monitor + m] = ps.intercept[layer, head]
+        self.monitor_layers = [bool(np.any(w[layer])) for layer in range(L)]
+        used = [layer for layer in range(L) if self.monitor_layers[layer]]
+        self.monitor_w = torch.from_numpy(w[used].reshape(-1, w.shape[-1])).to(device, dtype)
+        self.monitor_b = torch.from_numpy(b).to(device, dtype)
+        self.last_monitor_layer = used[-1]
+        self.sign = np.array([1.0 if a > 0 else -1.0 for a in plan.strengths.values()], np.float32)
+        self.tau = np.array(plan.taus(), np.float32)
+        self._device, self._dtype = device, dtype
         self._reset(None)
         self.generations: list[dict] = []
 
@@ -238,20 +248,20 @@ class SteeringSession:
         self._rows = rows
         self._last_pos: int | None = None
         self._step = -1
-        self._monitor: torch.Tensor | None = None  # [n_cond, T] monitored probability of the last step
+        self._monitor: np.ndarray | None = None  # [n_cond, T] monitored probability of the last step
         self._applied: dict[int, torch.Tensor] = {}  # absolute position -> combined push [n, L, H, Dh]
-        self._stash: list[torch.Tensor | None] = [None] * self.n_layers
+        self._stash: list[torch.Tensor] = []
         self._now: torch.Tensor | None = None
         self._replay: list[tuple[int, torch.Tensor]] = []
-        self._log: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (step, probability [n,T], factor [n,T])
+        self._log: list[tuple[int, np.ndarray, np.ndarray | None]] = []  # (step, probability, factor), [n, T]
 
-    def _factor(self, n: int) -> torch.Tensor | None:
+    def _factor(self, n: int) -> np.ndarray | None:
         """Push factor [n, T] for the step about to run; None when nothing is pushed."""
         p = self.plan.params
         if not self.push_enabled:
             return None
         if p.mode == "iti":
-            return torch.ones(n, len(self.sign), device=self.sign.device)
+            return np.ones((n, len(self.sign)), np.float32)
         step = self._step
         if step < 1 or (step - 1) % p.every or self._monitor is None:
             return None
@@ -273,40 +283,43 @@ class SteeringSession:
         self._n, self._last_pos, self._step = n, pos, self._step + 1
         factor = self._factor(n)
         self._factor_now = factor
-        self._now = torch.einsum("nt,tlhd->nlhd", factor, self.delta) if factor is not None else None
+        self._now = None
+        if factor is not None:
+            self._now = torch.einsum("nt,tlhd->nlhd", torch.from_numpy(factor).to(self._device, self._dtype),
+                                     self.delta)
         if self._now is not None:
             self._applied[pos] = self._now
         # positions recomputed by an uncached step that were pushed when they were generated
         self._replay = [(q, d) for q, d in self._applied.items() if q < pos] if T > 1 else []
 
     def _end_forward(self) -> None:
-        acts = torch.stack(self._stash, dim=1).flatten(1, 2)  # [n, L*H, Dh]
-        sel = acts[:, self.monitor_idx]  # [n, T, M, Dh]
-        logits = (sel * self.monitor_coef).sum(-1) + self.monitor_bias
-        prob = _median(torch.sigmoid(logits.float()))  # [n, T]: median over the monitored heads
+        x = torch.stack(self._stash, dim=1).reshape(self._n, -1)  # [n, monitored layers * H * Dh]
+        logits = torch.addmm(self.monitor_b, x, self.monitor_w).detach().float().numpy()
+        prob = 1.0 / (1.0 + np.exp(-logits.reshape(self._n, len(self.sign), self.n_monitor)))
+        prob = _median(prob)  # [n, T]: median over the monitored heads
         self._monitor = prob
         self._log.append((self._step, prob, self._factor_now))
-        self._stash = [None] * self.n_layers
+        self._stash = []
 
     def hook(self, layer: int):
-        last_layer = self.n_layers - 1
+        monitored = self.monitor_layers[layer]
+        last = layer == self.last_monitor_layer
 
         def fn(_module, _inputs, z):
             if layer == 0:
                 self._begin_forward(z)
             n = self._n
             edit = self._now is not None or self._replay
+            if monitored:  # the probes read this layer's heads before its push
+                self._stash.append(z[:n, -1].clone() if edit else z[:n, -1])
             if edit:
                 if torch.is_grad_enabled():
                     z = z.clone()
-                self._stash[layer] = z[:n, -1].clone()
                 for q, d in self._replay:
                     z[:n, q] += d[:, layer]
                 if self._now is not None:
                     z[:n, -1] += self._now[:, layer]
-            else:
-                self._stash[layer] = z[:n, -1]
-            if layer == last_layer:
+            if last:
                 self._end_forward()
             return z if edit else None
 

@@ -101,14 +101,14 @@ def test_single_trait_push_is_bitwise_alpha_w_sigma_theta():
 
 # ----------------------------------------------------------------------------------------- monitor
 def test_smitin_factor_decays_and_stops_at_tau():
-    tau = torch.tensor([0.8, 0.8])
-    sign = torch.tensor([1.0, -1.0])
-    monitor = torch.tensor([[0.0, 1.0], [0.4, 0.6], [0.79, 0.21], [0.8, 0.2], [0.95, 0.05]])
+    tau = np.array([0.8, 0.8], np.float32)
+    sign = np.array([1.0, -1.0], np.float32)
+    monitor = np.array([[0.0, 1.0], [0.4, 0.6], [0.79, 0.21], [0.8, 0.2], [0.95, 0.05]], np.float32)
     f = smitin_factor(monitor, sign, tau, decay=1.0)
-    np.testing.assert_allclose(f[:, 0].numpy(), [1.0, 0.5, 1 - 0.79 / 0.8, 0.0, 0.0], atol=1e-6)
+    np.testing.assert_allclose(f[:, 0], [1.0, 0.5, 1 - 0.79 / 0.8, 0.0, 0.0], atol=1e-6)
     # a removed trait watches 1 - C: the same numbers mirrored
-    np.testing.assert_allclose(f[:, 1].numpy(), f[:, 0].numpy(), atol=1e-6)
-    assert torch.all(smitin_factor(monitor, sign, tau, decay=0.0)[:3] == 1.0)
+    np.testing.assert_allclose(f[:, 1], f[:, 0], atol=1e-6)
+    assert np.all(smitin_factor(monitor, sign, tau, decay=0.0)[:3] == 1.0)
 
 
 class _ScriptedMonitor(SteeringSession):
@@ -119,7 +119,7 @@ class _ScriptedMonitor(SteeringSession):
     def _end_forward(self):
         super()._end_forward()
         value = self.script[min(self._step, len(self.script) - 1)]
-        self._monitor = torch.full_like(self._monitor, value)
+        self._monitor = np.full_like(self._monitor, value)
         self._log[-1] = (self._step, self._monitor, self._log[-1][2])
 
 

@@ -1,0 +1,138 @@
+"""Steering overhead: generation time with the SMITIN hooks (modes none / iti / smitin) against plain generation,
+same model, same seed, same run, runs interleaved so machine load hits all modes alike. Prints a table.
+
+Model: the trained generator in --generator when there is one, else the default architecture of params
+`train_generator.model` (random weights: time does not depend on the values) with the codec's K and card from
+params `fit_codec`. Probe sets: --probes DIR when given, else random ones of the right shape. Target: smitin
+adds <= 5% (DESIGN: default model, CPU).
+
+    python benchmarks/steering.py [--frames 200] [--repeats 7] [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.generator import Generator, GeneratorConfig, load_generator  # noqa: E402
+from models.probes import ProbeSet  # noqa: E402
+from models.steering import SteeringPlan, steer  # noqa: E402
+from pipelines.params import load_params  # noqa: E402
+
+
+def default_generator(params_path: str) -> Generator:
+    train = load_params(params_path, "train_generator")
+    codec = load_params(params_path, "fit_codec")
+    model = dict(train.get("model", {}))
+    model.update(n_codebooks=int(codec.get("n_codebooks", 4)), card=int(codec.get("card", 256)))
+    torch.manual_seed(0)
+    return Generator(GeneratorConfig.from_dict(model)).eval()
+
+
+def random_probe_set(generator: Generator, trait: str, seed: int) -> ProbeSet:
+    L, H, D = generator.n_layers, generator.n_heads, generator.head_dim
+    rng = np.random.default_rng(seed)
+    unit = lambda a: (a / np.linalg.norm(a, axis=-1, keepdims=True)).astype(np.float32)  # noqa: E731
+    acc = rng.uniform(0.5, 0.95, (L, H)).astype(np.float32)
+    d = unit(rng.standard_normal((L, H, D)))
+    return ProbeSet(trait, generator.fingerprint(), (0.1 * d).astype(np.float32), np.zeros((L, H), np.float32), d,
+                    np.ones((L, H), np.float32), acc, ((acc - acc.min()) / (acc.max() - acc.min())) ** 3, d,
+                    np.ones((L, H), np.float32))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--generator", default="data/generator")
+    ap.add_argument("--probes", default=None, help="folder of probe sets (one subfolder per trait)")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--frames", type=int, default=200, help="frames generated per run (5 s at 40 frames/s)")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    if (Path(args.generator) / "generator.json").exists():
+        generator, _ = load_generator(args.generator)
+        source = f"trained ({args.generator})"
+    else:
+        generator = default_generator(args.params)
+        source = "default architecture, random weights"
+    frames = min(args.frames, generator.cfg.max_frames - generator.cfg.n_codebooks + 1)
+    fingerprint = generator.fingerprint()
+    if args.probes:
+        from models.steering import load_probe_sets
+
+        sets = load_probe_sets(sorted(str(p) for p in Path(args.probes).iterdir() if p.is_dir()))
+    else:
+        sets = {"drums": random_probe_set(generator, "drums", 0), "piano": random_probe_set(generator, "piano", 1)}
+    strengths = {t: (5.0 if i % 2 == 0 else -3.0) for i, t in enumerate(sets)}
+    plans = {mode: SteeringPlan.build(sets, strengths, mode=mode) for mode in ("none", "iti", "smitin")}
+    condition = torch.randn(1, generator.cfg.cond_dim) if args.cfg != 1.0 else None
+
+    def run(mode: str) -> float:
+        kwargs = dict(condition=condition, cfg_scale=args.cfg, seed=0, top_k=50, batch_size=1)
+        t = time.perf_counter()
+        if mode == "plain":
+            generator.generate(frames, **kwargs)
+        else:
+            with steer(generator, plans[mode], fingerprint):
+                generator.generate(frames, **kwargs)
+        return time.perf_counter() - t
+
+    modes = ["plain", "none", "iti", "smitin"]
+    for m in modes:  # warm-up
+        run(m)
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    for r in range(args.repeats):
+        for m in (modes if r % 2 == 0 else modes[::-1]):
+            times[m].append(run(m))
+    steps = frames + generator.cfg.n_codebooks - 1
+    base = statistics.median(times["plain"])
+    cfg = generator.cfg
+    print(f"steering overhead: {source}; {cfg.n_layers} layers x {cfg.n_heads} heads, dim {cfg.dim}; "
+          f"{frames} frames ({steps} steps), CFG {args.cfg:g}, batch 1, {args.threads} thread(s), "
+          f"traits {strengths}, median of {args.repeats} interleaved runs")
+    print(f"| {'mode':<8} | {'median s':>8} | {'ms/step':>7} | {'overhead':>8} |")
+    print(f"|{'-' * 10}|{'-' * 10}|{'-' * 9}|{'-' * 10}|")
+    for m in modes:
+        med = statistics.median(times[m])
+        print(f"| {m:<8} | {med:8.3f} | {1000 * med / steps:7.2f} | {med / base - 1:+8.1%} |")
+    # noise-robust view: CPU time spent inside the hooks themselves (smitin), per step, against plain step time
+    from models.steering import SteeringSession
+
+    spent = [0.0]
+    session = SteeringSession(generator, plans["smitin"], fingerprint)
+
+    def timed(layer):
+        fn = session.hook(layer)
+
+        def wrapper(*a):
+            t = time.perf_counter()
+            out = fn(*a)
+            spent[0] += time.perf_counter() - t
+            return out
+        return wrapper
+
+    handles = [site.register_forward_hook(timed(layer)) for layer, site in enumerate(generator.head_sites())]
+    try:
+        generator.generate(frames, condition=condition, cfg_scale=args.cfg, seed=0, top_k=50, batch_size=1)
+    finally:
+        for h in handles:
+            h.remove()
+    print(f"time inside the smitin hooks: {1000 * spent[0] / steps:.3f} ms/step = {spent[0] / base:.1%} of plain "
+          "generation (excludes the module-hook dispatch itself)")
+    over = statistics.median(times["smitin"]) / base - 1
+    print(f"smitin overhead {over:+.1%} (target <= 5%): {'OK' if over <= 0.05 else 'OVER'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
