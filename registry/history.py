@@ -31,10 +31,11 @@ def now_iso() -> str:
 
 
 def record_event(client, name: str, event: dict) -> dict:
+    """Write one event; the returned dict carries its tag key as `key` (to undo it in a rollback)."""
     event = {"when": now_iso(), "who": who(), **event}
     key = f"{HISTORY_PREFIX}{int(time.time() * 1000):013d}.{secrets.token_hex(3)}"
     client.set_registered_model_tag(name, key, json.dumps(event, sort_keys=True))
-    return event
+    return {**event, "key": key}
 
 
 def read_history(client, name: str) -> list[dict]:

@@ -156,6 +156,7 @@ def promote(reg: Registry, model: str, version: str | int | None = None, *, forc
                 "gates": [str(g) for g in result.gates]}
         if failed and not force:
             result.event = record_event(c, name, {**base, "action": "refused"})
+            result.event.pop("key")
             raise PromotionRefused(f"{name} v{candidate.version} not promoted: " + "; ".join(
                 f"gate {g.name} failed: {g.detail}" for g in failed) + " (use --force to override, it is recorded)")
         if failed and not candidate.tags.get(TAG + "content_hash"):
@@ -166,6 +167,7 @@ def promote(reg: Registry, model: str, version: str | int | None = None, *, forc
             result.event = record_event(c, name, {**base, "action": "force-promote" if failed else "promote",
                                                   "forced": bool(failed),
                                                   "overridden": [g.name for g in failed]})
+            result.event.pop("key")
         except Exception:
             # No history, no promotion: put the previous champion back.
             if champion is not None:

@@ -158,8 +158,9 @@ def _register(reg: Registry, info: ArtifactInfo, name: str, metrics: dict, tags:
         step("version")
         if alias:
             previous = _alias_version(c, name, alias)
+            made["alias"] = (alias, previous)
             c.set_registered_model_alias(name, alias, str(mv.version))
-            record_event(c, name, {"action": "register", "alias": alias, "from": previous, "to": str(mv.version),
+            made["event"] = record_event(c, name, {"action": "register", "alias": alias, "from": previous, "to": str(mv.version),
                                    "why": f"registered {info.path.name} ({info.content_hash[:12]})"})
         step("alias")
         c.set_terminated(run.info.run_id, "FINISHED")
@@ -186,8 +187,12 @@ def _rollback(reg: Registry, name: str, made: dict, alias: str | None) -> None:
     that pointed at it."""
     c = reg.client
     undo = []
+    if "event" in made:
+        undo.append(lambda: c.delete_registered_model_tag(name, made["event"]["key"]))
     if "version" in made:
         undo.append(lambda: c.delete_model_version(name, made["version"]))
+    if made.get("alias", (None, None))[1]:
+        undo.append(lambda: c.set_registered_model_alias(name, made["alias"][0], made["alias"][1]))
     if "logged_model" in made:
         lm = made["logged_model"]
 
@@ -216,7 +221,13 @@ def _delete_artifacts(location: str) -> None:
         from urllib.parse import urlparse
         from urllib.request import url2pathname
 
-        shutil.rmtree(url2pathname(urlparse(location).path), ignore_errors=True)
+        path = Path(url2pathname(urlparse(location).path))
+        shutil.rmtree(path, ignore_errors=True)
+        if path.name == "artifacts":  # .../models/m-<id>/artifacts: drop the model's folder too if now empty
+            try:
+                path.parent.rmdir()
+            except OSError:
+                pass
         return
     try:
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository

@@ -123,7 +123,7 @@ class ServerHandle:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)  # the server's own process group (its uvicorn workers)
             try:
-                self.proc.wait(15)
+                self.proc.wait(1)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
@@ -131,15 +131,16 @@ class ServerHandle:
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory) -> ServerHandle:
-    """A real `mlflow server` (SQL backend = a copy of the template DB, proxied artifacts) on a free loopback port.
-    Starting it does not wait; `.uri` does."""
+    """A real `mlflow server` (SQL backend, proxied artifacts) on a free loopback port. Starting it does not
+    wait; `.uri` does. It migrates its own fresh database while the test process builds the SQLite template
+    (two files, so no 'database is locked' race)."""
     if "server" not in _SESSION:
         d = tmp_path_factory.mktemp("mlflow-server")
-        shutil.copy(_template_db(tmp_path_factory), d / "mlflow.db")
         port = _free_port()
         log = d / "server.log"
         mlflow_bin = Path(sys.executable).with_name("mlflow")
-        env = {**os.environ, "MLFLOW_TRACKING_URI": ""}
+        # No job runner (huey worker processes): the registry does not use server-side jobs.
+        env = {**os.environ, "MLFLOW_TRACKING_URI": "", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         proc = subprocess.Popen(
             [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
              "--artifacts-destination", str(d / "mlartifacts"), "--host", "127.0.0.1", "--port", str(port),
