@@ -24,6 +24,7 @@ class FeatureParams:
     chord_self_transition: float = 0.5
     silence_dbfs: float = -60.0
     meters: tuple[int, ...] = field(default=(2, 3, 4))
+    downbeat_evidence: str = "chroma_bass"  # chroma_bass | onsets_chords (adds low-band onsets, chord changes)
 
     @classmethod
     def from_params(cls, section: dict) -> "FeatureParams":
@@ -57,7 +58,7 @@ def tempo_from_beats(beats: np.ndarray) -> float | None:
 
 
 def estimate_downbeats(beats: np.ndarray, chroma_per_beat: np.ndarray, bass_per_beat: np.ndarray,
-                       meters=(2, 3, 4)) -> tuple[np.ndarray, int]:
+                       meters=(2, 3, 4), extra: list[np.ndarray] | None = None) -> tuple[np.ndarray, int]:
     """Pick the meter and bar phase whose downbeats coincide best with chord changes and bass onsets.
 
     essentia has no downbeat tracker and the neural ones do not install offline, so this is a small
@@ -77,6 +78,8 @@ def estimate_downbeats(beats: np.ndarray, chroma_per_beat: np.ndarray, bass_per_
         return (x - x.mean()) / (x.std() + 1e-9)
 
     evidence = z(change) + z(bass_per_beat)
+    for e in extra or []:  # further per-beat evidence (bass onsets, chord-label changes), z-scored alike
+        evidence = evidence + z(np.asarray(e, float))
     best = (-np.inf, 4, 0)
     for m in meters:
         if n < 2 * m:
@@ -174,7 +177,17 @@ class ClipAnalyzer:
             chroma_per_beat = beat_sync(chroma, times, beat_bounds)
             low_frame = np.searchsorted(times, beats).clip(0, max(len(low) - 1, 0))
             bass_per_beat = np.log1p(low[low_frame]) if len(low) else np.zeros(len(beats))
-            downbeats, meter = estimate_downbeats(beats, chroma_per_beat, bass_per_beat, self.params.meters)
+            extra = []
+            if self.params.downbeat_evidence == "onsets_chords" and len(low):
+                # low-band onset: rise of log energy into the beat's frame (a kick or a new bass note)
+                log_low = np.log1p(low)
+                prev = (low_frame - 1).clip(0, None)
+                extra.append(np.maximum(log_low[low_frame] - log_low[prev], 0.0))
+                # chord-label change at the beat (harmonic rhythm follows the bar)
+                beat_labels = viterbi_chords(chroma_per_beat, self_transition=self.params.chord_self_transition)
+                changes = np.array([float(a != b) for a, b in zip(beat_labels[1:], beat_labels[:-1])])
+                extra.append(np.r_[changes.mean() if len(changes) else 0.0, changes])  # beat 0: no evidence
+            downbeats, meter = estimate_downbeats(beats, chroma_per_beat, bass_per_beat, self.params.meters, extra)
             time_signature = f"{meter}/4"
         else:
             downbeats, time_signature = beats[:1], None
