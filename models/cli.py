@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,8 @@ def _train(args) -> int:
     if args.preset:
         params["preset"] = args.preset
     metrics = train_generator(args.tokens, args.codec, args.out, params, checkpoint_dir=args.checkpoint,
-                              metrics_path=args.metrics, plot_path=args.plot, resume=not args.fresh)
+                              metrics_path=args.metrics, plot_path=args.plot, resume=not args.fresh,
+                              progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(json.dumps({k: metrics[k] for k in ("steps", "stop_reason", "valid_loss", "unigram_valid_loss")}))
     return 0
 

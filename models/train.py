@@ -231,7 +231,7 @@ def evaluate(model: Generator, data: TokenSet, window: int, batch_size: int, max
 
 def train_generator(tokens_dir: str, codec_dir: str, out_dir: str, params: dict, checkpoint_dir: str | None = None,
                     metrics_path: str | None = None, plot_path: str | None = None, device: str | None = None,
-                    resume: bool = True) -> dict:
+                    resume: bool = True, progress=None) -> dict:
     """Train the generator on token files; keep the best-validation weights; write metrics and the loss curve.
 
     Resumable: every evaluation writes model + optimizer state (safetensors) and the loop counters (JSON) to
@@ -240,6 +240,7 @@ def train_generator(tokens_dir: str, codec_dir: str, out_dir: str, params: dict,
     """
     from safetensors.torch import load_file, save_file
 
+    say = progress or log.info
     p = training_params(params)
     seed = int(p.get("seed", 0))
     torch.manual_seed(seed)
@@ -272,13 +273,13 @@ def train_generator(tokens_dir: str, codec_dir: str, out_dir: str, params: dict,
             _unflatten_optimizer(opt, load_file(str(ckpt / "optimizer.safetensors"), device=device), saved["optimizer"])
             best_state = load_file(str(ckpt / "best.safetensors"), device=device)
             state = {k: saved[k] for k in state}
-            log.info("resumed from %s at step %d", ckpt, state["step"])
+            say(f"resumed from {ckpt} at step {state['step']}")
         else:
             log.info("checkpoint in %s has another config: starting afresh", ckpt)
     gen = torch.Generator().manual_seed(seed + state["step"])
     floor = unigram_nats(train, valid, cfg.card)
-    log.info("generator %s params, %d train / %d valid clips, unigram floor %.3f nats",
-             f"{model.num_params() / 1e6:.2f}M", len(train), len(valid), floor)
+    say(f"generator {model.num_params() / 1e6:.2f}M params, {len(train)} train / {len(valid)} valid clips, "
+        f"unigram floor {floor:.3f} nats")
 
     def lr_at(step: int) -> float:
         base = float(p.get("lr", 1e-3))
@@ -314,8 +315,8 @@ def train_generator(tokens_dir: str, codec_dir: str, out_dir: str, params: dict,
                    **{f"train_loss_cb{k}": float(tr[k]) for k in range(cfg.n_codebooks)},
                    **{f"valid_loss_cb{k}": float(v[k]) for k in range(cfg.n_codebooks)}}
             state["history"].append(rec)
-            log.info("step %d train %.3f valid %.3f (%.0f tokens/s)", rec["step"], rec["train_loss"],
-                     rec["valid_loss"], rec["tokens_per_s"])
+            say(f"step {rec['step']}/{steps} train {rec['train_loss']:.3f} valid {rec['valid_loss']:.3f} "
+                f"({rec['tokens_per_s']:.0f} tokens/s)")
             if rec["valid_loss"] < state["best_valid"] - 1e-3:
                 state["best_valid"], state["bad_evals"] = rec["valid_loss"], 0
                 best_state = {k: t.detach().clone() for k, t in model.state_dict().items()}
