@@ -76,7 +76,12 @@ class Score:
 
     @property
     def polyphonic(self) -> bool:
-        return len([v for v in self.voices if v]) >= 2
+        """Two or more voices, or one voice (a MIDI track) that mostly plays chords."""
+        voices = [v for v in self.voices if v]
+        if len(voices) >= 2:
+            return True
+        starts = [round(n.start, 4) for v in voices for n in v]
+        return bool(starts) and (len(starts) - len(set(starts))) >= 0.2 * len(starts)
 
 
 # ----------------------------------------------------------------------------------------------------------
