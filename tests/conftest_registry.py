@@ -72,8 +72,12 @@ def make_probe_set_dir(path: Path, trait: str, generator_fingerprint: str, best_
 # ------------------------------------------------------------------------------------------- MLflow backends
 def _template_db(factory) -> Path:
     if "template" not in _SESSION:
+        import logging
+
         from mlflow import MlflowClient
 
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
         d = factory.mktemp("mlflow-template")
         db = d / "mlflow.db"
         MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()  # runs the migrations once

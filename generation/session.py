@@ -1,0 +1,304 @@
+"""Generate (steered) music from registered models: resolve the generator and each trait's probe set by alias
+(`champion` unless told otherwise), refuse probe sets trained on another generator, generate a batch of prompts,
+write WAVs plus the steering report (JSON + PNG).
+
+    from generation import generate
+    generate("an upbeat chorale with drums", duration=8, steer={"drums": +5}, out="out.wav")
+
+`GenerationSession` loads once and generates many times; `generate()` keeps the last session for reuse.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from pipelines.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Sampling and steering defaults; params.yaml `generate` overrides them.
+DEFAULTS = {"duration": 8.0, "cfg_scale": 3.0, "temperature": 1.0, "top_k": 0, "top_p": 0.0, "alias": "champion",
+            "steering": {"every": 5, "decay": 0.5, "tau": None, "monitor_heads": 16, "iti_top_k": 16}}
+
+
+class GenerationError(UserError):
+    """A generation request that cannot be served (bad prompt audio, duration, output path, ...)."""
+
+
+def read_defaults(params_path: str | Path | None = "params.yaml") -> dict:
+    out = json.loads(json.dumps(DEFAULTS))
+    if params_path and Path(params_path).exists():
+        import yaml
+
+        section = (yaml.safe_load(Path(params_path).read_text()) or {}).get("generate") or {}
+        for k, v in section.items():
+            if isinstance(v, dict) and isinstance(out.get(k), dict):
+                out[k].update(v)
+            else:
+                out[k] = v
+        out.setdefault("seed", (yaml.safe_load(Path(params_path).read_text()) or {}).get("seed", 0))
+    out.setdefault("seed", 0)
+    return out
+
+
+@dataclass
+class GenerationResult:
+    wavs: list[Path]
+    report_json: Path | None
+    report_pngs: list[Path]
+    info: dict = field(default_factory=dict)
+
+
+class GenerationSession:
+    """A loaded generator (+ codec) and the probe sets asked for so far. Creating it resolves and loads the
+    generator; each trait's probe set is resolved and loaded on first use and kept."""
+
+    def __init__(self, generator: str | Path | None = None, *, registry=None, params: str | Path | None = "params.yaml",
+                 probes: Mapping[str, str] | None = None, alias: str | None = None, tracking_uri: str | None = None):
+        self.defaults = read_defaults(params)
+        self.alias = alias or self.defaults["alias"]
+        self._registry = registry
+        self._params_path, self._tracking_uri = params, tracking_uri
+        self.probe_uris = dict(probes or {})
+        self.timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        from registry.loading import fetch
+
+        uri = str(generator) if generator else f"models:/{self.registry.settings.generator_name}@champion"
+        self.generator_ref = fetch(self._registry_for(uri), uri)
+        if self.generator_ref.kind != "generator":
+            raise GenerationError(f"{uri} is a {self.generator_ref.kind.replace('_', ' ')}, not a generator")
+        self.timings["resolve_generator_s"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        from models.generator import load_generator
+
+        self.generator, self.codec = load_generator(self.generator_ref.path)
+        self.timings["load_generator_s"] = time.perf_counter() - t1
+        self.probe_sets: dict = {}
+        self.probe_refs: dict = {}
+
+    # ------------------------------------------------------------------ registry
+    @property
+    def registry(self):
+        if self._registry is None:
+            from registry.store import Registry, Settings
+
+            self._registry = Registry(Settings.load(self._params_path, tracking_uri=self._tracking_uri))
+        return self._registry
+
+    def _registry_for(self, uri: str):
+        return self.registry if uri.startswith("models:/") else None
+
+    def probe_set(self, trait: str):
+        """The probe set for `trait` (resolved by alias or the URI/dir given for it), checked against the generator."""
+        if trait in self.probe_sets:
+            return self.probe_sets[trait]
+        from models.probes import ProbeSet
+        from registry.loading import check_compatible, fetch
+
+        from registry.errors import ModelNotFound
+
+        t0 = time.perf_counter()
+        uri = self.probe_uris.get(trait) or f"models:/{self.registry.settings.probe_set_prefix}{trait}@{self.alias}"
+        try:
+            ref = fetch(self._registry_for(uri), uri)
+        except ModelNotFound as e:
+            if trait in self.probe_uris or "no registered model" not in str(e):
+                raise
+            prefix = self.registry.settings.probe_set_prefix
+            have = sorted(m.name[len(prefix):] for m in self.registry.client.search_registered_models(max_results=1000)
+                          if m.name.startswith(prefix))
+            raise GenerationError(f"no probe set for trait '{trait}' in {self.registry.uri} ({prefix}{trait} is not "
+                                  f"registered; traits with probe sets: {', '.join(have) or 'none'})") from None
+        if ref.kind != "probe_set":
+            raise GenerationError(f"{uri} is not a probe set")
+        if ref.trait and ref.trait != trait:
+            raise GenerationError(f"{uri} is a probe set for '{ref.trait}', not '{trait}'")
+        check_compatible(ref, self.generator_ref)
+        self.probe_sets[trait] = ProbeSet.load(ref.path)
+        self.probe_refs[trait] = ref
+        self.timings[f"resolve_load_probes_{trait}_s"] = time.perf_counter() - t0
+        return self.probe_sets[trait]
+
+    # ------------------------------------------------------------------ generation
+    def _prompt_codes(self, continue_from: str | Path | None):
+        if not continue_from:
+            return None
+        import numpy as np
+
+        from pipelines.audio import stream_mono
+
+        path = Path(continue_from)
+        if not path.exists():
+            raise GenerationError(f"--continue: {path} does not exist")
+        try:
+            _, blocks = stream_mono(str(path), self.codec.sample_rate)
+            wave = np.concatenate(list(blocks) or [np.zeros(0, np.float32)])
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any decoder failure is the user's file
+            raise GenerationError(f"--continue: cannot read {path} as audio ({str(e).splitlines()[0][:120]})") from None
+        if len(wave) < self.codec.sample_rate / self.codec.frame_rate:
+            raise GenerationError(f"--continue: {path} is shorter than one codec frame")
+        return self.codec.encode(wave.astype(np.float32), self.codec.sample_rate)  # [K, T]
+
+    def generate(self, prompts: str | Sequence[str], *, duration: float | None = None, continue_from=None,
+                 steer: str | Mapping[str, float] | None = None, mode: str = "smitin", out: str | Path = "out.wav",
+                 seed: int | None = None, cfg_scale: float | None = None, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, bpm: float | None = None,
+                 key: str | None = None, progress=None) -> GenerationResult:
+        """Generate one clip per prompt (one batch). `steer`: {"drums": +5, "piano": -3} or "drums=+5,piano=-3".
+        Writes OUT.wav (OUT_1.wav, ... for several prompts), OUT.steering.json (all rows) and OUT[_i].steering.png
+        (one per clip) when steering. The WAVs hold the new audio only (not the --continue prompt)."""
+        import numpy as np
+        import soundfile as sf
+        import torch
+
+        from models.generator import attribute_ids
+        from models.steering import SteeringPlan, parse_strengths, steer as install
+
+        d = self.defaults
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise GenerationError("no prompt given")
+        duration = float(d["duration"] if duration is None else duration)
+        seed = int(d["seed"] if seed is None else seed)
+        sampling = dict(temperature=float(d["temperature"] if temperature is None else temperature),
+                        top_k=int(d["top_k"] if top_k is None else top_k),
+                        top_p=float(d["top_p"] if top_p is None else top_p))
+        cfg_scale = float(d["cfg_scale"] if cfg_scale is None else cfg_scale)
+        out = Path(out)
+        if out.suffix.lower() != ".wav":
+            raise GenerationError(f"--out must be a .wav path, got {out}")
+        if not out.parent.exists():
+            raise GenerationError(f"--out: folder {out.parent} does not exist")
+        gen, codec = self.generator, self.codec
+        fps = float(codec.frame_rate)
+        n_frames = int(round(duration * fps))
+        if n_frames < 1:
+            raise GenerationError(f"--duration {duration} s is shorter than one frame ({1 / fps:.3f} s)")
+
+        strengths = parse_strengths(steer) if steer else {}
+        plan = None
+        if strengths:
+            sp = d["steering"]
+            extra = {"every": int(sp["every"]), "decay": float(sp["decay"]), "monitor_heads": int(sp["monitor_heads"])}
+            if sp.get("tau") is not None:
+                extra["tau"] = float(sp["tau"])
+            if mode == "iti":
+                extra["top_k"] = int(sp["iti_top_k"])
+            plan = SteeringPlan.build({t: self.probe_set(t) for t in strengths}, strengths, mode=mode, **extra)
+        elif mode not in ("smitin", "iti", "none"):
+            raise GenerationError(f"unknown steering mode {mode!r} (choose smitin, iti, none)")
+
+        B = len(prompts)
+        cond = attrs = None
+        if any(p.strip() for p in prompts):
+            from models.conditioning import embed_captions
+
+            cond = embed_captions(prompts)
+            if cond.shape[1] != gen.cfg.cond_dim:
+                raise GenerationError(f"caption embeddings have {cond.shape[1]} dims, the generator expects "
+                                      f"{gen.cfg.cond_dim}")
+        if gen.cfg.use_attributes and (bpm is not None or key is not None):
+            tonic, _, scale = (key or "").partition(" ")
+            attrs = torch.tensor([attribute_ids(bpm, tonic or None, scale or None)] * B, dtype=torch.long)
+        guidance = cfg_scale if cond is not None else 1.0
+
+        prompt = self._prompt_codes(continue_from)
+        history = prompt[None].expand(B, -1, -1).clone() if prompt is not None else None
+        # The context holds max_frames delayed positions; longer clips are generated in windows, each continuing
+        # the last half-context of audio generated so far.
+        limit = gen.cfg.max_frames - (gen.cfg.n_codebooks - 1)
+        keep = limit // 2
+        if history is not None and history.shape[2] > keep:
+            history = history[:, :, -keep:]
+        new_frames, steps, done, chunk = [], [], 0, 0
+        t0 = time.perf_counter()
+        from contextlib import nullcontext
+
+        with (install(gen, plan) if plan is not None else nullcontext()) as session:
+            while done < n_frames:
+                ctx = history[:, :, -keep:] if history is not None else None
+                ctx_len = ctx.shape[2] if ctx is not None else 0
+                n = min(n_frames - done, limit - ctx_len)
+                with torch.inference_mode():
+                    codes = gen.generate(n, prompt=ctx, condition=cond, attributes=attrs, batch_size=B,
+                                         cfg_scale=guidance, seed=seed + chunk, **sampling)
+                fresh = codes[:, :, ctx_len:]
+                new_frames.append(fresh)
+                history = fresh if history is None else torch.cat([history, fresh], dim=2)
+                if session is not None:
+                    offset = steps[-1]["step"] + 1 if steps else 0
+                    steps += [{**s, "step": s["step"] + offset} for s in session.report().steps]
+                done += n
+                chunk += 1
+                if progress:
+                    progress(done, n_frames)
+        codes = torch.cat(new_frames, dim=2)
+        t_gen = time.perf_counter() - t0
+
+        wavs = [out] if B == 1 else [out.with_name(f"{out.stem}_{i + 1}.wav") for i in range(B)]
+        for i, path in enumerate(wavs):
+            wave = np.asarray(codec.decode(codes[i]), dtype=np.float32)
+            peak = float(np.max(np.abs(wave))) if wave.size else 0.0
+            if peak > 0.99:
+                wave = wave * (0.99 / peak)
+            sf.write(str(path), wave, codec.sample_rate, subtype="PCM_16")
+        info = {"prompts": prompts, "duration_s": n_frames / fps, "frames": n_frames, "windows": chunk,
+                "seed": seed, "cfg_scale": guidance, **sampling, "mode": mode if plan else "none",
+                "continue_from": str(continue_from) if continue_from else None, "bpm": bpm, "key": key,
+                "generator": _ref_info(self.generator_ref),
+                "probe_sets": {t: _ref_info(self.probe_refs[t]) for t in strengths},
+                "outputs": [str(p) for p in wavs], "generate_s": round(t_gen, 3)}
+        report_json, pngs = None, []
+        if plan is not None:
+            from models.steering import SteeringReport
+
+            report = SteeringReport({"plan": plan.describe(), "steps": steps})
+            report_json = out.with_suffix(".steering.json")
+            report_json.write_text(json.dumps({**report.data, "summary": report.summary(), "generation": info},
+                                              indent=1) + "\n")
+            for i, path in enumerate(wavs):
+                png = path.with_suffix(".steering.png")
+                report.plot(png, row=i)
+                pngs.append(png)
+        return GenerationResult(wavs, report_json, pngs, info)
+
+
+def _ref_info(ref) -> dict:
+    return {"uri": ref.uri, "name": ref.name, "version": ref.version, "path": str(ref.path),
+            "fingerprint": ref.fingerprint or ref.generator_fingerprint}
+
+
+_LAST: dict = {}
+
+
+def generate(prompts: str | Sequence[str], *, generator: str | None = None, probes: Mapping[str, str] | None = None,
+             alias: str | None = None, registry=None, params: str | Path | None = "params.yaml",
+             tracking_uri: str | None = None, **kwargs) -> GenerationResult:
+    """One call: resolve + load (reusing the previous call's session when it asked for the same models), then
+    `GenerationSession.generate(prompts, **kwargs)`."""
+    key = (str(generator), tuple(sorted((probes or {}).items())), alias, id(registry), str(params), tracking_uri)
+    session = _LAST.get(key)
+    if session is not None and generator is None:
+        # the champion may have moved since: re-resolve (one query) and reload only if it did
+        from registry.loading import resolve
+
+        name = session.registry.settings.generator_name
+        mv = resolve(session.registry, f"models:/{name}@champion")
+        if str(mv.version) != session.generator_ref.version:
+            session = None
+    if session is not None:
+        session.probe_sets.clear()  # probe-set aliases may have moved too: re-resolve (cache hits, no download)
+        session.probe_refs.clear()
+    if session is None:
+        session = GenerationSession(generator, registry=registry, params=params, probes=probes, alias=alias,
+                                    tracking_uri=tracking_uri)
+        _LAST.clear()
+        _LAST[key] = session
+    return session.generate(prompts, **kwargs)
