@@ -93,38 +93,30 @@ def _pairs(items: list[str], what: str) -> dict[str, str]:
 
 def _register(args) -> int:
     from registry.errors import RegistryError
-    from registry.registration import register_from_params
+    from registry.registration import _read_metrics, register_many, stage_inputs
 
     reg = _registry(args)
-    section = reg.settings.section.get("register") or {}
-    generator, probes = args.generator, {}
-    for item in args.probes:
-        trait, _, directory = item.rpartition("=")
-        if not trait:
-            from registry.artifacts import inspect_dir
+    if args.generator or args.probes:
+        generator, probes = args.generator, {}
+        for item in args.probes:
+            trait, _, directory = item.rpartition("=")
+            if not trait:
+                from registry.artifacts import inspect_dir
 
-            trait = inspect_dir(directory, "probe_set").trait
-        probes[trait] = directory
-    metrics, plots = _pairs(args.metrics, "--metrics"), {k: [v] for k, v in _pairs(args.plots, "--plots").items()}
-    if not generator and not probes:  # the DVC stage: everything from params.yaml
-        generator = section.get("generator")
-        traits = section.get("traits") or []
-        pattern = section.get("probe_sets", "")
-        probes = {t: pattern.format(trait=t) for t in traits} if pattern else {}
-        for t in traits:
-            m = section.get("steering_metrics")
-            if m and Path(m.format(trait=t)).exists():
-                metrics[t] = m.format(trait=t)
-            pl = section.get("plots")
-            if pl and Path(pl.format(trait=t)).exists():
-                plots[t] = [pl.format(trait=t)]
-        if section.get("generator_metrics") and Path(section["generator_metrics"]).exists():
-            metrics["generator"] = section["generator_metrics"]
+                trait = inspect_dir(directory, "probe_set").trait
+            probes[trait] = directory
+        metrics = {k: _read_metrics(v) for k, v in _pairs(args.metrics, "--metrics").items()}
+        plots = {k: [v] for k, v in _pairs(args.plots, "--plots").items()}
+    else:  # the DVC stage: everything from params.yaml
+        from pipelines.params import load_params
+
+        params = load_params(args.params) if Path(args.params).exists() else {}
+        todo = stage_inputs(reg.settings.section, params)
+        generator, probes, metrics, plots = todo["generator"], todo["probes"], todo["metrics"], todo["plots"]
     if not generator and not probes:
         raise RegistryError("nothing to register: give --generator/--probes or set registry.register in params")
-    done = register_from_params(reg, generator, probes, steering_metrics=metrics,
-                                generator_metrics=metrics.get("generator"), plots=plots,
-                                alias=None if args.no_alias else "challenger")
+    done = register_many(reg, generator, probes, metrics=metrics, plots=plots,
+                         alias=None if args.no_alias else "challenger")
     for r in done:
         state = "registered" if r.created else "already registered"
         print(f"{r.name}: {state} as version {r.version}" + (" (alias challenger)" if r.created and not args.no_alias else ""))

@@ -237,20 +237,55 @@ def _delete_artifacts(location: str) -> None:
         pass
 
 
-def register_from_params(reg: Registry, generator_dir: str | None, probe_dirs: dict[str, str],
-                         steering_metrics: dict[str, str] | None = None, generator_metrics: str | None = None,
-                         plots: dict[str, list[str]] | None = None, alias: str | None = CHALLENGER) -> list[Registered]:
-    """The DVC `register` stage: the generator first (so probe sets can name its version), then each trait."""
-    plots = plots or {}
+def register_many(reg: Registry, generator_dir: str | None, probe_dirs: dict[str, str],
+                  metrics: dict[str, dict] | None = None, plots: dict[str, list[str]] | None = None,
+                  alias: str | None = CHALLENGER) -> list[Registered]:
+    """The generator first (so probe sets can name its registered version), then each trait's probe set.
+    `metrics` / `plots` are keyed by 'generator' or a trait."""
+    metrics, plots = metrics or {}, plots or {}
     out: list[Registered] = []
     if generator_dir:
-        extra = _read_metrics(generator_metrics) if generator_metrics else {}
-        out.append(register_dir(reg, generator_dir, "generator", extra_metrics=extra,
+        out.append(register_dir(reg, generator_dir, "generator", extra_metrics=metrics.get("generator"),
                                 plots=plots.get("generator", []), alias=alias))
     for trait, directory in sorted(probe_dirs.items()):
-        extra = _read_metrics((steering_metrics or {}).get(trait))
-        out.append(register_dir(reg, directory, "probe_set", trait=trait, extra_metrics=extra,
+        out.append(register_dir(reg, directory, "probe_set", trait=trait, extra_metrics=metrics.get(trait),
                                 plots=plots.get(trait, []), alias=alias))
+    return out
+
+
+def stage_inputs(section: dict, params: dict) -> dict:
+    """What the DVC `register` stage registers, from params.yaml: `registry.register` names the folders and files
+    (`{trait}` is replaced per trait); the traits are `registry.register.traits`, else the keys of `probes.traits`.
+    Missing optional files (metrics, plots) are skipped; a missing generator / probe-set folder is an error."""
+    import glob
+
+    spec = section.get("register") or {}
+    traits = spec.get("traits")
+    if traits is None:
+        traits = list(((params.get("probes") or {}).get("traits")) or [])
+    out = {"generator": spec.get("generator"), "probes": {}, "metrics": {}, "plots": {}}
+    for t in traits:
+        if spec.get("probe_sets"):
+            out["probes"][t] = spec["probe_sets"].format(trait=t)
+    for missing in [p for p in [out["generator"], *out["probes"].values()] if p and not Path(p).exists()]:
+        raise RegistryError(f"nothing to register at {missing}: run the stages that make it first (dvc repro)")
+
+    steering = spec.get("steering_metrics")
+    for t in traits:
+        if steering:
+            path = Path(steering.format(trait=t))
+            if path.exists():
+                data = _read_metrics(str(path))
+                node = data if "{trait}" in steering else data.get(t, {})
+                out["metrics"][t] = {"steering": node} if node else {}
+        files = []
+        for pattern in spec.get("plots") or []:
+            files += sorted(glob.glob(pattern.format(trait=t)))
+        out["plots"][t] = files
+    if out["generator"]:
+        gm = spec.get("generator_metrics")
+        out["metrics"]["generator"] = _read_metrics(gm) if gm and Path(gm).exists() else {}
+        out["plots"]["generator"] = [p for pattern in spec.get("generator_plots") or [] for p in sorted(glob.glob(pattern))]
     return out
 
 
