@@ -49,8 +49,9 @@ class MusicGenError(UserError):
     """Bad MusicGen folder, unsupported checkpoint, or bad input to the MusicGen backend."""
 
 
-# config keys that describe the runtime, not the network: left out of the fingerprint
-_RUNTIME_KEYS = {"transformers_version", "_name_or_path", "_commit_hash", "dtype", "torch_dtype", "use_cache",
+# config keys that describe the runtime or the file, not the network: left out of the fingerprint
+# (save_pretrained fills in "architectures", which would change a fingerprint by saving)
+_RUNTIME_KEYS = {"transformers_version", "architectures", "_name_or_path", "_commit_hash", "dtype", "torch_dtype", "use_cache",
                  "_attn_implementation", "_attn_implementation_autoset", "attn_implementation",
                  "output_attentions", "output_hidden_states", "return_dict"}
 
@@ -147,6 +148,13 @@ class MusicGenGenerator(nn.Module):
         self._discarded_prefills: int | None = None  # measured on first generate
         self.decoder_forwards: list[int] = []  # T of each decoder forward of the latest generate (hooks live)
         lm.model.decoder.register_forward_pre_hook(self._on_decoder_forward, with_kwargs=True)
+        self.eval()
+        self._count_discarded_prefills()  # now, so hooks registered later never see the measuring run
+
+    def train(self, mode: bool = True) -> "MusicGenGenerator":
+        """The backend never trains: always eval mode (dropout off; EnCodec's quantizer would otherwise update its
+        codebooks while encoding, changing the weights and the fingerprint)."""
+        return super().train(False)
 
     # -- contract used by probes / steering / registry
     def head_sites(self) -> list[OutProjHeads]:
@@ -272,8 +280,8 @@ class MusicGenGenerator(nn.Module):
     # -- generation
     def _count_discarded_prefills(self) -> int:
         """Decoder forwards that `generate()` runs and throws away before the first real step (1 for
-        MusicgenForConditionalGeneration in transformers 5.23, 0 when fixed): measured on a one-token greedy run
-        with head-site hooks held off."""
+        MusicgenForConditionalGeneration in transformers 5.23, 0 when fixed): measured once, at construction, on a
+        one-token greedy run with head-site hooks held off."""
         if self._discarded_prefills is None:
             counted = []
             handle = self.lm.model.decoder.register_forward_pre_hook(lambda *a: counted.append(1))
@@ -496,6 +504,11 @@ def debug_musicgen(seed: int = 0, decoder_only: bool = False, card: int = 32, hi
                             residual_kernel_size=3)
         model = MusicgenForConditionalGeneration(MusicgenConfig(text_encoder=t5.to_dict(),
                                                                 audio_encoder=enc.to_dict(), decoder=dec.to_dict()))
+        # random EnCodec codebooks start at zero (every frame would quantise to code 0): spread them out so that
+        # different audio gives different tokens
+        for layer in model.audio_encoder.quantizer.layers:
+            layer.codebook.embed.copy_(0.1 * torch.randn_like(layer.codebook.embed))
+            layer.codebook.embed_avg.copy_(layer.codebook.embed)
     g = model.generation_config
     g.decoder_start_token_id, g.pad_token_id, g.bos_token_id = card, card, card
     g.do_sample, g.guidance_scale, g.max_length = True, 3.0, 64
