@@ -193,3 +193,21 @@ def test_resolving_and_loading_from_a_local_registry_is_fast(sqlite_registry, mo
     assert warm.generator_ref.cached and warm.probe_refs["drums"].cached
     print(f"cold {cold.timings}, warm {warm.timings}, warm total {elapsed:.2f} s")
     assert elapsed < 10
+
+
+def test_cli_generate_user_errors_are_one_line(model_dirs, tmp_path, capsys):
+    from tests.conftest_registry import _free_port
+    from generation.cli import main
+
+    cases = [
+        (["--tracking-uri", f"http://127.0.0.1:{_free_port()}", "--prompt", "x"], "is unreachable (connection refused)"),
+        (["--generator", str(model_dirs / "gen"), "--prompt", "x", "--continue", str(tmp_path / "nope.wav")],
+         "nope.wav does not exist"),
+        (["--generator", str(model_dirs / "drums-v1"), "--prompt", "x"], "is a probe set, not a generator"),
+        (["--generator", "models:/smitin-generator@champion", "--tracking-uri", f"sqlite:///{tmp_path}/none.db",
+          "--prompt", "x"], "no MLflow registry at"),
+    ]
+    for extra, expected in cases:
+        rc = main(["generate", "--params", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "o.wav"), *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and err[-1].startswith("smitin: error: ") and expected in err[-1], (extra, err)

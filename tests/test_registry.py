@@ -346,3 +346,67 @@ def test_cli_list_show_promote_history(sqlite_registry, tmp_path, capsys, monkey
     assert "promote   champion    -     v1" in out and "refused   champion    v1    v2" in out
     assert main(base + ["fetch", "models:/smitin-probes-drums@nope"]) == 2
     assert "has no version with alias 'nope'" in capsys.readouterr().err
+
+
+def test_dvc_stage_registers_from_params_and_gates_on_steering_metrics(sqlite_registry, tmp_path, monkeypatch,
+                                                                      capsys):
+    """`smitin registry register` with no paths reads params.yaml (the DVC stage): the generator, each trait of
+    probes.traits, the trait's subtree of the steering evaluation as steering.* metrics, plots; then a probe set
+    whose steering success dropped is refused by the gate on that metric."""
+    from generation.cli import main
+
+    reg = sqlite_registry
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SMITIN_CACHE_DIR", str(tmp_path / "cache"))
+    fp = make_generator_dir(tmp_path / "data" / "generator", metrics={"valid_loss": 3.9})
+    make_probe_set_dir(tmp_path / "data" / "probes" / "drums", "drums", fp, best_acc=0.9, seed=1)
+    (tmp_path / "plots" / "probes" / "drums").mkdir(parents=True)
+    (tmp_path / "plots" / "probes" / "drums" / "accuracy_heatmap.png").write_bytes(b"\x89PNG fake")
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "train_generator.json").write_text(json.dumps({"valid_loss": 3.8, "steps": 30}))
+    steering = {"detector": {"auc": 0.9}, "drums": {"probe_best_acc": 0.9, "continuation": {
+        "add": {"smitin": {"success": 0.6, "frechet": 1.2}, "none": {"success": 0.1}}}}}
+    (tmp_path / "metrics" / "evaluate_steering.json").write_text(json.dumps(steering))
+    (tmp_path / "params.yaml").write_text("""
+probes:
+  traits:
+    drums: {source: {kind: stems}}
+registry:
+  register:
+    generator: data/generator
+    generator_metrics: metrics/train_generator.json
+    probe_sets: data/probes/{trait}
+    steering_metrics: metrics/evaluate_steering.json
+    plots: ["plots/probes/{trait}/accuracy_heatmap.png"]
+  gates:
+    tolerance: 0.05
+    probe_set: {best_acc: higher, steering.continuation.add.smitin.success: higher}
+""")
+    base = ["registry", "--tracking-uri", reg.uri, "--params", "params.yaml"]
+    assert main(base + ["register", "--out", "metrics/registry.json"]) == 0
+    assert json.loads((tmp_path / "metrics" / "registry.json").read_text()) == {
+        "smitin-generator": {"version": 1, "new": True, "content_hash": json.loads(
+            (tmp_path / "metrics" / "registry.json").read_text())["smitin-generator"]["content_hash"]},
+        "smitin-probes-drums": {"version": 1, "new": True, "content_hash": json.loads(
+            (tmp_path / "metrics" / "registry.json").read_text())["smitin-probes-drums"]["content_hash"]}}
+    c = reg.client
+    mv = c.get_model_version("smitin-probes-drums", "1")
+    metrics = json.loads(mv.tags["smitin.metrics"])
+    assert metrics["steering.continuation.add.smitin.success"] == 0.6 and "steering.detector.auc" not in metrics
+    assert json.loads(c.get_model_version("smitin-generator", "1").tags["smitin.metrics"])["valid_loss"] == 3.8
+    assert [a.path for a in c.list_artifacts(mv.run_id, "plots")] == ["plots/accuracy_heatmap.png"]
+    # the stage re-run with nothing changed registers nothing new
+    capsys.readouterr()
+    assert main(base + ["register"]) == 0
+    assert capsys.readouterr().out.count("already registered as version 1") == 2
+
+    assert main(base + ["promote", "generator"]) == 0 and main(base + ["promote", "drums"]) == 0
+    make_probe_set_dir(tmp_path / "data" / "probes" / "drums", "drums", fp, best_acc=0.92, seed=2)
+    steering["drums"]["continuation"]["add"]["smitin"]["success"] = 0.3
+    (tmp_path / "metrics" / "evaluate_steering.json").write_text(json.dumps(steering))
+    assert main(base + ["register"]) == 0
+    capsys.readouterr()
+    assert main(base + ["promote", "drums"]) == 2
+    err = capsys.readouterr().err
+    assert "steering.continuation.add.smitin.success 0.3 < champion v1 0.6 - tolerance 0.05" in err
+    assert "best_acc" not in err  # 0.92 is better: only the failing metric is named
