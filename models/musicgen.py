@@ -26,6 +26,12 @@ Two things `transformers` 5.23 does that the wrapper corrects for (both tested):
   silently dropped), and needs `num_return_sequences` set. With a prompt the wrapper therefore runs the decoder-only
   model without the cache (same tokens, slower); the composite model keeps the cache.
 
+Known gap: `models.steering.SteeringSession` recognises a new generation by its first forward having T > 1 or a
+different batch size. Without a prompt MusicGen's first forward is the BOS column alone (T == 1), so a second
+prompt-less `generate()` inside the same `steer()` block is counted as a continuation of the first (step numbers
+and the report run on; ITI pushes are unaffected, SMITIN's schedule and monitor carry over). Use one `steer()` block
+per prompt-less generation until steering also restarts on `batch_layout["generation"]` (a counter set here).
+
 `load_musicgen(path)` reads a `save_pretrained` folder or a Hugging Face hub cache folder with `local_files_only`;
 nothing is downloaded. The codec is the model's own EnCodec (`models.codec.EncodecCodec` at the bandwidth that gives
 the decoder's codebook count); the text condition goes through the model's own T5 encoder (captions need the
@@ -142,6 +148,7 @@ class MusicGenGenerator(nn.Module):
         self.special = int(start if start is not None else dcfg.bos_token_id)  # BOS and delay pad (= card)
         self._sites = [OutProjHeads(self, i, layer.self_attn.out_proj) for i, layer in enumerate(self.layers)]
         self.batch_layout: dict = {"cfg": False, "n_cond": 0}
+        self._generations = 0
         self._fingerprint: str | None = None
         self._hooks_live = True
         self._skip_forwards = 0  # decoder forwards still to hide from head-site hooks (discarded prefills)
@@ -349,7 +356,10 @@ class MusicGenGenerator(nn.Module):
         recorder = _StepRecorder(on_step)
         from transformers import StoppingCriteriaList
 
-        self.batch_layout = {"cfg": use_cfg, "n_cond": B}
+        # "generation" tells hooks a new generation starts (its first forward may have T == 1 here, unlike the
+        # built-in generator's prefix): steering can use it to restart its step count (see the module docstring)
+        self._generations += 1
+        self.batch_layout = {"cfg": use_cfg, "n_cond": B, "generation": self._generations}
         self.decoder_forwards = []
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices, enabled=seed is not None):

@@ -85,7 +85,7 @@ def test_head_sites_see_out_proj_input_at_every_step(gen):
     assert [tuple(x.shape) for x in raw0[1:]] == [(s[0], s[1], H * DH) for s in shapes]
     for x, (_, z) in zip(raw0[1:], [c for c in site_calls if c[0] == 0]):
         torch.testing.assert_close(x.reshape(z.shape), z, rtol=0, atol=0)
-    assert gen.batch_layout == {"cfg": True, "n_cond": B}
+    assert gen.batch_layout["cfg"] is True and gen.batch_layout["n_cond"] == B
 
 
 def test_teacher_forced_forward_uses_the_models_delay_pattern(decoder_only):
