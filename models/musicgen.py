@@ -43,7 +43,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping
 
 import torch
 import torch.nn as nn
