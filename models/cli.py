@@ -50,7 +50,8 @@ def _carrying(args) -> int:
     from models.detectors import evaluate_trait_carrying
 
     params = _params(args.params, "evaluate_carrying")
-    report = evaluate_trait_carrying(args.generator, args.tokens, args.clips, params, args.out, args.samples)
+    report = evaluate_trait_carrying(args.generator, args.tokens, args.clips, params, args.out, args.samples,
+                                     detector_path=args.detector)
     print(json.dumps(report["summary"], indent=1))
     return 0
 
@@ -89,6 +90,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     carry.add_argument("--clips", default="data/clips")
     carry.add_argument("--out", default="metrics/trait_carrying.json")
     carry.add_argument("--samples", default=None, help="folder for a few WAVs of prompts + continuations")
+    carry.add_argument("--detector", default=None,
+                       help="reuse this saved drum detector when it was fitted for this codec and length")
     carry.add_argument("--params", default="params.yaml")
     carry.set_defaults(func=_carrying)
 

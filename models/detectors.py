@@ -140,12 +140,13 @@ def fit_drum_detector(tokens_dir: str, codec, seconds: float, per_clip: int = 2,
     for split, (X, y) in data.items():
         result[f"{split}_accuracy_decoded"] = float(((det.probability_of(X) >= 0.5) == y).mean())
         result[f"{split}_n"] = int(len(y))
-    det.info = {"seconds": seconds, **result}
+    det.info = {"seconds": seconds, "codec": codec.fingerprint(), **result}
     return det
 
 
 def evaluate_trait_carrying(generator_dir: str, tokens_dir: str, clips_dir: str | None, params: dict,
-                            out_path: str | None = None, samples_dir: str | None = None) -> dict:
+                            out_path: str | None = None, samples_dir: str | None = None,
+                            detector_path: str | None = None) -> dict:
     """Continue held-out drum / drum-free prompts and judge the continuations with the independent detector."""
     import soundfile as sf
 
@@ -158,8 +159,14 @@ def evaluate_trait_carrying(generator_dir: str, tokens_dir: str, clips_dir: str 
     prompt_n = int(round(float(params.get("prompt_seconds", 2.0)) * codec.frame_rate))
     new_n = int(round(float(params.get("continuation_seconds", 3.0)) * codec.frame_rate))
     t0 = time.time()
-    det = fit_drum_detector(tokens_dir, codec, new_n / codec.frame_rate, seed=seed,
-                            max_clips=int(params.get("detector_max_segments", 400)))
+    det = None
+    if detector_path and Path(detector_path).exists():  # reuse a detector fitted for this codec and length
+        det = DrumDetector.load(detector_path)
+        if det.info.get("codec") != codec.fingerprint() or det.info.get("seconds") != new_n / codec.frame_rate:
+            det = None
+    if det is None:
+        det = fit_drum_detector(tokens_dir, codec, new_n / codec.frame_rate, seed=seed,
+                                max_clips=int(params.get("detector_max_segments", 400)))
     log.info("drum detector: %s (%.0fs)", det.info, time.time() - t0)
     test = TokenSet(tokens_dir, params.get("split", "test"))
     gen = np.random.default_rng(seed)
