@@ -136,7 +136,7 @@ def check_compatible(probe_set: LocalModel, generator: LocalModel) -> None:
     if probe_set.generator_fingerprint != generator.fingerprint:
         trained_on = probe_set.tags.get(TAG + "generator_version")
         trained = f"generator {str(probe_set.generator_fingerprint)[:12]}" + (
-            f" (smitin-generator v{trained_on})" if trained_on and trained_on != "unregistered" else "")
+            f" (registered generator v{trained_on})" if trained_on and trained_on != "unregistered" else "")
         raise IncompatibleProbeSet(
             f"probe set {probe_set.label()} (trait {probe_set.trait}) was trained on {trained}, not on "
             f"{generator.label()} ({str(generator.fingerprint)[:12]}); retrain the probes for this generator or "

@@ -214,16 +214,30 @@ class Registry:
         return f"{self.settings.probe_set_prefix}{text}"
 
     # ------------------------------------------------------------------ concurrency
+    def lock_path(self) -> Path | None:
+        """The lock file of a local SQLite registry: inside its artifact folder (git-ignored, next to what it
+        guards), else next to the database file. None for a server."""
+        db = self.sqlite_path
+        if db is None:
+            return None
+        location = self.artifact_location()
+        if location and location.startswith("file:"):
+            from urllib.parse import urlparse
+            from urllib.request import url2pathname
+
+            return Path(url2pathname(urlparse(location).path)) / ".smitin-registry.lock"
+        return db.with_name(db.name + ".smitin.lock")
+
     @contextlib.contextmanager
     def lock(self, what: str = "registration"):
         """Serialise registrations/promotions on one local database (SQLite allows a single writer; two
         registrations racing would otherwise meet 'database is locked' half-way). A tracking server serialises
         writes itself, so there the lock is a no-op."""
-        db = self.sqlite_path
-        if db is None:
+        path = self.lock_path()
+        if path is None:
             yield
             return
-        path = db.with_name(db.name + ".smitin.lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + self.settings.lock_timeout_s
         with open(path, "a+") as f:
             while True:

@@ -268,7 +268,7 @@ def test_two_registrations_at_once(sqlite_registry, tmp_path):
     env = {**os.environ, "SMITIN_CACHE_DIR": str(tmp_path / "cache")}
     env.pop("MLFLOW_TRACKING_URI", None)
     reg.check(create=True)
-    lock = Path(str(reg.sqlite_path) + ".smitin.lock")
+    lock = reg.lock_path()
     proc = subprocess.Popen([sys.executable, "-m", "generation.cli", "registry", "--tracking-uri", reg.uri,
                              "register", "--probes", f"drums={a}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -293,7 +293,8 @@ def test_busy_registry_lock_is_one_line(sqlite_registry, tmp_path):
     reg.settings.lock_timeout_s = 0.3
     fp = make_generator_dir(tmp_path / "g")
     reg.check(create=True)
-    with open(str(reg.sqlite_path) + ".smitin.lock", "a+") as f:
+    reg.lock_path().parent.mkdir(parents=True, exist_ok=True)
+    with open(reg.lock_path(), "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         f.write("registration of smitin-probes-drums (pid 4242)")
         f.flush()
