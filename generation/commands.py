@@ -73,8 +73,8 @@ def _generate(args) -> int:
     session = GenerationSession(args.generator, params=args.params, probes=probes, alias=args.alias,
                                 tracking_uri=args.tracking_uri)
     ref = session.generator_ref
-    print(f"generator: {ref.label()} ({'cached' if ref.cached or not ref.name else 'downloaded'}; "
-          f"resolved + loaded in {time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+    print(f"generator: {ref.label()} ({'from the local cache' if ref.cached else 'downloaded' if ref.name else 'local folder'}; "
+          f"resolved in {time.perf_counter() - t0:.1f} s)", file=sys.stderr)
 
     def progress(done: int, total: int) -> None:
         if sys.stderr.isatty() or done == total:

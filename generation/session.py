@@ -73,13 +73,28 @@ class GenerationSession:
         if self.generator_ref.kind != "generator":
             raise GenerationError(f"{uri} is a {self.generator_ref.kind.replace('_', ' ')}, not a generator")
         self.timings["resolve_generator_s"] = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        from models.generator import load_generator
-
-        self.generator, self.codec = load_generator(self.generator_ref.path)
-        self.timings["load_generator_s"] = time.perf_counter() - t1
         self.probe_sets: dict = {}
         self.probe_refs: dict = {}
+        self._generator = self._codec = None
+
+    def _load(self) -> None:
+        if self._generator is None:
+            t1 = time.perf_counter()
+            from models.generator import load_generator
+
+            self._generator, self._codec = load_generator(self.generator_ref.path)
+            self.timings["load_generator_s"] = time.perf_counter() - t1
+
+    @property
+    def generator(self):
+        """The loaded generator (loaded on first use, once)."""
+        self._load()
+        return self._generator
+
+    @property
+    def codec(self):
+        self._load()
+        return self._codec
 
     # ------------------------------------------------------------------ registry
     @property
@@ -93,14 +108,13 @@ class GenerationSession:
     def _registry_for(self, uri: str):
         return self.registry if uri.startswith("models:/") else None
 
-    def probe_set(self, trait: str):
-        """The probe set for `trait` (resolved by alias or the URI/dir given for it), checked against the generator."""
-        if trait in self.probe_sets:
-            return self.probe_sets[trait]
-        from models.probes import ProbeSet
-        from registry.loading import check_compatible, fetch
-
+    def probe_ref(self, trait: str):
+        """Resolve `trait`'s probe set (alias, or the URI / folder given for it) into the local cache and check it
+        was trained on this generator — before anything heavy is loaded."""
+        if trait in self.probe_refs:
+            return self.probe_refs[trait]
         from registry.errors import ModelNotFound
+        from registry.loading import check_compatible, fetch
 
         t0 = time.perf_counter()
         uri = self.probe_uris.get(trait) or f"models:/{self.registry.settings.probe_set_prefix}{trait}@{self.alias}"
@@ -119,9 +133,16 @@ class GenerationSession:
         if ref.trait and ref.trait != trait:
             raise GenerationError(f"{uri} is a probe set for '{ref.trait}', not '{trait}'")
         check_compatible(ref, self.generator_ref)
-        self.probe_sets[trait] = ProbeSet.load(ref.path)
         self.probe_refs[trait] = ref
-        self.timings[f"resolve_load_probes_{trait}_s"] = time.perf_counter() - t0
+        self.timings[f"resolve_probes_{trait}_s"] = time.perf_counter() - t0
+        return ref
+
+    def probe_set(self, trait: str):
+        """The loaded probe set for `trait` (see `probe_ref`)."""
+        if trait not in self.probe_sets:
+            from models.probes import ProbeSet
+
+            self.probe_sets[trait] = ProbeSet.load(self.probe_ref(trait).path)
         return self.probe_sets[trait]
 
     # ------------------------------------------------------------------ generation
@@ -162,6 +183,9 @@ class GenerationSession:
         from models.steering import SteeringPlan, parse_strengths, steer as install
 
         d = self.defaults
+        strengths = parse_strengths(steer) if steer else {}
+        for trait in strengths:
+            self.probe_ref(trait)  # resolve + compatibility check first: fail before loading anything heavy
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise GenerationError("no prompt given")
@@ -182,7 +206,6 @@ class GenerationSession:
         if n_frames < 1:
             raise GenerationError(f"--duration {duration} s is shorter than one frame ({1 / fps:.3f} s)")
 
-        strengths = parse_strengths(steer) if steer else {}
         plan = None
         if strengths:
             sp = d["steering"]

@@ -122,6 +122,7 @@ def test_probe_set_of_another_generator_is_refused(sqlite_registry, model_dirs, 
     msg = str(e.value)
     assert "smitin-probes-piano v1" in msg and "smitin-generator v1" in msg and "\n" not in msg
     assert not (tmp_path / "x.wav").exists()
+    assert session._generator is None  # refused before loading the generator
     with pytest.raises(GenerationError, match=r"no probe set for trait 'bass'.*traits with probe sets: piano"):
         session.generate("", duration=0.25, steer={"bass": 2}, out=tmp_path / "x.wav")
 
@@ -185,12 +186,14 @@ def test_resolving_and_loading_from_a_local_registry_is_fast(sqlite_registry, mo
     register_dir(reg, model_dirs / "drums-v1")
     promote(reg, "drums")
     cold = GenerationSession(None, registry=reg, params=None)
-    cold.probe_set("drums")
+    cold.probe_set("drums"), cold.generator
+    assert not cold.generator_ref.cached
     t0 = time.perf_counter()
     warm = GenerationSession(None, registry=reg, params=None)  # cache hit: one registry query, no download
-    warm.probe_set("drums")
+    warm.probe_set("drums"), warm.generator
     elapsed = time.perf_counter() - t0
     assert warm.generator_ref.cached and warm.probe_refs["drums"].cached
+    assert warm.generator_ref.path == cold.generator_ref.path
     print(f"cold {cold.timings}, warm {warm.timings}, warm total {elapsed:.2f} s")
     assert elapsed < 10
 
