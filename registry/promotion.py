@@ -68,24 +68,29 @@ def metric_gate(candidate, champion, gates: dict, kind: str) -> Gate:
     tol = float(gates.get("tolerance", 0.0))
     cand, champ = version_metrics(candidate), version_metrics(champion)
     problems, compared = [], []
-    for metric, direction in spec.items():
+    for metric, rule in spec.items():
+        # rule: "higher" | "lower", or {"better": "higher" | "lower", "tolerance": x} for a metric-specific slack
+        direction = rule.get("better", "higher") if isinstance(rule, dict) else rule
+        slack = float(rule.get("tolerance", tol)) if isinstance(rule, dict) else tol
+        if direction not in ("higher", "lower"):
+            raise RegistryError(f"params registry.gates: {metric} must be 'higher' or 'lower' is better, not {direction!r}")
         if metric not in champ:
             continue
         if metric not in cand:
             problems.append(f"{metric} missing (champion v{champion.version} has {_fmt(champ[metric])})")
             continue
         c, ref = cand[metric], champ[metric]
-        worse = c < ref - tol if direction == "higher" else c > ref + tol
+        worse = c < ref - slack if direction == "higher" else c > ref + slack
         compared.append(metric)
         if worse:
             sign = "<" if direction == "higher" else ">"
             problems.append(f"{metric} {_fmt(c)} {sign} champion v{champion.version} {_fmt(ref)} "
-                            f"{'-' if direction == 'higher' else '+'} tolerance {_fmt(tol)}")
+                            f"{'-' if direction == 'higher' else '+'} tolerance {_fmt(slack)}")
     if problems:
         return Gate("metrics", False, "; ".join(problems))
     if not compared:
         return Gate("metrics", True, f"no gated metric in common with champion v{champion.version}")
-    return Gate("metrics", True, f"{', '.join(compared)} within {_fmt(tol)} of champion v{champion.version} or better")
+    return Gate("metrics", True, f"{', '.join(compared)} within tolerance of champion v{champion.version} or better")
 
 
 def compatibility_gate(reg: Registry, candidate) -> Gate:

@@ -46,6 +46,12 @@ def test_full_cycle(any_registry, tmp_path):
     gen = register_dir(reg, tmp_path / "generator")
     assert gen.created and gen.version == "1"
     assert promote(reg, "generator").promoted
+    # a generator whose validation loss rose beyond its own tolerance is refused (lower is better)
+    reg.settings.gates["generator"] = {"val_loss": {"better": "lower", "tolerance": 0.05}}
+    make_generator_dir(tmp_path / "generator-worse", seed=9, metrics={"val_loss": 4.2})
+    register_dir(reg, tmp_path / "generator-worse")
+    with pytest.raises(PromotionRefused, match=r"val_loss 4.2 > champion v1 3.9 \+ tolerance 0.05"):
+        promote(reg, "generator")
 
     v1 = register_dir(reg, good)
     assert promote(reg, "drums").promoted        # the challenger, first champion
