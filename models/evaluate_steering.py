@@ -138,6 +138,9 @@ def evaluate_steering(generator_dir: str, probes_dir: str, tokens_dir: str, clip
     say = progress or (lambda msg: log.info(msg))
     seed = int(params.get("seed", 0))
     torch.manual_seed(seed)
+    # One intra-op thread by default: many small ops (Griffin-Lim decoding, KV-cached steps) gain nothing from
+    # more, and on a shared CPU oversubscribed threads made decoding 10-50x slower in wall time.
+    torch.set_num_threads(int(params.get("threads", 1)))
     generator, codec = load_generator(generator_dir)
     fingerprint = generator.fingerprint()
     sr, fps = codec.sample_rate, float(codec.frame_rate)
