@@ -392,13 +392,15 @@ class SteeringReport:
             color = f"C{i}"
             prob = self.probabilities(trait, row)
             ax.plot(steps, prob, color=color, label=f"{trait} ({plan['strengths'][trait]:+g})")
-            ax.axhline(plan["tau"][trait], color=color, ls=":", lw=0.8)
+            # the push stops once C >= tau (adding) or C <= 1 - tau (removing: the monitor watches 1 - C)
+            tau = plan["tau"][trait]
+            ax.axhline(tau if plan["strengths"][trait] > 0 else 1.0 - tau, color=color, ls=":", lw=0.8)
             on = [s for s, p in zip(steps, self.pushes(trait, row)) if p > 0]
             ax.scatter(on, [1.02 + 0.03 * i] * len(on), marker="|", color=color, s=40)
         ax.set_ylim(0, 1.1)
         ax.set_xlabel("generation step")
         ax.set_ylabel("monitored probability")
-        ax.set_title(f"steering report ({plan['mode']}): ticks = push on, dotted = tau")
+        ax.set_title(f"steering report ({plan['mode']}): ticks = push on, dotted = stop threshold")
         ax.legend(loc="lower right", fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=110)

@@ -32,6 +32,9 @@ def _probes_train(args) -> int:
         if getattr(args, key, None) is not None:
             section[key] = getattr(args, key)
     probe_params(section, args.trait)  # unknown trait: one line before loading anything heavy
+    import torch
+
+    torch.set_num_threads(int(section.get("threads", 1)))  # see params probes.threads
     generator, codec = load_generator(args.generator)
     probe_set = train_trait(args.trait, generator, codec, args.clips, section, _progress)
     out = probe_set.save(Path(args.out) / args.trait)
