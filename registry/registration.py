@@ -100,7 +100,7 @@ def register_dir(reg: Registry, directory: str | Path, kind: str | None = None, 
 
 def _register(reg: Registry, info: ArtifactInfo, name: str, metrics: dict, tags: dict, plots, description: str,
               alias: str | None, fail_after: str | None) -> Registered:
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, Param
 
     c = reg.client
     made: dict = {}
