@@ -208,7 +208,8 @@ def _median(x: np.ndarray) -> np.ndarray:
 
 class SteeringSession:
     """Per-generation state of the hooks. Created by `steer`; one session may see several generate calls (a new
-    generation is recognised by its first forward, which re-starts the step count and the report)."""
+    generation is recognised by a new `batch_layout` object, or by a first forward that is neither a cached step
+    nor the one-longer recomputation of an uncached step; it re-starts the step count and the report)."""
 
     def __init__(self, generator, plan: SteeringPlan, fingerprint: str | None = None):
         plan.check_generator(generator, fingerprint)
@@ -241,6 +242,7 @@ class SteeringSession:
         self.tau = np.array(plan.taus(), np.float32)
         self._device, self._dtype = device, dtype
         self._reset(None)
+        self._layout = None
         self.generations: list[dict] = []
 
     # ---- state
@@ -269,11 +271,16 @@ class SteeringSession:
 
     def _begin_forward(self, z: torch.Tensor) -> None:
         B, T = z.shape[0], z.shape[1]
-        layout = getattr(self.generator, "batch_layout", None) or {}
+        layout = getattr(self.generator, "batch_layout", None)
+        # generators set a fresh batch_layout per generate() / forward() call: a new object is a new generation
+        # (this also catches a prompt-less generation whose first forward has T == 1, as in MusicGen)
+        same = layout is None or layout is self._layout
+        self._layout = layout
+        layout = layout or {}
         n = int(layout.get("n_cond") or B) if layout.get("cfg") else B
-        if self._last_pos is not None and B == self._rows and T == 1:
+        if same and self._last_pos is not None and B == self._rows and T == 1:
             pos = self._last_pos + 1  # KV-cached step
-        elif self._last_pos is not None and B == self._rows and T == self._last_pos + 2:
+        elif same and self._last_pos is not None and B == self._rows and T == self._last_pos + 2:
             pos = T - 1  # uncached step: the whole prefix again, one position longer
         else:
             if self._log:

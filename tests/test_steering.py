@@ -226,6 +226,18 @@ def test_new_generation_restarts_the_report_and_hooks_are_removed():
     assert not any(site._forward_hooks for site in model.head_sites())
 
 
+def test_a_new_batch_layout_starts_a_new_generation_even_with_t_equal_1():
+    model = _model()
+    plan = SteeringPlan.build([_probe_set(model)], "drums=+1", mode="iti")
+    with steer(model, plan) as session:
+        model.generate(2, prompt=_prompt(), seed=0)
+        model.batch_layout = {"cfg": False, "n_cond": 1}  # what a prompt-less generate() of a BOS-only model does
+        for site in model.head_sites():
+            site(torch.zeros(1, 1, model.n_heads, model.head_dim))
+        assert len(session.generations) == 1 and len(session.report().steps) == 1
+        assert session.report().steps[0]["step"] == 0
+
+
 def test_report_json_and_png(tmp_path):
     model = _model()
     plan = SteeringPlan.build([_probe_set(model), _probe_set(model, "piano", 1)], "drums=+2,piano=-1", mode="smitin",
