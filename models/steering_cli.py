@@ -19,8 +19,10 @@ def _params(path: str, section: str) -> dict:
 
 
 def _progress(stage: str, done: int, total: int) -> None:
-    if sys.stderr.isatty() or done == total or done % 128 == 0:
+    if sys.stderr.isatty():
         print(f"\r{stage}: {done}/{total} clips", end="\n" if done == total else "", file=sys.stderr, flush=True)
+    elif done == total or done % 128 == 0:
+        print(f"{stage}: {done}/{total} clips", file=sys.stderr, flush=True)
 
 
 def _probes_train(args) -> int:
