@@ -337,6 +337,11 @@ def key_segments(score: Score, end: float, window_bars: int = 4) -> list[tuple[f
     The global key (`score_key`) is the reference for evaluation; these segments note modulations."""
     bars = [d for d in score.downbeats if d < end]
     glob = score_key(score, end)
+    if not score.polyphonic:
+        # A monophonic tune is rendered over a harmonisation built diatonically in the global key (and its
+        # key comes from the final note): what sounds is that key throughout. KK on a few bars of a bare
+        # melody mostly finds the dominant or the relative, which would be label noise, not a modulation.
+        return [(0.0, end, *glob)]
     if len(bars) < window_bars + 2:
         return [(0.0, end, *glob)]
     bar_len = float(np.median(np.diff(bars)))
