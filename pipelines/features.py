@@ -25,6 +25,12 @@ class FeatureParams:
     silence_dbfs: float = -60.0
     meters: tuple[int, ...] = field(default=(2, 3, 4))
     downbeat_evidence: str = "chroma_bass"  # chroma_bass | onsets_chords (adds low-band onsets, chord changes)
+    # Tempo octave: a beat level faster than this is taken as the subdivision and every other beat is kept
+    # (the phase with the stronger bass / harmonic-change evidence); 0 disables.
+    tempo_halve_above_bpm: float = 150.0
+    # Added to a meter's bar-phase score (contrast of z-scored evidence). Meter 2 is favoured: on a 4/4 bar it
+    # still scores F=0.67 with either half-bar phase, where a wrong 4/4 phase scores 0.
+    meter_bias: tuple[tuple[int, float], ...] = ((2, 0.3), (3, -0.1), (4, 0.0))
 
     @classmethod
     def from_params(cls, section: dict) -> "FeatureParams":
@@ -32,6 +38,9 @@ class FeatureParams:
         kwargs = {k: v for k, v in section.items() if k in names}
         if "meters" in kwargs:
             kwargs["meters"] = tuple(kwargs["meters"])
+        if "meter_bias" in kwargs:
+            mb = kwargs["meter_bias"]
+            kwargs["meter_bias"] = tuple((int(k), float(v)) for k, v in (mb.items() if isinstance(mb, dict) else mb))
         return cls(**kwargs)
 
 
@@ -57,8 +66,43 @@ def tempo_from_beats(beats: np.ndarray) -> float | None:
     return float(60.0 / np.median(np.diff(beats)))
 
 
+def halve_fast_beats(beats: np.ndarray, chroma: np.ndarray, times: np.ndarray, low: np.ndarray, duration: float,
+                     max_bpm: float, min_contrast: float = 0.3) -> np.ndarray:
+    """Tempo octave decision: beat trackers on dense textures (chorales with eighth-note passing tones) often lock
+    to the subdivision. Above `max_bpm` (a prior: the beat level of most music lies well below it) keep every
+    other beat, in the phase whose beats carry more bass / kick energy and harmonic change, provided the two
+    phases differ by at least `min_contrast` (z units of that evidence summed)."""
+    if max_bpm <= 0 or len(beats) < 6:
+        return beats
+    bpm = tempo_from_beats(beats)
+    if bpm is None or bpm <= max_bpm:
+        return beats
+    from pipelines.chords import beat_sync
+
+    cpb = beat_sync(chroma, times, np.concatenate([beats, [duration]]))
+    unit = cpb / np.maximum(np.linalg.norm(cpb, axis=1, keepdims=True), 1e-9)
+    change = np.zeros(len(beats))
+    change[1:] = 1.0 - np.sum(unit[1:] * unit[:-1], axis=1)
+    change[0] = np.median(change[1:])
+    f = np.searchsorted(times, beats).clip(0, max(len(low) - 1, 0))
+    bass = np.log1p(low[f]) if len(low) else np.zeros(len(beats))
+    ev = _z(change) + _z(bass)
+    # Contrast of one phase over the other, taken on the weaker half of its beats: a bar-level accent (every 4th
+    # beat louder) lifts only one half and is no sign of a subdivision; a true subdivision makes every other beat
+    # weak.
+    contrast = []
+    for q in (0, 1):
+        on, off = ev[q::2], ev[1 - q::2]
+        contrast.append(min(on[0::2].mean(), on[1::2].mean()) - off.mean() if len(on) >= 2 else 0.0)
+    q = int(np.argmax(contrast))
+    if contrast[q] < min_contrast:
+        return beats  # alternate beats alike (a click track, an even pulse, bar accents only)
+    return beats[q::2]
+
+
 def estimate_downbeats(beats: np.ndarray, chroma_per_beat: np.ndarray, bass_per_beat: np.ndarray,
-                       meters=(2, 3, 4), extra: list[np.ndarray] | None = None) -> tuple[np.ndarray, int]:
+                       meters=(2, 3, 4), extra: list[np.ndarray] | None = None,
+                       meter_bias: dict | None = None) -> tuple[np.ndarray, int]:
     """Pick the meter and bar phase whose downbeats coincide best with chord changes and bass onsets.
 
     essentia has no downbeat tracker and the neural ones do not install offline, so this is a small
@@ -88,7 +132,10 @@ def estimate_downbeats(beats: np.ndarray, chroma_per_beat: np.ndarray, bass_per_
             on = evidence[p::m]
             off = np.delete(evidence, np.arange(p, n, m))
             score = on.mean() - off.mean()
-            score += 0.05 if m == 4 else 0.0  # tie-break toward the commonest meter
+            if meter_bias is None:
+                score += 0.05 if m == 4 else 0.0  # tie-break toward the commonest meter
+            else:
+                score += float(meter_bias.get(m, 0.0))
             if score > best[0]:
                 best = (score, m, p)
     _, m, p = best
@@ -159,6 +206,7 @@ class ClipAnalyzer:
         key, scale, strength = self._key(wave)
 
         chroma, times, low = self._hpcp_frames(wave)
+        beats = halve_fast_beats(beats, chroma, times, low, duration, self.params.tempo_halve_above_bpm)
         boundaries = np.unique(np.concatenate([[0.0], beats, [duration]]))
         seg_chroma = beat_sync(chroma, times, boundaries)
         if self.params.chord_method == "essentia" and len(beats) >= 2:
@@ -187,7 +235,8 @@ class ClipAnalyzer:
                 beat_labels = viterbi_chords(chroma_per_beat, self_transition=self.params.chord_self_transition)
                 changes = np.array([float(a != b) for a, b in zip(beat_labels[1:], beat_labels[:-1])])
                 extra.append(np.r_[changes.mean() if len(changes) else 0.0, changes])  # beat 0: no evidence
-            downbeats, meter = estimate_downbeats(beats, chroma_per_beat, bass_per_beat, self.params.meters, extra)
+            downbeats, meter = estimate_downbeats(beats, chroma_per_beat, bass_per_beat, self.params.meters, extra,
+                                                  dict(self.params.meter_bias))
             time_signature = f"{meter}/4"
         else:
             downbeats, time_signature = beats[:1], None
@@ -210,3 +259,9 @@ class ClipAnalyzer:
             chords=chords,
             loudness_lufs=self._loudness(wave),
         )
+
+
+
+def _z(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, float)
+    return (x - x.mean()) / (x.std() + 1e-9)
