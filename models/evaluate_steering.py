@@ -259,6 +259,7 @@ def evaluate_steering(generator_dir: str, probes_dir: str, tokens_dir: str, clip
     if report_dir:
         Path(report_dir).mkdir(parents=True, exist_ok=True)
         (Path(report_dir) / "rows.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+        detector.save(Path(report_dir) / "drum_detector.json")
         for key, report in reports.items():
             if key.endswith(("/smitin", "/iti")):
                 name = key.replace("/", "_")
