@@ -256,6 +256,7 @@ class SteeringSession:
         self._now: torch.Tensor | None = None
         self._replay: list[tuple[int, torch.Tensor]] = []
         self._log: list[tuple[int, np.ndarray, np.ndarray | None]] = []  # (step, probability, factor), [n, T]
+        self._pending: list[tuple[int, list[torch.Tensor], np.ndarray | None]] = []  # not yet evaluated
 
     def _factor(self, n: int) -> np.ndarray | None:
         """Push factor [n, T] for the step about to run; None when nothing is pushed."""
@@ -283,7 +284,7 @@ class SteeringSession:
         elif same and self._last_pos is not None and B == self._rows and T == self._last_pos + 2:
             pos = T - 1  # uncached step: the whole prefix again, one position longer
         else:
-            if self._log:
+            if self._log or self._pending:
                 self.generations.append(self._finish())
             self._reset(B)
             pos = T - 1
@@ -300,13 +301,26 @@ class SteeringSession:
         self._replay = [(q, d) for q, d in self._applied.items() if q < pos] if T > 1 else []
 
     def _end_forward(self) -> None:
-        x = torch.stack(self._stash, dim=1).reshape(self._n, -1)  # [n, monitored layers * H * Dh]
-        logits = torch.addmm(self.monitor_b, x, self.monitor_w).detach().float().numpy()
-        prob = 1.0 / (1.0 + np.exp(-logits.reshape(self._n, len(self.sign), self.n_monitor)))
-        prob = _median(prob)  # [n, T]: median over the monitored heads
-        self._monitor = prob
-        self._log.append((self._step, prob, self._factor_now))
+        self._pending.append((self._step, self._stash, self._factor_now))
         self._stash = []
+        p = self.plan.params
+        # Probe probabilities are needed now only where they decide the next push (smitin, before a push step);
+        # the other steps' are evaluated in one batch later (for the report), which keeps per-step cost low.
+        if p.mode == "smitin" and self.push_enabled and self._step % p.every == 0:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Evaluate the monitored probes of all pending steps at once; the last one becomes the monitor."""
+        if not self._pending:
+            return
+        n, T, M = self._n, len(self.sign), self.n_monitor
+        x = torch.cat([torch.stack(stash, dim=1).reshape(stash[0].shape[0], -1) for _, stash, _ in self._pending])
+        logits = torch.addmm(self.monitor_b, x, self.monitor_w).detach().float().numpy()
+        prob = _median(1.0 / (1.0 + np.exp(-logits.reshape(-1, T, M))))  # [steps * n, T]: median over heads
+        for i, (step, _, factor) in enumerate(self._pending):
+            self._log.append((step, prob[i * n:(i + 1) * n], factor))
+        self._monitor = self._log[-1][1]
+        self._pending = []
 
     def hook(self, layer: int):
         monitored = self.monitor_layers[layer]
@@ -334,6 +348,7 @@ class SteeringSession:
 
     # ---- report
     def _finish(self) -> dict:
+        self._flush()
         steps = []
         traits = self.plan.traits
         for step, prob, factor in self._log:
@@ -347,7 +362,7 @@ class SteeringSession:
 
     def report(self) -> "SteeringReport":
         """The report of the latest generation (the session's hooks keep running for the next one)."""
-        gens = self.generations + ([self._finish()] if self._log else [])
+        gens = self.generations + ([self._finish()] if self._log or self._pending else [])
         if not gens:
             return SteeringReport({"plan": self.plan.describe(), "steps": []})
         return SteeringReport(gens[-1])

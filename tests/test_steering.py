@@ -116,11 +116,14 @@ class _ScriptedMonitor(SteeringSession):
 
     script = [0.1, 0.2, 0.3, 0.5, 0.6, 0.7, 0.75, 0.9, 0.95, 0.97, 0.4, 0.4, 0.4, 0.4]
 
-    def _end_forward(self):
-        super()._end_forward()
-        value = self.script[min(self._step, len(self.script) - 1)]
-        self._monitor = np.full_like(self._monitor, value)
-        self._log[-1] = (self._step, self._monitor, self._log[-1][2])
+    def _flush(self):
+        start = len(self._log)
+        super()._flush()
+        for i in range(start, len(self._log)):
+            step, prob, factor = self._log[i]
+            self._log[i] = (step, np.full_like(prob, self.script[min(step, len(self.script) - 1)]), factor)
+        if len(self._log) > start:
+            self._monitor = self._log[-1][1]
 
 
 def test_monitor_switches_the_push_off_once_the_probability_passes_tau():
