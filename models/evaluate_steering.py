@@ -82,7 +82,7 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     mu_a, mu_b = a.mean(0), b.mean(0)
     ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     eps = 1e-6 * np.eye(len(ca))
-    covmean, _ = linalg.sqrtm((ca + eps) @ (cb + eps), disp=False)
+    covmean = linalg.sqrtm((ca + eps) @ (cb + eps))
     covmean = covmean.real
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(ca + cb - 2 * covmean))
 
@@ -151,6 +151,13 @@ def evaluate_steering(generator_dir: str, probes_dir: str, tokens_dir: str, clip
                     top_p=float(params.get("top_p", 0.0)))
     steering = {k: params[k] for k in ("every", "decay", "tau", "monitor_heads") if params.get(k) is not None}
 
+    traits = [t for t in params.get("traits", ["drums"]) if t in DETECTABLE]
+    for t in params.get("traits", ["drums"]):
+        if t not in DETECTABLE:
+            say(f"{t}: no independent detector yet; skipped")
+    mains = {t: ProbeSet.load(Path(probes_dir) / t) for t in traits}
+    SteeringPlan(mains, {t: 1.0 for t in mains}).check_generator(generator, fingerprint)  # refuse early
+
     t0 = time.time()
     detector = fit_drum_detector(tokens_dir, codec, new_n / fps, seed=seed,
                                  max_clips=int(params.get("detector_max_segments", 400)))
@@ -160,12 +167,8 @@ def evaluate_steering(generator_dir: str, probes_dir: str, tokens_dir: str, clip
     rows: list[dict] = []
     metrics: dict = {"detector": {k: v for k, v in detector.info.items() if isinstance(v, (int, float))}}
     reports: dict = {}
-    for trait in params.get("traits", ["drums"]):
-        if trait not in DETECTABLE:
-            say(f"{trait}: no independent detector yet; skipped")
-            continue
-        probe_dir = Path(probes_dir) / trait
-        main = ProbeSet.load(probe_dir)
+    for trait in traits:
+        main = mains[trait]
         n_pairs = [int(n) for n in params.get("n_pairs", [10, 50])]
         ablation = {}
         if n_pairs and clips_table and probes_section:

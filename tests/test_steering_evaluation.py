@@ -1,0 +1,33 @@
+"""Evaluation helpers: the Frechet distance, the embedding space, the table."""
+import numpy as np
+import pytest
+
+from models.evaluate_steering import EmbeddingSpace, audio_embedding, format_table, frechet_distance
+
+
+def test_frechet_distance_zero_for_same_distribution_and_grows_with_shift():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((400, 4))
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-4)
+    shifted = frechet_distance(a + np.array([2.0, 0, 0, 0]), a)
+    assert shifted == pytest.approx(4.0, rel=0.05)  # ||mu_a - mu_b||^2 with equal covariances
+    assert frechet_distance(2.0 * a, a) == pytest.approx(4 * (2 - 1) ** 2, rel=0.15)  # Tr(Ca + Cb - 2 sqrt(Ca Cb))
+
+
+def test_embedding_space_projects_reference_and_audio_embedding_shape():
+    sr = 16000
+    t = np.arange(sr) / sr
+    waves = [np.sin(2 * np.pi * f * t).astype(np.float32) for f in (220, 330, 440, 550, 660, 770)]
+    emb = np.stack([audio_embedding(w, sr) for w in waves])
+    assert emb.shape == (6, 128)
+    space = EmbeddingSpace(emb, dims=16)
+    assert space.reference.shape == (6, 5)  # at most n - 1 dims from n clips
+    assert space.frechet(emb) == pytest.approx(0.0, abs=1e-3)
+
+
+def test_table_has_every_row():
+    rows = [{"trait": "drums", "task": "text", "direction": "add", "mode": m, "strength": s, "n": 4,
+             "success": 0.5, "judged_present": 0.5, "frechet": 1.0, "frechet_rise": 0.1, "mean_probe_p": 0.3,
+             "push_steps": 2.0} for m, s in (("none", 0.0), ("smitin", 5.0))]
+    table = format_table(rows)
+    assert table.count("\n") == 4 and "| smitin | +5 |" in table
