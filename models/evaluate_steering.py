@@ -173,6 +173,9 @@ def evaluate_steering(generator_dir: str, probes_dir: str, tokens_dir: str, clip
         ablation = {}
         if n_pairs and clips_table and probes_section:
             ablation = ablation_probe_sets(trait, generator, codec, clips_table, probes_section, n_pairs)
+            for n, ps in ablation.items():
+                say(f"{trait}: probes on {n} training pairs: best head acc {ps.metrics['best_acc']:.3f}, "
+                    f"top-16 {ps.metrics['top16_acc']:.3f}")
         picked = _pick_prompts(tokens, trait, per_class, prompt_n + new_n, seed)
         if not picked[True] or not picked[False]:
             raise UserError(f"{trait}: the {params.get('split', 'test')} tokens need clips with and without it")
@@ -189,6 +192,9 @@ def evaluate_steering(generator_dir: str, probes_dir: str, tokens_dir: str, clip
             "with_trait": real_judged[True], "without_trait": real_judged[False]}
         metrics[trait]["probe_best_acc"] = main.metrics.get("best_acc")
         metrics[trait]["probe_top16_acc"] = main.metrics.get("top16_acc")
+        for n, ps in ablation.items():
+            metrics[trait][f"probe_best_acc_{n}pairs"] = ps.metrics["best_acc"]
+            metrics[trait][f"probe_top16_acc_{n}pairs"] = ps.metrics["top16_acc"]
 
         for task in params.get("tasks", ["continuation", "text"]):
             alpha = float(params.get("alpha_text" if task == "text" else "alpha", 5.0))
