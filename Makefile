@@ -12,7 +12,8 @@ export MPLBACKEND := Agg
 $(BIN)/smitin: requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11) on PATH, or set PYTHON=..."; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	# A fresh 3.11 venv carries setuptools 65, which cannot build an editable wheel without `wheel`; pin a modern one.
+	$(BIN)/pip install -q --upgrade pip==26.3 setuptools==84.2.1
 	# The lock is a complete freeze, so --no-deps: nothing is resolved again (see pyproject.toml on tinysoundfont).
 	$(BIN)/pip install -q --no-deps -r requirements.lock
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
