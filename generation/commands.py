@@ -27,8 +27,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     g.add_argument("--mode", choices=["smitin", "iti", "none"], default="smitin",
                    help="smitin: sparse, self-monitored (default); iti: always-on top heads; none: monitor only")
     g.add_argument("--generator", default=None, metavar="URI|DIR",
-                   help="models:/NAME@ALIAS, models:/NAME/VERSION or a generator folder "
-                        "(default: models:/smitin-generator@champion)")
+                   help="models:/NAME@ALIAS, models:/NAME/VERSION, a generator folder, or a local Hugging Face "
+                        "MusicGen folder (detected; its probe sets are smitin-probes-musicgen-TRAIT) "
+                        "(default: params generator, else models:/smitin-generator@champion)")
     g.add_argument("--probes", action="append", default=[], metavar="TRAIT=URI|DIR",
                    help="use this probe set for a trait instead of its alias")
     g.add_argument("--alias", default=None, help="alias of the probe sets (default: champion)")
@@ -41,7 +42,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     g.add_argument("--out", default="out.wav", help="output WAV (default: out.wav)")
     g.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
                                                          "else sqlite:///mlflow.db)")
-    g.add_argument("--params", default="params.yaml", help="params file (sections generate, registry)")
+    g.add_argument("--params", default="params.yaml", help="params file (sections generate, registry, generator)")
+    from models.steering_cli import add_backend_arguments
+
+    add_backend_arguments(g)
     g.set_defaults(func=_generate)
 
 
@@ -71,10 +75,16 @@ def _generate(args) -> int:
         probes[trait] = uri
     t0 = time.perf_counter()
     session = GenerationSession(args.generator, params=args.params, probes=probes, alias=args.alias,
-                                tracking_uri=args.tracking_uri)
+                                tracking_uri=args.tracking_uri, backend=args.backend, musicgen=args.musicgen,
+                                device=args.device, dtype=args.dtype)
     ref = session.generator_ref
-    print(f"generator: {ref.label()} ({'from the local cache' if ref.cached else 'downloaded' if ref.name else 'local folder'}; "
-          f"resolved in {time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+    if session.backend == "musicgen":
+        sec = session.generator_section
+        print(f"generator: MusicGen {ref.path} (local folder, not registered; {sec['device']}, {sec['dtype']})",
+              file=sys.stderr)
+    else:
+        print(f"generator: {ref.label()} ({'from the local cache' if ref.cached else 'downloaded' if ref.name else 'local folder'}; "
+              f"resolved in {time.perf_counter() - t0:.1f} s)", file=sys.stderr)
 
     def progress(done: int, total: int) -> None:
         if sys.stderr.isatty() or done == total:

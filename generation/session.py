@@ -6,6 +6,11 @@ write WAVs plus the steering report (JSON + PNG).
     generate("an upbeat chorale with drums", duration=8, steer={"drums": +5}, out="out.wav")
 
 `GenerationSession` loads once and generates many times; `generate()` keeps the last session for reuse.
+
+The generator is the registry's (builtin) one, or Hugging Face MusicGen from a local folder: `generator=` a MusicGen
+folder, `backend="musicgen"`, or params `generator.backend: musicgen` + `generator.path`. MusicGen weights are never
+registered or downloaded; its probe sets are registered as `smitin-probes-musicgen-TRAIT` and carry the MusicGen
+fingerprint, checked against the weights once they are loaded (backend and shape are checked before loading).
 """
 from __future__ import annotations
 
@@ -58,7 +63,9 @@ class GenerationSession:
     generator; each trait's probe set is resolved and loaded on first use and kept."""
 
     def __init__(self, generator: str | Path | None = None, *, registry=None, params: str | Path | None = "params.yaml",
-                 probes: Mapping[str, str] | None = None, alias: str | None = None, tracking_uri: str | None = None):
+                 probes: Mapping[str, str] | None = None, alias: str | None = None, tracking_uri: str | None = None,
+                 backend: str | None = None, musicgen: str | Path | None = None, device: str | None = None,
+                 dtype: str | None = None):
         self.defaults = read_defaults(params)
         self.alias = alias or self.defaults["alias"]
         self._registry = registry
@@ -68,10 +75,15 @@ class GenerationSession:
         t0 = time.perf_counter()
         from registry.loading import fetch
 
-        uri = str(generator) if generator else f"models:/{self.registry.settings.generator_name}@champion"
-        self.generator_ref = fetch(self._registry_for(uri), uri)
-        if self.generator_ref.kind != "generator":
-            raise GenerationError(f"{uri} is a {self.generator_ref.kind.replace('_', ' ')}, not a generator")
+        self.generator_section = _backend(params, generator, backend, musicgen, device, dtype)
+        self.backend = self.generator_section["backend"]
+        if self.backend == "musicgen":
+            self.generator_ref = _musicgen_ref(self.generator_section)
+        else:
+            uri = str(generator) if generator else f"models:/{self.registry.settings.generator_name}@champion"
+            self.generator_ref = fetch(self._registry_for(uri), uri)
+            if self.generator_ref.kind != "generator":
+                raise GenerationError(f"{uri} is a {self.generator_ref.kind.replace('_', ' ')}, not a generator")
         self.timings["resolve_generator_s"] = time.perf_counter() - t0
         self.probe_sets: dict = {}
         self.probe_refs: dict = {}
@@ -80,6 +92,20 @@ class GenerationSession:
     def _load(self) -> None:
         if self._generator is None:
             t1 = time.perf_counter()
+            if self.backend == "musicgen":
+                from models.musicgen import MusicGenError, load_backend
+                from registry.loading import check_compatible
+
+                generator, codec = load_backend(self.generator_section)
+                if codec is None:
+                    raise MusicGenError("this decoder-only MusicGen has no codec: set generator.codec_path (an "
+                                        "EnCodec save_pretrained folder)")
+                self.generator_ref.fingerprint = generator.fingerprint()
+                self.timings["load_generator_s"] = time.perf_counter() - t1
+                for ref in self.probe_refs.values():  # now the fingerprint is known: the full check
+                    check_compatible(ref, self.generator_ref)
+                self._generator, self._codec = generator, codec
+                return
             from models.generator import load_generator
 
             self._generator, self._codec = load_generator(self.generator_ref.path)
@@ -117,17 +143,19 @@ class GenerationSession:
         from registry.loading import check_compatible, fetch
 
         t0 = time.perf_counter()
-        uri = self.probe_uris.get(trait) or f"models:/{self.registry.settings.probe_set_prefix}{trait}@{self.alias}"
+        reg_name = None if trait in self.probe_uris else self.registry.model_name("probe_set", trait, self.backend)
+        uri = self.probe_uris.get(trait) or f"models:/{reg_name}@{self.alias}"
         try:
             ref = fetch(self._registry_for(uri), uri)
         except ModelNotFound as e:
             if trait in self.probe_uris or "no registered model" not in str(e):
                 raise
-            prefix = self.registry.settings.probe_set_prefix
+            prefix = reg_name[: len(reg_name) - len(trait)]  # smitin-probes- or smitin-probes-musicgen-
             have = sorted(m.name[len(prefix):] for m in self.registry.client.search_registered_models(max_results=1000)
-                          if m.name.startswith(prefix))
-            raise GenerationError(f"no probe set for trait '{trait}' in {self.registry.uri} ({prefix}{trait} is not "
-                                  f"registered; traits with probe sets: {', '.join(have) or 'none'})") from None
+                          if m.name.startswith(prefix) and self.registry.probe_set_backend(m.name) == self.backend)
+            on = " for MusicGen" if self.backend == "musicgen" else ""
+            raise GenerationError(f"no probe set{on} for trait '{trait}' in {self.registry.uri} ({reg_name} is not "
+                                  f"registered; traits with probe sets{on}: {', '.join(have) or 'none'})") from None
         if ref.kind != "probe_set":
             raise GenerationError(f"{uri} is not a probe set")
         if ref.trait and ref.trait != trait:
@@ -220,14 +248,21 @@ class GenerationSession:
 
         B = len(prompts)
         cond = attrs = None
-        if any(p.strip() for p in prompts):
+        musicgen = self.backend == "musicgen"
+        if musicgen:
+            if bpm is not None or key is not None:
+                raise GenerationError("--bpm / --key are attributes of the builtin generator; MusicGen reads tempo "
+                                      "and key from the prompt text (e.g. '... at 120 bpm in F# minor')")
+            if any(p.strip() for p in prompts):
+                cond = list(prompts)  # captions for MusicGen's own T5 encoder
+        elif any(p.strip() for p in prompts):
             from models.conditioning import embed_captions
 
             cond = embed_captions(prompts)
             if cond.shape[1] != gen.cfg.cond_dim:
                 raise GenerationError(f"caption embeddings have {cond.shape[1]} dims, the generator expects "
                                       f"{gen.cfg.cond_dim}")
-        if gen.cfg.use_attributes and (bpm is not None or key is not None):
+        if not musicgen and gen.cfg.use_attributes and (bpm is not None or key is not None):
             tonic, _, scale = (key or "").partition(" ")
             attrs = torch.tensor([attribute_ids(bpm, tonic or None, scale or None)] * B, dtype=torch.long)
         guidance = cfg_scale if cond is not None else 1.0
@@ -236,7 +271,7 @@ class GenerationSession:
         history = prompt[None].expand(B, -1, -1).clone() if prompt is not None else None
         # The context holds max_frames delayed positions; longer clips are generated in windows, each continuing
         # the last half-context of audio generated so far.
-        limit = gen.cfg.max_frames - (gen.cfg.n_codebooks - 1)
+        limit = gen.max_positions if musicgen else gen.cfg.max_frames - (gen.cfg.n_codebooks - 1)
         keep = limit // 2
         if history is not None and history.shape[2] > keep:
             history = history[:, :, -keep:]
@@ -249,10 +284,11 @@ class GenerationSession:
                 ctx = history[:, :, -keep:] if history is not None else None
                 ctx_len = ctx.shape[2] if ctx is not None else 0
                 n = min(n_frames - done, limit - ctx_len)
+                extra = {} if musicgen else {"attributes": attrs}
                 with torch.inference_mode():
-                    codes = gen.generate(n, prompt=ctx, condition=cond, attributes=attrs, batch_size=B,
-                                         cfg_scale=guidance, seed=seed + chunk, **sampling)
-                fresh = codes[:, :, ctx_len:]
+                    codes = gen.generate(n, prompt=ctx, condition=cond, batch_size=B, cfg_scale=guidance,
+                                         seed=seed + chunk, **extra, **sampling)
+                fresh = codes[:, :, ctx_len:].cpu()  # a MusicGen on a GPU returns GPU codes; the prompt is on the CPU
                 new_frames.append(fresh)
                 history = fresh if history is None else torch.cat([history, fresh], dim=2)
                 if session is not None:
@@ -295,7 +331,44 @@ class GenerationSession:
 
 def _ref_info(ref) -> dict:
     return {"uri": ref.uri, "name": ref.name, "version": ref.version, "path": str(ref.path),
-            "fingerprint": ref.fingerprint or ref.generator_fingerprint}
+            "fingerprint": ref.fingerprint or ref.generator_fingerprint, "backend": ref.backend}
+
+
+def _backend(params, generator, backend, musicgen, device, dtype) -> dict:
+    """The generator backend of a session: an explicit `generator` decides by what it is (a MusicGen folder ->
+    musicgen; a models:/ URI or a builtin folder -> builtin); without one, `backend` / `musicgen`, then params
+    `generator` (backend, path, device, dtype, codec_path)."""
+    from models.musicgen import backend_section, find_musicgen_dir
+
+    section = {}
+    if params and Path(params).is_file():
+        import yaml
+
+        section = (yaml.safe_load(Path(params).read_text()) or {}).get("generator") or {}
+    if generator is not None and musicgen is None:
+        if find_musicgen_dir(generator) is not None:
+            musicgen = generator
+        elif backend == "musicgen":
+            raise GenerationError(f"--generator {generator} is not a MusicGen folder (MusicGen weights are never "
+                                  "registered: give their local folder)")
+        else:
+            backend = "builtin"
+    return backend_section(section, backend=backend, musicgen=musicgen, device=device, dtype=dtype)
+
+
+def _musicgen_ref(section: dict):
+    """A LocalModel for local MusicGen weights, before loading them: backend and shape known (from config.json), the
+    fingerprint filled in by `GenerationSession._load`."""
+    from models.musicgen import MusicGenError, musicgen_shape, resolve_local_dir
+    from registry.loading import LocalModel
+
+    if not section.get("path"):
+        raise MusicGenError("generator.backend is musicgen but no MusicGen folder is given (--generator DIR or "
+                            "params generator.path)")
+    folder = resolve_local_dir(section["path"])
+    shape = musicgen_shape(folder)
+    return LocalModel(path=folder, kind="generator", uri=str(section["path"]), backend="musicgen",
+                      shape=(shape["n_layers"], shape["n_heads"], shape["head_dim"]))
 
 
 _LAST: dict = {}
@@ -306,9 +379,11 @@ def generate(prompts: str | Sequence[str], *, generator: str | None = None, prob
              tracking_uri: str | None = None, **kwargs) -> GenerationResult:
     """One call: resolve + load (reusing the previous call's session when it asked for the same models), then
     `GenerationSession.generate(prompts, **kwargs)`."""
-    key = (str(generator), tuple(sorted((probes or {}).items())), alias, id(registry), str(params), tracking_uri)
+    backend = {k: kwargs.pop(k) for k in ("backend", "musicgen", "device", "dtype") if k in kwargs}
+    key = (str(generator), tuple(sorted((probes or {}).items())), alias, id(registry), str(params), tracking_uri,
+           tuple(sorted(backend.items())))
     session = _LAST.get(key)
-    if session is not None and generator is None:
+    if session is not None and generator is None and session.backend == "builtin":
         # the champion may have moved since: re-resolve (one query) and reload only if it did
         from registry.loading import resolve
 
@@ -321,7 +396,7 @@ def generate(prompts: str | Sequence[str], *, generator: str | None = None, prob
         session.probe_refs.clear()
     if session is None:
         session = GenerationSession(generator, registry=registry, params=params, probes=probes, alias=alias,
-                                    tracking_uri=tracking_uri)
+                                    tracking_uri=tracking_uri, **backend)
         _LAST.clear()
         _LAST[key] = session
     return session.generate(prompts, **kwargs)

@@ -294,16 +294,17 @@ class EncodecCodec:
     @torch.no_grad()
     def encode(self, wave: np.ndarray, sr: int) -> torch.Tensor:
         x = torch.from_numpy(resample(np.asarray(wave, np.float32), sr, self.sample_rate).copy())
-        out = self.model.encode(x[None, None], bandwidth=self.bandwidth)
-        return out.audio_codes[0, 0].long()  # [K, T]
+        p = next(self.model.parameters())  # the model may sit on a GPU and / or in half precision
+        out = self.model.encode(x[None, None].to(p.device, p.dtype), bandwidth=self.bandwidth)
+        return out.audio_codes[0, 0].long().cpu()  # [K, T]
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> np.ndarray:
         codes = torch.as_tensor(codes).long()
         if codes.dim() != 2 or codes.shape[0] != self.n_codebooks:
             raise CodecError(f"codes must be [{self.n_codebooks}, T], got {list(codes.shape)}")
-        audio = self.model.decode(codes[None, None], [None])[0]
-        return audio[0, 0].numpy().astype(np.float32)
+        audio = self.model.decode(codes[None, None].to(next(self.model.parameters()).device), [None])[0]
+        return audio[0, 0].float().cpu().numpy().astype(np.float32)
 
     def identity(self) -> dict:
         return {"kind": self.kind, "n_codebooks": self.n_codebooks, "card": self.card,
@@ -312,7 +313,8 @@ class EncodecCodec:
     def fingerprint(self) -> str:
         h = hashlib.sha256(self.model.config.to_json_string().encode() + str(self.bandwidth).encode())
         for name, t in sorted(self.model.state_dict().items()):
-            h.update(name.encode() + t.detach().contiguous().numpy().tobytes())
+            t = t.detach().float() if t.is_floating_point() else t.detach()  # float32 bytes whatever the dtype
+            h.update(name.encode() + t.cpu().contiguous().numpy().tobytes())
         return h.hexdigest()[:32]
 
     def save(self, directory: str | Path) -> None:

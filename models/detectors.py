@@ -115,9 +115,10 @@ def _segments(tokens, codec, n_frames: int, per_clip: int, gen: np.random.Genera
     return out
 
 
-def fit_drum_detector(tokens_dir: str, codec, seconds: float, per_clip: int = 2, max_clips: int = 400,
+def fit_drum_detector(tokens_dir, codec, seconds: float, per_clip: int = 2, max_clips: int = 400,
                       seed: int = 0) -> DrumDetector:
-    """Fit on codec-decoded segments of the train split, report accuracy on the test split's decoded segments."""
+    """Fit on codec-decoded segments of the train split, report accuracy on the test split's decoded segments.
+    `tokens_dir`: a token folder, or {"train": tokens, "test": tokens} already in memory (same interface)."""
     from models.train import TokenSet
 
     gen = np.random.default_rng(seed)
@@ -125,7 +126,7 @@ def fit_drum_detector(tokens_dir: str, codec, seconds: float, per_clip: int = 2,
     result = {}
     data = {}
     for split in ("train", "test"):
-        ts = TokenSet(tokens_dir, split)
+        ts = tokens_dir[split] if isinstance(tokens_dir, dict) else TokenSet(tokens_dir, split)
         segs = _segments(ts, codec, n, per_clip, gen)
         if len(segs) > max_clips:
             segs = [segs[j] for j in gen.permutation(len(segs))[:max_clips]]

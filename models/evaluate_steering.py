@@ -16,6 +16,11 @@ ablation.
 - Continuation similarity: cosine similarity of the (reference-standardised) embeddings of prompt and
   continuation, averaged.
 
+Generators: the builtin one (`generator_dir`), or Hugging Face MusicGen (`generator_section` with backend musicgen).
+MusicGen has its own codec (EnCodec), so its prompts and the detector's data are the clips table's audio encoded
+with that codec (a seeded subset of at most `detector_max_segments` clips per split, in memory), and its text task
+passes the test clips' captions to its T5 encoder (no tempo / key attributes).
+
 Tasks: `continuation` (an audio prompt, unconditioned) and `text` (the test clip's caption, classifier-free
 guidance, no audio prompt). Modes per task and direction: none, iti, smitin, smitin at a higher strength, the
 random-direction control (smitin schedule, random unit directions), and smitin with probes trained on 10 and 50
@@ -115,6 +120,39 @@ def ablation_probe_sets(trait: str, generator, codec, clips_table: str, probes_s
     return out
 
 
+class EncodedClips:
+    """A split of the clips table encoded with a codec in memory: the part of `models.train.TokenSet`'s interface that
+    the evaluation and the detector use (`len`, `clip(i)`, `meta["traits"]`, `meta["caption"]`)."""
+
+    def __init__(self, clips_table: str, codec, split: str, max_clips: int | None = None, seed: int = 0,
+                 need_trait: str | None = None):
+        from models.train import read_clips
+        from pipelines.audio import decode_flac
+        from pipelines.schema import traits_dict
+
+        rows = read_clips(clips_table, split, ["clip_id", "audio", "traits", "caption"]).to_pylist()
+        if need_trait:
+            rows = [r for r in rows if traits_dict(r["traits"]).get(need_trait) is not None]
+        if max_clips is not None and len(rows) > max_clips:
+            keep = sorted(np.random.default_rng(seed).permutation(len(rows))[:max_clips].tolist())
+            rows = [rows[i] for i in keep]
+        if not rows:
+            raise UserError(f"split {split!r} of the clips table at {clips_table} has no clips"
+                            + (f" that name the trait {need_trait!r}" if need_trait else ""))
+        self.codes = []
+        for r in rows:
+            wave, sr = decode_flac(r["audio"]["bytes"])
+            self.codes.append(codec.encode(wave, sr))
+        self.meta = {"clip_id": [r["clip_id"] for r in rows], "traits": [traits_dict(r["traits"]) for r in rows],
+                     "caption": [r["caption"] or "" for r in rows]}
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def clip(self, i: int) -> torch.Tensor:
+        return self.codes[i]
+
+
 def _pick_prompts(tokens, trait: str, per_class: int, min_frames: int, seed: int) -> dict[bool, list[int]]:
     gen = np.random.default_rng(seed)
     picked: dict[bool, list[int]] = {True: [], False: []}
@@ -129,10 +167,12 @@ def _pick_prompts(tokens, trait: str, per_class: int, min_frames: int, seed: int
 def evaluate_steering(generator_dir: str, probes_dir: str, tokens_dir: str, clips_table: str | None, params: dict,
                       probes_section: dict | None = None, out_json: str | None = None,
                       table_path: str | None = None, report_dir: str | None = None,
-                      progress: Callable[[str], None] | None = None) -> dict:
-    """Run the whole evaluation; returns {"metrics": nested numbers (DVC / MLflow), "rows": [...], ...}."""
+                      progress: Callable[[str], None] | None = None, generator_section: dict | None = None) -> dict:
+    """Run the whole evaluation; returns {"metrics": nested numbers (DVC / MLflow), "rows": [...], ...}.
+    `generator_section`: the params `generator` section (see `models.musicgen.backend_section`); None or backend
+    builtin evaluates the builtin generator in `generator_dir`."""
     from models.detectors import fit_drum_detector
-    from models.generator import load_generator
+    from models.musicgen import load_backend
     from models.train import TokenSet
 
     say = progress or (lambda msg: log.info(msg))
@@ -141,7 +181,12 @@ def evaluate_steering(generator_dir: str, probes_dir: str, tokens_dir: str, clip
     # One intra-op thread by default: many small ops (Griffin-Lim decoding, KV-cached steps) gain nothing from
     # more, and on a shared CPU oversubscribed threads made decoding 10-50x slower in wall time.
     torch.set_num_threads(int(params.get("threads", 1)))
-    generator, codec = load_generator(generator_dir)
+    musicgen = bool(generator_section) and generator_section.get("backend") == "musicgen"
+    generator, codec = load_backend(generator_section or {"backend": "builtin"}, generator_dir)
+    if codec is None:
+        raise UserError("this decoder-only MusicGen has no codec: set generator.codec_path (an EnCodec folder)")
+    if musicgen and not clips_table:
+        raise UserError("evaluating MusicGen needs the clips table (--clips): its prompts are encoded with its codec")
     fingerprint = generator.fingerprint()
     sr, fps = codec.sample_rate, float(codec.frame_rate)
     prompt_n = int(round(float(params.get("prompt_seconds", 2.0)) * fps))
@@ -159,10 +204,19 @@ def evaluate_steering(generator_dir: str, probes_dir: str, tokens_dir: str, clip
     SteeringPlan(mains, {t: 1.0 for t in mains}).check_generator(generator, fingerprint)  # refuse early
 
     t0 = time.time()
-    detector = fit_drum_detector(tokens_dir, codec, new_n / fps, seed=seed,
-                                 max_clips=int(params.get("detector_max_segments", 400)))
+    split = params.get("split", "test")
+    max_segments = int(params.get("detector_max_segments", 400))
+    if musicgen:  # the token files hold the builtin codec's codes: encode the clips with MusicGen's EnCodec
+        encoded = {s: EncodedClips(clips_table, codec, s, max_segments, seed, need_trait="drums")
+                   for s in dict.fromkeys(("train", "test", split))}
+        say(f"encoded {', '.join(f'{len(v)} {k}' for k, v in encoded.items())} clips with MusicGen's codec "
+            f"({time.time() - t0:.0f}s)")
+        detector_data, tokens = {"train": encoded["train"], "test": encoded["test"]}, encoded[split]
+    else:
+        detector_data, tokens = tokens_dir, None
+    detector = fit_drum_detector(detector_data, codec, new_n / fps, seed=seed, max_clips=max_segments)
     say(f"detector (independent of the probes): {detector.info} ({time.time() - t0:.0f}s)")
-    tokens = TokenSet(tokens_dir, params.get("split", "test"))
+    tokens = tokens if tokens is not None else TokenSet(tokens_dir, split)
 
     rows: list[dict] = []
     metrics: dict = {"detector": {k: v for k, v in detector.info.items() if isinstance(v, (int, float))}}
@@ -214,6 +268,9 @@ def evaluate_steering(generator_dir: str, probes_dir: str, tokens_dir: str, clip
                     plan = SteeringPlan.build({trait: ps}, {trait: sign * strength}, **mode_params)
                     if task == "continuation":
                         kwargs = dict(prompt=torch.stack([tokens.clip(i)[:, :prompt_n] for i in idx]))
+                    elif musicgen:  # captions through MusicGen's own T5 encoder
+                        kwargs = dict(condition=[tokens.meta["caption"][i] for i in idx],
+                                      cfg_scale=float(params.get("cfg_scale", 3.0)))
                     else:
                         sel = torch.tensor(idx)
                         kwargs = dict(condition=tokens.condition[sel], attributes=tokens.attributes[sel],
@@ -256,6 +313,7 @@ def evaluate_steering(generator_dir: str, probes_dir: str, tokens_dir: str, clip
                                              "continuation_similarity", "removal_cut", "mean_probe_p")
                            if r.get(k) is not None}
     result = {"metrics": metrics, "rows": rows, "generator_fingerprint": fingerprint,
+              "generator": generator.describe() if hasattr(generator, "describe") else {"backend": "builtin"},
               "embedding": "mean+std of 64 log-mel bands, standardised, PCA to "
                            f"{params.get('embedding_dims', 16)} dims fitted on decoded real continuations",
               "detector": detector.info, "params": params}

@@ -26,14 +26,15 @@ Two things `transformers` 5.23 does that the wrapper corrects for (both tested):
   silently dropped), and needs `num_return_sequences` set. With a prompt the wrapper therefore runs the decoder-only
   model without the cache (same tokens, slower); the composite model keeps the cache.
 
-Known gap: `models.steering.SteeringSession` recognises a new generation by its first forward having T > 1 or a
-different batch size. Without a prompt MusicGen's first forward is the BOS column alone (T == 1), so a second
-prompt-less `generate()` inside the same `steer()` block is counted as a continuation of the first (step numbers
-and the report run on; ITI pushes are unaffected, SMITIN's schedule and monitor carry over). Use one `steer()` block
-per prompt-less generation until steering also restarts on `batch_layout["generation"]` (a counter set here).
+New generations: each `generate()` / `forward()` sets a fresh `batch_layout` object (with a generation counter), and
+`models.steering.SteeringSession` starts a new generation on a new object, so a prompt-less generation whose first
+forward is the BOS column alone (T == 1) is not mistaken for a continuation of the previous one.
 
 `load_musicgen(path)` reads a `save_pretrained` folder or a Hugging Face hub cache folder with `local_files_only`;
-nothing is downloaded. The codec is the model's own EnCodec (`models.codec.EncodecCodec` at the bandwidth that gives
+nothing is downloaded. It loads in float32 and fingerprints the checkpoint before casting to `dtype` / moving to
+`device`, so a probe set trained on a GPU in float16 fits the same weights loaded on a CPU in float32.
+`describe()` is what a probe set records about its generator (backend, local folder, fingerprint, shape) and what the
+registry tags a MusicGen probe set with; the weights themselves are referenced by path, not registered. The codec is the model's own EnCodec (`models.codec.EncodecCodec` at the bandwidth that gives
 the decoder's codebook count); the text condition goes through the model's own T5 encoder (captions need the
 tokenizer files in the folder, or pass token ids). `debug_musicgen()` builds a tiny random model for tests.
 """
@@ -121,7 +122,10 @@ class _StepRecorder:
 class MusicGenGenerator(nn.Module):
     """A MusicGen model behind the generator contract of `models.generator.Generator` (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, tokenizer=None):
+    def __init__(self, model: nn.Module, tokenizer=None, fingerprint: str | None = None,
+                 source: str | Path | None = None):
+        """`fingerprint`: the checkpoint's, when computed before a dtype cast (see `load_musicgen`); `source`: the
+        local folder the weights came from (recorded in probe sets, never read again by the backend)."""
         super().__init__()
         from transformers import MusicgenForCausalLM, MusicgenForConditionalGeneration
 
@@ -149,7 +153,8 @@ class MusicGenGenerator(nn.Module):
         self._sites = [OutProjHeads(self, i, layer.self_attn.out_proj) for i, layer in enumerate(self.layers)]
         self.batch_layout: dict = {"cfg": False, "n_cond": 0}
         self._generations = 0
-        self._fingerprint: str | None = None
+        self._fingerprint: str | None = fingerprint
+        self.source = str(Path(source).resolve()) if source is not None else None
         self._hooks_live = True
         self._skip_forwards = 0  # decoder forwards still to hide from head-site hooks (discarded prefills)
         self._discarded_prefills: int | None = None  # measured on first generate
@@ -173,17 +178,20 @@ class MusicGenGenerator(nn.Module):
         return int(self.lm.config.max_position_embeddings) - self.n_codebooks + 1
 
     def fingerprint(self) -> str:
-        """sha256 over the architecture config (runtime keys left out) and every weight (names, shapes, dtypes,
-        bytes), computed once: the backend never trains, so the weights are frozen."""
+        """sha256 over the architecture config (runtime keys left out) and every weight (names, shapes, values as
+        float32), computed once: the backend never trains, so the weights are frozen. `load_musicgen` computes it
+        on the float32 weights before any cast, so it names the checkpoint, not the runtime dtype or device."""
         if self._fingerprint is None:
-            config = json.dumps(_strip_runtime(self.model.config.to_dict()), sort_keys=True, default=str)
-            h = hashlib.sha256(b"musicgen:" + config.encode())
-            for name, t in sorted(self.model.state_dict().items()):
-                t = t.detach().cpu().contiguous()
-                h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-                h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-            self._fingerprint = h.hexdigest()[:32]
+            self._fingerprint = weights_fingerprint(self.model)
         return self._fingerprint
+
+    def describe(self) -> dict:
+        """What a probe set records about the generator it was trained on (JSON-able, small)."""
+        cfg = self.lm.config
+        return {"backend": "musicgen", "path": self.source, "fingerprint": self.fingerprint(),
+                "model_type": "musicgen" if self.composite else "musicgen_decoder",
+                "n_layers": self.n_layers, "n_heads": self.n_heads, "head_dim": self.head_dim,
+                "n_codebooks": self.n_codebooks, "card": self.card, "hidden_size": int(cfg.hidden_size)}
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
@@ -387,7 +395,41 @@ class MusicGenGenerator(nn.Module):
         return codes
 
 
+def weights_fingerprint(model: nn.Module) -> str:
+    """The MusicGen fingerprint of a transformers model: config (runtime keys left out) + every weight as float32."""
+    config = json.dumps(_strip_runtime(model.config.to_dict()), sort_keys=True, default=str)
+    h = hashlib.sha256(b"musicgen:" + config.encode())
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach()
+        if t.is_floating_point():
+            t = t.float()
+        t = t.cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:32]
+
+
 # ------------------------------------------------------------------------------------------------- loading
+def find_musicgen_dir(path: str | Path) -> Path | None:
+    """The folder holding a MusicGen config.json when `path` is (or is a hub cache folder of) a MusicGen checkpoint,
+    else None. Cheap: reads one JSON file, loads nothing."""
+    try:
+        folder = resolve_local_dir(path)
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (MusicGenError, OSError, ValueError):
+        return None
+    return folder if model_type in ("musicgen", "musicgen_decoder") else None
+
+
+def musicgen_shape(folder: str | Path) -> dict:
+    """n_layers / n_heads / head_dim of a local MusicGen checkpoint from its config.json (no weights loaded): enough
+    to refuse a probe set made on another model size before loading gigabytes."""
+    cfg = json.loads((resolve_local_dir(folder) / "config.json").read_text())
+    dec = cfg.get("decoder", cfg) if cfg.get("model_type") == "musicgen" else cfg
+    layers, heads = int(dec["num_hidden_layers"]), int(dec["num_attention_heads"])
+    return {"n_layers": layers, "n_heads": heads, "head_dim": int(dec["hidden_size"]) // heads}
+
+
 def resolve_local_dir(path: str | Path) -> Path:
     """A `save_pretrained` folder, or a hub cache folder (`models--facebook--musicgen-small`, its `snapshots/`, or a
     snapshot): the folder holding config.json. Never downloads."""
@@ -431,16 +473,19 @@ def load_musicgen(path: str | Path, device: str = "cpu", dtype: str | torch.dtyp
             raise MusicGenError(f"generator.dtype must be float32, float16 or bfloat16, not {dtype!r}")
         dtype = getattr(torch, dtype)
     try:
-        model = classes[model_type].from_pretrained(str(folder), local_files_only=True,
-                                                    dtype=dtype or torch.float32)
+        model = classes[model_type].from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MusicGenError(f"cannot load MusicGen from {folder}: {first}") from None
-    model = model.to(device).eval()
+    fingerprint = weights_fingerprint(model)  # the checkpoint's, before any cast
+    try:
+        model = model.to(device=device, dtype=dtype or torch.float32).eval()
+    except (RuntimeError, AssertionError) as e:  # e.g. cuda asked for on a machine without it
+        raise MusicGenError(f"cannot move MusicGen to {device!r}: {str(e).strip().splitlines()[0]}") from None
     tokenizer = None
     if any((folder / f).exists() for f in ("tokenizer.json", "spiece.model", "tokenizer_config.json")):
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    generator = MusicGenGenerator(model, tokenizer)
+    generator = MusicGenGenerator(model, tokenizer, fingerprint=fingerprint, source=folder)
     if generator.composite:
         codec = musicgen_codec(model)
     elif codec_path is not None:
@@ -468,6 +513,43 @@ def musicgen_codec(model):
     return codec
 
 
+BACKENDS = ("builtin", "musicgen")
+_SECTION_KEYS = {"backend": "builtin", "path": None, "device": "cpu", "dtype": "float32", "codec_path": None}
+
+
+def backend_section(section: Mapping | None = None, *, generator: str | Path | None = None, backend: str | None = None,
+                    musicgen: str | Path | None = None, device: str | None = None,
+                    dtype: str | None = None) -> dict:
+    """The params `generator` section with command-line overrides applied (None keeps the params value):
+    - `backend`: builtin | musicgen, wins over everything;
+    - `musicgen`: a local MusicGen folder; implies backend musicgen;
+    - `generator`: the builtin generator's folder, or a MusicGen folder (detected from its config.json), which then
+      counts as `musicgen`. A builtin folder does not override params `backend: musicgen` (so the DVC stages, which
+      always pass --generator data/generator, follow params).
+    Returns {backend, path, device, dtype, codec_path} plus `builtin_dir` (the builtin folder, or None)."""
+    out = dict(_SECTION_KEYS)
+    out.update({k: v for k, v in dict(section or {}).items() if k in _SECTION_KEYS and v is not None})
+    builtin_dir = None
+    if generator is not None and not str(generator).startswith("models:/"):
+        found = find_musicgen_dir(generator)
+        if found is not None and musicgen is None:
+            musicgen = generator
+        elif found is None:
+            builtin_dir = str(generator)
+    if musicgen is not None:
+        out["path"], out["backend"] = str(musicgen), "musicgen"
+    if backend is not None:
+        out["backend"] = backend
+    if device is not None:
+        out["device"] = device
+    if dtype is not None:
+        out["dtype"] = dtype
+    if out["backend"] not in BACKENDS:
+        raise MusicGenError(f"unknown generator.backend {out['backend']!r} (builtin | musicgen)")
+    out["builtin_dir"] = builtin_dir
+    return out
+
+
 def load_backend(section: Mapping, builtin_dir: str | Path | None = None):
     """(generator, codec) chosen by the `generator` params section: `backend: builtin` loads the trained checkpoint
     in `builtin_dir`; `backend: musicgen` loads `path` (local only) on `device` in `dtype`."""
@@ -476,12 +558,13 @@ def load_backend(section: Mapping, builtin_dir: str | Path | None = None):
     if backend == "musicgen":
         if not section.get("path"):
             raise MusicGenError("generator.backend is musicgen but generator.path is not set (a local folder of "
-                                "MusicGen weights)")
-        return load_musicgen(section["path"], section.get("device", "cpu"), section.get("dtype"),
+                                "MusicGen weights; or pass --musicgen DIR)")
+        return load_musicgen(section["path"], section.get("device") or "cpu", section.get("dtype"),
                              section.get("codec_path"))
     if backend == "builtin":
         from models.generator import load_generator
 
+        builtin_dir = builtin_dir or section.get("builtin_dir")
         if builtin_dir is None:
             raise MusicGenError("the builtin generator backend needs the trained generator's folder")
         return load_generator(builtin_dir)
@@ -490,10 +573,11 @@ def load_backend(section: Mapping, builtin_dir: str | Path | None = None):
 
 # ------------------------------------------------------------------------------------------------ debug preset
 def debug_musicgen(seed: int = 0, decoder_only: bool = False, card: int = 32, hidden: int = 16, layers: int = 2,
-                   heads: int = 4, codebooks: int = 4):
+                   heads: int = 4, codebooks: int = 4, sample_rate: int = 800):
     """A tiny random MusicGen (hidden 16, 2 layers, 4 heads, 4 codebooks of `card` codes; 1-layer T5 of width 8;
-    EnCodec at 800 Hz, 50 frames/s) with the generation config the real checkpoints ship; builds in well under a
-    second, no download. Returns the transformers model."""
+    EnCodec at 800 Hz, or 8000 Hz for audio descriptors that need a few kHz of bandwidth, 50 frames/s) with the
+    generation config the real checkpoints ship; builds in well under a second, no download. Returns the
+    transformers model."""
     from transformers import (EncodecConfig, MusicgenConfig, MusicgenDecoderConfig, MusicgenForCausalLM,
                               MusicgenForConditionalGeneration, T5Config)
 
@@ -508,8 +592,11 @@ def debug_musicgen(seed: int = 0, decoder_only: bool = False, card: int = 32, hi
                       relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
                       decoder_start_token_id=0, pad_token_id=0)
         # 800 Hz / (4 * 4) = 50 frames/s; log2(32) bits x 50 = 250 bps per codebook -> 4 codebooks at 1 kbps
-        enc = EncodecConfig(sampling_rate=800, target_bandwidths=[codebooks * math.log2(card) * 50 / 1000.0],
-                            hidden_size=8, num_filters=2, num_residual_layers=1, upsampling_ratios=[4, 4],
+        ratios = {800: [4, 4], 8000: [8, 5, 4]}
+        if sample_rate not in ratios:
+            raise MusicGenError(f"debug_musicgen: sample_rate must be one of {sorted(ratios)}")
+        enc = EncodecConfig(sampling_rate=sample_rate, target_bandwidths=[codebooks * math.log2(card) * 50 / 1000.0],
+                            hidden_size=8, num_filters=2, num_residual_layers=1, upsampling_ratios=ratios[sample_rate],
                             num_lstm_layers=1, codebook_size=card, kernel_size=3, last_kernel_size=3,
                             residual_kernel_size=3)
         model = MusicgenForConditionalGeneration(MusicgenConfig(text_encoder=t5.to_dict(),
@@ -526,4 +613,5 @@ def debug_musicgen(seed: int = 0, decoder_only: bool = False, card: int = 32, hi
 
 
 __all__ = ["MusicGenGenerator", "OutProjHeads", "MusicGenError", "load_musicgen", "musicgen_codec", "load_backend",
-           "resolve_local_dir", "debug_musicgen"]
+           "backend_section", "find_musicgen_dir", "musicgen_shape", "weights_fingerprint", "resolve_local_dir",
+           "debug_musicgen"]

@@ -403,6 +403,13 @@ class ProbeSet:
     params: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     created_at: str = ""
+    # the generator it was trained on beyond its fingerprint, for backends whose weights live outside the project
+    # (MusicGen: {"backend": "musicgen", "path": local folder, "fingerprint", shape}); empty for the builtin one
+    generator: dict = field(default_factory=dict)
+
+    @property
+    def generator_backend(self) -> str:
+        return str(self.generator.get("backend") or "builtin")
 
     @property
     def n_layers(self) -> int:
@@ -441,6 +448,8 @@ class ProbeSet:
                 "data_hash": self.data_hash, "params": self.params, "n_layers": self.n_layers,
                 "n_heads": self.n_heads, "head_dim": self.head_dim, "metrics": self.metrics,
                 "created_at": self.created_at, "format": "smitin-probe-set/1"}
+        if self.generator:
+            meta["generator"] = self.generator
         (directory / PROBE_SET_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         return directory
 
@@ -463,7 +472,7 @@ class ProbeSet:
         return cls(trait=meta["trait"], generator_fingerprint=meta["generator_fingerprint"],
                    data_hash=meta.get("data_hash", ""), params=meta.get("params", {}),
                    metrics=meta.get("metrics", {}), created_at=meta.get("created_at", ""),
-                   **{n: arrays[n] for n in ARRAY_NAMES})
+                   generator=meta.get("generator") or {}, **{n: arrays[n] for n in ARRAY_NAMES})
 
 
 def soft_weights(accuracy: np.ndarray, power: float) -> np.ndarray:
@@ -639,4 +648,6 @@ def train_trait(trait: str, generator, codec, clips_table: str | None, section: 
     record["window_frames"] = window
     probe_set = train_probe_set(acts, np.array([c.label for c in clips]), [c.split for c in clips], trait,
                                 generator.fingerprint(), record, data_hash(clips))
+    describe = getattr(generator, "describe", None)  # backends other than the builtin one say what they are
+    probe_set.generator = dict(describe()) if callable(describe) else {}
     return probe_set

@@ -229,11 +229,13 @@ class SteeringSession:
         self.n_monitor = min(p.monitor_heads, L * H)
         w = np.zeros((L, H * D, len(sets) * self.n_monitor), np.float32)
         b = np.zeros(len(sets) * self.n_monitor, np.float32)
+        monitored = np.zeros(L, bool)  # by position, not by weight: a degenerate probe may have all-zero weights
         for t, ps in enumerate(sets):
             for m, (layer, head) in enumerate(ps.top_heads(self.n_monitor)):
                 w[layer, head * D:(head + 1) * D, t * self.n_monitor + m] = ps.coef[layer, head]
                 b[t * self.n_monitor + m] = ps.intercept[layer, head]
-        self.monitor_layers = [bool(np.any(w[layer])) for layer in range(L)]
+                monitored[layer] = True
+        self.monitor_layers = monitored.tolist()
         used = [layer for layer in range(L) if self.monitor_layers[layer]]
         self.monitor_w = torch.from_numpy(w[used].reshape(-1, w.shape[-1])).to(device, dtype)
         self.monitor_b = torch.from_numpy(b).to(device, dtype)
@@ -315,8 +317,9 @@ class SteeringSession:
             return
         n, T, M = self._n, len(self.sign), self.n_monitor
         x = torch.cat([torch.stack(stash, dim=1).reshape(stash[0].shape[0], -1) for _, stash, _ in self._pending])
-        logits = torch.addmm(self.monitor_b, x, self.monitor_w).detach().float().numpy()
-        prob = _median(1.0 / (1.0 + np.exp(-logits.reshape(-1, T, M))))  # [steps * n, T]: median over heads
+        # .cpu() before .numpy(): the generator (and so the stashed head outputs) may sit on a GPU
+        logits = torch.addmm(self.monitor_b, x, self.monitor_w).detach().float().cpu().numpy()
+        prob = _median(1.0 / (1.0 + np.exp(-np.clip(logits.reshape(-1, T, M), -60.0, 60.0))))  # [steps * n, T]: median over heads
         for i, (step, _, factor) in enumerate(self._pending):
             self._log.append((step, prob[i * n:(i + 1) * n], factor))
         self._monitor = self._log[-1][1]

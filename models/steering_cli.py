@@ -18,6 +18,48 @@ def _params(path: str, section: str) -> dict:
     return load_params(path, section)
 
 
+def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
+    """--backend / --musicgen / --device / --dtype: override params `generator` (shared with `smitin generate`)."""
+    parser.add_argument("--backend", choices=["builtin", "musicgen"], default=None,
+                        help="generator backend (default: params generator.backend, else builtin)")
+    parser.add_argument("--musicgen", default=None, metavar="DIR",
+                        help="local Hugging Face MusicGen weights (a save_pretrained folder or a hub cache folder "
+                             "such as ~/.cache/huggingface/hub/models--facebook--musicgen-small); implies "
+                             "--backend musicgen; default: params generator.path. Nothing is downloaded")
+    parser.add_argument("--device", default=None, help="MusicGen device: cpu | cuda | cuda:0 (default: params)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                        help="MusicGen dtype (default: params generator.dtype; half precision on a GPU)")
+
+
+def generator_section(args) -> dict:
+    """The params `generator` section (absent: builtin) with this command's overrides; see
+    `models.musicgen.backend_section`."""
+    from models.musicgen import backend_section
+
+    path = Path(getattr(args, "params", "") or "")
+    section = {}
+    if path.is_file():
+        import yaml
+
+        section = (yaml.safe_load(path.read_text()) or {}).get("generator") or {}
+    return backend_section(section, generator=getattr(args, "generator", None), backend=args.backend,
+                           musicgen=args.musicgen, device=args.device, dtype=args.dtype)
+
+
+def load_generator_for(section: dict):
+    """(generator, codec) of a resolved backend section; says on stderr which MusicGen it loads (it takes a while)."""
+    from models.musicgen import MusicGenError, load_backend
+
+    if section["backend"] == "musicgen":
+        print(f"generator: MusicGen from {section['path']} on {section['device']} ({section['dtype']})",
+              file=sys.stderr, flush=True)
+    generator, codec = load_backend(section, section.get("builtin_dir"))
+    if codec is None:
+        raise MusicGenError("this decoder-only MusicGen has no codec: set generator.codec_path to an EnCodec "
+                            "save_pretrained folder")
+    return generator, codec
+
+
 def _progress(stage: str, done: int, total: int) -> None:
     if sys.stderr.isatty():
         print(f"\r{stage}: {done}/{total} clips", end="\n" if done == total else "", file=sys.stderr, flush=True)
@@ -26,7 +68,6 @@ def _progress(stage: str, done: int, total: int) -> None:
 
 
 def _probes_train(args) -> int:
-    from models.generator import load_generator
     from models.probes import probe_params, train_trait, write_probe_plots
 
     section = _params(args.params, "probes")
@@ -37,7 +78,7 @@ def _probes_train(args) -> int:
     import torch
 
     torch.set_num_threads(int(section.get("threads", 1)))  # see params probes.threads
-    generator, codec = load_generator(args.generator)
+    generator, codec = load_generator_for(generator_section(args))
     probe_set = train_trait(args.trait, generator, codec, args.clips, section, _progress)
     out = probe_set.save(Path(args.out) / args.trait)
     write_probe_plots(probe_set, Path(args.plots) / args.trait)
@@ -58,6 +99,7 @@ def _probes_show(args) -> int:
 
     ps = ProbeSet.load(args.dir)
     print(json.dumps({"trait": ps.trait, "generator_fingerprint": ps.generator_fingerprint,
+                      "generator_backend": ps.generator_backend, **({"generator": ps.generator} if ps.generator else {}),
                       "shape": [ps.n_layers, ps.n_heads, ps.head_dim], "metrics": ps.metrics,
                       "top_heads": [[l, h, round(float(ps.accuracy[l, h]), 3)] for l, h in ps.top_heads(8)]},
                      indent=1))
@@ -69,9 +111,11 @@ def _evaluate(args) -> int:
 
     params = _params(args.params, "evaluate_steering")
     probes_section = _params(args.params, "probes")
-    result = evaluate_steering(args.generator, args.probes, args.tokens, args.clips, params, probes_section,
-                               out_json=args.out, table_path=args.table, report_dir=args.reports,
-                               progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    section = generator_section(args)
+    result = evaluate_steering(section.get("builtin_dir") or args.generator, args.probes, args.tokens, args.clips,
+                               params, probes_section, out_json=args.out, table_path=args.table,
+                               report_dir=args.reports, progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+                               generator_section=section)
     print(Path(args.table).read_text() if args.table else json.dumps(result["metrics"], indent=1))
     return 0
 
@@ -84,7 +128,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                                        "fit a logistic regression per (layer, head), save the probe set "
                                        "(probe_set.json + probes.safetensors) and a layer x head accuracy heatmap.")
     train.add_argument("--trait", required=True, help="a trait named in params probes.traits (e.g. drums)")
-    train.add_argument("--generator", default="data/generator", help="generator folder (save_generator layout)")
+    train.add_argument("--generator", default="data/generator",
+                       help="builtin generator folder (save_generator layout), or a MusicGen folder (detected)")
     train.add_argument("--clips", default="data/clips", help="clips table (stems / predicate sources)")
     train.add_argument("--out", default="data/probes", help="probe sets folder; writes OUT/TRAIT/")
     train.add_argument("--plots", default="plots/probes", help="plots folder; writes PLOTS/TRAIT/")
@@ -95,6 +140,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--direction", choices=["mass_mean", "probe"], default=None,
                        help="override params probes.direction")
     train.add_argument("--params", default="params.yaml")
+    add_backend_arguments(train)
     train.set_defaults(func=_probes_train)
 
     show = sub.add_parser("show", help="print a probe set's metadata, metrics and best heads")
@@ -104,7 +150,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     ev = commands.add_parser("evaluate-steering",
                              help="steering success (independent detector), Frechet distance, continuation "
                                   "similarity per trait / task / mode, random control, n-pairs ablation")
-    ev.add_argument("--generator", default="data/generator")
+    ev.add_argument("--generator", default="data/generator",
+                    help="builtin generator folder, or a MusicGen folder (detected)")
     ev.add_argument("--probes", default="data/probes", help="folder of probe sets (one subfolder per trait)")
     ev.add_argument("--tokens", default="data/tokens", help="tokenized clips (prompts, captions, detector data)")
     ev.add_argument("--clips", default="data/clips", help="clips table (for the n-pairs ablation probes)")
@@ -112,4 +159,5 @@ def register(commands: argparse._SubParsersAction) -> None:
     ev.add_argument("--table", default="metrics/evaluate_steering.md", help="markdown table of all rows")
     ev.add_argument("--reports", default="data/evaluate_steering", help="rows.json + example steering reports")
     ev.add_argument("--params", default="params.yaml")
+    add_backend_arguments(ev)
     ev.set_defaults(func=_evaluate)

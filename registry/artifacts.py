@@ -30,6 +30,7 @@ class ArtifactInfo:
     trait: str | None = None
     fingerprint: str | None = None             # generator: its own; probe set: none
     generator_fingerprint: str | None = None   # probe set: the generator it was trained on
+    generator_info: dict = field(default_factory=dict)  # probe set: backend / local path of a non-builtin generator
     metrics: dict = field(default_factory=dict)
     params: dict = field(default_factory=dict)
 
@@ -134,6 +135,7 @@ def inspect_dir(directory: str | Path, kind: str | None = None) -> ArtifactInfo:
                 raise InvalidArtifact(f"{directory / meta_name} has no {key}")
         info.trait = meta["trait"]
         info.generator_fingerprint = meta["generator_fingerprint"]
+        info.generator_info = meta.get("generator") if isinstance(meta.get("generator"), dict) else {}
         info.params = flatten({"params": meta.get("params", {}),
                                **{k: meta[k] for k in ("n_layers", "n_heads", "head_dim") if k in meta}})
         info.metrics = numeric(meta.get("metrics", {}))

@@ -31,9 +31,30 @@ class LocalModel:
     fingerprint: str | None = None             # generator
     generator_fingerprint: str | None = None   # probe set
     cached: bool = False
+    # generator: its backend ("builtin" | "musicgen"); probe set: the backend of the generator it was trained on
+    backend: str = "builtin"
+    generator_path: str | None = None          # probe set trained on MusicGen: the local folder it was trained on
+    shape: tuple[int, int, int] | None = None  # (layers, heads, head dim): of the generator / the probe set
 
     def label(self) -> str:
         return f"{self.name} v{self.version}" if self.name else str(self.path)
+
+    def generator_label(self) -> str:
+        """How a probe set names the generator it was trained on."""
+        fp = str(self.generator_fingerprint)[:12]
+        if self.backend == "musicgen":
+            return f"MusicGen {fp}" + (f" ({self.generator_path})" if self.generator_path else "")
+        trained_on = self.tags.get(TAG + "generator_version")
+        return f"generator {fp}" + (f" (registered generator v{trained_on})"
+                                    if trained_on and trained_on != "unregistered" else "")
+
+
+def _shape(text) -> tuple[int, int, int] | None:
+    try:
+        shape = tuple(int(x) for x in str(text).split("x"))
+    except (TypeError, ValueError):
+        return None
+    return shape if len(shape) == 3 else None
 
 
 def parse_uri(uri: str) -> tuple[str, str | None, str | None]:
@@ -79,8 +100,12 @@ def fetch(reg: Registry | None, uri: str | os.PathLike, cache_dir: str | Path | 
     text = str(uri)
     if not text.startswith("models:/"):
         info = inspect_dir(text)
+        g = info.generator_info
+        shape = tuple(int(info.meta[k]) for k in ("n_layers", "n_heads", "head_dim")) \
+            if info.kind == "probe_set" and all(k in info.meta for k in ("n_layers", "n_heads", "head_dim")) else None
         return LocalModel(path=info.path, kind=info.kind, uri=text, trait=info.trait, fingerprint=info.fingerprint,
-                          generator_fingerprint=info.generator_fingerprint)
+                          generator_fingerprint=info.generator_fingerprint, backend=str(g.get("backend") or "builtin"),
+                          generator_path=g.get("path"), shape=shape)
     if reg is None:
         raise RegistryError("a models:/ URI needs a registry")
     mv = resolve(reg, text)
@@ -103,7 +128,10 @@ def fetch(reg: Registry | None, uri: str | os.PathLike, cache_dir: str | Path | 
     return LocalModel(path=final, kind=kind, uri=text, name=mv.name, version=str(mv.version),
                       aliases=list(mv.aliases or []), tags=dict(mv.tags), trait=mv.tags.get(TAG + "trait"),
                       fingerprint=mv.tags.get(TAG + "fingerprint"),
-                      generator_fingerprint=mv.tags.get(TAG + "generator_fingerprint"), cached=cached)
+                      generator_fingerprint=mv.tags.get(TAG + "generator_fingerprint"), cached=cached,
+                      backend=mv.tags.get(TAG + "generator_backend") or "builtin",
+                      generator_path=mv.tags.get(TAG + "generator_path"),
+                      shape=_shape(mv.tags.get(TAG + "generator_shape")))
 
 
 def _download(reg: Registry, mv, final: Path, content: str, label: str) -> None:
@@ -132,12 +160,24 @@ def _download(reg: Registry, mv, final: Path, content: str, label: str) -> None:
 
 
 def check_compatible(probe_set: LocalModel, generator: LocalModel) -> None:
-    """Refuse a probe set trained on another generator, naming both."""
+    """Refuse a probe set trained on another generator, naming both. A MusicGen generator whose weights are not
+    loaded yet has no fingerprint: the backend and the shape (from its config.json) are checked now, the
+    fingerprint once it is loaded (call again then)."""
+    trained = probe_set.generator_label()
+    what = "MusicGen " if generator.backend == "musicgen" else ""
+    fix = "retrain the probes for this generator or pick the generator they were trained on"
+    if probe_set.backend != generator.backend:
+        raise IncompatibleProbeSet(
+            f"probe set {probe_set.label()} (trait {probe_set.trait}) was trained on {trained}, not on the "
+            f"{generator.backend} generator {generator.label()}; {fix}")
+    if generator.fingerprint is None:
+        if probe_set.shape and generator.shape and tuple(probe_set.shape) != tuple(generator.shape):
+            raise IncompatibleProbeSet(
+                f"probe set {probe_set.label()} (trait {probe_set.trait}) was trained on {trained} with "
+                f"layers x heads x head dim {'x'.join(map(str, probe_set.shape))}, not on {what}{generator.label()} "
+                f"({'x'.join(map(str, generator.shape))}); {fix}")
+        return
     if probe_set.generator_fingerprint != generator.fingerprint:
-        trained_on = probe_set.tags.get(TAG + "generator_version")
-        trained = f"generator {str(probe_set.generator_fingerprint)[:12]}" + (
-            f" (registered generator v{trained_on})" if trained_on and trained_on != "unregistered" else "")
         raise IncompatibleProbeSet(
             f"probe set {probe_set.label()} (trait {probe_set.trait}) was trained on {trained}, not on "
-            f"{generator.label()} ({str(generator.fingerprint)[:12]}); retrain the probes for this generator or "
-            f"pick the generator they were trained on")
+            f"{what}{generator.label()} ({str(generator.fingerprint)[:12]}); {fix}")

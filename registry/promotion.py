@@ -95,6 +95,12 @@ def metric_gate(candidate, champion, gates: dict, kind: str) -> Gate:
 
 def compatibility_gate(reg: Registry, candidate) -> Gate:
     fp = candidate.tags.get(TAG + "generator_fingerprint", "")
+    if candidate.tags.get(TAG + "generator_backend") == "musicgen":
+        # MusicGen weights are referenced by path, not registered: `smitin generate` checks the fingerprint of the
+        # MusicGen it loads against this one (and refuses another model)
+        return Gate("compatible", True, f"trained on MusicGen {fp[:12]} at "
+                                        f"{candidate.tags.get(TAG + 'generator_path', '?')} (not registered; "
+                                        f"checked against the loaded weights when generating)")
     gen_name = reg.settings.generator_name
     gen = alias_version(reg.client, gen_name, CHAMPION) if reg.client.search_registered_models(
         f"name = '{gen_name}'") else None
@@ -199,7 +205,7 @@ def stale_probe_sets(reg: Registry, generator_fingerprint: str) -> list[str]:
     out = []
     prefix = reg.settings.probe_set_prefix
     for rm in reg.client.search_registered_models(max_results=1000):
-        if not rm.name.startswith(prefix):
+        if not rm.name.startswith(prefix) or reg.probe_set_backend(rm.name) != "builtin":
             continue
         champ = alias_version(reg.client, rm.name, CHAMPION)
         if champ is not None and champ.tags.get(TAG + "generator_fingerprint") != generator_fingerprint:

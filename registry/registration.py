@@ -58,7 +58,9 @@ def _ensure_registered_model(reg: Registry, name: str, info: ArtifactInfo) -> No
     if c.search_registered_models(f"name = '{name}'"):
         return
     what = ("the smitin generator (with its codec)" if info.kind == "generator"
-            else f"SMITIN probe sets for the trait '{info.trait}'")
+            else f"SMITIN probe sets for the trait '{info.trait}'" + (
+                " on Hugging Face MusicGen (weights referenced by local path + fingerprint, not registered)"
+                if info.generator_info.get("backend") == "musicgen" else ""))
     try:
         c.create_registered_model(name, tags={TAG + "kind": info.kind, **({TAG + "trait": info.trait} if info.trait else {})},
                                   description=f"{what}; aliases: champion (serving), challenger (newest registered)")
@@ -75,7 +77,8 @@ def register_dir(reg: Registry, directory: str | Path, kind: str | None = None, 
     info = inspect_dir(directory, kind)
     if trait and info.trait and trait != info.trait:
         raise RegistryError(f"{directory} is a probe set for '{info.trait}', not '{trait}'")
-    name = reg.model_name(info.kind, info.trait)
+    backend = str(info.generator_info.get("backend") or "builtin")
+    name = reg.model_name(info.kind, info.trait, backend)
     metrics = {**info.metrics, **numeric(extra_metrics or {})}
     reg.check(create=True)
     with translate_errors(reg), reg.lock(f"registration of {name}"):
@@ -89,6 +92,14 @@ def register_dir(reg: Registry, directory: str | Path, kind: str | None = None, 
         tags.update(dvc_lineage(directory))
         if info.kind == "generator":
             tags["fingerprint"] = info.fingerprint
+        elif backend == "musicgen":
+            # the MusicGen weights are not registered (gigabytes, and the user's own copy): a reference + fingerprint
+            g = info.generator_info
+            tags.update(trait=info.trait, generator_fingerprint=info.generator_fingerprint,
+                        generator_backend="musicgen", generator_path=str(g.get("path") or ""),
+                        generator_version="unregistered",
+                        generator_shape=f"{g.get('n_layers')}x{g.get('n_heads')}x{g.get('head_dim')}",
+                        data_hash=str(info.meta.get("data_hash", "")))
         else:
             tags.update(trait=info.trait, generator_fingerprint=info.generator_fingerprint,
                         generator_version=_generator_version(reg, info.generator_fingerprint),

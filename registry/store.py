@@ -21,6 +21,9 @@ from registry.errors import ModelNotFound, RegistrationBusy, RegistryError, Regi
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 CHAMPION, CHALLENGER = "champion", "challenger"
 TAG = "smitin."  # prefix of every tag this package writes
+# Probe sets trained on Hugging Face MusicGen are registered as PREFIX + "musicgen-" + trait (smitin-probes-musicgen-
+# drums), so they have their own champion and never compete with the builtin generator's probe sets.
+MUSICGEN_INFIX = "musicgen-"
 
 # The numbers and names `registry` reads from params.yaml; the section there overrides any of them.
 DEFAULTS: dict = {
@@ -193,12 +196,18 @@ class Registry:
             return exp.experiment_id
 
     # ------------------------------------------------------------------ names
-    def model_name(self, kind: str, trait: str | None = None) -> str:
+    def model_name(self, kind: str, trait: str | None = None, backend: str = "builtin") -> str:
+        """The registered name: the generator's, or PREFIX + trait for a probe set (PREFIX + "musicgen-" + trait for
+        one trained on MusicGen)."""
         if kind == "generator":
             return self.settings.generator_name
         if not trait:
             raise RegistryError("a probe set needs a trait name")
-        return f"{self.settings.probe_set_prefix}{trait}"
+        return f"{self.settings.probe_set_prefix}{MUSICGEN_INFIX if backend == 'musicgen' else ''}{trait}"
+
+    def probe_set_backend(self, name: str) -> str:
+        """'musicgen' for a MusicGen probe-set name, else 'builtin'."""
+        return "musicgen" if name.startswith(self.settings.probe_set_prefix + MUSICGEN_INFIX) else "builtin"
 
     def resolve_name(self, text: str) -> str:
         """A registered model name from what a user typed: the full name, `generator`, or a trait (`drums`)."""
