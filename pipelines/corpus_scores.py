@@ -73,6 +73,7 @@ class Score:
     chord_symbols: list[tuple[float, str]] = field(default_factory=list)  # (ql, figure) from the score
     declared_key: tuple[int, str] | None = None  # (tonic pc, mode) declared by the source, if trustworthy
     final_pitch: int | None = None  # last melody note of the whole piece (folk tunes end on the tonic)
+    signature_key: tuple[int, str] | None = None  # the source's key field (ABC `K:`) when it is not trusted as is
 
     @property
     def polyphonic(self) -> bool:
@@ -267,18 +268,22 @@ def load_score(ref: PieceRef) -> Score:
     if len(beats) < 4:
         raise ValueError("score too short (fewer than 4 beats)")
 
-    declared = None
+    declared = signature = None
     keys = list(parts[0].recurse().getElementsByClass(m21key.Key))
-    if keys and ref.corpus in ("nottingham",):
+    if keys:
         k = keys[0]
-        declared = (k.tonic.pitchClass, "minor" if k.mode in ("minor", "dorian", "phrygian", "aeolian") else "major")
+        k_key = (k.tonic.pitchClass, "minor" if k.mode in ("minor", "dorian", "phrygian", "aeolian") else "major")
+        if ref.corpus in ("nottingham",):
+            declared = k_key
+        else:
+            signature = k_key
     num, den = int(ts_first.numerator), int(ts_first.denominator)
     step = beat_unit(num, den)
     return Score(
         piece_id=ref.piece_id, corpus=ref.corpus, title=str(title), voices=voices, beats=beats,
         downbeats=downbeats, beat_ql=step, time_signature=f"{num}/{den}",
         beats_per_bar=max(1, int(round(float(ts_first.barDuration.quarterLength) / step))), end=end,
-        chord_symbols=sorted(symbols), declared_key=declared, final_pitch=last[1],
+        chord_symbols=sorted(symbols), declared_key=declared, final_pitch=last[1], signature_key=signature,
     )
 
 
@@ -316,8 +321,11 @@ def score_key(score: Score, end: float | None = None) -> tuple[int, str]:
     """(tonic pc, mode) of the score up to `end`.
 
     Declared keys (ABC `K:` with a mode, as in the Nottingham tunes) win. Otherwise Krumhansl-Kessler over the
-    rendered span decides between relatives only when the key is clear; folk melodies (monophonic) use their
-    final note to pick between the two keys that share the best key's signature (folk tunes end on the tonic).
+    rendered span decides between relatives only when the key is clear; folk melodies (monophonic) take their
+    tonic from the final note (folk tunes mostly end on it, modal ones too; the third above it decides the mode),
+    except where the final is the third or fifth of the key the source's `K:` field names: such a tune is in that
+    key and ends on a tone of its tonic triad (a third of the Essen tunes end on degree 3 or 5; calling "K: D ...
+    ending on A" A major labelled, and harmonised, the tune in its dominant).
     """
     if score.declared_key is not None:
         return score.declared_key
@@ -325,9 +333,13 @@ def score_key(score: Score, end: float | None = None) -> tuple[int, str]:
     best = int(np.argmax(corr))
     tonic, mode = best % 12, ("major" if best < 12 else "minor")
     if not score.polyphonic and score.final_pitch is not None:
-        # folk tunes end on their tonic (modal ones too); the third above it decides the mode
         hist = pc_histogram(score, 0.0, end)
         final = score.final_pitch % 12
+        if score.signature_key is not None:
+            sig_tonic, sig_mode = score.signature_key
+            third = 4 if sig_mode == "major" else 3
+            if (final - sig_tonic) % 12 in (third, 7):
+                final = sig_tonic
         return final, ("major" if hist[(final + 4) % 12] >= hist[(final + 3) % 12] else "minor")
     return tonic, mode
 
