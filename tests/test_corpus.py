@@ -10,7 +10,7 @@ import soundfile as sf
 from pipelines.chords import to_harte
 from pipelines.corpus import LABELS_FILE, render_corpus
 from pipelines.corpus_arrange import describe, mixes_of
-from pipelines.corpus_scores import (Score, ScoreNote, analyse_chords, harmonise_melody, metric_grid,
+from pipelines.corpus_scores import (Score, ScoreNote, analyse_chords, harmonise_melody, metric_grid, score_key,
                                      symbol_chords, transpose_label)
 
 
@@ -64,6 +64,25 @@ def test_harmonise_melody_and_symbols():
     assert segs[0][2] == "C:maj" and segs[-1][2] == "C:maj"
     sym = symbol_chords(_score(melody, [(0.0, "C"), (4.0, "G7/b")]), 8.0)
     assert sym == [(0.0, 4.0, "C:maj"), (4.0, 8.0, "G:7/3")]
+
+
+def _tune(pitches, signature):
+    melody = [[ScoreNote(i, i + 1, p) for i, p in enumerate(pitches)]]
+    score = _score(melody)
+    score.final_pitch, score.signature_key = pitches[-1], signature
+    return score
+
+
+def test_folk_key_from_final_note_unless_it_is_the_third_or_fifth_of_the_signature_key():
+    g_major = [67, 71, 74, 72, 71, 69, 66, 67]  # G B D C B A F# G
+    assert score_key(_tune(g_major, (7, "major"))) == (7, "major")
+    # the same tune ending on its fifth (D) or third (B) is still in G major (K: G), not in D major / B minor
+    assert score_key(_tune(g_major[:-1] + [62], (7, "major"))) == (7, "major")
+    assert score_key(_tune(g_major[:-1] + [71], (7, "major"))) == (7, "major")
+    # ending on the sixth (E) with G's signature: the final decides (E, and its third G makes it minor)
+    assert score_key(_tune([64, 67, 71, 69, 67, 66, 64], (7, "major"))) == (4, "minor")
+    # no signature: the final note
+    assert score_key(_tune(g_major[:-1] + [62], None))[0] == 2
 
 
 def test_describe():
