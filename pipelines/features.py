@@ -19,18 +19,34 @@ _HPCP_HOP = 2048
 class FeatureParams:
     analysis_sample_rate: int = 44100
     key_profile: str = "bgate"
+    # Several profiles: one HPCP pass (exactly KeyExtractor's), each profile's key is a vote, the most voted key
+    # wins (ties: the earlier profile). Empty: essentia KeyExtractor with `key_profile` alone.
+    key_profiles: tuple[str, ...] = ()
     rhythm_method: str = "multifeature"
     chord_method: str = "hmm"
     chord_self_transition: float = 0.5
     silence_dbfs: float = -60.0
     meters: tuple[int, ...] = field(default=(2, 3, 4))
-    downbeat_evidence: str = "chroma_bass"  # chroma_bass | onsets_chords (adds low-band onsets, chord changes)
+    # Downbeat evidence per beat: "weighted" (default) sums the z-scored cues of `downbeat_weights`;
+    # "chroma_bass" / "onsets_chords" are the earlier fixed sums (chroma change + bass level [+ onsets, labels]).
+    downbeat_evidence: str = "weighted"
+    # Weights of the per-beat cues (fitted on the rendered dev set, checked by piece-grouped cross-validation):
+    # bass = low-band level at the beat, chord_change = chord label changes there, novelty = chroma of the two
+    # beats after vs the two before, low_onset / high_onset = spectral flux below 200 Hz / above 2 kHz (hats and
+    # snares sit on the backbeats, hence negative).
+    downbeat_weights: tuple[tuple[str, float], ...] = (
+        ("bass", 1.0), ("chord_change", 0.6), ("novelty", 0.45), ("low_onset", 0.1), ("high_onset", -0.35))
+    # Beat refinement after the tracker (see `refine_beats`); False keeps the tracker's beats (+ octave halving).
+    beat_refine: bool = True
+    beat_steady_tolerance: float = 0.04   # interval within this fraction of the median = settled tracking
+    beat_phase_margin: float = 0.5        # off-beat evidence above on-beat evidence by this much: shift half a beat
+    beat_compound_margin: float = 0.8     # dotted-beat (3 tatums) evidence above 2-tatum evidence: compound metre
     # Tempo octave: a beat level faster than this is taken as the subdivision and every other beat is kept
     # (the phase with the stronger bass / harmonic-change evidence); 0 disables.
     tempo_halve_above_bpm: float = 150.0
     # Added to a meter's bar-phase score (contrast of z-scored evidence). Meter 2 is favoured: on a 4/4 bar it
     # still scores F=0.67 with either half-bar phase, where a wrong 4/4 phase scores 0.
-    meter_bias: tuple[tuple[int, float], ...] = ((2, 0.3), (3, -0.1), (4, 0.0))
+    meter_bias: tuple[tuple[int, float], ...] = ((2, 0.3), (3, -0.35), (4, 0.0))
 
     @classmethod
     def from_params(cls, section: dict) -> "FeatureParams":
@@ -38,9 +54,15 @@ class FeatureParams:
         kwargs = {k: v for k, v in section.items() if k in names}
         if "meters" in kwargs:
             kwargs["meters"] = tuple(kwargs["meters"])
+        if "key_profiles" in kwargs:
+            kwargs["key_profiles"] = tuple(kwargs["key_profiles"] or ())
         if "meter_bias" in kwargs:
             mb = kwargs["meter_bias"]
             kwargs["meter_bias"] = tuple((int(k), float(v)) for k, v in (mb.items() if isinstance(mb, dict) else mb))
+        if "downbeat_weights" in kwargs:
+            dw = kwargs["downbeat_weights"]
+            kwargs["downbeat_weights"] = tuple((str(k), float(v))
+                                               for k, v in (dw.items() if isinstance(dw, dict) else dw))
         return cls(**kwargs)
 
 
@@ -100,6 +122,197 @@ def halve_fast_beats(beats: np.ndarray, chroma: np.ndarray, times: np.ndarray, l
     return beats[q::2]
 
 
+ONSET_FPS = 100.0  # frames per second of `onset_envelopes`
+
+
+def onset_envelopes(wave: np.ndarray, sr: int) -> dict[str, np.ndarray]:
+    """Spectral flux (rise of log magnitude, half-wave rectified, averaged over the band's bins) per band, at
+    `ONSET_FPS` frames per second, frame k centred at k / ONSET_FPS s: `low` (30-200 Hz: kick, bass notes),
+    `high` (2-11 kHz: hats, snare, consonant attacks), `all` (30 Hz-11 kHz)."""
+    hop = int(round(sr / ONSET_FPS))
+    n_fft = int(2 ** round(np.log2(0.023 * sr)))  # 1024 at 44.1 kHz
+    x = np.asarray(wave, dtype=np.float32)
+    pad = np.zeros(n_fft // 2, np.float32)
+    frames = np.lib.stride_tricks.sliding_window_view(np.concatenate([pad, x, pad]), n_fft)[::hop]
+    freqs = np.fft.rfftfreq(n_fft, 1.0 / sr)
+    top = int(np.searchsorted(freqs, 11000.0))
+    import scipy.fft
+
+    mag = np.abs(scipy.fft.rfft(frames * np.hanning(n_fft).astype(np.float32), axis=1)[:, :top])
+    logmag = np.log1p(100.0 * mag)
+    rise = np.maximum(np.diff(logmag, axis=0), 0.0)
+    out = {}
+    for name, (lo, hi) in (("low", (30.0, 200.0)), ("high", (2000.0, 11000.0)), ("all", (30.0, 11000.0))):
+        a, b = int(np.searchsorted(freqs, lo)), min(int(np.searchsorted(freqs, hi)), top)
+        out[name] = np.concatenate([[0.0], rise[:, a:b].mean(axis=1)]) if len(rise) else np.zeros(len(logmag))
+    return out
+
+
+def _at(env: np.ndarray, times: np.ndarray, width: int = 3) -> np.ndarray:
+    """Largest envelope value within +-`width` frames (30 ms) of each time."""
+    from scipy.ndimage import maximum_filter1d
+
+    if not len(env):
+        return np.zeros(len(times))
+    idx = np.round(np.asarray(times, float) * ONSET_FPS).astype(int)
+    peak = maximum_filter1d(np.asarray(env, float), size=2 * width + 1, mode="constant", cval=-np.inf)
+    out = peak[idx.clip(0, len(env) - 1)]
+    out[(idx < -width) | (idx > len(env) - 1 + width)] = 0.0  # no frame within reach
+    return out
+
+
+def chroma_novelty(chroma: np.ndarray, times: np.ndarray, at: np.ndarray, span: float) -> np.ndarray:
+    """Cosine distance between the mean chroma of [t - span, t) and of [t, t + span), for each t in `at`."""
+    at = np.asarray(at, float)
+    csum = np.vstack([np.zeros((1, chroma.shape[1])), np.cumsum(chroma, axis=0)])
+    lo, mid, hi = (np.searchsorted(times, at - span), np.searchsorted(times, at), np.searchsorted(times, at + span))
+    before, after = csum[mid] - csum[lo], csum[hi] - csum[mid]  # sums; the cosine ignores the counts
+    dot = np.sum(before * after, axis=1)
+    norm = np.linalg.norm(before, axis=1) * np.linalg.norm(after, axis=1)
+    ok = (mid > lo) & (hi > mid)
+    return np.where(ok, 1.0 - dot / (norm + 1e-12), 0.0)
+
+
+def steady_beats(beats: np.ndarray, duration: float, tolerance: float = 0.04, run: int = 3) -> np.ndarray:
+    """Replace the unsettled start and end of a tracked beat sequence by the steady grid.
+
+    Beat trackers take a few beats to lock on (essentia's degara starts late and off tempo) and stop early, so
+    the first and last beats of a 10 s clip are often missing or misplaced. The settled part runs from the first
+    to the last run of `run` intervals within `tolerance` of the median interval; beyond it the grid is
+    extrapolated with the local interval of its first (last) `run` intervals, to the clip's edges."""
+    b = np.asarray(beats, float)
+    if len(b) < run + 2:
+        return b
+    ibi = np.diff(b)
+    ok = np.abs(ibi / np.median(ibi) - 1.0) <= tolerance
+    first = next((i for i in range(len(ibi) - run + 1) if ok[i:i + run].all()), None)
+    if first is None:
+        return b  # no settled stretch: leave the tracker's beats alone
+    last = next(i for i in range(len(ibi) - 1, run - 2, -1) if ok[i - run + 1:i + 1].all())
+    core = b[first:last + 2]
+    p0, p1 = np.median(np.diff(core[:run + 1])), np.median(np.diff(core[-(run + 1):]))
+    head = core[0] - p0 * np.arange(int(core[0] // p0), 0, -1)
+    tail = core[-1] + p1 * np.arange(1, int((duration - core[-1]) // p1) + 1)
+    return np.concatenate([head, core, tail])
+
+
+def _tatum_evidence(beats: np.ndarray, chroma: np.ndarray, times: np.ndarray, env: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The beat grid with its midpoints (tatums) and, per tatum, z(low-band onset) + z(chroma change)."""
+    grid = np.sort(np.concatenate([beats, (beats[:-1] + beats[1:]) / 2]))
+    half_beat = float(np.median(np.diff(grid)))
+    return grid, _z(_at(env["low"], grid)) + _z(chroma_novelty(chroma, times, grid, half_beat))
+
+
+def shift_offbeat(beats: np.ndarray, chroma: np.ndarray, times: np.ndarray, env: dict, duration: float,
+                  margin: float) -> np.ndarray:
+    """Phase: a tracker locked to the off-beats (a melody in even eighths gives it both) has its midpoints carry
+    the bass onsets and harmonic changes. Shift by half a beat when the midpoints' evidence exceeds the beats' by
+    `margin`."""
+    if len(beats) < 4:
+        return beats
+    grid, e = _tatum_evidence(beats, chroma, times, env)
+    if e[1::2].mean() - e[0::2].mean() <= margin:
+        return beats
+    shifted = grid[1::2]
+    nxt = grid[-1] + float(np.median(np.diff(beats))) / 2
+    return np.append(shifted, nxt) if nxt < duration else shifted
+
+
+def compound_beats(beats: np.ndarray, chroma: np.ndarray, times: np.ndarray, env: dict, margin: float,
+                   min_bpm: float = 40.0) -> np.ndarray:
+    """Compound metre (6/8, 9/8, 12/8): the tracker often picks two eighths (a quarter) as the beat where the
+    beat is three (a dotted quarter). On the eighth grid (beats + midpoints), compare the positions only the
+    dotted grid has with those only the quarter grid has; take the dotted grid (best of its 3 phases) when its
+    own positions carry clearly more onset / harmonic-change evidence. Simple metres put their weak beats on
+    the quarter grid and off-beat eighths on the dotted one, which keeps them as they are."""
+    if len(beats) < 6:
+        return beats
+    grid, e = _tatum_evidence(beats, chroma, times, env)
+    k = np.arange(len(grid))
+    best, phase = -np.inf, 0
+    for p in range(3):
+        own, other = e[(k % 3 == p) & (k % 2 == 1)], e[(k % 3 != p) & (k % 2 == 0)]
+        if len(own) and len(other) and own.mean() - other.mean() > best:
+            best, phase = own.mean() - other.mean(), p
+    if best <= margin or 60.0 / (1.5 * float(np.median(np.diff(beats)))) < min_bpm:
+        return beats
+    return grid[phase::3]
+
+
+def trim_to_sound(beats: np.ndarray, env_all: np.ndarray, slack: float = 0.2, rel: float = 0.4) -> np.ndarray:
+    """Drop beats before the first / after the last onset (more than `slack` beats away): a clip that starts or
+    ends in silence (the end of a piece, a pickup) has no beat there."""
+    if len(beats) < 2 or not len(env_all):
+        return beats
+    onsets = np.nonzero(env_all > rel * np.percentile(env_all, 95))[0] / ONSET_FPS
+    if not len(onsets):
+        return beats
+    pad = slack * float(np.median(np.diff(beats)))
+    return beats[(beats >= onsets[0] - pad) & (beats <= onsets[-1] + pad)]
+
+
+def refine_beats(beats: np.ndarray, duration: float, chroma: np.ndarray, times: np.ndarray, low: np.ndarray,
+                 env: dict, params: "FeatureParams") -> np.ndarray:
+    """Tracker beats -> tempo octave (halving), settled grid, beat phase, compound metre, settled grid, trimmed
+    to where there is sound. Each step keeps the beats unless its evidence is clear (see the functions)."""
+    beats = halve_fast_beats(beats, chroma, times, low, duration, params.tempo_halve_above_bpm)
+    tol = params.beat_steady_tolerance
+    beats = steady_beats(beats, duration, tol)
+    beats = shift_offbeat(beats, chroma, times, env, duration, params.beat_phase_margin)
+    beats = compound_beats(beats, chroma, times, env, params.beat_compound_margin)
+    beats = steady_beats(beats, duration, tol)
+    return trim_to_sound(beats, env["all"])
+
+
+def downbeat_cues(beats: np.ndarray, duration: float, chroma: np.ndarray, times: np.ndarray, low: np.ndarray,
+                  env: dict, self_transition: float, sr: int = 44100) -> dict[str, np.ndarray]:
+    """Per-beat cues for the bar phase (see `FeatureParams.downbeat_weights`), each a float array like beats."""
+    n = len(beats)
+    period = float(np.median(np.diff(beats)))
+    bounds = np.append(beats, min(duration, beats[-1] + period))
+    log_low = np.log1p(low)
+    bass = np.empty(n)
+    for i, b in enumerate(beats):  # low-band level just at/after the beat (robust to a few ms of beat error)
+        sel = (times >= b - 0.03) & (times < b + 0.1)
+        bass[i] = log_low[sel].max() if sel.any() else log_low[np.argmin(np.abs(times - b))]
+    # chroma of each beat from the analysis frames inside it (a quarter frame away from both edges)
+    edge = 0.25 * _HPCP_FRAME / sr
+    per_beat = np.zeros((n, chroma.shape[1]))
+    for i, (a, c) in enumerate(zip(bounds[:-1], bounds[1:])):
+        sel = (times >= a + edge) & (times < c - edge)
+        if not sel.any():
+            sel = (times >= a) & (times < c)
+        per_beat[i] = chroma[sel].mean(axis=0) if sel.any() else chroma[np.argmin(np.abs(times - (a + c) / 2))]
+    labels = viterbi_chords(per_beat, self_transition=self_transition)
+    changes = np.array([float(x != y) for x, y in zip(labels[1:], labels[:-1])])
+    return {
+        "bass": bass,
+        "chord_change": np.r_[changes.mean() if len(changes) else 0.0, changes],
+        "novelty": chroma_novelty(chroma, times, beats, 2 * period),
+        "low_onset": _at(env["low"], beats),
+        "high_onset": _at(env["high"], beats),
+    }
+
+
+def bar_phase(beats: np.ndarray, evidence: np.ndarray, meters=(2, 3, 4),
+              meter_bias: dict | None = None) -> tuple[np.ndarray, int]:
+    """The meter m and phase p whose beats i = p (mod m) carry the most evidence relative to the other beats
+    (plus the meter's bias): (downbeats, m)."""
+    n = len(beats)
+    best = (-np.inf, 4, 0)
+    for m in meters:
+        if n < 2 * m:
+            continue
+        for p in range(m):
+            on = np.zeros(n, bool)
+            on[p::m] = True
+            score = evidence[on].mean() - evidence[~on].mean() + float((meter_bias or {}).get(m, 0.0))
+            if score > best[0]:
+                best = (score, m, p)
+    _, m, p = best
+    return beats[p::m], m
+
+
 def estimate_downbeats(beats: np.ndarray, chroma_per_beat: np.ndarray, bass_per_beat: np.ndarray,
                        meters=(2, 3, 4), extra: list[np.ndarray] | None = None,
                        meter_bias: dict | None = None) -> tuple[np.ndarray, int]:
@@ -142,6 +355,29 @@ def estimate_downbeats(beats: np.ndarray, chroma_per_beat: np.ndarray, bass_per_
     return beats[p::m], m
 
 
+def _spectra(wave: np.ndarray, window: np.ndarray, hop: int, centred: bool) -> np.ndarray:
+    """Magnitude spectra of the frames essentia's FrameGenerator(frameSize=len(window), hopSize=hop,
+    startFromZero=not centred) cuts, windowed by `window`, in one FFT batch (identical to Windowing + Spectrum
+    per frame, without a Python call per frame)."""
+    import scipy.fft
+
+    size = len(window)
+    x = np.asarray(wave, dtype=np.float32)
+    if centred:  # frames centred at k * hop, the first one half before the start
+        n = max(1, int(np.ceil((len(x) + size / 2) / hop)))
+        x = np.concatenate([np.zeros(size // 2, np.float32), x])
+    else:
+        n = max(1, int(np.ceil(len(x) / hop)) - 1)
+    x = np.concatenate([x, np.zeros(size + hop, np.float32)])
+    frames = np.lib.stride_tricks.sliding_window_view(x, size)[::hop][:n]
+    return np.abs(scipy.fft.rfft(frames * window, axis=1)).astype(np.float32)
+
+
+def _essentia_window(es, kind: str, size: int) -> np.ndarray:
+    """essentia's (normalised) window as an array; its zero-phase rotation is undone (magnitudes ignore it)."""
+    return np.roll(np.asarray(es.Windowing(type=kind, size=size)(np.ones(size, np.float32))), size // 2)
+
+
 class ClipAnalyzer:
     """All clip features in one pass. Build once per process (essentia algorithms are heavy and stateful)."""
 
@@ -156,8 +392,19 @@ class ClipAnalyzer:
         sr = params.analysis_sample_rate
         self._rhythm = es.RhythmExtractor2013(method=params.rhythm_method)
         self._key = es.KeyExtractor(profileType=params.key_profile, sampleRate=sr)
-        self._window = es.Windowing(type="blackmanharris62")
-        self._spectrum = es.Spectrum()
+        if params.key_profiles:
+            # KeyExtractor's own chain (hann 4096/4096, peaks 25-3500 Hz, whitening, 12-bin HPCP, mean, bins
+            # under 0.2 of the max cleared), shared by one Key per profile.
+            self._hann_window = _essentia_window(es, "hann", 4096)
+            self._kpeaks = es.SpectralPeaks(orderBy="magnitude", magnitudeThreshold=1e-4, minFrequency=25,
+                                            maxFrequency=3500, maxPeaks=60, sampleRate=sr)
+            self._kwhite = es.SpectralWhitening(maxFrequency=3500, sampleRate=sr)
+            self._khpcp = es.HPCP(bandPreset=False, harmonics=4, maxFrequency=3500, minFrequency=25,
+                                  nonLinear=False, normalized="none", referenceFrequency=440, sampleRate=sr,
+                                  size=12, weightType="cosine", windowSize=1.0, maxShifted=False)
+            self._keys = [es.Key(usePolyphony=False, useThreeChords=False, numHarmonics=4, slope=0.6,
+                                 profileType=prof, pcpSize=12) for prof in params.key_profiles]
+        self._bh_window = _essentia_window(es, "blackmanharris62", _HPCP_FRAME)
         self._peaks = es.SpectralPeaks(orderBy="magnitude", magnitudeThreshold=1e-5, minFrequency=40,
                                        maxFrequency=5000, maxPeaks=100, sampleRate=sr)
         # referenceFrequency 440 puts A at bin 0; we roll to C below.
@@ -168,20 +415,35 @@ class ClipAnalyzer:
         self._es = es
 
     # -- pieces -------------------------------------------------------------------------------------------
+    def _key_vote(self, wave: np.ndarray) -> tuple[str, str, float]:
+        """(key, scale, strength): the key most profiles name on the clip's mean HPCP; strength is the mean
+        strength of the profiles that named it."""
+        total = None
+        for spec in _spectra(wave, self._hann_window, 4096, centred=True):
+            freqs, mags = self._kpeaks(spec)
+            h = self._khpcp(freqs, self._kwhite(spec, freqs, mags))
+            total = h if total is None else total + h
+        if total is None or total.max() <= 0:
+            return self._key(wave)
+        pcp = total / total.max()
+        pcp = np.where(pcp < 0.2, 0.0, pcp).astype(np.float32)
+        votes: dict[tuple[str, str], list[float]] = {}
+        for key_algo in self._keys:
+            key, scale, strength, _ = key_algo(pcp)
+            votes.setdefault((key, scale), []).append(float(strength))
+        (key, scale), strengths = max(votes.items(), key=lambda kv: len(kv[1]))  # first of the tied: earliest
+        return key, scale, float(np.mean(strengths))
+
     def _hpcp_frames(self, wave: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(frames x 12 chroma, C-based), frame centre times, low-band energy per frame (bass/kick)."""
         sr = self.params.analysis_sample_rate
-        chroma, low = [], []
+        spectra = _spectra(wave, self._bh_window, _HPCP_HOP, centred=False)
         freqs = np.fft.rfftfreq(_HPCP_FRAME, 1 / sr)
-        low_bins = freqs < 150.0
-        for frame in self._es.FrameGenerator(wave, frameSize=_HPCP_FRAME, hopSize=_HPCP_HOP, startFromZero=True):
-            spec = self._spectrum(self._window(frame))
-            chroma.append(self._hpcp(*self._peaks(spec)))
-            low.append(float(np.sum(spec[low_bins] ** 2)))
-        chroma = np.asarray(chroma, dtype=float).reshape(-1, 12)
+        low = np.sum(spectra[:, freqs < 150.0].astype(np.float64) ** 2, axis=1)
+        chroma = np.asarray([self._hpcp(*self._peaks(spec)) for spec in spectra], dtype=float).reshape(-1, 12)
         chroma = np.roll(chroma, -3, axis=1)  # bin 0 = A -> bin 0 = C: new[c] = old[(c + 3) % 12]
         times = (np.arange(len(chroma)) * _HPCP_HOP + _HPCP_FRAME / 2) / sr
-        return chroma, times, np.asarray(low)
+        return chroma, times, low
 
     def _loudness(self, wave: np.ndarray) -> float | None:
         sr = self.params.analysis_sample_rate
@@ -203,40 +465,50 @@ class ClipAnalyzer:
         bpm_es, beats, confidence, _, _ = self._rhythm(wave)
         beats = np.asarray(beats, dtype=float)
         beats = beats[(beats >= 0) & (beats < duration)]
-        key, scale, strength = self._key(wave)
+        key, scale, strength = self._key_vote(wave) if self.params.key_profiles else self._key(wave)
 
         chroma, times, low = self._hpcp_frames(wave)
-        beats = halve_fast_beats(beats, chroma, times, low, duration, self.params.tempo_halve_above_bpm)
+        p = self.params
+        env = onset_envelopes(wave, sr) if (p.beat_refine or p.downbeat_evidence == "weighted") else None
+        if p.beat_refine:
+            beats = refine_beats(beats, duration, chroma, times, low, env, p)
+        else:
+            beats = halve_fast_beats(beats, chroma, times, low, duration, p.tempo_halve_above_bpm)
         boundaries = np.unique(np.concatenate([[0.0], beats, [duration]]))
         seg_chroma = beat_sync(chroma, times, boundaries)
-        if self.params.chord_method == "essentia" and len(beats) >= 2:
+        if p.chord_method == "essentia" and len(beats) >= 2:
             hpcp_a = np.roll(chroma, 3, axis=1).astype(np.float32)  # back to essentia's A-based bins
             labels_es, _ = self._chords_essentia(self._es.array(hpcp_a), self._es.array(beats.astype(np.float32)))
             bounds = np.asarray(beats)
             labels = [to_harte(lab) for lab in labels_es][: len(bounds) - 1]
             chords = merge_segments(bounds[: len(labels) + 1], labels)
         else:
-            labels = viterbi_chords(seg_chroma, self_transition=self.params.chord_self_transition)
+            labels = viterbi_chords(seg_chroma, self_transition=p.chord_self_transition)
             chords = merge_segments(boundaries, labels)
 
-        # Downbeat evidence per beat: chroma of the beat interval starting there, low-band energy at it.
-        if len(beats) >= 4:
+        if len(beats) >= 4 and p.downbeat_evidence == "weighted":
+            cues = downbeat_cues(beats, duration, chroma, times, low, env, p.chord_self_transition, sr)
+            evidence = sum(w * np.clip(_z(cues[name]), -2.5, 2.5) for name, w in p.downbeat_weights)
+            downbeats, meter = bar_phase(beats, evidence, p.meters, dict(p.meter_bias))
+            time_signature = f"{meter}/4"
+        elif len(beats) >= 4:
+            # Downbeat evidence per beat: chroma of the beat interval starting there, low-band energy at it.
             beat_bounds = np.concatenate([beats, [duration]])
             chroma_per_beat = beat_sync(chroma, times, beat_bounds)
             low_frame = np.searchsorted(times, beats).clip(0, max(len(low) - 1, 0))
             bass_per_beat = np.log1p(low[low_frame]) if len(low) else np.zeros(len(beats))
             extra = []
-            if self.params.downbeat_evidence == "onsets_chords" and len(low):
+            if p.downbeat_evidence == "onsets_chords" and len(low):
                 # low-band onset: rise of log energy into the beat's frame (a kick or a new bass note)
                 log_low = np.log1p(low)
                 prev = (low_frame - 1).clip(0, None)
                 extra.append(np.maximum(log_low[low_frame] - log_low[prev], 0.0))
                 # chord-label change at the beat (harmonic rhythm follows the bar)
-                beat_labels = viterbi_chords(chroma_per_beat, self_transition=self.params.chord_self_transition)
+                beat_labels = viterbi_chords(chroma_per_beat, self_transition=p.chord_self_transition)
                 changes = np.array([float(a != b) for a, b in zip(beat_labels[1:], beat_labels[:-1])])
                 extra.append(np.r_[changes.mean() if len(changes) else 0.0, changes])  # beat 0: no evidence
-            downbeats, meter = estimate_downbeats(beats, chroma_per_beat, bass_per_beat, self.params.meters, extra,
-                                                  dict(self.params.meter_bias))
+            downbeats, meter = estimate_downbeats(beats, chroma_per_beat, bass_per_beat, p.meters, extra,
+                                                  dict(p.meter_bias))
             time_signature = f"{meter}/4"
         else:
             downbeats, time_signature = beats[:1], None

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from pipelines.chords import to_harte, to_symbol
-from pipelines.features import ClipAnalyzer, FeatureParams
+from pipelines.features import (ClipAnalyzer, FeatureParams, compound_beats, onset_envelopes, shift_offbeat,
+                                steady_beats)
 from tests.synth import chord_sequence, cadence, click_track
 
 SR = 44100
@@ -88,3 +89,57 @@ def test_to_harte(symbol, harte):
 def test_to_symbol_round_trip():
     for label in ("A:min", "F#:maj", "Bb:7", "N"):
         assert to_harte(to_symbol(label)) == label
+
+
+def test_steady_beats_replaces_an_unsettled_start_and_extends_to_the_edges():
+    grid = np.arange(0.3, 10.0, 0.6)
+    tracked = np.r_[[1.0, 1.7, 2.35], grid[4:-2]]  # late, off-tempo start; stops two beats early
+    out = steady_beats(tracked, 10.0)
+    assert mir_eval.beat.f_measure(grid, out) == pytest.approx(1.0)
+
+
+def _pulses(times, weights, seconds=10.0):
+    env = np.zeros(int(seconds * 100) + 1)
+    for t, w in zip(times, weights):
+        env[int(round(t * 100))] = w
+    return {"low": env, "high": env, "all": env}
+
+
+def test_shift_offbeat_moves_beats_locked_to_the_and():
+    on = np.arange(0.5, 9.6, 0.5)  # the true beats carry the bass onsets
+    env = _pulses(np.r_[on, on[:-1] + 0.25], np.r_[np.ones(len(on)), 0.2 * np.ones(len(on) - 1)])
+    chroma, times = np.ones((200, 12)), np.arange(200) * 0.05
+    tracked = on[:-1] + 0.25
+    out = shift_offbeat(tracked, chroma, times, env, 10.0, margin=0.5)
+    assert mir_eval.beat.f_measure(on, out) >= 0.95
+    assert np.allclose(shift_offbeat(on, chroma, times, env, 10.0, margin=0.5), on)  # in phase: kept
+
+
+def test_compound_beats_takes_dotted_quarters_in_six_eight():
+    eighth = 0.25
+    eighths = np.arange(0.0, 9.9, eighth)
+    strong = np.arange(len(eighths)) % 3 == 0  # 6/8: accents every third eighth
+    env = _pulses(eighths, np.where(strong, 1.0, 0.2))
+    chroma, times = np.ones((200, 12)), np.arange(200) * 0.05
+    quarters = eighths[::2]  # the tracker's two-eighth beat
+    out = compound_beats(quarters, chroma, times, env, margin=0.8)
+    assert mir_eval.beat.f_measure(eighths[strong], out) >= 0.95
+    # simple metre (accents every second eighth): quarters kept
+    env2 = _pulses(eighths, np.where(np.arange(len(eighths)) % 2 == 0, 1.0, 0.2))
+    assert np.allclose(compound_beats(quarters, chroma, times, env2, margin=0.8), quarters)
+
+
+def test_onset_envelopes_peak_at_clicks():
+    wave = click_track(120.0, 4.0)
+    env = onset_envelopes(wave, SR)
+    peaks = np.nonzero(env["all"] > 0.5 * env["all"].max())[0] / 100.0
+    assert np.all(np.min(np.abs(peaks[:, None] - np.arange(0.0, 4.0, 0.5)[None, :]), axis=1) <= 0.02)
+
+
+@pytest.mark.parametrize("key,mode", [("D", "major"), ("A", "minor"), ("Bb", "major")])
+def test_cadence_key_by_profile_vote(key, mode):
+    analyzer = ClipAnalyzer(FeatureParams(key_profiles=("bgate", "braw", "edma", "krumhansl", "shaath",
+                                                        "temperley", "tonictriad")))
+    f = analyzer.analyze(cadence(key, mode, seconds=10.0))
+    assert mir_eval.key.weighted_score(f"{key} {mode}", f"{f.key} {f.mode}") == 1.0
+    assert 0.0 < f.key_strength <= 1.0
