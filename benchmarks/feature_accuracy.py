@@ -3,9 +3,10 @@
     python benchmarks/feature_accuracy.py                       # >= 100 held-out pieces, drums and no drums
     python benchmarks/feature_accuracy.py --set rhythm_method=multifeature --set key_profile=edma
     python benchmarks/feature_accuracy.py --reuse               # keep the rendered audio, rebuild + evaluate
+    python benchmarks/feature_accuracy.py --work data/bench_dev --offset 40 --chorales 40 --essen 40   # dev set
 
 The held-out set skips the first `--offset` pieces of each corpus' seeded order; the default corpus (offset 0,
-30 chorales / 28 Essen songs) and the dev set used while tuning (offset 40) do not overlap it. Each `--set`
+30 chorales / 28 Essen songs) and the dev set used while tuning (offset 40, 40 + 40 pieces) do not overlap it. Each `--set`
 overrides one `build_dataset` param; several `--compare` names run the build once per params variant and print
 the tables side by side (same audio, same run).
 """
