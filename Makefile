@@ -21,8 +21,12 @@ $(BIN)/smitin: requirements.lock pyproject.toml
 
 setup: $(BIN)/smitin
 
+# The main job: every DVC stage on the embedded default corpus (render -> dataset -> ... -> register), promotion of
+# the new versions through the gates, then a steered example from the champion: demo/steered_drums.wav + report.
 demo: setup
-	$(BIN)/dvc repro
+	$(BIN)/smitin refresh
+	$(BIN)/smitin generate --prompt "a chorale for strings and organ" --steer drums=+5 --duration 8 \
+		--out demo/steered_drums.wav
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -31,4 +35,4 @@ bench: setup
 	$(BIN)/python benchmarks/features.py
 
 clean:
-	rm -rf $(VENV) build data
+	rm -rf $(VENV) build data demo

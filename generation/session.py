@@ -226,8 +226,10 @@ class GenerationSession:
         out = Path(out)
         if out.suffix.lower() != ".wav":
             raise GenerationError(f"--out must be a .wav path, got {out}")
-        if not out.parent.exists():
-            raise GenerationError(f"--out: folder {out.parent} does not exist")
+        try:  # created up front, so a bad path fails before minutes of generation, not after
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise GenerationError(f"--out: cannot create folder {out.parent}: {e.strerror}") from None
         gen, codec = self.generator, self.codec
         fps = float(codec.frame_rate)
         n_frames = int(round(duration * fps))

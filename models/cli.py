@@ -79,7 +79,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--metrics", default="metrics/train_generator.json")
     train.add_argument("--plot", default="metrics/train_generator_loss.json")
     train.add_argument("--params", default="params.yaml")
-    train.add_argument("--preset", default=None, help="override params: cpu | gpu | debug")
+    train.add_argument("--preset", default=None, help="override params: demo | cpu | gpu | debug")
     train.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
     train.set_defaults(func=_train)
 

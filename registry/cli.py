@@ -19,9 +19,14 @@ def register(commands: argparse._SubParsersAction) -> None:
     reg.add_argument("--tracking-uri", default=None, help="MLflow tracking/registry URI (default: "
                      "$MLFLOW_TRACKING_URI, else params registry.tracking_uri, else sqlite:///mlflow.db)")
     reg.add_argument("--params", default="params.yaml", help="params file (section registry)")
+    # The same two options after the action too (`smitin registry register --params p.yaml`): SUPPRESS keeps the
+    # value given before the action unless it is repeated after it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--tracking-uri", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--params", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     actions = reg.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
 
-    p = actions.add_parser("register", help="log + register new versions (alias challenger); the DVC stage",
+    p = actions.add_parser("register", parents=[common], help="log + register new versions (alias challenger); the DVC stage",
                            description="Register the generator and/or probe sets named here or in params "
                                        "registry.register. Content already registered is not registered again.")
     p.add_argument("--generator", default=None, help="generator directory")
@@ -34,7 +39,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="write what was registered as JSON here")
     p.set_defaults(func=_register)
 
-    p = actions.add_parser("promote", help="move alias champion to a version if the gates pass",
+    p = actions.add_parser("promote", parents=[common], help="move alias champion to a version if the gates pass",
                            description="Gates: ready, metrics not worse than the champion beyond the tolerance "
                                        "(params registry.gates), probe set trained on the champion generator.")
     p.add_argument("model", help="registered model name, 'generator', or a trait (drums)")
@@ -44,24 +49,38 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="only evaluate the gates")
     p.set_defaults(func=_promote)
 
-    p = actions.add_parser("history", help="who moved which alias when, from which version to which, and why")
+    p = actions.add_parser("history", parents=[common], help="who moved which alias when, from which version to which, and why")
     p.add_argument("model")
     p.add_argument("--json", action="store_true", help="print JSON lines")
     p.set_defaults(func=_history)
 
-    p = actions.add_parser("list", help="registered models with their champion / challenger and key metrics")
+    p = actions.add_parser("list", parents=[common], help="registered models with their champion / challenger and key metrics")
     p.add_argument("model", nargs="?", help="list this model's versions instead (same as show)")
     p.set_defaults(func=_list)
 
-    p = actions.add_parser("show", help="a model's versions (aliases, key metrics, lineage) or one version in full")
+    p = actions.add_parser("show", parents=[common], help="a model's versions (aliases, key metrics, lineage) or one version in full")
     p.add_argument("model")
     p.add_argument("--version", default=None)
     p.add_argument("--alias", default=None)
     p.set_defaults(func=_show)
 
-    p = actions.add_parser("fetch", help="resolve a models:/ URI and download it into the local cache")
+    p = actions.add_parser("fetch", parents=[common], help="resolve a models:/ URI and download it into the local cache")
     p.add_argument("uri", help="models:/NAME@ALIAS or models:/NAME/VERSION")
     p.set_defaults(func=_fetch)
+
+    r = commands.add_parser(
+        "refresh", help="the scheduled job: dvc repro, then promote new challengers through the gates",
+        description="Run `dvc repro` in the project (only stages whose inputs changed run: no new audio, no "
+                    "training), then offer the generator's and each trait's challenger for promotion to champion "
+                    "through the gates of params registry.gates. A refused promotion keeps the current champion "
+                    "and is recorded in `smitin registry history`.",
+        epilog="cron example: 0 3 * * * cd /srv/smitin && .venv/bin/smitin refresh >> refresh.log 2>&1")
+    r.add_argument("--project", default=".", help="the project folder (dvc.yaml, params.yaml); default: here")
+    r.add_argument("--no-promote", action="store_true", help="only dvc repro (new versions stay challengers)")
+    r.add_argument("--tracking-uri", default=None, help="MLflow URI (default: $MLFLOW_TRACKING_URI, else params)")
+    r.add_argument("--dvc-arg", action="append", default=[], metavar="ARG",
+                   help="passed to dvc repro, e.g. --dvc-arg=--pull (repeatable)")
+    r.set_defaults(func=_refresh)
 
 
 def _registry(args):
@@ -263,4 +282,16 @@ def _fetch(args) -> int:
     m = fetch(_registry(args), args.uri)
     print(f"{m.label()} ({m.kind}) -> {m.path}  [{'cache hit' if m.cached else 'downloaded'}, "
           f"{time.perf_counter() - t0:.2f} s]")
+    return 0
+
+
+def _refresh(args) -> int:
+    import os
+
+    from registry.refresh import refresh
+
+    os.chdir(args.project)  # the stages and the default sqlite:///mlflow.db are relative to the project
+    result = refresh(Path("."), dvc_args=args.dvc_arg, promote=not args.no_promote, tracking_uri=args.tracking_uri)
+    if result.promoted:
+        print("promoted: " + ", ".join(f"{m} v{v}" for m, v in result.promoted.items()))
     return 0
