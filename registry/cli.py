@@ -264,8 +264,11 @@ def _show(args) -> int:
         rows = []
         for mv in versions:
             t = mv.tags
+            gen_version = t.get(TAG + "generator_version", "?")
+            # a probe set made on external weights (MusicGen) names a generator that is referenced, not registered
+            gen_version = gen_version if gen_version == "unregistered" else f"v{gen_version}"
             ident = (t.get(TAG + "fingerprint", "")[:12] or
-                     f"gen {t.get(TAG + 'generator_fingerprint', '')[:12]} (v{t.get(TAG + 'generator_version', '?')})")
+                     f"gen {t.get(TAG + 'generator_fingerprint', '')[:12]} ({gen_version})")
             rows.append({"version": mv.version, "aliases": ",".join(sorted(by_version.get(str(mv.version), []))) or "-",
                          "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(mv.creation_timestamp / 1000)),
                          "metrics": _key_metrics(version_metrics(mv)), "generator": ident,
