@@ -6,6 +6,8 @@ export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export MPLBACKEND := Agg
+# dvc.yaml's stage commands call `smitin`: the venv's, without asking the user to activate it
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: setup demo test bench clean
 

@@ -95,6 +95,8 @@ def main() -> int:
     copy_project(workdir)
     set_params(workdir, args.overrides)
     os.environ["DVC_NO_ANALYTICS"] = "1"
+    # the stage commands call `smitin`: this venv's, activated or not
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     log = open(args.log or workdir / "stages.log", "w")
 
     rows = []

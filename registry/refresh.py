@@ -5,6 +5,7 @@ The generator goes first: a probe set is only promotable once the generator it w
 (the `compatible` gate), so a generator that fails its gates keeps its probe sets from being promoted too."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -37,13 +38,20 @@ def _dvc() -> str:
     return found
 
 
+def venv_env() -> dict[str, str]:
+    """The environment with this interpreter's bin folder first on PATH: the stage commands of dvc.yaml call
+    `smitin`, which must be this venv's even when it is not activated (`.venv/bin/smitin refresh` from cron)."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {**os.environ, "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
+
+
 def run_repro(project: Path, dvc_args: list[str]) -> list[str]:
     """`dvc repro` in `project` with its output on the user's screen; returns the stages that ran (changed lock)."""
     if not (project / "dvc.yaml").exists():
         raise UserError(f"{project} has no dvc.yaml: run smitin refresh in the project folder (or give --project)")
     lock = project / "dvc.lock"
     before = _lock_entries(lock)
-    rc = subprocess.call([_dvc(), "repro", *dvc_args], cwd=project)
+    rc = subprocess.call([_dvc(), "repro", *dvc_args], cwd=project, env=venv_env())
     if rc:
         raise UserError(f"dvc repro failed (exit {rc}); the stage output above says why")
     after = _lock_entries(lock)

@@ -40,7 +40,9 @@ def _merge(base: dict, over: dict) -> dict:
 
 def _run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "DVC_NO_ANALYTICS": "1", "MPLBACKEND": "Agg"})
+                          env={**os.environ, "DVC_NO_ANALYTICS": "1", "MPLBACKEND": "Agg",
+                               # the stage commands call `smitin`: this venv's, as CI does not activate it
+                               "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")])})
     if check and proc.returncode:
         raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
