@@ -143,3 +143,23 @@ def test_cadence_key_by_profile_vote(key, mode):
     f = analyzer.analyze(cadence(key, mode, seconds=10.0))
     assert mir_eval.key.weighted_score(f"{key} {mode}", f"{f.key} {f.mode}") == 1.0
     assert 0.0 < f.key_strength <= 1.0
+
+
+def test_per_frame_direct_calls_match_essentias_checked_calls():
+    """The per-frame chroma and key HPCP skip essentia.standard's argument checks: same numbers as through them."""
+    from pipelines.features import _HPCP_HOP, _per_frame, _spectra
+
+    analyzer = ClipAnalyzer(FeatureParams(key_profiles=("bgate", "krumhansl")))
+    wave, _ = chord_sequence([("C", "maj"), ("A", "min"), ("F", "maj"), ("G", "maj")], 100.0, 4, 6.0)
+    wave = np.ascontiguousarray(wave, dtype=np.float32)
+    for spec in _spectra(wave, analyzer._bh_window, _HPCP_HOP, centred=False)[::7]:
+        freqs, mags = analyzer._peaks(spec)
+        direct_freqs, direct_mags = _per_frame(analyzer._peaks)(spec)
+        np.testing.assert_array_equal(freqs, direct_freqs)
+        np.testing.assert_array_equal(analyzer._hpcp(freqs, mags), _per_frame(analyzer._hpcp)(direct_freqs, direct_mags))
+    for spec in _spectra(wave, analyzer._hann_window, 4096, centred=True):
+        freqs, mags = analyzer._kpeaks(spec)
+        white = analyzer._kwhite(spec, freqs, mags)
+        np.testing.assert_array_equal(white, _per_frame(analyzer._kwhite)(spec, freqs, mags))
+        np.testing.assert_array_equal(analyzer._khpcp(freqs, white), _per_frame(analyzer._khpcp)(freqs, white))
+
