@@ -23,6 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from registry.refresh import venv_env  # noqa: E402
+
 # Runs one command and reports its wall time, the CPU time and the peak RSS of its whole process tree.
 WRAPPER = r"""
 import json, resource, subprocess, sys, time
@@ -43,13 +45,18 @@ def measured(cmd: list[str], cwd: Path, log) -> dict:
     return json.loads(last)
 
 
+# outputs of an earlier run in this working tree (DVC keeps them out of git, but not all of them out of git's view)
+RUN_OUTPUTS = ("data/", "metrics/", "plots/", "demo/", "dvc_plots/")
+
+
 def copy_project(dest: Path) -> None:
-    """The tracked files of the working tree (what a fresh clone has), plus DVC's own folder."""
+    """The tracked and new untracked files of the working tree (what a fresh clone of this change has), without
+    the outputs of an earlier run, as a git repository of its own."""
     files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                            check=True, capture_output=True).stdout.decode().split("\0")
     for name in filter(None, files):
         src = ROOT / name
-        if src.is_file():
+        if src.is_file() and not name.startswith(RUN_OUTPUTS):
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
@@ -95,8 +102,7 @@ def main() -> int:
     copy_project(workdir)
     set_params(workdir, args.overrides)
     os.environ["DVC_NO_ANALYTICS"] = "1"
-    # the stage commands call `smitin`: this venv's, activated or not
-    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    os.environ["PATH"] = venv_env()["PATH"]  # the stage commands call `smitin`: this venv's, activated or not
     log = open(args.log or workdir / "stages.log", "w")
 
     rows = []

@@ -67,12 +67,16 @@ def promote_challengers(params: Path, tracking_uri: str | None = None, log=print
     from registry.store import CHALLENGER, Registry, Settings
 
     reg = Registry(Settings.load(params, tracking_uri=tracking_uri))
-    all_params = yaml.safe_load(params.read_text()) if params.exists() else {}
+    all_params = (yaml.safe_load(params.read_text()) if params.exists() else {}) or {}
     traits = (reg.settings.section.get("register") or {}).get("traits")
     if traits is None:
-        traits = list(((all_params or {}).get("probes") or {}).get("traits") or [])
+        traits = list((all_params.get("probes") or {}).get("traits") or [])
+    backend = (all_params.get("generator") or {}).get("backend", "builtin")
+    # MusicGen weights are referenced, not registered: only their probe sets (smitin-probes-musicgen-TRAIT) promote
+    models = [] if backend == "musicgen" else [reg.settings.generator_name]
+    models += [reg.model_name("probe_set", t, backend=backend) for t in traits]
     promoted, kept = {}, {}
-    for model in [reg.settings.generator_name] + [reg.model_name("probe_set", t) for t in traits]:
+    for model in models:
         reg.check()
         if not reg.client.search_registered_models(f"name = '{model}'") or \
                 alias_version(reg.client, model, CHALLENGER) is None:

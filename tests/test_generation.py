@@ -213,3 +213,9 @@ def test_cli_generate_user_errors_are_one_line(model_dirs, tmp_path, capsys):
         rc = main(["generate", "--params", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "o.wav"), *extra])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and err[-1].startswith("smitin: error: ") and expected in err[-1], (extra, err)
+    # --out's folder is created; where it cannot be (a file is in the way), one line before any generating
+    (tmp_path / "a-file").write_text("")
+    rc = main(["generate", "--params", str(tmp_path / "none.yaml"), "--generator", str(model_dirs / "gen"),
+               "--prompt", "x", "--out", str(tmp_path / "a-file" / "o.wav")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("smitin: error: --out: cannot create folder"), err

@@ -3,8 +3,6 @@ what a user does next: a second repro finds everything up to date, a changed pro
 what follows them (never the dataset), `smitin refresh` trains nothing and promotes through the gates, and
 `smitin generate` steers the freshly promoted champion."""
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.pipeline_stages import copy_project
+from registry.refresh import venv_env
+
 BIN = Path(sys.executable).parent
 
 # Small enough for a few minutes on 2 cores; every stage still runs its real code path.
@@ -39,10 +39,9 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def _run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    # venv_env: the stage commands call `smitin`, this venv's, though CI does not activate it
     proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "DVC_NO_ANALYTICS": "1", "MPLBACKEND": "Agg",
-                               # the stage commands call `smitin`: this venv's, as CI does not activate it
-                               "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")])})
+                          env={**venv_env(), "DVC_NO_ANALYTICS": "1", "MPLBACKEND": "Agg"})
     if check and proc.returncode:
         raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
@@ -52,17 +51,11 @@ def _run(args: list[str], cwd: Path, check: bool = True) -> subprocess.Completed
 def project(tmp_path_factory):
     """A copy of the project as a fresh clone has it (tracked + new untracked files), on the tiny preset."""
     dest = tmp_path_factory.mktemp("project")
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           check=True, capture_output=True).stdout.decode().split("\0")
-    for name in filter(None, files):
-        if (ROOT / name).is_file() and not name.startswith(("data/", "metrics/", "plots/", "demo/")):
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, dest / name)
+    copy_project(dest)
     params = yaml.safe_load((dest / "params.yaml").read_text())
     params = _merge(params, TINY)
     params["registry"]["cache_dir"] = str(dest / ".registry-cache")
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _run(["git", "init", "-q"], dest)
     first = _run([str(BIN / "dvc"), "repro"], dest)
     return dest, first
 
