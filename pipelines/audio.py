@@ -105,13 +105,15 @@ def _iter_audioread(path: str, max_seconds: float | None) -> tuple[AudioInfo, It
 
 def stream_mono(path: str, sample_rate: int, max_seconds: float | None = None) -> tuple[AudioInfo, Iterator[np.ndarray]]:
     """Open `path` (local or fsspec URL) and stream it as mono float32 blocks resampled to `sample_rate`."""
-    f = fsspec.open(path, "rb").open()
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    local = fs.protocol in ("file", "local", ("file", "local"))
+    # libsndfile reads a local file itself; a remote one goes through fsspec's file object (Python callbacks)
+    f = fs_path if local else fsspec.open(path, "rb").open()
     try:
         info, blocks = _iter_soundfile(f, max_seconds)
     except AudioDecodeError as first:
-        f.close()
-        local = fsspec.core.url_to_fs(path)[0].protocol in ("file", "local", ("file", "local"))
         if not local:
+            f.close()
             raise
         try:
             info, blocks = _iter_audioread(path, max_seconds)
@@ -134,7 +136,7 @@ def stream_mono(path: str, sample_rate: int, max_seconds: float | None = None) -
             if len(tail):
                 yield tail
         finally:
-            if f is not None:
+            if f is not None and not isinstance(f, str):
                 f.close()
 
     return info, resampled()

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipelines.chords import beat_sync, merge_segments, to_harte, viterbi_chords
+from pipelines.loudness import LoudnessMeter
 
 _HPCP_FRAME = 4096
 _HPCP_HOP = 2048
@@ -394,7 +395,6 @@ class ClipAnalyzer:
     def __init__(self, params: FeatureParams):
         import essentia
         import essentia.standard as es
-        import pyloudnorm
 
         essentia.log.infoActive = False
         essentia.log.warningActive = False
@@ -421,7 +421,7 @@ class ClipAnalyzer:
         self._hpcp = es.HPCP(size=12, referenceFrequency=440, sampleRate=sr, harmonics=4,
                              nonLinear=False, normalized="unitMax")
         self._chords_essentia = es.ChordsDetectionBeats(hopSize=_HPCP_HOP, sampleRate=sr)
-        self._meter = pyloudnorm.Meter(sr)
+        self._meter = LoudnessMeter(sr)
         self._es = es
 
     # -- pieces -------------------------------------------------------------------------------------------
@@ -461,7 +461,7 @@ class ClipAnalyzer:
         sr = self.params.analysis_sample_rate
         if len(wave) < int(0.4 * sr):  # BS.1770 needs at least one 400 ms block
             return None
-        value = self._meter.integrated_loudness(wave.astype(np.float64))
+        value = self._meter.integrated(wave)
         return float(value) if np.isfinite(value) else None
 
     # -- all ----------------------------------------------------------------------------------------------
