@@ -159,10 +159,12 @@ def mix_stems(stems: dict[str, np.ndarray], gains_db: dict[str, float], mixes: l
     """Scale all stems by their gain and one shared normaliser (the loudest mix peaks at `peak`), quantise them
     to int16, and sum: every mix is an exact integer sum of its stems."""
     scaled = {k: v * 10 ** (gains_db.get(k, 0.0) / 20) for k, v in stems.items()}
-    loudest = max(np.abs(sum(scaled[s] for s in ("score", *m))).max() for m in mixes)
+    # Sum in a fixed order: a frozenset of strings iterates in an order that changes per process (hash
+    # randomisation), and a float sum in another order moved `loudest` by an ulp, flipping LSBs between runs.
+    loudest = max(np.abs(sum(scaled[s] for s in ("score", *sorted(m)))).max() for m in mixes)
     norm = peak / max(loudest, 1e-9)
     q = {k: np.round(v * norm * 32767).astype(np.int32) for k, v in scaled.items()}
-    out = {m: sum(q[s] for s in ("score", *m)) for m in mixes}
+    out = {m: sum(q[s] for s in ("score", *sorted(m))) for m in mixes}
     for m, v in out.items():
         out[m] = np.clip(v, -32768, 32767).astype(np.int16)
     return {k: v.astype(np.int16) for k, v in q.items()}, out

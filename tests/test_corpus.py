@@ -162,3 +162,24 @@ def test_mixes_of_is_base_and_neighbours():
         stems = {"score": 0, "drums": 0, "bass": 0, "piano": 0}
         base_traits = frozenset({"bass"})
     assert mixes_of(A) == [frozenset({"bass"}), frozenset({"bass", "drums"}), frozenset(), frozenset({"bass", "piano"})]
+
+
+def test_mixing_is_identical_across_processes():
+    """String hashing differs per process; the mixes (and so clip ids downstream) must not."""
+    import subprocess
+    import sys
+
+    script = (
+        "import hashlib, numpy as np\n"
+        "from pipelines.corpus import mix_stems\n"
+        "rng = np.random.default_rng(0)\n"
+        "stems = {k: (0.3 * rng.standard_normal(44100)).astype(np.float32) for k in ('score', 'drums', 'bass', 'piano')}\n"
+        "mixes = [frozenset(m) for m in (('drums', 'bass'), ('bass',), ('drums',), ('drums', 'bass', 'piano'))]\n"
+        "q, out = mix_stems(stems, {'score': 0.0, 'drums': -1.3, 'bass': 0.7, 'piano': 3.1}, mixes)\n"
+        "print(hashlib.sha256(b''.join(out[m].tobytes() for m in mixes)).hexdigest())\n")
+    digests = set()
+    for seed in ("1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+        digests.add(run.stdout.strip())
+    assert len(digests) == 1
