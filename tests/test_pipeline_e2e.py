@@ -17,7 +17,7 @@ BIN = Path(sys.executable).parent
 
 # Small enough for a few minutes on 2 cores; every stage still runs its real code path.
 TINY = {
-    "corpus": {"pieces": {"bach_chorales": 4, "nottingham": 0, "essen": 4}, "piece_seconds": 12.0},
+    "corpus": {"pieces": {"bach_chorales": 4, "nottingham": 0, "essen": 4}, "piece_seconds": 12.0, "variants": 1},
     "build_dataset": {"clip_seconds": 4.0, "hop_seconds": 4.0, "min_clip_seconds": 2.0},
     "fit_codec": {"n_mels": 32, "card": 32, "kmeans_iters": 5, "griffin_lim_iters": 4, "max_clips": 200},
     "train_generator": {"preset": "debug"},
