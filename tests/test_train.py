@@ -2,6 +2,7 @@
 resume, the drum detector, the CLI, and bad input."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -62,6 +63,24 @@ def test_drum_detector_separates_synthetic_drums(stages):
     root, _ = stages
     det = fit_drum_detector(str(root / "tokens"), load_codec(root / "codec"), seconds=1.5, per_clip=2)
     assert det.info["train_accuracy_decoded"] >= 0.9 and det.info["test_accuracy_decoded"] >= 0.75
+
+
+def test_detector_descriptors_same_in_threads(stages, monkeypatch):
+    """The detector decodes and describes segments in parallel threads; the values must not depend on it."""
+    import models.detectors as detectors
+    from models.codec import load_codec
+    from models.train import TokenSet
+
+    root, _ = stages
+    codec = load_codec(root / "codec")
+    tokens = TokenSet(root / "tokens", "train")
+    segments = [tokens.clip(i)[:, :40] for i in range(min(len(tokens), 20))]
+    monkeypatch.setattr(detectors, "_PARALLEL_MIN_SEGMENTS", 10 ** 9)
+    one_by_one = detectors._descriptors_of_decoded(codec, segments)
+    monkeypatch.setattr(detectors, "_PARALLEL_MIN_SEGMENTS", 1)
+    threaded = detectors._descriptors_of_decoded(codec, segments)
+    assert threaded.shape == (len(segments), len(detectors.FEATURES))
+    assert np.array_equal(threaded, one_by_one)
 
 
 def test_bad_clips_tables(tmp_path, stages):
