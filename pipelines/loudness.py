@@ -17,24 +17,24 @@ ABSOLUTE_GATE_LUFS = -70.0
 class LoudnessMeter:
     def __init__(self, sample_rate: int):
         import pyloudnorm
+        from scipy.signal import sosfilt
 
         meter = pyloudnorm.Meter(sample_rate)  # K-weighting: high shelf then high pass
         stages = list(meter._filters.values())
         self.sample_rate = sample_rate
+        self._sosfilt = sosfilt
         self._sos = np.vstack([np.r_[s.b, s.a] for s in stages])
         self._gain = float(np.prod([s.passband_gain for s in stages]))
 
     def integrated(self, wave: np.ndarray) -> float:
         """LUFS of a mono wave; -inf when no block passes the gates; ValueError when shorter than one block."""
-        from scipy.signal import sosfilt
-
         sr = self.sample_rate
         x = np.asarray(wave, dtype=np.float64)
         if x.ndim != 1:
             raise ValueError("integrated loudness takes a mono wave")
         if len(x) < BLOCK_SECONDS * sr:
             raise ValueError(f"a wave shorter than one {BLOCK_SECONDS:.1f} s gating block has no loudness")
-        y = sosfilt(self._sos, x)
+        y = self._sosfilt(self._sos, x)
         if self._gain != 1.0:
             y *= self._gain
         energy = np.concatenate([[0.0], np.cumsum(y * y)])

@@ -251,6 +251,28 @@ def test_rerun_from_scratch_is_byte_identical(tmp_path):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
+def test_remote_url_decodes_like_the_local_file(tmp_path):
+    """Local files go to libsndfile by path; other fsspec URLs (s3://, gs://, memory://) through a file object.
+    Both give the same samples, and a corrupt remote file is a one-line AudioDecodeError."""
+    import fsspec
+
+    from pipelines.audio import AudioDecodeError, decode_audio
+
+    local = tmp_path / "song.flac"
+    sf.write(local, _music(6.0, 22050), 22050)
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/smitin-test/song.flac", local.read_bytes())
+    fs.pipe("/smitin-test/broken.flac", b"fLaC" + b"\x00" * 64)
+    try:
+        expected = decode_audio(str(local), SR)
+        assert len(expected) == pytest.approx(6.0 * SR, abs=2)
+        assert np.array_equal(decode_audio("memory://smitin-test/song.flac", SR), expected)
+        with pytest.raises(AudioDecodeError, match="not decodable audio"):
+            decode_audio("memory://smitin-test/broken.flac", SR)
+    finally:
+        fs.rm("/smitin-test", recursive=True)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Long files and the CLI
 
