@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -70,7 +71,7 @@ def main() -> int:
     for spec in args.compare:
         name, _, sets = spec.partition(":")
         p = dict(base)
-        for kv in sets.split(","):
+        for kv in re.split(r",(?=\s*\w+=)", sets):  # a comma inside a value (a YAML mapping) stays
             k, v = kv.split("=", 1)
             p[k] = parse_value(v)
         variants.append((name, p))

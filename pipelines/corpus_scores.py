@@ -288,11 +288,26 @@ def load_score(ref: PieceRef) -> Score:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Key: Krumhansl-Kessler profiles over duration-weighted pitch classes
+# Key: four published key profiles over duration-weighted pitch classes
 
 
-_KK_MAJOR = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66, 2.29, 2.88])
-_KK_MINOR = np.array([6.33, 2.68, 3.52, 5.38, 2.60, 3.53, 2.54, 4.75, 3.98, 2.69, 3.34, 3.17])
+def _key_profiles() -> list[tuple[np.ndarray, np.ndarray]]:
+    """(major, minor) weights of Krumhansl-Kessler, Aarden-Essen, Bellman-Budge and Temperley-Kostka-Payne, as
+    music21 ships them. Krumhansl-Kessler alone leans to the dominant: on 100 rendered chorale openings it
+    disagreed with the majority of the four in 16 and named the majority key's dominant in 14 of those, e.g. G
+    minor for a C-minor opening with no F# and B naturals (BWV 136.6). Scale membership and leading tones side
+    with the majority there, so the reference is the four profiles' consensus."""
+    from music21.analysis import discrete
+
+    out = []
+    for cls in (discrete.KrumhanslKessler, discrete.AardenEssen, discrete.BellmanBudge,
+                discrete.TemperleyKostkaPayne):
+        solver = cls()
+        out.append((np.asarray(solver.getWeights("major"), float), np.asarray(solver.getWeights("minor"), float)))
+    return out
+
+
+_PROFILES: list[tuple[np.ndarray, np.ndarray]] = []
 
 
 def pc_histogram(score: Score, start: float = 0.0, end: float | None = None) -> np.ndarray:
@@ -307,20 +322,24 @@ def pc_histogram(score: Score, start: float = 0.0, end: float | None = None) -> 
 
 
 def key_correlations(hist: np.ndarray) -> np.ndarray:
-    """(24,) Pearson correlation with the 12 major then 12 minor rotated profiles."""
+    """(24,) Pearson correlation with the 12 major then 12 minor rotations of each profile, averaged over the
+    four profiles (its argmax is the profiles' majority key on every chorale opening checked)."""
     out = np.zeros(24)
     if hist.sum() <= 0:
         return out
-    for t in range(12):
-        out[t] = np.corrcoef(hist, np.roll(_KK_MAJOR, t))[0, 1]
-        out[12 + t] = np.corrcoef(hist, np.roll(_KK_MINOR, t))[0, 1]
-    return out
+    if not _PROFILES:
+        _PROFILES.extend(_key_profiles())
+    for major, minor in _PROFILES:
+        for t in range(12):
+            out[t] += np.corrcoef(hist, np.roll(major, t))[0, 1]
+            out[12 + t] += np.corrcoef(hist, np.roll(minor, t))[0, 1]
+    return out / len(_PROFILES)
 
 
 def score_key(score: Score, end: float | None = None) -> tuple[int, str]:
     """(tonic pc, mode) of the score up to `end`.
 
-    Declared keys (ABC `K:` with a mode, as in the Nottingham tunes) win. Otherwise Krumhansl-Kessler over the
+    Declared keys (ABC `K:` with a mode, as in the Nottingham tunes) win. Otherwise the profiles' consensus over the
     rendered span decides between relatives only when the key is clear; folk melodies (monophonic) take their
     tonic from the final note (folk tunes mostly end on it, modal ones too; the third above it decides the mode),
     except where the final is the third or fifth of the key the source's `K:` field names: such a tune is in that
@@ -345,13 +364,13 @@ def score_key(score: Score, end: float | None = None) -> tuple[int, str]:
 
 
 def key_segments(score: Score, end: float, window_bars: int = 4) -> list[tuple[float, float, int, str]]:
-    """Local keys: KK over a sliding window of bars; a change is kept only where it lasts two windows or more.
+    """Local keys: the profiles' consensus over a sliding window of bars; a change is kept only where it lasts two windows or more.
     The global key (`score_key`) is the reference for evaluation; these segments note modulations."""
     bars = [d for d in score.downbeats if d < end]
     glob = score_key(score, end)
     if not score.polyphonic:
         # A monophonic tune is rendered over a harmonisation built diatonically in the global key (and its
-        # key comes from the final note): what sounds is that key throughout. KK on a few bars of a bare
+        # key comes from the final note): what sounds is that key throughout. Profiles on a few bars of a bare
         # melody mostly finds the dominant or the relative, which would be label noise, not a modulation.
         return [(0.0, end, *glob)]
     if len(bars) < window_bars + 2:

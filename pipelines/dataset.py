@@ -29,7 +29,7 @@ from pipelines import schema
 from pipelines.audio import AUDIO_EXTENSIONS, encode_flac, iter_clips, resample, sha256_of
 from pipelines.captions import base_description, clip_rng, compose_caption, control_sentences, read_sidecar
 from pipelines.errors import PipelineUserError
-from pipelines.features import ClipAnalyzer, FeatureParams
+from pipelines.features import ClipAnalyzer, FeatureParams, file_bar_phase
 
 log = logging.getLogger(__name__)
 
@@ -159,14 +159,18 @@ class ProcessFile(beam.DoFn):
             sr = int(p["analysis_sample_rate"])
             info, clips = iter_clips(source.path, sr, p["clip_seconds"], p["hop_seconds"], p["min_clip_seconds"],
                                      p.get("max_file_seconds"))
-            rows = []
+            analysed = []
             for index, start_s, wave in clips:
                 stage = "analyze"
-                rows.append(self._row(source, sha, sidecar, index, start_s, wave))
+                analysed.append(self._analyse(index, start_s, wave))
                 stage = "decode"
-            if not rows:
+            if not analysed:
                 raise ValueError(f"shorter than min_clip_seconds={p['min_clip_seconds']}s "
                                  f"({info.duration_s:.2f}s decoded)")
+            stage = "analyze"
+            self._keys_in_file_context([features for _, _, _, features, _ in analysed])
+            self._downbeats_in_file_context([(start_s, features) for _, start_s, _, features, _ in analysed])
+            rows = [self._row(source, sha, sidecar, *clip) for clip in analysed]
         except Exception as e:  # every failure becomes an error row; the pipeline goes on
             self.failed_counter.inc()
             yield beam.pvalue.TaggedOutput("errors", {
@@ -183,11 +187,37 @@ class ProcessFile(beam.DoFn):
         for row in rows:
             yield row
 
-    def _row(self, source: SourceFile, sha: str, sidecar: dict, index: int, start_s: float,
-             wave: np.ndarray) -> dict:
-        p = self.params
-        sr = int(p["analysis_sample_rate"])
+    def _analyse(self, index: int, start_s: float, wave: np.ndarray) -> tuple:
+        """(index, start_s, duration_s, features, stored FLAC bytes): the wave itself is not kept."""
+        sr, store_sr = int(self.params["analysis_sample_rate"]), int(self.params["store_sample_rate"])
         features = self.analyzer.analyze(wave)
+        return index, start_s, len(wave) / sr, features, encode_flac(resample(wave, sr, store_sr), store_sr)
+
+    def _keys_in_file_context(self, features: list) -> None:
+        """Re-vote each clip's key with the file's mean key profile added (`key_file_context`)."""
+        if not self.analyzer.params.key_file_context:
+            return
+        pcps = [f.key_pcp for f in features if f.key_pcp is not None]
+        for f in features:
+            if f.key_pcp is not None:
+                f.key, f.mode, f.key_strength = self.analyzer.key_in_context(f.key_pcp, pcps)
+
+    def _downbeats_in_file_context(self, clips: list) -> None:
+        """Meter and bar phase decided over the whole file (`downbeat_file_context`): a 10 s clip holds 4-6 bars,
+        too few to tell 2/4 from 4/4 or to find the phase of a chorale, and the meter rarely changes within a
+        file. Clips without beat evidence (silent, too few beats) keep their own."""
+        params = self.analyzer.params
+        usable = [(s, f) for s, f in clips if f.beat_evidence is not None]
+        if not params.downbeat_file_context or len(usable) < 2:
+            return
+        downbeats, meter = file_bar_phase([(s, np.asarray(f.beats_s), f.beat_evidence) for s, f in usable],
+                                          params.meters, dict(params.meter_bias))
+        for (_, f), d in zip(usable, downbeats):
+            f.downbeats_s, f.time_signature = [float(t) for t in d], f"{meter}/4"
+
+    def _row(self, source: SourceFile, sha: str, sidecar: dict, index: int, start_s: float, duration_s: float,
+             features, audio_bytes: bytes) -> dict:
+        p = self.params
         store_sr = int(p["store_sample_rate"])
         clip_id = f"{sha[:16]}-{int(round(start_s * 1000)):09d}"
         rng = clip_rng(int(p.get("seed", 0)), clip_id)
@@ -202,11 +232,11 @@ class ProcessFile(beam.DoFn):
             "source_sha256": sha,
             "clip_index": index,
             "start_s": float(start_s),
-            "duration_s": len(wave) / sr,
+            "duration_s": duration_s,
             "sample_rate": store_sr,
             "split": assign_split(str(sidecar.get("split_group") or sha), p["split_fractions"]),
             "mix_id": str(sidecar["mix_id"]) if sidecar.get("mix_id") is not None else None,
-            "audio": {"bytes": encode_flac(resample(wave, sr, store_sr), store_sr),
+            "audio": {"bytes": audio_bytes,
                       "path": f"{name}#{index:05d}.flac"},
             "is_silent": features.is_silent,
             "tempo_bpm": features.tempo_bpm,

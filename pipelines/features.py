@@ -5,6 +5,8 @@
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,6 +25,10 @@ class FeatureParams:
     # Several profiles: one HPCP pass (exactly KeyExtractor's), each profile's key is a vote, the most voted key
     # wins (ties: the earlier profile). Empty: essentia KeyExtractor with `key_profile` alone.
     key_profiles: tuple[str, ...] = ()
+    # Weight of the whole file's key profile (mean of its clips' HPCPs, each scaled to max 1) added to a clip's
+    # own before the vote (`key_in_context`): a 10 s clip of a chorale that cadences on the dominant sounds in
+    # that key, the file around it says otherwise. 0 keeps clips independent. Needs `key_profiles`.
+    key_file_context: float = 0.0
     rhythm_method: str = "multifeature"
     chord_method: str = "hmm"
     chord_self_transition: float = 0.5
@@ -48,6 +54,12 @@ class FeatureParams:
     # Added to a meter's bar-phase score (contrast of z-scored evidence). Meter 2 is favoured: on a 4/4 bar it
     # still scores F=0.67 with either half-bar phase, where a wrong 4/4 phase scores 0.
     meter_bias: tuple[tuple[int, float], ...] = ((2, 0.3), (3, -0.35), (4, 0.0))
+    # downbeat_evidence "learned": per-beat logistic-regression weights over the cues of the beat and its two
+    # neighbours, one set for percussive clips and one for the rest (`DOWNBEAT_MODEL`, fitted by
+    # benchmarks/fit_downbeats.py on the rendered dev set); "builtin" or a path to such a JSON file.
+    downbeat_model: str = "builtin"
+    # Decide meter and bar phase over the whole file (clips' beat grids stitched) instead of clip by clip.
+    downbeat_file_context: bool = False
 
     @classmethod
     def from_params(cls, section: dict) -> "FeatureParams":
@@ -80,6 +92,10 @@ class ClipFeatures:
     key_strength: float | None = None
     chords: list[dict] = field(default_factory=list)
     loudness_lufs: float | None = None
+    # the clip's key profile (12-bin HPCP summed over its frames, A-based as essentia's Key expects); kept for
+    # the file-level key context, not written to the table
+    key_pcp: np.ndarray | None = None
+    beat_evidence: np.ndarray | None = None   # per-beat downbeat evidence, for the file-level bar phase
 
 
 def tempo_from_beats(beats: np.ndarray) -> float | None:
@@ -286,13 +302,98 @@ def downbeat_cues(beats: np.ndarray, duration: float, chroma: np.ndarray, times:
         per_beat[i] = chroma[sel].mean(axis=0) if sel.any() else chroma[np.argmin(np.abs(times - (a + c) / 2))]
     labels = viterbi_chords(per_beat, self_transition=self_transition)
     changes = np.array([float(x != y) for x, y in zip(labels[1:], labels[:-1])])
+    all_onset = _at(env["all"], beats)
     return {
         "bass": bass,
         "chord_change": np.r_[changes.mean() if len(changes) else 0.0, changes],
         "novelty": chroma_novelty(chroma, times, beats, 2 * period),
         "low_onset": _at(env["low"], beats),
         "high_onset": _at(env["high"], beats),
+        # further cues of the learned evidence: attack at the beat, no attack on the next beat (a note held over
+        # it starts a strong beat), attack half a beat before it, and harmonic novelty over one and four beats
+        "all_onset": all_onset,
+        "sustain": -np.r_[all_onset[1:], all_onset[-1:]],
+        "mid_before": np.r_[0.0, _at(env["all"], beats[:-1] + np.diff(beats) / 2)],
+        "novelty_1": chroma_novelty(chroma, times, beats, period),
+        "novelty_4": chroma_novelty(chroma, times, beats, 4 * period),
     }
+
+
+def percussiveness(env: dict) -> float:
+    """Mean high-band (2-11 kHz) over mean full-band spectral flux: a drum kit's hats and snares put most of
+    their attacks high (AUC 0.95-0.98 for drums vs no drums on the rendered dev and held-out sets)."""
+    return float(np.mean(env["high"]) / (np.mean(env["all"]) + 1e-9))
+
+
+DOWNBEAT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "downbeat_model.json")
+
+
+def load_downbeat_model(spec: str) -> dict:
+    """{"cues": [...], "shifts": [...], "percussive_threshold": x, "weights": {"percussive": [...],
+    "tonal": [...]}} with one weight per (cue, shift), cue-major."""
+    path = DOWNBEAT_MODEL if spec == "builtin" else spec
+    with open(path) as f:
+        model = json.load(f)
+    n = len(model["cues"]) * len(model["shifts"])
+    for kind in ("percussive", "tonal"):
+        if len(model["weights"][kind]) != n:
+            raise ValueError(f"downbeat model {path}: {kind} has {len(model['weights'][kind])} weights, want {n}")
+    return model
+
+
+def cue_matrix(cues: dict[str, np.ndarray], names: list[str], shifts: list[int]) -> np.ndarray:
+    """(beats, cues x shifts): each cue z-scored within the clip and clipped to +-2.5; column (cue, s) holds the
+    value at beat i + s (0 past the clip's edges, the z-scored mean)."""
+    cols = []
+    for name in names:
+        z = np.clip(_z(cues[name]), -2.5, 2.5)
+        for s in shifts:
+            shifted = np.zeros_like(z)
+            if s >= 0:
+                shifted[: len(z) - s] = z[s:]
+            else:
+                shifted[-s:] = z[: len(z) + s]
+            cols.append(shifted)
+    return np.stack(cols, axis=1)
+
+
+def learned_evidence(cues: dict[str, np.ndarray], env: dict, model: dict) -> np.ndarray:
+    kind = "percussive" if percussiveness(env) > model["percussive_threshold"] else "tonal"
+    return cue_matrix(cues, model["cues"], model["shifts"]) @ np.asarray(model["weights"][kind], float)
+
+
+def file_bar_phase(clips: list[tuple[float, np.ndarray, np.ndarray]], meters=(2, 3, 4),
+                   meter_bias: dict | None = None) -> tuple[list[np.ndarray], int]:
+    """Meter and bar phase of a whole file from its clips' (start_s, beats, per-beat evidence): the clips'
+    beat grids are stitched into one beat count (the gap between clips in beat periods), and the (meter, phase)
+    whose beats carry the most evidence over the file wins, as `bar_phase` does within a clip. Returns each
+    clip's downbeats and the meter."""
+    index, last = [], None
+    for start, beats, _ in clips:
+        if len(beats) < 2:
+            index.append(None)
+            continue
+        period = float(np.median(np.diff(beats)))
+        first = 0 if last is None else last[1] + max(1, int(round((start + beats[0] - last[0]) / period)))
+        idx = first + np.arange(len(beats))
+        index.append(idx)
+        last = (start + beats[-1], int(idx[-1]))
+    used = [(i, e) for i, (_, _, e) in zip(index, clips) if i is not None]
+    if not used:
+        return [b[:1] for _, b, _ in clips], 4
+    beat_index = np.concatenate([i for i, _ in used])
+    evidence = np.concatenate([e for _, e in used])
+    best = (-np.inf, 4, 0)
+    for m in meters:
+        if len(beat_index) < 2 * m:
+            continue
+        for p in range(m):
+            on = (beat_index - p) % m == 0
+            score = evidence[on].mean() - evidence[~on].mean() + float((meter_bias or {}).get(m, 0.0))
+            if score > best[0]:
+                best = (score, m, p)
+    _, m, p = best
+    return [b[(i - p) % m == 0] if i is not None else b[:1] for i, (_, b, _) in zip(index, clips)], m
 
 
 def bar_phase(beats: np.ndarray, evidence: np.ndarray, meters=(2, 3, 4),
@@ -422,12 +523,13 @@ class ClipAnalyzer:
                              nonLinear=False, normalized="unitMax")
         self._chords_essentia = es.ChordsDetectionBeats(hopSize=_HPCP_HOP, sampleRate=sr)
         self._meter = LoudnessMeter(sr)
+        self._downbeat_model = (load_downbeat_model(params.downbeat_model) if params.downbeat_evidence == "learned"
+                                else None)
         self._es = es
 
     # -- pieces -------------------------------------------------------------------------------------------
-    def _key_vote(self, wave: np.ndarray) -> tuple[str, str, float]:
-        """(key, scale, strength): the key most profiles name on the clip's mean HPCP; strength is the mean
-        strength of the profiles that named it."""
+    def _key_pcp(self, wave: np.ndarray) -> np.ndarray | None:
+        """KeyExtractor's HPCP summed over the clip's frames (None when it has no tonal peaks)."""
         total = None
         peaks, white, hpcp = _per_frame(self._kpeaks), _per_frame(self._kwhite), _per_frame(self._khpcp)
         for spec in _spectra(wave, self._hann_window, 4096, centred=True):
@@ -435,8 +537,13 @@ class ClipAnalyzer:
             h = hpcp(freqs, white(spec, freqs, mags))
             total = h if total is None else total + h
         if total is None or total.max() <= 0:
-            return self._key(wave)
-        pcp = total / total.max()
+            return None
+        return np.asarray(total, dtype=np.float64)
+
+    def _vote(self, pcp: np.ndarray) -> tuple[str, str, float]:
+        """(key, scale, strength): the key most profiles name on the profile `pcp` (scaled to max 1, bins under
+        0.2 cleared, as KeyExtractor does); strength is the mean strength of the profiles that named it."""
+        pcp = pcp / pcp.max()
         pcp = np.where(pcp < 0.2, 0.0, pcp).astype(np.float32)
         votes: dict[tuple[str, str], list[float]] = {}
         for key_algo in self._keys:
@@ -444,6 +551,12 @@ class ClipAnalyzer:
             votes.setdefault((key, scale), []).append(float(strength))
         (key, scale), strengths = max(votes.items(), key=lambda kv: len(kv[1]))  # first of the tied: earliest
         return key, scale, float(np.mean(strengths))
+
+    def key_in_context(self, clip_pcp: np.ndarray, file_pcps: list[np.ndarray]) -> tuple[str, str, float]:
+        """The clip's key voted on its own profile plus `key_file_context` x the mean profile of the file's
+        clips (each scaled to max 1, so long and short clips weigh alike)."""
+        file_pcp = np.mean([p / p.max() for p in file_pcps], axis=0)
+        return self._vote(clip_pcp / clip_pcp.max() + self.params.key_file_context * file_pcp / file_pcp.max())
 
     def _hpcp_frames(self, wave: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(frames x 12 chroma, C-based), frame centre times, low-band energy per frame (bass/kick)."""
@@ -465,6 +578,33 @@ class ClipAnalyzer:
         return float(value) if np.isfinite(value) else None
 
     # -- all ----------------------------------------------------------------------------------------------
+    def _beats(self, wave: np.ndarray) -> tuple:
+        """(refined beats, tracker confidence, chroma frames, their times, low-band energy, onset envelopes)."""
+        p, sr = self.params, self.params.analysis_sample_rate
+        duration = len(wave) / sr
+        _, beats, confidence, _, _ = self._rhythm(wave)
+        beats = np.asarray(beats, dtype=float)
+        beats = beats[(beats >= 0) & (beats < duration)]
+        chroma, times, low = self._hpcp_frames(wave)
+        env = (onset_envelopes(wave, sr) if (p.beat_refine or p.downbeat_evidence in ("weighted", "learned"))
+               else None)
+        if p.beat_refine:
+            beats = refine_beats(beats, duration, chroma, times, low, env, p)
+        else:
+            beats = halve_fast_beats(beats, chroma, times, low, duration, p.tempo_halve_above_bpm)
+        return beats, confidence, chroma, times, low, env
+
+    def downbeat_inputs(self, wave: np.ndarray) -> tuple[np.ndarray, dict, dict] | None:
+        """(beats, per-beat cues, onset envelopes) as `analyze` computes them, for fitting the downbeat model;
+        None for a clip with fewer than 4 beats."""
+        wave = np.ascontiguousarray(wave, dtype=np.float32)
+        sr = self.params.analysis_sample_rate
+        beats, _, chroma, times, low, env = self._beats(wave)
+        if len(beats) < 4 or env is None:
+            return None
+        cues = downbeat_cues(beats, len(wave) / sr, chroma, times, low, env, self.params.chord_self_transition, sr)
+        return beats, cues, env
+
     def analyze(self, wave: np.ndarray) -> ClipFeatures:
         wave = np.ascontiguousarray(wave, dtype=np.float32)
         sr = self.params.analysis_sample_rate
@@ -474,18 +614,10 @@ class ClipAnalyzer:
             # No tempo/key/chord claims about silence.
             return ClipFeatures(is_silent=True, loudness_lufs=self._loudness(wave))
 
-        bpm_es, beats, confidence, _, _ = self._rhythm(wave)
-        beats = np.asarray(beats, dtype=float)
-        beats = beats[(beats >= 0) & (beats < duration)]
-        key, scale, strength = self._key_vote(wave) if self.params.key_profiles else self._key(wave)
-
-        chroma, times, low = self._hpcp_frames(wave)
+        key_pcp = self._key_pcp(wave) if self.params.key_profiles else None
+        key, scale, strength = self._vote(key_pcp) if key_pcp is not None else self._key(wave)
         p = self.params
-        env = onset_envelopes(wave, sr) if (p.beat_refine or p.downbeat_evidence == "weighted") else None
-        if p.beat_refine:
-            beats = refine_beats(beats, duration, chroma, times, low, env, p)
-        else:
-            beats = halve_fast_beats(beats, chroma, times, low, duration, p.tempo_halve_above_bpm)
+        beats, confidence, chroma, times, low, env = self._beats(wave)
         boundaries = np.unique(np.concatenate([[0.0], beats, [duration]]))
         seg_chroma = beat_sync(chroma, times, boundaries)
         if p.chord_method == "essentia" and len(beats) >= 2:
@@ -498,9 +630,13 @@ class ClipAnalyzer:
             labels = viterbi_chords(seg_chroma, self_transition=p.chord_self_transition)
             chords = merge_segments(boundaries, labels)
 
-        if len(beats) >= 4 and p.downbeat_evidence == "weighted":
+        evidence = None
+        if len(beats) >= 4 and p.downbeat_evidence in ("weighted", "learned"):
             cues = downbeat_cues(beats, duration, chroma, times, low, env, p.chord_self_transition, sr)
-            evidence = sum(w * np.clip(_z(cues[name]), -2.5, 2.5) for name, w in p.downbeat_weights)
+            if p.downbeat_evidence == "learned":
+                evidence = learned_evidence(cues, env, self._downbeat_model)
+            else:
+                evidence = sum(w * np.clip(_z(cues[name]), -2.5, 2.5) for name, w in p.downbeat_weights)
             downbeats, meter = bar_phase(beats, evidence, p.meters, dict(p.meter_bias))
             time_signature = f"{meter}/4"
         elif len(beats) >= 4:
@@ -542,6 +678,8 @@ class ClipAnalyzer:
             key_strength=float(strength),
             chords=chords,
             loudness_lufs=self._loudness(wave),
+            key_pcp=key_pcp,
+            beat_evidence=evidence,
         )
 
 

@@ -10,8 +10,8 @@ import soundfile as sf
 from pipelines.chords import to_harte
 from pipelines.corpus import LABELS_FILE, render_corpus
 from pipelines.corpus_arrange import describe, mixes_of
-from pipelines.corpus_scores import (Score, ScoreNote, analyse_chords, harmonise_melody, metric_grid, score_key,
-                                     symbol_chords, transpose_label)
+from pipelines.corpus_scores import (Score, ScoreNote, analyse_chords, harmonise_melody, key_correlations,
+                                     metric_grid, score_key, symbol_chords, transpose_label)
 
 
 @pytest.mark.parametrize("symbol, harte", [
@@ -83,6 +83,23 @@ def test_folk_key_from_final_note_unless_it_is_the_third_or_fifth_of_the_signatu
     assert score_key(_tune([64, 67, 71, 69, 67, 66, 64], (7, "major"))) == (4, "minor")
     # no signature: the final note
     assert score_key(_tune(g_major[:-1] + [62], None))[0] == 2
+
+
+def test_reference_key_is_the_profiles_consensus_not_krumhansl_kessler_alone():
+    # pitch-class durations of BWV 136.6's rendered opening (transposed to C minor): Eb and Ab, no F#, B naturals
+    hist = np.array([0.42, 0.0, 0.53, 0.55, 0.0, 0.46, 0.0, 1.0, 0.17, 0.04, 0.48, 0.28])
+    from music21.analysis.discrete import KrumhanslKessler
+
+    kk = KrumhanslKessler()
+    major, minor = np.array(kk.getWeights("major")), np.array(kk.getWeights("minor"))
+    kk_only = [np.corrcoef(hist, np.roll(major, t))[0, 1] for t in range(12)] + \
+              [np.corrcoef(hist, np.roll(minor, t))[0, 1] for t in range(12)]
+    assert int(np.argmax(kk_only)) == 12 + 7  # Krumhansl-Kessler alone: G minor, the dominant
+    assert int(np.argmax(key_correlations(hist))) == 12 + 0  # the four profiles: C minor
+    # a plain diatonic C major histogram is C major for all of them
+    c_major = np.array([5, 0, 2, 0, 3, 2, 0, 4, 0, 2, 0, 1], float)
+    assert int(np.argmax(key_correlations(c_major))) == 0
+    assert np.all(key_correlations(np.zeros(12)) == 0)
 
 
 def test_describe():

@@ -147,6 +147,19 @@ def test_features_of_real_music_clip(built):
         assert schema.traits_dict(r["traits"]) == {"drums": True, "piano": False}
 
 
+def test_downbeats_of_a_files_clips_lie_on_one_bar_grid(built):
+    # good.wav changes chord every 4 beats at 120 bpm: bars start at 0, 2, 4, ... s of the file. The meter and
+    # bar phase are decided over the whole file, so every clip (the 5 s tail too) follows the same grid.
+    rows = schema.read_clips_table(str(built)).to_pylist()
+    good = [r for r in rows if r["source_path"].endswith("good.wav")]
+    assert len(good) == 3
+    assert {r["time_signature"] for r in good} == {"4/4"}
+    absolute = np.concatenate([r["start_s"] + np.asarray(r["downbeats_s"]) for r in good])
+    assert len(absolute) >= 10
+    off_grid = np.abs(absolute / 2.0 - np.round(absolute / 2.0)) * 2.0
+    assert np.all(off_grid < 0.07), absolute
+
+
 def test_silence_is_flagged_without_claims(built):
     rows = [r for r in schema.read_clips_table(str(built)).to_pylist() if r["source_path"].endswith("silent.wav")]
     assert rows and all(r["is_silent"] for r in rows)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from pipelines.chords import to_harte, to_symbol
-from pipelines.features import (ClipAnalyzer, FeatureParams, compound_beats, onset_envelopes, shift_offbeat,
-                                steady_beats)
+from pipelines.features import (ClipAnalyzer, FeatureParams, compound_beats, cue_matrix, file_bar_phase,
+                                load_downbeat_model, onset_envelopes, percussiveness, shift_offbeat, steady_beats)
 from tests.synth import chord_sequence, cadence, click_track
 
 SR = 44100
@@ -163,3 +163,72 @@ def test_per_frame_direct_calls_match_essentias_checked_calls():
         np.testing.assert_array_equal(white, _per_frame(analyzer._kwhite)(spec, freqs, mags))
         np.testing.assert_array_equal(analyzer._khpcp(freqs, white), _per_frame(analyzer._khpcp)(freqs, white))
 
+
+
+def _a_based(weights_by_pc: dict[int, float]) -> np.ndarray:
+    """A 12-bin profile in essentia's A-based bin order from {pitch class (C = 0): weight}."""
+    out = np.zeros(12)
+    for pc, w in weights_by_pc.items():
+        out[(pc - 9) % 12] = w
+    return out
+
+
+def test_key_in_file_context_outvotes_a_clip_that_sits_on_the_dominant():
+    analyzer = ClipAnalyzer(FeatureParams(key_profiles=("bgate", "braw", "edma", "krumhansl", "shaath",
+                                                        "temperley", "tonictriad"), key_file_context=1.0))
+    # a clip on the dominant: G strongest, F absent (votes G major alone); the rest of the file in C major
+    dominant = _a_based({7: 1.0, 11: 0.7, 2: 0.8, 0: 0.6, 4: 0.4, 9: 0.4})
+    tonic = _a_based({0: 1.0, 4: 0.7, 7: 0.6, 5: 0.6, 2: 0.4, 9: 0.4, 11: 0.2})
+    alone = analyzer._vote(dominant)
+    assert alone[:2] == ("G", "major")
+    assert analyzer.key_in_context(dominant, [tonic, dominant, tonic, tonic])[:2] == ("C", "major")
+    # a file that is all on G keeps G
+    assert analyzer.key_in_context(dominant, [dominant, dominant])[:2] == ("G", "major")
+
+
+def test_cue_matrix_shifts_neighbours_in_and_pads_the_edges_with_zero():
+    cues = {"a": np.array([0.0, 1.0, 2.0, 3.0]), "b": np.array([1.0, 1.0, 1.0, 5.0])}
+    m = cue_matrix(cues, ["a", "b"], [-1, 0, 1])
+    z = (cues["a"] - cues["a"].mean()) / cues["a"].std()
+    assert m.shape == (4, 6)
+    np.testing.assert_allclose(m[:, 1], z)
+    np.testing.assert_allclose(m[:, 0], [0.0, z[0], z[1], z[2]])   # beat i - 1
+    np.testing.assert_allclose(m[:, 2], [z[1], z[2], z[3], 0.0])   # beat i + 1
+    assert np.all(np.abs(m) <= 2.5)
+
+
+def test_file_bar_phase_stitches_clips_onto_one_bar_grid():
+    period = 0.5
+    rng = np.random.default_rng(0)
+    # a 4/4 file, downbeats on global beats 2, 6, 10, ...; clip 2 starts at 10 s, one period after clip 1's last
+    # beat, so its beats are global beats 20, 21, ... and its downbeats its 3rd, 7th, ... beats
+    clip1 = np.arange(0.0, 10.0, period)
+    clip2 = np.arange(0.0, 9.8, period)
+    g1, g2 = np.arange(len(clip1)), 20 + np.arange(len(clip2))
+    ev1 = np.where((g1 - 2) % 4 == 0, 1.0, 0.0) + 0.3 * rng.standard_normal(len(g1))
+    ev2 = np.where((g2 - 2) % 4 == 0, 1.0, 0.0) + 0.3 * rng.standard_normal(len(g2))
+    downbeats, meter = file_bar_phase([(0.0, clip1, ev1), (10.0, clip2, ev2)], meter_bias={2: 0.0, 3: 0.0, 4: 0.0})
+    assert meter == 4
+    np.testing.assert_allclose(downbeats[0], clip1[2::4])
+    np.testing.assert_allclose(downbeats[1], clip2[2::4])  # global beat 22 = clip 2's third beat
+    # evidence that lives only in clip 2 still sets the phase of clip 1 (one grid for the file)
+    flat = 0.01 * rng.standard_normal(len(g1))
+    downbeats, _ = file_bar_phase([(0.0, clip1, flat), (10.0, clip2, 3 * ev2)], meter_bias={2: 0.0, 3: 0.0, 4: 0.0})
+    np.testing.assert_allclose(downbeats[0], clip1[2::4])
+
+
+def test_percussiveness_separates_a_drum_kit_from_a_chord_pad():
+    drums = click_track(120.0, 6.0, accent_every=4)
+    pad, _ = chord_sequence([("C", "maj"), ("G", "maj")], 100.0, 4, 6.0)
+    assert percussiveness(onset_envelopes(drums, SR)) > percussiveness(onset_envelopes(np.asarray(pad, np.float32), SR))
+
+
+def test_downbeat_model_ships_and_a_malformed_one_is_refused(tmp_path):
+    model = load_downbeat_model("builtin")
+    n = len(model["cues"]) * len(model["shifts"])
+    assert len(model["weights"]["percussive"]) == n and len(model["weights"]["tonal"]) == n
+    bad = dict(model, weights={"percussive": [1.0], "tonal": model["weights"]["tonal"]})
+    path = tmp_path / "bad.json"
+    path.write_text(__import__("json").dumps(bad))
+    with pytest.raises(ValueError, match="percussive has 1 weights"):
+        load_downbeat_model(str(path))
