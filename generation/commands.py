@@ -35,7 +35,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     g.add_argument("--alias", default=None, help="alias of the probe sets (default: champion)")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--cfg-scale", dest="cfg_scale", type=float, default=None)
-    g.add_argument("--temperature", type=float, default=None)
+    g.add_argument("--temperature", default=None,
+                   help="one value, or one per codebook of the builtin generator: 1.0,0.7,0.7,0.7")
     g.add_argument("--top-k", dest="top_k", type=int, default=None)
     g.add_argument("--bpm", type=float, default=None, help="tempo attribute (if the generator uses attributes)")
     g.add_argument("--key", default=None, help='key attribute, e.g. "F# minor"')

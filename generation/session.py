@@ -207,7 +207,7 @@ class GenerationSession:
         import soundfile as sf
         import torch
 
-        from models.generator import attribute_ids
+        from models.generator import attribute_ids, sampling_temperature
         from models.steering import SteeringPlan, parse_strengths, steer as install
 
         d = self.defaults
@@ -219,7 +219,7 @@ class GenerationSession:
             raise GenerationError("no prompt given")
         duration = float(d["duration"] if duration is None else duration)
         seed = int(d["seed"] if seed is None else seed)
-        sampling = dict(temperature=float(d["temperature"] if temperature is None else temperature),
+        sampling = dict(temperature=sampling_temperature(d["temperature"] if temperature is None else temperature),
                         top_k=int(d["top_k"] if top_k is None else top_k),
                         top_p=float(d["top_p"] if top_p is None else top_p))
         cfg_scale = float(d["cfg_scale"] if cfg_scale is None else cfg_scale)

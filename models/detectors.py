@@ -169,7 +169,7 @@ def evaluate_trait_carrying(generator_dir: str, tokens_dir: str, clips_dir: str 
     """Continue held-out drum / drum-free prompts and judge the continuations with the independent detector."""
     import soundfile as sf
 
-    from models.generator import load_generator
+    from models.generator import load_generator, sampling_temperature
     from models.train import TokenSet
 
     seed = int(params.get("seed", 0))
@@ -208,7 +208,7 @@ def evaluate_trait_carrying(generator_dir: str, tokens_dir: str, clips_dir: str 
             cond = test.condition[torch.tensor(idx)] if mode == "caption" else None
             attrs = test.attributes[torch.tensor(idx)] if mode == "caption" else None
             out = generator.generate(new_n, prompt=prompts, condition=cond, attributes=attrs,
-                                     temperature=float(params.get("temperature", 1.0)),
+                                     temperature=sampling_temperature(params.get("temperature", 1.0)),
                                      top_k=int(params.get("top_k", 0)), top_p=float(params.get("top_p", 0.0)),
                                      cfg_scale=float(params.get("cfg_scale", 3.0)) if mode == "caption" else 1.0,
                                      seed=seed)

@@ -39,6 +39,7 @@ import torch
 
 from models.probes import ProbeSet, capture_head_outputs, encode_clips, load_trait_clips, probe_params, \
     train_probe_set
+from models.generator import sampling_temperature
 from models.steering import SteeringPlan, steer
 from pipelines.errors import UserError
 
@@ -192,7 +193,8 @@ def evaluate_steering(generator_dir: str, probes_dir: str, tokens_dir: str, clip
     prompt_n = int(round(float(params.get("prompt_seconds", 2.0)) * fps))
     new_n = int(round(float(params.get("continuation_seconds", 3.0)) * fps))
     per_class = int(params.get("prompts_per_class", 16))
-    sampling = dict(temperature=float(params.get("temperature", 1.0)), top_k=int(params.get("top_k", 0)),
+    sampling = dict(temperature=sampling_temperature(params.get("temperature", 1.0)),
+                    top_k=int(params.get("top_k", 0)),
                     top_p=float(params.get("top_p", 0.0)))
     steering = {k: params[k] for k in ("every", "decay", "tau", "monitor_heads") if params.get(k) is not None}
 

@@ -22,7 +22,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -315,8 +315,8 @@ class Generator(nn.Module):
     # -- generation
     @torch.no_grad()
     def generate(self, n_frames: int, prompt: torch.Tensor | None = None, condition: torch.Tensor | None = None,
-                 attributes: torch.Tensor | None = None, batch_size: int = 1, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 0.0, cfg_scale: float = 1.0, seed: int | None = None,
+                 attributes: torch.Tensor | None = None, batch_size: int = 1,
+                 temperature: float | Sequence[float] = 1.0, top_k: int = 0, top_p: float = 0.0, cfg_scale: float = 1.0, seed: int | None = None,
                  use_cache: bool = True, on_step: Callable[[int], None] | None = None) -> torch.Tensor:
         """Sample `n_frames` codec frames after an optional `prompt` [B, K, Tp]; returns [B, K, Tp + n_frames]
         un-delayed codes (prompt included).
@@ -330,8 +330,10 @@ class Generator(nn.Module):
         steps to finish the last frame's upper codebooks). Hooks on `head_out` run during the step itself; the
         first step sees the whole prompt (T = n_prefix + Tp + 1 positions), later cached steps T == 1.
         use_cache=False recomputes the whole sequence each step (same tokens, slower; for checking the cache).
+        temperature: one value, or one per codebook (coarse first; 0 = greedy for that codebook).
         """
         cfg, K = self.cfg, self.cfg.n_codebooks
+        temperature = sampling_temperature(temperature, K)
         device = self.null_cond.device
         if prompt is not None:
             self._check_tokens(prompt, allow_special=False)
@@ -390,8 +392,39 @@ class Generator(nn.Module):
         return torch.cat([x, x], dim=0) if use_cfg else x
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator):
-    """Sample one token per (row, codebook) from logits [B, K, V]; temperature 0 means greedy."""
+def sampling_temperature(value, n_codebooks: int | None = None) -> float | tuple[float, ...]:
+    """A temperature as given by a user: a number, a list of numbers or a string "1.0" / "1.0,0.7,0.7,0.7";
+    one per codebook (coarse first) when it is a list. Raises GeneratorError on anything else."""
+    if isinstance(value, str):
+        parts = [p for p in value.replace(" ", "").split(",") if p]
+        try:
+            values = [float(p) for p in parts]
+        except ValueError:
+            raise GeneratorError(f"temperature must be a number or a comma-separated list of numbers, got {value!r}")
+        value = values[0] if len(values) == 1 else values
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        out = float(value)
+    elif isinstance(value, (list, tuple)) and value and all(isinstance(v, (int, float)) for v in value):
+        out = tuple(float(v) for v in value)
+        if n_codebooks is not None and len(out) != n_codebooks:
+            raise GeneratorError(f"temperature has {len(out)} values, the generator has {n_codebooks} codebooks")
+    else:
+        raise GeneratorError(f"temperature must be a number or one number per codebook, got {value!r}")
+    if any(t < 0 or t != t for t in (out if isinstance(out, tuple) else (out,))):
+        raise GeneratorError(f"temperature must be >= 0, got {value!r}")
+    return out
+
+
+def _sample(logits: torch.Tensor, temperature, top_k: int, top_p: float, gen: torch.Generator):
+    """Sample one token per (row, codebook) from logits [B, K, V]. temperature: a float or one per codebook;
+    0 means greedy (for that codebook)."""
+    if isinstance(temperature, tuple):
+        t = torch.tensor(temperature, dtype=logits.dtype, device=logits.device)
+        greedy = t <= 0
+        if bool(greedy.all()):
+            return logits.argmax(-1)
+        sampled = _sample(logits / torch.where(greedy, 1.0, t)[None, :, None], 1.0, top_k, top_p, gen)
+        return torch.where(greedy[None, :], logits.argmax(-1), sampled)
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits / temperature

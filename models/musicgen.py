@@ -352,6 +352,8 @@ class MusicGenGenerator(nn.Module):
         bos = torch.full((B, K, 1), self.special, dtype=torch.long, device=self.device)
         dec_ids = (torch.cat([bos, prompt], dim=2) if prompt is not None else bos).reshape(B * K, Tp + 1)
         use_cfg = text is not None and cfg_scale > 1.0
+        if isinstance(temperature, (tuple, list)):
+            raise MusicGenError("a per-codebook temperature is a builtin-generator option; give MusicGen one number")
         greedy = temperature <= 0
         kwargs = dict(do_sample=not greedy, temperature=1.0 if greedy else float(temperature),
                       top_k=int(top_k or 0), top_p=float(top_p) if top_p and 0 < top_p < 1 else 1.0,

@@ -206,6 +206,10 @@ def test_cli_generate_user_errors_are_one_line(model_dirs, tmp_path, capsys):
         (["--generator", str(model_dirs / "gen"), "--prompt", "x", "--continue", str(tmp_path / "nope.wav")],
          "nope.wav does not exist"),
         (["--generator", str(model_dirs / "drums-v1"), "--prompt", "x"], "is a probe set, not a generator"),
+        (["--generator", str(model_dirs / "gen"), "--prompt", "x", "--duration", "0.2", "--temperature", "1,0.7"],
+         "temperature has 2 values, the generator has"),
+        (["--generator", str(model_dirs / "gen"), "--prompt", "x", "--temperature", "warm"],
+         "temperature must be a number"),
         (["--generator", "models:/smitin-generator@champion", "--tracking-uri", f"sqlite:///{tmp_path}/none.db",
           "--prompt", "x"], "no MLflow registry at"),
     ]

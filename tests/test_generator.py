@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from models.codec import MelCodecConfig, MelRVQCodec
-from models.generator import (Generator, GeneratorConfig, GeneratorError, HeadOutput, apply_delay, load_generator,
-                              save_generator, undo_delay)
+from models.generator import (Generator, GeneratorConfig, GeneratorError, HeadOutput, _sample, apply_delay,
+                              load_generator, sampling_temperature, save_generator, undo_delay)
 from pipelines.errors import UserError
 
 
@@ -139,6 +139,31 @@ def test_sampling_options():
         assert out.shape == (2, 4, 4) and out.max() < 32 and out.min() >= 0
     greedy = model.generate(n_frames=4, batch_size=1, seed=1, temperature=0.0)
     assert torch.equal(greedy, model.generate(n_frames=4, batch_size=1, seed=2, top_k=1))
+
+
+def test_per_codebook_temperature():
+    assert sampling_temperature(0.7) == 0.7 and sampling_temperature("0.7") == 0.7
+    assert sampling_temperature("1, 0.7,0.7,0.7", 4) == (1.0, 0.7, 0.7, 0.7)
+    assert sampling_temperature([1, 0.5], 2) == (1.0, 0.5)
+    for bad, match in (("1,0.7", "2 values, the generator has 4"), ("hot", "number"), (-1.0, ">= 0"),
+                       ([], "number"), ("1,x", "number")):
+        with pytest.raises(GeneratorError, match=match):
+            sampling_temperature(bad, 4)
+    logits = torch.randn(3, 4, 32, generator=torch.Generator().manual_seed(0))
+    # one value per codebook, all equal: the very tokens of the scalar temperature (same draws)
+    same = _sample(logits, (0.7,) * 4, 0, 0.0, torch.Generator().manual_seed(5))
+    assert torch.equal(same, _sample(logits, 0.7, 0, 0.0, torch.Generator().manual_seed(5)))
+    # 0 is greedy for that codebook only
+    mixed = _sample(logits, (1.0, 0.0, 1.0, 0.0), 0, 0.0, torch.Generator().manual_seed(5))
+    assert torch.equal(mixed[:, [1, 3]], logits.argmax(-1)[:, [1, 3]])
+    assert torch.equal(_sample(logits, (0.0,) * 4, 0, 0.0, torch.Generator()), logits.argmax(-1))
+    # low temperature on the fine codebooks makes them (near) deterministic, the coarse one still varies
+    model = _model()
+    runs = [model.generate(n_frames=6, batch_size=1, seed=s, temperature=(1.0, 0.0, 0.0, 0.0)) for s in (1, 2, 3)]
+    assert all(r.shape == (1, 4, 6) for r in runs)
+    assert torch.equal(runs[0], model.generate(n_frames=6, batch_size=1, seed=1, temperature="1,0,0,0"))
+    with pytest.raises(GeneratorError, match="3 values"):
+        model.generate(n_frames=2, temperature=(1.0, 1.0, 1.0))
 
 
 def test_attributes_condition_the_model():
