@@ -8,6 +8,7 @@ Token files (`tokenize` output, one pair per split):
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -185,6 +186,20 @@ def training_params(params: dict) -> dict:
     return p
 
 
+def _run_identity(codec, tokens_dir: str, p: dict) -> str:
+    """What a checkpoint must share with this run to be resumed: the codec, the train/valid token files and
+    the training schedule. `steps`, `max_minutes` and `threads` may change (a longer run continues)."""
+    h = hashlib.sha256(codec.fingerprint().encode())
+    for split in ("train", "valid"):
+        for name in (f"{split}.json", f"{split}.safetensors"):
+            with open(Path(tokens_dir) / name, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+    schedule = {k: p.get(k) for k in ("seed", "batch_size", "window_frames", "lr", "warmup", "weight_decay")}
+    h.update(json.dumps(schedule, sort_keys=True).encode())
+    return h.hexdigest()
+
+
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     sd = opt.state_dict()
     tensors = {}
@@ -263,19 +278,22 @@ def train_generator(tokens_dir: str, codec_dir: str, out_dir: str, params: dict,
     warmup, eval_every = int(p.get("warmup", 50)), int(p.get("eval_every", 100))
     patience, max_minutes = int(p.get("patience", 5)), float(p.get("max_minutes", 15))
     state = {"step": 0, "best_valid": float("inf"), "bad_evals": 0, "history": [], "train_seconds": 0.0,
-             "config": asdict(cfg)}
+             "config": asdict(cfg), "run": _run_identity(codec, tokens_dir, p)}
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     best_state = None
     if ckpt and resume and (ckpt / "state.json").exists():
         saved = json.loads((ckpt / "state.json").read_text())
-        if saved.get("config") == asdict(cfg):
+        if saved.get("config") == asdict(cfg) and saved.get("run") == state["run"]:
             model.load_state_dict(load_file(str(ckpt / "model.safetensors"), device=device))
             _unflatten_optimizer(opt, load_file(str(ckpt / "optimizer.safetensors"), device=device), saved["optimizer"])
             best_state = load_file(str(ckpt / "best.safetensors"), device=device)
             state = {k: saved[k] for k in state}
             say(f"resumed from {ckpt} at step {state['step']}")
         else:
-            log.info("checkpoint in %s has another config: starting afresh", ckpt)
+            # a checkpoint of another model, codec, token set or schedule (e.g. before a data refresh): resuming
+            # it would continue training on tokens whose codes mean something else
+            say(f"checkpoint in {ckpt} is from another run (config, codec, tokens or schedule differ): "
+                f"starting afresh")
     gen = torch.Generator().manual_seed(seed + state["step"])
     floor = unigram_nats(train, valid, cfg.card)
     say(f"generator {model.num_params() / 1e6:.2f}M params, {len(train)} train / {len(valid)} valid clips, "

@@ -56,6 +56,36 @@ def test_tiny_training_loss_falls_and_resumes(stages):
     assert len(json.loads((root / "plot2.json").read_text())) == 5
 
 
+def test_checkpoint_of_other_tokens_is_not_resumed(stages, tmp_path):
+    """After a data refresh (new codec / tokens) the stage must train afresh, not continue the old model."""
+    import shutil
+
+    root, _ = stages
+    short = {**TRAIN_PARAMS, "presets": {"debug": {**TRAIN_PARAMS["presets"]["debug"], "steps": 20}}}
+    train_generator(str(root / "tokens"), str(root / "codec"), str(tmp_path / "gen"), short,
+                    checkpoint_dir=str(tmp_path / "ckpt"))
+    other = tmp_path / "tokens"
+    shutil.copytree(root / "tokens", other)
+    ts = TokenSet(other, "train")
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(other / "train.safetensors"))
+    tensors["codes"] = tensors["codes"].flip(-1).contiguous()  # other token data, same shapes and codec
+    save_file(tensors, str(other / "train.safetensors"))
+    assert len(ts) == 8
+    said = []
+    again = train_generator(str(other), str(root / "codec"), str(tmp_path / "gen2"), short,
+                            checkpoint_dir=str(tmp_path / "ckpt"), progress=said.append)
+    assert any("from another run" in line for line in said) and not any("resumed" in line for line in said)
+    assert again["steps"] == 20
+    # the same tokens again: resumed (20 -> 30 steps continues from 20)
+    longer = {**short, "presets": {"debug": {**short["presets"]["debug"], "steps": 30}}}
+    said = []
+    train_generator(str(other), str(root / "codec"), str(tmp_path / "gen3"), longer,
+                    checkpoint_dir=str(tmp_path / "ckpt"), progress=said.append)
+    assert any("resumed" in line and "step 20" in line for line in said)
+
+
 def test_drum_detector_separates_synthetic_drums(stages):
     from models.codec import load_codec
     from models.detectors import fit_drum_detector
