@@ -5,9 +5,12 @@
 
 Every estimated beat of every 10 s clip is a sample: its features are the clip-z-scored cues of
 `pipelines.features.downbeat_cues` at the beat and its two neighbours; its label is whether it lies within 70 ms of
-a reference downbeat (beats that match no reference beat are left out). One logistic regression (sklearn) for
-percussive clips and one for the rest; the percussiveness threshold is the one that best separates the clips with
-and without a drum stem. The dev set (pieces 40-79 of each corpus' seeded order) is disjoint from the default
+a reference downbeat (beats that match no reference beat are left out). One sklearn HistGradientBoostingClassifier
+(100 trees of depth 3) for percussive clips and one for the rest, written out as plain arrays (no pickle) that
+`pipelines.features.boosted_trees_score` evaluates; the percussiveness threshold is the one that best separates the
+clips with and without a drum stem. `--cv` first scores boosted trees against a logistic regression by 5-fold
+cross-validation over the dev set's pieces (downbeat F-measure of the whole pipeline), which is how the trees were
+chosen. The dev set (pieces 40-79 of each corpus' seeded order) is disjoint from the default
 corpus (0-29) and from the held-out set of benchmarks/feature_accuracy.py (100 on), which is where to check the
 result: `python benchmarks/feature_accuracy.py`.
 """
@@ -25,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pipelines.audio import iter_clips  # noqa: E402
 from pipelines.corpus import render_corpus  # noqa: E402
 from pipelines.evaluate import cut_times  # noqa: E402
-from pipelines.features import (DOWNBEAT_MODEL, ClipAnalyzer, FeatureParams, cue_matrix,  # noqa: E402
+from pipelines.features import (DOWNBEAT_MODEL, ClipAnalyzer, FeatureParams,  # noqa: E402
+                                boosted_trees_score, cue_matrix, export_boosted_trees, file_bar_phase,
                                 percussiveness)
 from pipelines.params import load_params  # noqa: E402
 
@@ -33,6 +37,23 @@ CUES = ["bass", "chord_change", "novelty", "low_onset", "high_onset", "all_onset
         "novelty_1", "novelty_4"]
 SHIFTS = [-1, 0, 1]
 TOLERANCE_S = 0.07
+TREES = {"max_iter": 100, "max_depth": 3, "random_state": 0}
+
+
+def pipeline_f(clips: list[dict], scorers: dict, meter_bias: dict) -> float:
+    """Mean downbeat F of the file-level bar phase over `clips` with per-gate scoring functions."""
+    import mir_eval
+
+    files: dict[str, list[dict]] = {}
+    for c in clips:
+        files.setdefault(c["file"], []).append(c)
+    scores = []
+    for group in files.values():
+        group.sort(key=lambda c: c["start"])
+        downbeats, _ = file_bar_phase([(c["start"], c["beats"], scorers[c["percussive"]](c["x"])) for c in group],
+                                      (2, 3, 4), meter_bias)
+        scores += [mir_eval.beat.f_measure(c["ref_down"], d) for c, d in zip(group, downbeats) if len(c["ref_down"])]
+    return float(np.mean(scores))
 
 
 def beat_labels(beats: np.ndarray, ref_beats: np.ndarray, ref_downbeats: np.ndarray) -> np.ndarray:
@@ -50,8 +71,10 @@ def main() -> int:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--out", default=DOWNBEAT_MODEL)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--cv", action="store_true", help="compare boosted trees and logistic regression by CV first")
     args = ap.parse_args()
     import pyarrow.parquet as pq
+    from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.linear_model import LogisticRegression
 
     corpus_dir = os.path.join(args.work, "corpus")
@@ -65,8 +88,7 @@ def main() -> int:
     build = load_params(args.params, "build_dataset")
     analyzer = ClipAnalyzer(FeatureParams.from_params({**build, "downbeat_evidence": "weighted"}))
     sr = int(build["analysis_sample_rate"])
-    X, y, perc, drums = {True: [], False: []}, {True: [], False: []}, [], []
-    samples = []
+    perc, drums, samples = [], [], []
     for truth in pq.read_table(labels_path).to_pylist():
         has_drums = "drums" in truth["stems"]
         _, clips = iter_clips(truth["path"], sr, build["clip_seconds"], build["hop_seconds"], build["min_clip_seconds"])
@@ -77,25 +99,61 @@ def main() -> int:
             beats, cues, env = found
             end = start + len(wave) / sr
             lab = beat_labels(beats, cut_times(truth["beats_s"], start, end), cut_times(truth["downbeats_s"], start, end))
-            samples.append((cue_matrix(cues, CUES, SHIFTS)[lab >= 0], lab[lab >= 0], percussiveness(env)))
+            samples.append({"file": truth["file"], "piece": truth["piece_id"], "start": start, "beats": beats,
+                            "x": cue_matrix(cues, CUES, SHIFTS), "lab": lab, "perc": percussiveness(env),
+                            "ref_down": cut_times(truth["downbeats_s"], start, end)})
             perc.append(percussiveness(env))
             drums.append(has_drums)
     perc, drums = np.array(perc), np.array(drums)
     candidates = np.unique(perc)
     threshold = float(candidates[np.argmax([((perc > t) == drums).mean() for t in candidates])])
-    for feats, lab, p in samples:
-        X[p > threshold].append(feats)
-        y[p > threshold].append(lab)
-    weights, report = {}, {}
+    for c in samples:
+        c["percussive"] = bool(c["perc"] > threshold)
+    meter_bias = dict(FeatureParams.from_params(build).meter_bias)
+
+    def fit(clips, make):
+        out = {}
+        for gate in (True, False):
+            xs = np.vstack([c["x"][c["lab"] >= 0] for c in clips if c["percussive"] == gate])
+            ys = np.concatenate([c["lab"][c["lab"] >= 0] for c in clips if c["percussive"] == gate])
+            out[gate] = make().fit(xs, ys)
+        return out
+
+    def trees():
+        return HistGradientBoostingClassifier(**TREES)
+
+    def logistic():
+        return LogisticRegression(C=1.0, max_iter=3000)
+
+    cv = {}
+    if args.cv:
+        pieces = sorted({c["piece"] for c in samples})
+        fold = {p: i % 5 for i, p in enumerate(np.random.default_rng(0).permutation(pieces))}
+        for name, make in (("logistic", logistic), ("boosted_trees", trees)):
+            fs = []
+            for k in range(5):
+                models = fit([c for c in samples if fold[c["piece"]] != k], make)
+                fs.append(pipeline_f([c for c in samples if fold[c["piece"]] == k],
+                                     {g: m.decision_function for g, m in models.items()}, meter_bias))
+            cv[name] = round(float(np.mean(fs)), 4)
+            print(f"5-fold CV over pieces, downbeat F: {name} {cv[name]}", flush=True)
+    models = fit(samples, trees)
+    exported, report = {}, {}
     for kind, gate in (("percussive", True), ("tonal", False)):
-        xs, ys = np.vstack(X[gate]), np.concatenate(y[gate])
-        clf = LogisticRegression(C=1.0, max_iter=2000).fit(xs, ys)
-        weights[kind] = [round(float(w), 5) for w in clf.coef_[0]]
-        report[kind] = {"beats": int(len(ys)), "downbeats": int(ys.sum()), "train_accuracy": round(clf.score(xs, ys), 4)}
+        exported[kind] = export_boosted_trees(models[gate])
+        xs = np.vstack([c["x"] for c in samples if c["percussive"] == gate])
+        check = dict(exported[kind], _arrays=[{k: np.asarray(v) for k, v in t.items()} for t in exported[kind]["trees"]])
+        if not np.allclose(boosted_trees_score(xs, check), models[gate].decision_function(xs), atol=1e-9):
+            raise AssertionError("exported trees do not reproduce sklearn's scores")
+        n = sum(int((c["lab"] >= 0).sum()) for c in samples if c["percussive"] == gate)
+        report[kind] = {"beats": n, "clips": sum(c["percussive"] == gate for c in samples)}
     model = {
-        "cues": CUES, "shifts": SHIFTS, "percussive_threshold": round(threshold, 5), "weights": weights,
-        "fitted_on": {"set": "rendered dev set", **spec, "clips": len(samples),
-                      "percussive_gate_accuracy": round(float(((perc > threshold) == drums).mean()), 4), **report},
+        "cues": CUES, "shifts": SHIFTS, "percussive_threshold": round(threshold, 5), "models": exported,
+        "fitted_on": {"set": "rendered dev set", **spec, "clips": len(samples), "trees": TREES,
+                      "percussive_gate_accuracy": round(float(((perc > threshold) == drums).mean()), 4),
+                      "in_sample_downbeat_f": round(pipeline_f(samples, {g: m.decision_function
+                                                                           for g, m in models.items()}, meter_bias), 4),
+                      **({"cv_downbeat_f": cv} if cv else {}), **report},
     }
     with open(args.out, "w") as f:
         json.dump(model, f, indent=1)

@@ -54,9 +54,9 @@ class FeatureParams:
     # Added to a meter's bar-phase score (contrast of z-scored evidence). Meter 2 is favoured: on a 4/4 bar it
     # still scores F=0.67 with either half-bar phase, where a wrong 4/4 phase scores 0.
     meter_bias: tuple[tuple[int, float], ...] = ((2, 0.3), (3, -0.35), (4, 0.0))
-    # downbeat_evidence "learned": per-beat logistic-regression weights over the cues of the beat and its two
-    # neighbours, one set for percussive clips and one for the rest (`DOWNBEAT_MODEL`, fitted by
-    # benchmarks/fit_downbeats.py on the rendered dev set); "builtin" or a path to such a JSON file.
+    # downbeat_evidence "learned": per-beat boosted trees over the cues of the beat and its two neighbours, one
+    # model for percussive clips and one for the rest (`DOWNBEAT_MODEL`, fitted by benchmarks/fit_downbeats.py
+    # on the rendered dev set); "builtin" or a path to such a JSON file.
     downbeat_model: str = "builtin"
     # Decide meter and bar phase over the whole file (clips' beat grids stitched) instead of clip by clip.
     downbeat_file_context: bool = False
@@ -329,16 +329,53 @@ DOWNBEAT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "downb
 
 
 def load_downbeat_model(spec: str) -> dict:
-    """{"cues": [...], "shifts": [...], "percussive_threshold": x, "weights": {"percussive": [...],
-    "tonal": [...]}} with one weight per (cue, shift), cue-major."""
+    """{"cues": [...], "shifts": [...], "percussive_threshold": x, "models": {"percussive": M, "tonal": M}}: per
+    gate, boosted trees over the (cue, shift) features, cue-major: M = {"baseline": b, "trees": [{"feature",
+    "threshold", "left", "right", "leaf", "value"}, ...]}, the raw score being b + the leaf values reached
+    (`x[feature] <= threshold` goes left), as sklearn's HistGradientBoostingClassifier computes it."""
     path = DOWNBEAT_MODEL if spec == "builtin" else spec
     with open(path) as f:
         model = json.load(f)
     n = len(model["cues"]) * len(model["shifts"])
     for kind in ("percussive", "tonal"):
-        if len(model["weights"][kind]) != n:
-            raise ValueError(f"downbeat model {path}: {kind} has {len(model['weights'][kind])} weights, want {n}")
+        for tree in model["models"][kind]["trees"]:
+            feats = [f for f, leaf in zip(tree["feature"], tree["leaf"]) if not leaf]
+            if any(not 0 <= f < n for f in feats):
+                raise ValueError(f"downbeat model {path}: a {kind} tree splits on feature {max(feats)} of {n}")
+        model["models"][kind]["_arrays"] = [
+            {k: np.asarray(tree[k], dtype=float if k in ("threshold", "value") else int) for k in tree}
+            for tree in model["models"][kind]["trees"]]
     return model
+
+
+def export_boosted_trees(clf) -> dict:
+    """A fitted binary sklearn HistGradientBoostingClassifier (numerical features) as plain arrays for
+    `boosted_trees_score` (reads its fitted predictors: checked against decision_function where it is fitted)."""
+    trees = []
+    for (predictor,) in clf._predictors:
+        nodes = predictor.nodes
+        if nodes["is_categorical"].any():
+            raise ValueError("categorical splits are not exported")
+        trees.append({"feature": nodes["feature_idx"].tolist(), "threshold": nodes["num_threshold"].tolist(),
+                      "left": nodes["left"].tolist(), "right": nodes["right"].tolist(),
+                      "leaf": nodes["is_leaf"].astype(int).tolist(), "value": nodes["value"].tolist()})
+    return {"baseline": float(clf._baseline_prediction.ravel()[0]), "trees": trees}
+
+
+def boosted_trees_score(x: np.ndarray, model: dict) -> np.ndarray:
+    """Raw (log-odds) score of each row of x under one gate's boosted trees."""
+    score = np.full(len(x), float(model["baseline"]))
+    rows = np.arange(len(x))
+    for tree in model["_arrays"]:
+        node = np.zeros(len(x), dtype=int)
+        for _ in range(64):  # deeper than any tree we fit; stops as soon as every row sits on a leaf
+            inner = ~tree["leaf"][node].astype(bool)
+            if not inner.any():
+                break
+            go_left = x[rows, tree["feature"][node]] <= tree["threshold"][node]
+            node = np.where(inner, np.where(go_left, tree["left"][node], tree["right"][node]), node)
+        score += tree["value"][node]
+    return score
 
 
 def cue_matrix(cues: dict[str, np.ndarray], names: list[str], shifts: list[int]) -> np.ndarray:
@@ -359,7 +396,7 @@ def cue_matrix(cues: dict[str, np.ndarray], names: list[str], shifts: list[int])
 
 def learned_evidence(cues: dict[str, np.ndarray], env: dict, model: dict) -> np.ndarray:
     kind = "percussive" if percussiveness(env) > model["percussive_threshold"] else "tonal"
-    return cue_matrix(cues, model["cues"], model["shifts"]) @ np.asarray(model["weights"][kind], float)
+    return boosted_trees_score(cue_matrix(cues, model["cues"], model["shifts"]), model["models"][kind])
 
 
 def file_bar_phase(clips: list[tuple[float, np.ndarray, np.ndarray]], meters=(2, 3, 4),

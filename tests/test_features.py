@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from pipelines.chords import to_harte, to_symbol
-from pipelines.features import (ClipAnalyzer, FeatureParams, compound_beats, cue_matrix, file_bar_phase,
-                                load_downbeat_model, onset_envelopes, percussiveness, shift_offbeat, steady_beats)
+from pipelines.features import (DOWNBEAT_MODEL, ClipAnalyzer, FeatureParams, boosted_trees_score, compound_beats,
+                                cue_matrix, export_boosted_trees, file_bar_phase, load_downbeat_model,
+                                onset_envelopes, percussiveness, shift_offbeat, steady_beats)
 from tests.synth import chord_sequence, cadence, click_track
 
 SR = 44100
@@ -224,11 +225,30 @@ def test_percussiveness_separates_a_drum_kit_from_a_chord_pad():
 
 
 def test_downbeat_model_ships_and_a_malformed_one_is_refused(tmp_path):
+    import json
+
     model = load_downbeat_model("builtin")
     n = len(model["cues"]) * len(model["shifts"])
-    assert len(model["weights"]["percussive"]) == n and len(model["weights"]["tonal"]) == n
-    bad = dict(model, weights={"percussive": [1.0], "tonal": model["weights"]["tonal"]})
+    for kind in ("percussive", "tonal"):
+        trees = model["models"][kind]["trees"]
+        assert len(trees) == 100 and all(f < n for t in trees for f in t["feature"])
+    with open(DOWNBEAT_MODEL) as f:
+        bad = json.load(f)
+    bad["models"]["tonal"]["trees"][0]["feature"][0] = 999
     path = tmp_path / "bad.json"
-    path.write_text(__import__("json").dumps(bad))
-    with pytest.raises(ValueError, match="percussive has 1 weights"):
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="splits on feature 999 of 30"):
         load_downbeat_model(str(path))
+
+
+def test_exported_boosted_trees_score_like_sklearn():
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 6))
+    y = ((x[:, 0] * x[:, 1] > 0) ^ (x[:, 2] > 0.5)).astype(int)  # needs interactions: a linear model cannot
+    clf = HistGradientBoostingClassifier(max_iter=30, max_depth=3, random_state=0).fit(x, y)
+    exported = export_boosted_trees(clf)
+    model = {**exported, "_arrays": [{k: np.asarray(v) for k, v in t.items()} for t in exported["trees"]]}
+    test = rng.normal(size=(200, 6))
+    np.testing.assert_allclose(boosted_trees_score(test, model), clf.decision_function(test), atol=1e-9)
