@@ -30,7 +30,7 @@ from pipelines.corpus import render_corpus  # noqa: E402
 from pipelines.evaluate import cut_times  # noqa: E402
 from pipelines.features import (DOWNBEAT_MODEL, ClipAnalyzer, FeatureParams,  # noqa: E402
                                 boosted_trees_score, cue_matrix, export_boosted_trees, file_bar_phase,
-                                percussiveness)
+                                percussiveness, stack_trees)
 from pipelines.params import load_params  # noqa: E402
 
 CUES = ["bass", "chord_change", "novelty", "low_onset", "high_onset", "all_onset", "sustain", "mid_before",
@@ -142,7 +142,7 @@ def main() -> int:
     for kind, gate in (("percussive", True), ("tonal", False)):
         exported[kind] = export_boosted_trees(models[gate])
         xs = np.vstack([c["x"] for c in samples if c["percussive"] == gate])
-        check = dict(exported[kind], _arrays=[{k: np.asarray(v) for k, v in t.items()} for t in exported[kind]["trees"]])
+        check = dict(exported[kind], _arrays=stack_trees(exported[kind]["trees"]))
         if not np.allclose(boosted_trees_score(xs, check), models[gate].decision_function(xs), atol=1e-9):
             raise AssertionError("exported trees do not reproduce sklearn's scores")
         n = sum(int((c["lab"] >= 0).sum()) for c in samples if c["percussive"] == gate)

@@ -342,10 +342,23 @@ def load_downbeat_model(spec: str) -> dict:
             feats = [f for f, leaf in zip(tree["feature"], tree["leaf"]) if not leaf]
             if any(not 0 <= f < n for f in feats):
                 raise ValueError(f"downbeat model {path}: a {kind} tree splits on feature {max(feats)} of {n}")
-        model["models"][kind]["_arrays"] = [
-            {k: np.asarray(tree[k], dtype=float if k in ("threshold", "value") else int) for k in tree}
-            for tree in model["models"][kind]["trees"]]
+        model["models"][kind]["_arrays"] = stack_trees(model["models"][kind]["trees"])
     return model
+
+
+def stack_trees(trees: list[dict]) -> dict:
+    """The trees as [n_trees, max_nodes] arrays (padded with leaves) so that all are walked at once."""
+    width = max(len(t["leaf"]) for t in trees)
+
+    def pad(key, fill, dtype):
+        out = np.full((len(trees), width), fill, dtype=dtype)
+        for i, t in enumerate(trees):
+            out[i, : len(t[key])] = t[key]
+        return out
+
+    return {"feature": pad("feature", 0, np.int64), "threshold": pad("threshold", 0.0, np.float64),
+            "left": pad("left", 0, np.int64), "right": pad("right", 0, np.int64),
+            "leaf": pad("leaf", 1, bool), "value": pad("value", 0.0, np.float64)}
 
 
 def export_boosted_trees(clf) -> dict:
@@ -363,19 +376,19 @@ def export_boosted_trees(clf) -> dict:
 
 
 def boosted_trees_score(x: np.ndarray, model: dict) -> np.ndarray:
-    """Raw (log-odds) score of each row of x under one gate's boosted trees."""
-    score = np.full(len(x), float(model["baseline"]))
-    rows = np.arange(len(x))
-    for tree in model["_arrays"]:
-        node = np.zeros(len(x), dtype=int)
-        for _ in range(64):  # deeper than any tree we fit; stops as soon as every row sits on a leaf
-            inner = ~tree["leaf"][node].astype(bool)
-            if not inner.any():
-                break
-            go_left = x[rows, tree["feature"][node]] <= tree["threshold"][node]
-            node = np.where(inner, np.where(go_left, tree["left"][node], tree["right"][node]), node)
-        score += tree["value"][node]
-    return score
+    """Raw (log-odds) score of each row of x under one gate's boosted trees (all trees walked together)."""
+    t = model["_arrays"]
+    n_trees = t["leaf"].shape[0]
+    tree = np.arange(n_trees)[:, None]
+    node = np.zeros((n_trees, len(x)), dtype=np.int64)
+    rows = np.arange(len(x))[None, :]
+    for _ in range(64):  # deeper than any tree we fit; stops as soon as every row sits on a leaf
+        inner = ~t["leaf"][tree, node]
+        if not inner.any():
+            break
+        go_left = x[rows, t["feature"][tree, node]] <= t["threshold"][tree, node]
+        node = np.where(inner, np.where(go_left, t["left"][tree, node], t["right"][tree, node]), node)
+    return float(model["baseline"]) + t["value"][tree, node].sum(axis=0)
 
 
 def cue_matrix(cues: dict[str, np.ndarray], names: list[str], shifts: list[int]) -> np.ndarray:

@@ -6,7 +6,7 @@ import pytest
 from pipelines.chords import to_harte, to_symbol
 from pipelines.features import (DOWNBEAT_MODEL, ClipAnalyzer, FeatureParams, boosted_trees_score, compound_beats,
                                 cue_matrix, export_boosted_trees, file_bar_phase, load_downbeat_model,
-                                onset_envelopes, percussiveness, shift_offbeat, steady_beats)
+                                onset_envelopes, percussiveness, shift_offbeat, stack_trees, steady_beats)
 from tests.synth import chord_sequence, cadence, click_track
 
 SR = 44100
@@ -249,6 +249,6 @@ def test_exported_boosted_trees_score_like_sklearn():
     y = ((x[:, 0] * x[:, 1] > 0) ^ (x[:, 2] > 0.5)).astype(int)  # needs interactions: a linear model cannot
     clf = HistGradientBoostingClassifier(max_iter=30, max_depth=3, random_state=0).fit(x, y)
     exported = export_boosted_trees(clf)
-    model = {**exported, "_arrays": [{k: np.asarray(v) for k, v in t.items()} for t in exported["trees"]]}
+    model = {**exported, "_arrays": stack_trees(exported["trees"])}
     test = rng.normal(size=(200, 6))
     np.testing.assert_allclose(boosted_trees_score(test, model), clf.decision_function(test), atol=1e-9)
