@@ -83,8 +83,34 @@ class RefreshPlan:
         return not self.to_process and not self.dropped
 
 
-def plan_refresh(files: list[SourceFile], out: str) -> RefreshPlan:
+# Modules whose code decides a clip row: a change in any of them (or in the build params, or in the downbeat
+# model) invalidates every kept row.
+_ANALYSIS_MODULES = ("audio.py", "captions.py", "chords.py", "dataset.py", "features.py", "loudness.py", "schema.py")
+
+
+def analysis_fingerprint(params: dict) -> str:
+    """sha256 of what makes a clip row from a file: the build params (not the worker count, runner or shard
+    count, which do not change rows), the analysis code and the downbeat model."""
+    from pipelines.features import DOWNBEAT_MODEL
+
+    h = hashlib.sha256(json.dumps({k: v for k, v in params.items() if k not in ("workers", "runner", "num_shards")},
+                                  sort_keys=True, default=str).encode())
+    here = os.path.dirname(os.path.abspath(__file__))
+    model = params.get("downbeat_model") or "builtin"
+    for path in [os.path.join(here, m) for m in _ANALYSIS_MODULES] + [DOWNBEAT_MODEL if model == "builtin" else model]:
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()
+
+
+def plan_refresh(files: list[SourceFile], out: str, fingerprint: str | None = None) -> RefreshPlan:
+    """Which files to (re)analyse: new and changed ones, or all of them when the previous build was made with
+    other params or analysis code (`fingerprint`, see `analysis_fingerprint`)."""
     previous = _read_small(out, schema.SOURCES_FILE)
+    if fingerprint is not None and previous and _read_stats(out).get("analysis_fingerprint") != fingerprint:
+        log.info("%s was built with other params or analysis code: every file is analysed again", out)
+        return RefreshPlan(list(files), {}, [])
     before = {row["source_path"]: row for row in previous}
     kept, to_process = {}, []
     for f in files:
@@ -327,7 +353,8 @@ def build_dataset(input_spec: str, out: str, params: dict, runner: str | None = 
     files = match_audio(input_spec)
     fs, out_root = fsspec.core.url_to_fs(out)
     fs.makedirs(out_root, exist_ok=True)
-    plan = plan_refresh(files, out)
+    fingerprint = analysis_fingerprint(params)
+    plan = plan_refresh(files, out, fingerprint)
     if plan.up_to_date and _list_shards(out):
         log.info("dataset at %s is up to date (%d files); nothing written", out, len(files))
         return BuildResult(out, True, _read_stats(out))
@@ -379,6 +406,7 @@ def build_dataset(input_spec: str, out: str, params: dict, runner: str | None = 
     stats["files_processed"] = len(plan.to_process)
     stats["files_unchanged"] = len(plan.kept)
     stats["files_removed"] = len(plan.dropped)
+    stats["analysis_fingerprint"] = fingerprint
     with fs.open(f"{tmp_root}/{schema.STATS_FILE}", "w") as f:
         json.dump(stats, f, indent=2, sort_keys=True)
     _swap_into_place(fs, tmp_root, out_root)

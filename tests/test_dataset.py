@@ -251,6 +251,16 @@ def test_refresh_processes_only_changes(tmp_path):
     assert t1["tempo_bpm"] == pytest.approx(160.0, rel=0.03)
     assert not list(out.glob(".tmp-*"))
 
+    # Other build params (or analysis code): every file is analysed again, none of the old rows is kept.
+    fourth = build_dataset(str(src), str(out), params(caption_sentence_probs=[0.0, 0.0, 0.0, 0.0, 1.0]))
+    assert not fourth.up_to_date
+    assert fourth.stats["files_processed"] == 3 and fourth.stats["files_unchanged"] == 0
+    rows = schema.read_clips_table(str(out)).to_pylist()
+    assert all(r["caption"] != r["caption_base"] for r in rows)  # 4 control sentences each, under the new params
+    # the worker count is not a build input: still up to date
+    assert build_dataset(str(src), str(out), params(caption_sentence_probs=[0.0, 0.0, 0.0, 0.0, 1.0],
+                                                    workers=2)).up_to_date
+
 
 def test_rerun_from_scratch_is_byte_identical(tmp_path):
     src = tmp_path / "audio"
