@@ -28,16 +28,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pipelines.audio import iter_clips  # noqa: E402
 from pipelines.corpus import render_corpus  # noqa: E402
 from pipelines.evaluate import cut_times  # noqa: E402
-from pipelines.features import (DOWNBEAT_MODEL, ClipAnalyzer, FeatureParams,  # noqa: E402
+from pipelines.features import (DOWNBEAT_CUES, DOWNBEAT_MODEL, ClipAnalyzer, FeatureParams,  # noqa: E402
                                 boosted_trees_score, cue_matrix, export_boosted_trees, file_bar_phase,
                                 percussiveness, stack_trees)
 from pipelines.params import load_params  # noqa: E402
 
-CUES = ["bass", "chord_change", "novelty", "low_onset", "high_onset", "all_onset", "sustain", "mid_before",
-        "novelty_1", "novelty_4"]
+CUES = list(DOWNBEAT_CUES)
 SHIFTS = [-1, 0, 1]
 TOLERANCE_S = 0.07
-TREES = {"max_iter": 100, "max_depth": 3, "random_state": 0}
+TREES = {"max_iter": 100, "max_depth": 3, "early_stopping": False, "random_state": 0}
 
 
 def pipeline_f(clips: list[dict], scorers: dict, meter_bias: dict) -> float:
@@ -109,6 +108,9 @@ def main() -> int:
     threshold = float(candidates[np.argmax([((perc > t) == drums).mean() for t in candidates])])
     for c in samples:
         c["percussive"] = bool(c["perc"] > threshold)
+    for gate, name in ((True, "percussive"), (False, "drum-free")):
+        if not any(c["percussive"] == gate for c in samples):
+            raise SystemExit(f"no {name} clip in {labels_path}: the set needs mixes with and without drums")
     meter_bias = dict(FeatureParams.from_params(build).meter_bias)
 
     def fit(clips, make):

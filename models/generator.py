@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -402,16 +403,21 @@ def sampling_temperature(value, n_codebooks: int | None = None) -> float | tuple
         except ValueError:
             raise GeneratorError(f"temperature must be a number or a comma-separated list of numbers, got {value!r}")
         value = values[0] if len(values) == 1 else values
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    def number(v) -> bool:
+        return isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+    if isinstance(value, (list, tuple)) and len(value) == 1:
+        value = value[0]  # [0.7] from YAML is one temperature, as "0.7" is
+    if number(value):
         out = float(value)
-    elif isinstance(value, (list, tuple)) and value and all(isinstance(v, (int, float)) for v in value):
+    elif isinstance(value, (list, tuple)) and value and all(number(v) for v in value):
         out = tuple(float(v) for v in value)
         if n_codebooks is not None and len(out) != n_codebooks:
             raise GeneratorError(f"temperature has {len(out)} values, the generator has {n_codebooks} codebooks")
     else:
         raise GeneratorError(f"temperature must be a number or one number per codebook, got {value!r}")
-    if any(t < 0 or t != t for t in (out if isinstance(out, tuple) else (out,))):
-        raise GeneratorError(f"temperature must be >= 0, got {value!r}")
+    if any(not 0 <= t < float("inf") for t in (out if isinstance(out, tuple) else (out,))):
+        raise GeneratorError(f"temperature must be >= 0 and finite, got {value!r}")
     return out
 
 

@@ -188,7 +188,8 @@ def training_params(params: dict) -> dict:
 
 def _run_identity(codec, tokens_dir: str, p: dict) -> str:
     """What a checkpoint must share with this run to be resumed: the codec, the train/valid token files and
-    the training schedule. `steps`, `max_minutes` and `threads` may change (a longer run continues)."""
+    the training schedule. `steps`, `max_minutes` and `threads` may change: a longer run continues, its cosine
+    learning-rate decay stretched to the new step count (the rate steps up where the run resumes)."""
     h = hashlib.sha256(codec.fingerprint().encode())
     for split in ("train", "valid"):
         for name in (f"{split}.json", f"{split}.safetensors"):

@@ -108,9 +108,11 @@ def plan_refresh(files: list[SourceFile], out: str, fingerprint: str | None = No
     """Which files to (re)analyse: new and changed ones, or all of them when the previous build was made with
     other params or analysis code (`fingerprint`, see `analysis_fingerprint`)."""
     previous = _read_small(out, schema.SOURCES_FILE)
+    seen = {f.path for f in files}
     if fingerprint is not None and previous and _read_stats(out).get("analysis_fingerprint") != fingerprint:
         log.info("%s was built with other params or analysis code: every file is analysed again", out)
-        return RefreshPlan(list(files), {}, [])
+        return RefreshPlan(list(files), {}, sorted(row["source_path"] for row in previous
+                                                   if row["source_path"] not in seen))
     before = {row["source_path"]: row for row in previous}
     kept, to_process = {}, []
     for f in files:
@@ -123,7 +125,6 @@ def plan_refresh(files: list[SourceFile], out: str, fingerprint: str | None = No
     if kept and not _list_shards(out):
         to_process = files
         kept = {}
-    seen = {f.path for f in files}
     dropped = sorted(p for p in before if p not in seen)
     return RefreshPlan(to_process, kept, dropped)
 
@@ -355,7 +356,7 @@ def build_dataset(input_spec: str, out: str, params: dict, runner: str | None = 
     fs.makedirs(out_root, exist_ok=True)
     fingerprint = analysis_fingerprint(params)
     plan = plan_refresh(files, out, fingerprint)
-    if plan.up_to_date and _list_shards(out):
+    if plan.up_to_date and len(_list_shards(out)) == int(params.get("num_shards", 1)):
         log.info("dataset at %s is up to date (%d files); nothing written", out, len(files))
         return BuildResult(out, True, _read_stats(out))
     log.info("%d files matched: %d to process, %d unchanged, %d gone", len(files), len(plan.to_process),
@@ -454,6 +455,25 @@ def _check_params(params: dict) -> None:
         raise PipelineUserError("min_clip_seconds must not exceed clip_seconds")
     if float(params["hop_seconds"]) <= 0 or float(params["clip_seconds"]) <= 0:
         raise PipelineUserError("clip_seconds and hop_seconds must be positive")
+    evidence = params.get("downbeat_evidence", "weighted")
+    if evidence not in ("learned", "weighted", "chroma_bass", "onsets_chords"):
+        raise PipelineUserError(f"downbeat_evidence must be learned, weighted, chroma_bass or onsets_chords, "
+                                f"got {evidence!r}")
+    if evidence == "learned":
+        from pipelines.features import load_downbeat_model
+
+        model = params.get("downbeat_model") or "builtin"
+        if model != "builtin" and not os.path.exists(model):
+            raise PipelineUserError(f"downbeat_model {model} does not exist")
+        try:
+            load_downbeat_model(model)
+        except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+            raise PipelineUserError(f"downbeat_model {model} is not a downbeat model: {e}") from None
+    context = float(params.get("key_file_context", 0.0) or 0.0)
+    if context < 0:
+        raise PipelineUserError(f"key_file_context must be >= 0, got {context}")
+    if context and not params.get("key_profiles"):
+        raise PipelineUserError("key_file_context needs key_profiles (the file context is added to their vote)")
 
 
 def _summary(values) -> dict:

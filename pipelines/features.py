@@ -319,6 +319,10 @@ def downbeat_cues(beats: np.ndarray, duration: float, chroma: np.ndarray, times:
     }
 
 
+DOWNBEAT_CUES = ("bass", "chord_change", "novelty", "low_onset", "high_onset", "all_onset", "sustain", "mid_before",
+                 "novelty_1", "novelty_4")
+
+
 def percussiveness(env: dict) -> float:
     """Mean high-band (2-11 kHz) over mean full-band spectral flux: a drum kit's hats and snares put most of
     their attacks high (AUC 0.95-0.98 for drums vs no drums on the rendered dev and held-out sets)."""
@@ -337,11 +341,22 @@ def load_downbeat_model(spec: str) -> dict:
     with open(path) as f:
         model = json.load(f)
     n = len(model["cues"]) * len(model["shifts"])
+    unknown = sorted(set(model["cues"]) - set(DOWNBEAT_CUES))
+    if unknown:
+        raise ValueError(f"downbeat model {path}: unknown cues {unknown} (known: {', '.join(DOWNBEAT_CUES)})")
+    if any(abs(int(s)) > 2 for s in model["shifts"]):
+        raise ValueError(f"downbeat model {path}: shifts beyond +-2 beats do not fit a short clip")
     for kind in ("percussive", "tonal"):
         for tree in model["models"][kind]["trees"]:
-            feats = [f for f, leaf in zip(tree["feature"], tree["leaf"]) if not leaf]
+            size = len(tree["leaf"])
+            if any(len(tree[k]) != size for k in ("feature", "threshold", "left", "right", "value")):
+                raise ValueError(f"downbeat model {path}: a {kind} tree has arrays of different lengths")
+            inner = [i for i, leaf in enumerate(tree["leaf"]) if not leaf]
+            feats = [tree["feature"][i] for i in inner]
             if any(not 0 <= f < n for f in feats):
                 raise ValueError(f"downbeat model {path}: a {kind} tree splits on feature {max(feats)} of {n}")
+            if any(not (i < tree["left"][i] < size and i < tree["right"][i] < size) for i in inner):
+                raise ValueError(f"downbeat model {path}: a {kind} tree has a child index out of order or range")
         model["models"][kind]["_arrays"] = stack_trees(model["models"][kind]["trees"])
     return model
 
@@ -382,7 +397,7 @@ def boosted_trees_score(x: np.ndarray, model: dict) -> np.ndarray:
     tree = np.arange(n_trees)[:, None]
     node = np.zeros((n_trees, len(x)), dtype=np.int64)
     rows = np.arange(len(x))[None, :]
-    for _ in range(64):  # deeper than any tree we fit; stops as soon as every row sits on a leaf
+    while True:  # ends: children come after their parent (checked at load), so every walk reaches a leaf
         inner = ~t["leaf"][tree, node]
         if not inner.any():
             break
@@ -415,19 +430,28 @@ def learned_evidence(cues: dict[str, np.ndarray], env: dict, model: dict) -> np.
 def file_bar_phase(clips: list[tuple[float, np.ndarray, np.ndarray]], meters=(2, 3, 4),
                    meter_bias: dict | None = None) -> tuple[list[np.ndarray], int]:
     """Meter and bar phase of a whole file from its clips' (start_s, beats, per-beat evidence): the clips'
-    beat grids are stitched into one beat count (the gap between clips in beat periods), and the (meter, phase)
-    whose beats carry the most evidence over the file wins, as `bar_phase` does within a clip. Returns each
-    clip's downbeats and the meter."""
-    index, last = [], None
+    beat grids are stitched into one beat count, and the (meter, phase) whose beats carry the most evidence over
+    the file wins, as `bar_phase` does within a clip. Returns each clip's downbeats and the meter.
+
+    A clip's first beat is numbered from the previous clip's beat nearest to it (plus the gap in beat periods),
+    so back-to-back clips continue the count and overlapping clips (hop < clip length) give a beat both hold
+    the same number; counting from the previous clip rather than from the file's start keeps a slight tempo
+    error from drifting the count over a long file."""
+    index, prev = [], None
     for start, beats, _ in clips:
         if len(beats) < 2:
             index.append(None)
             continue
         period = float(np.median(np.diff(beats)))
-        first = 0 if last is None else last[1] + max(1, int(round((start + beats[0] - last[0]) / period)))
+        absolute = start + np.asarray(beats, float)
+        if prev is None:
+            first = 0
+        else:
+            j = int(np.argmin(np.abs(prev[0] - absolute[0])))
+            first = int(prev[1][j]) + int(round((absolute[0] - prev[0][j]) / period))
         idx = first + np.arange(len(beats))
         index.append(idx)
-        last = (start + beats[-1], int(idx[-1]))
+        prev = (absolute, idx)
     used = [(i, e) for i, (_, _, e) in zip(index, clips) if i is not None]
     if not used:
         return [b[:1] for _, b, _ in clips], 4

@@ -257,9 +257,15 @@ def test_refresh_processes_only_changes(tmp_path):
     assert fourth.stats["files_processed"] == 3 and fourth.stats["files_unchanged"] == 0
     rows = schema.read_clips_table(str(out)).to_pylist()
     assert all(r["caption"] != r["caption_base"] for r in rows)  # 4 control sentences each, under the new params
+    # a file removed together with a params change is reported as removed
+    (src / "t3.wav").unlink()
+    fifth = build_dataset(str(src), str(out), params())
+    assert fifth.stats["files_processed"] == 2 and fifth.stats["files_removed"] == 1
     # the worker count is not a build input: still up to date
-    assert build_dataset(str(src), str(out), params(caption_sentence_probs=[0.0, 0.0, 0.0, 0.0, 1.0],
-                                                    workers=2)).up_to_date
+    assert build_dataset(str(src), str(out), params(workers=2)).up_to_date
+    # another shard count rewrites the shards
+    resharded = build_dataset(str(src), str(out), params(num_shards=3))
+    assert not resharded.up_to_date and len(list(out.glob("clips-*.parquet"))) == 3
 
 
 def test_rerun_from_scratch_is_byte_identical(tmp_path):
@@ -335,3 +341,27 @@ def test_cli_build_and_one_line_errors(tmp_path, capsys):
     assert smitin(["dataset", "build", "--input", str(src), "--out", str(out), "--params",
                    str(tmp_path / "missing.yaml")]) == 2
     assert pq.read_table(out / "clips-00000-of-00002.parquet").schema.equals(schema.CLIPS_SCHEMA)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"downbeat_evidence": "learnd"}, "downbeat_evidence must be learned, weighted"),
+    ({"downbeat_model": "/nope/model.json"}, "downbeat_model /nope/model.json does not exist"),
+    ({"key_file_context": -1.0}, "key_file_context must be >= 0"),
+    ({"key_profiles": []}, "key_file_context needs key_profiles"),
+])
+def test_bad_feature_params_are_one_line_errors(tmp_path, override, message):
+    from pipelines.errors import PipelineUserError
+
+    with pytest.raises(PipelineUserError, match=message):
+        build_dataset(str(tmp_path), str(tmp_path / "out"), params(**override))
+
+
+def test_a_malformed_downbeat_model_is_refused_before_any_work(tmp_path):
+    from pipelines.errors import PipelineUserError
+
+    bad = tmp_path / "model.json"
+    bad.write_text(json.dumps({"cues": ["bass", "tempo"], "shifts": [0], "percussive_threshold": 1.0,
+                               "models": {"percussive": {"baseline": 0, "trees": []},
+                                          "tonal": {"baseline": 0, "trees": []}}}))
+    with pytest.raises(PipelineUserError, match=r"is not a downbeat model: .*unknown cues \['tempo'\]"):
+        build_dataset(str(tmp_path), str(tmp_path / "out"), params(downbeat_model=str(bad)))

@@ -218,6 +218,23 @@ def test_file_bar_phase_stitches_clips_onto_one_bar_grid():
     np.testing.assert_allclose(downbeats[0], clip1[2::4])
 
 
+def test_file_bar_phase_with_overlapping_clips():
+    # 120 bpm 4/4, downbeats at 0.25 + 2k s; 10 s clips every 5 s (hop < clip): clips at 0, 5 and 10 s
+    period, rng = 0.5, np.random.default_rng(1)
+    clips = []
+    for start in (0.0, 5.0, 10.0):
+        beats = np.arange(0.25, 10.0, period)
+        absolute = start + beats
+        bar_pos = np.round((absolute - 0.25) / period).astype(int) % 4
+        clips.append((start, beats, np.where(bar_pos == 0, 1.0, 0.0) + 0.2 * rng.standard_normal(len(beats))))
+    downbeats, meter = file_bar_phase(clips, meter_bias={2: 0.0, 3: 0.0, 4: 0.0})
+    assert meter == 4
+    for (start, beats, _), d in zip(clips, downbeats):
+        absolute = start + d
+        np.testing.assert_allclose((absolute - 0.25) % 2.0, 0.0, atol=1e-9)
+        assert len(d) == 5
+
+
 def test_percussiveness_separates_a_drum_kit_from_a_chord_pad():
     drums = click_track(120.0, 6.0, accent_every=4)
     pad, _ = chord_sequence([("C", "maj"), ("G", "maj")], 100.0, 4, 6.0)

@@ -145,8 +145,9 @@ def test_per_codebook_temperature():
     assert sampling_temperature(0.7) == 0.7 and sampling_temperature("0.7") == 0.7
     assert sampling_temperature("1, 0.7,0.7,0.7", 4) == (1.0, 0.7, 0.7, 0.7)
     assert sampling_temperature([1, 0.5], 2) == (1.0, 0.5)
+    assert sampling_temperature([0.7], 4) == 0.7 and sampling_temperature(np.float32(0.5)) == 0.5
     for bad, match in (("1,0.7", "2 values, the generator has 4"), ("hot", "number"), (-1.0, ">= 0"),
-                       ([], "number"), ("1,x", "number")):
+                       ("inf", "finite"), ([True, 0.5, 1, 1], "number"), ([], "number"), ("1,x", "number")):
         with pytest.raises(GeneratorError, match=match):
             sampling_temperature(bad, 4)
     logits = torch.randn(3, 4, 32, generator=torch.Generator().manual_seed(0))
