@@ -317,8 +317,9 @@ class Generator(nn.Module):
     @torch.no_grad()
     def generate(self, n_frames: int, prompt: torch.Tensor | None = None, condition: torch.Tensor | None = None,
                  attributes: torch.Tensor | None = None, batch_size: int = 1,
-                 temperature: float | Sequence[float] = 1.0, top_k: int = 0, top_p: float = 0.0, cfg_scale: float = 1.0, seed: int | None = None,
-                 use_cache: bool = True, on_step: Callable[[int], None] | None = None) -> torch.Tensor:
+                 temperature: float | Sequence[float] = 1.0, top_k: int = 0, top_p: float = 0.0,
+                 cfg_scale: float = 1.0, seed: int | None = None, use_cache: bool = True,
+                 on_step: Callable[[int], None] | None = None) -> torch.Tensor:
         """Sample `n_frames` codec frames after an optional `prompt` [B, K, Tp]; returns [B, K, Tp + n_frames]
         un-delayed codes (prompt included).
 
@@ -396,16 +397,14 @@ class Generator(nn.Module):
 def sampling_temperature(value, n_codebooks: int | None = None) -> float | tuple[float, ...]:
     """A temperature as given by a user: a number, a list of numbers or a string "1.0" / "1.0,0.7,0.7,0.7";
     one per codebook (coarse first) when it is a list. Raises GeneratorError on anything else."""
-    if isinstance(value, str):
-        parts = [p for p in value.replace(" ", "").split(",") if p]
-        try:
-            values = [float(p) for p in parts]
-        except ValueError:
-            raise GeneratorError(f"temperature must be a number or a comma-separated list of numbers, got {value!r}")
-        value = values[0] if len(values) == 1 else values
     def number(v) -> bool:
         return isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, (bool, np.bool_))
 
+    if isinstance(value, str):
+        try:
+            value = [float(p) for p in value.replace(" ", "").split(",") if p]
+        except ValueError:
+            raise GeneratorError(f"temperature must be a number or a comma-separated list of numbers, got {value!r}")
     if isinstance(value, (list, tuple)) and len(value) == 1:
         value = value[0]  # [0.7] from YAML is one temperature, as "0.7" is
     if number(value):

@@ -279,8 +279,10 @@ def train_generator(tokens_dir: str, codec_dir: str, out_dir: str, params: dict,
     warmup, eval_every = int(p.get("warmup", 50)), int(p.get("eval_every", 100))
     patience, max_minutes = int(p.get("patience", 5)), float(p.get("max_minutes", 15))
     state = {"step": 0, "best_valid": float("inf"), "bad_evals": 0, "history": [], "train_seconds": 0.0,
-             "config": asdict(cfg), "run": _run_identity(codec, tokens_dir, p)}
+             "config": asdict(cfg)}
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
+    if ckpt:  # hashing the token files is only needed to tell a resumable checkpoint from another run's
+        state["run"] = _run_identity(codec, tokens_dir, p)
     best_state = None
     if ckpt and resume and (ckpt / "state.json").exists():
         saved = json.loads((ckpt / "state.json").read_text())

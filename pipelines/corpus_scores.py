@@ -16,6 +16,8 @@ Sources (what music21 really ships, checked offline):
 """
 from __future__ import annotations
 
+import functools
+
 import hashlib
 import os
 import re
@@ -291,7 +293,8 @@ def load_score(ref: PieceRef) -> Score:
 # Key: four published key profiles over duration-weighted pitch classes
 
 
-def _key_profiles() -> list[tuple[np.ndarray, np.ndarray]]:
+@functools.lru_cache(maxsize=1)
+def _key_profiles() -> tuple[tuple[np.ndarray, np.ndarray], ...]:
     """(major, minor) weights of Krumhansl-Kessler, Aarden-Essen, Bellman-Budge and Temperley-Kostka-Payne, as
     music21 ships them. Krumhansl-Kessler alone leans to the dominant: on 100 rendered chorale openings it
     disagreed with the majority of the four in 16 and named the majority key's dominant in 14 of those, e.g. G
@@ -304,10 +307,7 @@ def _key_profiles() -> list[tuple[np.ndarray, np.ndarray]]:
                 discrete.TemperleyKostkaPayne):
         solver = cls()
         out.append((np.asarray(solver.getWeights("major"), float), np.asarray(solver.getWeights("minor"), float)))
-    return out
-
-
-_PROFILES: list[tuple[np.ndarray, np.ndarray]] = []
+    return tuple(out)
 
 
 def pc_histogram(score: Score, start: float = 0.0, end: float | None = None) -> np.ndarray:
@@ -327,20 +327,19 @@ def key_correlations(hist: np.ndarray) -> np.ndarray:
     out = np.zeros(24)
     if hist.sum() <= 0:
         return out
-    if not _PROFILES:
-        _PROFILES.extend(_key_profiles())
-    for major, minor in _PROFILES:
+    profiles = _key_profiles()
+    for major, minor in profiles:
         for t in range(12):
             out[t] += np.corrcoef(hist, np.roll(major, t))[0, 1]
             out[12 + t] += np.corrcoef(hist, np.roll(minor, t))[0, 1]
-    return out / len(_PROFILES)
+    return out / len(profiles)
 
 
 def score_key(score: Score, end: float | None = None) -> tuple[int, str]:
     """(tonic pc, mode) of the score up to `end`.
 
-    Declared keys (ABC `K:` with a mode, as in the Nottingham tunes) win. Otherwise the profiles' consensus over the
-    rendered span decides between relatives only when the key is clear; folk melodies (monophonic) take their
+    Declared keys (ABC `K:` with a mode, as in the Nottingham tunes) win. Otherwise the profiles' consensus over
+    the rendered span decides between relatives only when the key is clear; folk melodies (monophonic) take their
     tonic from the final note (folk tunes mostly end on it, modal ones too; the third above it decides the mode),
     except where the final is the third or fifth of the key the source's `K:` field names: such a tune is in that
     key and ends on a tone of its tonic triad (a third of the Essen tunes end on degree 3 or 5; calling "K: D ...
@@ -364,8 +363,8 @@ def score_key(score: Score, end: float | None = None) -> tuple[int, str]:
 
 
 def key_segments(score: Score, end: float, window_bars: int = 4) -> list[tuple[float, float, int, str]]:
-    """Local keys: the profiles' consensus over a sliding window of bars; a change is kept only where it lasts two windows or more.
-    The global key (`score_key`) is the reference for evaluation; these segments note modulations."""
+    """Local keys: the profiles' consensus over a sliding window of bars; a change is kept only where it lasts two
+    windows or more. The global key (`score_key`) is the reference for evaluation; these segments note modulations."""
     bars = [d for d in score.downbeats if d < end]
     glob = score_key(score, end)
     if not score.polyphonic:

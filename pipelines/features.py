@@ -455,8 +455,14 @@ def file_bar_phase(clips: list[tuple[float, np.ndarray, np.ndarray]], meters=(2,
     used = [(i, e) for i, (_, _, e) in zip(index, clips) if i is not None]
     if not used:
         return [b[:1] for _, b, _ in clips], 4
-    beat_index = np.concatenate([i for i, _ in used])
-    evidence = np.concatenate([e for _, e in used])
+    m, p = _best_meter_phase(np.concatenate([i for i, _ in used]), np.concatenate([e for _, e in used]),
+                             meters, meter_bias)
+    return [b[(i - p) % m == 0] if i is not None else b[:1] for i, (_, b, _) in zip(index, clips)], m
+
+
+def _best_meter_phase(beat_index: np.ndarray, evidence: np.ndarray, meters, meter_bias: dict | None) -> tuple:
+    """(m, p): the meter and phase whose beats (index = p mod m) carry the most evidence relative to the other
+    beats, plus the meter's bias; (4, 0) when there are too few beats for any meter."""
     best = (-np.inf, 4, 0)
     for m in meters:
         if len(beat_index) < 2 * m:
@@ -466,26 +472,14 @@ def file_bar_phase(clips: list[tuple[float, np.ndarray, np.ndarray]], meters=(2,
             score = evidence[on].mean() - evidence[~on].mean() + float((meter_bias or {}).get(m, 0.0))
             if score > best[0]:
                 best = (score, m, p)
-    _, m, p = best
-    return [b[(i - p) % m == 0] if i is not None else b[:1] for i, (_, b, _) in zip(index, clips)], m
+    return best[1], best[2]
 
 
 def bar_phase(beats: np.ndarray, evidence: np.ndarray, meters=(2, 3, 4),
               meter_bias: dict | None = None) -> tuple[np.ndarray, int]:
     """The meter m and phase p whose beats i = p (mod m) carry the most evidence relative to the other beats
     (plus the meter's bias): (downbeats, m)."""
-    n = len(beats)
-    best = (-np.inf, 4, 0)
-    for m in meters:
-        if n < 2 * m:
-            continue
-        for p in range(m):
-            on = np.zeros(n, bool)
-            on[p::m] = True
-            score = evidence[on].mean() - evidence[~on].mean() + float((meter_bias or {}).get(m, 0.0))
-            if score > best[0]:
-                best = (score, m, p)
-    _, m, p = best
+    m, p = _best_meter_phase(np.arange(len(beats)), evidence, meters, meter_bias)
     return beats[p::m], m
 
 

@@ -29,7 +29,20 @@ def test_click_track_tempo_and_beats(analyzer, bpm):
     assert f.tempo_confidence > 1.5  # essentia: > 1.5 usable
 
 
-def test_accented_clicks_give_downbeats_and_meter(analyzer):
+@pytest.fixture(scope="module")
+def default_analyzer():
+    """The analyzer as params.yaml configures it (learned downbeat evidence, key in file context, ...)."""
+    from pathlib import Path
+
+    from pipelines.params import load_params
+
+    return ClipAnalyzer(FeatureParams.from_params(
+        load_params(Path(__file__).resolve().parents[1] / "params.yaml", "build_dataset")))
+
+
+@pytest.mark.parametrize("which", ["analyzer", "default_analyzer"])
+def test_accented_clicks_give_downbeats_and_meter(which, request):
+    analyzer = request.getfixturevalue(which)
     bpm = 120.0
     wave = click_track(bpm, 10.0, accent_every=4)
     f = analyzer.analyze(wave)
@@ -256,6 +269,17 @@ def test_downbeat_model_ships_and_a_malformed_one_is_refused(tmp_path):
     path.write_text(json.dumps(bad))
     with pytest.raises(ValueError, match="splits on feature 999 of 30"):
         load_downbeat_model(str(path))
+
+
+def test_shipped_downbeat_model_finds_bar_lines_of_a_chord_sequence(default_analyzer):
+    # chords change every 4 beats at 100 bpm (tonal path of the model: no drums); the clip starts on the bar's
+    # second beat, so "the first beat is a downbeat" (what a model without evidence falls back to) is wrong
+    wave, _ = chord_sequence([("C", "maj"), ("A", "min"), ("F", "maj"), ("G", "maj")], 100.0, 4, 11.0)
+    wave = np.asarray(wave, np.float32)[int(0.6 * SR):]
+    f = default_analyzer.analyze(wave)
+    truth = np.arange(4 * 0.6 - 0.6, 10.0, 4 * 0.6)
+    assert f.beat_evidence is not None and len(f.beat_evidence) == len(f.beats_s)
+    assert mir_eval.beat.f_measure(truth, np.asarray(f.downbeats_s)) >= 0.8, f.downbeats_s
 
 
 def test_exported_boosted_trees_score_like_sklearn():

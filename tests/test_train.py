@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from models.generator import load_generator
 from models.train import TokenSet, TrainingDataError, fit_codec, tokenize, train_generator
