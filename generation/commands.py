@@ -38,6 +38,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     g.add_argument("--temperature", default=None,
                    help="one value, or one per codebook of the builtin generator: 1.0,0.7,0.7,0.7")
     g.add_argument("--top-k", dest="top_k", type=int, default=None)
+    g.add_argument("--prompt-guidance", dest="prompt_guidance", type=float, default=None,
+                   help="> 1 amplifies what the --continue audio implies, e.g. its instruments (builtin generator; "
+                        "default: params generate.prompt_guidance, 1 = off)")
     g.add_argument("--bpm", type=float, default=None, help="tempo attribute (if the generator uses attributes)")
     g.add_argument("--key", default=None, help='key attribute, e.g. "F# minor"')
     g.add_argument("--out", default="out.wav", help="output WAV (default: out.wav)")
@@ -95,7 +98,7 @@ def _generate(args) -> int:
     result = session.generate(prompts, duration=args.duration, continue_from=args.continue_from,
                               steer=",".join(args.steer) or None, mode=args.mode, out=args.out, seed=args.seed,
                               cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k,
-                              bpm=args.bpm, key=args.key, progress=progress)
+                              bpm=args.bpm, key=args.key, prompt_guidance=args.prompt_guidance, progress=progress)
     for trait, p in result.info["probe_sets"].items():
         print(f"probe set {trait}: {p['name'] or p['path']}" + (f" v{p['version']}" if p["version"] else ""),
               file=sys.stderr)

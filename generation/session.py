@@ -26,7 +26,8 @@ from pipelines.errors import UserError
 log = logging.getLogger(__name__)
 
 # Sampling and steering defaults; params.yaml `generate` overrides them.
-DEFAULTS = {"duration": 8.0, "cfg_scale": 3.0, "temperature": 1.0, "top_k": 0, "top_p": 0.0, "alias": "champion",
+DEFAULTS = {"duration": 8.0, "cfg_scale": 3.0, "temperature": 1.0, "top_k": 0, "top_p": 0.0, "prompt_guidance": 1.0,
+            "alias": "champion",
             "steering": {"every": 5, "decay": 0.5, "tau": None, "monitor_heads": 16, "iti_top_k": 16}}
 
 
@@ -199,10 +200,13 @@ class GenerationSession:
                  steer: str | Mapping[str, float] | None = None, mode: str = "smitin", out: str | Path = "out.wav",
                  seed: int | None = None, cfg_scale: float | None = None, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, bpm: float | None = None,
-                 key: str | None = None, progress=None) -> GenerationResult:
+                 key: str | None = None, prompt_guidance: float | None = None, progress=None) -> GenerationResult:
         """Generate one clip per prompt (one batch). `steer`: {"drums": +5, "piano": -3} or "drums=+5,piano=-3".
         Writes OUT.wav (OUT_1.wav, ... for several prompts), OUT.steering.json (all rows) and OUT[_i].steering.png
-        (one per clip) when steering. The WAVs hold the new audio only (not the --continue prompt)."""
+        (one per clip) when steering. The WAVs hold the new audio only (not the --continue prompt).
+        `prompt_guidance` > 1 (builtin generator, with --continue or past the first window): amplify what the audio
+        context implies (see Generator.generate); it also amplifies a steering push, and works against steering a
+        trait out of a prompt that has it."""
         import numpy as np
         import soundfile as sf
         import torch
@@ -223,6 +227,15 @@ class GenerationSession:
                         top_k=int(d["top_k"] if top_k is None else top_k),
                         top_p=float(d["top_p"] if top_p is None else top_p))
         cfg_scale = float(d["cfg_scale"] if cfg_scale is None else cfg_scale)
+        prompt_guidance = d.get("prompt_guidance", 1.0) if prompt_guidance is None else prompt_guidance
+        try:
+            prompt_guidance = float(prompt_guidance)
+        except (TypeError, ValueError):
+            raise GenerationError(f"--prompt-guidance must be a number, got {prompt_guidance!r}") from None
+        if not (prompt_guidance >= 1.0 and prompt_guidance < float("inf")):
+            raise GenerationError(f"--prompt-guidance must be a finite number >= 1 (1: off), got {prompt_guidance}")
+        if prompt_guidance != 1.0 and self.backend == "musicgen":
+            raise GenerationError("--prompt-guidance is a feature of the builtin generator, not of MusicGen")
         out = Path(out)
         if out.suffix.lower() != ".wav":
             raise GenerationError(f"--out must be a .wav path, got {out}")
@@ -286,7 +299,7 @@ class GenerationSession:
                 ctx = history[:, :, -keep:] if history is not None else None
                 ctx_len = ctx.shape[2] if ctx is not None else 0
                 n = min(n_frames - done, limit - ctx_len)
-                extra = {} if musicgen else {"attributes": attrs}
+                extra = {} if musicgen else {"attributes": attrs, "prompt_guidance": prompt_guidance}
                 with torch.inference_mode():
                     codes = gen.generate(n, prompt=ctx, condition=cond, batch_size=B, cfg_scale=guidance,
                                          seed=seed + chunk, **extra, **sampling)
@@ -311,7 +324,8 @@ class GenerationSession:
                 wave = wave * (0.99 / peak)
             sf.write(str(path), wave, codec.sample_rate, subtype="PCM_16")
         info = {"prompts": prompts, "duration_s": n_frames / fps, "frames": n_frames, "windows": chunk,
-                "seed": seed, "cfg_scale": guidance, **sampling, "mode": mode if plan else "none",
+                "seed": seed, "cfg_scale": guidance, "prompt_guidance": prompt_guidance, **sampling,
+                "mode": mode if plan else "none",
                 "continue_from": str(continue_from) if continue_from else None, "bpm": bpm, "key": key,
                 "generator": _ref_info(self.generator_ref),
                 "probe_sets": {t: _ref_info(self.probe_refs[t]) for t in strengths},

@@ -6,6 +6,14 @@ high-band and low-band flux, onset periodicity), fitted on clips with known `dru
 trip* (encode, decode), so it judges audio of the kind the generator's output will be. Descriptors are order
 statistics over the segment, so irregular hits count as well as a steady groove. Stored as JSON (no pickles).
 
+Generated tokens are not clean codec tokens: a sampled token now and then is one real audio would not have, and
+its decoded frame is a click. Fitted on clean decoded audio alone, the detector read such clicks as drums: with 6%
+of a drum-free segment's tokens replaced by random ones it called 36% of them drum-bearing (10% when clean), so it
+judged the generator's glitches, not its drums. The detector is therefore also fitted on copies of its training
+segments with `token_noise` of their tokens replaced by draws from the codebooks' token frequencies (both classes
+alike, labels unchanged: noise is not a trait), and it reports its accuracy on clean and on noisy test segments.
+The noise never comes from the generator, so the detector stays independent of it.
+
 Trait carrying: prompts of held-out clips with / without drums are continued by the generator; the detector
 judges the decoded continuation (prompt excluded). As a reference it also judges the codec-decoded *real*
 continuation of the same prompts.
@@ -133,34 +141,119 @@ def _descriptors_of_decoded(codec, segments: list) -> np.ndarray:
         return np.stack(list(pool.map(lambda w: drum_descriptors(w, codec.sample_rate), waves)))
 
 
+def token_frequencies(segments: list, card: int) -> torch.Tensor:
+    """[K, card] token counts of each codebook over `segments` (+1 smoothing): what token noise is drawn from."""
+    codes = torch.cat([c for c in segments], dim=1).long()
+    return torch.stack([torch.bincount(row, minlength=card)[:card] for row in codes]).float() + 1.0
+
+
+def add_token_noise(codes: torch.Tensor, rate: float, frequencies: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A copy of `codes` [K, T] with each token replaced, with probability `rate`, by a draw from its codebook's
+    token frequencies (independently per codebook and frame)."""
+    out = codes.clone()
+    for k in range(out.shape[0]):
+        hit = torch.rand(out.shape[1], generator=gen) < rate
+        if int(hit.sum()):
+            out[k, hit] = torch.multinomial(frequencies[k], int(hit.sum()), replacement=True, generator=gen)
+    return out
+
+
 def fit_drum_detector(tokens_dir, codec, seconds: float, per_clip: int = 2, max_clips: int = 400,
-                      seed: int = 0) -> DrumDetector:
-    """Fit on codec-decoded segments of the train split, report accuracy on the test split's decoded segments.
+                      seed: int = 0, token_noise: float = 0.06) -> DrumDetector:
+    """Fit on codec-decoded segments of the train split (each also with `token_noise` of its tokens replaced, see
+    the module docstring; 0: clean only); report accuracy on the test split's decoded segments, clean and noisy.
     `tokens_dir`: a token folder, or {"train": tokens, "test": tokens} already in memory (same interface)."""
+    from pipelines.errors import UserError
+
     from models.train import TokenSet
 
+    if not 0.0 <= float(token_noise) < 1.0:
+        raise UserError(f"detector token_noise must be in [0, 1), got {token_noise!r}")
     gen = np.random.default_rng(seed)
+    noise_gen = torch.Generator().manual_seed(seed)
     n = int(round(seconds * codec.frame_rate))
-    result = {}
-    data = {}
+    segments = {}
     for split in ("train", "test"):
         ts = tokens_dir[split] if isinstance(tokens_dir, dict) else TokenSet(tokens_dir, split)
         segs = _segments(ts, codec, n, per_clip, gen)
         if len(segs) > max_clips:
             segs = [segs[j] for j in gen.permutation(len(segs))[:max_clips]]
-        X = _descriptors_of_decoded(codec, [c for c, _, _ in segs])
-        y = np.array([lab for _, lab, _ in segs], dtype=int)
-        data[split] = (X, y)
-    if len(set(data["train"][1])) < 2:
-        from pipelines.errors import UserError
-
+        segments[split] = segs
+    if len({lab for _, lab, _ in segments["train"]}) < 2:
         raise UserError("the train split needs clips with and without drums to fit the drum detector")
-    det = DrumDetector.fit(*data["train"])
-    for split, (X, y) in data.items():
-        result[f"{split}_accuracy_decoded"] = float(((det.probability_of(X) >= 0.5) == y).mean())
-        result[f"{split}_n"] = int(len(y))
+    frequencies = token_frequencies([c for c, _, _ in segments["train"]], codec.card)
+    data = {}
+    for split, segs in segments.items():
+        y = np.array([lab for _, lab, _ in segs], dtype=int)
+        data[split] = (_descriptors_of_decoded(codec, [c for c, _, _ in segs]), y)
+        if token_noise > 0:
+            noisy = [add_token_noise(c, token_noise, frequencies, noise_gen) for c, _, _ in segs]
+            data[f"{split}_noisy"] = (_descriptors_of_decoded(codec, noisy), y)
+    train_sets = [data["train"]] + ([data["train_noisy"]] if token_noise > 0 else [])
+    det = DrumDetector.fit(np.vstack([X for X, _ in train_sets]), np.concatenate([y for _, y in train_sets]))
+    result = {"token_noise": float(token_noise)}
+    for name, (X, y) in data.items():
+        said = det.probability_of(X) >= 0.5
+        result[f"{name}_accuracy_decoded"] = float((said == y).mean())
+        if name.startswith("test"):  # how often it calls a drum-free segment drum-bearing, and the reverse
+            result[f"{name}_false_drums"] = float(said[y == 0].mean()) if (y == 0).any() else None
+            result[f"{name}_missed_drums"] = float(1 - said[y == 1].mean()) if (y == 1).any() else None
+        result[f"{name}_n"] = int(len(y))
     det.info = {"seconds": seconds, "codec": codec.fingerprint(), **result}
     return det
+
+
+def twin_pairs(tokens, trait: str = "drums") -> list[tuple[int, int]]:
+    """(with, without) clip indices of a TokenSet that are the same music and differ in `trait` alone: the same
+    rendered variant (mix_id), the same clip position, every other trait equal (the corpus' one-stem pairs)."""
+    from collections import defaultdict
+
+    groups = defaultdict(list)
+    for i, (mix, clip, traits) in enumerate(zip(tokens.meta["mix_id"], tokens.meta["clip_id"], tokens.meta["traits"])):
+        if mix and traits.get(trait) is not None:
+            groups[(mix, clip.rsplit("-", 1)[-1])].append(i)
+    pairs = []
+    for members in groups.values():
+        for i in members:
+            ti = tokens.meta["traits"][i]
+            for j in members:
+                tj = tokens.meta["traits"][j]
+                if ti[trait] and not tj[trait] and {k: v for k, v in ti.items() if k != trait} == \
+                        {k: v for k, v in tj.items() if k != trait}:
+                    pairs.append((i, j))
+    return pairs
+
+
+@torch.no_grad()
+def prompt_swap_nats(generator, tokens, prompt_n: int, window_n: int, trait: str = "drums",
+                     max_pairs: int = 64) -> dict:
+    """How much the generator's prediction of a continuation depends on the trait in its prompt, with no detector:
+    the teacher-forced loss (nats per token, codebook 0 and all) of a clip's first `window_n` continuation frames
+    after its twin's prompt (same music, the trait flipped) minus the loss after its own prompt. Near 0: the model
+    ignores whether the prompt had the trait; the larger, the more it carries it."""
+    import torch.nn.functional as F
+
+    from models.generator import undo_delay
+
+    pairs = twin_pairs(tokens, trait)[:max_pairs]
+    pairs = [(a, b) for a, b in pairs if min(tokens.clip(a).shape[1], tokens.clip(b).shape[1]) >= prompt_n + window_n]
+    if not pairs:
+        return {"pairs": 0}
+
+    def nll(prompt, cont):
+        x = torch.cat([prompt, cont], 1)[None]
+        logits = undo_delay(generator(x))[0, :, prompt_n:prompt_n + window_n]
+        return -F.log_softmax(logits, -1).gather(-1, cont[..., None])[..., 0].mean(1)  # [K]
+
+    diffs = []
+    for a, b in pairs:
+        A, B = tokens.clip(a), tokens.clip(b)
+        for own, twin in ((A, B), (B, A)):
+            cont = own[:, prompt_n:prompt_n + window_n]
+            diffs.append(nll(twin[:, :prompt_n], cont) - nll(own[:, :prompt_n], cont))
+    d = torch.stack(diffs)
+    return {"pairs": len(pairs), "window_frames": window_n, "swap_nats_cb0": float(d[:, 0].mean()),
+            "swap_nats": float(d.mean())}
 
 
 def evaluate_trait_carrying(generator_dir: str, tokens_dir: str, clips_dir: str | None, params: dict,
@@ -170,6 +263,7 @@ def evaluate_trait_carrying(generator_dir: str, tokens_dir: str, clips_dir: str 
     import soundfile as sf
 
     from models.generator import load_generator, sampling_temperature
+    from pipelines.errors import UserError
     from models.train import TokenSet
 
     seed = int(params.get("seed", 0))
@@ -177,15 +271,22 @@ def evaluate_trait_carrying(generator_dir: str, tokens_dir: str, clips_dir: str 
     generator, codec = load_generator(generator_dir)
     prompt_n = int(round(float(params.get("prompt_seconds", 2.0)) * codec.frame_rate))
     new_n = int(round(float(params.get("continuation_seconds", 3.0)) * codec.frame_rate))
+    token_noise = float(params.get("detector_token_noise", 0.06))
+    for mode in params.get("modes", ["unconditional"]):  # refuse before minutes of detector fitting
+        if mode.removesuffix("_unguided") not in ("unconditional", "caption"):
+            raise UserError(f"unknown carrying mode {mode!r} (unconditional, caption, either + '_unguided')")
+    if int(params.get("samples_per_prompt", 1)) < 1:
+        raise UserError("samples_per_prompt must be at least 1")
     t0 = time.time()
     det = None
     if detector_path and Path(detector_path).exists():  # reuse a detector fitted for this codec and length
         det = DrumDetector.load(detector_path)
-        if det.info.get("codec") != codec.fingerprint() or det.info.get("seconds") != new_n / codec.frame_rate:
+        if (det.info.get("codec") != codec.fingerprint() or det.info.get("seconds") != new_n / codec.frame_rate
+                or det.info.get("token_noise") != token_noise):
             det = None
     if det is None:
         det = fit_drum_detector(tokens_dir, codec, new_n / codec.frame_rate, seed=seed,
-                                max_clips=int(params.get("detector_max_segments", 400)))
+                                max_clips=int(params.get("detector_max_segments", 400)), token_noise=token_noise)
     log.info("drum detector: %s (%.0fs)", det.info, time.time() - t0)
     test = TokenSet(tokens_dir, params.get("split", "test"))
     gen = np.random.default_rng(seed)
@@ -198,26 +299,35 @@ def evaluate_trait_carrying(generator_dir: str, tokens_dir: str, clips_dir: str 
             continue
         picked[bool(lab)].append(int(i))
     results = {}
+    p_real: dict[int, float] = {}  # the real continuation's judgement, once per clip
+    n_samples = int(params.get("samples_per_prompt", 1))
     for mode in params.get("modes", ["unconditional"]):
+        # "<mode>_unguided": the same without prompt guidance (the baseline, in the same run)
+        base_mode, guided = mode.removesuffix("_unguided"), not mode.endswith("_unguided")
         rows = []
         for lab, idx in picked.items():
             if not idx:
                 continue
             prompts = torch.stack([test.clip(i)[:, :prompt_n] for i in idx])
-            real = [test.clip(i)[:, prompt_n:prompt_n + new_n] for i in idx]
-            cond = test.condition[torch.tensor(idx)] if mode == "caption" else None
-            attrs = test.attributes[torch.tensor(idx)] if mode == "caption" else None
-            out = generator.generate(new_n, prompt=prompts, condition=cond, attributes=attrs,
-                                     temperature=sampling_temperature(params.get("temperature", 1.0)),
-                                     top_k=int(params.get("top_k", 0)), top_p=float(params.get("top_p", 0.0)),
-                                     cfg_scale=float(params.get("cfg_scale", 3.0)) if mode == "caption" else 1.0,
-                                     seed=seed)
-            for j, i in enumerate(idx):
-                cont = codec.decode(out[j, :, prompt_n:])
-                p_gen = det.probability(cont, codec.sample_rate)
-                p_real = det.probability(codec.decode(real[j]), codec.sample_rate)
-                rows.append({"clip": test.meta["clip_id"][i], "drums": lab, "p_generated": p_gen, "p_real": p_real})
-                if samples_dir and j < int(params.get("samples_per_class", 2)):
+            cond = test.condition[torch.tensor(idx)] if base_mode == "caption" else None
+            attrs = test.attributes[torch.tensor(idx)] if base_mode == "caption" else None
+            for r in range(n_samples):
+                out = generator.generate(
+                    new_n, prompt=prompts, condition=cond, attributes=attrs,
+                    temperature=sampling_temperature(params.get("temperature", 1.0)),
+                    top_k=int(params.get("top_k", 0)), top_p=float(params.get("top_p", 0.0)),
+                    cfg_scale=float(params.get("cfg_scale", 3.0)) if base_mode == "caption" else 1.0,
+                    seed=seed + r, prompt_guidance=float(params.get("prompt_guidance", 1.0)) if guided else 1.0)
+                for j, i in enumerate(idx):
+                    judged_real = p_real.get(i)
+                    if judged_real is None:
+                        real = test.clip(i)[:, prompt_n:prompt_n + new_n]
+                        judged_real = p_real[i] = det.probability(codec.decode(real), codec.sample_rate)
+                    p_gen = det.probability(codec.decode(out[j, :, prompt_n:]), codec.sample_rate)
+                    rows.append({"clip": test.meta["clip_id"][i], "sample": r, "drums": lab, "p_generated": p_gen,
+                                 "p_real": judged_real})
+                    if not (samples_dir and r == 0 and j < int(params.get("samples_per_class", 2))):
+                        continue
                     Path(samples_dir).mkdir(parents=True, exist_ok=True)
                     full = codec.decode(out[j])
                     name = f"{mode}_{'drums' if lab else 'nodrums'}_{j}.wav"
@@ -234,9 +344,13 @@ def evaluate_trait_carrying(generator_dir: str, tokens_dir: str, clips_dir: str 
                     "mean_p_real": float(np.mean([r["p_real"] for r in sel])),
                 }
         results[mode] = {"summary": summary, "rows": rows}
+    swap = prompt_swap_nats(generator, test, prompt_n, min(new_n, int(round(codec.frame_rate))))
+    log.info("prompt swap (trait memory): %s", swap)
     report = {"detector": det.info, "prompt_frames": prompt_n, "continuation_frames": new_n,
+              "prompt_guidance": float(params.get("prompt_guidance", 1.0)),
               "generator_fingerprint": generator.fingerprint(),
-              "summary": {"detector": det.info, **{m: r["summary"] for m, r in results.items()}},
+              "summary": {"detector": det.info, "prompt_swap": swap,
+                          **{m: r["summary"] for m, r in results.items()}},
               "results": results}
     if out_path:
         Path(out_path).parent.mkdir(parents=True, exist_ok=True)

@@ -216,7 +216,8 @@ def evaluate_steering(generator_dir: str, probes_dir: str, tokens_dir: str, clip
         detector_data, tokens = {"train": encoded["train"], "test": encoded["test"]}, encoded[split]
     else:
         detector_data, tokens = tokens_dir, None
-    detector = fit_drum_detector(detector_data, codec, new_n / fps, seed=seed, max_clips=max_segments)
+    detector = fit_drum_detector(detector_data, codec, new_n / fps, seed=seed, max_clips=max_segments,
+                                 token_noise=float(params.get("detector_token_noise", 0.06)))
     say(f"detector (independent of the probes): {detector.info} ({time.time() - t0:.0f}s)")
     tokens = tokens if tokens is not None else TokenSet(tokens_dir, split)
 

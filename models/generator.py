@@ -19,6 +19,7 @@ an untrained embedding.
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -140,7 +141,10 @@ class CausalSelfAttention(nn.Module):
         self.out_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: dict | None = None,
+                visible: torch.Tensor | None = None) -> torch.Tensor:
+        """`visible` [B, >= keys] (bool, by absolute position): keys a row may attend to, on top of causality;
+        None: all (training, plain generation)."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # each [B,H,T,Dh]
         q, k = _rope(q, positions, self.rope_base), _rope(k, positions, self.rope_base)
@@ -152,6 +156,8 @@ class CausalSelfAttention(nn.Module):
         # Causal mask aligned to the end: query i (absolute past + i) sees keys 0 .. past + i.
         past = k.shape[2] - T
         mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=past)
+        if visible is not None:
+            mask = mask[None, None] & visible[:, None, None, :k.shape[2]]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=self.dropout if self.training else 0.0)
         heads = self.head_out(y.transpose(1, 2))  # (B, T, H, Dh): the per-head output, hookable
@@ -177,8 +183,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, positions, cache=None):
-        x = x + self.drop(self.attn(self.ln1(x), positions, cache))
+    def forward(self, x, positions, cache=None, visible=None):
+        x = x + self.drop(self.attn(self.ln1(x), positions, cache, visible))
         return x + self.mlp(self.ln2(x))
 
 
@@ -268,17 +274,17 @@ class Generator(nn.Module):
                                  f"got [{int(tokens.min())}, {int(tokens.max())}]")
 
     def forward_tokens(self, inputs: torch.Tensor, prefix: torch.Tensor | None, caches: list[dict] | None = None,
-                       start: int = 0) -> torch.Tensor:
+                       start: int = 0, visible: torch.Tensor | None = None) -> torch.Tensor:
         """Run the transformer on delayed-stream input tokens [B, K, S] (preceded by `prefix` [B, P, dim] when it is
         given, i.e. on the first call) at absolute positions `start`...; returns logits [B, K, S, card] for the
-        token positions (prefix positions produce no logits)."""
+        token positions (prefix positions produce no logits). `visible`: see CausalSelfAttention.forward."""
         x = sum(emb(inputs[:, k]) for k, emb in enumerate(self.embeds))  # [B, S, dim]
         if prefix is not None:
             x = torch.cat([prefix, x], dim=1)
         positions = torch.arange(start, start + x.shape[1], device=x.device)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, positions, caches[i] if caches is not None else None)
+            x = block(x, positions, caches[i] if caches is not None else None, visible)
         x = self.ln_f(x[:, x.shape[1] - inputs.shape[2]:])
         return torch.stack([head(x) for head in self.heads], dim=1)
 
@@ -319,7 +325,7 @@ class Generator(nn.Module):
                  attributes: torch.Tensor | None = None, batch_size: int = 1,
                  temperature: float | Sequence[float] = 1.0, top_k: int = 0, top_p: float = 0.0,
                  cfg_scale: float = 1.0, seed: int | None = None, use_cache: bool = True,
-                 on_step: Callable[[int], None] | None = None) -> torch.Tensor:
+                 on_step: Callable[[int], None] | None = None, prompt_guidance: float = 1.0) -> torch.Tensor:
         """Sample `n_frames` codec frames after an optional `prompt` [B, K, Tp]; returns [B, K, Tp + n_frames]
         un-delayed codes (prompt included).
 
@@ -333,6 +339,13 @@ class Generator(nn.Module):
         first step sees the whole prompt (T = n_prefix + Tp + 1 positions), later cached steps T == 1.
         use_cache=False recomputes the whole sequence each step (same tokens, slower; for checking the cache).
         temperature: one value, or one per codebook (coarse first; 0 = greedy for that codebook).
+        prompt_guidance > 1 with a prompt (context-aware decoding, Shi et al. 2023): B more rows see the same
+        continuation and condition but not the prompt (its positions hidden, its last input replaced by BOS), and
+        logits = free + prompt_guidance * (with_prompt - free), which amplifies what the prompt implies beyond what
+        the continuation so far does. This small model predicts each frame mostly from the last few, so sampled
+        continuations of drum prompts dropped the drums half the time; guidance keeps them. Rows: [B conditional;
+        B text-unconditional if cfg; B prompt-free], `batch_layout["cfg"]` is True and only the first `n_cond` rows
+        are the generation (steering pushes and monitors those). Costs one more set of rows per step.
         """
         cfg, K = self.cfg, self.cfg.n_codebooks
         temperature = sampling_temperature(temperature, K)
@@ -346,6 +359,12 @@ class Generator(nn.Module):
         S = Tp + n_frames + K - 1  # length of the delayed stream
         if n_frames < 1:
             raise GeneratorError("n_frames must be at least 1")
+        try:
+            prompt_guidance = float(prompt_guidance)
+        except (TypeError, ValueError):
+            raise GeneratorError(f"prompt_guidance must be a number, got {prompt_guidance!r}") from None
+        if not math.isfinite(prompt_guidance) or prompt_guidance < 1.0:
+            raise GeneratorError(f"prompt_guidance must be a finite number >= 1 (1: off), got {prompt_guidance}")
         if S > cfg.max_frames:
             raise GeneratorError(f"prompt ({Tp} frames) + {n_frames} new frames + {K - 1} delay steps exceed the "
                                  f"context of {cfg.max_frames} positions")
@@ -361,10 +380,24 @@ class Generator(nn.Module):
         known = (s_idx < Tp) | (s_idx >= Tp + n_frames)
 
         use_cfg = condition is not None and cfg_scale != 1.0
-        prefix = self._prefix(condition, attributes, B)
-        if use_cfg:
-            prefix = torch.cat([prefix, self._prefix(None, None, B)], dim=0)
-        self.batch_layout = {"cfg": use_cfg, "n_cond": B}
+        use_pg = Tp > 0 and prompt_guidance != 1.0
+        cond_prefix = self._prefix(condition, attributes, B)
+        prefix = torch.cat([cond_prefix, self._prefix(None, None, B)], dim=0) if use_cfg else cond_prefix
+        visible = None
+        if use_pg:
+            prefix = torch.cat([prefix, cond_prefix], dim=0)
+            # the prompt-free rows see the prefix and the continuation only: BOS and prompt inputs hidden
+            visible = torch.ones(prefix.shape[0], self.n_prefix + S + 1, dtype=torch.bool, device=device)
+            visible[-B:, self.n_prefix:self.n_prefix + Tp] = False
+        self.batch_layout = {"cfg": use_cfg or use_pg, "n_cond": B}
+        groups = 1 + use_cfg + use_pg
+
+        def rows(x: torch.Tensor, first: bool) -> torch.Tensor:
+            x = torch.cat([x] * groups, dim=0)
+            if use_pg and first:  # the prompt-free rows start from BOS where the prompt's last input was
+                x = x.clone()
+                x[-B:, :, Tp] = self.special
+            return x
 
         bos = torch.full((B, K, 1), self.special, dtype=torch.long, device=device)
         stream = torch.cat([bos, delayed], dim=2)  # inputs: stream[:, :, s] is the input at delayed position s
@@ -372,26 +405,27 @@ class Generator(nn.Module):
         for step, s in enumerate(range(Tp, S)):
             if use_cache:
                 if step == 0:
-                    logits = self.forward_tokens(self._rows(stream[:, :, :s + 1], use_cfg), prefix, caches, 0)
+                    logits = self.forward_tokens(rows(stream[:, :, :s + 1], True), prefix, caches, 0, visible)
                 else:
-                    logits = self.forward_tokens(self._rows(stream[:, :, s:s + 1], use_cfg), None, caches,
-                                                 self.n_prefix + s)
+                    logits = self.forward_tokens(rows(stream[:, :, s:s + 1], False), None, caches,
+                                                 self.n_prefix + s, visible)
             else:
-                logits = self.forward_tokens(self._rows(stream[:, :, :s + 1], use_cfg), prefix)
+                logits = self.forward_tokens(rows(stream[:, :, :s + 1], True), prefix, None, 0, visible)
             logits = logits[:, :, -1].float()  # [rows, K, card]
+            free = logits[-B:] if use_pg else None
             if use_cfg:
-                cond, uncond = logits[:B], logits[B:]
+                cond, uncond = logits[:B], logits[B:2 * B]
                 logits = uncond + cfg_scale * (cond - uncond)
+            else:
+                logits = logits[:B]
+            if use_pg:
+                logits = free + prompt_guidance * (logits - free)
             frame = _sample(logits, temperature, top_k, top_p, gen)  # [B, K]
             frame = torch.where(known[:, s][None, :], stream[:, :, s + 1], frame)
             stream[:, :, s + 1] = frame
             if on_step is not None:
                 on_step(step)
         return undo_delay(stream[:, :, 1:])
-
-    @staticmethod
-    def _rows(x: torch.Tensor, use_cfg: bool) -> torch.Tensor:
-        return torch.cat([x, x], dim=0) if use_cfg else x
 
 
 def sampling_temperature(value, n_codebooks: int | None = None) -> float | tuple[float, ...]:

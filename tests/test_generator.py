@@ -132,6 +132,60 @@ def test_head_out_edit_changes_output():
     assert not torch.equal(gen_pushed, model.generate(n_frames=6, prompt=codes[:, :, :4], seed=3, temperature=0.0))
 
 
+def test_prompt_guidance_cached_equals_uncached_and_one_is_off():
+    model = _model()
+    prompt = _codes(B=2, T=6)
+    # a strong scale: the tiny random model's logits are nearly flat, small changes keep the same samples
+    a = model.generate(n_frames=5, prompt=prompt, seed=1, prompt_guidance=30.0)
+    b = model.generate(n_frames=5, prompt=prompt, seed=1, prompt_guidance=30.0, use_cache=False)
+    assert torch.equal(a, b) and torch.equal(a[:, :, :6], prompt)
+    plain = model.generate(n_frames=5, prompt=prompt, seed=1)
+    assert torch.equal(model.generate(n_frames=5, prompt=prompt, seed=1, prompt_guidance=1.0), plain)
+    assert not torch.equal(a, plain)
+    # with text CFG as well: still cache-consistent
+    cond = torch.randn(2, model.cfg.cond_dim)
+    c1 = model.generate(n_frames=4, prompt=prompt, condition=cond, cfg_scale=3.0, seed=2, prompt_guidance=2.0)
+    c2 = model.generate(n_frames=4, prompt=prompt, condition=cond, cfg_scale=3.0, seed=2, prompt_guidance=2.0,
+                        use_cache=False)
+    assert torch.equal(c1, c2)
+
+
+def test_hidden_prompt_positions_do_not_reach_the_prompt_free_rows():
+    model = _model()
+    B, S = 2, 12
+    inputs = _codes(B=B, T=S)
+    prefix = model._prefix(None, None, B)
+    visible = torch.ones(B, model.n_prefix + S, dtype=torch.bool)
+    visible[1, model.n_prefix:model.n_prefix + 5] = False  # row 1 does not see stream positions 0..4
+    base = model.forward_tokens(inputs, prefix, visible=visible)
+    changed = inputs.clone()
+    changed[:, :, :5] = (changed[:, :, :5] + 1) % model.cfg.card
+    out = model.forward_tokens(changed, prefix, visible=visible)
+    assert torch.allclose(out[1, :, 5:], base[1, :, 5:], atol=1e-5)  # hidden: no influence
+    assert not torch.allclose(out[0, :, 5:], base[0, :, 5:], atol=1e-5)  # row 0 sees them
+
+
+def test_prompt_guidance_rows_layout_and_bad_values():
+    model = _model()
+    prompt = _codes(B=2, T=6)
+    seen, layouts = [], []
+
+    def record(module, inputs, output):
+        seen.append(output.shape[0])
+        layouts.append(dict(model.batch_layout))
+
+    h = model.head_sites()[0].register_forward_hook(record)
+    model.generate(n_frames=3, prompt=prompt, condition=torch.randn(2, model.cfg.cond_dim), cfg_scale=2.0,
+                   prompt_guidance=2.0, seed=0)
+    h.remove()
+    assert set(seen) == {6} and layouts[0] == {"cfg": True, "n_cond": 2}  # [cond; text-uncond; prompt-free]
+    for bad in (0.5, float("inf"), "x", None):
+        with pytest.raises(GeneratorError, match="prompt_guidance"):
+            model.generate(n_frames=2, prompt=prompt, prompt_guidance=bad)
+    # without a prompt there is nothing to guide towards: plain generation
+    assert model.generate(n_frames=3, batch_size=2, seed=4, prompt_guidance=3.0).shape == (2, 4, 3)
+
+
 def test_sampling_options():
     model = _model()
     for kw in ({"temperature": 0.0}, {"top_k": 1}, {"top_p": 0.5}, {"top_p": 0.9, "top_k": 5, "temperature": 0.7}):

@@ -92,6 +92,36 @@ def test_drum_detector_separates_synthetic_drums(stages):
     root, _ = stages
     det = fit_drum_detector(str(root / "tokens"), load_codec(root / "codec"), seconds=1.5, per_clip=2)
     assert det.info["train_accuracy_decoded"] >= 0.9 and det.info["test_accuracy_decoded"] >= 0.75
+    # also fitted and judged on segments with randomised tokens (generated audio has such glitches)
+    assert det.info["token_noise"] == 0.06 and det.info["test_noisy_accuracy_decoded"] >= 0.75
+    assert det.info["test_noisy_n"] == det.info["test_n"]
+
+
+def test_token_noise_replaces_the_asked_share_with_codebook_tokens():
+    import torch
+
+    from models.detectors import add_token_noise, token_frequencies
+
+    codes = torch.stack([torch.zeros(4000, dtype=torch.long), torch.full((4000,), 7)])
+    freq = token_frequencies([torch.tensor([[1, 2, 2], [3, 3, 3]])], card=8)
+    assert freq.shape == (2, 8) and freq[0, 2] == 3 and freq[1, 3] == 4  # counts + 1
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(add_token_noise(codes, 0.0, freq, gen), codes)
+    noisy = add_token_noise(codes, 0.1, freq, gen)
+    changed = (noisy != codes).float().mean(1)
+    # a replaced token may redraw the same value (freq smoothing): changed share is a bit under the rate
+    assert ((changed > 0.07) & (changed < 0.11)).all()
+    assert noisy.shape == codes.shape and int(noisy.max()) < 8 and torch.equal(codes[0], torch.zeros(4000).long())
+
+
+def test_drum_detector_refuses_bad_token_noise(stages):
+    from models.codec import load_codec
+    from models.detectors import fit_drum_detector
+    from pipelines.errors import UserError
+
+    root, _ = stages
+    with pytest.raises(UserError, match="token_noise"):
+        fit_drum_detector(str(root / "tokens"), load_codec(root / "codec"), seconds=1.5, token_noise=1.5)
 
 
 def test_detector_descriptors_same_in_threads(stages, monkeypatch):
@@ -135,3 +165,40 @@ def test_cli_prints_one_line_errors(tmp_path, capsys):
     assert err.startswith("smitin: error:") and "\n" not in err
     with pytest.raises(SystemExit):
         main(["train", "--help"])
+
+
+class _Tokens:
+    """The TokenSet interface prompt_swap_nats uses: meta and clip(i)."""
+
+    def __init__(self, clips, meta):
+        self.clips, self.meta = clips, meta
+
+    def clip(self, i):
+        return self.clips[i]
+
+
+def test_twin_pairs_and_prompt_swap():
+    import torch
+
+    from models.detectors import prompt_swap_nats, twin_pairs
+    from models.generator import Generator, GeneratorConfig
+
+    meta = {"mix_id": ["a", "a", "a", "a", "b", "b"],
+            "clip_id": ["x-000000000", "y-000000000", "z-000000000", "x-000010000", "u-000000000", "v-000000000"],
+            "traits": [{"drums": True, "bass": True}, {"drums": False, "bass": True}, {"drums": False, "bass": False},
+                       {"drums": True, "bass": True}, {"drums": True, "bass": False}, {"drums": True, "bass": True}]}
+    gen = torch.Generator().manual_seed(0)
+    clips = [torch.randint(0, 32, (4, 30), generator=gen) for _ in meta["mix_id"]]
+    tokens = _Tokens(clips, meta)
+    # same mix and clip position, only drums differ: clip 0 / 1 (clip 2 also lacks bass, 3 is another position,
+    # mix b has no drum-free clip)
+    assert twin_pairs(tokens) == [(0, 1)]
+    torch.manual_seed(0)
+    model = Generator(GeneratorConfig.debug()).eval()
+    out = prompt_swap_nats(model, tokens, prompt_n=10, window_n=8)
+    assert out["pairs"] == 1 and out["window_frames"] == 8
+    assert np.isfinite(out["swap_nats"]) and np.isfinite(out["swap_nats_cb0"])
+    # identical twins: swapping the prompt changes nothing
+    tokens.clips[1] = tokens.clips[0]
+    assert abs(prompt_swap_nats(model, tokens, prompt_n=10, window_n=8)["swap_nats"]) < 1e-6
+    assert prompt_swap_nats(model, tokens, prompt_n=25, window_n=8) == {"pairs": 0}  # clips too short
