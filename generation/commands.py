@@ -38,9 +38,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     g.add_argument("--temperature", default=None,
                    help="one value, or one per codebook of the builtin generator: 1.0,0.7,0.7,0.7")
     g.add_argument("--top-k", dest="top_k", type=int, default=None)
-    g.add_argument("--prompt-guidance", dest="prompt_guidance", type=float, default=None,
-                   help="> 1 amplifies what the --continue audio implies, e.g. its instruments (builtin generator; "
-                        "default: params generate.prompt_guidance, 1 = off)")
+    g.add_argument("--prompt-guidance", dest="prompt_guidance", default=None,
+                   help="> 1 amplifies what the --continue audio implies, e.g. its instruments: one scale or one per "
+                        "codebook, 3,1,1,1 (builtin generator; default: params generate.prompt_guidance, 1 = off)")
     g.add_argument("--bpm", type=float, default=None, help="tempo attribute (if the generator uses attributes)")
     g.add_argument("--key", default=None, help='key attribute, e.g. "F# minor"')
     g.add_argument("--out", default="out.wav", help="output WAV (default: out.wav)")

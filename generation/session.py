@@ -200,18 +200,18 @@ class GenerationSession:
                  steer: str | Mapping[str, float] | None = None, mode: str = "smitin", out: str | Path = "out.wav",
                  seed: int | None = None, cfg_scale: float | None = None, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, bpm: float | None = None,
-                 key: str | None = None, prompt_guidance: float | None = None, progress=None) -> GenerationResult:
+                 key: str | None = None, prompt_guidance=None, progress=None) -> GenerationResult:
         """Generate one clip per prompt (one batch). `steer`: {"drums": +5, "piano": -3} or "drums=+5,piano=-3".
         Writes OUT.wav (OUT_1.wav, ... for several prompts), OUT.steering.json (all rows) and OUT[_i].steering.png
         (one per clip) when steering. The WAVs hold the new audio only (not the --continue prompt).
-        `prompt_guidance` > 1 (builtin generator, with --continue or past the first window): amplify what the audio
-        context implies (see Generator.generate); it also amplifies a steering push, and works against steering a
-        trait out of a prompt that has it."""
+        `prompt_guidance` > 1, one scale or one per codebook (builtin generator, with --continue or past the first
+        window): amplify what the audio context implies (see Generator.generate); it also amplifies a steering push,
+        and works against steering a trait out of a prompt that has it."""
         import numpy as np
         import soundfile as sf
         import torch
 
-        from models.generator import attribute_ids, sampling_temperature
+        from models.generator import attribute_ids, guidance_scales, sampling_temperature
         from models.steering import SteeringPlan, parse_strengths, steer as install
 
         d = self.defaults
@@ -228,14 +228,12 @@ class GenerationSession:
                         top_p=float(d["top_p"] if top_p is None else top_p))
         cfg_scale = float(d["cfg_scale"] if cfg_scale is None else cfg_scale)
         prompt_guidance = d.get("prompt_guidance", 1.0) if prompt_guidance is None else prompt_guidance
-        try:
-            prompt_guidance = float(prompt_guidance)
-        except (TypeError, ValueError):
-            raise GenerationError(f"--prompt-guidance must be a number, got {prompt_guidance!r}") from None
-        if not (prompt_guidance >= 1.0 and prompt_guidance < float("inf")):
-            raise GenerationError(f"--prompt-guidance must be a finite number >= 1 (1: off), got {prompt_guidance}")
-        if prompt_guidance != 1.0 and self.backend == "musicgen":
-            raise GenerationError("--prompt-guidance is a feature of the builtin generator, not of MusicGen")
+        if self.backend == "musicgen":
+            scales = guidance_scales(prompt_guidance)
+            if any(g != 1.0 for g in (scales if isinstance(scales, tuple) else (scales,))):
+                raise GenerationError("--prompt-guidance is a feature of the builtin generator, not of MusicGen")
+        else:
+            prompt_guidance = guidance_scales(prompt_guidance, self.generator.cfg.n_codebooks)
         out = Path(out)
         if out.suffix.lower() != ".wav":
             raise GenerationError(f"--out must be a .wav path, got {out}")

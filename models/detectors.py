@@ -262,7 +262,7 @@ def evaluate_trait_carrying(generator_dir: str, tokens_dir: str, clips_dir: str 
     """Continue held-out drum / drum-free prompts and judge the continuations with the independent detector."""
     import soundfile as sf
 
-    from models.generator import load_generator, sampling_temperature
+    from models.generator import guidance_scales, load_generator, sampling_temperature
     from pipelines.errors import UserError
     from models.train import TokenSet
 
@@ -298,6 +298,7 @@ def evaluate_trait_carrying(generator_dir: str, tokens_dir: str, clips_dir: str 
         if lab is None or c.shape[1] < prompt_n + new_n or len(picked[bool(lab)]) >= per_class:
             continue
         picked[bool(lab)].append(int(i))
+    guidance = guidance_scales(params.get("prompt_guidance", 1.0), generator.cfg.n_codebooks)
     results = {}
     p_real: dict[int, float] = {}  # the real continuation's judgement, once per clip
     n_samples = int(params.get("samples_per_prompt", 1))
@@ -317,7 +318,7 @@ def evaluate_trait_carrying(generator_dir: str, tokens_dir: str, clips_dir: str 
                     temperature=sampling_temperature(params.get("temperature", 1.0)),
                     top_k=int(params.get("top_k", 0)), top_p=float(params.get("top_p", 0.0)),
                     cfg_scale=float(params.get("cfg_scale", 3.0)) if base_mode == "caption" else 1.0,
-                    seed=seed + r, prompt_guidance=float(params.get("prompt_guidance", 1.0)) if guided else 1.0)
+                    seed=seed + r, prompt_guidance=guidance if guided else 1.0)
                 for j, i in enumerate(idx):
                     judged_real = p_real.get(i)
                     if judged_real is None:
@@ -347,7 +348,7 @@ def evaluate_trait_carrying(generator_dir: str, tokens_dir: str, clips_dir: str 
     swap = prompt_swap_nats(generator, test, prompt_n, min(new_n, int(round(codec.frame_rate))))
     log.info("prompt swap (trait memory): %s", swap)
     report = {"detector": det.info, "prompt_frames": prompt_n, "continuation_frames": new_n,
-              "prompt_guidance": float(params.get("prompt_guidance", 1.0)),
+              "prompt_guidance": guidance,
               "generator_fingerprint": generator.fingerprint(),
               "summary": {"detector": det.info, "prompt_swap": swap,
                           **{m: r["summary"] for m, r in results.items()}},

@@ -19,7 +19,6 @@ an untrained embedding.
 from __future__ import annotations
 
 import hashlib
-import math
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -342,8 +341,10 @@ class Generator(nn.Module):
         prompt_guidance > 1 with a prompt (context-aware decoding, Shi et al. 2023): B more rows see the same
         continuation and condition but not the prompt (its positions hidden, its last input replaced by BOS), and
         logits = free + prompt_guidance * (with_prompt - free), which amplifies what the prompt implies beyond what
-        the continuation so far does. This small model predicts each frame mostly from the last few, so sampled
-        continuations of drum prompts dropped the drums half the time; guidance keeps them. Rows: [B conditional;
+        the continuation so far does. One scale, or one per codebook: the coarse codebook carries the instruments;
+        guiding the near-unpredictable fine ones too made frame-to-frame glitches that read as drums. This small
+        model predicts each frame mostly from the last few, so sampled continuations of drum prompts dropped the
+        drums half the time; guidance keeps them. Rows: [B conditional;
         B text-unconditional if cfg; B prompt-free], `batch_layout["cfg"]` is True and only the first `n_cond` rows
         are the generation (steering pushes and monitors those). Costs one more set of rows per step.
         """
@@ -359,12 +360,8 @@ class Generator(nn.Module):
         S = Tp + n_frames + K - 1  # length of the delayed stream
         if n_frames < 1:
             raise GeneratorError("n_frames must be at least 1")
-        try:
-            prompt_guidance = float(prompt_guidance)
-        except (TypeError, ValueError):
-            raise GeneratorError(f"prompt_guidance must be a number, got {prompt_guidance!r}") from None
-        if not math.isfinite(prompt_guidance) or prompt_guidance < 1.0:
-            raise GeneratorError(f"prompt_guidance must be a finite number >= 1 (1: off), got {prompt_guidance}")
+        scales = guidance_scales(prompt_guidance, K)
+        scales = scales if isinstance(scales, tuple) else (scales,) * K
         if S > cfg.max_frames:
             raise GeneratorError(f"prompt ({Tp} frames) + {n_frames} new frames + {K - 1} delay steps exceed the "
                                  f"context of {cfg.max_frames} positions")
@@ -380,7 +377,8 @@ class Generator(nn.Module):
         known = (s_idx < Tp) | (s_idx >= Tp + n_frames)
 
         use_cfg = condition is not None and cfg_scale != 1.0
-        use_pg = Tp > 0 and prompt_guidance != 1.0
+        use_pg = Tp > 0 and any(g != 1.0 for g in scales)
+        guidance = torch.tensor(scales, device=device)[None, :, None]  # [1, K, 1]: per codebook
         cond_prefix = self._prefix(condition, attributes, B)
         prefix = torch.cat([cond_prefix, self._prefix(None, None, B)], dim=0) if use_cfg else cond_prefix
         visible = None
@@ -419,7 +417,7 @@ class Generator(nn.Module):
             else:
                 logits = logits[:B]
             if use_pg:
-                logits = free + prompt_guidance * (logits - free)
+                logits = free + guidance * (logits - free)
             frame = _sample(logits, temperature, top_k, top_p, gen)  # [B, K]
             frame = torch.where(known[:, s][None, :], stream[:, :, s + 1], frame)
             stream[:, :, s + 1] = frame
@@ -428,9 +426,9 @@ class Generator(nn.Module):
         return undo_delay(stream[:, :, 1:])
 
 
-def sampling_temperature(value, n_codebooks: int | None = None) -> float | tuple[float, ...]:
-    """A temperature as given by a user: a number, a list of numbers or a string "1.0" / "1.0,0.7,0.7,0.7";
-    one per codebook (coarse first) when it is a list. Raises GeneratorError on anything else."""
+def _per_codebook(value, what: str, n_codebooks: int | None, low: float) -> float | tuple[float, ...]:
+    """A number, a list of numbers or a string "1.0" / "1.0,0.7,0.7,0.7" (one per codebook, coarse first), each
+    finite and >= `low`. Raises GeneratorError on anything else."""
     def number(v) -> bool:
         return isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, (bool, np.bool_))
 
@@ -438,20 +436,30 @@ def sampling_temperature(value, n_codebooks: int | None = None) -> float | tuple
         try:
             value = [float(p) for p in value.replace(" ", "").split(",") if p]
         except ValueError:
-            raise GeneratorError(f"temperature must be a number or a comma-separated list of numbers, got {value!r}")
+            raise GeneratorError(f"{what} must be a number or a comma-separated list of numbers, got {value!r}")
     if isinstance(value, (list, tuple)) and len(value) == 1:
-        value = value[0]  # [0.7] from YAML is one temperature, as "0.7" is
+        value = value[0]  # [0.7] from YAML is one value, as "0.7" is
     if number(value):
         out = float(value)
     elif isinstance(value, (list, tuple)) and value and all(number(v) for v in value):
         out = tuple(float(v) for v in value)
         if n_codebooks is not None and len(out) != n_codebooks:
-            raise GeneratorError(f"temperature has {len(out)} values, the generator has {n_codebooks} codebooks")
+            raise GeneratorError(f"{what} has {len(out)} values, the generator has {n_codebooks} codebooks")
     else:
-        raise GeneratorError(f"temperature must be a number or one number per codebook, got {value!r}")
-    if any(not 0 <= t < float("inf") for t in (out if isinstance(out, tuple) else (out,))):
-        raise GeneratorError(f"temperature must be >= 0 and finite, got {value!r}")
+        raise GeneratorError(f"{what} must be a number or one number per codebook, got {value!r}")
+    if any(not low <= t < float("inf") for t in (out if isinstance(out, tuple) else (out,))):
+        raise GeneratorError(f"{what} must be >= {low:g} and finite, got {value!r}")
     return out
+
+
+def sampling_temperature(value, n_codebooks: int | None = None) -> float | tuple[float, ...]:
+    """A temperature as given by a user: one number, or one per codebook (coarse first); 0 = greedy."""
+    return _per_codebook(value, "temperature", n_codebooks, 0.0)
+
+
+def guidance_scales(value, n_codebooks: int | None = None) -> float | tuple[float, ...]:
+    """A prompt-guidance scale as given by a user: one number (>= 1; 1 = off), or one per codebook."""
+    return _per_codebook(value, "prompt_guidance", n_codebooks, 1.0)
 
 
 def _sample(logits: torch.Tensor, temperature, top_k: int, top_p: float, gen: torch.Generator):

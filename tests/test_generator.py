@@ -179,9 +179,14 @@ def test_prompt_guidance_rows_layout_and_bad_values():
                    prompt_guidance=2.0, seed=0)
     h.remove()
     assert set(seen) == {6} and layouts[0] == {"cfg": True, "n_cond": 2}  # [cond; text-uncond; prompt-free]
-    for bad in (0.5, float("inf"), "x", None):
+    for bad in (0.5, float("inf"), "x", None, [3.0, 1.0], "3,1,1,0.5"):
         with pytest.raises(GeneratorError, match="prompt_guidance"):
             model.generate(n_frames=2, prompt=prompt, prompt_guidance=bad)
+    # one scale per codebook: 1 on every codebook is plain sampling; on the coarse one only, another sample
+    plain = model.generate(n_frames=4, prompt=prompt, seed=5)
+    assert torch.equal(model.generate(n_frames=4, prompt=prompt, seed=5, prompt_guidance="1,1,1,1"), plain)
+    coarse = model.generate(n_frames=4, prompt=prompt, seed=5, prompt_guidance=[30.0, 1.0, 1.0, 1.0])
+    assert not torch.equal(coarse, plain)
     # without a prompt there is nothing to guide towards: plain generation
     assert model.generate(n_frames=3, batch_size=2, seed=4, prompt_guidance=3.0).shape == (2, 4, 3)
 
