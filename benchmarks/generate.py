@@ -2,6 +2,7 @@
 
     python benchmarks/generate.py [--generator data/generator] [--frames 120] [--threads 2]
 
+Prompt guidance (batch x2: rows without the prompt) is timed as well.
 Without --generator it builds the default (`params.yaml` train_generator, cpu preset) architecture with random
 weights and a debug-sized codec fitted on synthetic audio (speed does not depend on the weights). The uncached
 path (recompute the whole sequence each step) is the baseline measured in the same run. Real-time factor =
@@ -50,7 +51,9 @@ def main(argv=None) -> None:
     cond = torch.randn(1, generator.cfg.cond_dim)
     rows = []
     for name, kw in [("no cache (baseline)", dict(use_cache=False)), ("KV cache", dict(use_cache=True)),
-                     ("KV cache + CFG 3.0 (batch x2)", dict(use_cache=True, condition=cond, cfg_scale=3.0))]:
+                     ("KV cache + CFG 3.0 (batch x2)", dict(use_cache=True, condition=cond, cfg_scale=3.0)),
+                     ("KV cache + prompt guidance [3,1,1,1] (batch x2)",
+                      dict(use_cache=True, prompt_guidance=[3.0] + [1.0] * (K - 1)))]:
         t0 = time.perf_counter()
         out = generator.generate(args.frames, prompt=prompt, seed=0, **kw)
         t_gen = time.perf_counter() - t0
