@@ -229,8 +229,7 @@ class GenerationSession:
         cfg_scale = float(d["cfg_scale"] if cfg_scale is None else cfg_scale)
         prompt_guidance = d.get("prompt_guidance", 1.0) if prompt_guidance is None else prompt_guidance
         if self.backend == "musicgen":
-            scales = guidance_scales(prompt_guidance)
-            if any(g != 1.0 for g in (scales if isinstance(scales, tuple) else (scales,))):
+            if set(np.atleast_1d(guidance_scales(prompt_guidance))) != {1.0}:
                 raise GenerationError("--prompt-guidance is a feature of the builtin generator, not of MusicGen")
         else:
             prompt_guidance = guidance_scales(prompt_guidance, self.generator.cfg.n_codebooks)

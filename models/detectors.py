@@ -276,6 +276,7 @@ def evaluate_trait_carrying(generator_dir: str, tokens_dir: str, clips_dir: str 
             raise UserError(f"unknown carrying mode {mode!r} (unconditional, caption, either + '_unguided')")
     if int(params.get("samples_per_prompt", 1)) < 1:
         raise UserError("samples_per_prompt must be at least 1")
+    guidance = guidance_scales(params.get("prompt_guidance", 1.0), generator.cfg.n_codebooks)
     t0 = time.time()
     det = None
     if detector_path and Path(detector_path).exists():  # reuse a detector fitted for this codec and length
@@ -297,7 +298,6 @@ def evaluate_trait_carrying(generator_dir: str, tokens_dir: str, clips_dir: str 
         if lab is None or c.shape[1] < prompt_n + new_n or len(picked[bool(lab)]) >= per_class:
             continue
         picked[bool(lab)].append(int(i))
-    guidance = guidance_scales(params.get("prompt_guidance", 1.0), generator.cfg.n_codebooks)
     results = {}
     p_real: dict[int, float] = {}  # the real continuation's judgement, once per clip
     n_samples = int(params.get("samples_per_prompt", 1))

@@ -324,7 +324,8 @@ class Generator(nn.Module):
                  attributes: torch.Tensor | None = None, batch_size: int = 1,
                  temperature: float | Sequence[float] = 1.0, top_k: int = 0, top_p: float = 0.0,
                  cfg_scale: float = 1.0, seed: int | None = None, use_cache: bool = True,
-                 on_step: Callable[[int], None] | None = None, prompt_guidance: float = 1.0) -> torch.Tensor:
+                 on_step: Callable[[int], None] | None = None,
+                 prompt_guidance: float | Sequence[float] | str = 1.0) -> torch.Tensor:
         """Sample `n_frames` codec frames after an optional `prompt` [B, K, Tp]; returns [B, K, Tp + n_frames]
         un-delayed codes (prompt included).
 
@@ -344,9 +345,9 @@ class Generator(nn.Module):
         the continuation so far does. One scale, or one per codebook: the coarse codebook carries the instruments;
         guiding the near-unpredictable fine ones too made frame-to-frame glitches that read as drums. This small
         model predicts each frame mostly from the last few, so sampled continuations of drum prompts dropped the
-        drums half the time; guidance keeps them. Rows: [B conditional;
-        B text-unconditional if cfg; B prompt-free], `batch_layout["cfg"]` is True and only the first `n_cond` rows
-        are the generation (steering pushes and monitors those). Costs one more set of rows per step.
+        drums half the time; guidance keeps them. Rows: [B conditional; B text-unconditional if cfg; B prompt-free],
+        `batch_layout["cfg"]` is True and only the first `n_cond` rows are the generation (steering pushes and
+        monitors those). Costs one more set of rows per step.
         """
         cfg, K = self.cfg, self.cfg.n_codebooks
         temperature = sampling_temperature(temperature, K)
@@ -391,6 +392,8 @@ class Generator(nn.Module):
         groups = 1 + use_cfg + use_pg
 
         def rows(x: torch.Tensor, first: bool) -> torch.Tensor:
+            if groups == 1:  # plain generation: no copy per step
+                return x
             x = torch.cat([x] * groups, dim=0)
             if use_pg and first:  # the prompt-free rows start from BOS where the prompt's last input was
                 x = x.clone()

@@ -202,3 +202,36 @@ def test_twin_pairs_and_prompt_swap():
     tokens.clips[1] = tokens.clips[0]
     assert abs(prompt_swap_nats(model, tokens, prompt_n=10, window_n=8)["swap_nats"]) < 1e-6
     assert prompt_swap_nats(model, tokens, prompt_n=25, window_n=8) == {"pairs": 0}  # clips too short
+
+
+def test_trait_carrying_report_guided_and_unguided(stages, tmp_path):
+    """Every prompt gets samples_per_prompt continuations per mode; the _unguided mode is the same without prompt
+    guidance (other samples, same real continuations); bad modes and guidance fail before the detector is fitted."""
+    from models.detectors import evaluate_trait_carrying
+
+    root, _ = stages
+    short = {**TRAIN_PARAMS, "presets": {"debug": {**TRAIN_PARAMS["presets"]["debug"], "steps": 10}}}
+    train_generator(str(root / "tokens"), str(root / "codec"), str(tmp_path / "gen"), short)
+    params = {"seed": 0, "prompt_seconds": 0.5, "continuation_seconds": 0.5, "prompts_per_class": 2,
+              "samples_per_prompt": 2, "modes": ["unconditional", "unconditional_unguided"],
+              "prompt_guidance": [30.0, 1.0], "samples_per_class": 1, "detector_max_segments": 40}
+    report = evaluate_trait_carrying(str(tmp_path / "gen"), str(root / "tokens"), None, params,
+                                     out_path=str(tmp_path / "carry.json"), samples_dir=str(tmp_path / "wav"))
+    assert report["prompt_guidance"] == (30.0, 1.0)
+    guided, plain = (report["results"][m]["rows"] for m in ("unconditional", "unconditional_unguided"))
+    assert len(guided) == len(plain) == 2 * 2 * 2  # 2 classes x 2 prompts x 2 samples
+    assert {r["sample"] for r in guided} == {0, 1}
+    for mode in ("unconditional", "unconditional_unguided"):
+        summary = report["summary"][mode]
+        assert summary["drum_prompts"]["n"] == summary["drumfree_prompts"]["n"] == 4
+    assert [r["p_real"] for r in guided] == [r["p_real"] for r in plain]  # same prompts, same real audio
+    assert [r["p_generated"] for r in guided] != [r["p_generated"] for r in plain]
+    assert report["summary"]["prompt_swap"] == {"pairs": 0}  # the fixture has no drum / drum-free twins
+    assert json.loads((tmp_path / "carry.json").read_text())["summary"]["detector"]["token_noise"] == 0.06
+    assert sorted(p.name for p in (tmp_path / "wav").iterdir()) == [
+        f"{m}_{c}_0.wav" for m in ("unconditional", "unconditional_unguided") for c in ("drums", "nodrums")]
+    for bad, match in (({"modes": ["sideways"]}, "unknown carrying mode"),
+                       ({"samples_per_prompt": 0}, "samples_per_prompt"),
+                       ({"prompt_guidance": [3.0, 1.0, 1.0]}, "prompt_guidance has 3 values")):
+        with pytest.raises(UserError, match=match):
+            evaluate_trait_carrying(str(tmp_path / "gen"), str(root / "tokens"), None, {**params, **bad})
