@@ -291,7 +291,13 @@ def train_generator(tokens_dir: str, codec_dir: str, out_dir: str, params: dict,
             _unflatten_optimizer(opt, load_file(str(ckpt / "optimizer.safetensors"), device=device), saved["optimizer"])
             best_state = load_file(str(ckpt / "best.safetensors"), device=device)
             state = {k: saved[k] for k in state}
-            say(f"resumed from {ckpt} at step {state['step']}")
+            planned = saved.get("target_steps")
+            if planned is not None and planned != steps:
+                # e.g. a preset change: the user may expect a fresh run of the new preset, which trains differently
+                say(f"resumed from {ckpt} at step {state['step']}: a run planned for {planned} steps continues to "
+                    f"{steps}, its learning-rate decay stretched (delete {ckpt} to train from scratch)")
+            else:
+                say(f"resumed from {ckpt} at step {state['step']}")
         else:
             # a checkpoint of another model, codec, token set or schedule (e.g. before a data refresh): resuming
             # it would continue training on tokens whose codes mean something else
@@ -350,7 +356,8 @@ def train_generator(tokens_dir: str, codec_dir: str, out_dir: str, params: dict,
                 tensors, opt_meta = _flatten_optimizer(opt)
                 save_file(tensors, str(ckpt / "optimizer.safetensors"))
                 (ckpt / "state.json").write_text(json.dumps(
-                    {**state, "train_seconds": state["train_seconds"] + elapsed, "optimizer": opt_meta}))
+                    {**state, "train_seconds": state["train_seconds"] + elapsed, "optimizer": opt_meta,
+                     "target_steps": steps}))
             if state["bad_evals"] >= patience:
                 stop_reason = "early_stopping"
                 break

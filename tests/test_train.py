@@ -49,9 +49,13 @@ def test_tiny_training_loss_falls_and_resumes(stages):
     assert generator.fingerprint() == metrics["fingerprint"] and codec.n_codebooks == 2
     # resume: more steps continue from the saved step instead of starting over
     more = {**TRAIN_PARAMS, "presets": {"debug": {**TRAIN_PARAMS["presets"]["debug"], "steps": 50}}}
+    said = []
     again = train_generator(str(root / "tokens"), str(root / "codec"), str(root / "gen2"), more,
-                            checkpoint_dir=str(root / "ckpt"), plot_path=str(root / "plot2.json"))
+                            checkpoint_dir=str(root / "ckpt"), plot_path=str(root / "plot2.json"),
+                            progress=said.append)
     assert again["steps"] == 50
+    # the user is told that a finished 40-step run continues (not a fresh 50-step one) and how to start afresh
+    assert any("planned for 40 steps continues to 50" in line and "from scratch" in line for line in said)
     assert len(json.loads((root / "plot2.json").read_text())) == 5
 
 
