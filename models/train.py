@@ -292,7 +292,7 @@ def train_generator(tokens_dir: str, codec_dir: str, out_dir: str, params: dict,
             best_state = load_file(str(ckpt / "best.safetensors"), device=device)
             state = {k: saved[k] for k in state}
             planned = saved.get("target_steps")
-            if planned is not None and planned != steps:
+            if planned is not None and planned < steps:
                 # e.g. a preset change: the user may expect a fresh run of the new preset, which trains differently
                 say(f"resumed from {ckpt} at step {state['step']}: a run planned for {planned} steps continues to "
                     f"{steps}, its learning-rate decay stretched (delete {ckpt} to train from scratch)")
