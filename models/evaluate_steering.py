@@ -312,8 +312,9 @@ def evaluate_steering(generator_dir: str, probes_dir: str, tokens_dir: str, clip
             r["success"] = 1.0 - r["judged_present"]  # share judged trait-free
             r["removal_cut"] = (1 - r["judged_present"] / b["judged_present"]) if b["judged_present"] > 0 else None
         node = metrics.setdefault(r["trait"], {}).setdefault(r["task"], {}).setdefault(r["direction"], {})
+        # strength goes with the numbers: the registry gates compare steering success only at equal strengths
         node[r["mode"]] = {k: r[k] for k in ("success", "judged_present", "frechet", "frechet_rise",
-                                             "continuation_similarity", "removal_cut", "mean_probe_p")
+                                             "continuation_similarity", "removal_cut", "mean_probe_p", "strength")
                            if r.get(k) is not None}
     result = {"metrics": metrics, "rows": rows, "generator_fingerprint": fingerprint,
               "generator": generator.describe() if hasattr(generator, "describe") else {"backend": "builtin"},

@@ -3,7 +3,8 @@
 Gates (params.yaml `registry.gates`):
 - ready: the version finished registering and carries a content hash (so its files can be verified);
 - metrics: every gated metric the current champion has is not worse on the candidate beyond `tolerance`
-  (`higher` / `lower` is better, per metric);
+  (`higher` / `lower` is better, per metric); a metric with a sibling `strength` (steering success) is compared only
+  when both were measured at the same strength;
 - compatible (probe sets): trained on the current champion generator (same fingerprint).
 `--force` promotes anyway; the event records which gates were overridden."""
 from __future__ import annotations
@@ -67,7 +68,7 @@ def metric_gate(candidate, champion, gates: dict, kind: str) -> Gate:
     spec = gates.get(kind) or {}
     tol = float(gates.get("tolerance", 0.0))
     cand, champ = version_metrics(candidate), version_metrics(champion)
-    problems, compared = [], []
+    problems, compared, skipped = [], [], []
     for metric, rule in spec.items():
         # rule: "higher" | "lower", or {"better": "higher" | "lower", "tolerance": x} for a metric-specific slack
         direction = rule.get("better", "higher") if isinstance(rule, dict) else rule
@@ -79,6 +80,10 @@ def metric_gate(candidate, champion, gates: dict, kind: str) -> Gate:
         if metric not in cand:
             problems.append(f"{metric} missing (champion v{champion.version} has {_fmt(champ[metric])})")
             continue
+        setting = metric.rsplit(".", 1)[0] + ".strength"  # steering metrics carry the strength they were run at
+        if setting in cand and setting in champ and cand[setting] != champ[setting]:
+            skipped.append(f"{metric} (strength {_fmt(cand[setting])} vs {_fmt(champ[setting])})")
+            continue
         c, ref = cand[metric], champ[metric]
         worse = c < ref - slack if direction == "higher" else c > ref + slack
         compared.append(metric)
@@ -86,11 +91,13 @@ def metric_gate(candidate, champion, gates: dict, kind: str) -> Gate:
             sign = "<" if direction == "higher" else ">"
             problems.append(f"{metric} {_fmt(c)} {sign} champion v{champion.version} {_fmt(ref)} "
                             f"{'-' if direction == 'higher' else '+'} tolerance {_fmt(slack)}")
+    not_compared = f"; not compared, measured at another strength: {', '.join(skipped)}" if skipped else ""
     if problems:
-        return Gate("metrics", False, "; ".join(problems))
+        return Gate("metrics", False, "; ".join(problems) + not_compared)
     if not compared:
-        return Gate("metrics", True, f"no gated metric in common with champion v{champion.version}")
-    return Gate("metrics", True, f"{', '.join(compared)} within tolerance of champion v{champion.version} or better")
+        return Gate("metrics", True, f"no gated metric in common with champion v{champion.version}{not_compared}")
+    return Gate("metrics", True, f"{', '.join(compared)} within tolerance of champion v{champion.version} or better"
+                                 f"{not_compared}")
 
 
 def compatibility_gate(reg: Registry, candidate) -> Gate:

@@ -417,3 +417,30 @@ registry:
     err = capsys.readouterr().err
     assert "steering.continuation.add.smitin.success 0.3 < champion v1 0.6 - tolerance 0.05" in err
     assert "best_acc" not in err  # 0.92 is better: only the failing metric is named
+
+
+def test_steering_gate_compares_success_only_at_equal_strength():
+    """A probe set evaluated at another steering strength is not held to the champion's success there (the numbers
+    answer different questions); at equal strength a drop still refuses, and the gate says what it skipped."""
+    from types import SimpleNamespace
+
+    from registry.promotion import metric_gate
+    from registry.store import TAG
+
+    def version(n, metrics):
+        return SimpleNamespace(version=n, tags={TAG + "metrics": json.dumps(metrics)})
+
+    key = "steering.continuation.add.smitin"
+    gates = {"tolerance": 0.01, "probe_set": {f"{key}.success": "higher", "best_acc": "higher"}}
+    champion = version(1, {f"{key}.success": 0.56, f"{key}.strength": 5.0, "best_acc": 0.85})
+    stronger = version(2, {f"{key}.success": 0.50, f"{key}.strength": 10.0, "best_acc": 0.85})
+    gate = metric_gate(stronger, champion, gates, "probe_set")
+    assert gate.passed, gate
+    assert "best_acc within tolerance" in gate.detail
+    assert f"not compared, measured at another strength: {key}.success (strength 10 vs 5)" in gate.detail
+    same = version(3, {f"{key}.success": 0.19, f"{key}.strength": 5.0, "best_acc": 0.85})
+    gate = metric_gate(same, champion, gates, "probe_set")
+    assert not gate.passed and f"{key}.success 0.19 < champion v1 0.56" in gate.detail
+    # a champion registered before strengths were recorded is compared as before
+    old = version(4, {f"{key}.success": 0.56, "best_acc": 0.85})
+    assert not metric_gate(stronger, old, gates, "probe_set").passed
