@@ -80,6 +80,17 @@ class EmbeddingSpace:
     def frechet(self, x: np.ndarray) -> float:
         return frechet_distance(self.project(x), self.reference)
 
+    def frechet_sd(self, x: np.ndarray, resamples: int = 100, seed: int = 0) -> float:
+        """Bootstrap standard deviation of `frechet(x)` over resamples of the generated clips (the reference
+        fixed): with 16 clips in 16 dims the distance moves by tens of percent from sampling alone, and a rise has
+        to be read against this spread."""
+        z = self.project(x)
+        if len(z) < 3 or resamples < 2:
+            return float("nan")
+        rng = np.random.default_rng(seed)
+        return float(np.std([frechet_distance(z[rng.integers(0, len(z), len(z))], self.reference)
+                             for _ in range(resamples)]))
+
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """||mu_a - mu_b||^2 + Tr(Ca + Cb - 2 (Ca Cb)^1/2) (the FID / FAD formula)."""
@@ -290,6 +301,7 @@ def evaluate_steering(generator_dir: str, probes_dir: str, tokens_dir: str, clip
                            "judged_present": float(np.mean(judged >= detector.threshold)),
                            "mean_detector_p": float(judged.mean()),
                            "frechet": space.frechet(emb),
+                           "frechet_sd": space.frechet_sd(emb, seed=seed),
                            "mean_probe_p": float(np.mean([s["traits"][trait]["probability"] for s in report.steps])),
                            "push_steps": float(np.mean(report.summary()[trait]["push_steps"])),
                            "steps": len(report.steps), "seconds": round(time.time() - t1, 1)}
@@ -313,7 +325,7 @@ def evaluate_steering(generator_dir: str, probes_dir: str, tokens_dir: str, clip
             r["removal_cut"] = (1 - r["judged_present"] / b["judged_present"]) if b["judged_present"] > 0 else None
         node = metrics.setdefault(r["trait"], {}).setdefault(r["task"], {}).setdefault(r["direction"], {})
         # strength goes with the numbers: the registry gates compare steering success only at equal strengths
-        node[r["mode"]] = {k: r[k] for k in ("success", "judged_present", "frechet", "frechet_rise",
+        node[r["mode"]] = {k: r[k] for k in ("success", "judged_present", "frechet", "frechet_sd", "frechet_rise",
                                              "continuation_similarity", "removal_cut", "mean_probe_p", "strength")
                            if r.get(k) is not None}
     result = {"metrics": metrics, "rows": rows, "generator_fingerprint": fingerprint,
@@ -340,13 +352,14 @@ def evaluate_steering(generator_dir: str, probes_dir: str, tokens_dir: str, clip
 
 def format_table(rows: list[dict]) -> str:
     """Markdown table of the evaluation rows."""
-    head = ("| trait | task | direction | mode | strength | n | success | judged present | FD | FD rise | "
-            "cont. sim | mean probe p | push steps |")
+    head = ("| trait | task | direction | mode | strength | n | success | judged present | FD (± bootstrap sd) "
+            "| FD rise | cont. sim | mean probe p | push steps |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         sim = r.get("continuation_similarity")
+        sd = f" ± {r['frechet_sd']:.1f}" if np.isfinite(r.get("frechet_sd", float("nan"))) else ""
         lines.append(f"| {r['trait']} | {r['task']} | {r['direction']} | {r['mode']} | {r['strength']:+g} | {r['n']} "
-                     f"| {r.get('success', float('nan')):.2f} | {r['judged_present']:.2f} | {r['frechet']:.2f} "
+                     f"| {r.get('success', float('nan')):.2f} | {r['judged_present']:.2f} | {r['frechet']:.2f}{sd} "
                      f"| {r.get('frechet_rise', float('nan')):+.0%} | {'' if sim is None else f'{sim:.3f}'} "
                      f"| {r['mean_probe_p']:.2f} | {r['push_steps']:.1f} |")
     return "\n".join(lines) + "\n"

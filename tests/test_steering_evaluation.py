@@ -25,9 +25,21 @@ def test_embedding_space_projects_reference_and_audio_embedding_shape():
     assert space.frechet(emb) == pytest.approx(0.0, abs=1e-3)
 
 
+def test_frechet_bootstrap_spread_shrinks_with_more_clips():
+    rng = np.random.default_rng(0)
+    space = EmbeddingSpace(rng.standard_normal((400, 8)), dims=8)
+    few, many = rng.standard_normal((16, 8)), rng.standard_normal((128, 8))
+    sd_few, sd_many = space.frechet_sd(few, seed=1), space.frechet_sd(many, seed=1)
+    assert 0 < sd_many < sd_few
+    assert space.frechet_sd(few, seed=1) == sd_few  # seeded
+    assert np.isnan(space.frechet_sd(few[:2]))  # too few clips for a covariance
+
+
 def test_table_has_every_row():
     rows = [{"trait": "drums", "task": "text", "direction": "add", "mode": m, "strength": s, "n": 4,
              "success": 0.5, "judged_present": 0.5, "frechet": 1.0, "frechet_rise": 0.1, "mean_probe_p": 0.3,
              "push_steps": 2.0} for m, s in (("none", 0.0), ("smitin", 5.0))]
     table = format_table(rows)
     assert table.count("\n") == 4 and "| smitin | +5 |" in table
+    rows[1]["frechet_sd"] = 0.25
+    assert "| 1.00 ± 0.2 |" in format_table(rows) and "| 1.00 |" in format_table(rows)  # sd where measured
