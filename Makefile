@@ -27,7 +27,7 @@ setup: $(BIN)/smitin
 # the new versions through the gates, then a steered example from the champion: demo/steered_drums.wav + report.
 demo: setup
 	$(BIN)/smitin refresh
-	$(BIN)/smitin generate --prompt "a chorale for strings and organ" --steer drums=+5 --duration 8 \
+	$(BIN)/smitin generate --prompt "a chorale for strings and organ" --steer drums=+10 --duration 8 \
 		--out demo/steered_drums.wav
 
 test: setup
