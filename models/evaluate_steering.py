@@ -265,7 +265,7 @@ def evaluate_steering(generator_dir: str, probes_dir: str, tokens_dir: str, clip
             metrics[trait][f"probe_top16_acc_{n}pairs"] = ps.metrics["top16_acc"]
 
         for task in params.get("tasks", ["continuation", "text"]):
-            alpha = float(params.get("alpha_text" if task == "text" else "alpha", 5.0))
+            alpha = float(params.get("alpha_text" if task == "text" else "alpha", 10.0))  # params.yaml: 10 for both
             alpha_high = float(params.get("alpha_high_text" if task == "text" else "alpha_high", 2 * alpha))
             iti_alpha = float(params.get("iti_alpha", alpha))
             modes = [("none", main, dict(mode="none"), 1.0),
@@ -327,7 +327,7 @@ def evaluate_steering(generator_dir: str, probes_dir: str, tokens_dir: str, clip
         # strength goes with the numbers: the registry gates compare steering success only at equal strengths
         node[r["mode"]] = {k: r[k] for k in ("success", "judged_present", "frechet", "frechet_sd", "frechet_rise",
                                              "continuation_similarity", "removal_cut", "mean_probe_p", "strength")
-                           if r.get(k) is not None}
+                           if r.get(k) is not None and np.isfinite(r[k])}  # e.g. no FD spread under 3 clips
     result = {"metrics": metrics, "rows": rows, "generator_fingerprint": fingerprint,
               "generator": generator.describe() if hasattr(generator, "describe") else {"backend": "builtin"},
               "embedding": "mean+std of 64 log-mel bands, standardised, PCA to "
