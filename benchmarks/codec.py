@@ -91,7 +91,7 @@ def main(argv=None) -> None:
         return lambda w, s: codec.features_to_wave(codec.features(w, s), inversion)
 
     K = codec.n_codebooks
-    measure(f"baseline: silence", lambda w, s: np.zeros(int(len(w) * sr / s), np.float32) + 1e-4)
+    measure("baseline: silence", lambda w, s: np.zeros(int(len(w) * sr / s), np.float32) + 1e-4)
     measure(f"mel-RVQ K={K}, pinv + Griffin-Lim", rvq(K, "pinv"))
     for k in range(1, K + 1):
         measure(f"mel-RVQ K={k}, learned + Griffin-Lim{' (default)' if k == K else ''}", rvq(k, "learned"))

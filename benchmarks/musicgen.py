@@ -106,7 +106,7 @@ def main() -> int:
 
     # generation: text prompt with CFG (batch doubles), plain vs smitin, interleaved
     ids = torch.randint(1, 1000, (1, 12))
-    plan = SteeringPlan.build({"drums": random_probe_set(gen)}, {"drums": 5.0}, mode="smitin", every=5)
+    plan = SteeringPlan.build({"drums": random_probe_set(gen)}, {"drums": 5.0}, mode="smitin")  # default push interval
     times = {"plain": [], "smitin": []}
     for _ in range(2):
         for mode in times:

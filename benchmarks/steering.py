@@ -6,7 +6,7 @@ Model: the trained generator in --generator when there is one, else the default 
 params `fit_codec`. Probe sets: --probes DIR when given, else random ones of the right shape. Target: smitin
 adds <= 5% (DESIGN: default model, CPU).
 
-    python benchmarks/steering.py [--frames 200] [--repeats 7] [--threads 1]
+    python benchmarks/steering.py [--frames 200] [--repeats 7] [--threads 1] [--every 1] [--preset gpu]
 """
 from __future__ import annotations
 
@@ -27,10 +27,12 @@ from models.steering import SteeringPlan, steer  # noqa: E402
 from pipelines.params import load_params  # noqa: E402
 
 
-def default_generator(params_path: str) -> Generator:
+def default_generator(params_path: str, preset: str | None = None) -> Generator:
     train = load_params(params_path, "train_generator")
     codec = load_params(params_path, "fit_codec")
     model = dict(train.get("model", {}))
+    if preset:  # e.g. gpu: the larger architecture, whose steps cost more while the hooks' cost per step stays
+        model.update((train.get("presets", {}).get(preset) or {}).get("model", {}))
     model.update(n_codebooks=int(codec.get("n_codebooks", 4)), card=int(codec.get("card", 256)))
     torch.manual_seed(0)
     return Generator(GeneratorConfig.from_dict(model)).eval()
@@ -56,10 +58,17 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=11)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
+    ap.add_argument("--preset", default=None,
+                    help="time a train_generator preset's architecture (random weights) instead of --generator")
+    ap.add_argument("--every", type=int, default=None,
+                    help="smitin push interval (default: params evaluate_steering.every)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    if (Path(args.generator) / "generator.json").exists():
+    if args.preset:
+        generator = default_generator(args.params, args.preset)
+        source = f"preset {args.preset} architecture, random weights"
+    elif (Path(args.generator) / "generator.json").exists():
         generator, _ = load_generator(args.generator)
         source = f"trained ({args.generator})"
     else:
@@ -74,7 +83,8 @@ def main() -> int:
     else:
         sets = {"drums": random_probe_set(generator, "drums", 0), "piano": random_probe_set(generator, "piano", 1)}
     strengths = {t: (5.0 if i % 2 == 0 else -3.0) for i, t in enumerate(sets)}
-    plans = {mode: SteeringPlan.build(sets, strengths, mode=mode) for mode in ("none", "iti", "smitin")}
+    every = args.every or int(load_params(args.params, "evaluate_steering").get("every", 1))
+    plans = {mode: SteeringPlan.build(sets, strengths, mode=mode, every=every) for mode in ("none", "iti", "smitin")}
     condition = torch.randn(1, generator.cfg.cond_dim) if args.cfg != 1.0 else None
 
     def run(mode: str) -> tuple[float, float]:
@@ -102,7 +112,7 @@ def main() -> int:
     cfg = generator.cfg
     print(f"steering overhead: {source}; {cfg.n_layers} layers x {cfg.n_heads} heads, dim {cfg.dim}; "
           f"{frames} frames ({steps} steps), CFG {args.cfg:g}, batch 1, {args.threads} thread(s), "
-          f"traits {strengths}, {args.repeats} interleaved runs per mode. CPU = this process's CPU time; best = "
+          f"traits {strengths}, smitin push every {every} step(s), {args.repeats} interleaved runs per mode. CPU = this process's CPU time; best = "
           "fastest run (the estimator least disturbed by other load on a shared machine, as timeit uses)")
     print(f"| {'mode':<8} | {'CPU best s':>10} | {'ms/step':>7} | {'overhead (best)':>15} | {'CPU median s':>12} | "
           f"{'overhead (median)':>17} | {'wall median s':>13} |")

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 # Sampling and steering defaults; params.yaml `generate` overrides them.
 DEFAULTS = {"duration": 8.0, "cfg_scale": 3.0, "temperature": 1.0, "top_k": 0, "top_p": 0.0, "prompt_guidance": 1.0,
             "alias": "champion",
-            "steering": {"every": 5, "decay": 0.5, "tau": None, "monitor_heads": 16, "iti_top_k": 16}}
+            "steering": {"every": 1, "decay": 0.5, "tau": None, "monitor_heads": 16, "iti_top_k": 16}}
 
 
 class GenerationError(UserError):

@@ -8,7 +8,8 @@ At a generation step the chosen heads' outputs before the output projection move
 push factor in [0, 1]). Modes:
 - `none`: no push; the monitor still runs so a report shows what the probes see.
 - `iti`: the top-K heads by probe accuracy, w = 1, f = 1 at every step (always on).
-- `smitin`: soft weights on all heads, a push only every `every` steps, and self-monitoring: C, the median
+- `smitin`: soft weights on all heads, a push at every `every`-th step (default 1: every step; the paper used 5,
+  which on the builtin generator left removal weak: see params.yaml), and self-monitoring: C, the median
   probability of the top-16 probes at the current position, is compared with tau (median(acc) - std(acc) of the
   probe set unless given); the push decays as C rises, f = (1 - C / tau) ** decay, and is off once C >= tau.
   A negative strength removes a trait: the push goes the other way and the monitor watches 1 - C.
@@ -60,7 +61,7 @@ class SteeringError(UserError):
 class SteeringParams:
     mode: str = "smitin"
     top_k: int = 16  # iti: heads pushed
-    every: int = 5  # smitin: push every `every` steps
+    every: int = 1  # smitin: push every `every` steps (paper: 5)
     monitor_heads: int = 16  # heads whose median probe probability is the monitor
     tau: float | None = None  # None: median(acc) - std(acc) of each probe set
     decay: float = 0.5  # smitin push factor (1 - C / tau) ** decay below tau; 0 = full push until tau
@@ -193,9 +194,12 @@ class SteeringPlan:
 def smitin_factor(monitor: np.ndarray, sign: np.ndarray, tau: np.ndarray, decay: float) -> np.ndarray:
     """SMITIN's push factor from the monitored probability [n, T]: the goal probability is C for an added trait and
     1 - C for a removed one (sign < 0); the factor is (1 - goal / tau) ** decay while goal < tau, and 0 from tau on."""
-    goal = np.where(sign > 0, monitor, 1.0 - monitor)
-    f = np.clip(1.0 - goal / tau, 0.0, 1.0) ** decay
-    return np.where(goal >= tau, 0.0, f).astype(np.float32)
+    # few numpy calls on tiny arrays: with the default push interval of 1 this runs at every generation step
+    removed = sign < 0
+    goal = np.abs(removed - np.asarray(monitor, np.float32))  # C, or 1 - C for a removed trait
+    f = np.maximum(1.0 - goal / tau, 0.0, dtype=np.float32) ** decay  # goal >= 0, so 1 - goal / tau <= 1
+    f[goal >= tau] = 0.0  # also where decay == 0 (0 ** 0 == 1)
+    return f
 
 
 def _median(x: np.ndarray) -> np.ndarray:
@@ -222,6 +226,7 @@ class SteeringSession:
         device = param.device if param is not None else torch.device("cpu")
         sets = list(plan.probe_sets.values())
         self.delta = torch.from_numpy(plan.head_deltas()).to(device, dtype)  # [T, L, H, Dh]
+        self.delta_flat = self.delta.reshape(self.delta.shape[0], -1)
         self.push_enabled = p.mode != "none" and bool(self.delta.abs().sum() > 0)
         # The monitor as one linear map per layer: logits[n, T*M] = sum_l z_l[n, H*Dh] @ W_l + b, where W_l holds
         # the probe weights of the monitored heads that sit in layer l (zeros elsewhere): one addmm per layer.
@@ -294,10 +299,10 @@ class SteeringSession:
         factor = self._factor(n)
         self._factor_now = factor
         self._now = None
-        if factor is not None:
-            self._now = torch.einsum("nt,tlhd->nlhd", torch.from_numpy(factor).to(self._device, self._dtype),
-                                     self.delta)
-        if self._now is not None:
+        if factor is not None:  # [n, T] @ [T, L*H*Dh]: one small matmul (einsum's dispatch cost more, per step)
+            now = torch.mm(torch.from_numpy(factor).to(self._device, self._dtype), self.delta_flat)
+            self._now = now.view(n, *self.delta.shape[1:])
+            self._now_layers = self._now.unbind(1)
             self._applied[pos] = self._now
         # positions recomputed by an uncached step that were pushed when they were generated
         self._replay = [(q, d) for q, d in self._applied.items() if q < pos] if T > 1 else []
@@ -316,10 +321,11 @@ class SteeringSession:
         if not self._pending:
             return
         n, T, M = self._n, len(self.sign), self.n_monitor
-        x = torch.cat([torch.stack(stash, dim=1).reshape(stash[0].shape[0], -1) for _, stash, _ in self._pending])
+        flat = [torch.stack(stash, dim=1).reshape(stash[0].shape[0], -1) for _, stash, _ in self._pending]
+        x = flat[0] if len(flat) == 1 else torch.cat(flat)  # one pending step at the default interval of 1
         # .cpu() before .numpy(): the generator (and so the stashed head outputs) may sit on a GPU
-        logits = torch.addmm(self.monitor_b, x, self.monitor_w).detach().float().cpu().numpy()
-        prob = _median(1.0 / (1.0 + np.exp(-np.clip(logits.reshape(-1, T, M), -60.0, 60.0))))  # [steps * n, T]: median over heads
+        prob = torch.sigmoid(torch.addmm(self.monitor_b, x, self.monitor_w)).detach().float().cpu().numpy()
+        prob = _median(prob.reshape(-1, T, M))  # [steps * n, T]: median over the monitored heads
         for i, (step, _, factor) in enumerate(self._pending):
             self._log.append((step, prob[i * n:(i + 1) * n], factor))
         self._monitor = self._log[-1][1]
@@ -334,15 +340,18 @@ class SteeringSession:
                 self._begin_forward(z)
             n = self._n
             edit = self._now is not None or self._replay
+            rows = z.narrow(0, 0, n)  # narrow / select: cheaper than tuple indexing, and this runs per layer and step
             if monitored:  # the probes read this layer's heads before its push
-                self._stash.append(z[:n, -1].clone() if edit else z[:n, -1])
+                last_position = rows.select(1, -1)
+                self._stash.append(last_position.clone() if edit else last_position)
             if edit:
                 if torch.is_grad_enabled():
                     z = z.clone()
+                    rows = z.narrow(0, 0, n)
                 for q, d in self._replay:
-                    z[:n, q] += d[:, layer]
+                    rows.select(1, q).add_(d[:, layer])
                 if self._now is not None:
-                    z[:n, -1] += self._now[:, layer]
+                    rows.select(1, -1).add_(self._now_layers[layer])
             if last:
                 self._end_forward()
             return z if edit else None

@@ -3,8 +3,8 @@
 Gates (params.yaml `registry.gates`):
 - ready: the version finished registering and carries a content hash (so its files can be verified);
 - metrics: every gated metric the current champion has is not worse on the candidate beyond `tolerance`
-  (`higher` / `lower` is better, per metric); a metric with a sibling `strength` (steering success) is compared only
-  when both were measured at the same strength;
+  (`higher` / `lower` is better, per metric); a metric with sibling settings (steering success: `strength`, and
+  `every`, SMITIN's push interval) is compared only when both were measured with the same settings;
 - compatible (probe sets): trained on the current champion generator (same fingerprint).
 `--force` promotes anyway; the event records which gates were overridden."""
 from __future__ import annotations
@@ -58,6 +58,9 @@ def alias_version(client, name: str, alias: str):
         return None
 
 
+SETTINGS = ("strength", "every")  # steering settings a success rate is only comparable at
+
+
 def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
@@ -80,9 +83,14 @@ def metric_gate(candidate, champion, gates: dict, kind: str) -> Gate:
         if metric not in cand:
             problems.append(f"{metric} missing (champion v{champion.version} has {_fmt(champ[metric])})")
             continue
-        setting = metric.rsplit(".", 1)[0] + ".strength"  # steering metrics carry the strength they were run at
-        if setting in cand and setting in champ and cand[setting] != champ[setting]:
-            skipped.append(f"{metric} (strength {_fmt(cand[setting])} vs {_fmt(champ[setting])})")
+        # steering metrics carry the settings they were run at; a setting only one side recorded (a version
+        # registered before it was logged) does not block the comparison
+        node = metric.rsplit(".", 1)[0]
+        differ = [f"{name} {_fmt(cand[f'{node}.{name}'])} vs {_fmt(champ[f'{node}.{name}'])}" for name in SETTINGS
+                  if f"{node}.{name}" in cand and f"{node}.{name}" in champ
+                  and cand[f"{node}.{name}"] != champ[f"{node}.{name}"]]
+        if differ:
+            skipped.append(f"{metric} ({', '.join(differ)})")
             continue
         c, ref = cand[metric], champ[metric]
         worse = c < ref - slack if direction == "higher" else c > ref + slack
@@ -91,7 +99,7 @@ def metric_gate(candidate, champion, gates: dict, kind: str) -> Gate:
             sign = "<" if direction == "higher" else ">"
             problems.append(f"{metric} {_fmt(c)} {sign} champion v{champion.version} {_fmt(ref)} "
                             f"{'-' if direction == 'higher' else '+'} tolerance {_fmt(slack)}")
-    not_compared = f"; not compared, measured at another strength: {', '.join(skipped)}" if skipped else ""
+    not_compared = f"; not compared, measured with other settings: {', '.join(skipped)}" if skipped else ""
     if problems:
         return Gate("metrics", False, "; ".join(problems) + not_compared)
     if not compared:

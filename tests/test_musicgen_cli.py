@@ -192,9 +192,10 @@ def test_evaluate_steering_on_musicgen(tmp_path, folders, capsys):
     for task in ("continuation", "text"):
         for direction in ("add", "remove"):
             assert {"none", "iti", "smitin", "random_control", "smitin_2pairs"} <= set(metrics["drums"][task][direction])
-            # each mode's numbers carry the strength they were run at (the registry gates compare at equal strength)
+            # each mode's numbers carry the settings they were run at (the registry gates compare like with like)
             smitin = metrics["drums"][task][direction]["smitin"]
-            assert smitin["strength"] == (10.0 if direction == "add" else -10.0)
+            assert smitin["strength"] == (10.0 if direction == "add" else -10.0) and smitin["every"] == 2
+            assert "every" not in metrics["drums"][task][direction]["iti"]  # ITI pushes every step by definition
             assert "frechet_sd" not in smitin and np.isfinite(smitin["frechet"])  # 2 clips: no spread, and no NaN
     rows = json.loads((tmp_path / "reports" / "rows.json").read_text())
     assert rows["generator"]["backend"] == "musicgen" and rows["generator_fingerprint"] == gen.fingerprint()

@@ -419,9 +419,10 @@ registry:
     assert "best_acc" not in err  # 0.92 is better: only the failing metric is named
 
 
-def test_steering_gate_compares_success_only_at_equal_strength():
-    """A probe set evaluated at another steering strength is not held to the champion's success there (the numbers
-    answer different questions); at equal strength a drop still refuses, and the gate says what it skipped."""
+def test_steering_gate_compares_success_only_at_equal_settings():
+    """A probe set evaluated at another steering strength or push interval is not held to the champion's success
+    there (the numbers answer different questions); with equal settings a drop still refuses, and the gate says what
+    it skipped."""
     from types import SimpleNamespace
 
     from registry.promotion import metric_gate
@@ -437,10 +438,20 @@ def test_steering_gate_compares_success_only_at_equal_strength():
     gate = metric_gate(stronger, champion, gates, "probe_set")
     assert gate.passed, gate
     assert "best_acc within tolerance" in gate.detail
-    assert f"not compared, measured at another strength: {key}.success (strength 10 vs 5)" in gate.detail
+    assert f"not compared, measured with other settings: {key}.success (strength 10 vs 5)" in gate.detail
     same = version(3, {f"{key}.success": 0.19, f"{key}.strength": 5.0, "best_acc": 0.85})
     gate = metric_gate(same, champion, gates, "probe_set")
     assert not gate.passed and f"{key}.success 0.19 < champion v1 0.56" in gate.detail
     # a champion registered before strengths were recorded is compared as before
     old = version(4, {f"{key}.success": 0.56, "best_acc": 0.85})
     assert not metric_gate(stronger, old, gates, "probe_set").passed
+    # SMITIN's push interval: every step vs every 5th is another setting, even at the same strength
+    champion = version(5, {f"{key}.success": 0.56, f"{key}.strength": 10.0, f"{key}.every": 5, "best_acc": 0.85})
+    sparse = version(6, {f"{key}.success": 0.40, f"{key}.strength": 10.0, f"{key}.every": 1, "best_acc": 0.85})
+    gate = metric_gate(sparse, champion, gates, "probe_set")
+    assert gate.passed and f"{key}.success (every 1 vs 5)" in gate.detail, gate
+    both = version(7, {f"{key}.success": 0.40, f"{key}.strength": 20.0, f"{key}.every": 1, "best_acc": 0.85})
+    assert f"{key}.success (strength 20 vs 10, every 1 vs 5)" in metric_gate(both, champion, gates, "probe_set").detail
+    # a champion that recorded no interval (registered before it was logged) is compared at equal strength
+    no_interval = version(8, {f"{key}.success": 0.56, f"{key}.strength": 10.0, "best_acc": 0.85})
+    assert not metric_gate(sparse, no_interval, gates, "probe_set").passed

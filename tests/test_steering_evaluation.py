@@ -43,3 +43,26 @@ def test_table_has_every_row():
     assert table.count("\n") == 4 and "| smitin | +5 |" in table
     rows[1]["frechet_sd"] = 0.25
     assert "| 1.00 ± 0.2 |" in format_table(rows) and "| 1.00 |" in format_table(rows)  # sd where measured
+    rows[1].update(frechet_rise_lo=-0.05, frechet_rise_hi=0.3)
+    table = format_table(rows)
+    assert "| +10% (-5% to +30%) |" in table and table.count("| +10% |") == 1  # the unsteered row has none
+
+
+def test_paired_frechet_rise_interval():
+    """The FD rise of steered clips over their unsteered twins gets a paired (leave-one-prompt-out) interval: zero
+    for the same clips, above zero for a real shift, around zero for another draw of the same distribution."""
+    rng = np.random.default_rng(0)
+    space = EmbeddingSpace(rng.standard_normal((64, 16)), dims=16)
+    base = rng.standard_normal((32, 16)) * 1.3 + 0.5  # unsteered clips, already off the reference like real ones
+    assert space.frechet_rise_interval(base, base) == pytest.approx((0.0, 0.0), abs=1e-6)
+    lo, hi = space.frechet_rise_interval(base + 0.7, base)  # every steered clip moved further away
+    assert 0 < lo < space.frechet(base + 0.7) / space.frechet(base) - 1 < hi
+    covered = 0
+    for _ in range(20):  # another draw of the unsteered distribution: the 90% interval holds zero most times
+        a, b = (rng.standard_normal((32, 16)) * 1.3 + 0.5 for _ in range(2))
+        lo, hi = space.frechet_rise_interval(a, b)
+        covered += lo <= 0 <= hi
+    assert covered >= 15
+    assert all(np.isnan(space.frechet_rise_interval(base[:2], base[:2])))
+    with pytest.raises(ValueError, match="as many steered as unsteered"):
+        space.frechet_rise_interval(base[:5], base)
