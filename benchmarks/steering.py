@@ -112,8 +112,9 @@ def main() -> int:
     cfg = generator.cfg
     print(f"steering overhead: {source}; {cfg.n_layers} layers x {cfg.n_heads} heads, dim {cfg.dim}; "
           f"{frames} frames ({steps} steps), CFG {args.cfg:g}, batch 1, {args.threads} thread(s), "
-          f"traits {strengths}, smitin push every {every} step(s), {args.repeats} interleaved runs per mode. CPU = this process's CPU time; best = "
-          "fastest run (the estimator least disturbed by other load on a shared machine, as timeit uses)")
+          f"traits {strengths}, smitin push every {every} step(s), {args.repeats} interleaved runs per mode. "
+          "CPU = this process's CPU time; best = fastest run (the estimator least disturbed by other load on a "
+          "shared machine, as timeit uses)")
     print(f"| {'mode':<8} | {'CPU best s':>10} | {'ms/step':>7} | {'overhead (best)':>15} | {'CPU median s':>12} | "
           f"{'overhead (median)':>17} | {'wall median s':>13} |")
     print(f"|{'-' * 10}|{'-' * 12}|{'-' * 9}|{'-' * 17}|{'-' * 14}|{'-' * 19}|{'-' * 15}|")

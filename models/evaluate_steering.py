@@ -258,7 +258,7 @@ def evaluate_steering(generator_dir: str, probes_dir: str, tokens_dir: str, clip
     tokens = tokens if tokens is not None else TokenSet(tokens_dir, split)
 
     rows: list[dict] = []
-    embeddings: dict[int, tuple[np.ndarray, EmbeddingSpace]] = {}
+    embeddings: list[tuple[np.ndarray, EmbeddingSpace]] = []  # per row, for the paired interval of the FD rise
     metrics: dict = {"detector": {k: v for k, v in detector.info.items() if isinstance(v, (int, float))}}
     reports: dict = {}
     for trait in traits:
@@ -324,7 +324,7 @@ def evaluate_steering(generator_dir: str, probes_dir: str, tokens_dir: str, clip
                     emb = np.stack([audio_embedding(w, sr) for w in waves])
                     row = {"trait": trait, "task": task, "direction": direction, "mode": name,
                            "strength": sign * strength if name != "none" else 0.0, "n": len(idx),
-                           # smitin's push interval goes with its numbers too (the registry gates compare like with like)
+                           # smitin's push interval goes with its numbers (the registry gates compare like with like)
                            **({"every": plan.params.every} if plan.params.mode == "smitin" else {}),
                            "judged_present": float(np.mean(judged >= detector.threshold)),
                            "mean_detector_p": float(judged.mean()),
@@ -336,7 +336,7 @@ def evaluate_steering(generator_dir: str, probes_dir: str, tokens_dir: str, clip
                     if task == "continuation":
                         sims = _cosine(space.standardise(prompt_emb[lab]), space.standardise(emb))
                         row["continuation_similarity"] = float(sims.mean())
-                    embeddings[len(rows)] = (emb, space)  # for the paired interval of the FD rise
+                    embeddings.append((emb, space))
                     rows.append(row)
                     reports[f"{trait}/{task}/{direction}/{name}"] = report
                     say(f"{trait} {task} {direction} {name}: present {row['judged_present']:.2f}, "
@@ -345,10 +345,11 @@ def evaluate_steering(generator_dir: str, probes_dir: str, tokens_dir: str, clip
     # relative numbers against the unsteered row of the same (trait, task, direction)
     base = {(r["trait"], r["task"], r["direction"]): i for i, r in enumerate(rows) if r["mode"] == "none"}
     for i, r in enumerate(rows):
-        b = rows[base[(r["trait"], r["task"], r["direction"])]]
+        j = base[(r["trait"], r["task"], r["direction"])]
+        b = rows[j]
         r["frechet_rise"] = r["frechet"] / b["frechet"] - 1 if b["frechet"] > 0 else float("nan")
-        if r is not b:  # every row shares its prompts and seed with the unsteered one: a paired interval
-            (emb, space), (base_emb, _) = embeddings[i], embeddings[base[(r["trait"], r["task"], r["direction"])]]
+        if i != j:  # every row shares its prompts and seed with the unsteered one: a paired interval
+            (emb, space), (base_emb, _) = embeddings[i], embeddings[j]
             r["frechet_rise_lo"], r["frechet_rise_hi"] = space.frechet_rise_interval(emb, base_emb)
         if r["direction"] == "add":
             r["success"] = r["judged_present"]
@@ -356,10 +357,10 @@ def evaluate_steering(generator_dir: str, probes_dir: str, tokens_dir: str, clip
             r["success"] = 1.0 - r["judged_present"]  # share judged trait-free
             r["removal_cut"] = (1 - r["judged_present"] / b["judged_present"]) if b["judged_present"] > 0 else None
         node = metrics.setdefault(r["trait"], {}).setdefault(r["task"], {}).setdefault(r["direction"], {})
-        # strength goes with the numbers: the registry gates compare steering success only at equal strengths
+        # strength and push interval go with the numbers: the registry gates compare success only at equal settings
         node[r["mode"]] = {k: r[k] for k in ("success", "judged_present", "frechet", "frechet_sd", "frechet_rise",
-                                             "frechet_rise_lo", "frechet_rise_hi", "continuation_similarity", "removal_cut", "mean_probe_p", "strength",
-                                             "every")
+                                             "frechet_rise_lo", "frechet_rise_hi", "continuation_similarity",
+                                             "removal_cut", "mean_probe_p", "strength", "every")
                            if r.get(k) is not None and np.isfinite(r[k])}  # e.g. no FD spread under 3 clips
     result = {"metrics": metrics, "rows": rows, "generator_fingerprint": fingerprint,
               "generator": generator.describe() if hasattr(generator, "describe") else {"backend": "builtin"},

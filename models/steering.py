@@ -340,7 +340,8 @@ class SteeringSession:
                 self._begin_forward(z)
             n = self._n
             edit = self._now is not None or self._replay
-            rows = z.narrow(0, 0, n)  # narrow / select: cheaper than tuple indexing, and this runs per layer and step
+            # narrow / select: cheaper than tuple indexing, and this runs per layer and step
+            rows = z.narrow(0, 0, n) if monitored or edit else None
             if monitored:  # the probes read this layer's heads before its push
                 last_position = rows.select(1, -1)
                 self._stash.append(last_position.clone() if edit else last_position)
