@@ -191,23 +191,35 @@ class SteeringPlan:
                 "tau": dict(zip(self.traits, self.taus()))}
 
 
-def smitin_factor(monitor: np.ndarray, sign: np.ndarray, tau: np.ndarray, decay: float) -> np.ndarray:
-    """SMITIN's push factor from the monitored probability [n, T]: the goal probability is C for an added trait and
-    1 - C for a removed one (sign < 0); the factor is (1 - goal / tau) ** decay while goal < tau, and 0 from tau on."""
-    # few numpy calls on tiny arrays: with the default push interval of 1 this runs at every generation step
-    removed = sign < 0
-    goal = np.abs(removed - np.asarray(monitor, np.float32))  # C, or 1 - C for a removed trait
-    f = np.maximum(1.0 - goal / tau, 0.0, dtype=np.float32) ** decay  # goal >= 0, so 1 - goal / tau <= 1
-    f[goal >= tau] = 0.0  # also where decay == 0 (0 ** 0 == 1)
-    return f
+def smitin_factor(monitor: Sequence[Sequence[float]], removed: Sequence[bool], tau: Sequence[float],
+                  decay: float) -> list[list[float]]:
+    """SMITIN's push factor from the monitored probability [n][T] (rows, traits): the goal probability is C for an
+    added trait and 1 - C for a removed one; the factor is (1 - goal / tau) ** decay while goal < tau, 0 from tau
+    on. Plain Python floats: this runs at every generation step on a handful of numbers, where each numpy or torch
+    call would cost more than the arithmetic."""
+    out = []
+    for row in monitor:
+        f = []
+        for c, rm, t in zip(row, removed, tau):
+            goal = 1.0 - c if rm else c
+            f.append((1.0 - goal / t) ** decay if goal < t else 0.0)
+        out.append(f)
+    return out
 
 
-def _median(x: np.ndarray) -> np.ndarray:
-    """Median over the last dim (the two middle values averaged when their count is even), without np.median's
-    per-call overhead: this runs once per generation step."""
-    m = x.shape[-1]
-    v = np.sort(x, axis=-1)
-    return v[..., m // 2] if m % 2 else 0.5 * (v[..., m // 2 - 1] + v[..., m // 2])
+def _sigmoid(x: float) -> float:
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)  # no overflow for very negative logits
+    return e / (1.0 + e)
+
+
+def _median_probability(logits: list[float]) -> float:
+    """Median of the sigmoid of the logits (the two middle values averaged when their count is even); sigmoid is
+    monotonic, so only the middle logits are turned into probabilities."""
+    v = sorted(logits)
+    m = len(v)
+    return _sigmoid(v[m // 2]) if m % 2 else 0.5 * (_sigmoid(v[m // 2 - 1]) + _sigmoid(v[m // 2]))
 
 
 class SteeringSession:
@@ -245,9 +257,10 @@ class SteeringSession:
         self.monitor_w = torch.from_numpy(w[used].reshape(-1, w.shape[-1])).to(device, dtype)
         self.monitor_b = torch.from_numpy(b).to(device, dtype)
         self.last_monitor_layer = used[-1]
-        self.sign = np.array([1.0 if a > 0 else -1.0 for a in plan.strengths.values()], np.float32)
-        self.tau = np.array(plan.taus(), np.float32)
+        self.removed = [a < 0 for a in plan.strengths.values()]
+        self.tau = [float(t) for t in plan.taus()]
         self._device, self._dtype = device, dtype
+        self._delta_rows: torch.Tensor | None = None  # [B, 1, L, H, Dh]: delta in row 0, zeros below (one trait)
         self._reset(None)
         self._layout = None
         self.generations: list[dict] = []
@@ -257,25 +270,26 @@ class SteeringSession:
         self._rows = rows
         self._last_pos: int | None = None
         self._step = -1
-        self._monitor: np.ndarray | None = None  # [n_cond, T] monitored probability of the last step
-        self._applied: dict[int, torch.Tensor] = {}  # absolute position -> combined push [n, L, H, Dh]
-        self._stash: list[torch.Tensor] = []
+        # The monitor and the push factor are plain Python lists [n_cond][T] (rows, traits): a few numbers a step
+        self._monitor: list[list[float]] | None = None  # monitored probability of the last step
+        self._applied: dict[int, torch.Tensor] = {}  # absolute position -> combined push [B, 1, L, H, Dh]
+        self._stash: list[torch.Tensor] = []  # this forward's monitored layers' last position [B, 1, H, Dh]
         self._now: torch.Tensor | None = None
         self._replay: list[tuple[int, torch.Tensor]] = []
-        self._log: list[tuple[int, np.ndarray, np.ndarray | None]] = []  # (step, probability, factor), [n, T]
-        self._pending: list[tuple[int, list[torch.Tensor], np.ndarray | None]] = []  # not yet evaluated
+        self._log: list[tuple[int, list, list | None]] = []  # (step, probability, factor)
+        self._pending: list[tuple[int, list[torch.Tensor], list | None]] = []  # not yet evaluated
 
-    def _factor(self, n: int) -> np.ndarray | None:
-        """Push factor [n, T] for the step about to run; None when nothing is pushed."""
+    def _factor(self, n: int) -> list[list[float]] | None:
+        """Push factor [n][T] for the step about to run; None when nothing is pushed."""
         p = self.plan.params
         if not self.push_enabled:
             return None
         if p.mode == "iti":
-            return np.ones((n, len(self.sign)), np.float32)
+            return [[1.0] * len(self.tau) for _ in range(n)]
         step = self._step
         if step < 1 or (step - 1) % p.every or self._monitor is None:
             return None
-        return smitin_factor(self._monitor, self.sign, self.tau, p.decay)
+        return smitin_factor(self._monitor, self.removed, self.tau, p.decay)
 
     def _begin_forward(self, z: torch.Tensor) -> None:
         B, T = z.shape[0], z.shape[1]
@@ -299,10 +313,20 @@ class SteeringSession:
         factor = self._factor(n)
         self._factor_now = factor
         self._now = None
-        if factor is not None:  # [n, T] @ [T, L*H*Dh]: one small matmul (einsum's dispatch cost more, per step)
-            now = torch.mm(torch.from_numpy(factor).to(self._device, self._dtype), self.delta_flat)
-            self._now = now.view(n, *self.delta.shape[1:])
-            self._now_layers = self._now.unbind(1)
+        if factor is not None:
+            # every layer's push for all B rows (zero rows for the unguided half) in the layout of its [B, 1, H, Dh]
+            # output, so that a cached step pushes with one add per layer
+            if n == 1 and len(factor[0]) == 1:  # one row, one trait (a plain `generate`): a scalar times delta
+                if self._delta_rows is None or self._delta_rows.shape[0] != B:
+                    rows = torch.zeros((B, 1, *self.delta.shape[1:]), dtype=self._dtype, device=self._device)
+                    rows[0, 0] = self.delta[0]
+                    self._delta_rows = rows
+                self._now = self._delta_rows * factor[0][0]  # [B, 1, L, H, Dh]
+            else:  # [B, T] @ [T, L*H*Dh]
+                rows = factor if B == n else factor + [[0.0] * len(self.tau)] * (B - n)
+                now = torch.mm(torch.tensor(rows, dtype=self._dtype, device=self._device), self.delta_flat)
+                self._now = now.view(B, 1, *self.delta.shape[1:])  # [B, 1, L, H, Dh]
+            self._now_layers = self._now.unbind(2)
             self._applied[pos] = self._now
         # positions recomputed by an uncached step that were pushed when they were generated
         self._replay = [(q, d) for q, d in self._applied.items() if q < pos] if T > 1 else []
@@ -320,14 +344,17 @@ class SteeringSession:
         """Evaluate the monitored probes of all pending steps at once; the last one becomes the monitor."""
         if not self._pending:
             return
-        n, T, M = self._n, len(self.sign), self.n_monitor
-        flat = [torch.stack(stash, dim=1).reshape(stash[0].shape[0], -1) for _, stash, _ in self._pending]
+        n, T, M = self._n, len(self.tau), self.n_monitor
+        # a step's monitored layers side by side: [B, 1, L_monitored * H, Dh] -> [B, L_monitored * H * Dh]
+        flat = [torch.cat(stash, 2).flatten(1) for _, stash, _ in self._pending]
         x = flat[0] if len(flat) == 1 else torch.cat(flat)  # one pending step at the default interval of 1
-        # .cpu() before .numpy(): the generator (and so the stashed head outputs) may sit on a GPU
-        prob = torch.sigmoid(torch.addmm(self.monitor_b, x, self.monitor_w)).detach().float().cpu().numpy()
-        prob = _median(prob.reshape(-1, T, M))  # [steps * n, T]: median over the monitored heads
+        B = flat[0].shape[0]
+        logits = torch.addmm(self.monitor_b, x, self.monitor_w).tolist()  # [steps * B][T * M], to the host
         for i, (step, _, factor) in enumerate(self._pending):
-            self._log.append((step, prob[i * n:(i + 1) * n], factor))
+            rows = logits[i * B:i * B + n]  # the conditional rows; per trait the median over its monitored heads
+            prob = ([[_median_probability(row)] for row in rows] if T == 1 else
+                    [[_median_probability(row[t * M:(t + 1) * M]) for t in range(T)] for row in rows])
+            self._log.append((step, prob, factor))
         self._monitor = self._log[-1][1]
         self._pending = []
 
@@ -338,24 +365,22 @@ class SteeringSession:
         def fn(_module, _inputs, z):
             if layer == 0:
                 self._begin_forward(z)
-            n = self._n
-            edit = self._now is not None or self._replay
-            # narrow / select: cheaper than tuple indexing, and this runs per layer and step
-            rows = z.narrow(0, 0, n) if monitored or edit else None
-            if monitored:  # the probes read this layer's heads before its push
-                last_position = rows.select(1, -1)
-                self._stash.append(last_position.clone() if edit else last_position)
-            if edit:
-                if torch.is_grad_enabled():
-                    z = z.clone()
-                    rows = z.narrow(0, 0, n)
+            T = z.shape[1]
+            if monitored:  # the probes read this layer's heads before its push: z is never edited in place
+                # (a longer forward keeps a copy of its last position: a view would hold the whole output)
+                self._stash.append(z if T == 1 else z[:, -1:].clone())
+            out = None
+            if T == 1 and self._now is not None:  # a cached step: one add
+                out = z + self._now_layers[layer]
+            elif self._now is not None or self._replay:  # a prompt, or an uncached step recomputing the prefix
+                out = z.clone()  # the unguided rows get + 0: unchanged
                 for q, d in self._replay:
-                    rows.select(1, q).add_(d[:, layer])
+                    out.narrow(1, q, 1).add_(d.select(2, layer))
                 if self._now is not None:
-                    rows.select(1, -1).add_(self._now_layers[layer])
+                    out.narrow(1, T - 1, 1).add_(self._now_layers[layer])
             if last:
                 self._end_forward()
-            return z if edit else None
+            return out
 
         return fn
 
@@ -365,8 +390,7 @@ class SteeringSession:
         steps = []
         traits = self.plan.traits
         for step, prob, factor in self._log:
-            prob = prob.tolist()
-            factor = factor.tolist() if factor is not None else [[0.0] * len(traits) for _ in prob]
+            factor = factor if factor is not None else [[0.0] * len(traits) for _ in prob]
             steps.append({"step": step, "traits": {t: {"probability": [r[i] for r in prob],
                                                         "push": [r[i] for r in factor],
                                                         "on": [r[i] > 0 for r in factor]}

@@ -78,7 +78,8 @@ def test_update_formula_at_the_hook_is_exact(mode):
     assert pushes[0] == (1.0 if mode == "iti" else 0.0) and all(p > 0 for p in pushes[1:])
 
 
-def test_single_trait_push_is_bitwise_alpha_w_sigma_theta():
+@pytest.mark.parametrize("rows", [1, 2])  # one row: the scalar path; several: the matmul path
+def test_single_trait_push_is_bitwise_alpha_w_sigma_theta(rows):
     model = _model()
     ps = _probe_set(model)
     plan = SteeringPlan.build([ps], {"drums": 7.0}, mode="iti", top_k=4)
@@ -86,7 +87,7 @@ def test_single_trait_push_is_bitwise_alpha_w_sigma_theta():
     handles = _record(model, before)
     with steer(model, plan):
         handles += _record(model, after)
-        model(_prompt(B=2), condition=None)  # a teacher-forced forward counts as step 0 of a generation
+        model(_prompt(B=rows), condition=None)  # a teacher-forced forward counts as step 0 of a generation
     for h in handles:
         h.remove()
     w = np.zeros_like(ps.accuracy)
@@ -101,14 +102,15 @@ def test_single_trait_push_is_bitwise_alpha_w_sigma_theta():
 
 # ----------------------------------------------------------------------------------------- monitor
 def test_smitin_factor_decays_and_stops_at_tau():
-    tau = np.array([0.8, 0.8], np.float32)
-    sign = np.array([1.0, -1.0], np.float32)
-    monitor = np.array([[0.0, 1.0], [0.4, 0.6], [0.79, 0.21], [0.8, 0.2], [0.95, 0.05]], np.float32)
-    f = smitin_factor(monitor, sign, tau, decay=1.0)
+    tau = [0.8, 0.8]
+    removed = [False, True]
+    monitor = [[0.0, 1.0], [0.4, 0.6], [0.79, 0.21], [0.8, 0.2], [0.95, 0.05]]
+    f = np.array(smitin_factor(monitor, removed, tau, decay=1.0))
     np.testing.assert_allclose(f[:, 0], [1.0, 0.5, 1 - 0.79 / 0.8, 0.0, 0.0], atol=1e-6)
     # a removed trait watches 1 - C: the same numbers mirrored
     np.testing.assert_allclose(f[:, 1], f[:, 0], atol=1e-6)
-    assert np.all(smitin_factor(monitor, sign, tau, decay=0.0)[:3] == 1.0)
+    f0 = np.array(smitin_factor(monitor, removed, tau, decay=0.0))
+    assert np.all(f0[:3] == 1.0) and np.all(f0[3:] == 0.0)  # full push until tau, none from tau on
 
 
 class _ScriptedMonitor(SteeringSession):
@@ -121,7 +123,7 @@ class _ScriptedMonitor(SteeringSession):
         super()._flush()
         for i in range(start, len(self._log)):
             step, prob, factor = self._log[i]
-            self._log[i] = (step, np.full_like(prob, self.script[min(step, len(self.script) - 1)]), factor)
+            self._log[i] = (step, [[self.script[min(step, len(self.script) - 1)]] * len(r) for r in prob], factor)
         if len(self._log) > start:
             self._monitor = self._log[-1][1]
 
