@@ -291,7 +291,8 @@ def evaluate_steering(generator_dir: str, probes_dir: str, tokens_dir: str, clip
             metrics[trait][f"probe_top16_acc_{n}pairs"] = ps.metrics["top16_acc"]
 
         for task in params.get("tasks", ["continuation", "text"]):
-            alpha = float(params.get("alpha_text" if task == "text" else "alpha", 10.0))  # params.yaml: 10 for both
+            # params.yaml: 15 for continuation, 10 for text
+            alpha = float(params.get("alpha_text" if task == "text" else "alpha", 10.0))
             alpha_high = float(params.get("alpha_high_text" if task == "text" else "alpha_high", 2 * alpha))
             iti_alpha = float(params.get("iti_alpha", alpha))
             modes = [("none", main, dict(mode="none"), 1.0),

@@ -260,7 +260,7 @@ class SteeringSession:
         self.removed = [a < 0 for a in plan.strengths.values()]
         self.tau = [float(t) for t in plan.taus()]
         self._device, self._dtype = device, dtype
-        self._delta_rows: torch.Tensor | None = None  # [B, 1, L, H, Dh]: delta in row 0, zeros below (one trait)
+        self._delta_rows: tuple[torch.Tensor, ...] | None = None  # per layer [B, 1, H, Dh]: delta in row 0, zeros below
         self._reset(None)
         self._layout = None
         self.generations: list[dict] = []
@@ -272,10 +272,10 @@ class SteeringSession:
         self._step = -1
         # The monitor and the push factor are plain Python lists [n_cond][T] (rows, traits): a few numbers a step
         self._monitor: list[list[float]] | None = None  # monitored probability of the last step
-        self._applied: dict[int, torch.Tensor] = {}  # absolute position -> combined push [B, 1, L, H, Dh]
+        self._applied: dict[int, tuple] = {}  # absolute position -> the push it received (as self._now)
         self._stash: list[torch.Tensor] = []  # this forward's monitored layers' last position [B, 1, H, Dh]
-        self._now: torch.Tensor | None = None
-        self._replay: list[tuple[int, torch.Tensor]] = []
+        self._now: tuple[float, tuple[torch.Tensor, ...]] | None = None  # this step's push (see _begin_forward)
+        self._replay: list[tuple[int, tuple]] = []
         self._log: list[tuple[int, list, list | None]] = []  # (step, probability, factor)
         self._pending: list[tuple[int, list[torch.Tensor], list | None]] = []  # not yet evaluated
 
@@ -314,19 +314,20 @@ class SteeringSession:
         self._factor_now = factor
         self._now = None
         if factor is not None:
-            # every layer's push for all B rows (zero rows for the unguided half) in the layout of its [B, 1, H, Dh]
-            # output, so that a cached step pushes with one add per layer
-            if n == 1 and len(factor[0]) == 1:  # one row, one trait (a plain `generate`): a scalar times delta
-                if self._delta_rows is None or self._delta_rows.shape[0] != B:
+            # Every layer's push for all B rows (zero rows for the unguided half) in the layout of its [B, 1, H, Dh]
+            # output, so that a cached step pushes with one add per layer: (scale, per-layer tensors), added as
+            # z + scale * tensor. One row and one trait (a plain `generate`): delta itself, scaled by the factor
+            # inside the add; otherwise the [B, T] @ [T, L*H*Dh] product, scale 1.
+            if n == 1 and len(factor[0]) == 1:
+                if self._delta_rows is None or self._delta_rows[0].shape[0] != B:
                     rows = torch.zeros((B, 1, *self.delta.shape[1:]), dtype=self._dtype, device=self._device)
                     rows[0, 0] = self.delta[0]
-                    self._delta_rows = rows
-                self._now = self._delta_rows * factor[0][0]  # [B, 1, L, H, Dh]
-            else:  # [B, T] @ [T, L*H*Dh]
+                    self._delta_rows = rows.unbind(2)
+                self._now = (factor[0][0], self._delta_rows)
+            else:
                 rows = factor if B == n else factor + [[0.0] * len(self.tau)] * (B - n)
                 now = torch.mm(torch.tensor(rows, dtype=self._dtype, device=self._device), self.delta_flat)
-                self._now = now.view(B, 1, *self.delta.shape[1:])  # [B, 1, L, H, Dh]
-            self._now_layers = self._now.unbind(2)
+                self._now = (1.0, now.view(B, 1, *self.delta.shape[1:]).unbind(2))  # [B, 1, H, Dh] per layer
             self._applied[pos] = self._now
         # positions recomputed by an uncached step that were pushed when they were generated
         self._replay = [(q, d) for q, d in self._applied.items() if q < pos] if T > 1 else []
@@ -371,13 +372,15 @@ class SteeringSession:
                 self._stash.append(z if T == 1 else z[:, -1:].clone())
             out = None
             if T == 1 and self._now is not None:  # a cached step: one add
-                out = z + self._now_layers[layer]
+                scale, push = self._now
+                out = torch.add(z, push[layer], alpha=scale)
             elif self._now is not None or self._replay:  # a prompt, or an uncached step recomputing the prefix
                 out = z.clone()  # the unguided rows get + 0: unchanged
-                for q, d in self._replay:
-                    out.narrow(1, q, 1).add_(d.select(2, layer))
+                for q, (scale, push) in self._replay:  # the same add as the cached step had: the same numbers
+                    out.narrow(1, q, 1).add_(push[layer], alpha=scale)
                 if self._now is not None:
-                    out.narrow(1, T - 1, 1).add_(self._now_layers[layer])
+                    scale, push = self._now
+                    out.narrow(1, T - 1, 1).add_(push[layer], alpha=scale)
             if last:
                 self._end_forward()
             return out

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from models.generator import load_generator
 from models.train import TokenSet, TrainingDataError, fit_codec, tokenize, train_generator
@@ -57,6 +58,24 @@ def test_tiny_training_loss_falls_and_resumes(stages):
     # the user is told that a finished 40-step run continues (not a fresh 50-step one) and how to start afresh
     assert any("planned for 40 steps continues to 50" in line and "from scratch" in line for line in said)
     assert len(json.loads((root / "plot2.json").read_text())) == 5
+
+
+def test_ema_weights_are_judged_exported_and_checkpointed(stages, tmp_path):
+    from safetensors.torch import load_file
+
+    root, _ = stages
+    metrics = train_generator(str(root / "tokens"), str(root / "codec"), str(tmp_path / "gen"),
+                              {**TRAIN_PARAMS, "ema_decay": 0.9}, checkpoint_dir=str(tmp_path / "ckpt"))
+    ckpt = tmp_path / "ckpt"
+    best, live, ema = (load_file(str(ckpt / name)) for name in ("best.safetensors", "model.safetensors",
+                                                                 "ema.safetensors"))
+    exported = load_generator(tmp_path / "gen")[0].state_dict()
+    assert all(torch.equal(exported[k], best[k]) for k in best)  # the best of the averaged weights is exported
+    assert not all(torch.equal(ema[k], live[k]) for k in live)  # the average trails the live weights
+    assert metrics["valid_loss"] < metrics["unigram_valid_loss"] + 0.5
+    with pytest.raises(UserError, match="ema_decay must be in"):
+        train_generator(str(root / "tokens"), str(root / "codec"), str(tmp_path / "gen2"),
+                        {**TRAIN_PARAMS, "ema_decay": 1.0})
 
 
 def test_checkpoint_of_other_tokens_is_not_resumed(stages, tmp_path):
