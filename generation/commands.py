@@ -41,6 +41,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     g.add_argument("--prompt-guidance", dest="prompt_guidance", default=None,
                    help="> 1 amplifies what the --continue audio implies, e.g. its instruments: one scale or one per "
                         "codebook, 3,1,1,1 (builtin generator; default: params generate.prompt_guidance, 1 = off)")
+    g.add_argument("--prompt-plausibility", dest="prompt_plausibility", default=None,
+                   help="with --prompt-guidance: never sample a token the prompted model finds less than this share as "
+                        "likely as its top token (default: params generate.prompt_plausibility; 0 = off)")
     g.add_argument("--bpm", type=float, default=None, help="tempo attribute (if the generator uses attributes)")
     g.add_argument("--key", default=None, help='key attribute, e.g. "F# minor"')
     g.add_argument("--out", default="out.wav", help="output WAV (default: out.wav)")
@@ -98,7 +101,8 @@ def _generate(args) -> int:
     result = session.generate(prompts, duration=args.duration, continue_from=args.continue_from,
                               steer=",".join(args.steer) or None, mode=args.mode, out=args.out, seed=args.seed,
                               cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k,
-                              bpm=args.bpm, key=args.key, prompt_guidance=args.prompt_guidance, progress=progress)
+                              bpm=args.bpm, key=args.key, prompt_guidance=args.prompt_guidance,
+                              prompt_plausibility=args.prompt_plausibility, progress=progress)
     for trait, p in result.info["probe_sets"].items():
         print(f"probe set {trait}: {p['name'] or p['path']}" + (f" v{p['version']}" if p["version"] else ""),
               file=sys.stderr)

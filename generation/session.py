@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 # Sampling and steering defaults; params.yaml `generate` overrides them.
 DEFAULTS = {"duration": 8.0, "cfg_scale": 3.0, "temperature": 1.0, "top_k": 0, "top_p": 0.0, "prompt_guidance": 1.0,
-            "alias": "champion",
+            "prompt_plausibility": 0.003, "alias": "champion",
             "steering": {"every": 1, "decay": 0.5, "tau": None, "monitor_heads": 16, "iti_top_k": 16}}
 
 
@@ -200,13 +200,15 @@ class GenerationSession:
                  steer: str | Mapping[str, float] | None = None, mode: str = "smitin", out: str | Path = "out.wav",
                  seed: int | None = None, cfg_scale: float | None = None, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, bpm: float | None = None,
-                 key: str | None = None, prompt_guidance=None, progress=None) -> GenerationResult:
+                 key: str | None = None, prompt_guidance=None, prompt_plausibility: float | None = None,
+                 progress=None) -> GenerationResult:
         """Generate one clip per prompt (one batch). `steer`: {"drums": +5, "piano": -3} or "drums=+5,piano=-3".
         Writes OUT.wav (OUT_1.wav, ... for several prompts), OUT.steering.json (all rows) and OUT[_i].steering.png
         (one per clip) when steering. The WAVs hold the new audio only (not the --continue prompt).
         `prompt_guidance` > 1, one scale or one per codebook (builtin generator, with --continue or past the first
         window): amplify what the audio context implies (see Generator.generate); it also amplifies a steering push,
-        and works against steering a trait out of a prompt that has it."""
+        and works against steering a trait out of a prompt that has it. `prompt_plausibility` (with guidance): never
+        sample a token the prompted model finds less than that share as likely as its top token."""
         import numpy as np
         import soundfile as sf
         import torch
@@ -233,6 +235,13 @@ class GenerationSession:
                 raise GenerationError("--prompt-guidance is a feature of the builtin generator, not of MusicGen")
         else:
             prompt_guidance = guidance_scales(prompt_guidance, self.generator.cfg.n_codebooks)
+        plausibility = d.get("prompt_plausibility", 0.0) if prompt_plausibility is None else prompt_plausibility
+        try:
+            plausibility = float(plausibility)
+        except (TypeError, ValueError):
+            raise GenerationError(f"--prompt-plausibility must be a number, got {plausibility!r}") from None
+        if not 0.0 <= plausibility < 1.0:
+            raise GenerationError(f"--prompt-plausibility must be in [0, 1), got {plausibility}")
         out = Path(out)
         if out.suffix.lower() != ".wav":
             raise GenerationError(f"--out must be a .wav path, got {out}")
@@ -296,7 +305,8 @@ class GenerationSession:
                 ctx = history[:, :, -keep:] if history is not None else None
                 ctx_len = ctx.shape[2] if ctx is not None else 0
                 n = min(n_frames - done, limit - ctx_len)
-                extra = {} if musicgen else {"attributes": attrs, "prompt_guidance": prompt_guidance}
+                extra = {} if musicgen else {"attributes": attrs, "prompt_guidance": prompt_guidance,
+                                             "plausibility": plausibility}
                 with torch.inference_mode():
                     codes = gen.generate(n, prompt=ctx, condition=cond, batch_size=B, cfg_scale=guidance,
                                          seed=seed + chunk, **extra, **sampling)
@@ -321,7 +331,8 @@ class GenerationSession:
                 wave = wave * (0.99 / peak)
             sf.write(str(path), wave, codec.sample_rate, subtype="PCM_16")
         info = {"prompts": prompts, "duration_s": n_frames / fps, "frames": n_frames, "windows": chunk,
-                "seed": seed, "cfg_scale": guidance, "prompt_guidance": prompt_guidance, **sampling,
+                "seed": seed, "cfg_scale": guidance, "prompt_guidance": prompt_guidance,
+                "prompt_plausibility": plausibility, **sampling,
                 "mode": mode if plan else "none",
                 "continue_from": str(continue_from) if continue_from else None, "bpm": bpm, "key": key,
                 "generator": _ref_info(self.generator_ref),

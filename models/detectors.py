@@ -277,6 +277,9 @@ def evaluate_trait_carrying(generator_dir: str, tokens_dir: str, clips_dir: str 
     if int(params.get("samples_per_prompt", 1)) < 1:
         raise UserError("samples_per_prompt must be at least 1")
     guidance = guidance_scales(params.get("prompt_guidance", 1.0), generator.cfg.n_codebooks)
+    plausibility = float(params.get("prompt_plausibility", 0.0))
+    if not 0.0 <= plausibility < 1.0:
+        raise UserError(f"prompt_plausibility must be in [0, 1), got {plausibility}")
     t0 = time.time()
     det = None
     if detector_path and Path(detector_path).exists():  # reuse a detector fitted for this codec and length
@@ -317,7 +320,8 @@ def evaluate_trait_carrying(generator_dir: str, tokens_dir: str, clips_dir: str 
                     temperature=sampling_temperature(params.get("temperature", 1.0)),
                     top_k=int(params.get("top_k", 0)), top_p=float(params.get("top_p", 0.0)),
                     cfg_scale=float(params.get("cfg_scale", 3.0)) if base_mode == "caption" else 1.0,
-                    seed=seed + r, prompt_guidance=guidance if guided else 1.0)
+                    seed=seed + r, prompt_guidance=guidance if guided else 1.0,
+                    plausibility=plausibility if guided else 0.0)
                 new = [i for i in idx if i not in p_real]  # real continuations, judged once per clip
                 if new:
                     real = [test.clip(i)[:, prompt_n:prompt_n + new_n] for i in new]
@@ -347,7 +351,7 @@ def evaluate_trait_carrying(generator_dir: str, tokens_dir: str, clips_dir: str 
     swap = prompt_swap_nats(generator, test, prompt_n, min(new_n, int(round(codec.frame_rate))))
     log.info("prompt swap (trait memory): %s", swap)
     report = {"detector": det.info, "prompt_frames": prompt_n, "continuation_frames": new_n,
-              "prompt_guidance": guidance,
+              "prompt_guidance": guidance, "prompt_plausibility": plausibility,
               "generator_fingerprint": generator.fingerprint(),
               "summary": {"detector": det.info, "prompt_swap": swap,
                           **{m: r["summary"] for m, r in results.items()}},

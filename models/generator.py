@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Sequence
@@ -325,7 +326,7 @@ class Generator(nn.Module):
                  temperature: float | Sequence[float] = 1.0, top_k: int = 0, top_p: float = 0.0,
                  cfg_scale: float = 1.0, seed: int | None = None, use_cache: bool = True,
                  on_step: Callable[[int], None] | None = None,
-                 prompt_guidance: float | Sequence[float] | str = 1.0) -> torch.Tensor:
+                 prompt_guidance: float | Sequence[float] | str = 1.0, plausibility: float = 0.0) -> torch.Tensor:
         """Sample `n_frames` codec frames after an optional `prompt` [B, K, Tp]; returns [B, K, Tp + n_frames]
         un-delayed codes (prompt included).
 
@@ -348,6 +349,13 @@ class Generator(nn.Module):
         drums half the time; guidance keeps them. Rows: [B conditional; B text-unconditional if cfg; B prompt-free],
         `batch_layout["cfg"]` is True and only the first `n_cond` rows are the generation (steering pushes and
         monitors those). Costs one more set of rows per step.
+        plausibility (with prompt guidance; 0 = off): tokens to which the prompted model (before the guidance
+        extrapolation) gives less than `plausibility` times its most likely token's probability are never sampled,
+        on every codebook: the adaptive plausibility constraint of contrastive decoding (Li et al. 2023). Guidance
+        pushes the logits away from the prompt-free rows, which also lifts tokens neither model finds likely; on
+        the default generator those glitches read as drums, and the constraint lets a stronger guidance keep a
+        prompt's drums without them (validation prompts, judged drum-bearing for drum / drum-free prompts:
+        guidance 3 alone 0.76 / 0.21; guidance 6 with plausibility 0.003: 0.81 / 0.19).
         """
         cfg, K = self.cfg, self.cfg.n_codebooks
         temperature = sampling_temperature(temperature, K)
@@ -363,6 +371,9 @@ class Generator(nn.Module):
             raise GeneratorError("n_frames must be at least 1")
         scales = guidance_scales(prompt_guidance, K)
         scales = scales if isinstance(scales, tuple) else (scales,) * K
+        plausibility = float(plausibility)
+        if not 0.0 <= plausibility < 1.0:
+            raise GeneratorError(f"plausibility must be in [0, 1), got {plausibility}")
         if S > cfg.max_frames:
             raise GeneratorError(f"prompt ({Tp} frames) + {n_frames} new frames + {K - 1} delay steps exceed the "
                                  f"context of {cfg.max_frames} positions")
@@ -420,7 +431,12 @@ class Generator(nn.Module):
             else:
                 logits = logits[:B]
             if use_pg:
+                prompted = logits
                 logits = free + guidance * (logits - free)
+                if plausibility > 0:
+                    lp = prompted.log_softmax(-1)
+                    implausible = lp < lp.amax(-1, keepdim=True) + math.log(plausibility)
+                    logits = logits.masked_fill(implausible, float("-inf"))
             frame = _sample(logits, temperature, top_k, top_p, gen)  # [B, K]
             frame = torch.where(known[:, s][None, :], stream[:, :, s + 1], frame)
             stream[:, :, s + 1] = frame

@@ -152,8 +152,8 @@ def test_batch_continuation_in_windows_and_local_dirs(model_dirs, tmp_path):
     # prompt guidance: another continuation of the same prompt and seed, recorded in the info
     guided = session.generate(["", ""], duration=duration, continue_from=model_dirs / "prompt.wav",
                               steer="drums=+4", mode="iti", out=tmp_path / "guided.wav", seed=3,
-                              prompt_guidance="20,20,1,1")
-    assert guided.info["prompt_guidance"] == (20.0, 20.0, 1.0, 1.0)
+                              prompt_guidance="20,20,1,1", prompt_plausibility=0.05)
+    assert guided.info["prompt_guidance"] == (20.0, 20.0, 1.0, 1.0) and guided.info["prompt_plausibility"] == 0.05
     assert not np.array_equal(sf.read(guided.wavs[0])[0], sf.read(res.wavs[0])[0])
 
 
@@ -220,6 +220,10 @@ def test_cli_generate_user_errors_are_one_line(model_dirs, tmp_path, capsys):
          "prompt_guidance must be >= 1 and finite"),
         (["--generator", str(model_dirs / "gen"), "--prompt", "x", "--prompt-guidance", "3,1"],
          "prompt_guidance has 2 values, the generator has"),
+        (["--generator", str(model_dirs / "gen"), "--prompt", "x", "--prompt-plausibility", "high"],
+         "--prompt-plausibility must be a number"),
+        (["--generator", str(model_dirs / "gen"), "--prompt", "x", "--prompt-plausibility", "1"],
+         "--prompt-plausibility must be in [0, 1)"),
         (["--generator", "models:/smitin-generator@champion", "--tracking-uri", f"sqlite:///{tmp_path}/none.db",
           "--prompt", "x"], "no MLflow registry at"),
     ]

@@ -191,6 +191,50 @@ def test_prompt_guidance_rows_layout_and_bad_values():
     assert model.generate(n_frames=3, batch_size=2, seed=4, prompt_guidance=3.0).shape == (2, 4, 3)
 
 
+def test_plausibility_masks_exactly_the_tokens_the_prompted_model_finds_unlikely(monkeypatch):
+    """With prompt guidance, every token whose prompted probability is below plausibility x the top one's gets -inf
+    before sampling (and only those); nothing is masked without guidance; cached and uncached still agree."""
+    import math
+
+    import models.generator as G
+
+    model = _model()
+    prompt = _codes(B=2, T=6)
+    forwarded, masked = [], []
+    cut = {"at": None}  # the plausibility the next generate call constrains with (None: nothing masked)
+    forward_tokens, sample = G.Generator.forward_tokens, G._sample
+
+    def record_forward(self, *a, **k):
+        out = forward_tokens(self, *a, **k)
+        forwarded.append(out[:, :, -1].float())
+        return out
+
+    def check_sample(logits, *a):
+        lp = forwarded[-1][:logits.shape[0]].log_softmax(-1)  # no text CFG: the first B rows see the prompt
+        expected = (lp < lp.amax(-1, keepdim=True) + math.log(cut["at"]) if cut["at"]
+                    else torch.zeros_like(lp, dtype=torch.bool))
+        assert torch.equal(torch.isinf(logits), expected)
+        frame = sample(logits, *a)
+        assert torch.isfinite(logits.gather(-1, frame[..., None])).all()  # never a masked token
+        masked.append(int(expected.sum()))
+        return frame
+
+    monkeypatch.setattr(G.Generator, "forward_tokens", record_forward)
+    monkeypatch.setattr(G, "_sample", check_sample)
+    cut["at"] = 0.9  # the tiny random model's distributions are flat: a high cut to mask some tokens
+    a = model.generate(n_frames=5, prompt=prompt, seed=1, prompt_guidance=30.0, plausibility=0.9)
+    assert len(masked) == 5 + 3 and min(masked) > 0  # 5 frames + 3 delay steps, each with masked tokens
+    b = model.generate(n_frames=5, prompt=prompt, seed=1, prompt_guidance=30.0, plausibility=0.9, use_cache=False)
+    assert torch.equal(a, b)
+    cut["at"] = None
+    assert not torch.equal(a, model.generate(n_frames=5, prompt=prompt, seed=1, prompt_guidance=30.0))
+    plain = model.generate(n_frames=5, prompt=prompt, seed=1)  # no guidance: nothing to constrain
+    assert torch.equal(model.generate(n_frames=5, prompt=prompt, seed=1, plausibility=0.9), plain)
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(GeneratorError, match="plausibility must be in"):
+            model.generate(n_frames=2, prompt=prompt, prompt_guidance=3.0, plausibility=bad)
+
+
 def test_sampling_options():
     model = _model()
     for kw in ({"temperature": 0.0}, {"top_k": 1}, {"top_p": 0.5}, {"top_p": 0.9, "top_k": 5, "temperature": 0.7}):

@@ -237,10 +237,11 @@ def test_trait_carrying_report_guided_and_unguided(stages, tmp_path):
     train_generator(str(root / "tokens"), str(root / "codec"), str(tmp_path / "gen"), short)
     params = {"seed": 0, "prompt_seconds": 0.5, "continuation_seconds": 0.5, "prompts_per_class": 2,
               "samples_per_prompt": 2, "modes": ["unconditional", "unconditional_unguided"],
-              "prompt_guidance": [30.0, 1.0], "samples_per_class": 1, "detector_max_segments": 40}
+              "prompt_guidance": [30.0, 1.0], "prompt_plausibility": 0.01, "samples_per_class": 1,
+              "detector_max_segments": 40}
     report = evaluate_trait_carrying(str(tmp_path / "gen"), str(root / "tokens"), None, params,
                                      out_path=str(tmp_path / "carry.json"), samples_dir=str(tmp_path / "wav"))
-    assert report["prompt_guidance"] == (30.0, 1.0)
+    assert report["prompt_guidance"] == (30.0, 1.0) and report["prompt_plausibility"] == 0.01
     guided, plain = (report["results"][m]["rows"] for m in ("unconditional", "unconditional_unguided"))
     assert len(guided) == len(plain) == 2 * 2 * 2  # 2 classes x 2 prompts x 2 samples
     assert {r["sample"] for r in guided} == {0, 1}
@@ -255,6 +256,7 @@ def test_trait_carrying_report_guided_and_unguided(stages, tmp_path):
         f"{m}_{c}_0.wav" for m in ("unconditional", "unconditional_unguided") for c in ("drums", "nodrums")]
     for bad, match in (({"modes": ["sideways"]}, "unknown carrying mode"),
                        ({"samples_per_prompt": 0}, "samples_per_prompt"),
-                       ({"prompt_guidance": [3.0, 1.0, 1.0]}, "prompt_guidance has 3 values")):
+                       ({"prompt_guidance": [3.0, 1.0, 1.0]}, "prompt_guidance has 3 values"),
+                       ({"prompt_plausibility": 1.5}, "prompt_plausibility must be in")):
         with pytest.raises(UserError, match=match):
             evaluate_trait_carrying(str(tmp_path / "gen"), str(root / "tokens"), None, {**params, **bad})
