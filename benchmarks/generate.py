@@ -53,7 +53,9 @@ def main(argv=None) -> None:
     for name, kw in [("no cache (baseline)", dict(use_cache=False)), ("KV cache", dict(use_cache=True)),
                      ("KV cache + CFG 3.0 (batch x2)", dict(use_cache=True, condition=cond, cfg_scale=3.0)),
                      ("KV cache + prompt guidance [3,1,1,1] (batch x2)",
-                      dict(use_cache=True, prompt_guidance=[3.0] + [1.0] * (K - 1)))]:
+                      dict(use_cache=True, prompt_guidance=[3.0] + [1.0] * (K - 1))),
+                     ("KV cache + prompt guidance [6,1,1,1] + plausibility 0.003 (evaluate_carrying)",
+                      dict(use_cache=True, prompt_guidance=[6.0] + [1.0] * (K - 1), plausibility=0.003))]:
         t0 = time.perf_counter()
         out = generator.generate(args.frames, prompt=prompt, seed=0, **kw)
         t_gen = time.perf_counter() - t0
