@@ -277,9 +277,10 @@ def evaluate_trait_carrying(generator_dir: str, tokens_dir: str, clips_dir: str 
     if int(params.get("samples_per_prompt", 1)) < 1:
         raise UserError("samples_per_prompt must be at least 1")
     guidance = guidance_scales(params.get("prompt_guidance", 1.0), generator.cfg.n_codebooks)
-    plausibility = float(params.get("prompt_plausibility", 0.0))
-    if not 0.0 <= plausibility < 1.0:
-        raise UserError(f"prompt_plausibility must be in [0, 1), got {plausibility}")
+    plausibility = params.get("prompt_plausibility", 0.0)
+    if not isinstance(plausibility, (int, float)) or not 0.0 <= plausibility < 1.0:
+        raise UserError(f"prompt_plausibility must be a number in [0, 1), got {plausibility!r}")
+    plausibility = float(plausibility)
     t0 = time.time()
     det = None
     if detector_path and Path(detector_path).exists():  # reuse a detector fitted for this codec and length
