@@ -213,7 +213,7 @@ class GenerationSession:
         import soundfile as sf
         import torch
 
-        from models.generator import attribute_ids, guidance_scales, sampling_temperature
+        from models.generator import attribute_ids, guidance_scales, plausibility_cut, sampling_temperature
         from models.steering import SteeringPlan, parse_strengths, steer as install
 
         d = self.defaults
@@ -235,13 +235,8 @@ class GenerationSession:
                 raise GenerationError("--prompt-guidance is a feature of the builtin generator, not of MusicGen")
         else:
             prompt_guidance = guidance_scales(prompt_guidance, self.generator.cfg.n_codebooks)
-        plausibility = d.get("prompt_plausibility", 0.0) if prompt_plausibility is None else prompt_plausibility
-        try:
-            plausibility = float(plausibility)
-        except (TypeError, ValueError):
-            raise GenerationError(f"--prompt-plausibility must be a number, got {plausibility!r}") from None
-        if not 0.0 <= plausibility < 1.0:
-            raise GenerationError(f"--prompt-plausibility must be in [0, 1), got {plausibility}")
+        plausibility = plausibility_cut(d.get("prompt_plausibility", 0.0) if prompt_plausibility is None
+                                        else prompt_plausibility)
         out = Path(out)
         if out.suffix.lower() != ".wav":
             raise GenerationError(f"--out must be a .wav path, got {out}")

@@ -261,7 +261,7 @@ def evaluate_trait_carrying(generator_dir: str, tokens_dir: str, clips_dir: str 
     """Continue held-out drum / drum-free prompts and judge the continuations with the independent detector."""
     import soundfile as sf
 
-    from models.generator import guidance_scales, load_generator, sampling_temperature
+    from models.generator import guidance_scales, load_generator, plausibility_cut, sampling_temperature
     from pipelines.errors import UserError
     from models.train import TokenSet
 
@@ -277,10 +277,7 @@ def evaluate_trait_carrying(generator_dir: str, tokens_dir: str, clips_dir: str 
     if int(params.get("samples_per_prompt", 1)) < 1:
         raise UserError("samples_per_prompt must be at least 1")
     guidance = guidance_scales(params.get("prompt_guidance", 1.0), generator.cfg.n_codebooks)
-    plausibility = params.get("prompt_plausibility", 0.0)
-    if not isinstance(plausibility, (int, float)) or not 0.0 <= plausibility < 1.0:
-        raise UserError(f"prompt_plausibility must be a number in [0, 1), got {plausibility!r}")
-    plausibility = float(plausibility)
+    plausibility = plausibility_cut(params.get("prompt_plausibility", 0.0))  # refused before the detector's minutes
     t0 = time.time()
     det = None
     if detector_path and Path(detector_path).exists():  # reuse a detector fitted for this codec and length

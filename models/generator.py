@@ -371,9 +371,8 @@ class Generator(nn.Module):
             raise GeneratorError("n_frames must be at least 1")
         scales = guidance_scales(prompt_guidance, K)
         scales = scales if isinstance(scales, tuple) else (scales,) * K
-        plausibility = float(plausibility)
-        if not 0.0 <= plausibility < 1.0:
-            raise GeneratorError(f"plausibility must be in [0, 1), got {plausibility}")
+        cut = plausibility_cut(plausibility)
+        log_cut = math.log(cut) if cut > 0 else None  # masks tokens below max log-probability + log_cut
         if S > cfg.max_frames:
             raise GeneratorError(f"prompt ({Tp} frames) + {n_frames} new frames + {K - 1} delay steps exceed the "
                                  f"context of {cfg.max_frames} positions")
@@ -433,9 +432,9 @@ class Generator(nn.Module):
             if use_pg:
                 prompted = logits
                 logits = free + guidance * (logits - free)
-                if plausibility > 0:
+                if log_cut is not None:
                     lp = prompted.log_softmax(-1)
-                    implausible = lp < lp.amax(-1, keepdim=True) + math.log(plausibility)
+                    implausible = lp < lp.amax(-1, keepdim=True) + log_cut
                     logits = logits.masked_fill(implausible, float("-inf"))
             frame = _sample(logits, temperature, top_k, top_p, gen)  # [B, K]
             frame = torch.where(known[:, s][None, :], stream[:, :, s + 1], frame)
@@ -479,6 +478,18 @@ def sampling_temperature(value, n_codebooks: int | None = None) -> float | tuple
 def guidance_scales(value, n_codebooks: int | None = None) -> float | tuple[float, ...]:
     """A prompt-guidance scale as given by a user: one number (>= 1; 1 = off), or one per codebook."""
     return _per_codebook(value, "prompt_guidance", n_codebooks, 1.0)
+
+
+def plausibility_cut(value) -> float:
+    """A plausibility constraint as given by a user (a number, or a string from the command line) in [0, 1);
+    0 = off. Raises GeneratorError on anything else."""
+    try:
+        cut = float(value) if isinstance(value, (int, float, str, np.floating)) and not isinstance(value, bool) else None
+    except ValueError:
+        cut = None
+    if cut is None or not 0.0 <= cut < 1.0:
+        raise GeneratorError(f"plausibility must be a number in [0, 1), got {value!r}")
+    return cut
 
 
 def _sample(logits: torch.Tensor, temperature, top_k: int, top_p: float, gen: torch.Generator):

@@ -221,9 +221,9 @@ def test_cli_generate_user_errors_are_one_line(model_dirs, tmp_path, capsys):
         (["--generator", str(model_dirs / "gen"), "--prompt", "x", "--prompt-guidance", "3,1"],
          "prompt_guidance has 2 values, the generator has"),
         (["--generator", str(model_dirs / "gen"), "--prompt", "x", "--prompt-plausibility", "high"],
-         "--prompt-plausibility must be a number"),
+         "plausibility must be a number in [0, 1), got 'high'"),
         (["--generator", str(model_dirs / "gen"), "--prompt", "x", "--prompt-plausibility", "1"],
-         "--prompt-plausibility must be in [0, 1)"),
+         "plausibility must be a number in [0, 1), got '1'"),
         (["--generator", "models:/smitin-generator@champion", "--tracking-uri", f"sqlite:///{tmp_path}/none.db",
           "--prompt", "x"], "no MLflow registry at"),
     ]

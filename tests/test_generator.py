@@ -230,8 +230,8 @@ def test_plausibility_masks_exactly_the_tokens_the_prompted_model_finds_unlikely
     assert not torch.equal(a, model.generate(n_frames=5, prompt=prompt, seed=1, prompt_guidance=30.0))
     plain = model.generate(n_frames=5, prompt=prompt, seed=1)  # no guidance: nothing to constrain
     assert torch.equal(model.generate(n_frames=5, prompt=prompt, seed=1, plausibility=0.9), plain)
-    for bad in (-0.1, 1.0, float("nan")):
-        with pytest.raises(GeneratorError, match="plausibility must be in"):
+    for bad in (-0.1, 1.0, float("nan"), "high", None, True):
+        with pytest.raises(GeneratorError, match="plausibility must be a number in"):
             model.generate(n_frames=2, prompt=prompt, prompt_guidance=3.0, plausibility=bad)
 
 

@@ -257,7 +257,7 @@ def test_trait_carrying_report_guided_and_unguided(stages, tmp_path):
     for bad, match in (({"modes": ["sideways"]}, "unknown carrying mode"),
                        ({"samples_per_prompt": 0}, "samples_per_prompt"),
                        ({"prompt_guidance": [3.0, 1.0, 1.0]}, "prompt_guidance has 3 values"),
-                       ({"prompt_plausibility": 1.5}, "prompt_plausibility must be a number in"),
-                       ({"prompt_plausibility": "high"}, "prompt_plausibility must be a number in")):
+                       ({"prompt_plausibility": 1.5}, "plausibility must be a number in"),
+                       ({"prompt_plausibility": "high"}, "plausibility must be a number in")):
         with pytest.raises(UserError, match=match):
             evaluate_trait_carrying(str(tmp_path / "gen"), str(root / "tokens"), None, {**params, **bad})
