@@ -70,7 +70,7 @@ def main() -> int:
                  (f"best layer, its {H} heads together ({position})", "generator", max(layers)),
                  (f"all {L * H} heads together ({position})", "generator", accuracy(acts.reshape(N, -1), y, train,
                                                                                     valid, C))]
-    card = int(getattr(codec, "card", int(max(int(c.max()) for c in codes)) + 1))
+    card = int(getattr(codec, "card", 0)) or max(int(c.max()) for c in codes) + 1  # codebook size
     bags = np.stack([np.concatenate([np.bincount(c[k].numpy(), minlength=card) for k in range(c.shape[0])])
                      for c in codes]).astype(np.float32)
     rows.append(("bag of the window's codes", "tokens", accuracy(bags, y, train, valid, 0.05)))
