@@ -6,19 +6,24 @@ Model: the trained generator in --generator when there is one, else the default 
 params `fit_codec`. Probe sets: --probes DIR when given, else random ones of the right shape. Target: smitin
 adds <= 5% (DESIGN: default model, CPU).
 
-    python benchmarks/steering.py [--frames 200] [--repeats 15] [--threads 1] [--every 1] [--preset gpu]
+    python benchmarks/steering.py [--frames 200] [--repeats 30] [--threads 1] [--every 1] [--preset gpu] [--no-pin]
 
-The headline is the median step time: every cached generation step of every run of a mode is timed, and the
-overhead is the ratio of the medians (a burst of load on a shared machine moves whole runs by 10-20%, but only
-some steps). Also shown: the fastest run, and the paired median of whole runs (within each repeat the modes run
-back to back; the median over repeats of mode / plain - 1, with its interquartile range). "plain again" (plain
-generation run twice a repeat) is the A/A control: what this machine's noise alone produces. "floor" runs hooks that
-do only the tensor work of pushing and monitoring (`floor_hooks`): the part of the overhead no bookkeeping change can
-remove on this model.
+Each run's steps are timed (a stamp as each cached step's forward enters the first block) and summarised by the
+run's median step, which shrugs off the bursts of a shared machine that hit a few steps. Every repeat runs each mode
+once, in a fresh seeded random order; the overhead of a mode is the median over repeats of (its run's median step /
+plain's in the same repeat) - 1, with a bootstrap 95% interval over repeats and the interquartile range. With one
+thread the process is pinned to one core (`--no-pin` to turn off): on a 2-core virtual machine, migrating between
+cores moved whole runs by 10-20% and the A/A control by several %. "plain again" (plain generation run twice a
+repeat) is that A/A control: what this machine's noise alone produces. "floor" runs hooks that do only the tensor work
+of pushing and monitoring (`floor_hooks`): the part of the overhead no bookkeeping change can remove on this model.
+The op counts (PyTorch calls a cached step makes, from the profiler) are exact: they do not depend on the machine's
+load, and say how much of a step's dispatch work steering adds.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import random
 import statistics
 import sys
 import time
@@ -104,21 +109,56 @@ def floor_hooks(generator: Generator, plan: SteeringPlan, fingerprint: str) -> I
             h.remove()
 
 
+def pin_to_one_core() -> str:
+    """Pin this process to the last core it may run on; returns what was done (for the table's header)."""
+    if not hasattr(os, "sched_setaffinity"):
+        return "not pinned (no sched_setaffinity)"
+    core = max(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {core})
+    return f"pinned to core {core}"
+
+
+def paired_overhead(runs: list[float], base: list[float], seed: int = 0) -> tuple[float, float, float, float, float]:
+    """Median over repeats of run / base - 1 (runs of one repeat are adjacent in time), its bootstrap 95% interval
+    over repeats, and the interquartile range: (median, ci_low, ci_high, q1, q3)."""
+    ratio = np.asarray(runs) / np.asarray(base) - 1.0
+    rng = np.random.default_rng(seed)
+    boot = np.median(rng.choice(ratio, (2000, len(ratio))), axis=1)
+    return (float(np.median(ratio)), float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5)),
+            float(np.percentile(ratio, 25)), float(np.percentile(ratio, 75)))
+
+
+def calls_per_step(generate, steps: int) -> int:
+    """PyTorch operator calls (top level: not counting the calls an operator makes inside itself) per generation
+    step, from the profiler. Exact and independent of the machine's load."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        generate()
+    n = sum(1 for e in prof.events() if e.name.startswith("aten::")
+            and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+    return round(n / steps)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--generator", default="data/generator")
     ap.add_argument("--probes", default=None, help="folder of probe sets (one subfolder per trait)")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--frames", type=int, default=200, help="frames generated per run (5 s at 40 frames/s)")
-    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-pin", action="store_true", help="do not pin a one-thread run to one core")
     ap.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
     ap.add_argument("--preset", default=None,
                     help="time a train_generator preset's architecture (random weights) instead of --generator")
     ap.add_argument("--every", type=int, default=None,
                     help="smitin push interval (default: params evaluate_steering.every)")
     args = ap.parse_args()
+    if args.preset and args.probes:
+        ap.error("--probes belong to the trained generator; --preset times random weights with random probe sets")
     torch.set_num_threads(args.threads)
+    pinned = pin_to_one_core() if args.threads == 1 and not args.no_pin else "not pinned"
 
     if args.preset:
         generator = default_generator(args.params, args.preset)
@@ -141,18 +181,14 @@ def main() -> int:
     every = args.every or int(load_params(args.params, "evaluate_steering").get("every", 1))
     plans = {mode: SteeringPlan.build(sets, strengths, mode=mode, every=every) for mode in ("none", "iti", "smitin")}
     condition = torch.randn(1, generator.cfg.cond_dim) if args.cfg != 1.0 else None
+    steps = frames + generator.cfg.n_codebooks - 1
 
-    # Step times: a stamp as each step's forward enters the first block (installed for every mode alike). The
-    # median step over all runs of a mode shrugs off the bursts of a shared machine that move whole runs by 10-20%.
+    # a stamp as each step's forward enters the first block (installed for every mode alike)
     stamps: list[float] = []
     generator.blocks[0].register_forward_pre_hook(lambda *_: stamps.append(time.perf_counter()))
-    step_times: dict[str, list[float]] = {}
 
-    def run(mode: str) -> tuple[float, float]:
-        """(wall seconds, process CPU seconds) of one generation."""
+    def generate(mode: str) -> None:
         kwargs = dict(condition=condition, cfg_scale=args.cfg, seed=0, top_k=50, batch_size=1)
-        stamps.clear()
-        t, c = time.perf_counter(), time.process_time()
         if mode.startswith("plain"):
             generator.generate(frames, **kwargs)
         elif mode == "floor":
@@ -161,45 +197,48 @@ def main() -> int:
         else:
             with steer(generator, plans[mode], fingerprint):
                 generator.generate(frames, **kwargs)
-        out = time.perf_counter() - t, time.process_time() - c
-        step_times.setdefault(mode, []).extend(b - a for a, b in zip(stamps[1:], stamps[2:]))  # cached steps
-        return out
+
+    def run(mode: str) -> tuple[float, float]:
+        """(median cached-step seconds, process CPU seconds) of one generation."""
+        stamps.clear()
+        c = time.process_time()
+        generate(mode)
+        cpu_s = time.process_time() - c
+        return statistics.median(b - a for a, b in zip(stamps[1:], stamps[2:])), cpu_s  # cached steps only
 
     # "plain again": plain generation a second time in each repeat, the A/A control: its overhead is the noise
     # "floor": the tensor work alone of a hook that pushes and monitors (see floor_hooks)
     modes = ["plain", "plain again", "none", "iti", "smitin", "floor"]
     for m in modes:  # warm-up
         run(m)
-    step_times.clear()
-    wall: dict[str, list[float]] = {m: [] for m in modes}
+    step: dict[str, list[float]] = {m: [] for m in modes}
     cpu: dict[str, list[float]] = {m: [] for m in modes}
-    for r in range(args.repeats):
-        for m in (modes if r % 2 == 0 else modes[::-1]):
-            w, c = run(m)
-            wall[m].append(w)
+    order = random.Random(0)
+    for _ in range(args.repeats):
+        for m in order.sample(modes, len(modes)):
+            a, c = run(m)
+            step[m].append(a)
             cpu[m].append(c)
-    steps = frames + generator.cfg.n_codebooks - 1
+    calls = {m: calls_per_step(lambda m=m: generate(m), steps) for m in ("plain", "smitin", "floor")}
+
     cfg = generator.cfg
     print(f"steering overhead: {source}; {cfg.n_layers} layers x {cfg.n_heads} heads, dim {cfg.dim}; "
-          f"{frames} frames ({steps} steps), CFG {args.cfg:g}, batch 1, {args.threads} thread(s), "
-          f"traits {strengths}, smitin push every {every} step(s), {args.repeats} interleaved runs per mode. "
-          "CPU = this process's CPU time; best = fastest run (the estimator least disturbed by other load on a "
-          "shared machine, as timeit uses)")
-    print(f"| {'mode':<11} | {'median step ms':>14} | {'overhead (median step)':>22} | {'CPU best s':>10} | "
-          f"{'overhead (best)':>15} | {'overhead (paired median, IQR)':>30} | {'wall median s':>13} |")
-    print(f"|{'-' * 13}|{'-' * 16}|{'-' * 24}|{'-' * 12}|{'-' * 17}|{'-' * 32}|{'-' * 15}|")
-    best0, step0 = min(cpu["plain"]), statistics.median(step_times["plain"])
-    paired, per_step = {}, {}  # paired: median over repeats of (mode / plain) within a repeat (the runs of a
-    for m in modes:  # repeat are adjacent in time, so slow phases of a shared machine hit both sides of each ratio)
-        b, w = min(cpu[m]), statistics.median(wall[m])
-        ratios = [x / p - 1 for x, p in zip(cpu[m], cpu["plain"])]
-        paired[m] = statistics.median(ratios)
-        q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
-        spread = f"{paired[m]:+.1%} ({q1:+.1%} to {q3:+.1%})"
-        med_step = statistics.median(step_times[m])
-        per_step[m] = med_step / step0 - 1
-        print(f"| {m:<11} | {1000 * med_step:14.3f} | {per_step[m]:+22.1%} | {b:10.3f} | {b / best0 - 1:+15.1%} | "
-              f"{spread:>30} | {w:13.3f} |")
+          f"{frames} frames ({steps} steps), CFG {args.cfg:g}, batch 1, {args.threads} thread(s), {pinned}, "
+          f"traits {strengths}, smitin push every {every} step(s), {args.repeats} repeats, modes in random order. "
+          "overhead = median over repeats of (the run's median step / plain's in the same repeat) - 1; "
+          "CI = bootstrap 95% over repeats; CPU best = this process's CPU time of the fastest run")
+    print(f"| {'mode':<11} | {'median step ms':>14} | {'overhead':>8} | {'95% CI':>17} | {'IQR':>17} | "
+          f"{'CPU best s':>10} | {'calls / step':>12} |")
+    print(f"|{'-' * 13}|{'-' * 16}|{'-' * 10}|{'-' * 19}|{'-' * 19}|{'-' * 12}|{'-' * 14}|")
+    over = {}
+    for m in modes:
+        med, lo, hi, q1, q3 = paired_overhead(step[m], step["plain"])
+        over[m] = (med, lo, hi)
+        n_calls = calls.get(m)
+        extra = "" if n_calls is None else f"{n_calls}" if m == "plain" else f"{n_calls} (+{n_calls - calls['plain']})"
+        print(f"| {m:<11} | {1000 * statistics.median(step[m]):14.3f} | {med:+8.1%} | "
+              f"{f'{lo:+.1%} to {hi:+.1%}':>17} | {f'{q1:+.1%} to {q3:+.1%}':>17} | {min(cpu[m]):10.3f} | "
+              f"{extra:>12} |")
 
     # noise-robust view: CPU time spent inside the hooks themselves (smitin), per step, against plain step time
     spent = [0.0]
@@ -218,15 +257,19 @@ def main() -> int:
     handles = [site.register_forward_hook(timed(layer)) for layer, site in enumerate(generator.head_sites())]
     try:
         generator.generate(frames, condition=condition, cfg_scale=args.cfg, seed=0, top_k=50, batch_size=1)
-        base = min(wall["plain"])
     finally:
         for h in handles:
             h.remove()
-    print(f"time inside the smitin hooks (wall): {1000 * spent[0] / steps:.3f} ms/step = {spent[0] / base:.1%} of "
-          "plain generation's wall time (excludes the module-hook dispatch itself)")
-    over = per_step["smitin"]
-    print(f"smitin overhead (median step time) {over:+.1%}, A/A control {per_step['plain again']:+.1%}, the tensor "
-          f"work alone (floor) {per_step['floor']:+.1%} (target <= 5%): {'OK' if over <= 0.05 else 'OVER'}")
+    plain_step = statistics.median(step["plain"])
+    print(f"time inside the smitin hooks (wall): {1000 * spent[0] / steps:.3f} ms/step = "
+          f"{spent[0] / steps / plain_step:.1%} of plain generation's median step (excludes the module-hook dispatch)")
+    med, lo, hi = over["smitin"]
+    # OK / OVER when the whole interval is on one side of the target; otherwise the point estimate decides, said so
+    verdict = ("OK" if hi <= 0.05 else "OVER" if lo > 0.05 else
+               f"{'OK' if med <= 0.05 else 'OVER'} (point estimate; the interval spans 5%)")
+    print(f"smitin overhead {med:+.1%} (95% CI {lo:+.1%} to {hi:+.1%}), A/A control {over['plain again'][0]:+.1%}, "
+          f"the tensor work alone (floor) {over['floor'][0]:+.1%}; PyTorch calls a step: plain {calls['plain']}, "
+          f"smitin +{calls['smitin'] - calls['plain']} (target <= 5%): {verdict}")
     return 0
 
 
