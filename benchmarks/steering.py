@@ -16,8 +16,8 @@ thread the process is pinned to one core (`--no-pin` to turn off): on a 2-core v
 cores moved whole runs by 10-20% and the A/A control by several %. "plain again" (plain generation run twice a
 repeat) is that A/A control: what this machine's noise alone produces. "floor" runs hooks that do only the tensor work
 of pushing and monitoring (`floor_hooks`): the part of the overhead no bookkeeping change can remove on this model.
-The op counts (PyTorch calls a cached step makes, from the profiler) are exact: they do not depend on the machine's
-load, and say how much of a step's dispatch work steering adds.
+The call counts (PyTorch calls a step makes, from the profiler) do not depend on the machine's load; they say
+how much of a step's dispatch work steering adds.
 """
 from __future__ import annotations
 
@@ -130,7 +130,8 @@ def paired_overhead(runs: list[float], base: list[float], seed: int = 0) -> tupl
 
 def calls_per_step(generate, steps: int) -> int:
     """PyTorch operator calls (top level: not counting the calls an operator makes inside itself) per generation
-    step, from the profiler. Exact and independent of the machine's load."""
+    step, averaged over one generation (its first step, the prompt's, makes more), from the profiler. A count: it
+    does not depend on the machine's load."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -155,6 +156,8 @@ def main() -> int:
     ap.add_argument("--every", type=int, default=None,
                     help="smitin push interval (default: params evaluate_steering.every)")
     args = ap.parse_args()
+    if args.frames < 3:
+        ap.error("--frames must be at least 3 (steps are timed from the second cached step on)")
     if args.preset and args.probes:
         ap.error("--probes belong to the trained generator; --preset times random weights with random probe sets")
     torch.set_num_threads(args.threads)
