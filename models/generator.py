@@ -140,6 +140,10 @@ class CausalSelfAttention(nn.Module):
         self.head_out = HeadOutput()
         self.out_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.dropout = cfg.dropout
+        # While a fused steering session runs (models.steering), a callable that takes the per-head output
+        # (B, T, H, Dh) and returns the projected output (B, T, dim) in place of `out_proj`: it folds the push into
+        # the projection. None: plain `out_proj`.
+        self.steering = None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: dict | None = None,
                 visible: torch.Tensor | None = None) -> torch.Tensor:
@@ -161,6 +165,8 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=self.dropout if self.training else 0.0)
         heads = self.head_out(y.transpose(1, 2))  # (B, T, H, Dh): the per-head output, hookable
+        if self.steering is not None:
+            return self.steering(heads)
         return self.out_proj(heads.reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -222,6 +228,18 @@ class Generator(nn.Module):
     def head_sites(self) -> list[HeadOutput]:
         """The `head_out` module of every layer, in layer order."""
         return [block.attn.head_out for block in self.blocks]
+
+    def output_projections(self) -> list[torch.Tensor]:
+        """The weight [dim, H * Dh] of every layer's output projection (what follows `head_out`), in layer order."""
+        return [block.attn.out_proj.weight for block in self.blocks]
+
+    def attach_steering(self, projections: Sequence[Callable[[torch.Tensor], torch.Tensor]] | None) -> None:
+        """Replace every layer's output projection by projections[layer] (see `CausalSelfAttention.steering`);
+        None restores the plain projections. Used by models.steering's fused path."""
+        if projections is not None and len(projections) != self.n_layers:
+            raise GeneratorError(f"need one steering projection per layer ({self.n_layers}), got {len(projections)}")
+        for i, block in enumerate(self.blocks):
+            block.attn.steering = projections[i] if projections is not None else None
 
     @property
     def n_prefix(self) -> int:

@@ -8,7 +8,8 @@ import torch
 
 from models.generator import Generator, GeneratorConfig
 from models.probes import ProbeSet
-from models.steering import (SteeringError, SteeringPlan, SteeringSession, parse_strengths, smitin_factor, steer)
+from models.steering import (SteeringError, SteeringPlan, SteeringSession, _median_probability, parse_strengths,
+                             smitin_factor, steer)
 from pipelines.errors import UserError
 
 
@@ -49,7 +50,7 @@ def test_update_formula_at_the_hook_is_exact(mode):
     plan = SteeringPlan.build([drums, piano], "drums=+4, piano=-2.5", mode=mode, top_k=3, every=1, tau=1.0)
     before, after = {}, {}
     handles = _record(model, before)  # registered first: sees the output before the steering hook
-    with steer(model, plan) as session:
+    with steer(model, plan, fused=False) as session:
         handles += _record(model, after)  # registered after: sees the steered output
         model.generate(3, prompt=_prompt(), seed=0)
     for h in handles:
@@ -85,7 +86,7 @@ def test_single_trait_push_is_bitwise_alpha_w_sigma_theta(rows):
     plan = SteeringPlan.build([ps], {"drums": 7.0}, mode="iti", top_k=4)
     before, after = {}, {}
     handles = _record(model, before)
-    with steer(model, plan):
+    with steer(model, plan, fused=False):
         handles += _record(model, after)
         model(_prompt(B=rows), condition=None)  # a teacher-forced forward counts as step 0 of a generation
     for h in handles:
@@ -166,7 +167,7 @@ def test_negative_strength_pushes_the_other_way_and_watches_absence():
     plan = SteeringPlan.build([ps_on], "drums=-3", mode="smitin", every=1, decay=0.0)
     before, after = {}, {}
     handles = _record(model, before)
-    with steer(model, plan) as session:
+    with steer(model, plan, fused=False) as session:
         handles += _record(model, after)
         model.generate(4, prompt=_prompt(), seed=0)
     for h in handles:
@@ -178,14 +179,15 @@ def test_negative_strength_pushes_the_other_way_and_watches_absence():
 
 
 # ----------------------------------------------------------------------------------------- KV cache, CFG
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("mode", ["iti", "smitin"])
-def test_cached_and_uncached_steering_give_the_same_tokens(mode):
+def test_cached_and_uncached_steering_give_the_same_tokens(mode, fused):
     model = _model()
     ps = _probe_set(model)
     plan = SteeringPlan.build([ps], "drums=+12", mode=mode, every=2, tau=0.99, top_k=6)
     runs = {}
     for use_cache in (True, False):
-        with steer(model, plan) as session:
+        with steer(model, plan, fused=fused) as session:
             tokens = model.generate(10, prompt=_prompt(B=2), seed=5, top_k=8, use_cache=use_cache)
         runs[use_cache] = (tokens, session.report())
     plain = model.generate(10, prompt=_prompt(B=2), seed=5, top_k=8)
@@ -204,7 +206,7 @@ def test_cfg_steers_and_monitors_only_the_conditional_rows():
     condition = torch.randn(2, 384, generator=torch.Generator().manual_seed(0))
     before, after = {}, {}
     handles = _record(model, before)
-    with steer(model, plan) as session:
+    with steer(model, plan, fused=False) as session:
         handles += _record(model, after)
         model.generate(5, prompt=_prompt(B=2), condition=condition, cfg_scale=3.0, seed=0)
     for h in handles:
@@ -218,6 +220,115 @@ def test_cfg_steers_and_monitors_only_the_conditional_rows():
     assert all(len(s["traits"]["drums"]["probability"]) == 2 for s in report.steps)  # one monitor per cond row
 
 
+# ----------------------------------------------------------------------------------------- fused path
+def _attention_outputs(model, store):
+    return [block.attn.register_forward_hook(lambda m, i, o: store.append(o.clone())) for block in model.blocks]
+
+
+@pytest.mark.parametrize("spec, mode, rows, cfg, cache", [
+    ("drums=+4", "smitin", 1, False, True),  # a plain generate: the push factor is the product's beta
+    ("drums=+4", "iti", 1, True, True),
+    ("drums=+4,piano=-2", "smitin", 2, True, True),  # several traits and rows: the push rows are rewritten
+    ("drums=-3", "smitin", 2, False, True),
+    ("drums=+4", "smitin", 1, True, False),  # uncached: every forward takes the hooks' arithmetic
+])
+def test_fused_path_gives_the_hooks_tokens_outputs_and_report(spec, mode, rows, cfg, cache):
+    model = _model()
+    plan = SteeringPlan.build([_probe_set(model), _probe_set(model, "piano", 1)], spec, mode=mode, every=1,
+                              tau=0.99, top_k=5)
+    condition = torch.randn(rows, 384, generator=torch.Generator().manual_seed(0)) if cfg else None
+    runs = {}
+    for fused in (False, True):
+        outputs = []
+        handles = _attention_outputs(model, outputs)
+        with steer(model, plan, fused=fused) as session:
+            tokens = model.generate(12, prompt=_prompt(B=rows), condition=condition, cfg_scale=3.0 if cfg else 1.0,
+                                    seed=3, top_k=8, use_cache=cache)
+        for h in handles:
+            h.remove()
+        runs[fused] = tokens, session.report(), outputs
+    (tokens_h, report_h, out_h), (tokens_f, report_f, out_f) = runs[False], runs[True]
+    assert torch.equal(tokens_f, tokens_h)
+    assert not torch.equal(tokens_f, model.generate(12, prompt=_prompt(B=rows), condition=condition, seed=3, top_k=8,
+                                                    cfg_scale=3.0 if cfg else 1.0, use_cache=cache))
+    assert len(out_f) == len(out_h)
+    for a, b in zip(out_f, out_h):  # W (z + f delta) computed as W z + f W delta: equal up to rounding
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert len(report_f.steps) == len(report_h.steps) == 12 + 3
+    for a, b in zip(report_f.steps, report_h.steps):
+        assert a["step"] == b["step"]
+        for trait in plan.traits:
+            assert a["traits"][trait]["push"] == pytest.approx(b["traits"][trait]["push"], abs=1e-6)
+            assert a["traits"][trait]["probability"] == pytest.approx(b["traits"][trait]["probability"], abs=1e-6)
+    assert sum(p > 0 for p in report_f.pushes(plan.traits[0])) >= 10
+
+
+def test_fused_projection_is_w_times_the_pushed_heads():
+    model = _model()
+    ps = _probe_set(model)
+    plan = SteeringPlan.build([ps], "drums=+5", mode="smitin", every=1, tau=0.99, decay=1.0)
+    heads, outputs = {}, []
+    handles = _record(model, heads) + _attention_outputs(model, outputs)  # head_out: z before the push
+    with steer(model, plan) as session:
+        model.generate(4, prompt=_prompt(), seed=0)
+    for h in handles:
+        h.remove()
+    pushes = session.report().pushes("drums")
+    assert pushes[0] == 0.0 and all(0 < p < 1 for p in pushes[1:])  # decaying, not full
+    delta = torch.from_numpy((np.float32(5.0) * ps.weight * ps.sigma)[..., None] * ps.direction)
+    L = model.n_layers
+    for step in range(1, len(pushes)):  # the cached steps
+        for layer in range(L):
+            z = heads[layer][step]  # [1, 1, H, Dh]
+            expected = model.blocks[layer].attn.out_proj((z + pushes[step] * delta[layer]).flatten(2))
+            torch.testing.assert_close(outputs[step * L + layer], expected, rtol=0, atol=1e-6)
+
+
+def test_fused_monitor_reads_each_monitored_probe_on_every_device():
+    model = _model()
+    sets = [_probe_set(model, intercept=0.25), _probe_set(model, "piano", 1, intercept=-0.5)]
+    plan = SteeringPlan.build(sets, "drums=+2,piano=-1", mode="smitin", monitor_heads=5)
+    heads = {}
+    handles = _record(model, heads)
+    with steer(model, plan) as session:
+        model.generate(3, prompt=_prompt(B=2), condition=torch.randn(2, 384), cfg_scale=3.0, seed=0)
+    for h in handles:
+        h.remove()
+    buffers = session._fused
+    assert buffers.rows == 4 and buffers._memory is not None  # CPU: read through a memoryview
+    logits = buffers.logits(2)  # the last step's, [conditional rows, traits, monitored heads]
+    expected = np.array([[[float(heads[layer][-1][r, 0, head] @ torch.from_numpy(ps.coef[layer, head]))
+                           + ps.intercept[layer, head] for layer, head in ps.top_heads(5)] for ps in sets]
+                         for r in range(2)])
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-5)
+    medians = [[_median_probability(list(t)) for t in row] for row in expected]
+    np.testing.assert_allclose(buffers.probabilities(2), medians, rtol=0, atol=1e-6)
+    assert session.report().steps[-1]["traits"]["piano"]["probability"] == pytest.approx(
+        [row[1] for row in medians], abs=1e-6)
+    buffers._flat = buffers._memory = None  # what an accelerator's buffer takes: a gather and a copy
+    np.testing.assert_allclose(buffers.logits(2), expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(buffers.probabilities(2), medians, rtol=0, atol=1e-6)
+
+
+def test_fused_steering_is_refused_for_a_generator_without_the_fused_path_and_always_detached():
+    model = _model()
+    plan = SteeringPlan.build([_probe_set(model)], "drums=+1", mode="iti")
+
+    class HooksOnly:  # a generator that offers only head_out hooks (as MusicGen does)
+        n_layers, n_heads, head_dim = model.n_layers, model.n_heads, model.head_dim
+        fingerprint = model.fingerprint
+        parameters, head_sites = model.parameters, model.head_sites
+
+    with pytest.raises(SteeringError, match="no fused steering path"):
+        with steer(HooksOnly(), plan, fused=True):
+            pass
+    with pytest.raises(RuntimeError, match="boom"):
+        with steer(model, plan):
+            assert all(block.attn.steering is not None for block in model.blocks)
+            raise RuntimeError("boom")
+    assert all(block.attn.steering is None for block in model.blocks)
+
+
 def test_new_generation_restarts_the_report_and_hooks_are_removed():
     model = _model()
     plan = SteeringPlan.build([_probe_set(model)], "drums=+1", mode="none")
@@ -229,12 +340,13 @@ def test_new_generation_restarts_the_report_and_hooks_are_removed():
         assert len(session.generations) == 1
     assert all(p == 0 for p in session.report().pushes("drums"))
     assert not any(site._forward_hooks for site in model.head_sites())
+    assert all(block.attn.steering is None for block in model.blocks)  # the fused projections are detached
 
 
 def test_a_new_batch_layout_starts_a_new_generation_even_with_t_equal_1():
     model = _model()
     plan = SteeringPlan.build([_probe_set(model)], "drums=+1", mode="iti")
-    with steer(model, plan) as session:
+    with steer(model, plan, fused=False) as session:  # calls head_out directly: the hook path
         model.generate(2, prompt=_prompt(), seed=0)
         model.batch_layout = {"cfg": False, "n_cond": 1}  # what a prompt-less generate() of a BOS-only model does
         for site in model.head_sites():
