@@ -19,7 +19,7 @@ float rounding (tested):
 - fused (the builtin generator, the default there): each layer's output projection W is replaced by one matrix
   product that also adds the push as f * W delta and computes the monitored probes' logits as extra columns
   (`SteeringSession.projections`). A cached step costs no more PyTorch calls than a plain one; this is what keeps
-  steering under 5% of a step on the small default model (benchmarks/steering.py).
+  steering at 3-4% of a step on the small default model, against 9-12% through hooks (benchmarks/steering.py).
 - hooks on every `head_out` (any generator with `head_sites`, e.g. MusicGen, or `fused=False`), which edit the
   head outputs themselves.
 Either way only the last position of each forward is edited, i.e. the position that produces the next frame:
@@ -417,11 +417,11 @@ class SteeringSession:
         before its push, as the hooks read it. With one trait and one conditional row (a plain generate) the push
         factor f is the product's beta, so a step adds no PyTorch call at all; several traits or rows rewrite the
         push rows when the factors change (a product and a copy). On the CPU the monitor reads the logits through a
-        numpy view of the buffer. The hooks add nine calls a step and the hook dispatch; on the small default
-        generator that was 8-10% of a step, the fused path stays under 5% (benchmarks/steering.py). The returned
-        output is a view of the buffer, valid until the next step (the block's residual add consumes it at once).
-        Forwards over several positions (a prompt, uncached steps) run the hooks' arithmetic, then the plain
-        projection."""
+        memoryview of the buffer. The hooks add nine calls a step and the hook dispatch: 9-12% of a step of the
+        small default generator, against 3-4% fused (benchmarks/steering.py). The returned output is a view of the
+        buffer, valid until the next step (the block's residual add consumes it at once); cached steps run without
+        gradients, as `generate` does. Forwards over several positions (a prompt, uncached steps) run the hooks'
+        arithmetic, then the plain projection."""
         weights = [w.detach() for w in self.generator.output_projections()]
         L, D = self.n_layers, weights[0].shape[0]
         sets = list(self.plan.probe_sets.values())
@@ -562,7 +562,7 @@ class _FusedBuffers:
         # On the CPU the monitor reads the buffer through a memoryview (floats straight to Python, no PyTorch or
         # numpy call): per row and trait one itemgetter over its M cells. Measured inside a generation step, where
         # the step's own work has evicted everything from the caches, this is several times cheaper than a numpy
-        # gather and sort (~35 µs a step), the difference that matters at 1 ms a step.
+        # gather and sort (~33 µs a step), a difference that matters at 1 ms a step.
         self._memory = memoryview(flat) if flat is not None else None
         self._getters = [[itemgetter(*where) if M > 1 else (lambda m, i=where[0]: (m[i],))
                           for where in self._where[r].tolist()] for r in range(B)]
