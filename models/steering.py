@@ -672,6 +672,9 @@ def steer(generator, plan: SteeringPlan, fingerprint: str | None = None,
     if fused:
         if not hasattr(generator, "attach_steering"):
             raise SteeringError(f"{type(generator).__name__} has no fused steering path; use the hooks (fused=False)")
+        if any(getattr(block.attn, "steering", None) is not None for block in getattr(generator, "blocks", [])):
+            raise SteeringError("the generator is already being steered: put all traits in one plan "
+                                "(e.g. drums=+5,piano=-3) instead of nesting steer() blocks")
         generator.attach_steering(session.projections())
         try:
             yield session

@@ -310,7 +310,7 @@ def test_fused_monitor_reads_each_monitored_probe_on_every_device():
     np.testing.assert_allclose(buffers.probabilities(2), medians, rtol=0, atol=1e-6)
 
 
-def test_fused_steering_is_refused_for_a_generator_without_the_fused_path_and_always_detached():
+def test_fused_steering_is_refused_without_the_fused_path_or_nested_and_always_detached():
     model = _model()
     plan = SteeringPlan.build([_probe_set(model)], "drums=+1", mode="iti")
 
@@ -325,6 +325,9 @@ def test_fused_steering_is_refused_for_a_generator_without_the_fused_path_and_al
     with pytest.raises(RuntimeError, match="boom"):
         with steer(model, plan):
             assert all(block.attn.steering is not None for block in model.blocks)
+            with pytest.raises(SteeringError, match="already being steered"):  # nesting would drop the outer plan
+                with steer(model, SteeringPlan.build([_probe_set(model, "piano", 1)], "piano=-1", mode="iti")):
+                    pass
             raise RuntimeError("boom")
     assert all(block.attn.steering is None for block in model.blocks)
 
