@@ -7,7 +7,8 @@ the fused path replaced.
 
 Model: the trained generator in --generator when there is one, else the default architecture of params
 `train_generator.model` (random weights: time does not depend on the values) with the codec's K and card from
-params `fit_codec`. Probe sets: --probes DIR when given, else random ones of the right shape. Target: smitin
+params `fit_codec`. Probe sets: --probes DIR when given, else data/probes for the trained generator when it exists
+(one trait: drums, as `make demo` trains them), else two random ones of the right shape. Target: smitin
 adds <= 5% (DESIGN: default model, CPU).
 
     python benchmarks/steering.py [--frames 200] [--repeats 30] [--threads 1] [--every 1] [--preset gpu] [--no-pin]
@@ -148,7 +149,8 @@ def calls_per_step(generate, steps: int) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--generator", default="data/generator")
-    ap.add_argument("--probes", default=None, help="folder of probe sets (one subfolder per trait)")
+    ap.add_argument("--probes", default=None,
+                    help="folder of probe sets (one subfolder per trait); default: data/probes with the trained generator")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--frames", type=int, default=200, help="frames generated per run (5 s at 40 frames/s)")
     ap.add_argument("--repeats", type=int, default=30)
@@ -173,6 +175,8 @@ def main() -> int:
     elif (Path(args.generator) / "generator.json").exists():
         generator, _ = load_generator(args.generator)
         source = f"trained ({args.generator})"
+        if args.probes is None and any(p.is_dir() for p in Path("data/probes").glob("*")):
+            args.probes = "data/probes"
     else:
         generator = default_generator(args.params)
         source = "default architecture, random weights"

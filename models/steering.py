@@ -305,6 +305,10 @@ class SteeringSession:
         """Recognise the forward that starts (B rows, T positions): the next cached step, the next uncached step or
         a new generation; advance the step count; returns the absolute position it produces the next frame at."""
         layout = getattr(self.generator, "batch_layout", None)
+        if T == 1 and layout is self._layout and B == self._rows and self._last_pos is not None:
+            self._last_pos += 1  # the steady state, decided first: the next cached step of the same generation
+            self._step += 1
+            return self._last_pos
         # generators set a fresh batch_layout per generate() / forward() call: a new object is a new generation
         # (this also catches a prompt-less generation whose first forward has T == 1, as in MusicGen)
         same = layout is None or layout is self._layout
@@ -500,11 +504,7 @@ class SteeringSession:
         return project
 
     def _begin_fused_step(self, B: int) -> None:
-        if self.generator.batch_layout is self._layout and B == self._rows and self._last_pos is not None:
-            self._last_pos += 1  # the next cached step of the same generation (what `_advance` decides, in short)
-            self._step += 1
-        else:
-            self._advance(B, 1)
+        self._advance(B, 1)
         buf = self._fused
         if buf is None or buf.rows != B:
             buf = self._buffers(B)
