@@ -23,12 +23,15 @@ $(BIN)/smitin: requirements.lock pyproject.toml
 
 setup: $(BIN)/smitin
 
-# The main job: every DVC stage on the embedded default corpus (render -> dataset -> ... -> register), promotion of
-# the new versions through the gates, then a steered example from the champion: demo/steered_drums.wav + report.
+# The main job: every DVC stage on the embedded default data (render -> dataset -> ... -> register; JSB scores ->
+# Coconet), promotion of the new versions through the gates, then a steered example from the champion generator
+# (demo/steered_drums.wav + report) and a held-out chorale melody harmonized by the champion Coconet
+# (demo/harmonized.mid, .musicxml, .wav, .png).
 demo: setup
 	$(BIN)/smitin refresh
 	$(BIN)/smitin generate --prompt "a chorale for strings and organ" --steer drums=+10 --duration 8 \
 		--out demo/steered_drums.wav
+	$(BIN)/smitin harmonize --melody pipelines/data/jsb/test-000-soprano.mid --out demo/harmonized.mid
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pipelines import cli as pipelines_cli
 
     pipelines_cli.register(commands)
-    for module in ("models.cli", "registry.cli", "generation.commands"):
+    for module in ("models.cli", "registry.cli", "generation.commands", "generation.coconet_commands"):
         try:
             mod = __import__(module, fromlist=["register"])
         except ModuleNotFoundError as e:

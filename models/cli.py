@@ -99,3 +99,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     from models import steering_cli
 
     steering_cli.register(commands)
+
+    from models import coconet_cli
+
+    coconet_cli.register(commands)

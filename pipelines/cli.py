@@ -39,6 +39,56 @@ def register(commands: argparse._SubParsersAction) -> None:
     ev.set_defaults(func=_dataset_eval)
 
     register_corpus(commands)
+    register_scores(commands)
+
+
+def register_scores(commands: argparse._SubParsersAction) -> None:
+    scores = commands.add_parser("scores", help="build the scores table (four-voice rolls) Coconet trains on")
+    scores_cmds = scores.add_subparsers(dest="scores_command", required=True, metavar="ACTION")
+    build = scores_cmds.add_parser(
+        "build", help="score files / music21 works / JSB JSON -> scores table (Parquet), with Apache Beam",
+        description="Read MusicXML, MIDI, ABC and Humdrum files (folders and globs are searched), music21 corpus "
+                    "works (music21:bwv66.6) and JSB-style JSON, and write one row per four-voice piece: its roll on "
+                    "a 16th-note grid (MIDI pitch per voice and frame, -1 silent), key and time signature where the "
+                    "source has them, and its split (the JSON's own, else by hashing the source). Pieces that are "
+                    "not four single-note voices become rows of _errors.parquet; every file is listed in "
+                    "_sources.parquet. Re-running on an existing --out reads only new or changed sources. Unknown "
+                    "--flags are passed to Beam.",
+        epilog="example: smitin scores build --input pipelines/data/jsb/Jsb16thSeparated.json.gz --input "
+               "music21:bwv66.6 --out data/scores")
+    build.add_argument("--input", action="append", default=None, metavar="PATH|music21:NAME",
+                       help="a folder, glob, file or music21 corpus work (repeatable; default: params "
+                            "build_scores.input)")
+    build.add_argument("--out", default="data/scores", help="output folder (default: data/scores)")
+    build.add_argument("--params", default="params.yaml", help="params file (section build_scores)")
+    build.add_argument("--runner", default=None, help="Beam runner (default: FnApiRunner)")
+    build.add_argument("--workers", type=int, default=None, help="local worker processes (default: params)")
+    build.add_argument("--wait-seconds", dest="wait_seconds", type=float, default=None,
+                       help="wait this long for another build of the same --out (default: params, 0: fail at once)")
+    build.add_argument("--metrics", default=None, help="also write the stats JSON here (a DVC metrics file)")
+    build.set_defaults(func=_scores_build, accepts_beam_args=True)
+
+
+def _scores_build(args: argparse.Namespace) -> int:
+    from core.config import load_section
+    from pipelines.scores import BuildScoresParams, build_scores
+
+    params = load_section(BuildScoresParams, args.params, "build_scores")
+    over = {k: v for k, v in (("workers", args.workers), ("wait_seconds", args.wait_seconds)) if v is not None}
+    params = params.with_overrides(over, "command line") if over else params
+    result = build_scores(args.input or params.input, args.out, params, runner=args.runner,
+                          beam_args=getattr(args, "beam_args", None))
+    s = result.stats
+    if args.metrics:
+        from pathlib import Path
+
+        Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.metrics).write_text(json.dumps(s, indent=2, sort_keys=True) + "\n")
+    if result.up_to_date:
+        print(f"{args.out}: up to date ({s.get('pieces', '?')} pieces); nothing written")
+    else:
+        print(json.dumps({k: s[k] for k in ("sources_in", "sources", "pieces", "pieces_per_split", "errors")}))
+    return 0
 
 
 def _dataset_build(args: argparse.Namespace) -> int:

@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from core.synth import default_soundfont, synthesize
 from pipelines.corpus_arrange import DRUM_CHANNEL, Arrangement, arrange, choose_tempo, describe, mixes_of
 from pipelines.corpus_scores import (EPS, PieceRef, Score, analyse_chords, harmonise_melody, key_name, key_segments,
                                      list_corpus, load_score, score_key, symbol_chords, transpose_label)
@@ -81,12 +82,6 @@ ERRORS_SCHEMA = pa.schema([("piece_id", pa.string()), ("score_path", pa.string()
                            ("message", pa.string())])
 
 
-def default_soundfont() -> str:
-    import pretty_midi
-
-    return os.path.join(os.path.dirname(pretty_midi.__file__), "TimGM6mb.sf2")
-
-
 def _rng(*parts) -> np.random.Generator:
     digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
     return np.random.default_rng(int.from_bytes(digest[:8], "big"))
@@ -118,40 +113,6 @@ def select_pieces(params: dict) -> list[PieceRef]:
 
 # ----------------------------------------------------------------------------------------------------------
 # Synthesis
-
-
-def synthesize(sf2_bytes: bytes, stem, seconds_per_ql: float, n_samples: int, sr: int) -> np.ndarray:
-    """One stem, mono float32. A fresh synth per stem: nothing rings over from a previous render."""
-    import tinysoundfont
-
-    synth = tinysoundfont.Synth(samplerate=sr)
-    sfid = synth.sfload(sf2_bytes)
-    for ch, program in stem.programs.items():
-        if ch == DRUM_CHANNEL:
-            synth.program_select(ch, sfid, 128, program, True)
-        else:
-            synth.program_select(ch, sfid, 0, program)
-    timeline = []
-    for e in stem.events:
-        on = int(round(e.start * seconds_per_ql * sr))
-        off = max(on + 1, int(round(e.end * seconds_per_ql * sr)))
-        timeline.append((off, 0, e.channel, e.pitch, 0))  # note-offs first at the same sample (repeated notes)
-        timeline.append((on, 1, e.channel, e.pitch, e.velocity))
-    timeline.sort()
-    out = np.zeros((n_samples, 2), np.float32)
-    pos = 0
-    for sample, kind, ch, pitch, vel in timeline:
-        sample = min(sample, n_samples)
-        if sample > pos:
-            out[pos:sample] = np.frombuffer(synth.generate(sample - pos), np.float32).reshape(-1, 2)
-            pos = sample
-        if kind:
-            synth.noteon(ch, pitch, vel)
-        else:
-            synth.noteoff(ch, pitch)
-    if pos < n_samples:
-        out[pos:] = np.frombuffer(synth.generate(n_samples - pos), np.float32).reshape(-1, 2)
-    return out.mean(axis=1)
 
 
 def mix_stems(stems: dict[str, np.ndarray], gains_db: dict[str, float], mixes: list[frozenset[str]],
@@ -322,7 +283,7 @@ def render_corpus(out: str, params: dict, workers: int | None = None, runner: st
                   beam_args: list[str] | None = None) -> RenderResult:
     """Render the selected pieces into `out` (audio/, stems/, labels.parquet). Previous audio/ and stems/ in
     `out` are replaced: the folder is this stage's output."""
-    from pipelines.dataset import _make_pipeline
+    from pipelines.runner import make_pipeline
 
     soundfont = params.get("soundfont") or default_soundfont()
     if not os.path.exists(soundfont):
@@ -335,7 +296,7 @@ def render_corpus(out: str, params: dict, workers: int | None = None, runner: st
     out_abs = os.path.abspath(out)
     started = time.time()
     log.info("rendering %d pieces x %d variants into %s", len(refs), int(params.get("variants", 1)), out)
-    with _make_pipeline(runner, workers, beam_args) as p:
+    with make_pipeline(runner, workers, beam_args) as p:
         results = (p | "Pieces" >> beam.Create(refs)
                    | "Spread" >> beam.Reshuffle()
                    | "Render" >> beam.ParDo(RenderPiece(params, out_abs, soundfont)).with_outputs("errors",

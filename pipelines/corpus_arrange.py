@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from core.synth import DRUM_CHANNEL
 from pipelines.corpus_scores import EPS, Score, chord_pcs, transpose_label
 
-DRUM_CHANNEL = 9
 KICK, SNARE, SIDESTICK, CLOSED_HAT, PEDAL_HAT, OPEN_HAT, RIDE, CRASH = 36, 38, 37, 42, 44, 46, 51, 49
 TOMS = (50, 47, 45, 43)
 

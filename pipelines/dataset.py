@@ -25,7 +25,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from core.splits import assign_split
 from pipelines import schema
+from pipelines.runner import make_pipeline
 from pipelines.audio import AUDIO_EXTENSIONS, encode_flac, iter_clips, resample, sha256_of
 from pipelines.captions import base_description, clip_rng, compose_caption, control_sentences, read_sidecar
 from pipelines.errors import PipelineUserError
@@ -145,17 +147,6 @@ def _list_shards(out: str) -> list[str]:
 
 # ----------------------------------------------------------------------------------------------------------
 # Worker side
-
-
-def assign_split(key: str, fractions: dict[str, float]) -> str:
-    """Deterministic split from a hash of the source (or its group): all clips of a file share it."""
-    u = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
-    total = 0.0
-    for name in ("train", "valid", "test"):
-        total += float(fractions.get(name, 0.0))
-        if u < total:
-            return name
-    return "train"
 
 
 def shard_of(source_sha256: str, num_shards: int) -> int:
@@ -326,26 +317,6 @@ class BuildResult:
     stats: dict = field(default_factory=dict)
 
 
-def pipeline_options(runner: str | None, workers: int, beam_args: list[str] | None = None):
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    flags = list(beam_args or [])
-    if runner and runner not in ("FnApiRunner", "local"):
-        return None, PipelineOptions(flags + [f"--runner={runner}"])
-    mode = "multi_processing" if workers > 1 else "in_memory"
-    return "local", PipelineOptions(flags + [f"--direct_num_workers={workers}", f"--direct_running_mode={mode}"])
-
-
-def _make_pipeline(runner: str | None, workers: int, beam_args: list[str] | None):
-    kind, options = pipeline_options(runner, workers, beam_args)
-    if kind == "local":
-        # Chosen explicitly: the default DirectRunner first tries to download the Prism binary.
-        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-
-        return beam.Pipeline(runner=FnApiRunner(), options=options)
-    return beam.Pipeline(options=options)
-
-
 def build_dataset(input_spec: str, out: str, params: dict, runner: str | None = None, workers: int | None = None,
                   beam_args: list[str] | None = None) -> BuildResult:
     """Build (or refresh) the clips table in folder `out` from the audio at `input_spec`."""
@@ -373,7 +344,7 @@ def build_dataset(input_spec: str, out: str, params: dict, runner: str | None = 
     old_sources = list(plan.kept.values())
 
     started = time.time()
-    with _make_pipeline(params.get("runner") if runner is None else runner, workers, beam_args) as p:
+    with make_pipeline(params.get("runner") if runner is None else runner, workers, beam_args) as p:
         results = (
             p
             | "Files" >> beam.Create(plan.to_process)

@@ -1,11 +1,7 @@
-"""User-fixable errors (bad path, bad parameter, bad input data). The `smitin` CLI prints them as one line and
-exits non-zero; every package's own user errors subclass `UserError` (pipelines is the lowest layer, so all
-others may import it)."""
-
-
-class UserError(ValueError):
-    """A mistake the user can fix: printed as one line, exit code 2."""
-
+"""The data pipelines' user errors: `core.errors.UserError` under the name the pipelines have always used."""
+from core.errors import UserError
 
 # The data pipelines' own name for it.
 PipelineUserError = UserError
+
+__all__ = ["UserError", "PipelineUserError"]

@@ -17,6 +17,7 @@ KINDS = {
     # kind: (metadata JSON, weights file)
     "generator": ("generator.json", "generator.safetensors"),
     "probe_set": ("probe_set.json", "probes.safetensors"),
+    "coconet": ("coconet.json", "coconet.safetensors"),
 }
 
 
@@ -109,8 +110,8 @@ def inspect_dir(directory: str | Path, kind: str | None = None) -> ArtifactInfo:
         raise InvalidArtifact(f"{directory} is not a directory")
     kind = kind or detect_kind(directory)
     if kind not in KINDS:
-        raise InvalidArtifact(f"{directory} is neither a generator ({KINDS['generator'][0]}) nor a probe set "
-                              f"({KINDS['probe_set'][0]})")
+        raise InvalidArtifact(f"{directory} is neither a generator ({KINDS['generator'][0]}), a probe set "
+                              f"({KINDS['probe_set'][0]}) nor a Coconet ({KINDS['coconet'][0]})")
     meta_name, weights_name = KINDS[kind]
     for name in (meta_name, weights_name):
         if not (directory / name).is_file():
@@ -129,6 +130,12 @@ def inspect_dir(directory: str | Path, kind: str | None = None) -> ArtifactInfo:
             raise InvalidArtifact(f"{directory / meta_name} has no fingerprint")
         info.params = flatten({"config": meta.get("config", {}), "codec": meta.get("codec", {})})
         info.metrics = numeric(meta.get("metrics", {}))
+    elif kind == "coconet":
+        info.fingerprint = meta.get("fingerprint")
+        if not info.fingerprint or not isinstance(meta.get("config"), dict):
+            raise InvalidArtifact(f"{directory / meta_name} has no fingerprint or config")
+        info.params = flatten({"config": meta["config"], "train": meta.get("train_params", {})})
+        info.metrics = {f"train.{k}": v for k, v in numeric(meta.get("metrics", {})).items()}
     else:
         for key in ("trait", "generator_fingerprint"):
             if not meta.get(key):

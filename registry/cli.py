@@ -31,6 +31,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                                        "registry.register. Content already registered is not registered again.")
     p.add_argument("--generator", default=None, help="generator directory")
     p.add_argument("--probes", action="append", default=[], metavar="[TRAIT=]DIR", help="probe-set directory (repeat)")
+    p.add_argument("--coconet", default=None, help="Coconet model directory")
     p.add_argument("--metrics", action="append", default=[], metavar="NAME=FILE",
                    help="extra metrics JSON for 'generator' or a trait (e.g. steering evaluation), repeatable")
     p.add_argument("--plots", action="append", default=[], metavar="NAME=PATH",
@@ -115,8 +116,8 @@ def _register(args) -> int:
     from registry.registration import _read_metrics, register_many, stage_inputs
 
     reg = _registry(args)
-    if args.generator or args.probes:
-        generator, probes = args.generator, {}
+    if args.generator or args.probes or args.coconet:
+        generator, probes, coconet = args.generator, {}, args.coconet
         for item in args.probes:
             trait, _, directory = item.rpartition("=")
             if not trait:
@@ -132,10 +133,11 @@ def _register(args) -> int:
         params = load_params(args.params) if Path(args.params).exists() else {}
         todo = stage_inputs(reg.settings.section, params)
         generator, probes, metrics, plots = todo["generator"], todo["probes"], todo["metrics"], todo["plots"]
-    if not generator and not probes:
-        raise RegistryError("nothing to register: give --generator/--probes or set registry.register in params")
+        coconet = todo["coconet"]
+    if not generator and not probes and not coconet:
+        raise RegistryError("nothing to register: give --generator/--probes/--coconet or set registry.register in params")
     done = register_many(reg, generator, probes, metrics=metrics, plots=plots,
-                         alias=None if args.no_alias else "challenger")
+                         alias=None if args.no_alias else "challenger", coconet_dir=coconet)
     for r in done:
         state = "registered" if r.created else "already registered"
         print(f"{r.name}: {state} as version {r.version}" + (" (alias challenger)" if r.created and not args.no_alias else ""))

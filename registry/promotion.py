@@ -58,7 +58,9 @@ def alias_version(client, name: str, alias: str):
         return None
 
 
-SETTINGS = ("strength", "every")  # steering settings a success rate is only comparable at
+# settings a metric is only comparable at: steering strength and push interval; the ensemble size and number of
+# pieces of a Coconet likelihood
+SETTINGS = ("strength", "every", "ensemble", "pieces")
 
 
 def _fmt(x: float) -> str:

@@ -75,6 +75,8 @@ def promote_challengers(params: Path, tracking_uri: str | None = None, log=print
     # MusicGen weights are referenced, not registered: only their probe sets (smitin-probes-musicgen-TRAIT) promote
     models = [] if backend == "musicgen" else [reg.settings.generator_name]
     models += [reg.model_name("probe_set", t, backend=backend) for t in traits]
+    if (reg.settings.section.get("register") or {}).get("coconet"):
+        models.append(reg.settings.coconet_name)
     promoted, kept = {}, {}
     for model in models:
         reg.check()

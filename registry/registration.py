@@ -58,6 +58,7 @@ def _ensure_registered_model(reg: Registry, name: str, info: ArtifactInfo) -> No
     if c.search_registered_models(f"name = '{name}'"):
         return
     what = ("the smitin generator (with its codec)" if info.kind == "generator"
+            else "Coconet, the four-part chorale model (harmonize / infill / compose)" if info.kind == "coconet"
             else f"SMITIN probe sets for the trait '{info.trait}'" + (
                 " on Hugging Face MusicGen (weights referenced by local path + fingerprint, not registered)"
                 if info.generator_info.get("backend") == "musicgen" else ""))
@@ -90,8 +91,10 @@ def register_dir(reg: Registry, directory: str | Path, kind: str | None = None, 
         tags = {"kind": info.kind, "content_hash": info.content_hash, "registered_by": who(),
                 **git_state(".")}
         tags.update(dvc_lineage(directory))
-        if info.kind == "generator":
+        if info.kind in ("generator", "coconet"):
             tags["fingerprint"] = info.fingerprint
+            if info.kind == "coconet":
+                tags["data_hash"] = str(info.meta.get("data_hash", ""))
         elif backend == "musicgen":
             # the MusicGen weights are not registered (gigabytes, and the user's own copy): a reference + fingerprint
             g = info.generator_info
@@ -250,9 +253,9 @@ def _delete_artifacts(location: str) -> None:
 
 def register_many(reg: Registry, generator_dir: str | None, probe_dirs: dict[str, str],
                   metrics: dict[str, dict] | None = None, plots: dict[str, list[str]] | None = None,
-                  alias: str | None = CHALLENGER) -> list[Registered]:
-    """The generator first (so probe sets can name its registered version), then each trait's probe set.
-    `metrics` / `plots` are keyed by 'generator' or a trait."""
+                  alias: str | None = CHALLENGER, coconet_dir: str | None = None) -> list[Registered]:
+    """The generator first (so probe sets can name its registered version), then each trait's probe set, then
+    Coconet. `metrics` / `plots` are keyed by 'generator', a trait, or 'coconet'."""
     metrics, plots = metrics or {}, plots or {}
     out: list[Registered] = []
     if generator_dir:
@@ -261,6 +264,9 @@ def register_many(reg: Registry, generator_dir: str | None, probe_dirs: dict[str
     for trait, directory in sorted(probe_dirs.items()):
         out.append(register_dir(reg, directory, "probe_set", trait=trait, extra_metrics=metrics.get(trait),
                                 plots=plots.get(trait, []), alias=alias))
+    if coconet_dir:
+        out.append(register_dir(reg, coconet_dir, "coconet", extra_metrics=metrics.get("coconet"),
+                                plots=plots.get("coconet", []), alias=alias))
     return out
 
 
@@ -274,11 +280,12 @@ def stage_inputs(section: dict, params: dict) -> dict:
     traits = spec.get("traits")
     if traits is None:
         traits = list(((params.get("probes") or {}).get("traits")) or [])
-    out = {"generator": spec.get("generator"), "probes": {}, "metrics": {}, "plots": {}}
+    out = {"generator": spec.get("generator"), "probes": {}, "metrics": {}, "plots": {},
+           "coconet": spec.get("coconet")}
     for t in traits:
         if spec.get("probe_sets"):
             out["probes"][t] = spec["probe_sets"].format(trait=t)
-    for missing in [p for p in [out["generator"], *out["probes"].values()] if p and not Path(p).exists()]:
+    for missing in [p for p in [out["generator"], *out["probes"].values(), out["coconet"]] if p and not Path(p).exists()]:
         raise RegistryError(f"nothing to register at {missing}: run the stages that make it first (dvc repro)")
 
     steering = spec.get("steering_metrics")
@@ -297,6 +304,10 @@ def stage_inputs(section: dict, params: dict) -> dict:
         gm = spec.get("generator_metrics")
         out["metrics"]["generator"] = _read_metrics(gm) if gm and Path(gm).exists() else {}
         out["plots"]["generator"] = [p for pattern in spec.get("generator_plots") or [] for p in sorted(glob.glob(pattern))]
+    if out["coconet"]:
+        cm = spec.get("coconet_metrics")
+        out["metrics"]["coconet"] = _read_metrics(cm) if cm and Path(cm).exists() else {}
+        out["plots"]["coconet"] = [p for pattern in spec.get("coconet_plots") or [] for p in sorted(glob.glob(pattern))]
     return out
 
 

@@ -32,12 +32,14 @@ DEFAULTS: dict = {
     "experiment": "smitin",
     "generator_name": "smitin-generator",
     "probe_set_prefix": "smitin-probes-",
+    "coconet_name": "smitin-coconet",
     "cache_dir": None,            # default: $SMITIN_CACHE_DIR or ~/.cache/smitin/registry
     "lock_timeout_s": 120,
     "gates": {
         "tolerance": 0.01,
         "generator": {},
         "probe_set": {"best_acc": "higher", "top16_acc": "higher", "mean_acc": "higher"},
+        "coconet": {"nll.frame.nll": {"better": "lower", "tolerance": 0.02}},
     },
 }
 
@@ -78,6 +80,7 @@ class Settings:
     experiment: str = "smitin"
     generator_name: str = "smitin-generator"
     probe_set_prefix: str = "smitin-probes-"
+    coconet_name: str = "smitin-coconet"
     cache_dir: Path = field(default_factory=lambda: Path(os.environ.get(
         "SMITIN_CACHE_DIR", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "smitin" / "registry")))
     lock_timeout_s: float = 120.0
@@ -90,6 +93,7 @@ class Settings:
         uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or s["tracking_uri"]
         kwargs = dict(tracking_uri=uri, artifact_root=s["artifact_root"], experiment=s["experiment"],
                       generator_name=s["generator_name"], probe_set_prefix=s["probe_set_prefix"],
+                      coconet_name=s["coconet_name"],
                       lock_timeout_s=float(s["lock_timeout_s"]), gates=s["gates"], section=s)
         if s.get("cache_dir"):
             kwargs["cache_dir"] = Path(s["cache_dir"])
@@ -201,6 +205,8 @@ class Registry:
         one trained on MusicGen)."""
         if kind == "generator":
             return self.settings.generator_name
+        if kind == "coconet":
+            return self.settings.coconet_name
         if not trait:
             raise RegistryError("a probe set needs a trait name")
         return f"{self.settings.probe_set_prefix}{MUSICGEN_INFIX if backend == 'musicgen' else ''}{trait}"
@@ -215,7 +221,10 @@ class Registry:
             text = text[len("models:/"):].split("@")[0].split("/")[0]
         if text == "generator":
             return self.settings.generator_name
-        if text.startswith(self.settings.probe_set_prefix) or text == self.settings.generator_name:
+        if text == "coconet":
+            return self.settings.coconet_name
+        if text.startswith(self.settings.probe_set_prefix) or text in (self.settings.generator_name,
+                                                                       self.settings.coconet_name):
             return text
         names = {m.name for m in self.client.search_registered_models(max_results=1000)}
         if text in names:

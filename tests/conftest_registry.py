@@ -187,6 +187,7 @@ def server_registry(tmp_path, mlflow_server, monkeypatch, request):
     tag = f"t{abs(hash(request.node.nodeid)) % 10**8}"
     s.generator_name = f"{tag}-smitin-generator"
     s.probe_set_prefix = f"{tag}-smitin-probes-"
+    s.coconet_name = f"{tag}-smitin-coconet"
     return Registry(s)
 
 
