@@ -21,6 +21,8 @@ def check_output_path(path: str | Path, what: str = "output") -> Path:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"cannot create the folder of {what} {path}: {e.strerror}") from None
+    if not parent.is_dir():
+        raise UserError(f"cannot write {what} {path}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"cannot write {what} {path}: {parent} is not writable")
     return path

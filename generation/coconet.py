@@ -76,9 +76,14 @@ def check_seed(seed) -> int:
     return seed
 
 
-def fit_melody(melody: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, int]:
-    """The melody moved by whole octaves into [lo, hi] when it lies outside (0 when it fits), or an error when its
-    span is wider than the range."""
+# median pitch of each voice (S, A, T, B) in the JSB Chorales training split
+VOICE_CENTERS = (71, 65, 59, 50)
+
+
+def fit_melody(melody: np.ndarray, lo: int, hi: int, center: int = VOICE_CENTERS[0]) -> tuple[np.ndarray, int]:
+    """The melody as written when it lies within [lo, hi]; otherwise moved by the whole octaves that bring its
+    median nearest `center` (the median of the voice it goes to) while fitting. An error when it spans more than
+    the range."""
     sounding = melody[melody >= 0]
     if not sounding.size:
         raise CoconetRequestError("the melody has no notes")
@@ -87,12 +92,13 @@ def fit_melody(melody: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, int]:
     if sounding.max() - sounding.min() > hi - lo:
         raise CoconetRequestError(f"the melody spans {int(sounding.min())}..{int(sounding.max())}, wider than the "
                                   f"model's range {lo}..{hi}")
-    for octaves in sorted(range(-8, 9), key=abs):
-        shift = 12 * octaves
-        if sounding.min() + shift >= lo and sounding.max() + shift <= hi:
-            return np.where(melody >= 0, melody + shift, melody), shift
-    raise CoconetRequestError(f"the melody {int(sounding.min())}..{int(sounding.max())} cannot be moved by octaves "
-                              f"into the model's range {lo}..{hi}; transpose it first")
+    fits = [12 * k for k in range(-10, 11) if sounding.min() + 12 * k >= lo and sounding.max() + 12 * k <= hi]
+    if not fits:
+        raise CoconetRequestError(f"the melody {int(sounding.min())}..{int(sounding.max())} cannot be moved by "
+                                  f"octaves into the model's range {lo}..{hi}; transpose it first")
+    median = float(np.median(sounding))
+    shift = min(fits, key=lambda s: (abs(median + s - center), abs(s)))
+    return np.where(melody >= 0, melody + shift, melody), shift
 
 
 class CoconetSession:
@@ -149,7 +155,7 @@ class CoconetSession:
             line = np.asarray(melody, dtype=np.int64)
             if line.ndim != 1:
                 raise CoconetRequestError("a melody array must be one voice: [frames]")
-        line, shift = fit_melody(line, self.cfg.min_pitch, self.cfg.max_pitch)
+        line, shift = fit_melody(line, self.cfg.min_pitch, self.cfg.max_pitch, VOICE_CENTERS[melody_voice])
         roll = np.full((self.cfg.n_voices, len(line)), SILENT, np.int64)
         roll[melody_voice] = line
         from models.coconet import given_cells
@@ -245,6 +251,8 @@ def output_paths(out: str | Path) -> dict[str, Path]:
     from core.files import check_output_path
 
     out = Path(out)
+    if out.is_dir():  # a folder: the files go inside it, under the task's name
+        out = out / "coconet"
     stem = out.with_suffix("") if out.suffix.lower() in (".mid", ".midi", ".musicxml", ".xml", ".wav", ".png") else out
     paths = {"midi": stem.with_suffix(".mid"), "musicxml": stem.with_suffix(".musicxml"),
              "wav": stem.with_suffix(".wav"), "png": stem.with_suffix(".png")}

@@ -81,6 +81,10 @@ def _report(result) -> int:
 
 
 def _out(args, default: str) -> str:
+    from pathlib import Path
+
+    if args.out and Path(args.out).is_dir():
+        return str(Path(args.out) / default)
     return args.out or default
 
 
