@@ -171,6 +171,7 @@ class Coconet(nn.Module):
             nn.init.constant_(b.bn2.weight, 0.1)
         # bfloat16 convolutions (autocast) where the CPU has AMX or on a GPU; set by `use_precision`
         self.autocast_dtype: torch.dtype | None = None
+        self._folded_from: str | None = None
 
     def use_precision(self, precision: str) -> "Coconet":
         """'fp32', 'bf16', or 'auto' (bf16 where the hardware does it natively: a GPU, or a CPU with AMX)."""
@@ -185,6 +186,26 @@ class Coconet(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def fold_batchnorm(self) -> "Coconet":
+        """For inference: fold each batch norm's running statistics and affine into the convolution before it
+        (one convolution with a bias instead of a convolution plus a normalisation pass). Same outputs up to
+        rounding; training afterwards is not meaningful. Call after loading and fingerprinting."""
+        self._folded_from = self.fingerprint()
+        pairs = [(self.inp, "inp_bn", self)] + [(b.conv1, "bn1", b) for b in self.blocks] + \
+                [(b.conv2, "bn2", b) for b in self.blocks]
+        for conv, bn_name, owner in pairs:
+            bn = getattr(owner, bn_name)
+            if not isinstance(bn, nn.BatchNorm2d):
+                continue
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            conv.weight.mul_(scale[:, None, None, None])
+            bias = bn.bias - bn.running_mean * scale
+            conv.bias = nn.Parameter(bias if conv.bias is None else conv.bias * scale + bias)
+            setattr(owner, bn_name, nn.Identity())
+        self.eval()
+        return self
 
     def network_input(self, classes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[B, 2V, T, n_classes]: per voice its one-hot roll with unknown cells blanked, then per voice the mask."""
@@ -205,8 +226,51 @@ class Coconet(nn.Module):
             logits = self.out(h)
         return logits.float().contiguous()  # [B, V, T, C]
 
+    def center_logits(self, classes: torch.Tensor, mask: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V, C] at the centre frame of windows of width 2 * receptive_field + 1 (`classes`, `mask`
+        [B, V, W]; `inside` [B, W] False where a window reaches past the piece's ends). The convolutions run
+        unpadded in time, so each layer computes only the frames the centre still depends on (a cone, about half
+        the work of the full window); frames outside the piece are zeroed after every layer, as the full roll's
+        zero padding would make them. Equal to `forward` on the whole roll at that frame."""
+        k = self.cfg.kernel // 2
+        dtype = self.autocast_dtype or torch.float32
+        x = self.network_input(classes, mask)
+        edge = not bool(inside.all())   # windows near a piece's ends need their outside frames zeroed
+        keep = inside.to(dtype)[:, None, :, None]                               # [B, 1, W, 1]
+        if edge:
+            x = x * keep.to(x.dtype)
+
+        def shrink(m: torch.Tensor, by: int) -> torch.Tensor:
+            return m[:, :, by:m.shape[2] - by]
+
+        def layer(conv: nn.Conv2d, bn: nn.Module, h: torch.Tensor, skip: torch.Tensor | None, keep: torch.Tensor):
+            h = bn(F.conv2d(h, conv.weight.to(dtype), None if conv.bias is None else conv.bias.to(dtype),
+                            padding=(0, k), dilation=conv.dilation))
+            if skip is not None:
+                h = h + skip
+            h = F.relu_(h)
+            return h.mul_(keep) if edge else h
+
+        with torch.autocast(x.device.type, dtype=dtype, enabled=self.autocast_dtype is not None):
+            x = x.to(dtype)
+            if self.autocast_dtype is not None:
+                x = x.contiguous(memory_format=torch.channels_last)
+            keep = shrink(keep, k)
+            h = layer(self.inp, self.inp_bn, x, None, keep)
+            for block in self.blocks:
+                d = block.conv1.dilation[0] * k
+                keep1 = shrink(keep, d)
+                inner = layer(block.conv1, block.bn1, h, None, keep1)
+                keep = shrink(keep1, d)
+                h = layer(block.conv2, block.bn2, inner, shrink(h, 2 * d), keep)
+            logits = F.conv2d(h, self.out.weight.to(dtype), self.out.bias.to(dtype), padding=(0, k))
+        return logits.float()[:, :, 0]
+
     def fingerprint(self) -> str:
-        """sha256 over the config and every weight and buffer (names, shapes, dtypes, bytes)."""
+        """sha256 over the config and every weight and buffer (names, shapes, dtypes, bytes); a model with folded
+        batch norm keeps the fingerprint of the weights it was folded from."""
+        if getattr(self, "_folded_from", None):
+            return self._folded_from
         h = hashlib.sha256(json.dumps(asdict(self.cfg), sort_keys=True).encode())
         for name, t in sorted(self.state_dict().items()):
             t = t.detach().cpu().contiguous()
@@ -270,19 +334,23 @@ def predict(model: Coconet, classes: torch.Tensor, mask: torch.Tensor) -> torch.
 
 @torch.no_grad()
 def predict_frames(model: Coconet, classes: torch.Tensor, mask: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
-    """log-probabilities [B, V, C] at one frame per example (`frames` [B]), computed on a crop of the receptive
-    field around it: convolutions without pooling make the crop's centre exactly equal to the full roll's output,
-    and a long piece costs a window, not its whole length."""
+    """log-probabilities [B, V, C] at one frame per example (`frames` [B]), computed on the receptive field around
+    it only (`Coconet.center_logits`): exact, and a long piece costs a window per prediction, not its length."""
     B, V, T = classes.shape
     r = model.cfg.receptive_field
-    width = min(T, 2 * r + 1)
-    starts = (frames - r).clamp(min=0, max=T - width)
-    idx = starts[:, None] + torch.arange(width)[None, :]                      # [B, width]
-    gather = idx[:, None, :].expand(B, V, width)
+    pos = frames[:, None] + torch.arange(-r, r + 1)[None, :]                  # [B, 2r + 1]
+    inside = (pos >= 0) & (pos < T)
+    gather = pos.clamp(0, T - 1)[:, None, :].expand(B, V, 2 * r + 1)
     crop_c, crop_m = classes.gather(2, gather), mask.gather(2, gather)
-    logp = F.log_softmax(model(crop_c, crop_m), dim=-1)                      # [B, V, width, C]
-    at = (frames - starts)[:, None, None, None].expand(B, V, 1, logp.shape[-1])
-    return logp.gather(2, at)[:, :, 0]
+    edge = ~inside.all(1)
+    if edge.any() and not edge.all():
+        # windows inside the piece skip the per-layer zeroing of frames past its ends: run them apart
+        logits = torch.empty(B, V, model.cfg.n_classes)
+        for rows in (edge, ~edge):
+            logits[rows] = model.center_logits(crop_c[rows], crop_m[rows], inside[rows])
+    else:
+        logits = model.center_logits(crop_c, crop_m, inside)
+    return F.log_softmax(logits, dim=-1)
 
 
 def sample_categorical(logp: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -443,6 +511,7 @@ def load_coconet(directory: str | Path, precision: str = "auto") -> tuple[Cocone
     if meta.get("fingerprint") != model.fingerprint():
         raise CoconetError(f"Coconet weights in {directory} do not match the recorded fingerprint")
     model.eval()
+    model.fold_batchnorm()
     model.use_precision(precision)
     return model, meta
 

@@ -54,7 +54,8 @@ def _evaluate(args) -> int:
 
     params = load_section(EvaluateCoconetParams, args.params, "evaluate_coconet")
     sampling = load_section(SamplingParams, args.params, "coconet_sampling")
-    model, _ = load_coconet(args.model, precision=params.precision)
+    model, meta = load_coconet(args.model, precision=params.precision)
+    params = params.for_preset((meta.get("train_params") or {}).get("preset"))
     rolls = _splits(args.scores, model.cfg)
     metrics = evaluate_coconet(model, rolls, params, sampling, progress=_say)
     write_metrics(metrics, args.out, args.table)

@@ -74,6 +74,13 @@ class EvaluateCoconetParams(Section):
     harmonize_frames: int = Field(128, ge=4)       # the first 8 bars of each
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     threads: int = Field(2, ge=1)
+    # per training preset (read from the model): overrides of the keys above, so a quick model gets a quick
+    # evaluation; a preset without an entry gets the full protocol above
+    presets: dict[str, dict] = Field(default_factory=dict)
+
+    def for_preset(self, preset: str | None) -> "EvaluateCoconetParams":
+        over = dict(self.presets.get(preset or "") or {})
+        return self.with_overrides(over, f"evaluate_coconet.presets.{preset}") if over else self
 
 
 def _rng_for(seed: int, *parts: int) -> torch.Generator:

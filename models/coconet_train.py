@@ -177,7 +177,6 @@ def train_coconet(train_rolls: list[np.ndarray], valid_rolls: list[np.ndarray], 
     opt, sched = _make_optimizer(model, p)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(p.ema_decay), use_buffers=True) \
         if p.ema_decay > 0 else None
-    judged = ema.module if ema is not None else model
     dhash = data_hash({"train": train.rolls, "valid": valid.rolls})
     state = {"step": 0, "best_valid": float("inf"), "best_step": 0, "bad_evals": 0, "history": [],
              "train_seconds": 0.0, "run": _identity(p, cfg, dhash)}
@@ -221,13 +220,21 @@ def train_coconet(train_rolls: list[np.ndarray], valid_rolls: list[np.ndarray], 
         elapsed = time.time() - t0
         out_of_time = (state["train_seconds"] + elapsed) / 60 >= p.max_minutes
         if state["step"] % p.eval_every == 0 or state["step"] == p.steps or out_of_time:
-            v = validation_loss(judged, valid, p.crop_frames, 64, p.seed, p.rescale_loss)
+            # the live weights and their average are both judged; the better one is kept (early in a run the
+            # average still remembers the first steps, late in it the average is usually ahead)
+            v_live = validation_loss(model, valid, p.crop_frames, 64, p.seed, p.rescale_loss)
+            v_avg = validation_loss(ema.module, valid, p.crop_frames, 64, p.seed, p.rescale_loss) \
+                if ema is not None else float("inf")
+            judged = ema.module if v_avg < v_live else model
+            v = min(v_live, v_avg)
             rec = {"step": state["step"], "train_loss": float(np.mean(running)), "valid_loss": v,
+                   "valid_loss_live": v_live, **({"valid_loss_average": v_avg} if ema is not None else {}),
                    "lr": opt.param_groups[0]["lr"], "frames_per_s": seen / max(elapsed, 1e-9),
                    "minutes": round((state["train_seconds"] + elapsed) / 60, 2)}
             running = []
             state["history"].append(rec)
-            say(f"step {rec['step']}/{p.steps} train {rec['train_loss']:.4f} valid {v:.4f} nats/cell "
+            say(f"step {rec['step']}/{p.steps} train {rec['train_loss']:.4f} valid {v_live:.4f}"
+                + (f" (average {v_avg:.4f})" if ema is not None else "") + " nats/cell "
                 f"({rec['frames_per_s']:.0f} frames/s, {rec['minutes']:.1f} min)")
             if v < state["best_valid"] - 1e-4:
                 state.update(best_valid=v, best_step=state["step"], bad_evals=0)
@@ -245,7 +252,7 @@ def train_coconet(train_rolls: list[np.ndarray], valid_rolls: list[np.ndarray], 
                 break
     train_seconds = state["train_seconds"] + time.time() - t0
     final = Coconet(cfg)
-    final.load_state_dict(best_state if best_state is not None else judged.state_dict())
+    final.load_state_dict(best_state if best_state is not None else model.state_dict())
     final.eval()
     metrics = {"steps": state["step"], "stop_reason": stop, "best_step": state["best_step"],
                "valid_loss": state["best_valid"], "params": final.num_params(), "precision": precision,

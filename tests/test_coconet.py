@@ -238,7 +238,8 @@ def test_save_load_round_trip(tmp_path):
     assert meta["metrics"]["valid_loss"] == 1.5 and meta["fingerprint"] == model.fingerprint() == loaded.fingerprint()
     classes = torch.randint(0, model.cfg.n_classes, (2, 4, 20))
     mask = torch.rand(2, 4, 20) < 0.5
-    assert torch.equal(predict(model, classes, mask), predict(loaded, classes, mask))
+    # loading folds batch norm into the convolutions: the same predictions up to float rounding
+    assert torch.allclose(predict(model, classes, mask), predict(loaded, classes, mask), atol=1e-4)
     assert not any(p.suffix == ".pt" or p.suffix == ".pkl" for p in (tmp_path / "m").iterdir())
 
 

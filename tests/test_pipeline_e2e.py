@@ -29,6 +29,7 @@ TINY = {
                "window_seconds": 1.0, "max_iter": 200},
     "evaluate_steering": {"tasks": ["continuation"], "prompts_per_class": 2, "prompt_seconds": 0.5,
                           "continuation_seconds": 0.5, "n_pairs": [4], "detector_max_segments": 60},
+    "train_coconet": {"preset": "debug"},
 }
 
 
@@ -66,7 +67,7 @@ def test_repro_runs_every_stage_and_registers_probe_sets(project):
     stages = _run([str(BIN / "dvc"), "stage", "list", "--name-only"], dest).stdout.split()
     assert {"render_corpus", "build_dataset", "evaluate_features", "fit_codec", "tokenize", "train_generator",
             "evaluate_carrying", "train_probes@drums", "train_probes@minor", "evaluate_steering",
-            "register"} <= set(stages)
+            "build_scores", "train_coconet", "evaluate_coconet", "register"} <= set(stages)
     for stage in stages:
         assert f"'{stage}'" in first.stdout, f"stage {stage} did not run:\n{first.stdout[-3000:]}"
     lock = yaml.safe_load((dest / "dvc.lock").read_text())["stages"]
@@ -82,7 +83,11 @@ def test_repro_runs_every_stage_and_registers_probe_sets(project):
     drums = json.loads((dest / "metrics" / "probes" / "drums.json").read_text())
     assert 0.5 <= drums["best_acc"] <= 1.0
     registered = json.loads((dest / "metrics" / "registry.json").read_text())
-    assert set(registered) == {"smitin-generator", "smitin-probes-drums", "smitin-probes-minor"}
+    assert set(registered) == {"smitin-generator", "smitin-probes-drums", "smitin-probes-minor", "smitin-coconet"}
+    scores = json.loads((dest / "metrics" / "build_scores.json").read_text())
+    assert scores["pieces_per_split"] == {"train": 229, "valid": 76, "test": 77}
+    coconet = json.loads((dest / "metrics" / "coconet.json").read_text())
+    assert coconet["nll"]["frame"]["nll"] > 0 and coconet["harmonization"]["gibbs"]["melody_kept"] == 1.0
     assert all(v["new"] and v["version"] == 1 for v in registered.values())
 
 
@@ -111,9 +116,9 @@ def test_refresh_without_new_audio_trains_nothing_then_generate_steers_the_champ
     dest, _ = project
     refresh = _run([str(BIN / "smitin"), "refresh"], dest)
     assert "stages run: none (everything up to date); no training" in refresh.stdout
-    for model in ("smitin-generator", "smitin-probes-drums", "smitin-probes-minor"):
+    for model in ("smitin-generator", "smitin-probes-drums", "smitin-probes-minor", "smitin-coconet"):
         assert f"{model}: champion none -> v1" in refresh.stdout
-    assert _run([str(BIN / "smitin"), "refresh"], dest).stdout.count("already the champion") == 3
+    assert _run([str(BIN / "smitin"), "refresh"], dest).stdout.count("already the champion") == 4
 
     out = dest / "demo" / "steered.wav"
     _run([str(BIN / "smitin"), "generate", "--prompt", "a chorale with drums", "--steer", "drums=+5",
@@ -124,3 +129,13 @@ def test_refresh_without_new_audio_trains_nothing_then_generate_steers_the_champ
     assert info.duration == pytest.approx(1.0, abs=0.1)
     report = json.loads(out.with_suffix(".steering.json").read_text())
     assert "drums" in json.dumps(report)
+
+
+def test_harmonize_serves_the_promoted_coconet(project):
+    dest, _ = project
+    _run([str(BIN / "smitin"), "refresh"], dest)
+    proc = _run([str(BIN / "smitin"), "harmonize", "--melody", "pipelines/data/jsb/test-000-soprano.mid",
+                 "--out", "demo/harmonized.mid", "--steps", "8"], dest)
+    assert "smitin-coconet v1" in proc.stderr
+    for suffix in (".mid", ".musicxml", ".wav", ".png"):
+        assert (dest / "demo" / f"harmonized{suffix}").stat().st_size > 0
