@@ -25,6 +25,11 @@ def register(commands: argparse._SubParsersAction) -> None:
                             "FlinkRunner, SparkRunner, DataflowRunner, ...")
     build.add_argument("--workers", type=int, default=None, help="local worker processes (default: params)")
     build.add_argument("--metrics", default=None, help="also write the stats JSON here (a DVC metrics file)")
+    build.add_argument("--rehash", action="store_true",
+                       help="compare every file's content hash with the last build's, not only its size and mtime "
+                            "(reads every file; catches content replaced with size and mtime kept)")
+    build.add_argument("--wait-seconds", dest="wait_seconds", type=float, default=0.0,
+                       help="wait this long for another build of the same --out to finish (default: fail at once)")
     build.set_defaults(func=_dataset_build, accepts_beam_args=True)
 
     ev = dataset_cmds.add_parser(
@@ -101,7 +106,8 @@ def _dataset_build(args: argparse.Namespace) -> int:
 
         raise PipelineUserError("no --input given and params has no data.input")
     result = build_dataset(input_spec, args.out, params, runner=args.runner, workers=args.workers,
-                           beam_args=getattr(args, "beam_args", None))
+                           beam_args=getattr(args, "beam_args", None), rehash=args.rehash,
+                           wait_seconds=args.wait_seconds)
     s = result.stats
     if args.metrics:
         from pathlib import Path

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import time
-import uuid
 from dataclasses import dataclass, field
 
 import apache_beam as beam
@@ -25,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from core.commit import commit, new_tmp_dir, output_lock, recover
 from core.splits import assign_split
 from pipelines import schema
 from pipelines.runner import make_pipeline
@@ -45,33 +45,103 @@ class SourceFile:
     path: str
     size: int
     mtime: float
+    sidecar_sha256: str = ""   # the description sidecar's hash: an edited caption re-analyses the file
+    problem: str = ""          # why the entry cannot be read at all (not a regular file, a broken link): an error row
 
 
-def match_audio(input_spec: str) -> list[SourceFile]:
-    """Audio files under a folder, matching a glob, or a single file; local paths or fsspec URLs."""
+SIDECAR_EXTENSIONS = (".json", ".txt")
+
+
+def _sidecar_hash(fs, path: str) -> str:
+    """sha256 of the sidecars `read_sidecar` would read for this audio file ("" when there are none)."""
+    stem = path.rsplit(".", 1)[0]
+    h = hashlib.sha256()
+    found = False
+    for ext in SIDECAR_EXTENSIONS:
+        for candidate in (path + ext, stem + ext):
+            try:
+                with fs.open(candidate, "rb") as f:
+                    h.update(candidate.encode() + b"\0" + f.read())
+                found = True
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):
+                continue
+            except OSError as e:
+                h.update(f"{candidate}: {e}".encode())
+                found = True
+    return h.hexdigest() if found else ""
+
+
+def _local_problem(path: str) -> str:
+    """Why a local directory entry cannot be read as a file, or "" when it can (checked without opening it: a
+    FIFO named x.wav would block an open forever)."""
+    import stat as st
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        kind = "a symlink loop" if e.errno == 40 else "a broken link" if os.path.islink(path) else "unreadable"
+        return f"{kind} ({e.strerror})"
+    if not st.S_ISREG(mode):
+        what = "a FIFO" if st.S_ISFIFO(mode) else "a socket" if st.S_ISSOCK(mode) else \
+            "a device" if (st.S_ISCHR(mode) or st.S_ISBLK(mode)) else "not a regular file"
+        return f"not a regular file ({what})"
+    return ""
+
+
+@dataclass
+class Matched:
+    audio: list[SourceFile]
+    skipped: list[str]          # files of a type the pipeline does not read (sidecars excluded)
+
+
+def match_inputs(input_spec: str) -> Matched:
+    """Audio files under a folder, matching a glob, or a single file; local paths or fsspec URLs. Entries that are
+    not regular files keep their place with a `problem`; other file types are listed as skipped."""
     fs, root = fsspec.core.url_to_fs(input_spec)
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    if any(ch in root for ch in "*?["):
-        paths = fs.glob(root)
-    elif fs.isdir(root):
-        paths = [p for p in fs.find(root)]
-    elif fs.exists(root):
-        paths = [root]
-    else:
-        raise PipelineUserError(f"input not found: {input_spec}")
-    files = []
+    local = protocol in ("file", "local")
+    try:
+        if any(ch in root for ch in "*?["):
+            paths = fs.glob(root)
+        elif fs.isdir(root):
+            paths = list(fs.find(root))
+        elif fs.exists(root) or (local and os.path.lexists(root)):
+            paths = [root]
+        else:
+            raise PipelineUserError(f"input not found: {input_spec}")
+    except OSError as e:
+        raise PipelineUserError(f"cannot list {input_spec}: {e.strerror or e}") from None
+    audio, others = [], []
     for p in sorted(paths):
-        if not p.lower().endswith(AUDIO_EXTENSIONS) or "/." in p:
+        if "/." in p:
             continue
-        info = fs.info(p)
+        url = p if local else f"{protocol}://{p}"
+        if not p.lower().endswith(AUDIO_EXTENSIONS):
+            others.append(url)
+            continue
+        problem = _local_problem(p) if local else ""
+        if problem:
+            audio.append(SourceFile(url, 0, 0.0, "", problem))
+            continue
+        try:
+            info = fs.info(p)
+        except OSError as e:
+            audio.append(SourceFile(url, 0, 0.0, "", f"unreadable ({e.strerror or e})"))
+            continue
         if info.get("type") == "directory":
             continue
         mtime = info.get("mtime") or info.get("LastModified") or info.get("updated") or 0
         if hasattr(mtime, "timestamp"):
             mtime = mtime.timestamp()
-        url = p if protocol in ("file", "local") else f"{protocol}://{p}"
-        files.append(SourceFile(url, int(info.get("size") or 0), float(mtime)))
-    return files
+        audio.append(SourceFile(url, int(info.get("size") or 0), float(mtime), _sidecar_hash(fs, p)))
+    sidecars = {a.path + ext for a in audio for ext in SIDECAR_EXTENSIONS} | \
+               {a.path.rsplit(".", 1)[0] + ext for a in audio for ext in SIDECAR_EXTENSIONS}
+    return Matched(audio, [o for o in others if o not in sidecars])
+
+
+def match_audio(input_spec: str) -> list[SourceFile]:
+    """The readable audio files of `input_spec` (see `match_inputs`)."""
+    return [f for f in match_inputs(input_spec).audio if not f.problem]
 
 
 @dataclass
@@ -106,9 +176,11 @@ def analysis_fingerprint(params: dict) -> str:
     return h.hexdigest()
 
 
-def plan_refresh(files: list[SourceFile], out: str, fingerprint: str | None = None) -> RefreshPlan:
-    """Which files to (re)analyse: new and changed ones, or all of them when the previous build was made with
-    other params or analysis code (`fingerprint`, see `analysis_fingerprint`)."""
+def plan_refresh(files: list[SourceFile], out: str, fingerprint: str | None = None, rehash: bool = False) -> RefreshPlan:
+    """Which files to (re)analyse: new and changed ones (size, mtime or sidecar differ; with `rehash`, content
+    that differs whatever its size and mtime say), every file whose last analysis failed (a fixed permission or
+    a file replaced in place is retried), or all of them when the previous build was made with other params or
+    analysis code (`fingerprint`, see `analysis_fingerprint`)."""
     previous = _read_small(out, schema.SOURCES_FILE)
     seen = {f.path for f in files}
     if fingerprint is not None and previous and _read_stats(out).get("analysis_fingerprint") != fingerprint:
@@ -119,8 +191,13 @@ def plan_refresh(files: list[SourceFile], out: str, fingerprint: str | None = No
     kept, to_process = {}, []
     for f in files:
         row = before.get(f.path)
-        if row is not None and row["size"] == f.size and abs(row["mtime"] - f.mtime) < 1e-3:
-            kept[f.path] = row
+        same = row is not None and row["status"] == "ok" and row.get("sidecar_sha256", None) == f.sidecar_sha256
+        if same and rehash:
+            same = sha256_of(f.path)[0] == row["source_sha256"]
+        elif same:
+            same = row["size"] == f.size and abs(row["mtime"] - f.mtime) < 1e-3
+        if same:
+            kept[f.path] = {**row, "size": f.size, "mtime": f.mtime}
         else:
             to_process.append(f)
     # A previous build whose shards are missing cannot be trusted for kept rows.
@@ -196,12 +273,12 @@ class ProcessFile(beam.DoFn):
                 "message": str(e)[:1000]})
             yield beam.pvalue.TaggedOutput("sources", {
                 "source_path": source.path, "size": source.size, "mtime": source.mtime,
-                "source_sha256": None, "status": "error", "n_clips": 0})
+                "source_sha256": None, "status": "error", "n_clips": 0, "sidecar_sha256": source.sidecar_sha256})
             return
         self.clips_counter.inc(len(rows))
         yield beam.pvalue.TaggedOutput("sources", {
             "source_path": source.path, "size": source.size, "mtime": source.mtime, "source_sha256": sha,
-            "status": "ok", "n_clips": len(rows)})
+            "status": "ok", "n_clips": len(rows), "sidecar_sha256": source.sidecar_sha256})
         for row in rows:
             yield row
 
@@ -318,30 +395,47 @@ class BuildResult:
 
 
 def build_dataset(input_spec: str, out: str, params: dict, runner: str | None = None, workers: int | None = None,
-                  beam_args: list[str] | None = None) -> BuildResult:
-    """Build (or refresh) the clips table in folder `out` from the audio at `input_spec`."""
+                  beam_args: list[str] | None = None, rehash: bool = False, wait_seconds: float = 0.0,
+                  commit_fail_after: int | None = None) -> BuildResult:
+    """Build (or refresh) the clips table in folder `out` from the audio at `input_spec`: one build at a time per
+    output (a second waits `wait_seconds`, then stops with one line), committed through a journal so that a
+    crash at any point leaves the previous table or, after the next build, the new one (core.commit)."""
     _check_params(params)
     workers = int(workers or params.get("workers", 1))
-    files = match_audio(input_spec)
+    matched = match_inputs(input_spec)
+    with output_lock(out, wait_seconds):
+        recover(out)
+        return _build_locked(matched, out, params, runner, workers, beam_args, rehash, commit_fail_after)
+
+
+def _build_locked(matched: Matched, out: str, params: dict, runner, workers: int, beam_args, rehash: bool,
+                  commit_fail_after: int | None) -> BuildResult:
+    readable = [f for f in matched.audio if not f.problem]
+    unreadable = [f for f in matched.audio if f.problem]
     fs, out_root = fsspec.core.url_to_fs(out)
-    fs.makedirs(out_root, exist_ok=True)
     fingerprint = analysis_fingerprint(params)
-    plan = plan_refresh(files, out, fingerprint)
-    if plan.up_to_date and len(_list_shards(out)) == int(params.get("num_shards", 1)):
-        log.info("dataset at %s is up to date (%d files); nothing written", out, len(files))
+    plan = plan_refresh(readable, out, fingerprint, rehash=rehash)
+    previous_sources = {r["source_path"]: r for r in _read_small(out, schema.SOURCES_FILE)}
+    side_rows = [_problem_source_row(f) for f in unreadable] + [_skipped_source_row(p) for p in matched.skipped]
+    skipped_before = {p for p, r in previous_sources.items() if r["status"] == "skipped"}
+    # unreadable entries are retried (and reported) every build, like every other failure
+    side_changed = bool(unreadable) or skipped_before != set(matched.skipped)
+    if plan.up_to_date and not side_changed and len(_list_shards(out)) == int(params.get("num_shards", 1)):
+        log.info("dataset at %s is up to date (%d files); nothing written", out, len(readable))
         return BuildResult(out, True, _read_stats(out))
-    log.info("%d files matched: %d to process, %d unchanged, %d gone", len(files), len(plan.to_process),
-             len(plan.kept), len(plan.dropped))
+    log.info("%d files matched: %d to process, %d unchanged, %d gone, %d unreadable, %d skipped", len(readable),
+             len(plan.to_process), len(plan.kept), len(plan.dropped), len(unreadable), len(matched.skipped))
 
     num_shards = int(params.get("num_shards", 1))
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    tmp_root = f"{out_root.rstrip('/')}/.tmp-{uuid.uuid4().hex[:8]}"
+    tmp_root = new_tmp_dir(fs, out_root)
     tmp_url = tmp_root if protocol in ("file", "local") else f"{protocol}://{tmp_root}"
-    fs.makedirs(tmp_root, exist_ok=True)
     old_shards = _list_shards(out) if plan.kept else []
     old_shard_urls = [s if protocol in ("file", "local") else f"{protocol}://{s}" for s in old_shards]
     old_errors = [r for r in _read_small(out, schema.ERRORS_FILE) if r["source_path"] in plan.kept]
-    old_sources = list(plan.kept.values())
+    old_errors += [{"source_path": f.path, "stage": "read", "error_type": "NotReadable", "message": f.problem}
+                   for f in unreadable]
+    old_sources = list(plan.kept.values()) + side_rows
 
     started = time.time()
     with make_pipeline(params.get("runner") if runner is None else runner, workers, beam_args) as p:
@@ -373,18 +467,30 @@ def build_dataset(input_spec: str, out: str, params: dict, runner: str | None = 
         if not fs.exists(path):
             with fs.open(path, "wb") as f:
                 pq.write_table(schema.CLIPS_SCHEMA.empty_table(), f, compression="zstd")
-    stats = compute_stats(tmp_url, n_files=len(files))
+    stats = compute_stats(tmp_url, n_files=len(readable) + len(unreadable))
     stats["build_seconds"] = round(elapsed, 2)
     stats["files_processed"] = len(plan.to_process)
     stats["files_unchanged"] = len(plan.kept)
     stats["files_removed"] = len(plan.dropped)
+    stats["files_skipped"] = len(matched.skipped)
     stats["analysis_fingerprint"] = fingerprint
     with fs.open(f"{tmp_root}/{schema.STATS_FILE}", "w") as f:
         json.dump(stats, f, indent=2, sort_keys=True)
-    _swap_into_place(fs, tmp_root, out_root)
+    commit(fs, tmp_root, out_root, (schema.CLIPS_GLOB, schema.ERRORS_FILE, schema.SOURCES_FILE, schema.STATS_FILE),
+           fail_after=commit_fail_after)
     log.info("wrote %d clips (%.2f h) from %d files (%d failed) to %s in %.1fs", stats["clips"], stats["hours"],
              stats["files_in"], stats["files_failed"], out, elapsed)
     return BuildResult(out, False, stats)
+
+
+def _problem_source_row(f: SourceFile) -> dict:
+    return {"source_path": f.path, "size": f.size, "mtime": f.mtime, "source_sha256": None, "status": "error",
+            "n_clips": 0, "sidecar_sha256": f.sidecar_sha256}
+
+
+def _skipped_source_row(path: str) -> dict:
+    return {"source_path": path, "size": 0, "mtime": 0.0, "source_sha256": None, "status": "skipped", "n_clips": 0,
+            "sidecar_sha256": ""}
 
 
 def _write_small(rows: list[dict], path: str, table_schema: pa.Schema, extra: list[dict]) -> str:
@@ -392,20 +498,6 @@ def _write_small(rows: list[dict], path: str, table_schema: pa.Schema, extra: li
     with fsspec.open(path, "wb") as f:
         pq.write_table(pa.Table.from_pylist(all_rows, schema=table_schema), f, compression="zstd")
     return path
-
-
-def _swap_into_place(fs, tmp_root: str, out_root: str) -> None:
-    """Replace the previous build's files by the new ones (stale shards of another shard count removed)."""
-    new = {p.rsplit("/", 1)[1] for p in fs.ls(tmp_root, detail=False)}
-    for old in fs.glob(f"{out_root.rstrip('/')}/{schema.CLIPS_GLOB}"):
-        if old.rsplit("/", 1)[1] not in new:
-            fs.rm(old)
-    for name in sorted(new):
-        target = f"{out_root.rstrip('/')}/{name}"
-        if fs.exists(target):
-            fs.rm(target)
-        fs.mv(f"{tmp_root}/{name}", target)
-    fs.rm(tmp_root, recursive=True)
 
 
 def _read_stats(out: str) -> dict:

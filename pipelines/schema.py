@@ -72,8 +72,9 @@ SOURCES_SCHEMA = pa.schema(
         ("size", pa.int64()),
         ("mtime", pa.float64()),
         ("source_sha256", pa.string()),
-        ("status", pa.string()),  # "ok" (has clips) | "error"
+        ("status", pa.string()),  # "ok" (has clips) | "error" | "skipped" (not a file type the pipeline reads)
         ("n_clips", pa.int32()),
+        ("sidecar_sha256", pa.string()),  # the description sidecar's hash ("" without one): edits re-analyse
     ]
 )
 
@@ -103,7 +104,10 @@ def read_clips_table(path: str, columns: list[str] | None = None, split: str | N
     import fsspec
     import pyarrow.parquet as pq
 
+    from core.commit import check_readable
+
     fs, root = fsspec.core.url_to_fs(path)
+    check_readable(path)
     shards = sorted(fs.glob(f"{root.rstrip('/')}/{CLIPS_GLOB}"))
     if not shards:
         raise ClipsTableError(f"no clips table at {path} (expected {CLIPS_GLOB}); run `smitin dataset build` first")
