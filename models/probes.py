@@ -444,7 +444,7 @@ class ProbeSet:
         directory.mkdir(parents=True, exist_ok=True)
         arrays = {name: np.ascontiguousarray(getattr(self, name), dtype=np.float32) for name in ARRAY_NAMES}
         save_file(arrays, str(directory / PROBE_ARRAYS))
-        meta = {"trait": self.trait, "generator_fingerprint": self.generator_fingerprint,
+        meta = {"arrays_sha256": _sha256(directory / PROBE_ARRAYS), "trait": self.trait, "generator_fingerprint": self.generator_fingerprint,
                 "data_hash": self.data_hash, "params": self.params, "n_layers": self.n_layers,
                 "n_heads": self.n_heads, "head_dim": self.head_dim, "metrics": self.metrics,
                 "created_at": self.created_at, "format": "smitin-probe-set/1"}
@@ -461,11 +461,24 @@ class ProbeSet:
         meta_path, arrays_path = directory / PROBE_SET_JSON, directory / PROBE_ARRAYS
         if not meta_path.exists() or not arrays_path.exists():
             raise ProbeError(f"{directory} is not a probe set (needs {PROBE_SET_JSON} and {PROBE_ARRAYS})")
-        meta = json.loads(meta_path.read_text())
-        arrays = load_file(str(arrays_path))
+        try:
+            meta = json.loads(meta_path.read_text())
+        except ValueError as e:
+            raise ProbeError(f"{meta_path} is not valid JSON ({e})") from None
+        recorded = meta.get("arrays_sha256")
+        if recorded and _sha256(arrays_path) != recorded:
+            raise ProbeError(f"{arrays_path} does not match the hash recorded in {PROBE_SET_JSON} when the probe set "
+                             f"was trained: the file was corrupted or replaced; retrain or fetch it again")
+        try:
+            arrays = load_file(str(arrays_path))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+            raise ProbeError(f"{arrays_path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
         missing = [n for n in ARRAY_NAMES if n not in arrays]
         if missing:
             raise ProbeError(f"{arrays_path} lacks array(s) {', '.join(missing)}")
+        bad = [n for n in ARRAY_NAMES if not np.isfinite(arrays[n]).all()]
+        if bad:
+            raise ProbeError(f"{arrays_path} holds non-finite values in {', '.join(bad)}: the probe set is damaged")
         shape = (meta["n_layers"], meta["n_heads"], meta["head_dim"])
         if tuple(arrays["coef"].shape) != shape:
             raise ProbeError(f"{arrays_path}: coef shape {tuple(arrays['coef'].shape)} != {shape} in {PROBE_SET_JSON}")
@@ -473,6 +486,12 @@ class ProbeSet:
                    data_hash=meta.get("data_hash", ""), params=meta.get("params", {}),
                    metrics=meta.get("metrics", {}), created_at=meta.get("created_at", ""),
                    generator=meta.get("generator") or {}, **{n: arrays[n] for n in ARRAY_NAMES})
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def soft_weights(accuracy: np.ndarray, power: float) -> np.ndarray:

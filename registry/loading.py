@@ -118,7 +118,8 @@ def fetch(reg: Registry | None, uri: str | os.PathLike, cache_dir: str | Path | 
     cached = True
     if (final / MANIFEST).exists():
         try:
-            verify_dir(final, content, full=False, what=f"cached copy of {label} ({final})")
+            # every file re-hashed on every load: a cache hit is trusted no more than a download
+            verify_dir(final, content, full=True, what=f"cached copy of {label} ({final})")
         except CorruptArtifact:
             shutil.rmtree(final, ignore_errors=True)  # damaged cache entry: fetch it again below
     if not (final / MANIFEST).exists():

@@ -229,3 +229,61 @@ def test_an_output_path_that_is_a_file_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "smitin: error:" in err and "Traceback" not in err
     assert out.read_text() == "not a folder"
+
+
+# ----------------------------------------------------------------------------------------------------- artifacts
+def _probe_set(trait: str = "drums"):
+    from models.probes import ARRAY_NAMES, ProbeSet
+
+    rng = np.random.default_rng(0)
+    L, H, D = 2, 2, 4
+    arrays = {n: rng.standard_normal((L, H, D) if n in ("coef", "direction", "random_direction") else (L, H))
+              .astype(np.float32) for n in ARRAY_NAMES}
+    arrays["accuracy"] = np.abs(arrays["accuracy"]) % 1
+    return ProbeSet(trait=trait, generator_fingerprint="f" * 32, **arrays)
+
+
+@pytest.mark.parametrize("damage", ["nan", "random_same_size"])
+def test_damaged_probe_arrays_are_refused_on_load(tmp_path, damage):
+    from safetensors.numpy import load_file, save_file
+
+    from models.probes import PROBE_ARRAYS, ProbeError, ProbeSet
+
+    _probe_set().save(tmp_path / "p")
+    ProbeSet.load(tmp_path / "p")                            # intact: loads
+    arrays = load_file(str(tmp_path / "p" / PROBE_ARRAYS))
+    if damage == "nan":
+        arrays["coef"][0, 0, 0] = np.nan
+    else:
+        arrays = {k: np.random.default_rng(1).standard_normal(v.shape).astype(np.float32) for k, v in arrays.items()}
+    size = (tmp_path / "p" / PROBE_ARRAYS).stat().st_size
+    save_file(arrays, str(tmp_path / "p" / PROBE_ARRAYS))
+    assert (tmp_path / "p" / PROBE_ARRAYS).stat().st_size == size   # a size check alone would pass it
+    with pytest.raises(ProbeError, match="corrupted or replaced"):
+        ProbeSet.load(tmp_path / "p")
+    # without the recorded hash (a probe set saved before it was recorded), NaN is still refused
+    meta = json.loads((tmp_path / "p" / "probe_set.json").read_text())
+    meta.pop("arrays_sha256")
+    (tmp_path / "p" / "probe_set.json").write_text(json.dumps(meta))
+    if damage == "nan":
+        with pytest.raises(ProbeError, match="non-finite"):
+            ProbeSet.load(tmp_path / "p")
+
+
+def test_a_corrupted_registry_cache_entry_is_fetched_again(tmp_path, sqlite_registry):
+    from registry.loading import fetch
+    from registry.registration import register_dir
+    from tests.conftest_registry import make_generator_dir
+
+    reg = sqlite_registry
+    fp = make_generator_dir(tmp_path / "g")
+    register_dir(reg, tmp_path / "g", "generator")
+    first = fetch(reg, f"models:/{reg.settings.generator_name}/1")
+    weights = first.path / "generator.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(bytes(b ^ 0xFF for b in good[:64]) + good[64:])   # same size, other content
+    again = fetch(reg, f"models:/{reg.settings.generator_name}/1")
+    assert not again.cached and weights.read_bytes() == good and again.fingerprint == fp
+
+
+from tests.conftest_registry import mlflow_template_db, sqlite_registry  # noqa: E402,F401 - fixtures
