@@ -272,7 +272,6 @@ def write_outputs(roll, given, paths: dict[str, Path], *, title: str, time_signa
 
 
 def stderr_progress(label: str) -> Callable[[int, int], None]:
-    def progress(done: int, total: int) -> None:
-        if sys.stderr.isatty() or done == total:
-            print(f"\r{label}: {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
-    return progress
+    from generation.progress import Progress
+
+    return Progress(label)

@@ -83,7 +83,7 @@ def _generate(args) -> int:
     t0 = time.perf_counter()
     session = GenerationSession(args.generator, params=args.params, probes=probes, alias=args.alias,
                                 tracking_uri=args.tracking_uri, backend=args.backend, musicgen=args.musicgen,
-                                device=args.device, dtype=args.dtype)
+                                device=args.device, dtype=args.dtype, allow_pickle_weights=args.allow_pickle_weights)
     ref = session.generator_ref
     if session.backend == "musicgen":
         sec = session.generator_section
@@ -93,10 +93,9 @@ def _generate(args) -> int:
         print(f"generator: {ref.label()} ({'from the local cache' if ref.cached else 'downloaded' if ref.name else 'local folder'}; "
               f"resolved in {time.perf_counter() - t0:.1f} s)", file=sys.stderr)
 
-    def progress(done: int, total: int) -> None:
-        if sys.stderr.isatty() or done == total:
-            print(f"\rgenerating: {done}/{total} frames", end="\n" if done == total else "", file=sys.stderr,
-                  flush=True)
+    from generation.progress import Progress
+
+    progress = Progress("generating", "frames")
 
     result = session.generate(prompts, duration=args.duration, continue_from=args.continue_from,
                               steer=",".join(args.steer) or None, mode=args.mode, out=args.out, seed=args.seed,

@@ -26,7 +26,7 @@ from pipelines.errors import UserError
 log = logging.getLogger(__name__)
 
 # Sampling and steering defaults; params.yaml `generate` overrides them.
-DEFAULTS = {"duration": 8.0, "cfg_scale": 3.0, "temperature": 1.0, "top_k": 0, "top_p": 0.0, "prompt_guidance": 1.0,
+DEFAULTS = {"duration": 8.0, "max_duration": 600.0, "cfg_scale": 3.0, "temperature": 1.0, "top_k": 0, "top_p": 0.0, "prompt_guidance": 1.0,
             "prompt_plausibility": 0.003, "alias": "champion",
             "steering": {"every": 1, "decay": 0.5, "tau": None, "monitor_heads": 16, "iti_top_k": 16}}
 
@@ -66,7 +66,7 @@ class GenerationSession:
     def __init__(self, generator: str | Path | None = None, *, registry=None, params: str | Path | None = "params.yaml",
                  probes: Mapping[str, str] | None = None, alias: str | None = None, tracking_uri: str | None = None,
                  backend: str | None = None, musicgen: str | Path | None = None, device: str | None = None,
-                 dtype: str | None = None):
+                 dtype: str | None = None, allow_pickle_weights: bool = False):
         self.defaults = read_defaults(params)
         self.alias = alias or self.defaults["alias"]
         self._registry = registry
@@ -76,7 +76,7 @@ class GenerationSession:
         t0 = time.perf_counter()
         from registry.loading import fetch
 
-        self.generator_section = _backend(params, generator, backend, musicgen, device, dtype)
+        self.generator_section = _backend(params, generator, backend, musicgen, device, dtype, allow_pickle_weights)
         self.backend = self.generator_section["backend"]
         if self.backend == "musicgen":
             self.generator_ref = _musicgen_ref(self.generator_section)
@@ -213,6 +213,7 @@ class GenerationSession:
         import soundfile as sf
         import torch
 
+        from core.files import atomic_path
         from models.generator import attribute_ids, guidance_scales, plausibility_cut, sampling_temperature
         from models.steering import SteeringPlan, parse_strengths, steer as install
 
@@ -223,8 +224,11 @@ class GenerationSession:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise GenerationError("no prompt given")
-        duration = float(d["duration"] if duration is None else duration)
-        seed = int(d["seed"] if seed is None else seed)
+        duration = _finite("--duration", d["duration"] if duration is None else duration)
+        if not 0 < duration <= float(d["max_duration"]):
+            raise GenerationError(f"--duration {duration:g} s: give more than 0 and at most {float(d['max_duration']):g} s "
+                                  f"(params generate.max_duration)")
+        seed = _seed(d["seed"] if seed is None else seed)
         sampling = dict(temperature=sampling_temperature(d["temperature"] if temperature is None else temperature),
                         top_k=int(d["top_k"] if top_k is None else top_k),
                         top_p=float(d["top_p"] if top_p is None else top_p))
@@ -240,10 +244,9 @@ class GenerationSession:
         out = Path(out)
         if out.suffix.lower() != ".wav":
             raise GenerationError(f"--out must be a .wav path, got {out}")
-        try:  # created up front, so a bad path fails before minutes of generation, not after
-            out.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise GenerationError(f"--out: cannot create folder {out.parent}: {e.strerror}") from None
+        from core.files import check_output_path
+
+        check_output_path(out, "--out")  # a bad path fails before minutes of generation, not after
         gen, codec = self.generator, self.codec
         fps = float(codec.frame_rate)
         n_frames = int(round(duration * fps))
@@ -324,7 +327,8 @@ class GenerationSession:
             peak = float(np.max(np.abs(wave))) if wave.size else 0.0
             if peak > 0.99:
                 wave = wave * (0.99 / peak)
-            sf.write(str(path), wave, codec.sample_rate, subtype="PCM_16")
+            with atomic_path(path) as tmp:  # a full disk leaves no truncated WAV that opens as valid audio
+                sf.write(str(tmp), wave, codec.sample_rate, subtype="PCM_16", format="WAV")
         info = {"prompts": prompts, "duration_s": n_frames / fps, "frames": n_frames, "windows": chunk,
                 "seed": seed, "cfg_scale": guidance, "prompt_guidance": prompt_guidance,
                 "prompt_plausibility": plausibility, **sampling,
@@ -339,8 +343,9 @@ class GenerationSession:
 
             report = SteeringReport({"plan": plan.describe(), "steps": steps})
             report_json = out.with_suffix(".steering.json")
-            report_json.write_text(json.dumps({**report.data, "summary": report.summary(), "generation": info},
-                                              indent=1) + "\n")
+            with atomic_path(report_json) as tmp:
+                tmp.write_text(json.dumps({**report.data, "summary": report.summary(), "generation": info},
+                                          indent=1) + "\n")
             for i, path in enumerate(wavs):
                 png = path.with_suffix(".steering.png")
                 report.plot(png, row=i)
@@ -348,12 +353,34 @@ class GenerationSession:
         return GenerationResult(wavs, report_json, pngs, info)
 
 
+def _finite(name: str, value) -> float:
+    import math
+
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise GenerationError(f"{name} {value!r} is not a number") from None
+    if not math.isfinite(x):
+        raise GenerationError(f"{name} {value!r} is not a finite number")
+    return x
+
+
+def _seed(value) -> int:
+    try:
+        seed = int(value)
+    except (TypeError, ValueError):
+        raise GenerationError(f"--seed {value!r} is not a whole number") from None
+    if not 0 <= seed < 2**63:
+        raise GenerationError(f"--seed {seed} is outside 0..2^63-1")
+    return seed
+
+
 def _ref_info(ref) -> dict:
     return {"uri": ref.uri, "name": ref.name, "version": ref.version, "path": str(ref.path),
             "fingerprint": ref.fingerprint or ref.generator_fingerprint, "backend": ref.backend}
 
 
-def _backend(params, generator, backend, musicgen, device, dtype) -> dict:
+def _backend(params, generator, backend, musicgen, device, dtype, allow_pickle_weights=False) -> dict:
     """The generator backend of a session: an explicit `generator` decides by what it is (a MusicGen folder ->
     musicgen; a models:/ URI or a builtin folder -> builtin); without one, `backend` / `musicgen`, then params
     `generator` (backend, path, device, dtype, codec_path)."""
@@ -372,7 +399,8 @@ def _backend(params, generator, backend, musicgen, device, dtype) -> dict:
                                   "registered: give their local folder)")
         else:
             backend = "builtin"
-    return backend_section(section, backend=backend, musicgen=musicgen, device=device, dtype=dtype)
+    return backend_section(section, backend=backend, musicgen=musicgen, device=device, dtype=dtype,
+                           allow_pickle_weights=allow_pickle_weights)
 
 
 def _musicgen_ref(section: dict):

@@ -454,9 +454,12 @@ def resolve_local_dir(path: str | Path) -> Path:
 
 
 def load_musicgen(path: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = None,
-                  codec_path: str | Path | None = None) -> tuple[MusicGenGenerator, object]:
+                  codec_path: str | Path | None = None,
+                  allow_pickle_weights: bool = False) -> tuple[MusicGenGenerator, object]:
     """(generator in eval mode, codec) from local MusicGen weights. The codec is the model's own EnCodec; a
-    decoder-only checkpoint needs `codec_path` (an EnCodec save_pretrained folder) for audio."""
+    decoder-only checkpoint needs `codec_path` (an EnCodec save_pretrained folder) for audio. Weights are read from
+    safetensors only: a `pytorch_model.bin` is a pickle, which runs code when loaded, so it is refused unless
+    `allow_pickle_weights` (generator.allow_pickle_weights, --allow-pickle-weights) says the user trusts it."""
     from transformers import AutoTokenizer, MusicgenForCausalLM, MusicgenForConditionalGeneration
 
     from models.codec import EncodecCodec
@@ -475,7 +478,13 @@ def load_musicgen(path: str | Path, device: str = "cpu", dtype: str | torch.dtyp
             raise MusicGenError(f"generator.dtype must be float32, float16 or bfloat16, not {dtype!r}")
         dtype = getattr(torch, dtype)
     try:
-        model = classes[model_type].from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
+        if not allow_pickle_weights and not list(folder.glob("*.safetensors")):
+            pickled = sorted(p.name for p in folder.glob("*.bin"))
+            raise MusicGenError(f"{folder} has no safetensors weights" + (f" (only {', '.join(pickled)}, a pickle that "
+                                f"runs code when loaded)" if pickled else "") + "; convert them, or pass "
+                                "--allow-pickle-weights if you trust the files")
+        model = classes[model_type].from_pretrained(str(folder), local_files_only=True, dtype=torch.float32,
+                                                    use_safetensors=None if allow_pickle_weights else True)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MusicGenError(f"cannot load MusicGen from {folder}: {first}") from None
@@ -516,12 +525,13 @@ def musicgen_codec(model):
 
 
 BACKENDS = ("builtin", "musicgen")
-_SECTION_KEYS = {"backend": "builtin", "path": None, "device": "cpu", "dtype": "float32", "codec_path": None}
+_SECTION_KEYS = {"backend": "builtin", "path": None, "device": "cpu", "dtype": "float32", "codec_path": None,
+                 "allow_pickle_weights": False}
 
 
 def backend_section(section: Mapping | None = None, *, generator: str | Path | None = None, backend: str | None = None,
                     musicgen: str | Path | None = None, device: str | None = None,
-                    dtype: str | None = None) -> dict:
+                    dtype: str | None = None, allow_pickle_weights: bool | None = None) -> dict:
     """The params `generator` section with command-line overrides applied (None keeps the params value):
     - `backend`: builtin | musicgen, wins over everything;
     - `musicgen`: a local MusicGen folder; implies backend musicgen;
@@ -546,6 +556,8 @@ def backend_section(section: Mapping | None = None, *, generator: str | Path | N
         out["device"] = device
     if dtype is not None:
         out["dtype"] = dtype
+    if allow_pickle_weights:
+        out["allow_pickle_weights"] = True
     if out["backend"] not in BACKENDS:
         raise MusicGenError(f"unknown generator.backend {out['backend']!r} (builtin | musicgen)")
     out["builtin_dir"] = builtin_dir
@@ -562,7 +574,7 @@ def load_backend(section: Mapping, builtin_dir: str | Path | None = None):
             raise MusicGenError("generator.backend is musicgen but generator.path is not set (a local folder of "
                                 "MusicGen weights; or pass --musicgen DIR)")
         return load_musicgen(section["path"], section.get("device") or "cpu", section.get("dtype"),
-                             section.get("codec_path"))
+                             section.get("codec_path"), bool(section.get("allow_pickle_weights")))
     if backend == "builtin":
         from models.generator import load_generator
 

@@ -94,6 +94,9 @@ class SteeringParams:
             raise SteeringError(f"steering decay must be >= 0, got {self.decay}")
 
 
+MAX_STRENGTH = 1000.0
+
+
 def _number(name: str, value) -> float:
     if isinstance(value, bool):
         raise SteeringError(f"{name} is not a number: {value!r}")
@@ -127,6 +130,9 @@ def parse_strengths(spec: str | Mapping[str, object] | Sequence[tuple[str, objec
         if not name:
             raise SteeringError(f"steering request has an empty trait name (strength {value!r})")
         alpha = _number(f"strength of {name!r}", value)
+        if abs(alpha) > MAX_STRENGTH:
+            raise SteeringError(f"strength of {name!r} is {alpha:+g}; it must lie within +-{MAX_STRENGTH:g} (the "
+                                f"evaluated strengths are 5-30; far beyond, the push only breaks the music)")
         if name in out:
             if (alpha > 0) != (out[name] > 0):
                 raise SteeringError(f"conflicting strengths for trait {name!r}: {out[name]:+g} and {alpha:+g} "

@@ -29,6 +29,9 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="MusicGen device: cpu | cuda | cuda:0 (default: params)")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="MusicGen dtype (default: params generator.dtype; half precision on a GPU)")
+    parser.add_argument("--allow-pickle-weights", dest="allow_pickle_weights", action="store_true",
+                        help="let MusicGen load pytorch_model.bin (a pickle, which can run code) when a folder has no "
+                             "safetensors weights; only for files you trust")
 
 
 def generator_section(args) -> dict:
@@ -43,7 +46,8 @@ def generator_section(args) -> dict:
 
         section = (yaml.safe_load(path.read_text()) or {}).get("generator") or {}
     return backend_section(section, generator=getattr(args, "generator", None), backend=args.backend,
-                           musicgen=args.musicgen, device=args.device, dtype=args.dtype)
+                           musicgen=args.musicgen, device=args.device, dtype=args.dtype,
+                           allow_pickle_weights=getattr(args, "allow_pickle_weights", None))
 
 
 def load_generator_for(section: dict):

@@ -162,6 +162,8 @@ class Registry:
                                 f"first (`smitin registry register`) or set MLFLOW_TRACKING_URI")
         if db is not None and not db.parent.exists():
             raise RegistryError(f"cannot create the registry database {db}: folder {db.parent} does not exist")
+        if db is not None and db.exists():
+            check_sqlite_registry(db)
 
     @cached_property
     def client(self):
@@ -280,6 +282,31 @@ class Registry:
                 f.seek(0)
                 f.truncate()
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def check_sqlite_registry(db: Path) -> None:
+    """Refuse, with one line, a registry file that is not an intact MLflow database: empty (MLflow would silently
+    create a new, empty registry in it), truncated or overwritten (SQLAlchemy would fail deep inside a command with
+    a long traceback). Never modifies the file."""
+    import sqlite3
+
+    if db.stat().st_size == 0:
+        raise RegistryError(f"the registry database {db} is empty (0 bytes): restore it from a backup, or remove it "
+                            f"to start a new registry")
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            ok = con.execute("PRAGMA quick_check").fetchone()[0]
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as e:
+        raise RegistryError(f"the registry database {db} is damaged ({e}): restore it from a backup") from None
+    if ok != "ok":
+        raise RegistryError(f"the registry database {db} is damaged (integrity check: {str(ok)[:120]}): restore it "
+                            f"from a backup")
+    if "alembic_version" not in tables or "registered_models" not in tables:
+        raise RegistryError(f"{db} is an SQLite file but not an MLflow registry (no registered_models table)")
 
 
 def first_line(e: BaseException) -> str:

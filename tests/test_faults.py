@@ -287,3 +287,93 @@ def test_a_corrupted_registry_cache_entry_is_fetched_again(tmp_path, sqlite_regi
 
 
 from tests.conftest_registry import mlflow_template_db, sqlite_registry  # noqa: E402,F401 - fixtures
+
+
+@pytest.mark.parametrize("damage", ["zero_bytes", "truncated", "overwritten"])
+def test_a_damaged_registry_database_is_refused_and_left_alone(tmp_path, mlflow_template_db, capsys, damage):
+    from generation.cli import main
+
+    db = tmp_path / "mlflow.db"
+    shutil.copy(mlflow_template_db, db)
+    good = db.read_bytes()
+    if damage == "zero_bytes":
+        db.write_bytes(b"")
+    elif damage == "truncated":
+        db.write_bytes(good[: len(good) // 3])
+    else:
+        db.write_bytes(b"SQLite format 3\x00" + os.urandom(len(good) - 16))
+    before = db.read_bytes()
+    for argv in (["registry", "list"], ["registry", "promote", "drums"], ["harmonize", "--melody", "x.mid"]):
+        rc = main([*argv, "--tracking-uri", f"sqlite:///{db}"] if argv[0] != "harmonize"
+                  else [*argv, "--tracking-uri", f"sqlite:///{db}", "--params", str(tmp_path / "none.yaml")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len([x for x in err if x.startswith("smitin: error")]) == 1, err
+        assert "Traceback" not in "\n".join(err)
+        assert any(w in err[-1] for w in ("empty (0 bytes)", "damaged", "not an MLflow registry")), err
+    assert db.read_bytes() == before                          # never replaced, never "repaired"
+
+
+def test_wav_writes_are_atomic_on_a_full_disk(tmp_path, monkeypatch):
+    import errno
+
+    import soundfile
+
+    from core.files import atomic_path
+
+    target = tmp_path / "out.wav"
+    sf.write(target, np.zeros(100), 16000)
+    before = target.read_bytes()
+    real_write = soundfile.write
+
+    def full_disk(path, data, sr, **kw):
+        real_write(path, data[: len(data) // 2], sr, **kw)   # half the file lands, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(soundfile, "write", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        with atomic_path(target) as tmp:
+            soundfile.write(str(tmp), np.ones(16000), 16000, format="WAV")
+    assert target.read_bytes() == before and not list(tmp_path.glob(".out.wav.*"))
+
+
+def _listening_ips(tmp_path: Path, patched: bool) -> tuple[int, set]:
+    import psutil
+
+    src = _folder(tmp_path / f"in{patched}", 4)
+    unpatch = "" if patched else ("import contextlib, pipelines.runner as r; "
+                                  "r.loopback_only = contextlib.nullcontext; ")
+    code = (f"{unpatch}from pipelines.dataset import build_dataset; from tests.test_faults import params; "
+            f"build_dataset({str(src)!r}, {str(tmp_path / f'out{patched}')!r}, params(workers=2))")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    seen = set()
+    parent = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            for p in [parent, *parent.children(recursive=True)]:
+                for c in p.net_connections(kind="inet"):
+                    if c.status == psutil.CONN_LISTEN:
+                        seen.add(c.laddr.ip)
+        except psutil.Error:
+            pass
+    return proc.returncode, seen
+
+
+def test_beam_local_runner_listens_on_loopback_only(tmp_path):
+    rc, seen = _listening_ips(tmp_path, patched=True)
+    assert rc == 0 and seen, "the build never listened: the check saw nothing to check"
+    assert seen <= {"127.0.0.1", "::1", "::ffff:127.0.0.1"}, seen
+    # the same build without the fix listens on every interface: the check above can tell them apart
+    rc, seen = _listening_ips(tmp_path, patched=False)
+    assert rc == 0 and "::" in seen
+
+
+def test_musicgen_pickled_weights_are_refused_without_the_flag(tmp_path):
+    from models.musicgen import MusicGenError, load_musicgen
+
+    folder = tmp_path / "mg"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "musicgen"}))
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04not loaded")
+    with pytest.raises(MusicGenError, match="no safetensors weights.*pickle"):
+        load_musicgen(folder)

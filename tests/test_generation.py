@@ -226,6 +226,12 @@ def test_cli_generate_user_errors_are_one_line(model_dirs, tmp_path, capsys):
          "plausibility must be a number in [0, 1), got '1'"),
         (["--generator", "models:/smitin-generator@champion", "--tracking-uri", f"sqlite:///{tmp_path}/none.db",
           "--prompt", "x"], "no MLflow registry at"),
+        (["--generator", str(model_dirs / "gen"), "--prompt", "x", "--duration", "nan"], "not a finite number"),
+        (["--generator", str(model_dirs / "gen"), "--prompt", "x", "--duration", "inf"], "not a finite number"),
+        (["--generator", str(model_dirs / "gen"), "--prompt", "x", "--duration", "100000"], "at most 600 s"),
+        (["--generator", str(model_dirs / "gen"), "--prompt", "x", "--seed", str(2**70)], "outside 0..2^63-1"),
+        (["--generator", str(model_dirs / "gen"), "--prompt", "x", "--steer", "drums=1e30"], "must lie within"),
+        (["--generator", str(model_dirs / "gen"), "--prompt", "x", "--out", str(tmp_path)], "--out must be a .wav"),
     ]
     for extra, expected in cases:
         rc = main(["generate", "--params", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "o.wav"), *extra])
@@ -236,4 +242,4 @@ def test_cli_generate_user_errors_are_one_line(model_dirs, tmp_path, capsys):
     rc = main(["generate", "--params", str(tmp_path / "none.yaml"), "--generator", str(model_dirs / "gen"),
                "--prompt", "x", "--out", str(tmp_path / "a-file" / "o.wav")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and err[-1].startswith("smitin: error: --out: cannot create folder"), err
+    assert rc == 2 and err[-1].startswith("smitin: error: cannot write --out") and "is a file, not a folder" in err[-1], err
