@@ -77,7 +77,8 @@ def test_compose_and_ancestral(tmp_path, model_dir, capsys):
 
 @pytest.mark.parametrize("case", ["two_voices", "not_a_score", "no_notes", "too_high", "bad_bars", "bad_voices",
                                   "bars_past_end", "seed", "out_unwritable", "steps", "missing_file", "three_voice_score"])
-def test_bad_requests_get_one_line(tmp_path, model_dir, melody_file, capsys, case):
+def test_bad_requests_get_one_line(tmp_path, model_dir, melody_file, capsys, case, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a request that wrongly succeeded would write its default output here, not in the repo
     write_musicxml(np.stack([MELODY, MELODY - 5, MELODY - 12, MELODY - 24]), tmp_path / "satb.musicxml")
     (tmp_path / "junk.mid").write_bytes(b"MThd but not really")
     write_musicxml(np.full((1, 16), -1), tmp_path / "rests.musicxml")
