@@ -9,7 +9,7 @@ export MPLBACKEND := Agg
 # dvc.yaml's stage commands call `smitin`: the venv's, without asking the user to activate it
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test lint bench clean
 
 $(BIN)/smitin: requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11) on PATH, or set PYTHON=..."; exit 1; }
@@ -35,6 +35,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# ruff: lint and formatting (configured in pyproject.toml); .ci/run runs it before the tests
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 bench: setup
 	$(BIN)/python benchmarks/features.py

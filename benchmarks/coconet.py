@@ -7,6 +7,7 @@ Without --model the harmonization is timed on the default preset's architecture 
 weights (speed does not depend on the weights). The melody is the first 8 bars (128 frames) of the first JSB test
 chorale's soprano; three voices are written (384 cells). Prints a Markdown table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,8 +62,11 @@ def main(argv=None) -> None:
         n = Coconet(cfg).num_params()
         fp32 = train_throughput(preset, "fp32", steps=3 if preset == "gpu" else 6)
         bf16 = train_throughput(preset, "bf16", steps=3 if preset == "gpu" else 6)
-        print(f"| {preset} | {cfg.n_layers} x {cfg.filters} | {n / 1e6:.2f}M | {fp32:,.0f} | {bf16:,.0f} | "
-              f"{bf16 / fp32:.1f}x |", flush=True)
+        print(
+            f"| {preset} | {cfg.n_layers} x {cfg.filters} | {n / 1e6:.2f}M | {fp32:,.0f} | {bf16:,.0f} | "
+            f"{bf16 / fp32:.1f}x |",
+            flush=True,
+        )
 
     if args.model:
         model, _ = load_coconet(args.model)
@@ -81,8 +85,10 @@ def main(argv=None) -> None:
     melody = np.full_like(roll, -1)
     melody[0] = roll[0]
     given = given_cells(4, 128, [1, 2, 3])
-    print(f"\n## Harmonizing an 8-bar melody (128 frames, 384 cells to write; {label}, {args.threads} threads; "
-          f"median of {args.repeats})\n")
+    print(
+        f"\n## Harmonizing an 8-bar melody (128 frames, 384 cells to write; {label}, {args.threads} threads; "
+        f"median of {args.repeats})\n"
+    )
     print("| sampler | model calls | seconds | target |")
     print("|---|---|---|---|")
     for kind in ("gibbs", "ancestral"):
@@ -95,8 +101,11 @@ def main(argv=None) -> None:
             times.append(time.perf_counter() - t0)
         calls = sampler.steps + 1 if kind == "gibbs" else int((~given).sum())
         target = "<= 5 s" if kind == "gibbs" else "baseline"
-        print(f"| {kind} ({'default schedule, ' + str(sampler.steps) + ' steps' if kind == 'gibbs' else sampler.order}) "
-              f"| {calls} | {statistics.median(times):.2f} | {target} |", flush=True)
+        print(
+            f"| {kind} ({'default schedule, ' + str(sampler.steps) + ' steps' if kind == 'gibbs' else sampler.order}) "
+            f"| {calls} | {statistics.median(times):.2f} | {target} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

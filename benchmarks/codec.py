@@ -9,6 +9,7 @@ multi-resolution STFT distance (spectral convergence + mean |log-magnitude| diff
 and log-mel distance (mean |difference| of 64-band natural-log mel power, dB-like units / 4.34). Speed: seconds of
 audio encoded / decoded per wall-clock second (x real time), one thread per process as measured.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,9 +43,9 @@ def logmel_distance(ref: np.ndarray, est: np.ndarray, sr: int) -> float:
 
 
 def main(argv=None) -> None:
+    from core.audio import decode_flac, resample
     from models.codec import load_codec
     from models.train import read_clips
-    from pipelines.audio import decode_flac, resample
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--codec", default="data/codec")
@@ -85,6 +86,7 @@ def main(argv=None) -> None:
             c = next(code_iter)
             feats = sum(codec.codebooks[j][c[j]] for j in range(k))
             return codec.features_to_wave(feats, inversion)
+
         return fn
 
     def unquantised(inversion: str):
@@ -98,9 +100,11 @@ def main(argv=None) -> None:
     measure("unquantised log-mel, pinv + GL (ceiling)", unquantised("pinv"))
     measure("unquantised log-mel, learned + GL (ceiling)", unquantised("learned"))
     kbps = K * np.log2(codec.card) * codec.frame_rate / 1000
-    print(f"codec: {K} x {codec.card} codes, {codec.frame_rate:.1f} frames/s ({kbps:.2f} kbit/s), {sr} Hz; "
-          f"{len(refs)} {args.split} clips, {seconds:.0f} s; encode {encode_xrt:.0f}x real time "
-          f"({args.threads} thread)")
+    print(
+        f"codec: {K} x {codec.card} codes, {codec.frame_rate:.1f} frames/s ({kbps:.2f} kbit/s), {sr} Hz; "
+        f"{len(refs)} {args.split} clips, {seconds:.0f} s; encode {encode_xrt:.0f}x real time "
+        f"({args.threads} thread)"
+    )
     print(f"| {'decoder':48s} | MR-STFT dist | log-mel dist | decode x real time |")
     print(f"|{'-' * 50}|--------------|--------------|--------------------|")
     for name, mr, lm, xrt in rows:

@@ -6,10 +6,11 @@
     python benchmarks/feature_accuracy.py --work data/bench_dev --offset 40 --chorales 40 --essen 40   # dev set
 
 The held-out set skips the first `--offset` pieces of each corpus' seeded order; the default corpus (offset 0,
-30 chorales / 28 Essen songs) and the dev set used while tuning (offset 40, 40 + 40 pieces) do not overlap it. Each `--set`
-overrides one `build_dataset` param; several `--compare` names run the build once per params variant and print
-the tables side by side (same audio, same run).
+30 chorales / 28 Essen songs) and the dev set used while tuning (offset 40, 40 + 40 pieces) do not overlap it.
+Each `--set` overrides one `build_dataset` param; several `--compare` names run the build once per params variant
+and print the tables side by side (same audio, same run).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,10 +23,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from core.config import load_params  # noqa: E402
 from pipelines.corpus import render_corpus  # noqa: E402
 from pipelines.dataset import build_dataset  # noqa: E402
 from pipelines.evaluate import METRIC_ORDER, evaluate_features, write_outputs  # noqa: E402
-from pipelines.params import load_params  # noqa: E402
 
 
 def parse_value(text: str):
@@ -44,24 +45,39 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=20.0, help="piece duration cap")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--reuse", action="store_true", help="reuse the rendered corpus in --work if present")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a build_dataset param (all variants)")
-    ap.add_argument("--compare", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
-                    help="an extra params variant to build and score on the same audio")
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a build_dataset param (all variants)"
+    )
+    ap.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+        help="an extra params variant to build and score on the same audio",
+    )
     args = ap.parse_args()
 
     corpus_params = load_params(args.params, "corpus")
-    corpus_params.update({"corpora": ["bach_chorales", "nottingham", "essen"],
-                          "pieces": {"bach_chorales": args.chorales, "nottingham": 2, "essen": args.essen},
-                          "piece_offset": args.offset, "piece_seconds": args.seconds, "variants": 1})
+    corpus_params.update(
+        {
+            "corpora": ["bach_chorales", "nottingham", "essen"],
+            "pieces": {"bach_chorales": args.chorales, "nottingham": 2, "essen": args.essen},
+            "piece_offset": args.offset,
+            "piece_seconds": args.seconds,
+            "variants": 1,
+        }
+    )
     corpus_dir = os.path.join(args.work, "corpus")
     labels = os.path.join(corpus_dir, "labels.parquet")
     if not (args.reuse and os.path.exists(labels)):
         t = time.time()
         r = render_corpus(corpus_dir, corpus_params, workers=args.workers)
-        print(f"render: {r.stats['pieces_rendered']} pieces, {r.stats['mixes']} mixes, "
-              f"{r.stats['audio_hours']:.2f} h audio in {time.time() - t:.0f}s "
-              f"({r.stats['realtime_factor']:.0f}x real time)", flush=True)
+        print(
+            f"render: {r.stats['pieces_rendered']} pieces, {r.stats['mixes']} mixes, "
+            f"{r.stats['audio_hours']:.2f} h audio in {time.time() - t:.0f}s "
+            f"({r.stats['realtime_factor']:.0f}x real time)",
+            flush=True,
+        )
 
     base = load_params(args.params, "build_dataset")
     for kv in args.set:
@@ -85,12 +101,18 @@ def main() -> int:
         wall = time.time() - t
         hours = built.stats["hours"]
         metrics, rows = evaluate_features(clips, labels)
-        metrics["build"] = {"wall_seconds": round(wall, 1), "audio_hours": hours,
-                            "realtime_factor": round(hours * 3600 / wall, 1)}
+        metrics["build"] = {
+            "wall_seconds": round(wall, 1),
+            "audio_hours": hours,
+            "realtime_factor": round(hours * 3600 / wall, 1),
+        }
         write_outputs(metrics, rows, os.path.join(args.work, f"metrics-{name}.json"))
         results[name] = metrics
-        print(f"[{name}] built {built.stats['clips']} clips ({hours:.2f} h) in {wall:.0f}s = "
-              f"{hours * 3600 / wall:.0f}x real time", flush=True)
+        print(
+            f"[{name}] built {built.stats['clips']} clips ({hours:.2f} h) in {wall:.0f}s = "
+            f"{hours * 3600 / wall:.0f}x real time",
+            flush=True,
+        )
 
     header = f"{'metric':<14}" + "".join(f"{n[:8] + '/' + s:>18}" for n in results for s in ("all", "drums", "nodrum"))
     print(header)

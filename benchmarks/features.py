@@ -6,6 +6,7 @@ chords, loudness; the pipeline also writes FLAC clips, captions and Parquet. Pri
 
     python benchmarks/features.py [--minutes 20] [--workers 2] [--input DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,9 +22,9 @@ import soundfile as sf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.audio import AUDIO_EXTENSIONS  # noqa: E402
+from core.audio import AUDIO_EXTENSIONS  # noqa: E402
+from core.config import load_params  # noqa: E402
 from pipelines.dataset import build_dataset  # noqa: E402
-from pipelines.params import load_params  # noqa: E402
 from tests.synth import chord_sequence  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,8 +99,10 @@ def main() -> None:
         librosa.feature.chroma_cqt(y=y, sr=22050)
 
         rows = []
-        for name, harmonic in (("naive librosa script, HPSS + CQT chroma (1 proc): baseline", True),
-                               ("naive librosa script, CQT chroma without HPSS (1 proc)", False)):
+        for name, harmonic in (
+            ("naive librosa script, HPSS + CQT chroma (1 proc): baseline", True),
+            ("naive librosa script, CQT chroma without HPSS (1 proc)", False),
+        ):
             t0, c0 = time.perf_counter(), cpu_seconds()
             for f in files:
                 naive_file(f, harmonic=harmonic)
@@ -110,21 +113,34 @@ def main() -> None:
             p = dict(params, rhythm_method=method)
             t0, c0 = time.perf_counter(), cpu_seconds()
             build_dataset(str(src), str(tmp / f"clips-{method}"), p, workers=args.workers)
-            rows.append((f"smitin dataset build (Beam, {args.workers} procs, rhythm={method})",
-                         time.perf_counter() - t0, cpu_seconds() - c0))
+            rows.append(
+                (
+                    f"smitin dataset build (Beam, {args.workers} procs, rhythm={method})",
+                    time.perf_counter() - t0,
+                    cpu_seconds() - c0,
+                )
+            )
 
     load = os.getloadavg()[0]
-    print(f"\naudio: {len(files)} files, {total / 60:.1f} min; machine: {os.cpu_count()} cores, "
-          f"load average {load:.2f} at the end\n")
+    print(
+        f"\naudio: {len(files)} files, {total / 60:.1f} min; machine: {os.cpu_count()} cores, "
+        f"load average {load:.2f} at the end\n"
+    )
     base_wall = rows[0][1]
-    print(f"| {'method':<60} | {'wall s':>7} | {'x real time':>11} | {'vs baseline':>11} | {'CPU s':>7} |"
-          f" {'audio s / CPU s':>15} |")
+    print(
+        f"| {'method':<60} | {'wall s':>7} | {'x real time':>11} | {'vs baseline':>11} | {'CPU s':>7} |"
+        f" {'audio s / CPU s':>15} |"
+    )
     print(f"|{'-' * 62}|{'-' * 9}|{'-' * 13}|{'-' * 13}|{'-' * 9}|{'-' * 17}|")
     for name, wall, cpu in rows:
-        print(f"| {name:<60} | {wall:7.1f} | {total / wall:11.1f} | {base_wall / wall:11.2f} | {cpu:7.1f} |"
-              f" {total / cpu:15.1f} |")
-    print("\nWall times include the Beam workers' start-up, FLAC/Parquet writing and captions. CPU s counts this "
-          "process and its worker processes; on a busy machine the wall numbers understate what 2 free cores do.")
+        print(
+            f"| {name:<60} | {wall:7.1f} | {total / wall:11.1f} | {base_wall / wall:11.2f} | {cpu:7.1f} |"
+            f" {total / cpu:15.1f} |"
+        )
+    print(
+        "\nWall times include the Beam workers' start-up, FLAC/Parquet writing and captions. CPU s counts this "
+        "process and its worker processes; on a busy machine the wall numbers understate what 2 free cores do."
+    )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ chosen. The dev set (pieces 40-79 of each corpus' seeded order) is disjoint from
 corpus (0-29) and from the held-out set of benchmarks/feature_accuracy.py (100 on), which is where to check the
 result: `python benchmarks/feature_accuracy.py`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,13 +26,22 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipelines.audio import iter_clips  # noqa: E402
+from core.audio import iter_clips  # noqa: E402
+from core.config import load_params  # noqa: E402
 from pipelines.corpus import render_corpus  # noqa: E402
 from pipelines.evaluate import cut_times  # noqa: E402
-from pipelines.features import (DOWNBEAT_CUES, DOWNBEAT_MODEL, ClipAnalyzer, FeatureParams,  # noqa: E402
-                                boosted_trees_score, cue_matrix, export_boosted_trees, file_bar_phase,
-                                percussiveness, stack_trees)
-from pipelines.params import load_params  # noqa: E402
+from pipelines.features import (  # noqa: E402
+    DOWNBEAT_CUES,
+    DOWNBEAT_MODEL,
+    ClipAnalyzer,
+    FeatureParams,
+    boosted_trees_score,
+    cue_matrix,
+    export_boosted_trees,
+    file_bar_phase,
+    percussiveness,
+    stack_trees,
+)
 
 CUES = list(DOWNBEAT_CUES)
 SHIFTS = [-1, 0, 1]
@@ -49,8 +59,9 @@ def pipeline_f(clips: list[dict], scorers: dict, meter_bias: dict) -> float:
     scores = []
     for group in files.values():
         group.sort(key=lambda c: c["start"])
-        downbeats, _ = file_bar_phase([(c["start"], c["beats"], scorers[c["percussive"]](c["x"])) for c in group],
-                                      (2, 3, 4), meter_bias)
+        downbeats, _ = file_bar_phase(
+            [(c["start"], c["beats"], scorers[c["percussive"]](c["x"])) for c in group], (2, 3, 4), meter_bias
+        )
         scores += [mir_eval.beat.f_measure(c["ref_down"], d) for c, d in zip(group, downbeats) if len(c["ref_down"])]
     return float(np.mean(scores))
 
@@ -97,10 +108,21 @@ def main() -> int:
                 continue
             beats, cues, env = found
             end = start + len(wave) / sr
-            lab = beat_labels(beats, cut_times(truth["beats_s"], start, end), cut_times(truth["downbeats_s"], start, end))
-            samples.append({"file": truth["file"], "piece": truth["piece_id"], "start": start, "beats": beats,
-                            "x": cue_matrix(cues, CUES, SHIFTS), "lab": lab, "perc": percussiveness(env),
-                            "ref_down": cut_times(truth["downbeats_s"], start, end)})
+            lab = beat_labels(
+                beats, cut_times(truth["beats_s"], start, end), cut_times(truth["downbeats_s"], start, end)
+            )
+            samples.append(
+                {
+                    "file": truth["file"],
+                    "piece": truth["piece_id"],
+                    "start": start,
+                    "beats": beats,
+                    "x": cue_matrix(cues, CUES, SHIFTS),
+                    "lab": lab,
+                    "perc": percussiveness(env),
+                    "ref_down": cut_times(truth["downbeats_s"], start, end),
+                }
+            )
             perc.append(percussiveness(env))
             drums.append(has_drums)
     perc, drums = np.array(perc), np.array(drums)
@@ -135,8 +157,13 @@ def main() -> int:
             fs = []
             for k in range(5):
                 models = fit([c for c in samples if fold[c["piece"]] != k], make)
-                fs.append(pipeline_f([c for c in samples if fold[c["piece"]] == k],
-                                     {g: m.decision_function for g, m in models.items()}, meter_bias))
+                fs.append(
+                    pipeline_f(
+                        [c for c in samples if fold[c["piece"]] == k],
+                        {g: m.decision_function for g, m in models.items()},
+                        meter_bias,
+                    )
+                )
             cv[name] = round(float(np.mean(fs)), 4)
             print(f"5-fold CV over pieces, downbeat F: {name} {cv[name]}", flush=True)
     models = fit(samples, trees)
@@ -150,12 +177,22 @@ def main() -> int:
         n = sum(int((c["lab"] >= 0).sum()) for c in samples if c["percussive"] == gate)
         report[kind] = {"beats": n, "clips": sum(c["percussive"] == gate for c in samples)}
     model = {
-        "cues": CUES, "shifts": SHIFTS, "percussive_threshold": round(threshold, 5), "models": exported,
-        "fitted_on": {"set": "rendered dev set", **spec, "clips": len(samples), "trees": TREES,
-                      "percussive_gate_accuracy": round(float(((perc > threshold) == drums).mean()), 4),
-                      "in_sample_downbeat_f": round(pipeline_f(samples, {g: m.decision_function
-                                                                           for g, m in models.items()}, meter_bias), 4),
-                      **({"cv_downbeat_f": cv} if cv else {}), **report},
+        "cues": CUES,
+        "shifts": SHIFTS,
+        "percussive_threshold": round(threshold, 5),
+        "models": exported,
+        "fitted_on": {
+            "set": "rendered dev set",
+            **spec,
+            "clips": len(samples),
+            "trees": TREES,
+            "percussive_gate_accuracy": round(float(((perc > threshold) == drums).mean()), 4),
+            "in_sample_downbeat_f": round(
+                pipeline_f(samples, {g: m.decision_function for g, m in models.items()}, meter_bias), 4
+            ),
+            **({"cv_downbeat_f": cv} if cv else {}),
+            **report,
+        },
     }
     with open(args.out, "w") as f:
         json.dump(model, f, indent=1)

@@ -8,6 +8,7 @@ weights and a debug-sized codec fitted on synthetic audio (speed does not depend
 path (recompute the whole sequence each step) is the baseline measured in the same run. Real-time factor =
 (generation + decode seconds) / seconds of audio produced; below 1 is faster than real time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,10 +19,10 @@ import torch
 
 
 def _default_model():
+    from core.config import load_params
     from models.codec import MelCodecConfig, MelRVQCodec
     from models.generator import Generator
     from models.train import generator_config
-    from pipelines.params import load_params
 
     params = load_params("params.yaml", "train_generator")
     fit = load_params("params.yaml", "fit_codec")
@@ -47,26 +48,37 @@ def main(argv=None) -> None:
     else:
         generator, codec = _default_model()
     K = generator.cfg.n_codebooks
-    prompt = torch.randint(0, generator.cfg.card, (1, K, args.prompt_frames), generator=torch.Generator().manual_seed(0))
+    prompt = torch.randint(
+        0, generator.cfg.card, (1, K, args.prompt_frames), generator=torch.Generator().manual_seed(0)
+    )
     cond = torch.randn(1, generator.cfg.cond_dim)
     rows = []
-    for name, kw in [("no cache (baseline)", dict(use_cache=False)), ("KV cache", dict(use_cache=True)),
-                     ("KV cache + CFG 3.0 (batch x2)", dict(use_cache=True, condition=cond, cfg_scale=3.0)),
-                     ("KV cache + prompt guidance [3,1,1,1] (batch x2)",
-                      dict(use_cache=True, prompt_guidance=[3.0] + [1.0] * (K - 1))),
-                     ("KV cache + prompt guidance [6,1,1,1] + plausibility 0.003 (evaluate_carrying)",
-                      dict(use_cache=True, prompt_guidance=[6.0] + [1.0] * (K - 1), plausibility=0.003))]:
+    for name, kw in [
+        ("no cache (baseline)", dict(use_cache=False)),
+        ("KV cache", dict(use_cache=True)),
+        ("KV cache + CFG 3.0 (batch x2)", dict(use_cache=True, condition=cond, cfg_scale=3.0)),
+        (
+            "KV cache + prompt guidance [3,1,1,1] (batch x2)",
+            dict(use_cache=True, prompt_guidance=[3.0] + [1.0] * (K - 1)),
+        ),
+        (
+            "KV cache + prompt guidance [6,1,1,1] + plausibility 0.003 (evaluate_carrying)",
+            dict(use_cache=True, prompt_guidance=[6.0] + [1.0] * (K - 1), plausibility=0.003),
+        ),
+    ]:
         t0 = time.perf_counter()
         out = generator.generate(args.frames, prompt=prompt, seed=0, **kw)
         t_gen = time.perf_counter() - t0
         t0 = time.perf_counter()
-        codec.decode(out[0, :, args.prompt_frames:])
+        codec.decode(out[0, :, args.prompt_frames :])
         t_dec = time.perf_counter() - t0
         audio_s = args.frames / codec.frame_rate
         rows.append((name, args.frames / t_gen, (t_gen + t_dec) / audio_s, t_gen, t_dec))
-    print(f"generator {generator.num_params() / 1e6:.2f}M params ({generator.cfg.n_layers} layers, dim "
-          f"{generator.cfg.dim}), {K} codebooks at {codec.frame_rate:.0f} frames/s; prompt {args.prompt_frames} + "
-          f"{args.frames} new frames ({args.frames / codec.frame_rate:.1f} s), batch 1, {args.threads} threads")
+    print(
+        f"generator {generator.num_params() / 1e6:.2f}M params ({generator.cfg.n_layers} layers, dim "
+        f"{generator.cfg.dim}), {K} codebooks at {codec.frame_rate:.0f} frames/s; prompt {args.prompt_frames} + "
+        f"{args.frames} new frames ({args.frames / codec.frame_rate:.1f} s), batch 1, {args.threads} threads"
+    )
     print("| path | frames/s | real-time factor (gen + decode) | gen s | decode s |")
     print("|---|---|---|---|---|")
     for name, fps, rtf, tg, td in rows:

@@ -7,6 +7,7 @@ on the weight values, and nothing is downloaded). Probe sets are random, of the 
 
     python benchmarks/musicgen.py [--musicgen DIR] [--device cpu|cuda] [--dtype float32|float16] [--seconds 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,19 +28,42 @@ from models.steering import SteeringPlan, steer  # noqa: E402
 
 def musicgen_small_random():
     """A random MusicgenForConditionalGeneration with facebook/musicgen-small's configuration."""
-    from transformers import (EncodecConfig, MusicgenConfig, MusicgenDecoderConfig,
-                              MusicgenForConditionalGeneration, T5Config)
+    from transformers import (
+        EncodecConfig,
+        MusicgenConfig,
+        MusicgenDecoderConfig,
+        MusicgenForConditionalGeneration,
+        T5Config,
+    )
 
     t5 = T5Config(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12)
-    enc = EncodecConfig(sampling_rate=32000, target_bandwidths=[2.2], hidden_size=128, num_filters=64,
-                        upsampling_ratios=[8, 5, 4, 4], codebook_size=2048, num_lstm_layers=2, normalize=False,
-                        pad_mode="reflect", use_causal_conv=False)
-    dec = MusicgenDecoderConfig(vocab_size=2048, max_position_embeddings=2048, num_hidden_layers=24, ffn_dim=4096,
-                                num_attention_heads=16, hidden_size=1024, num_codebooks=4, pad_token_id=2048,
-                                bos_token_id=2048)
+    enc = EncodecConfig(
+        sampling_rate=32000,
+        target_bandwidths=[2.2],
+        hidden_size=128,
+        num_filters=64,
+        upsampling_ratios=[8, 5, 4, 4],
+        codebook_size=2048,
+        num_lstm_layers=2,
+        normalize=False,
+        pad_mode="reflect",
+        use_causal_conv=False,
+    )
+    dec = MusicgenDecoderConfig(
+        vocab_size=2048,
+        max_position_embeddings=2048,
+        num_hidden_layers=24,
+        ffn_dim=4096,
+        num_attention_heads=16,
+        hidden_size=1024,
+        num_codebooks=4,
+        pad_token_id=2048,
+        bos_token_id=2048,
+    )
     torch.manual_seed(0)
-    model = MusicgenForConditionalGeneration(MusicgenConfig(text_encoder=t5.to_dict(), audio_encoder=enc.to_dict(),
-                                                            decoder=dec.to_dict()))
+    model = MusicgenForConditionalGeneration(
+        MusicgenConfig(text_encoder=t5.to_dict(), audio_encoder=enc.to_dict(), decoder=dec.to_dict())
+    )
     g = model.generation_config
     g.decoder_start_token_id = g.pad_token_id = g.bos_token_id = 2048
     g.do_sample, g.guidance_scale, g.max_length = True, 3.0, 1500
@@ -51,10 +75,18 @@ def random_probe_set(gen: MusicGenGenerator) -> ProbeSet:
     rng = np.random.default_rng(0)
     unit = lambda a: (a / np.linalg.norm(a, axis=-1, keepdims=True)).astype(np.float32)  # noqa: E731
     acc = rng.uniform(0.5, 0.95, (L, H)).astype(np.float32)
-    return ProbeSet(trait="drums", generator_fingerprint=gen.fingerprint(), coef=unit(rng.standard_normal((L, H, D))),
-                    intercept=np.zeros((L, H), np.float32), direction=unit(rng.standard_normal((L, H, D))),
-                    sigma=np.ones((L, H), np.float32), accuracy=acc, weight=((acc - 0.5) / 0.45) ** 3,
-                    random_direction=unit(rng.standard_normal((L, H, D))), random_sigma=np.ones((L, H), np.float32))
+    return ProbeSet(
+        trait="drums",
+        generator_fingerprint=gen.fingerprint(),
+        coef=unit(rng.standard_normal((L, H, D))),
+        intercept=np.zeros((L, H), np.float32),
+        direction=unit(rng.standard_normal((L, H, D))),
+        sigma=np.ones((L, H), np.float32),
+        accuracy=acc,
+        weight=((acc - 0.5) / 0.45) ** 3,
+        random_direction=unit(rng.standard_normal((L, H, D))),
+        random_sigma=np.ones((L, H), np.float32),
+    )
 
 
 class _Rows(list):
@@ -66,7 +98,7 @@ class _Rows(list):
 
 
 def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
 def main() -> int:
@@ -93,7 +125,13 @@ def main() -> int:
         model = model.to(args.device, getattr(torch, args.dtype))
         gen = MusicGenGenerator(model, fingerprint=fp)
     n_params = gen.num_params()
-    rows.append(("parameters", f"{n_params / 1e6:.0f} M ({n_params * torch.finfo(getattr(torch, args.dtype)).bits / 8 / 2**30:.2f} GiB of weights)"))
+    rows.append(
+        (
+            "parameters",
+            f"{n_params / 1e6:.0f} M "
+            f"({n_params * torch.finfo(getattr(torch, args.dtype)).bits / 8 / 2**30:.2f} GiB of weights)",
+        )
+    )
     fps = 50.0
     n = int(round(args.seconds * fps))
 
@@ -123,13 +161,17 @@ def main() -> int:
             times[mode].append(time.perf_counter() - t1)
     for mode, ts in times.items():
         best = min(ts)
-        rows.append((f"generate {args.seconds:g} s with CFG, {mode}", f"{best:.1f} s ({args.seconds / best:.2f}x real time)"))
+        rows.append(
+            (f"generate {args.seconds:g} s with CFG, {mode}", f"{best:.1f} s ({args.seconds / best:.2f}x real time)")
+        )
     rows.append(("smitin overhead", f"{min(times['smitin']) / min(times['plain']) - 1:+.1%}"))
     rows.append(("peak process memory (RSS)", f"{peak_rss_gb():.1f} GiB"))
     if args.device.startswith("cuda"):
         rows.append(("peak GPU memory", f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"))
-    print(f"MusicGen ({'local ' + args.musicgen if args.musicgen else 'random musicgen-small'}) on {args.device}, "
-          f"{args.dtype}, {torch.get_num_threads()} CPU threads")
+    print(
+        f"MusicGen ({'local ' + args.musicgen if args.musicgen else 'random musicgen-small'}) on {args.device}, "
+        f"{args.dtype}, {torch.get_num_threads()} CPU threads"
+    )
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"  {k.ljust(width)}  {v}")

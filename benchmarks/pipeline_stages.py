@@ -8,6 +8,7 @@ and `smitin refresh` (the scheduled job) must do no training. Prints a table and
     python benchmarks/pipeline_stages.py                      # the default params (the README's main job)
     python benchmarks/pipeline_stages.py -S train_generator.preset=debug --keep /tmp/e2e
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,13 +18,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from registry.refresh import venv_env  # noqa: E402
+from tests.project_copy import copy_project  # noqa: E402
 
 # Runs one command and reports its wall time, the CPU time and the peak RSS of its whole process tree.
 WRAPPER = r"""
@@ -37,8 +38,7 @@ print(json.dumps({"rc": rc, "wall_s": time.perf_counter() - t0, "cpu_s": ru.ru_u
 
 
 def measured(cmd: list[str], cwd: Path, log) -> dict:
-    proc = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], cwd=cwd, stderr=subprocess.PIPE, text=True,
-                          stdout=log)
+    proc = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], cwd=cwd, stderr=subprocess.PIPE, text=True, stdout=log)
     *lines, last = proc.stderr.rstrip().splitlines() or ["{}"]
     log.write("\n".join(lines) + "\n")
     log.flush()
@@ -46,22 +46,6 @@ def measured(cmd: list[str], cwd: Path, log) -> dict:
 
 
 # outputs of an earlier run in this working tree (DVC keeps them out of git, but not all of them out of git's view)
-RUN_OUTPUTS = ("data/", "metrics/", "plots/", "demo/", "dvc_plots/")
-
-
-def copy_project(dest: Path) -> None:
-    """The tracked and new untracked files of the working tree (what a fresh clone of this change has), without
-    the outputs of an earlier run, as a git repository of its own."""
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           check=True, capture_output=True).stdout.decode().split("\0")
-    for name in filter(None, files):
-        src = ROOT / name
-        if src.is_file() and not name.startswith(RUN_OUTPUTS):
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-
-
 def set_params(workdir: Path, overrides: list[str]) -> None:
     import yaml
 
@@ -78,15 +62,23 @@ def set_params(workdir: Path, overrides: list[str]) -> None:
 
 
 def stage_names(workdir: Path, dvc: str) -> list[str]:
-    out = subprocess.run([dvc, "stage", "list", "--name-only"], cwd=workdir, check=True, capture_output=True,
-                         text=True).stdout
+    out = subprocess.run(
+        [dvc, "stage", "list", "--name-only"], cwd=workdir, check=True, capture_output=True, text=True
+    ).stdout
     return [s for s in out.split() if s]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="params override in the copy (like dvc exp run -S), repeatable")
+    ap.add_argument(
+        "-S",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="params override in the copy (like dvc exp run -S), repeatable",
+    )
     ap.add_argument("--keep", default=None, help="work in this folder (kept) instead of a temporary one")
     ap.add_argument("--out", default=str(ROOT / "metrics" / "pipeline_stages.json"))
     ap.add_argument("--log", default=None, help="stage output goes here (default: WORKDIR/stages.log)")
@@ -110,17 +102,34 @@ def main() -> int:
         print(f"... {stage}", file=sys.stderr, flush=True)
         r = measured([dvc, "repro", "--single-item", stage], workdir, log)
         rows.append({"stage": stage, **r})
-        print(f"    {r['wall_s']:.1f} s wall, {r['cpu_s']:.1f} s CPU, {r['peak_rss_mb']:.0f} MB peak, rc {r['rc']}",
-              file=sys.stderr, flush=True)
+        print(
+            f"    {r['wall_s']:.1f} s wall, {r['cpu_s']:.1f} s CPU, {r['peak_rss_mb']:.0f} MB peak, rc {r['rc']}",
+            file=sys.stderr,
+            flush=True,
+        )
         if r["rc"]:
             print(f"stage {stage} failed: see {log.name}", file=sys.stderr)
             break
     else:
-        for name, cmd in [("promote (smitin refresh, after the run)", [smitin, "refresh"]),
-                          ("second dvc repro (nothing changed)", [dvc, "repro"]),
-                          ("generate 8 s steered (drums=+5)", [smitin, "generate", "--prompt",
-                                                                "a chorale for strings", "--steer", "drums=+5",
-                                                                "--duration", "8", "--out", "demo/steered.wav"])]:
+        for name, cmd in [
+            ("promote (smitin refresh, after the run)", [smitin, "refresh"]),
+            ("second dvc repro (nothing changed)", [dvc, "repro"]),
+            (
+                "generate 8 s steered (drums=+5)",
+                [
+                    smitin,
+                    "generate",
+                    "--prompt",
+                    "a chorale for strings",
+                    "--steer",
+                    "drums=+5",
+                    "--duration",
+                    "8",
+                    "--out",
+                    "demo/steered.wav",
+                ],
+            ),
+        ]:
             print(f"... {name}", file=sys.stderr, flush=True)
             r = measured(cmd, workdir, log)
             rows.append({"stage": name, **r})
@@ -133,8 +142,10 @@ def main() -> int:
     print(f"{'stage':42s} {'wall s':>8s} {'CPU s':>8s} {'peak MB':>8s} {'rc':>3s}")
     for r in rows:
         print(f"{r['stage']:42s} {r['wall_s']:8.1f} {r['cpu_s']:8.1f} {r['peak_rss_mb']:8.0f} {r['rc']:3d}")
-    print(f"{'dvc repro total':42s} {sum(r['wall_s'] for r in total):8.1f} {sum(r['cpu_s'] for r in total):8.1f} "
-          f"{max(r['peak_rss_mb'] for r in total):8.0f}")
+    print(
+        f"{'dvc repro total':42s} {sum(r['wall_s'] for r in total):8.1f} {sum(r['cpu_s'] for r in total):8.1f} "
+        f"{max(r['peak_rss_mb'] for r in total):8.0f}"
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"overrides": args.overrides, "machine": env_note, "stages": rows}, indent=1))
     print(f"workdir: {workdir}", file=sys.stderr)

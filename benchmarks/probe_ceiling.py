@@ -10,6 +10,7 @@ above every generator reader, the generator does not hold it.
 
     python benchmarks/probe_ceiling.py [--trait drums] [--generator data/generator] [--clips data/clips]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,9 +26,9 @@ from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core.config import load_params  # noqa: E402
 from models.generator import load_generator  # noqa: E402
 from models.probes import capture_head_outputs, encode_clips, load_trait_clips, probe_params  # noqa: E402
-from pipelines.params import load_params  # noqa: E402
 
 
 def accuracy(X: np.ndarray, y: np.ndarray, train: np.ndarray, valid: np.ndarray, C: float) -> float:
@@ -50,29 +51,38 @@ def main() -> int:
     generator, codec = load_generator(args.generator)
     params, source = probe_params(load_params(args.params, "probes"), args.trait)
     C = float(params.get("C", 1.0))
-    clips = load_trait_clips(args.trait, source, args.clips, params["split_fractions"], int(params.get("seed", 0)),
-                             None, None)
+    clips = load_trait_clips(
+        args.trait, source, args.clips, params["split_fractions"], int(params.get("seed", 0)), None, None
+    )
     window = int(round(float(params["window_seconds"]) * codec.frame_rate))
     codes = encode_clips(codec, clips, window)
     y = np.array([c.label for c in clips])
     split = np.array([c.split for c in clips])
     train, valid = split == "train", split == "valid"
-    print(f"trait {args.trait}: {train.sum()} train / {valid.sum()} valid clips, {window}-frame windows, "
-          f"generator {generator.n_layers} layers x {generator.n_heads} heads of {generator.head_dim}")
+    print(
+        f"trait {args.trait}: {train.sum()} train / {valid.sum()} valid clips, {window}-frame windows, "
+        f"generator {generator.n_layers} layers x {generator.n_heads} heads of {generator.head_dim}"
+    )
     rows: list[tuple[str, str, float]] = []
     for position in ("last", "mean"):
         acts = capture_head_outputs(generator, codes, position, int(params.get("batch_size", 16)))
         N, L, H, _ = acts.shape
         heads = [accuracy(acts[:, layer, head], y, train, valid, C) for layer in range(L) for head in range(H)]
         layers = [accuracy(acts[:, layer].reshape(N, -1), y, train, valid, C) for layer in range(L)]
-        rows += [(f"best single head ({position})", "generator", max(heads)),
-                 (f"median head ({position})", "generator", float(np.median(heads))),
-                 (f"best layer, its {H} heads together ({position})", "generator", max(layers)),
-                 (f"all {L * H} heads together ({position})", "generator", accuracy(acts.reshape(N, -1), y, train,
-                                                                                    valid, C))]
+        rows += [
+            (f"best single head ({position})", "generator", max(heads)),
+            (f"median head ({position})", "generator", float(np.median(heads))),
+            (f"best layer, its {H} heads together ({position})", "generator", max(layers)),
+            (
+                f"all {L * H} heads together ({position})",
+                "generator",
+                accuracy(acts.reshape(N, -1), y, train, valid, C),
+            ),
+        ]
     card = int(getattr(codec, "card", 0)) or max(int(c.max()) for c in codes) + 1  # codebook size
-    bags = np.stack([np.concatenate([np.bincount(c[k].numpy(), minlength=card) for k in range(c.shape[0])])
-                     for c in codes]).astype(np.float32)
+    bags = np.stack(
+        [np.concatenate([np.bincount(c[k].numpy(), minlength=card) for k in range(c.shape[0])]) for c in codes]
+    ).astype(np.float32)
     rows.append(("bag of the window's codes", "tokens", accuracy(bags, y, train, valid, 0.05)))
     if args.trait == "drums" and Path(args.detector).exists():
         from models.detectors import DrumDetector
@@ -81,10 +91,16 @@ def main() -> int:
         idx = np.flatnonzero(valid)
         fitted = int(round(float(detector.info.get("seconds", 2.0)) * codec.frame_rate))  # the length it was fitted on
         for name, start in ((f"the window's last {fitted} frames", window - fitted), ("the whole window", 0)):
-            p = np.array([detector.probability(codec.decode(codes[i][:, max(0, start):]), codec.sample_rate)
-                          for i in idx])
-            rows.append((f"independent drum detector, decoded: {name}", "audio",
-                         float(balanced_accuracy_score(y[idx], p > 0.5))))
+            p = np.array(
+                [detector.probability(codec.decode(codes[i][:, max(0, start) :]), codec.sample_rate) for i in idx]
+            )
+            rows.append(
+                (
+                    f"independent drum detector, decoded: {name}",
+                    "audio",
+                    float(balanced_accuracy_score(y[idx], p > 0.5)),
+                )
+            )
     print("| reader | reads | valid balanced accuracy |")
     print("|---|---|---|")
     for name, reads, acc in rows:

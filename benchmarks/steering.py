@@ -24,6 +24,7 @@ work of pushing and monitoring (`floor_hooks`): the part of the hooks' overhead 
 The call counts (PyTorch calls a step makes, from the profiler) do not depend on the machine's load; they say
 how much of a step's dispatch work steering adds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,19 +33,19 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core.config import load_params  # noqa: E402
 from models.generator import Generator, GeneratorConfig, load_generator  # noqa: E402
 from models.probes import ProbeSet  # noqa: E402
 from models.steering import SteeringPlan, SteeringSession, _median_probability, steer  # noqa: E402
-from pipelines.params import load_params  # noqa: E402
 
 
 def default_generator(params_path: str, preset: str | None = None) -> Generator:
@@ -64,9 +65,18 @@ def random_probe_set(generator: Generator, trait: str, seed: int) -> ProbeSet:
     unit = lambda a: (a / np.linalg.norm(a, axis=-1, keepdims=True)).astype(np.float32)  # noqa: E731
     acc = rng.uniform(0.5, 0.95, (L, H)).astype(np.float32)
     d = unit(rng.standard_normal((L, H, D)))
-    return ProbeSet(trait, generator.fingerprint(), (0.1 * d).astype(np.float32), np.zeros((L, H), np.float32), d,
-                    np.ones((L, H), np.float32), acc, ((acc - acc.min()) / (acc.max() - acc.min())) ** 3, d,
-                    np.ones((L, H), np.float32))
+    return ProbeSet(
+        trait,
+        generator.fingerprint(),
+        (0.1 * d).astype(np.float32),
+        np.zeros((L, H), np.float32),
+        d,
+        np.ones((L, H), np.float32),
+        acc,
+        ((acc - acc.min()) / (acc.max() - acc.min())) ** 3,
+        d,
+        np.ones((L, H), np.float32),
+    )
 
 
 @contextmanager
@@ -101,9 +111,10 @@ def floor_hooks(generator: Generator, plan: SteeringPlan, fingerprint: str) -> I
                 out = torch.add(z, push_rows(z.shape[0])[layer], alpha=0.5)
             if last:
                 logits = torch.addmm(session.monitor_b, torch.cat(stash, 2).flatten(1), session.monitor_w).tolist()
-                probabilities.append(_median_probability(logits[0][:session.n_monitor]))
+                probabilities.append(_median_probability(logits[0][: session.n_monitor]))
                 stash.clear()
             return out
+
         return fn
 
     handles = [site.register_forward_hook(hook(layer)) for layer, site in enumerate(generator.head_sites())]
@@ -129,8 +140,13 @@ def paired_overhead(runs: list[float], base: list[float], seed: int = 0) -> tupl
     ratio = np.asarray(runs) / np.asarray(base) - 1.0
     rng = np.random.default_rng(seed)
     boot = np.median(rng.choice(ratio, (2000, len(ratio))), axis=1)
-    return (float(np.median(ratio)), float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5)),
-            float(np.percentile(ratio, 25)), float(np.percentile(ratio, 75)))
+    return (
+        float(np.median(ratio)),
+        float(np.percentile(boot, 2.5)),
+        float(np.percentile(boot, 97.5)),
+        float(np.percentile(ratio, 25)),
+        float(np.percentile(ratio, 75)),
+    )
 
 
 def calls_per_step(generate, steps: int) -> int:
@@ -141,26 +157,36 @@ def calls_per_step(generate, steps: int) -> int:
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         generate()
-    n = sum(1 for e in prof.events() if e.name.startswith("aten::")
-            and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+    n = sum(
+        1
+        for e in prof.events()
+        if e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+    )
     return round(n / steps)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--generator", default="data/generator")
-    ap.add_argument("--probes", default=None,
-                    help="folder of probe sets (one subfolder per trait); default: data/probes with the trained generator")
+    ap.add_argument(
+        "--probes",
+        default=None,
+        help="folder of probe sets (one subfolder per trait); default: data/probes with the trained generator",
+    )
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--frames", type=int, default=200, help="frames generated per run (5 s at 40 frames/s)")
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-pin", action="store_true", help="do not pin a one-thread run to one core")
     ap.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
-    ap.add_argument("--preset", default=None,
-                    help="time a train_generator preset's architecture (random weights) instead of --generator")
-    ap.add_argument("--every", type=int, default=None,
-                    help="smitin push interval (default: params evaluate_steering.every)")
+    ap.add_argument(
+        "--preset",
+        default=None,
+        help="time a train_generator preset's architecture (random weights) instead of --generator",
+    )
+    ap.add_argument(
+        "--every", type=int, default=None, help="smitin push interval (default: params evaluate_steering.every)"
+    )
     args = ap.parse_args()
     if args.frames < 3:
         ap.error("--frames must be at least 3 (steps are timed from the second cached step on)")
@@ -233,16 +259,22 @@ def main() -> int:
             a, c = run(m)
             step[m].append(a)
             cpu[m].append(c)
-    calls = {m: calls_per_step(lambda m=m: generate(m), steps) for m in ("plain", "smitin", "smitin hook", "floor hook")}
+    calls = {
+        m: calls_per_step(lambda m=m: generate(m), steps) for m in ("plain", "smitin", "smitin hook", "floor hook")
+    }
 
     cfg = generator.cfg
-    print(f"steering overhead: {source}; {cfg.n_layers} layers x {cfg.n_heads} heads, dim {cfg.dim}; "
-          f"{frames} frames ({steps} steps), CFG {args.cfg:g}, batch 1, {args.threads} thread(s), {pinned}, "
-          f"traits {strengths}, smitin push every {every} step(s), {args.repeats} repeats, modes in random order. "
-          "overhead = median over repeats of (the run's median step / plain's in the same repeat) - 1; "
-          "CI = bootstrap 95% over repeats; CPU best = this process's CPU time of the fastest run")
-    print(f"| {'mode':<11} | {'median step ms':>14} | {'overhead':>8} | {'95% CI':>17} | {'IQR':>17} | "
-          f"{'CPU best s':>10} | {'calls / step':>12} |")
+    print(
+        f"steering overhead: {source}; {cfg.n_layers} layers x {cfg.n_heads} heads, dim {cfg.dim}; "
+        f"{frames} frames ({steps} steps), CFG {args.cfg:g}, batch 1, {args.threads} thread(s), {pinned}, "
+        f"traits {strengths}, smitin push every {every} step(s), {args.repeats} repeats, modes in random order. "
+        "overhead = median over repeats of (the run's median step / plain's in the same repeat) - 1; "
+        "CI = bootstrap 95% over repeats; CPU best = this process's CPU time of the fastest run"
+    )
+    print(
+        f"| {'mode':<11} | {'median step ms':>14} | {'overhead':>8} | {'95% CI':>17} | {'IQR':>17} | "
+        f"{'CPU best s':>10} | {'calls / step':>12} |"
+    )
     print(f"|{'-' * 13}|{'-' * 16}|{'-' * 10}|{'-' * 19}|{'-' * 19}|{'-' * 12}|{'-' * 14}|")
     over = {}
     for m in modes:
@@ -250,18 +282,27 @@ def main() -> int:
         over[m] = (med, lo, hi)
         n_calls = calls.get(m)
         extra = "" if n_calls is None else f"{n_calls}" if m == "plain" else f"{n_calls} (+{n_calls - calls['plain']})"
-        print(f"| {m:<11} | {1000 * statistics.median(step[m]):14.3f} | {med:+8.1%} | "
-              f"{f'{lo:+.1%} to {hi:+.1%}':>17} | {f'{q1:+.1%} to {q3:+.1%}':>17} | {min(cpu[m]):10.3f} | "
-              f"{extra:>12} |")
+        print(
+            f"| {m:<11} | {1000 * statistics.median(step[m]):14.3f} | {med:+8.1%} | "
+            f"{f'{lo:+.1%} to {hi:+.1%}':>17} | {f'{q1:+.1%} to {q3:+.1%}':>17} | {min(cpu[m]):10.3f} | "
+            f"{extra:>12} |"
+        )
 
     med, lo, hi = over["smitin"]
     # OK / OVER when the whole interval is on one side of the target; otherwise the point estimate decides, said so
-    verdict = ("OK" if hi <= 0.05 else "OVER" if lo > 0.05 else
-               f"{'OK' if med <= 0.05 else 'OVER'} (point estimate; the interval spans 5%)")
-    print(f"smitin overhead {med:+.1%} (95% CI {lo:+.1%} to {hi:+.1%}), A/A control {over['plain again'][0]:+.1%}, "
-          f"through hooks {over['smitin hook'][0]:+.1%}; PyTorch calls a step: plain {calls['plain']}, smitin "
-          f"{calls['smitin'] - calls['plain']:+d}, through hooks {calls['smitin hook'] - calls['plain']:+d} "
-          f"(target <= 5%): {verdict}")
+    verdict = (
+        "OK"
+        if hi <= 0.05
+        else "OVER"
+        if lo > 0.05
+        else f"{'OK' if med <= 0.05 else 'OVER'} (point estimate; the interval spans 5%)"
+    )
+    print(
+        f"smitin overhead {med:+.1%} (95% CI {lo:+.1%} to {hi:+.1%}), A/A control {over['plain again'][0]:+.1%}, "
+        f"through hooks {over['smitin hook'][0]:+.1%}; PyTorch calls a step: plain {calls['plain']}, smitin "
+        f"{calls['smitin'] - calls['plain']:+d}, through hooks {calls['smitin hook'] - calls['plain']:+d} "
+        f"(target <= 5%): {verdict}"
+    )
     return 0
 
 

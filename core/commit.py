@@ -14,6 +14,7 @@ One build at a time per output: `output_lock` holds a lock file in the folder (f
 to its timeout and then stops with one line. Remote (fsspec) outputs are not locked: object stores have no
 renames to interleave, and their users schedule builds.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -59,8 +60,10 @@ def output_lock(out: str, timeout_s: float = 0.0):
     try:
         lock.acquire(timeout=timeout_s)
     except Timeout:
-        raise OutputBusy(f"another build is writing {out} (lock {os.path.join(root, LOCK)}); wait for it to finish "
-                         f"or give it --wait-seconds") from None
+        raise OutputBusy(
+            f"another build is writing {out} (lock {os.path.join(root, LOCK)}); wait for it to finish "
+            f"or give it --wait-seconds"
+        ) from None
     except OSError as e:
         raise UserError(f"cannot lock {out}: {e.strerror or e}") from None
     try:
@@ -85,7 +88,7 @@ def _apply(fs, root: str, plan: dict) -> None:
         src, dst = f"{tmp}/{name}", f"{root}/{name}"
         if fs.exists(src):
             if _local(fs):
-                os.replace(src, dst)       # one atomic rename, even over an existing file
+                os.replace(src, dst)  # one atomic rename, even over an existing file
             else:
                 if fs.exists(dst):
                     fs.rm(dst)
@@ -108,8 +111,11 @@ def commit(fs, tmp_root: str, out_root: str, managed_globs: tuple[str, ...], fai
         # crash simulation: do only the first `fail_after` operations
         ops = [("rm", n) for n in plan["remove"]] + [("mv", n) for n in plan["put"]]
         for kind, name in ops[:fail_after]:
-            _apply(fs, root, {"tmp": tmp_root, "remove": [name] if kind == "rm" else [],
-                              "put": [name] if kind == "mv" else []})
+            _apply(
+                fs,
+                root,
+                {"tmp": tmp_root, "remove": [name] if kind == "rm" else [], "put": [name] if kind == "mv" else []},
+            )
         raise RuntimeError(f"injected crash after {fail_after} commit operations")
     _apply(fs, root, plan)
     fs.rm(f"{root}/{JOURNAL}")
@@ -143,5 +149,7 @@ def check_readable(out: str) -> None:
     """Refuse to read an output whose last commit was interrupted (a reader would see a mix of two builds)."""
     fs, root = fsspec.core.url_to_fs(out)
     if fs.exists(f"{root.rstrip('/')}/{JOURNAL}"):
-        raise UserError(f"{out} was being rewritten when its build stopped; run the build again (it completes the "
-                        f"interrupted one) before reading it")
+        raise UserError(
+            f"{out} was being rewritten when its build stopped; run the build again (it completes the "
+            f"interrupted one) before reading it"
+        )

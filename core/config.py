@@ -3,6 +3,7 @@
 Defaults live on the model's fields, nowhere else. An unknown key, a wrong type or a value out of range is one
 line naming the key (`params.yaml: train_coconet.batch_size: Input should be a valid integer`), never a silent
 fallback."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,6 +19,7 @@ S = TypeVar("S", bound="Section")
 
 class Section(BaseModel):
     """Base of every params section: unknown keys are errors; instances are immutable."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     @classmethod
@@ -45,6 +47,19 @@ def read_params(path: str | Path = "params.yaml") -> dict:
     if not isinstance(data, dict):
         raise UserError(f"{path} must hold a mapping of sections")
     return data
+
+
+def load_params(path: str | Path = "params.yaml", section: str | None = None) -> dict:
+    """The params file as plain dicts (all of it, or one section with the top-level `seed` added). Sections not yet
+    given a typed model are read this way."""
+    params = read_params(path)
+    if section is None:
+        return params
+    if section not in params:
+        raise UserError(f"{path} has no section {section!r}")
+    merged = dict(params[section] or {})
+    merged.setdefault("seed", params.get("seed", 0))
+    return merged
 
 
 def load_section(cls: type[S], path: str | Path, name: str) -> S:

@@ -1,4 +1,5 @@
 """Writing output files so that a reader never sees half of one: write beside the target, then rename."""
+
 from __future__ import annotations
 
 import contextlib

@@ -5,6 +5,7 @@ A roll is an int array [voices, frames]: the MIDI pitch each voice sounds in eac
 silent. A held note and a repeated one look alike in a roll, so writing one out merges equal consecutive frames.
 music21 is imported only where a score is parsed or written.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,6 +32,7 @@ class ScoreError(UserError):
 @dataclass
 class Voices:
     """The parts of one score as pitch arrays on the 16th-note grid (all the same length)."""
+
     parts: list[np.ndarray]
     names: list[str]
     title: str = ""
@@ -48,7 +50,7 @@ def resolve_music21(name: str) -> str:
     """The file behind a music21 corpus name (`music21:bach/bwv66.6` or `music21:bwv66.6`)."""
     from music21 import corpus
 
-    work = name[len(MUSIC21_PREFIX):] if name.startswith(MUSIC21_PREFIX) else name
+    work = name[len(MUSIC21_PREFIX) :] if name.startswith(MUSIC21_PREFIX) else name
     found = corpus.getWork(work)
     if isinstance(found, list):
         found = found[0] if len(found) == 1 else None
@@ -82,7 +84,8 @@ def score_voices(score, where: str = "score") -> Voices:
     """Each part of a music21 score as one voice on the grid. A part that sounds two notes at once (a chord, or
     overlapping notes) is an error, as is a score without notes. Grace notes (no duration) are ornaments and are
     left out; onsets and ends are rounded to the nearest 16th, and a note that rounds to nothing is an error."""
-    from music21 import chord, harmony, key as m21key, meter, stream
+    from music21 import chord, harmony, meter, stream
+    from music21 import key as m21key
 
     parts = list(score.parts) if isinstance(score, stream.Score) and score.hasPartLikeStreams() else [score]
     voices, names, counts = [], [], []
@@ -98,15 +101,19 @@ def score_voices(score, where: str = "score") -> Voices:
             start, end = _frame(el.offset), _frame(float(el.offset) + dur)
             beat = float(el.offset) + 1
             if isinstance(el, chord.Chord) and len(el.pitches) > 1:
-                raise ScoreError(f"{where}: {name} sounds {len(el.pitches)} notes at once at quarter {beat:g}; "
-                                 f"each part must be one voice")
+                raise ScoreError(
+                    f"{where}: {name} sounds {len(el.pitches)} notes at once at quarter {beat:g}; "
+                    f"each part must be one voice"
+                )
             if end <= start:
                 raise ScoreError(f"{where}: {name} has a note shorter than a 16th at quarter {beat:g}")
             notes.append((start, end, int(el.pitches[0].midi), beat))
         notes.sort()
-        for (s0, e0, _, _), (s1, _, _, b1) in zip(notes, notes[1:]):
+        for (_, e0, _, _), (s1, _, _, b1) in zip(notes, notes[1:]):
             if s1 < e0:
-                raise ScoreError(f"{where}: {name} has overlapping notes at quarter {b1:g}; each part must be one voice")
+                raise ScoreError(
+                    f"{where}: {name} has overlapping notes at quarter {b1:g}; each part must be one voice"
+                )
         if notes:
             voices.append(notes)
             names.append(name)
@@ -141,8 +148,9 @@ def voices_to_roll(voices: Voices, n_voices: int = 4, where: str = "score") -> n
     """[n_voices, frames], parts ordered from the highest (mean sounding pitch) to the lowest: soprano first,
     whatever order the file lists them in (MIDI tracks often come bass first)."""
     if len(voices.parts) != n_voices:
-        raise ScoreError(f"{where} has {len(voices.parts)} voices with notes ({', '.join(voices.names)}); "
-                         f"{n_voices} are needed")
+        raise ScoreError(
+            f"{where} has {len(voices.parts)} voices with notes ({', '.join(voices.names)}); {n_voices} are needed"
+        )
     means = [float(p[p >= 0].mean()) for p in voices.parts]
     order = np.argsort(means)[::-1]
     return np.stack([voices.parts[i] for i in order]).astype(np.int64)
@@ -177,8 +185,9 @@ def write_midi(roll: np.ndarray, path: str | Path, qpm: float = 80.0, programs=V
     pm = pretty_midi.PrettyMIDI(initial_tempo=qpm)
     insts = []
     for v in range(len(roll)):
-        inst = pretty_midi.Instrument(program=int(programs[v % len(programs)]),
-                                      name=VOICE_NAMES[v] if v < len(VOICE_NAMES) else f"Voice {v + 1}")
+        inst = pretty_midi.Instrument(
+            program=int(programs[v % len(programs)]), name=VOICE_NAMES[v] if v < len(VOICE_NAMES) else f"Voice {v + 1}"
+        )
         insts.append(inst)
         pm.instruments.append(inst)
     for v, s, e, p in roll_notes(roll):
@@ -188,10 +197,12 @@ def write_midi(roll: np.ndarray, path: str | Path, qpm: float = 80.0, programs=V
     return Path(path)
 
 
-def write_musicxml(roll: np.ndarray, path: str | Path, title: str = "", time_signature: str = "4/4",
-                   key: str | None = None) -> Path:
+def write_musicxml(
+    roll: np.ndarray, path: str | Path, title: str = "", time_signature: str = "4/4", key: str | None = None
+) -> Path:
     """A four-staff score (treble, treble, tenor clef, bass) with ties and bar lines where music21 puts them."""
-    from music21 import clef, key as m21key, metadata, meter, note, stream
+    from music21 import clef, metadata, meter, note, stream
+    from music21 import key as m21key
 
     from core.files import atomic_path
 
@@ -225,6 +236,7 @@ def write_musicxml(roll: np.ndarray, path: str | Path, title: str = "", time_sig
 @dataclass
 class _Stem:
     """What `core.synth.synthesize` reads: channel programs and note events in quarter lengths."""
+
     programs: dict[int, int]
     events: list
 
@@ -238,14 +250,22 @@ class _Event:
     velocity: int
 
 
-def render_audio(roll: np.ndarray, qpm: float = 80.0, sr: int = 32000, soundfont: str | None = None,
-                 programs=VOICE_PROGRAMS, tail_s: float = 1.0) -> np.ndarray:
+def render_audio(
+    roll: np.ndarray,
+    qpm: float = 80.0,
+    sr: int = 32000,
+    soundfont: str | None = None,
+    programs=VOICE_PROGRAMS,
+    tail_s: float = 1.0,
+) -> np.ndarray:
     """Mono float32 audio of a roll through the project's SoundFont renderer (peak-normalised to 0.89)."""
     from core.synth import default_soundfont, synthesize
 
     sf2 = Path(soundfont or default_soundfont()).read_bytes()
-    stem = _Stem({v: int(programs[v % len(programs)]) for v in range(len(roll))},
-                 [_Event(s / FRAMES_PER_QUARTER, e / FRAMES_PER_QUARTER, v, p, 80) for v, s, e, p in roll_notes(roll)])
+    stem = _Stem(
+        {v: int(programs[v % len(programs)]) for v in range(len(roll))},
+        [_Event(s / FRAMES_PER_QUARTER, e / FRAMES_PER_QUARTER, v, p, 80) for v, s, e, p in roll_notes(roll)],
+    )
     spq = 60.0 / qpm
     n = int(round((np.asarray(roll).shape[1] / FRAMES_PER_QUARTER * spq + tail_s) * sr))
     wave = synthesize(sf2, stem, spq, n, sr)
@@ -253,8 +273,9 @@ def render_audio(roll: np.ndarray, qpm: float = 80.0, sr: int = 32000, soundfont
     return (wave * (0.89 / peak) if peak > 0 else wave).astype(np.float32)
 
 
-def write_wav(roll: np.ndarray, path: str | Path, qpm: float = 80.0, sr: int = 32000,
-              soundfont: str | None = None) -> Path:
+def write_wav(
+    roll: np.ndarray, path: str | Path, qpm: float = 80.0, sr: int = 32000, soundfont: str | None = None
+) -> Path:
     import soundfile as sf
 
     from core.files import atomic_path
@@ -285,8 +306,17 @@ def write_piano_roll(roll: np.ndarray, path: str | Path, given: np.ndarray | Non
     fig, ax = plt.subplots(figsize=(min(20, 2 + T / 16), 4.5))
     for v, s, e, p in roll_notes(roll):
         kept = bool(given[v, s:e].all())
-        ax.add_patch(Rectangle((s, p - 0.4), e - s, 0.8, facecolor=VOICE_COLORS[v % 4], alpha=1.0 if kept else 0.55,
-                               edgecolor="black" if kept else "none", linewidth=0.8))
+        ax.add_patch(
+            Rectangle(
+                (s, p - 0.4),
+                e - s,
+                0.8,
+                facecolor=VOICE_COLORS[v % 4],
+                alpha=1.0 if kept else 0.55,
+                edgecolor="black" if kept else "none",
+                linewidth=0.8,
+            )
+        )
     sounding = roll[roll >= 0]
     lo, hi = (int(sounding.min()), int(sounding.max())) if sounding.size else (48, 72)
     ax.set_xlim(0, T)

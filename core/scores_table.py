@@ -4,6 +4,7 @@ One row per piece: `roll` holds, for every 16th-note frame, the MIDI pitch of ea
 (soprano, alto, tenor, bass; -1 where a voice is silent). Written by `smitin scores build` (pipelines.scores).
 Side files start with "_" so that readers of the folder as one table (pandas, pyarrow.dataset) skip them.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,35 +12,41 @@ import pyarrow as pa
 
 from core.errors import UserError
 
-SCORES_SCHEMA = pa.schema([
-    ("piece_id", pa.string()),            # sha256 of the source (12 hex) + the piece's place in it: stable
-    ("source_path", pa.string()),
-    ("source_sha256", pa.string()),
-    ("piece_index", pa.int32()),          # the piece's number in its source (JSB JSON: index within its split)
-    ("title", pa.string()),
-    ("split", pa.string()),               # train / valid / test: the source's own (JSB) or by hashing the source
-    ("n_frames", pa.int32()),
-    ("roll", pa.list_(pa.list_(pa.int16()))),   # [frames][voices] MIDI pitch, -1 silent
-    ("key", pa.string()),                 # e.g. "F# minor", where the source says
-    ("time_signature", pa.string()),      # e.g. "3/4", where the source says
-    ("min_pitch", pa.int16()),
-    ("max_pitch", pa.int16()),
-])
-ERRORS_SCHEMA = pa.schema([
-    ("source_path", pa.string()),
-    ("piece", pa.string()),               # the piece within the source ("" when the whole source failed)
-    ("stage", pa.string()),               # read | parse | voices
-    ("error_type", pa.string()),
-    ("message", pa.string()),
-])
-SOURCES_SCHEMA = pa.schema([
-    ("source_path", pa.string()),
-    ("size", pa.int64()),
-    ("mtime", pa.float64()),
-    ("source_sha256", pa.string()),
-    ("status", pa.string()),              # ok (every piece read) | partial | error | skipped (not a score type)
-    ("n_pieces", pa.int32()),
-])
+SCORES_SCHEMA = pa.schema(
+    [
+        ("piece_id", pa.string()),  # sha256 of the source (12 hex) + the piece's place in it: stable
+        ("source_path", pa.string()),
+        ("source_sha256", pa.string()),
+        ("piece_index", pa.int32()),  # the piece's number in its source (JSB JSON: index within its split)
+        ("title", pa.string()),
+        ("split", pa.string()),  # train / valid / test: the source's own (JSB) or by hashing the source
+        ("n_frames", pa.int32()),
+        ("roll", pa.list_(pa.list_(pa.int16()))),  # [frames][voices] MIDI pitch, -1 silent
+        ("key", pa.string()),  # e.g. "F# minor", where the source says
+        ("time_signature", pa.string()),  # e.g. "3/4", where the source says
+        ("min_pitch", pa.int16()),
+        ("max_pitch", pa.int16()),
+    ]
+)
+ERRORS_SCHEMA = pa.schema(
+    [
+        ("source_path", pa.string()),
+        ("piece", pa.string()),  # the piece within the source ("" when the whole source failed)
+        ("stage", pa.string()),  # read | parse | voices
+        ("error_type", pa.string()),
+        ("message", pa.string()),
+    ]
+)
+SOURCES_SCHEMA = pa.schema(
+    [
+        ("source_path", pa.string()),
+        ("size", pa.int64()),
+        ("mtime", pa.float64()),
+        ("source_sha256", pa.string()),
+        ("status", pa.string()),  # ok (every piece read) | partial | error | skipped (not a score type)
+        ("n_pieces", pa.int32()),
+    ]
+)
 SHARDS_GLOB = "scores-*.parquet"
 ERRORS_FILE = "_errors.parquet"
 SOURCES_FILE = "_sources.parquet"

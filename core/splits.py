@@ -1,4 +1,5 @@
 """Train / valid / test assignment by hashing: deterministic, and the same for every row of one source."""
+
 from __future__ import annotations
 
 import hashlib

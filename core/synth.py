@@ -1,5 +1,6 @@
 """The project's one SoundFont renderer (TinySoundFont, a PyPI wheel): notes in quarter lengths -> mono audio.
 The rendered corpus and Coconet's chorales both sound through it."""
+
 from __future__ import annotations
 
 import os

@@ -1,7 +1,9 @@
 """The `smitin` console script. Each package adds its own subcommands; this module only dispatches.
 
-Errors a user can cause are raised as `pipelines.errors.UserError` (or a subclass) and printed as one line with a non-zero exit, never a traceback.
+Errors a user can cause are raised as `core.errors.UserError` (or a subclass) and printed as one line with a
+non-zero exit, never a traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,9 +18,18 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from pipelines.errors import UserError
+    from core.errors import UserError
 
     return (UserError, FileNotFoundError)
+
+
+# Warnings that say nothing about the user's run: Beam's optional Google Cloud client is absent (it is not needed
+# unless the Dataflow runner is used); shown with -v.
+_NOISE = ("apitools not found",)
+
+
+def _drop_known_noise(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_NOISE)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,13 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pipelines_cli.register(commands)
     for module in ("models.cli", "registry.cli", "generation.commands", "generation.coconet_commands"):
-        try:
-            mod = __import__(module, fromlist=["register"])
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue  # that capability has not landed yet
-        mod.register(commands)
+        __import__(module, fromlist=["register"]).register(commands)
     return parser
 
 
@@ -47,12 +52,15 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "accepts_beam_args", False):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.beam_args = extra
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if not args.verbose:
         # Beam's local runner logs every worker's life cycle at INFO; keep the user's screen for progress.
         for noisy in ("apache_beam", "root"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_drop_known_noise)
     try:
         return int(args.func(args) or 0)
     except _user_errors() as e:

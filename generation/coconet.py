@@ -6,23 +6,32 @@ input (core.score_io), mark which cells are given (models.coconet.given_cells), 
     session = CoconetSession()                      # models:/smitin-coconet@champion
     result = session.harmonize("tune.mid", out="chorale.mid")
 """
+
 from __future__ import annotations
 
 import re
-import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from core.errors import UserError
-from core.score_io import FRAMES_PER_QUARTER, SILENT, ScoreError, read_voices, voices_to_roll, write_midi, \
-    write_musicxml, write_piano_roll, write_wav
+from core.score_io import (
+    FRAMES_PER_QUARTER,
+    SILENT,
+    ScoreError,
+    read_voices,
+    voices_to_roll,
+    write_midi,
+    write_musicxml,
+    write_piano_roll,
+    write_wav,
+)
 
 VOICE_LETTERS = "SATB"
-MAX_FRAMES = 16 * 64            # 64 bars of 4/4: a chorale is 10-40; longer requests are refused, not ground through
+MAX_FRAMES = 16 * 64  # 64 bars of 4/4: a chorale is 10-40; longer requests are refused, not ground through
 MAX_SEED = 2**63 - 1
 
 
@@ -90,12 +99,15 @@ def fit_melody(melody: np.ndarray, lo: int, hi: int, center: int = VOICE_CENTERS
     if sounding.min() >= lo and sounding.max() <= hi:
         return melody, 0
     if sounding.max() - sounding.min() > hi - lo:
-        raise CoconetRequestError(f"the melody spans {int(sounding.min())}..{int(sounding.max())}, wider than the "
-                                  f"model's range {lo}..{hi}")
+        raise CoconetRequestError(
+            f"the melody spans {int(sounding.min())}..{int(sounding.max())}, wider than the model's range {lo}..{hi}"
+        )
     fits = [12 * k for k in range(-10, 11) if sounding.min() + 12 * k >= lo and sounding.max() + 12 * k <= hi]
     if not fits:
-        raise CoconetRequestError(f"the melody {int(sounding.min())}..{int(sounding.max())} cannot be moved by "
-                                  f"octaves into the model's range {lo}..{hi}; transpose it first")
+        raise CoconetRequestError(
+            f"the melody {int(sounding.min())}..{int(sounding.max())} cannot be moved by "
+            f"octaves into the model's range {lo}..{hi}; transpose it first"
+        )
     median = float(np.median(sounding))
     shift = min(fits, key=lambda s: (abs(median + s - center), abs(s)))
     return np.where(melody >= 0, melody + shift, melody), shift
@@ -104,15 +116,25 @@ def fit_melody(melody: np.ndarray, lo: int, hi: int, center: int = VOICE_CENTERS
 class CoconetSession:
     """A Coconet resolved from the registry (or a local folder) and loaded once."""
 
-    def __init__(self, model: str | Path | None = None, *, params: str | Path | None = "params.yaml",
-                 tracking_uri: str | None = None, alias: str = "champion", registry=None):
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        params: str | Path | None = "params.yaml",
+        tracking_uri: str | None = None,
+        alias: str = "champion",
+        registry=None,
+    ):
         from core.config import load_section
         from models.coconet import load_coconet
         from models.coconet_eval import SamplingParams
         from registry.loading import fetch
 
-        self.sampling = load_section(SamplingParams, params, "coconet_sampling") \
-            if params and Path(params).exists() else SamplingParams()
+        self.sampling = (
+            load_section(SamplingParams, params, "coconet_sampling")
+            if params and Path(params).exists()
+            else SamplingParams()
+        )
         t0 = time.perf_counter()
         uri = str(model) if model else None
         reg = registry
@@ -120,8 +142,9 @@ class CoconetSession:
             if reg is None:
                 from registry.store import Registry, Settings
 
-                reg = Registry(Settings.load(params if params and Path(params).exists() else None,
-                                             tracking_uri=tracking_uri))
+                reg = Registry(
+                    Settings.load(params if params and Path(params).exists() else None, tracking_uri=tracking_uri)
+                )
             uri = uri or f"models:/{reg.settings.coconet_name}@{alias}"
         self.ref = fetch(reg if uri.startswith("models:/") else None, uri)
         if self.ref.kind != "coconet":
@@ -134,21 +157,25 @@ class CoconetSession:
         return self.ref.label()
 
     # ------------------------------------------------------------------ tasks
-    def harmonize(self, melody: str | np.ndarray, *, voices: str = "ATB", out: str | Path | None = None,
-                  **kw) -> CoconetResult:
+    def harmonize(
+        self, melody: str | np.ndarray, *, voices: str = "ATB", out: str | Path | None = None, **kw
+    ) -> CoconetResult:
         """Write `voices` around a one-voice melody (a score file or a pitch array on the 16th grid); the melody
         takes the one voice not listed."""
         write = parse_voices(voices)
         if len(write) != self.cfg.n_voices - 1:
-            raise CoconetRequestError(f"--voices {voices!r}: name three of S, A, T, B to write; the melody takes the "
-                                      f"fourth")
+            raise CoconetRequestError(
+                f"--voices {voices!r}: name three of S, A, T, B to write; the melody takes the fourth"
+            )
         melody_voice = next(v for v in range(self.cfg.n_voices) if v not in write)
         title, ts, key = "Harmonization", None, None
         if isinstance(melody, (str, Path)):
             parts = read_voices(str(melody))
             if len(parts.parts) != 1:
-                raise CoconetRequestError(f"{melody} has {len(parts.parts)} voices with notes "
-                                          f"({', '.join(parts.names)}); give a melody of one voice")
+                raise CoconetRequestError(
+                    f"{melody} has {len(parts.parts)} voices with notes "
+                    f"({', '.join(parts.names)}); give a melody of one voice"
+                )
             line = parts.parts[0].astype(np.int64)
             title, ts, key = (parts.title or Path(str(melody)).stem), parts.time_signature, parts.key
         else:
@@ -164,8 +191,16 @@ class CoconetSession:
         info = {"task": "harmonize", "melody_voice": VOICE_LETTERS[melody_voice], "transposed": shift}
         return self._run(roll, given, out, title, ts, key, info, **kw)
 
-    def infill(self, score: str | np.ndarray, *, bars: str, voices: str = "SATB", out: str | Path | None = None,
-               time_signature: str | None = None, **kw) -> CoconetResult:
+    def infill(
+        self,
+        score: str | np.ndarray,
+        *,
+        bars: str,
+        voices: str = "SATB",
+        out: str | Path | None = None,
+        time_signature: str | None = None,
+        **kw,
+    ) -> CoconetResult:
         """Rewrite `voices` over `bars` of a four-voice score; every other cell is kept exactly."""
         write = parse_voices(voices)
         title, key = "Infill", None
@@ -191,8 +226,9 @@ class CoconetSession:
         info = {"task": "infill", "bars": [first, last], "voices": "".join(VOICE_LETTERS[v] for v in write)}
         return self._run(roll, given, out, title, time_signature, key, info, **kw)
 
-    def compose(self, *, bars: int = 8, out: str | Path | None = None, time_signature: str = "4/4",
-                **kw) -> CoconetResult:
+    def compose(
+        self, *, bars: int = 8, out: str | Path | None = None, time_signature: str = "4/4", **kw
+    ) -> CoconetResult:
         """Four voices from nothing."""
         if not isinstance(bars, int) or bars < 1:
             raise CoconetRequestError(f"--bars must be a positive whole number, got {bars!r}")
@@ -209,17 +245,35 @@ class CoconetSession:
         if not sounding.size:
             raise CoconetRequestError("the score has no notes")
         if sounding.min() < self.cfg.min_pitch or sounding.max() > self.cfg.max_pitch:
-            raise CoconetRequestError(f"the score reaches {int(sounding.min())}..{int(sounding.max())}, outside the "
-                                      f"model's range {self.cfg.min_pitch}..{self.cfg.max_pitch}; transpose it first")
+            raise CoconetRequestError(
+                f"the score reaches {int(sounding.min())}..{int(sounding.max())}, outside the "
+                f"model's range {self.cfg.min_pitch}..{self.cfg.max_pitch}; transpose it first"
+            )
 
-    def _run(self, roll, given, out, title, time_signature, key, info, *, sampler: str | None = None,
-             steps: int | None = None, temperature: float | None = None, seed: int = 0, qpm: float = 80.0,
-             progress: Callable[[int, int], None] | None = None, write_audio: bool = True) -> CoconetResult:
+    def _run(
+        self,
+        roll,
+        given,
+        out,
+        title,
+        time_signature,
+        key,
+        info,
+        *,
+        sampler: str | None = None,
+        steps: int | None = None,
+        temperature: float | None = None,
+        seed: int = 0,
+        qpm: float = 80.0,
+        progress: Callable[[int, int], None] | None = None,
+        write_audio: bool = True,
+    ) -> CoconetResult:
         from models.coconet import fill
 
         if roll.shape[1] > MAX_FRAMES:
-            raise CoconetRequestError(f"{roll.shape[1] // 16} bars is longer than the {MAX_FRAMES // 16} bars one "
-                                      f"request may be")
+            raise CoconetRequestError(
+                f"{roll.shape[1] // 16} bars is longer than the {MAX_FRAMES // 16} bars one request may be"
+            )
         if steps is not None and not 1 <= int(steps) <= 100_000:
             raise CoconetRequestError(f"--steps must be 1..100000, got {steps}")
         if temperature is not None and not (0 <= float(temperature) <= 10):
@@ -236,13 +290,29 @@ class CoconetSession:
         t0 = time.perf_counter()
         written = fill(self.model, roll, given, s, seed=seed, progress=progress)
         seconds = time.perf_counter() - t0
-        info = {**info, "model": self.label(), "sampler": s.name, "steps": getattr(s, "steps", n_free),
-                "temperature": s.temperature, "seed": seed, "free_cells": n_free, "frames": int(roll.shape[1]),
-                "seconds": round(seconds, 3)}
+        info = {
+            **info,
+            "model": self.label(),
+            "sampler": s.name,
+            "steps": getattr(s, "steps", n_free),
+            "temperature": s.temperature,
+            "seed": seed,
+            "free_cells": n_free,
+            "frames": int(roll.shape[1]),
+            "seconds": round(seconds, 3),
+        }
         result = CoconetResult(written, given, info=info)
         if paths:
-            result.files = write_outputs(written, given, paths, title=title, time_signature=time_signature or "4/4",
-                                         key=key, qpm=qpm, audio=write_audio)
+            result.files = write_outputs(
+                written,
+                given,
+                paths,
+                title=title,
+                time_signature=time_signature or "4/4",
+                key=key,
+                qpm=qpm,
+                audio=write_audio,
+            )
         return result
 
 
@@ -254,18 +324,33 @@ def output_paths(out: str | Path) -> dict[str, Path]:
     if out.is_dir():  # a folder: the files go inside it, under the task's name
         out = out / "coconet"
     stem = out.with_suffix("") if out.suffix.lower() in (".mid", ".midi", ".musicxml", ".xml", ".wav", ".png") else out
-    paths = {"midi": stem.with_suffix(".mid"), "musicxml": stem.with_suffix(".musicxml"),
-             "wav": stem.with_suffix(".wav"), "png": stem.with_suffix(".png")}
+    paths = {
+        "midi": stem.with_suffix(".mid"),
+        "musicxml": stem.with_suffix(".musicxml"),
+        "wav": stem.with_suffix(".wav"),
+        "png": stem.with_suffix(".png"),
+    }
     for p in paths.values():
         check_output_path(p, "--out")
     return paths
 
 
-def write_outputs(roll, given, paths: dict[str, Path], *, title: str, time_signature: str, key: str | None,
-                  qpm: float, audio: bool = True) -> dict[str, Path]:
-    out = {"midi": write_midi(roll, paths["midi"], qpm=qpm),
-           "musicxml": write_musicxml(roll, paths["musicxml"], title=title, time_signature=time_signature, key=key),
-           "png": write_piano_roll(roll, paths["png"], given=given, title=title)}
+def write_outputs(
+    roll,
+    given,
+    paths: dict[str, Path],
+    *,
+    title: str,
+    time_signature: str,
+    key: str | None,
+    qpm: float,
+    audio: bool = True,
+) -> dict[str, Path]:
+    out = {
+        "midi": write_midi(roll, paths["midi"], qpm=qpm),
+        "musicxml": write_musicxml(roll, paths["musicxml"], title=title, time_signature=time_signature, key=key),
+        "png": write_piano_roll(roll, paths["png"], given=given, title=title),
+    }
     if audio:
         out["wav"] = write_wav(roll, paths["wav"], qpm=qpm)
     return out

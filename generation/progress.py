@@ -1,5 +1,6 @@
 """Progress of long work on stderr: a tqdm bar on a terminal; on a log file or pipe, a line at every tenth of
 the work (a scheduled job's log shows it is moving, without a line per step)."""
+
 from __future__ import annotations
 
 import sys

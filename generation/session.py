@@ -12,23 +12,33 @@ folder, `backend="musicgen"`, or params `generator.backend: musicgen` + `generat
 registered or downloaded; its probe sets are registered as `smitin-probes-musicgen-TRAIT` and carry the MusicGen
 fingerprint, checked against the weights once they are loaded (backend and shape are checked before loading).
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
 
-from pipelines.errors import UserError
+from core.errors import UserError
 
 log = logging.getLogger(__name__)
 
 # Sampling and steering defaults; params.yaml `generate` overrides them.
-DEFAULTS = {"duration": 8.0, "max_duration": 600.0, "cfg_scale": 3.0, "temperature": 1.0, "top_k": 0, "top_p": 0.0, "prompt_guidance": 1.0,
-            "prompt_plausibility": 0.003, "alias": "champion",
-            "steering": {"every": 1, "decay": 0.5, "tau": None, "monitor_heads": 16, "iti_top_k": 16}}
+DEFAULTS = {
+    "duration": 8.0,
+    "max_duration": 600.0,
+    "cfg_scale": 3.0,
+    "temperature": 1.0,
+    "top_k": 0,
+    "top_p": 0.0,
+    "prompt_guidance": 1.0,
+    "prompt_plausibility": 0.003,
+    "alias": "champion",
+    "steering": {"every": 1, "decay": 0.5, "tau": None, "monitor_heads": 16, "iti_top_k": 16},
+}
 
 
 class GenerationError(UserError):
@@ -63,10 +73,21 @@ class GenerationSession:
     """A loaded generator (+ codec) and the probe sets asked for so far. Creating it resolves and loads the
     generator; each trait's probe set is resolved and loaded on first use and kept."""
 
-    def __init__(self, generator: str | Path | None = None, *, registry=None, params: str | Path | None = "params.yaml",
-                 probes: Mapping[str, str] | None = None, alias: str | None = None, tracking_uri: str | None = None,
-                 backend: str | None = None, musicgen: str | Path | None = None, device: str | None = None,
-                 dtype: str | None = None, allow_pickle_weights: bool = False):
+    def __init__(
+        self,
+        generator: str | Path | None = None,
+        *,
+        registry=None,
+        params: str | Path | None = "params.yaml",
+        probes: Mapping[str, str] | None = None,
+        alias: str | None = None,
+        tracking_uri: str | None = None,
+        backend: str | None = None,
+        musicgen: str | Path | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        allow_pickle_weights: bool = False,
+    ):
         self.defaults = read_defaults(params)
         self.alias = alias or self.defaults["alias"]
         self._registry = registry
@@ -99,8 +120,10 @@ class GenerationSession:
 
                 generator, codec = load_backend(self.generator_section)
                 if codec is None:
-                    raise MusicGenError("this decoder-only MusicGen has no codec: set generator.codec_path (an "
-                                        "EnCodec save_pretrained folder)")
+                    raise MusicGenError(
+                        "this decoder-only MusicGen has no codec: set generator.codec_path (an "
+                        "EnCodec save_pretrained folder)"
+                    )
                 self.generator_ref.fingerprint = generator.fingerprint()
                 self.timings["load_generator_s"] = time.perf_counter() - t1
                 for ref in self.probe_refs.values():  # now the fingerprint is known: the full check
@@ -152,11 +175,16 @@ class GenerationSession:
             if trait in self.probe_uris or "no registered model" not in str(e):
                 raise
             prefix = reg_name[: len(reg_name) - len(trait)]  # smitin-probes- or smitin-probes-musicgen-
-            have = sorted(m.name[len(prefix):] for m in self.registry.client.search_registered_models(max_results=1000)
-                          if m.name.startswith(prefix) and self.registry.probe_set_backend(m.name) == self.backend)
+            have = sorted(
+                m.name[len(prefix) :]
+                for m in self.registry.client.search_registered_models(max_results=1000)
+                if m.name.startswith(prefix) and self.registry.probe_set_backend(m.name) == self.backend
+            )
             on = " for MusicGen" if self.backend == "musicgen" else ""
-            raise GenerationError(f"no probe set{on} for trait '{trait}' in {self.registry.uri} ({reg_name} is not "
-                                  f"registered; traits with probe sets{on}: {', '.join(have) or 'none'})") from None
+            raise GenerationError(
+                f"no probe set{on} for trait '{trait}' in {self.registry.uri} ({reg_name} is not "
+                f"registered; traits with probe sets{on}: {', '.join(have) or 'none'})"
+            ) from None
         if ref.kind != "probe_set":
             raise GenerationError(f"{uri} is not a probe set")
         if ref.trait and ref.trait != trait:
@@ -180,7 +208,7 @@ class GenerationSession:
             return None
         import numpy as np
 
-        from pipelines.audio import stream_mono
+        from core.audio import stream_mono
 
         path = Path(continue_from)
         if not path.exists():
@@ -196,12 +224,26 @@ class GenerationSession:
             raise GenerationError(f"--continue: {path} is shorter than one codec frame")
         return self.codec.encode(wave.astype(np.float32), self.codec.sample_rate)  # [K, T]
 
-    def generate(self, prompts: str | Sequence[str], *, duration: float | None = None, continue_from=None,
-                 steer: str | Mapping[str, float] | None = None, mode: str = "smitin", out: str | Path = "out.wav",
-                 seed: int | None = None, cfg_scale: float | None = None, temperature: float | None = None,
-                 top_k: int | None = None, top_p: float | None = None, bpm: float | None = None,
-                 key: str | None = None, prompt_guidance=None, prompt_plausibility: float | None = None,
-                 progress=None) -> GenerationResult:
+    def generate(
+        self,
+        prompts: str | Sequence[str],
+        *,
+        duration: float | None = None,
+        continue_from=None,
+        steer: str | Mapping[str, float] | None = None,
+        mode: str = "smitin",
+        out: str | Path = "out.wav",
+        seed: int | None = None,
+        cfg_scale: float | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        bpm: float | None = None,
+        key: str | None = None,
+        prompt_guidance=None,
+        prompt_plausibility: float | None = None,
+        progress=None,
+    ) -> GenerationResult:
         """Generate one clip per prompt (one batch). `steer`: {"drums": +5, "piano": -3} or "drums=+5,piano=-3".
         Writes OUT.wav (OUT_1.wav, ... for several prompts), OUT.steering.json (all rows) and OUT[_i].steering.png
         (one per clip) when steering. The WAVs hold the new audio only (not the --continue prompt).
@@ -215,7 +257,8 @@ class GenerationSession:
 
         from core.files import atomic_path
         from models.generator import attribute_ids, guidance_scales, plausibility_cut, sampling_temperature
-        from models.steering import SteeringPlan, parse_strengths, steer as install
+        from models.steering import SteeringPlan, parse_strengths
+        from models.steering import steer as install
 
         d = self.defaults
         strengths = parse_strengths(steer) if steer else {}
@@ -226,12 +269,16 @@ class GenerationSession:
             raise GenerationError("no prompt given")
         duration = _finite("--duration", d["duration"] if duration is None else duration)
         if not 0 < duration <= float(d["max_duration"]):
-            raise GenerationError(f"--duration {duration:g} s: give more than 0 and at most {float(d['max_duration']):g} s "
-                                  f"(params generate.max_duration)")
+            raise GenerationError(
+                f"--duration {duration:g} s: give more than 0 and at most {float(d['max_duration']):g} s "
+                f"(params generate.max_duration)"
+            )
         seed = _seed(d["seed"] if seed is None else seed)
-        sampling = dict(temperature=sampling_temperature(d["temperature"] if temperature is None else temperature),
-                        top_k=int(d["top_k"] if top_k is None else top_k),
-                        top_p=float(d["top_p"] if top_p is None else top_p))
+        sampling = dict(
+            temperature=sampling_temperature(d["temperature"] if temperature is None else temperature),
+            top_k=int(d["top_k"] if top_k is None else top_k),
+            top_p=float(d["top_p"] if top_p is None else top_p),
+        )
         cfg_scale = float(d["cfg_scale"] if cfg_scale is None else cfg_scale)
         prompt_guidance = d.get("prompt_guidance", 1.0) if prompt_guidance is None else prompt_guidance
         if self.backend == "musicgen":
@@ -239,8 +286,9 @@ class GenerationSession:
                 raise GenerationError("--prompt-guidance is a feature of the builtin generator, not of MusicGen")
         else:
             prompt_guidance = guidance_scales(prompt_guidance, self.generator.cfg.n_codebooks)
-        plausibility = plausibility_cut(d.get("prompt_plausibility", 0.0) if prompt_plausibility is None
-                                        else prompt_plausibility)
+        plausibility = plausibility_cut(
+            d.get("prompt_plausibility", 0.0) if prompt_plausibility is None else prompt_plausibility
+        )
         out = Path(out)
         if out.suffix.lower() != ".wav":
             raise GenerationError(f"--out must be a .wav path, got {out}")
@@ -270,8 +318,10 @@ class GenerationSession:
         musicgen = self.backend == "musicgen"
         if musicgen:
             if bpm is not None or key is not None:
-                raise GenerationError("--bpm / --key are attributes of the builtin generator; MusicGen reads tempo "
-                                      "and key from the prompt text (e.g. '... at 120 bpm in F# minor')")
+                raise GenerationError(
+                    "--bpm / --key are attributes of the builtin generator; MusicGen reads tempo "
+                    "and key from the prompt text (e.g. '... at 120 bpm in F# minor')"
+                )
             if any(p.strip() for p in prompts):
                 cond = list(prompts)  # captions for MusicGen's own T5 encoder
         elif any(p.strip() for p in prompts):
@@ -279,8 +329,9 @@ class GenerationSession:
 
             cond = embed_captions(prompts)
             if cond.shape[1] != gen.cfg.cond_dim:
-                raise GenerationError(f"caption embeddings have {cond.shape[1]} dims, the generator expects "
-                                      f"{gen.cfg.cond_dim}")
+                raise GenerationError(
+                    f"caption embeddings have {cond.shape[1]} dims, the generator expects {gen.cfg.cond_dim}"
+                )
         if not musicgen and gen.cfg.use_attributes and (bpm is not None or key is not None):
             tonic, _, scale = (key or "").partition(" ")
             attrs = torch.tensor([attribute_ids(bpm, tonic or None, scale or None)] * B, dtype=torch.long)
@@ -298,16 +349,27 @@ class GenerationSession:
         t0 = time.perf_counter()
         from contextlib import nullcontext
 
-        with (install(gen, plan) if plan is not None else nullcontext()) as session:
+        with install(gen, plan) if plan is not None else nullcontext() as session:
             while done < n_frames:
                 ctx = history[:, :, -keep:] if history is not None else None
                 ctx_len = ctx.shape[2] if ctx is not None else 0
                 n = min(n_frames - done, limit - ctx_len)
-                extra = {} if musicgen else {"attributes": attrs, "prompt_guidance": prompt_guidance,
-                                             "plausibility": plausibility}
+                extra = (
+                    {}
+                    if musicgen
+                    else {"attributes": attrs, "prompt_guidance": prompt_guidance, "plausibility": plausibility}
+                )
                 with torch.inference_mode():
-                    codes = gen.generate(n, prompt=ctx, condition=cond, batch_size=B, cfg_scale=guidance,
-                                         seed=seed + chunk, **extra, **sampling)
+                    codes = gen.generate(
+                        n,
+                        prompt=ctx,
+                        condition=cond,
+                        batch_size=B,
+                        cfg_scale=guidance,
+                        seed=seed + chunk,
+                        **extra,
+                        **sampling,
+                    )
                 fresh = codes[:, :, ctx_len:].cpu()  # a MusicGen on a GPU returns GPU codes; the prompt is on the CPU
                 new_frames.append(fresh)
                 history = fresh if history is None else torch.cat([history, fresh], dim=2)
@@ -329,14 +391,25 @@ class GenerationSession:
                 wave = wave * (0.99 / peak)
             with atomic_path(path) as tmp:  # a full disk leaves no truncated WAV that opens as valid audio
                 sf.write(str(tmp), wave, codec.sample_rate, subtype="PCM_16", format="WAV")
-        info = {"prompts": prompts, "duration_s": n_frames / fps, "frames": n_frames, "windows": chunk,
-                "seed": seed, "cfg_scale": guidance, "prompt_guidance": prompt_guidance,
-                "prompt_plausibility": plausibility, **sampling,
-                "mode": mode if plan else "none",
-                "continue_from": str(continue_from) if continue_from else None, "bpm": bpm, "key": key,
-                "generator": _ref_info(self.generator_ref),
-                "probe_sets": {t: _ref_info(self.probe_refs[t]) for t in strengths},
-                "outputs": [str(p) for p in wavs], "generate_s": round(t_gen, 3)}
+        info = {
+            "prompts": prompts,
+            "duration_s": n_frames / fps,
+            "frames": n_frames,
+            "windows": chunk,
+            "seed": seed,
+            "cfg_scale": guidance,
+            "prompt_guidance": prompt_guidance,
+            "prompt_plausibility": plausibility,
+            **sampling,
+            "mode": mode if plan else "none",
+            "continue_from": str(continue_from) if continue_from else None,
+            "bpm": bpm,
+            "key": key,
+            "generator": _ref_info(self.generator_ref),
+            "probe_sets": {t: _ref_info(self.probe_refs[t]) for t in strengths},
+            "outputs": [str(p) for p in wavs],
+            "generate_s": round(t_gen, 3),
+        }
         report_json, pngs = None, []
         if plan is not None:
             from models.steering import SteeringReport
@@ -344,8 +417,9 @@ class GenerationSession:
             report = SteeringReport({"plan": plan.describe(), "steps": steps})
             report_json = out.with_suffix(".steering.json")
             with atomic_path(report_json) as tmp:
-                tmp.write_text(json.dumps({**report.data, "summary": report.summary(), "generation": info},
-                                          indent=1) + "\n")
+                tmp.write_text(
+                    json.dumps({**report.data, "summary": report.summary(), "generation": info}, indent=1) + "\n"
+                )
             for i, path in enumerate(wavs):
                 png = path.with_suffix(".steering.png")
                 report.plot(png, row=i)
@@ -376,8 +450,14 @@ def _seed(value) -> int:
 
 
 def _ref_info(ref) -> dict:
-    return {"uri": ref.uri, "name": ref.name, "version": ref.version, "path": str(ref.path),
-            "fingerprint": ref.fingerprint or ref.generator_fingerprint, "backend": ref.backend}
+    return {
+        "uri": ref.uri,
+        "name": ref.name,
+        "version": ref.version,
+        "path": str(ref.path),
+        "fingerprint": ref.fingerprint or ref.generator_fingerprint,
+        "backend": ref.backend,
+    }
 
 
 def _backend(params, generator, backend, musicgen, device, dtype, allow_pickle_weights=False) -> dict:
@@ -395,12 +475,20 @@ def _backend(params, generator, backend, musicgen, device, dtype, allow_pickle_w
         if find_musicgen_dir(generator) is not None:
             musicgen = generator
         elif backend == "musicgen":
-            raise GenerationError(f"--generator {generator} is not a MusicGen folder (MusicGen weights are never "
-                                  "registered: give their local folder)")
+            raise GenerationError(
+                f"--generator {generator} is not a MusicGen folder (MusicGen weights are never "
+                "registered: give their local folder)"
+            )
         else:
             backend = "builtin"
-    return backend_section(section, backend=backend, musicgen=musicgen, device=device, dtype=dtype,
-                           allow_pickle_weights=allow_pickle_weights)
+    return backend_section(
+        section,
+        backend=backend,
+        musicgen=musicgen,
+        device=device,
+        dtype=dtype,
+        allow_pickle_weights=allow_pickle_weights,
+    )
 
 
 def _musicgen_ref(section: dict):
@@ -410,25 +498,46 @@ def _musicgen_ref(section: dict):
     from registry.loading import LocalModel
 
     if not section.get("path"):
-        raise MusicGenError("generator.backend is musicgen but no MusicGen folder is given (--generator DIR or "
-                            "params generator.path)")
+        raise MusicGenError(
+            "generator.backend is musicgen but no MusicGen folder is given (--generator DIR or params generator.path)"
+        )
     folder = resolve_local_dir(section["path"])
     shape = musicgen_shape(folder)
-    return LocalModel(path=folder, kind="generator", uri=str(section["path"]), backend="musicgen",
-                      shape=(shape["n_layers"], shape["n_heads"], shape["head_dim"]))
+    return LocalModel(
+        path=folder,
+        kind="generator",
+        uri=str(section["path"]),
+        backend="musicgen",
+        shape=(shape["n_layers"], shape["n_heads"], shape["head_dim"]),
+    )
 
 
 _LAST: dict = {}
 
 
-def generate(prompts: str | Sequence[str], *, generator: str | None = None, probes: Mapping[str, str] | None = None,
-             alias: str | None = None, registry=None, params: str | Path | None = "params.yaml",
-             tracking_uri: str | None = None, **kwargs) -> GenerationResult:
+def generate(
+    prompts: str | Sequence[str],
+    *,
+    generator: str | None = None,
+    probes: Mapping[str, str] | None = None,
+    alias: str | None = None,
+    registry=None,
+    params: str | Path | None = "params.yaml",
+    tracking_uri: str | None = None,
+    **kwargs,
+) -> GenerationResult:
     """One call: resolve + load (reusing the previous call's session when it asked for the same models), then
     `GenerationSession.generate(prompts, **kwargs)`."""
     backend = {k: kwargs.pop(k) for k in ("backend", "musicgen", "device", "dtype") if k in kwargs}
-    key = (str(generator), tuple(sorted((probes or {}).items())), alias, id(registry), str(params), tracking_uri,
-           tuple(sorted(backend.items())))
+    key = (
+        str(generator),
+        tuple(sorted((probes or {}).items())),
+        alias,
+        id(registry),
+        str(params),
+        tracking_uri,
+        tuple(sorted(backend.items())),
+    )
     session = _LAST.get(key)
     if session is not None and generator is None and session.backend == "builtin":
         # the champion may have moved since: re-resolve (one query) and reload only if it did
@@ -442,8 +551,15 @@ def generate(prompts: str | Sequence[str], *, generator: str | None = None, prob
         session.probe_sets.clear()  # probe-set aliases may have moved too: re-resolve (cache hits, no download)
         session.probe_refs.clear()
     if session is None:
-        session = GenerationSession(generator, registry=registry, params=params, probes=probes, alias=alias,
-                                    tracking_uri=tracking_uri, **backend)
+        session = GenerationSession(
+            generator,
+            registry=registry,
+            params=params,
+            probes=probes,
+            alias=alias,
+            tracking_uri=tracking_uri,
+            **backend,
+        )
         _LAST.clear()
         _LAST[key] = session
     return session.generate(prompts, **kwargs)

@@ -1,5 +1,6 @@
 """`smitin` subcommands of the models package: thin DVC stage entry points (read a params section, call a function
 in `models.train` / `models.detectors`, write outputs). Other engineers may add their commands to `register`."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,7 +12,7 @@ log = logging.getLogger(__name__)
 
 
 def _params(path: str, section: str) -> dict:
-    from pipelines.params import load_params
+    from core.config import load_params
 
     return load_params(path, section)
 
@@ -39,9 +40,17 @@ def _train(args) -> int:
     params = _params(args.params, "train_generator")
     if args.preset:
         params["preset"] = args.preset
-    metrics = train_generator(args.tokens, args.codec, args.out, params, checkpoint_dir=args.checkpoint,
-                              metrics_path=args.metrics, plot_path=args.plot, resume=not args.fresh,
-                              progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    metrics = train_generator(
+        args.tokens,
+        args.codec,
+        args.out,
+        params,
+        checkpoint_dir=args.checkpoint,
+        metrics_path=args.metrics,
+        plot_path=args.plot,
+        resume=not args.fresh,
+        progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+    )
     print(json.dumps({k: metrics[k] for k in ("steps", "stop_reason", "valid_loss", "unigram_valid_loss")}))
     return 0
 
@@ -50,8 +59,9 @@ def _carrying(args) -> int:
     from models.detectors import evaluate_trait_carrying
 
     params = _params(args.params, "evaluate_carrying")
-    report = evaluate_trait_carrying(args.generator, args.tokens, args.clips, params, args.out, args.samples,
-                                     detector_path=args.detector)
+    report = evaluate_trait_carrying(
+        args.generator, args.tokens, args.clips, params, args.out, args.samples, detector_path=args.detector
+    )
     print(json.dumps(report["summary"], indent=1))
     return 0
 
@@ -83,15 +93,17 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
     train.set_defaults(func=_train)
 
-    carry = commands.add_parser("evaluate-carrying",
-                                help="fit the drum detector, then judge continuations of drum / drum-free prompts")
+    carry = commands.add_parser(
+        "evaluate-carrying", help="fit the drum detector, then judge continuations of drum / drum-free prompts"
+    )
     carry.add_argument("--generator", default="data/generator")
     carry.add_argument("--tokens", default="data/tokens")
     carry.add_argument("--clips", default="data/clips")
     carry.add_argument("--out", default="metrics/trait_carrying.json")
     carry.add_argument("--samples", default=None, help="folder for a few WAVs of prompts + continuations")
-    carry.add_argument("--detector", default=None,
-                       help="reuse this saved drum detector when it was fitted for this codec and length")
+    carry.add_argument(
+        "--detector", default=None, help="reuse this saved drum detector when it was fitted for this codec and length"
+    )
     carry.add_argument("--params", default="params.yaml")
     carry.set_defaults(func=_carrying)
 

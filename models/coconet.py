@@ -15,21 +15,21 @@ Training is orderless NADE: mask a uniformly sized random subset of (voice, fram
 the rest. Sampling is blocked Gibbs with an annealed masking probability (Yao et al. 2014) or ancestral, one cell
 at a time; cells the caller gives are never changed.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
-import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipelines.errors import UserError
+from core.errors import UserError
 
 SILENT = -1
 VOICES = ("soprano", "alto", "tenor", "bass")
@@ -45,9 +45,9 @@ class CoconetError(UserError):
 @dataclass
 class CoconetConfig:
     n_voices: int = 4
-    min_pitch: int = 36           # JSB Chorales span MIDI 36..81 (the paper's range)
+    min_pitch: int = 36  # JSB Chorales span MIDI 36..81 (the paper's range)
     max_pitch: int = 81
-    n_layers: int = 32            # convolutions: input + 2 per residual block + output
+    n_layers: int = 32  # convolutions: input + 2 per residual block + output
     filters: int = 64
     kernel: int = 3
     # Time dilation of each residual block's convolutions, cycled over the blocks (the paper's dilated variant);
@@ -66,13 +66,13 @@ class CoconetConfig:
     }
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "CoconetConfig":
+    def preset(cls, name: str, **overrides) -> CoconetConfig:
         if name not in cls.PRESETS:
             raise CoconetError(f"unknown Coconet preset {name!r} (known: {', '.join(cls.PRESETS)})")
         return cls(**{**cls.PRESETS[name], **overrides})
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CoconetConfig":
+    def from_dict(cls, d: dict) -> CoconetConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -126,8 +126,10 @@ def roll_to_classes(roll: np.ndarray, cfg: CoconetConfig) -> np.ndarray:
     bad = sounding & ((roll < cfg.min_pitch) | (roll > cfg.max_pitch))
     if bad.any():
         v, t = np.argwhere(bad)[0]
-        raise CoconetError(f"pitch {int(roll[v, t])} ({VOICES[v] if v < len(VOICES) else v}, frame {t}) is outside "
-                           f"the model's range {cfg.min_pitch}..{cfg.max_pitch}")
+        raise CoconetError(
+            f"pitch {int(roll[v, t])} ({VOICES[v] if v < len(VOICES) else v}, frame {t}) is outside "
+            f"the model's range {cfg.min_pitch}..{cfg.max_pitch}"
+        )
     return np.where(sounding, roll - cfg.min_pitch, cfg.silent_class).astype(np.int64)
 
 
@@ -173,7 +175,7 @@ class Coconet(nn.Module):
         self.autocast_dtype: torch.dtype | None = None
         self._folded_from: str | None = None
 
-    def use_precision(self, precision: str) -> "Coconet":
+    def use_precision(self, precision: str) -> Coconet:
         """'fp32', 'bf16', or 'auto' (bf16 where the hardware does it natively: a GPU, or a CPU with AMX)."""
         if precision == "auto":
             precision = "bf16" if bf16_is_fast(next(self.parameters()).device) else "fp32"
@@ -188,13 +190,16 @@ class Coconet(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     @torch.no_grad()
-    def fold_batchnorm(self) -> "Coconet":
+    def fold_batchnorm(self) -> Coconet:
         """For inference: fold each batch norm's running statistics and affine into the convolution before it
         (one convolution with a bias instead of a convolution plus a normalisation pass). Same outputs up to
         rounding; training afterwards is not meaningful. Call after loading and fingerprinting."""
         self._folded_from = self.fingerprint()
-        pairs = [(self.inp, "inp_bn", self)] + [(b.conv1, "bn1", b) for b in self.blocks] + \
-                [(b.conv2, "bn2", b) for b in self.blocks]
+        pairs = (
+            [(self.inp, "inp_bn", self)]
+            + [(b.conv1, "bn1", b) for b in self.blocks]
+            + [(b.conv2, "bn2", b) for b in self.blocks]
+        )
         for conv, bn_name, owner in pairs:
             bn = getattr(owner, bn_name)
             if not isinstance(bn, nn.BatchNorm2d):
@@ -209,15 +214,16 @@ class Coconet(nn.Module):
 
     def network_input(self, classes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[B, 2V, T, n_classes]: per voice its one-hot roll with unknown cells blanked, then per voice the mask."""
-        onehot = F.one_hot(classes, self.cfg.n_classes).to(torch.float32)          # [B, V, T, C]
-        m = mask.to(torch.float32)[..., None]                                     # [B, V, T, 1]
+        onehot = F.one_hot(classes, self.cfg.n_classes).to(torch.float32)  # [B, V, T, C]
+        m = mask.to(torch.float32)[..., None]  # [B, V, T, 1]
         return torch.cat([onehot * (1.0 - m), m.expand_as(onehot)], dim=1)
 
     def forward(self, classes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = self.network_input(classes, mask)
         device_type = x.device.type
-        with torch.autocast(device_type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
+        with torch.autocast(
+            device_type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
+        ):
             if self.autocast_dtype is not None:
                 x = x.contiguous(memory_format=torch.channels_last)
             h = F.relu(self.inp_bn(self.inp(x)))
@@ -235,17 +241,24 @@ class Coconet(nn.Module):
         k = self.cfg.kernel // 2
         dtype = self.autocast_dtype or torch.float32
         x = self.network_input(classes, mask)
-        edge = not bool(inside.all())   # windows near a piece's ends need their outside frames zeroed
-        keep = inside.to(dtype)[:, None, :, None]                               # [B, 1, W, 1]
+        edge = not bool(inside.all())  # windows near a piece's ends need their outside frames zeroed
+        keep = inside.to(dtype)[:, None, :, None]  # [B, 1, W, 1]
         if edge:
             x = x * keep.to(x.dtype)
 
         def shrink(m: torch.Tensor, by: int) -> torch.Tensor:
-            return m[:, :, by:m.shape[2] - by]
+            return m[:, :, by : m.shape[2] - by]
 
         def layer(conv: nn.Conv2d, bn: nn.Module, h: torch.Tensor, skip: torch.Tensor | None, keep: torch.Tensor):
-            h = bn(F.conv2d(h, conv.weight.to(dtype), None if conv.bias is None else conv.bias.to(dtype),
-                            padding=(0, k), dilation=conv.dilation))
+            h = bn(
+                F.conv2d(
+                    h,
+                    conv.weight.to(dtype),
+                    None if conv.bias is None else conv.bias.to(dtype),
+                    padding=(0, k),
+                    dilation=conv.dilation,
+                )
+            )
             if skip is not None:
                 h = h + skip
             h = F.relu_(h)
@@ -306,8 +319,13 @@ def orderless_mask(valid: torch.Tensor, generator: torch.Generator | None = None
     return (rank < k[:, None]).reshape(valid.shape) & valid
 
 
-def orderless_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, rescale: bool = True,
-                   valid: torch.Tensor | None = None) -> torch.Tensor:
+def orderless_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    rescale: bool = True,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Cross-entropy of the masked cells, averaged over examples.
 
     With `rescale` (the paper's), each example's masked-cell losses are divided by its number of masked cells k:
@@ -338,7 +356,7 @@ def predict_frames(model: Coconet, classes: torch.Tensor, mask: torch.Tensor, fr
     it only (`Coconet.center_logits`): exact, and a long piece costs a window per prediction, not its length."""
     B, V, T = classes.shape
     r = model.cfg.receptive_field
-    pos = frames[:, None] + torch.arange(-r, r + 1)[None, :]                  # [B, 2r + 1]
+    pos = frames[:, None] + torch.arange(-r, r + 1)[None, :]  # [B, 2r + 1]
     inside = (pos >= 0) & (pos < T)
     gather = pos.clamp(0, T - 1)[:, None, :].expand(B, V, 2 * r + 1)
     crop_c, crop_m = classes.gather(2, gather), mask.gather(2, gather)
@@ -366,6 +384,7 @@ def sample_categorical(logp: torch.Tensor, temperature: float, generator: torch.
 class YaoSchedule:
     """Masking probability of Gibbs step i of n (Yao et al. 2014): p_i = max(p_min, p_max - (p_max - p_min) * i /
     (alpha * n)). Starts by resampling most cells, ends by touching up a few."""
+
     p_min: float = 0.1
     p_max: float = 0.9
     alpha: float = 0.7
@@ -382,14 +401,21 @@ class GibbsSampler:
     """Blocked Gibbs: fill every free cell independently from the model once, then for each of `steps` steps mask
     each free cell with the schedule's probability and resample the masked cells independently. Given cells
     (`given` True) are inputs only, never written."""
+
     steps: int = 96
     schedule: YaoSchedule = field(default_factory=YaoSchedule)
     temperature: float = 0.99
     name: str = "gibbs"
 
     @torch.no_grad()
-    def __call__(self, model: Coconet, classes: torch.Tensor, given: torch.Tensor,
-                 generator: torch.Generator | None = None, progress: Progress | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        model: Coconet,
+        classes: torch.Tensor,
+        given: torch.Tensor,
+        generator: torch.Generator | None = None,
+        progress: Progress | None = None,
+    ) -> torch.Tensor:
         classes, free = classes.clone(), ~given
         if not free.any():
             return classes
@@ -412,13 +438,20 @@ class AncestralSampler:
     """One free cell at a time, each drawn from the model given the given cells and those drawn so far: in
     chronological order (frame by frame, voices top to bottom) or in a random order. As many model calls as free
     cells; each is computed on the receptive field around the cell only."""
+
     order: str = "chronological"
     temperature: float = 0.99
     name: str = "ancestral"
 
     @torch.no_grad()
-    def __call__(self, model: Coconet, classes: torch.Tensor, given: torch.Tensor,
-                 generator: torch.Generator | None = None, progress: Progress | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        model: Coconet,
+        classes: torch.Tensor,
+        given: torch.Tensor,
+        generator: torch.Generator | None = None,
+        progress: Progress | None = None,
+    ) -> torch.Tensor:
         if self.order not in ("chronological", "random"):
             raise CoconetError(f"ancestral order must be chronological or random, got {self.order!r}")
         classes, unknown = classes.clone(), (~given).clone()
@@ -428,7 +461,7 @@ class AncestralSampler:
             if self.order == "random":
                 cells = cells[torch.randperm(len(cells), generator=generator)]
             for j, (t, v) in enumerate(cells.tolist()):
-                logp = predict_frames(model, classes[b:b + 1], unknown[b:b + 1], torch.tensor([t]))[0, v]
+                logp = predict_frames(model, classes[b : b + 1], unknown[b : b + 1], torch.tensor([t]))[0, v]
                 classes[b, v, t] = sample_categorical(logp, self.temperature, generator)
                 unknown[b, v, t] = False
                 if progress:
@@ -445,12 +478,13 @@ def given_cells(n_voices: int, n_frames: int, write_voices, start: int = 0, end:
     for v in write_voices:
         if not 0 <= int(v) < n_voices:
             raise CoconetError(f"voice {v} does not exist (0..{n_voices - 1})")
-        given[int(v), start:n_frames if end is None else end] = False
+        given[int(v), start : n_frames if end is None else end] = False
     return given
 
 
-def fill(model: Coconet, roll: np.ndarray, given: np.ndarray, sampler, seed: int = 0,
-         progress: Progress | None = None) -> np.ndarray:
+def fill(
+    model: Coconet, roll: np.ndarray, given: np.ndarray, sampler, seed: int = 0, progress: Progress | None = None
+) -> np.ndarray:
     """The roll with its non-given cells written by `sampler` (GibbsSampler or AncestralSampler). Given cells are
     only ever read: checked after sampling, so a sampler that broke the rule would fail loudly, not quietly."""
     cfg = model.cfg
@@ -514,4 +548,3 @@ def load_coconet(directory: str | Path, precision: str = "auto") -> tuple[Cocone
     model.fold_batchnorm()
     model.use_precision(precision)
     return model, meta
-

@@ -1,5 +1,6 @@
 """`smitin coconet train | evaluate`: the DVC stages `train_coconet` and `evaluate_coconet` (thin: read the params
 section, read the scores table, call models.coconet_train / models.coconet_eval, write outputs)."""
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,10 @@ def _splits(scores: str, cfg) -> dict[str, list[np.ndarray]]:
         _, rolls = read_scores(scores, split)
         rolls, dropped = in_range(rolls, cfg.min_pitch, cfg.max_pitch)
         if dropped:
-            _say(f"{split}: {dropped} pieces reach outside the model's pitch range {cfg.min_pitch}..{cfg.max_pitch} "
-                 f"and are left out")
+            _say(
+                f"{split}: {dropped} pieces reach outside the model's pitch range {cfg.min_pitch}..{cfg.max_pitch} "
+                f"and are left out"
+            )
         out[split] = rolls
     return out
 
@@ -41,8 +44,17 @@ def _train(args) -> int:
     if args.preset:
         params = params.with_overrides({"preset": args.preset}, "--preset")
     rolls = _splits(args.scores, params.resolved().config())
-    metrics = train_coconet(rolls["train"], rolls["valid"], args.out, params, checkpoint_dir=args.checkpoint,
-                            metrics_path=args.metrics, plot_path=args.plot, resume=not args.fresh, progress=_say)
+    metrics = train_coconet(
+        rolls["train"],
+        rolls["valid"],
+        args.out,
+        params,
+        checkpoint_dir=args.checkpoint,
+        metrics_path=args.metrics,
+        plot_path=args.plot,
+        resume=not args.fresh,
+        progress=_say,
+    )
     print(json.dumps({k: metrics[k] for k in ("steps", "stop_reason", "valid_loss", "train_seconds", "fingerprint")}))
     return 0
 
@@ -60,35 +72,49 @@ def _evaluate(args) -> int:
     metrics = evaluate_coconet(model, rolls, params, sampling, progress=_say)
     write_metrics(metrics, args.out, args.table)
     _say(f"wrote {args.out}" + (f" and {args.table}" if args.table else ""))
-    print(json.dumps({"framewise_nll": metrics["framewise_nll"], "notewise_nll": metrics["notewise_nll"],
-                      "ngram_framewise_nll": metrics["ngram"]["framewise_nll"],
-                      "gibbs_beats_ancestral": metrics["gibbs_beats_ancestral"]}))
+    print(
+        json.dumps(
+            {
+                "framewise_nll": metrics["framewise_nll"],
+                "notewise_nll": metrics["notewise_nll"],
+                "ngram_framewise_nll": metrics["ngram"]["framewise_nll"],
+                "gibbs_beats_ancestral": metrics["gibbs_beats_ancestral"],
+            }
+        )
+    )
     return 0
 
 
 def register(commands: argparse._SubParsersAction) -> None:
     coconet = commands.add_parser("coconet", help="Coconet (four-part chorales): train and evaluate")
     sub = coconet.add_subparsers(dest="coconet_command", required=True, metavar="ACTION")
-    train = sub.add_parser("train", help="train Coconet on the scores table (orderless NADE; resumable)",
-                           description="Train on the train split of the scores table, keep the weights with the best "
-                                       "validation loss (masked-cell cross-entropy on fixed crops and masks), write "
-                                       "coconet.safetensors + coconet.json, metrics and the loss curve.")
+    train = sub.add_parser(
+        "train",
+        help="train Coconet on the scores table (orderless NADE; resumable)",
+        description="Train on the train split of the scores table, keep the weights with the best "
+        "validation loss (masked-cell cross-entropy on fixed crops and masks), write "
+        "coconet.safetensors + coconet.json, metrics and the loss curve.",
+    )
     train.add_argument("--scores", default="data/scores", help="scores table folder")
     train.add_argument("--out", default="data/coconet", help="model folder")
     train.add_argument("--checkpoint", default=None, help="resumable training state folder")
     train.add_argument("--metrics", default="metrics/train_coconet.json")
     train.add_argument("--plot", default="metrics/train_coconet_loss.json")
     train.add_argument("--params", default="params.yaml", help="params file (section train_coconet)")
-    train.add_argument("--preset", default=None, choices=["demo", "cpu", "gpu", "debug"],
-                       help="override params train_coconet.preset")
+    train.add_argument(
+        "--preset", default=None, choices=["demo", "cpu", "gpu", "debug"], help="override params train_coconet.preset"
+    )
     train.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
     train.set_defaults(func=_train)
 
-    ev = sub.add_parser("evaluate", help="NLL on held-out chorales, sample quality, harmonization statistics",
-                        description="Framewise and notewise NLL of the held-out split (ensemble of random "
-                                    "orderings, the paper's units) next to a per-voice n-gram; Gibbs against "
-                                    "ancestral samples scored by the model; the model's harmonizations of the "
-                                    "held-out sopranos against Bach's own voices.")
+    ev = sub.add_parser(
+        "evaluate",
+        help="NLL on held-out chorales, sample quality, harmonization statistics",
+        description="Framewise and notewise NLL of the held-out split (ensemble of random "
+        "orderings, the paper's units) next to a per-voice n-gram; Gibbs against "
+        "ancestral samples scored by the model; the model's harmonizations of the "
+        "held-out sopranos against Bach's own voices.",
+    )
     ev.add_argument("--model", default="data/coconet", help="model folder")
     ev.add_argument("--scores", default="data/scores", help="scores table folder")
     ev.add_argument("--out", default="metrics/coconet.json")

@@ -8,20 +8,22 @@
    ancestral); part-writing statistics (models.voice_leading) next to Bach's own on the same melodies, and each
    voice's agreement with Bach's.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 from pydantic import Field
 
 from core.config import Section
-from models.coconet import (AncestralSampler, Coconet, GibbsSampler, YaoSchedule, classes_to_roll, roll_to_classes)
+from models.coconet import AncestralSampler, Coconet, GibbsSampler, YaoSchedule, classes_to_roll, roll_to_classes
 from models.coconet_nll import dataset_nll
 from models.ngram import fit_ngram
 from models.voice_leading import summarize, voice_accuracy, voice_leading_stats
@@ -37,10 +39,11 @@ PAPER_SOURCE = "Huang et al. 2017, Counterpoint by Convolution (ISMIR), Table 1,
 
 class SamplingParams(Section):
     """The default sampling schedule, shared by `smitin harmonize / infill / compose` and `evaluate_coconet`."""
+
     sampler: Literal["gibbs", "ancestral"] = "gibbs"
-    steps_per_cell: float = Field(1.0, gt=0)   # Gibbs steps per free cell (Magenta's default: one) ...
-    max_steps: int = Field(384, ge=1)          # ... capped: 8 bars of three voices to write, or a longer piece
-    p_min: float = Field(0.1, ge=0, le=1)      # Yao et al.'s annealed masking probability
+    steps_per_cell: float = Field(1.0, gt=0)  # Gibbs steps per free cell (Magenta's default: one) ...
+    max_steps: int = Field(384, ge=1)  # ... capped: 8 bars of three voices to write, or a longer piece
+    p_min: float = Field(0.1, ge=0, le=1)  # Yao et al.'s annealed masking probability
     p_max: float = Field(0.9, ge=0, le=1)
     alpha: float = Field(0.7, gt=0)
     temperature: float = Field(0.99, ge=0)
@@ -49,13 +52,22 @@ class SamplingParams(Section):
     def gibbs_steps(self, n_free: int) -> int:
         return max(1, min(self.max_steps, int(round(n_free * self.steps_per_cell))))
 
-    def make(self, sampler: str | None, n_free: int, steps: int | None = None, temperature: float | None = None,
-             order: str | None = None):
+    def make(
+        self,
+        sampler: str | None,
+        n_free: int,
+        steps: int | None = None,
+        temperature: float | None = None,
+        order: str | None = None,
+    ):
         kind = sampler or self.sampler
         temp = self.temperature if temperature is None else temperature
         if kind == "gibbs":
-            return GibbsSampler(steps=steps or self.gibbs_steps(n_free),
-                                schedule=YaoSchedule(self.p_min, self.p_max, self.alpha), temperature=temp)
+            return GibbsSampler(
+                steps=steps or self.gibbs_steps(n_free),
+                schedule=YaoSchedule(self.p_min, self.p_max, self.alpha),
+                temperature=temp,
+            )
         if kind == "ancestral":
             return AncestralSampler(order=order or self.ancestral_order, temperature=temp)
         raise ValueError(f"unknown sampler {kind!r} (gibbs, ancestral)")
@@ -63,22 +75,23 @@ class SamplingParams(Section):
 
 class EvaluateCoconetParams(Section):
     """params.yaml `evaluate_coconet` (every default is here)."""
+
     seed: int = 0
     split: Literal["test", "valid"] = "test"
-    ensemble: int = Field(5, ge=1)                 # orderings averaged per piece (the paper: 5)
+    ensemble: int = Field(5, ge=1)  # orderings averaged per piece (the paper: 5)
     units: list[Literal["frame", "note"]] = Field(default_factory=lambda: ["frame", "note"])
-    max_pieces: int | None = Field(None, ge=1)     # NLL on the first N pieces of the split (null: all)
-    samples: int = Field(8, ge=1)                  # unconditioned samples per sampler
-    sample_frames: int = Field(64, ge=4)           # 4 bars
-    harmonize_pieces: int | None = Field(None, ge=1)   # chorales harmonized (null: every one of the split)
-    harmonize_frames: int = Field(128, ge=4)       # the first 8 bars of each
+    max_pieces: int | None = Field(None, ge=1)  # NLL on the first N pieces of the split (null: all)
+    samples: int = Field(8, ge=1)  # unconditioned samples per sampler
+    sample_frames: int = Field(64, ge=4)  # 4 bars
+    harmonize_pieces: int | None = Field(None, ge=1)  # chorales harmonized (null: every one of the split)
+    harmonize_frames: int = Field(128, ge=4)  # the first 8 bars of each
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     threads: int = Field(2, ge=1)
     # per training preset (read from the model): overrides of the keys above, so a quick model gets a quick
     # evaluation; a preset without an entry gets the full protocol above
     presets: dict[str, dict] = Field(default_factory=dict)
 
-    def for_preset(self, preset: str | None) -> "EvaluateCoconetParams":
+    def for_preset(self, preset: str | None) -> EvaluateCoconetParams:
         over = dict(self.presets.get(preset or "") or {})
         return self.with_overrides(over, f"evaluate_coconet.presets.{preset}") if over else self
 
@@ -87,8 +100,9 @@ def _rng_for(seed: int, *parts: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0]))
 
 
-def sample_quality(model: Coconet, sampling: SamplingParams, p: EvaluateCoconetParams,
-                   say: Callable[[str], None]) -> dict:
+def sample_quality(
+    model: Coconet, sampling: SamplingParams, p: EvaluateCoconetParams, say: Callable[[str], None]
+) -> dict:
     """Unconditioned samples by each sampler, scored by the model (framewise NLL, mean +- SEM over samples)."""
     cfg = model.cfg
     out = {}
@@ -106,11 +120,18 @@ def sample_quality(model: Coconet, sampling: SamplingParams, p: EvaluateCoconetP
             rolls.append(roll)
             nlls.append(dataset_nll(model, [roll], "frame", 1, seed=p.seed + i)["nll"])
         nlls = np.asarray(nlls)
-        out[kind] = {"framewise_nll": float(nlls.mean()), "sem": float(nlls.std() / np.sqrt(len(nlls))),
-                     "seconds_per_sample": seconds / p.samples, "samples": p.samples, "frames": p.sample_frames,
-                     **summarize([voice_leading_stats(r) for r in rolls])}
-        say(f"samples ({kind}): framewise NLL under the model {out[kind]['framewise_nll']:.3f} "
-            f"+- {out[kind]['sem']:.3f}, {out[kind]['seconds_per_sample']:.1f} s each")
+        out[kind] = {
+            "framewise_nll": float(nlls.mean()),
+            "sem": float(nlls.std() / np.sqrt(len(nlls))),
+            "seconds_per_sample": seconds / p.samples,
+            "samples": p.samples,
+            "frames": p.sample_frames,
+            **summarize([voice_leading_stats(r) for r in rolls]),
+        }
+        say(
+            f"samples ({kind}): framewise NLL under the model {out[kind]['framewise_nll']:.3f} "
+            f"+- {out[kind]['sem']:.3f}, {out[kind]['seconds_per_sample']:.1f} s each"
+        )
     return out
 
 
@@ -130,9 +151,14 @@ def harmonize_rolls(model: Coconet, rolls: list[np.ndarray], sampler, seed: int,
     return out
 
 
-def harmonization(model: Coconet, rolls: list[np.ndarray], sampling: SamplingParams, p: EvaluateCoconetParams,
-                  say: Callable[[str], None]) -> dict:
-    crops = [r[:, :p.harmonize_frames] for r in rolls]
+def harmonization(
+    model: Coconet,
+    rolls: list[np.ndarray],
+    sampling: SamplingParams,
+    p: EvaluateCoconetParams,
+    say: Callable[[str], None],
+) -> dict:
+    crops = [r[:, : p.harmonize_frames] for r in rolls]
     bach = summarize([voice_leading_stats(r) for r in crops])
     out = {"bach": bach, "pieces": len(crops), "frames_each": p.harmonize_frames}
     for kind in ("gibbs", "ancestral"):
@@ -144,43 +170,61 @@ def harmonization(model: Coconet, rolls: list[np.ndarray], sampling: SamplingPar
         seconds = time.perf_counter() - t0
         stats = summarize([voice_leading_stats(w) for w in written])
         acc = np.mean([voice_accuracy(w, r) for w, r in zip(written, crops)], axis=0)
-        stats.update({f"accuracy_{name}": float(a) for name, a in zip(("soprano", "alto", "tenor", "bass"), acc)},
-                     melody_kept=float(np.mean([np.array_equal(w[0], r[0]) for w, r in zip(written, crops)])),
-                     seconds_per_piece=seconds / max(1, len(crops)))
+        stats.update(
+            {f"accuracy_{name}": float(a) for name, a in zip(("soprano", "alto", "tenor", "bass"), acc)},
+            melody_kept=float(np.mean([np.array_equal(w[0], r[0]) for w, r in zip(written, crops)])),
+            seconds_per_piece=seconds / max(1, len(crops)),
+        )
         for key in ("parallels_per_100_beats", "crossings_per_100_beats"):
             stats[key.replace("_per_100_beats", "_vs_bach")] = stats[key] / max(bach[key], 1e-9)
         out[kind] = stats
-        say(f"harmonization ({kind}): parallels {stats['parallels_per_100_beats']:.2f} / 100 beats (Bach "
+        say(
+            f"harmonization ({kind}): parallels {stats['parallels_per_100_beats']:.2f} / 100 beats (Bach "
             f"{bach['parallels_per_100_beats']:.2f}), crossings {stats['crossings_per_100_beats']:.2f} (Bach "
             f"{bach['crossings_per_100_beats']:.2f}), tertian {stats['tertian_share']:.2f} (Bach "
-            f"{bach['tertian_share']:.2f}), alto/tenor/bass accuracy {acc[1]:.2f}/{acc[2]:.2f}/{acc[3]:.2f}")
+            f"{bach['tertian_share']:.2f}), alto/tenor/bass accuracy {acc[1]:.2f}/{acc[2]:.2f}/{acc[3]:.2f}"
+        )
     return out
 
 
-def evaluate_coconet(model: Coconet, rolls: dict[str, list[np.ndarray]], p: EvaluateCoconetParams,
-                     sampling: SamplingParams, progress: Callable[[str], None] | None = None) -> dict:
+def evaluate_coconet(
+    model: Coconet,
+    rolls: dict[str, list[np.ndarray]],
+    p: EvaluateCoconetParams,
+    sampling: SamplingParams,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
     """All of the stage's measurements; `rolls` holds the train, valid and evaluated splits ([4, T] pitch arrays)."""
     say = progress or log.info
     torch.set_num_threads(p.threads)
     model.eval()
     cfg = model.cfg
-    evaluated = rolls[p.split][:p.max_pieces] if p.max_pieces else rolls[p.split]
+    evaluated = rolls[p.split][: p.max_pieces] if p.max_pieces else rolls[p.split]
     t0 = time.perf_counter()
     nll = {}
     for unit in p.units:
         r = dataset_nll(model, evaluated, unit, p.ensemble, seed=p.seed)
         nll[unit] = r
-        say(f"{unit}wise NLL on {p.split}: {r['nll']:.4f} +- {r['sem']:.4f} nats per {unit} "
-            f"({r['pieces']} pieces, ensemble of {p.ensemble})")
+        say(
+            f"{unit}wise NLL on {p.split}: {r['nll']:.4f} +- {r['sem']:.4f} nats per {unit} "
+            f"({r['pieces']} pieces, ensemble of {p.ensemble})"
+        )
     nll_seconds = time.perf_counter() - t0
     to_classes = lambda rs: [roll_to_classes(r, cfg) for r in rs]  # noqa: E731
     ngram, choice = fit_ngram(to_classes(rolls["train"]), to_classes(rolls["valid"]), cfg.n_classes, cfg.silent_class)
     ngram_frames = np.concatenate([ngram.frame_nll(c, cfg.silent_class) for c in to_classes(evaluated)])
-    baseline = {"framewise_nll": float(ngram_frames.mean()), "order": choice["order"], "k": choice["k"],
-                "valid_framewise_nll": choice["valid_frame_nll"]}
-    say(f"per-voice {choice['order']}-gram (k={choice['k']}): framewise NLL {baseline['framewise_nll']:.4f} on {p.split}")
+    baseline = {
+        "framewise_nll": float(ngram_frames.mean()),
+        "order": choice["order"],
+        "k": choice["k"],
+        "valid_framewise_nll": choice["valid_frame_nll"],
+    }
+    say(
+        f"per-voice {choice['order']}-gram (k={choice['k']}): framewise NLL {baseline['framewise_nll']:.4f} "
+        f"on {p.split}"
+    )
     samples = sample_quality(model, sampling, p, say)
-    harm_rolls = evaluated[:p.harmonize_pieces] if p.harmonize_pieces else evaluated
+    harm_rolls = evaluated[: p.harmonize_pieces] if p.harmonize_pieces else evaluated
     harm = harmonization(model, harm_rolls, sampling, p, say)
     frame = nll.get("frame", {}).get("nll")
     return {
@@ -197,8 +241,12 @@ def evaluate_coconet(model: Coconet, rolls: dict[str, list[np.ndarray]], p: Eval
         "gibbs_beats_ancestral": samples["gibbs"]["framewise_nll"] < samples["ancestral"]["framewise_nll"],
         "harmonization": harm,
         "sampling": sampling.model_dump(),
-        "model": {"params": model.num_params(), "layers": cfg.n_layers, "filters": cfg.filters,
-                  "fingerprint": model.fingerprint()},
+        "model": {
+            "params": model.num_params(),
+            "layers": cfg.n_layers,
+            "filters": cfg.filters,
+            "fingerprint": model.fingerprint(),
+        },
     }
 
 
@@ -206,35 +254,55 @@ def metrics_table(m: dict) -> str:
     """The stage's Markdown table (metrics/coconet.md)."""
     nll, h, s = m["nll"], m["harmonization"], m["samples"]
     rows = [
-        "## Likelihood of held-out chorales (JSB `%s`, nats; lower is better)" % m["split"],
+        f"## Likelihood of held-out chorales (JSB `{m['split']}`, nats; lower is better)",
         "",
         "| model | framewise NLL | notewise NLL |",
         "|---|---|---|",
     ]
     fw, nw = nll.get("frame"), nll.get("note")
     cell = lambda r: f"{r['nll']:.3f} ± {r['sem']:.3f}" if r else "-"  # noqa: E731
-    rows.append(f"| Coconet (this model, {m['model']['layers']} x {m['model']['filters']}, ensemble of "
-                f"{(fw or nw)['ensemble']}) | {cell(fw)} | {cell(nw)} |")
+    rows.append(
+        f"| Coconet (this model, {m['model']['layers']} x {m['model']['filters']}, ensemble of "
+        f"{(fw or nw)['ensemble']}) | {cell(fw)} | {cell(nw)} |"
+    )
     rows.append(f"| Coconet, paper ({m['paper_source']}) | {m['paper_framewise_nll']:.2f} | - |")
-    rows.append(f"| per-voice {m['ngram']['order']}-gram (k={m['ngram']['k']}) | {m['ngram']['framewise_nll']:.3f} | - |")
-    rows += ["", "## Sample quality: unconditioned samples scored by the model (framewise NLL; lower is better)", "",
-             "| sampler | framewise NLL | seconds per sample | parallels / 100 beats | tertian beats |", "|---|---|---|---|---|"]
+    rows.append(
+        f"| per-voice {m['ngram']['order']}-gram (k={m['ngram']['k']}) | {m['ngram']['framewise_nll']:.3f} | - |"
+    )
+    rows += [
+        "",
+        "## Sample quality: unconditioned samples scored by the model (framewise NLL; lower is better)",
+        "",
+        "| sampler | framewise NLL | seconds per sample | parallels / 100 beats | tertian beats |",
+        "|---|---|---|---|---|",
+    ]
     for kind in ("gibbs", "ancestral"):
         r = s[kind]
-        rows.append(f"| {kind} | {r['framewise_nll']:.3f} ± {r['sem']:.3f} | {r['seconds_per_sample']:.1f} | "
-                    f"{r['parallels_per_100_beats']:.2f} | {r['tertian_share']:.2f} |")
-    rows += ["", f"## Harmonizing the soprano of {h['pieces']} held-out chorales (first {h['frames_each']} frames)", "",
-             "| writer | parallels / 100 beats | crossings / 100 beats | out of range | tertian beats | alto acc | "
-             "tenor acc | bass acc | melody kept | s / piece |", "|---|---|---|---|---|---|---|---|---|---|"]
+        rows.append(
+            f"| {kind} | {r['framewise_nll']:.3f} ± {r['sem']:.3f} | {r['seconds_per_sample']:.1f} | "
+            f"{r['parallels_per_100_beats']:.2f} | {r['tertian_share']:.2f} |"
+        )
+    rows += [
+        "",
+        f"## Harmonizing the soprano of {h['pieces']} held-out chorales (first {h['frames_each']} frames)",
+        "",
+        "| writer | parallels / 100 beats | crossings / 100 beats | out of range | tertian beats | alto acc | "
+        "tenor acc | bass acc | melody kept | s / piece |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     b = h["bach"]
-    rows.append(f"| Bach | {b['parallels_per_100_beats']:.2f} | {b['crossings_per_100_beats']:.2f} | "
-                f"{b['out_of_range_share']:.3f} | {b['tertian_share']:.2f} | 1 | 1 | 1 | 1 | - |")
+    rows.append(
+        f"| Bach | {b['parallels_per_100_beats']:.2f} | {b['crossings_per_100_beats']:.2f} | "
+        f"{b['out_of_range_share']:.3f} | {b['tertian_share']:.2f} | 1 | 1 | 1 | 1 | - |"
+    )
     for kind in ("gibbs", "ancestral"):
         r = h[kind]
-        rows.append(f"| Coconet, {kind} | {r['parallels_per_100_beats']:.2f} | {r['crossings_per_100_beats']:.2f} | "
-                    f"{r['out_of_range_share']:.3f} | {r['tertian_share']:.2f} | {r['accuracy_alto']:.2f} | "
-                    f"{r['accuracy_tenor']:.2f} | {r['accuracy_bass']:.2f} | {r['melody_kept']:.2f} | "
-                    f"{r['seconds_per_piece']:.1f} |")
+        rows.append(
+            f"| Coconet, {kind} | {r['parallels_per_100_beats']:.2f} | {r['crossings_per_100_beats']:.2f} | "
+            f"{r['out_of_range_share']:.3f} | {r['tertian_share']:.2f} | {r['accuracy_alto']:.2f} | "
+            f"{r['accuracy_tenor']:.2f} | {r['accuracy_bass']:.2f} | {r['melody_kept']:.2f} | "
+            f"{r['seconds_per_piece']:.1f} |"
+        )
     return "\n".join(rows) + "\n"
 
 

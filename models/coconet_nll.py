@@ -17,10 +17,11 @@ Every prediction needs only the model's output at one frame, so it is computed o
 field around that frame (`models.coconet.predict_frames`): exact, and a piece of any length costs a window per
 prediction.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -32,8 +33,8 @@ BATCH = 256  # predictions per model call
 
 @dataclass
 class PieceNLL:
-    unit_nll: np.ndarray   # [units] nats per unit (frame or cell), ensemble-averaged
-    scored: np.ndarray     # [units] bool: the unit holds at least one sounding cell
+    unit_nll: np.ndarray  # [units] nats per unit (frame or cell), ensemble-averaged
+    scored: np.ndarray  # [units] bool: the unit holds at least one sounding cell
 
 
 def _orderings(T: int, V: int, chronological: bool, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -46,7 +47,7 @@ def framewise_lls(model: Coconet, classes: np.ndarray, chronological: bool, rng:
     """Log-likelihood [T, V] of each cell along one frame ordering (silent cells included; the caller drops them)."""
     V, T = classes.shape
     frames, voice_order = _orderings(T, V, chronological, rng)
-    x = torch.from_numpy(classes)[None].expand(T, V, T).clone()          # one copy of the piece per step
+    x = torch.from_numpy(classes)[None].expand(T, V, T).clone()  # one copy of the piece per step
     mask = torch.zeros(T, V, T, dtype=torch.bool)
     position = np.empty(T, np.int64)
     position[frames] = np.arange(T)
@@ -57,11 +58,11 @@ def framewise_lls(model: Coconet, classes: np.ndarray, chronological: bool, rng:
     target_frames = torch.from_numpy(frames)
     truth = torch.from_numpy(classes)
     for d in range(V):
-        voices = torch.from_numpy(voice_order[:, d])                     # the voice each step predicts now
-        logp = _predict(model, x, mask, target_frames)                    # [T, V, C]
-        step_logp = logp[steps, voices]                                   # [T, C]
+        voices = torch.from_numpy(voice_order[:, d])  # the voice each step predicts now
+        logp = _predict(model, x, mask, target_frames)  # [T, V, C]
+        step_logp = logp[steps, voices]  # [T, C]
         lls[frames, voice_order[:, d]] = step_logp.gather(1, truth[voices, target_frames][:, None])[:, 0].numpy()
-        x[steps, voices, target_frames] = step_logp.argmax(-1)            # its own guess, not the truth
+        x[steps, voices, target_frames] = step_logp.argmax(-1)  # its own guess, not the truth
         mask[steps, voices, target_frames] = False
     return lls
 
@@ -70,38 +71,41 @@ def notewise_lls(model: Coconet, classes: np.ndarray, chronological: bool, rng: 
     """Log-likelihood [T, V] of each cell along one cell ordering, each given the true cells before it."""
     V, T = classes.shape
     n = V * T
-    order = np.arange(n) if chronological else rng.permutation(n)       # cell id = frame * V + voice
+    order = np.arange(n) if chronological else rng.permutation(n)  # cell id = frame * V + voice
     position = np.empty(n, np.int64)
     position[order] = np.arange(n)
-    pos = torch.from_numpy(position.reshape(T, V).T)                      # [V, T]
+    pos = torch.from_numpy(position.reshape(T, V).T)  # [V, T]
     truth = torch.from_numpy(classes)
     lls = np.zeros((T, V), np.float32)
     for s in range(0, n, BATCH):
         steps = torch.arange(s, min(n, s + BATCH))
-        cells = torch.from_numpy(order[s:s + len(steps)])
+        cells = torch.from_numpy(order[s : s + len(steps)])
         t, v = cells // V, cells % V
-        mask = pos[None] >= steps[:, None, None]                          # [b, V, T]
+        mask = pos[None] >= steps[:, None, None]  # [b, V, T]
         logp = _predict(model, truth[None].expand(len(steps), V, T), mask, t)
         lls[t.numpy(), v.numpy()] = logp[torch.arange(len(steps)), v].gather(1, truth[v, t][:, None])[:, 0].numpy()
     return lls
 
 
 def _predict(model: Coconet, x: torch.Tensor, mask: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
-    out = [predict_frames(model, x[i:i + BATCH], mask[i:i + BATCH], frames[i:i + BATCH])
-           for i in range(0, len(frames), BATCH)]
+    out = [
+        predict_frames(model, x[i : i + BATCH], mask[i : i + BATCH], frames[i : i + BATCH])
+        for i in range(0, len(frames), BATCH)
+    ]
     return torch.cat(out)
 
 
-def piece_nll(model: Coconet, roll: np.ndarray, unit: str = "frame", ensemble: int = 5,
-              chronological: bool = False, seed: int = 0) -> PieceNLL:
+def piece_nll(
+    model: Coconet, roll: np.ndarray, unit: str = "frame", ensemble: int = 5, chronological: bool = False, seed: int = 0
+) -> PieceNLL:
     """NLL per unit of one roll [V, T] (MIDI pitches, -1 silent), ensembled over `ensemble` orderings."""
     classes = roll_to_classes(roll, model.cfg)
-    sounding = np.asarray(roll).T >= 0                                    # [T, V]
+    sounding = np.asarray(roll).T >= 0  # [T, V]
     rng = np.random.default_rng(seed)
     fn = framewise_lls if unit == "frame" else notewise_lls
     runs = []
     for _ in range(ensemble):
-        lls = fn(model, classes, chronological, rng) * sounding           # silent cells: no loss, as the paper
+        lls = fn(model, classes, chronological, rng) * sounding  # silent cells: no loss, as the paper
         runs.append(lls.sum(1) if unit == "frame" else lls.reshape(-1))
     stacked = np.stack(runs).astype(np.float64)
     mean_ll = np.logaddexp.reduce(stacked, axis=0) - np.log(len(runs))
@@ -109,9 +113,15 @@ def piece_nll(model: Coconet, roll: np.ndarray, unit: str = "frame", ensemble: i
     return PieceNLL(-mean_ll, scored)
 
 
-def dataset_nll(model: Coconet, rolls: list[np.ndarray], unit: str = "frame", ensemble: int = 5,
-                chronological: bool = False, seed: int = 0,
-                progress: Callable[[int, int], None] | None = None) -> dict:
+def dataset_nll(
+    model: Coconet,
+    rolls: list[np.ndarray],
+    unit: str = "frame",
+    ensemble: int = 5,
+    chronological: bool = False,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
     """Mean NLL over every unit of every piece (the paper's figure), the mean of per-piece means, and the standard
     error of the unit mean."""
     units, pieces = [], []
@@ -122,6 +132,13 @@ def dataset_nll(model: Coconet, rolls: list[np.ndarray], unit: str = "frame", en
         if progress:
             progress(i + 1, len(rolls))
     flat = np.concatenate(units)
-    return {"unit": unit, "ensemble": ensemble, "chronological": chronological, "pieces": len(rolls),
-            "units": int(flat.size), "nll": float(flat.mean()), "sem": float(flat.std() / np.sqrt(flat.size)),
-            "piece_mean_nll": float(np.mean(pieces))}
+    return {
+        "unit": unit,
+        "ensemble": ensemble,
+        "chronological": chronological,
+        "pieces": len(rolls),
+        "units": int(flat.size),
+        "nll": float(flat.mean()),
+        "sem": float(flat.std() / np.sqrt(flat.size)),
+        "piece_mean_nll": float(np.mean(pieces)),
+    }

@@ -5,49 +5,59 @@ of their (voice, frame) cells, and minimises the rescaled cross-entropy of the m
 Validation uses fixed crops and fixed masks, so its loss is comparable from one evaluation to the next; the best
 weights (of the exponential moving average, when on) are kept. Resumable from a checkpoint folder.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 from pydantic import Field
 
 from core.config import Section
-from models.coconet import (Coconet, CoconetConfig, CoconetError, orderless_loss, orderless_mask, roll_to_classes,
-                            save_coconet)
+from models.coconet import (
+    Coconet,
+    CoconetConfig,
+    CoconetError,
+    orderless_loss,
+    orderless_mask,
+    roll_to_classes,
+    save_coconet,
+)
 
 log = logging.getLogger(__name__)
 
 
 class TrainCoconetParams(Section):
     """params.yaml `train_coconet` (every default is here)."""
+
     seed: int = 0
     preset: Literal["demo", "cpu", "gpu", "debug"] = "demo"
-    model: dict = Field(default_factory=dict)      # overrides of the preset's architecture (CoconetConfig fields)
-    crop_frames: int = Field(64, ge=8)             # training crops: 4 bars of 4/4 in 16ths
+    model: dict = Field(default_factory=dict)  # overrides of the preset's architecture (CoconetConfig fields)
+    crop_frames: int = Field(64, ge=8)  # training crops: 4 bars of 4/4 in 16ths
     batch_size: int = Field(24, ge=1)
     steps: int = Field(2000, ge=1)
     lr: float = Field(2e-3, gt=0)
     warmup: int = Field(200, ge=0)
     weight_decay: float = Field(0.0, ge=0)
-    ema_decay: float = Field(0.999, ge=0, lt=1)    # 0: no weight average
-    transpose: int = Field(3, ge=0)                # random transposition of each crop by up to +-this many semitones
-    rescale_loss: bool = True                      # the paper's 1/k weighting of each example's masked cells
+    ema_decay: float = Field(0.999, ge=0, lt=1)  # 0: no weight average
+    transpose: int = Field(3, ge=0)  # random transposition of each crop by up to +-this many semitones
+    rescale_loss: bool = True  # the paper's 1/k weighting of each example's masked cells
     eval_every: int = Field(250, ge=1)
-    patience: int = Field(8, ge=1)                 # evaluations without improvement before early stopping
+    patience: int = Field(8, ge=1)  # evaluations without improvement before early stopping
     max_minutes: float = Field(30.0, gt=0)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     threads: int = Field(2, ge=1)
-    presets: dict[str, dict] = Field(default_factory=dict)   # per preset: overrides of the keys above
+    presets: dict[str, dict] = Field(default_factory=dict)  # per preset: overrides of the keys above
 
-    def resolved(self) -> "TrainCoconetParams":
+    def resolved(self) -> TrainCoconetParams:
         """These params with the chosen preset's overrides applied."""
         over = dict(self.presets.get(self.preset) or {})
         if "presets" in over or "preset" in over:
@@ -78,12 +88,12 @@ class RollSet:
         return sum(r.shape[1] for r in self.rolls)
 
     def _crop(self, i: int, start: int, length: int, shift: int) -> tuple[np.ndarray, np.ndarray]:
-        roll = self.rolls[i][:, start:start + length]
+        roll = self.rolls[i][:, start : start + length]
         roll = np.where(roll >= 0, roll + shift, roll)
         out = np.full((self.cfg.n_voices, length), self.cfg.silent_class, np.int64)
-        out[:, :roll.shape[1]] = roll_to_classes(roll, self.cfg)
+        out[:, : roll.shape[1]] = roll_to_classes(roll, self.cfg)
         valid = np.zeros((self.cfg.n_voices, length), bool)
-        valid[:, :roll.shape[1]] = True
+        valid[:, : roll.shape[1]] = True
         return out, valid
 
     def random_batch(self, batch: int, length: int, transpose: int, rng: np.random.Generator):
@@ -95,7 +105,7 @@ class RollSet:
             start = int(rng.integers(0, max(1, T - length + 1)))
             shift = 0
             if transpose:
-                seg = self.rolls[i][:, start:start + length]
+                seg = self.rolls[i][:, start : start + length]
                 sounding = seg[seg >= 0]
                 lo = max(-transpose, self.cfg.min_pitch - int(sounding.min())) if sounding.size else -transpose
                 hi = min(transpose, self.cfg.max_pitch - int(sounding.max())) if sounding.size else transpose
@@ -111,7 +121,7 @@ class RollSet:
         crops = [(i, s) for i, r in enumerate(self.rolls) for s in range(0, max(1, r.shape[1] - length // 2), length)]
         gen = torch.Generator().manual_seed(seed)
         for k in range(0, len(crops), batch):
-            parts = [self._crop(i, s, length, 0) for i, s in crops[k:k + batch]]
+            parts = [self._crop(i, s, length, 0) for i, s in crops[k : k + batch]]
             c = torch.from_numpy(np.stack([p[0] for p in parts]))
             v = torch.from_numpy(np.stack([p[1] for p in parts]))
             yield c, v, orderless_mask(v, gen)
@@ -155,10 +165,18 @@ def _make_optimizer(model: Coconet, p: TrainCoconetParams):
     return opt, sched
 
 
-def train_coconet(train_rolls: list[np.ndarray], valid_rolls: list[np.ndarray], out_dir: str | Path,
-                  params: TrainCoconetParams, checkpoint_dir: str | Path | None = None,
-                  metrics_path: str | Path | None = None, plot_path: str | Path | None = None,
-                  resume: bool = True, progress: Callable[[str], None] | None = None, extra_meta: dict | None = None) -> dict:
+def train_coconet(
+    train_rolls: list[np.ndarray],
+    valid_rolls: list[np.ndarray],
+    out_dir: str | Path,
+    params: TrainCoconetParams,
+    checkpoint_dir: str | Path | None = None,
+    metrics_path: str | Path | None = None,
+    plot_path: str | Path | None = None,
+    resume: bool = True,
+    progress: Callable[[str], None] | None = None,
+    extra_meta: dict | None = None,
+) -> dict:
     """Train on `train_rolls` ([4, T] MIDI pitch arrays), keep the weights with the best validation loss, write
     the model to `out_dir` and the metrics / loss curve. Returns the metrics."""
     from safetensors.torch import load_file, save_file
@@ -175,11 +193,21 @@ def train_coconet(train_rolls: list[np.ndarray], valid_rolls: list[np.ndarray], 
     model = Coconet(cfg).use_precision(p.precision)
     precision = "bf16" if model.autocast_dtype is not None else "fp32"
     opt, sched = _make_optimizer(model, p)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(p.ema_decay), use_buffers=True) \
-        if p.ema_decay > 0 else None
+    ema = (
+        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(p.ema_decay), use_buffers=True)
+        if p.ema_decay > 0
+        else None
+    )
     dhash = data_hash({"train": train.rolls, "valid": valid.rolls})
-    state = {"step": 0, "best_valid": float("inf"), "best_step": 0, "bad_evals": 0, "history": [],
-             "train_seconds": 0.0, "run": _identity(p, cfg, dhash)}
+    state = {
+        "step": 0,
+        "best_valid": float("inf"),
+        "best_step": 0,
+        "bad_evals": 0,
+        "history": [],
+        "train_seconds": 0.0,
+        "run": _identity(p, cfg, dhash),
+    }
     best_state = None
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     if ckpt and resume and (ckpt / "state.json").is_file():
@@ -197,8 +225,10 @@ def train_coconet(train_rolls: list[np.ndarray], valid_rolls: list[np.ndarray], 
             say(f"checkpoint in {ckpt} is from another run (params, model or data differ): starting afresh")
     rng = np.random.default_rng([p.seed, state["step"]])
     mask_gen = torch.Generator().manual_seed(p.seed * 1_000_003 + state["step"])
-    say(f"coconet {p.preset}: {cfg.n_layers} layers x {cfg.filters} filters, {model.num_params() / 1e6:.2f}M params, "
-        f"{precision}; {len(train)} train pieces ({train.frames} frames), {len(valid)} valid")
+    say(
+        f"coconet {p.preset}: {cfg.n_layers} layers x {cfg.filters} filters, {model.num_params() / 1e6:.2f}M params, "
+        f"{precision}; {len(train)} train pieces ({train.frames} frames), {len(valid)} valid"
+    )
 
     model.train()
     t0, seen, running = time.time(), 0, []
@@ -223,27 +253,40 @@ def train_coconet(train_rolls: list[np.ndarray], valid_rolls: list[np.ndarray], 
             # the live weights and their average are both judged; the better one is kept (early in a run the
             # average still remembers the first steps, late in it the average is usually ahead)
             v_live = validation_loss(model, valid, p.crop_frames, 64, p.seed, p.rescale_loss)
-            v_avg = validation_loss(ema.module, valid, p.crop_frames, 64, p.seed, p.rescale_loss) \
-                if ema is not None else float("inf")
+            v_avg = (
+                validation_loss(ema.module, valid, p.crop_frames, 64, p.seed, p.rescale_loss)
+                if ema is not None
+                else float("inf")
+            )
             judged = ema.module if v_avg < v_live else model
             v = min(v_live, v_avg)
-            rec = {"step": state["step"], "train_loss": float(np.mean(running)), "valid_loss": v,
-                   "valid_loss_live": v_live, **({"valid_loss_average": v_avg} if ema is not None else {}),
-                   "lr": opt.param_groups[0]["lr"], "frames_per_s": seen / max(elapsed, 1e-9),
-                   "minutes": round((state["train_seconds"] + elapsed) / 60, 2)}
+            rec = {
+                "step": state["step"],
+                "train_loss": float(np.mean(running)),
+                "valid_loss": v,
+                "valid_loss_live": v_live,
+                **({"valid_loss_average": v_avg} if ema is not None else {}),
+                "lr": opt.param_groups[0]["lr"],
+                "frames_per_s": seen / max(elapsed, 1e-9),
+                "minutes": round((state["train_seconds"] + elapsed) / 60, 2),
+            }
             running = []
             state["history"].append(rec)
-            say(f"step {rec['step']}/{p.steps} train {rec['train_loss']:.4f} valid {v_live:.4f}"
-                + (f" (average {v_avg:.4f})" if ema is not None else "") + " nats/cell "
-                f"({rec['frames_per_s']:.0f} frames/s, {rec['minutes']:.1f} min)")
+            say(
+                f"step {rec['step']}/{p.steps} train {rec['train_loss']:.4f} valid {v_live:.4f}"
+                + (f" (average {v_avg:.4f})" if ema is not None else "")
+                + " nats/cell "
+                f"({rec['frames_per_s']:.0f} frames/s, {rec['minutes']:.1f} min)"
+            )
             if v < state["best_valid"] - 1e-4:
                 state.update(best_valid=v, best_step=state["step"], bad_evals=0)
                 best_state = {k: t.detach().clone().contiguous() for k, t in judged.state_dict().items()}
             else:
                 state["bad_evals"] += 1
             if ckpt:
-                _save_checkpoint(ckpt, model, opt, sched, ema, best_state, state, elapsed, save_file,
-                                 _flatten_optimizer)
+                _save_checkpoint(
+                    ckpt, model, opt, sched, ema, best_state, state, elapsed, save_file, _flatten_optimizer
+                )
             if state["bad_evals"] >= p.patience:
                 stop = "early_stopping"
                 break
@@ -254,25 +297,45 @@ def train_coconet(train_rolls: list[np.ndarray], valid_rolls: list[np.ndarray], 
     final = Coconet(cfg)
     final.load_state_dict(best_state if best_state is not None else model.state_dict())
     final.eval()
-    metrics = {"steps": state["step"], "stop_reason": stop, "best_step": state["best_step"],
-               "valid_loss": state["best_valid"], "params": final.num_params(), "precision": precision,
-               "train_seconds": round(train_seconds, 1), "train_pieces": len(train), "train_frames": train.frames,
-               "frames_per_s": round(float(np.mean([r["frames_per_s"] for r in state["history"]])), 1),
-               "preset": p.preset, "fingerprint": final.fingerprint()}
-    save_coconet(final, out_dir, {"metrics": metrics, "data_hash": dhash, "train_params": p.model_dump(
-        exclude={"presets"}), **(extra_meta or {})})
+    metrics = {
+        "steps": state["step"],
+        "stop_reason": stop,
+        "best_step": state["best_step"],
+        "valid_loss": state["best_valid"],
+        "params": final.num_params(),
+        "precision": precision,
+        "train_seconds": round(train_seconds, 1),
+        "train_pieces": len(train),
+        "train_frames": train.frames,
+        "frames_per_s": round(float(np.mean([r["frames_per_s"] for r in state["history"]])), 1),
+        "preset": p.preset,
+        "fingerprint": final.fingerprint(),
+    }
+    save_coconet(
+        final,
+        out_dir,
+        {
+            "metrics": metrics,
+            "data_hash": dhash,
+            "train_params": p.model_dump(exclude={"presets"}),
+            **(extra_meta or {}),
+        },
+    )
     if metrics_path:
         Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
         Path(metrics_path).write_text(json.dumps(metrics, indent=2) + "\n")
     if plot_path:
         Path(plot_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(plot_path).write_text(json.dumps([{k: r[k] for k in ("step", "train_loss", "valid_loss")}
-                                               for r in state["history"]], indent=1) + "\n")
+        Path(plot_path).write_text(
+            json.dumps([{k: r[k] for k in ("step", "train_loss", "valid_loss")} for r in state["history"]], indent=1)
+            + "\n"
+        )
     return metrics
 
 
-def _save_checkpoint(ckpt: Path, model, opt, sched, ema, best_state, state: dict, elapsed: float, save_file,
-                     flatten) -> None:
+def _save_checkpoint(
+    ckpt: Path, model, opt, sched, ema, best_state, state: dict, elapsed: float, save_file, flatten
+) -> None:
     """Model, optimizer, average and best weights as safetensors, counters as JSON; the JSON is written last and
     atomically, so a crash mid-save leaves the previous checkpoint's JSON naming files that may be newer but are
     complete (each is renamed into place)."""
@@ -289,8 +352,12 @@ def _save_checkpoint(ckpt: Path, model, opt, sched, ema, best_state, state: dict
         put(ema.state_dict(), "ema.safetensors")
     tensors, opt_meta = flatten(opt)
     put(tensors, "optimizer.safetensors")
-    doc = {**state, "train_seconds": state["train_seconds"] + elapsed, "optimizer": opt_meta,
-           "scheduler": sched.state_dict()}
+    doc = {
+        **state,
+        "train_seconds": state["train_seconds"] + elapsed,
+        "optimizer": opt_meta,
+        "scheduler": sched.state_dict(),
+    }
     tmp = ckpt / ".state.json.tmp"
     tmp.write_text(json.dumps(doc))
     tmp.replace(ckpt / "state.json")

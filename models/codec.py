@@ -13,20 +13,21 @@ Every codec: `encode(wave, sr) -> LongTensor[K, T]`, `decode(codes) -> np.ndarra
 attributes `frame_rate`, `n_codebooks`, `card`, `sample_rate`, `save(dir)` (safetensors + JSON), `identity()`,
 `fingerprint()`; `load_codec(dir)` reads either kind.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch
 
-from pipelines.audio import resample
-from pipelines.errors import UserError
+from core.audio import resample
+from core.errors import UserError
 
 CODEC_WEIGHTS = "codec.safetensors"
 CODEC_CONFIG = "codec.json"
@@ -50,13 +51,13 @@ class MelCodecConfig:
     griffin_lim_iters: int = 48
 
     @classmethod
-    def debug(cls, **overrides) -> "MelCodecConfig":
+    def debug(cls, **overrides) -> MelCodecConfig:
         base = dict(n_mels=32, n_codebooks=4, card=32, kmeans_iters=8, griffin_lim_iters=8)
         base.update(overrides)
         return cls(**base)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "MelCodecConfig":
+    def from_dict(cls, d: dict) -> MelCodecConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -64,8 +65,9 @@ class MelCodecConfig:
 def _mel_filters(cfg: MelCodecConfig) -> np.ndarray:
     import librosa
 
-    return librosa.filters.mel(sr=cfg.sample_rate, n_fft=cfg.n_fft, n_mels=cfg.n_mels, fmin=cfg.fmin,
-                               fmax=cfg.sample_rate / 2).astype(np.float32)
+    return librosa.filters.mel(
+        sr=cfg.sample_rate, n_fft=cfg.n_fft, n_mels=cfg.n_mels, fmin=cfg.fmin, fmax=cfg.sample_rate / 2
+    ).astype(np.float32)
 
 
 def _kmeans(x: torch.Tensor, k: int, iters: int, gen: torch.Generator) -> torch.Tensor:
@@ -93,8 +95,14 @@ def _kmeans(x: torch.Tensor, k: int, iters: int, gen: torch.Generator) -> torch.
 class MelRVQCodec:
     kind = "mel_rvq"
 
-    def __init__(self, cfg: MelCodecConfig, mean: torch.Tensor, std: torch.Tensor, codebooks: torch.Tensor,
-                 inverse: torch.Tensor | None = None):
+    def __init__(
+        self,
+        cfg: MelCodecConfig,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        codebooks: torch.Tensor,
+        inverse: torch.Tensor | None = None,
+    ):
         self.cfg = cfg
         self.mean, self.std = mean.float(), std.float()  # [n_mels] per-band standardisation of log-mel
         self.codebooks = codebooks.float()  # [K, card, n_mels]
@@ -171,12 +179,14 @@ class MelRVQCodec:
 
     # -- fitting
     @classmethod
-    def fit(cls, waves: Iterable[tuple[np.ndarray, int]], cfg: MelCodecConfig, seed: int = 0,
-            max_frames: int = 400_000) -> "MelRVQCodec":
+    def fit(
+        cls, waves: Iterable[tuple[np.ndarray, int]], cfg: MelCodecConfig, seed: int = 0, max_frames: int = 400_000
+    ) -> MelRVQCodec:
         """Fit standardisation, residual k-means codebooks and the learned inversion on (wave, sr) pairs."""
         gen = torch.Generator().manual_seed(seed)
-        probe = cls(cfg, torch.zeros(cfg.n_mels), torch.ones(cfg.n_mels),
-                    torch.zeros(cfg.n_codebooks, cfg.card, cfg.n_mels))
+        probe = cls(
+            cfg, torch.zeros(cfg.n_mels), torch.ones(cfg.n_mels), torch.zeros(cfg.n_codebooks, cfg.card, cfg.n_mels)
+        )
         logmels, mags = [], []
         for wave, sr in waves:
             x = torch.from_numpy(resample(np.asarray(wave, np.float32), sr, cfg.sample_rate).copy())
@@ -209,8 +219,14 @@ class MelRVQCodec:
 
     # -- persistence
     def identity(self) -> dict:
-        return {"kind": self.kind, "n_codebooks": self.n_codebooks, "card": self.card,
-                "frame_rate": self.frame_rate, "sample_rate": self.sample_rate, "fingerprint": self.fingerprint()}
+        return {
+            "kind": self.kind,
+            "n_codebooks": self.n_codebooks,
+            "card": self.card,
+            "frame_rate": self.frame_rate,
+            "sample_rate": self.sample_rate,
+            "fingerprint": self.fingerprint(),
+        }
 
     def fingerprint(self) -> str:
         h = hashlib.sha256(json.dumps(asdict(self.cfg), sort_keys=True).encode())
@@ -231,7 +247,7 @@ class MelRVQCodec:
         (directory / CODEC_CONFIG).write_text(json.dumps(meta, indent=2))
 
     @classmethod
-    def from_files(cls, directory: Path, meta: dict) -> "MelRVQCodec":
+    def from_files(cls, directory: Path, meta: dict) -> MelRVQCodec:
         from safetensors.torch import load_file
 
         t = load_file(str(directory / CODEC_WEIGHTS))
@@ -267,7 +283,7 @@ class EncodecCodec:
         self._n_codebooks = int(self.model.quantizer.get_num_quantizers_for_bandwidth(self.bandwidth))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, bandwidth: float | None = None) -> "EncodecCodec":
+    def from_pretrained(cls, path: str | Path, bandwidth: float | None = None) -> EncodecCodec:
         from transformers import EncodecModel
 
         path = Path(path)
@@ -307,8 +323,14 @@ class EncodecCodec:
         return audio[0, 0].float().cpu().numpy().astype(np.float32)
 
     def identity(self) -> dict:
-        return {"kind": self.kind, "n_codebooks": self.n_codebooks, "card": self.card,
-                "frame_rate": self.frame_rate, "sample_rate": self.sample_rate, "fingerprint": self.fingerprint()}
+        return {
+            "kind": self.kind,
+            "n_codebooks": self.n_codebooks,
+            "card": self.card,
+            "frame_rate": self.frame_rate,
+            "sample_rate": self.sample_rate,
+            "fingerprint": self.fingerprint(),
+        }
 
     def fingerprint(self) -> str:
         h = hashlib.sha256(self.model.config.to_json_string().encode() + str(self.bandwidth).encode())

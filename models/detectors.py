@@ -18,6 +18,7 @@ Trait carrying: prompts of held-out clips with / without drums are continued by 
 judges the decoded continuation (prompt excluded). As a reference it also judges the codec-decoded *real*
 continuation of the same prompts.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,20 @@ import torch
 
 log = logging.getLogger(__name__)
 
-FEATURES = ["perc_ratio", "perc_ratio_p90", "flatness_mean", "flatness_p90", "onset_mean", "onset_p90",
-            "onset_peakiness", "hi_flux_mean", "hi_flux_p90", "hi_ratio", "lo_flux_p90", "periodicity"]
+FEATURES = [
+    "perc_ratio",
+    "perc_ratio_p90",
+    "flatness_mean",
+    "flatness_p90",
+    "onset_mean",
+    "onset_p90",
+    "onset_peakiness",
+    "hi_flux_mean",
+    "hi_flux_p90",
+    "hi_ratio",
+    "lo_flux_p90",
+    "periodicity",
+]
 
 
 def drum_descriptors(wave: np.ndarray, sr: int) -> np.ndarray:
@@ -45,7 +58,7 @@ def drum_descriptors(wave: np.ndarray, sr: int) -> np.ndarray:
     hop = 256
     S = np.abs(librosa.stft(wave, n_fft=1024, hop_length=hop))
     H, P = librosa.decompose.hpss(S, margin=1.0)
-    he, pe = (H ** 2).sum(0), (P ** 2).sum(0)
+    he, pe = (H**2).sum(0), (P**2).sum(0)
     ratio = pe / (he + pe + 1e-9)
     flat = librosa.feature.spectral_flatness(S=S)[0]
     freqs = librosa.fft_frequencies(sr=sr, n_fft=1024)
@@ -56,18 +69,30 @@ def drum_descriptors(wave: np.ndarray, sr: int) -> np.ndarray:
     hi_flux = flux[hi].mean(0)
     lo_flux = flux[lo].mean(0)
     onset = flux.mean(0)
-    hi_ratio = (S[hi] ** 2).sum() / ((S ** 2).sum() + 1e-9)
+    hi_ratio = (S[hi] ** 2).sum() / ((S**2).sum() + 1e-9)
     # periodicity: highest normalised autocorrelation of the onset envelope between 0.2 s and 1.5 s lags
     o = onset - onset.mean()
-    ac = np.correlate(o, o, mode="full")[len(o) - 1:]
+    ac = np.correlate(o, o, mode="full")[len(o) - 1 :]
     ac = ac / (ac[0] + 1e-9)
     lo_lag, hi_lag = int(0.2 * sr / hop), min(int(1.5 * sr / hop), len(ac) - 1)
     periodicity = float(ac[lo_lag:hi_lag].max()) if hi_lag > lo_lag else 0.0
-    return np.array([
-        ratio.mean(), np.percentile(ratio, 90), np.log(flat.mean() + 1e-9), np.log(np.percentile(flat, 90) + 1e-9),
-        onset.mean(), np.percentile(onset, 90), np.percentile(onset, 95) / (np.median(onset) + 1e-6),
-        hi_flux.mean(), np.percentile(hi_flux, 90), np.log(hi_ratio + 1e-9), np.percentile(lo_flux, 90), periodicity,
-    ], dtype=np.float64)
+    return np.array(
+        [
+            ratio.mean(),
+            np.percentile(ratio, 90),
+            np.log(flat.mean() + 1e-9),
+            np.log(np.percentile(flat, 90) + 1e-9),
+            onset.mean(),
+            np.percentile(onset, 90),
+            np.percentile(onset, 95) / (np.median(onset) + 1e-6),
+            hi_flux.mean(),
+            np.percentile(hi_flux, 90),
+            np.log(hi_ratio + 1e-9),
+            np.percentile(lo_flux, 90),
+            periodicity,
+        ],
+        dtype=np.float64,
+    )
 
 
 class DrumDetector:
@@ -80,7 +105,7 @@ class DrumDetector:
         self.info = info or {}
 
     @classmethod
-    def fit(cls, X: np.ndarray, y: np.ndarray, C: float = 1.0) -> "DrumDetector":
+    def fit(cls, X: np.ndarray, y: np.ndarray, C: float = 1.0) -> DrumDetector:
         from sklearn.linear_model import LogisticRegression
 
         mean, scale = X.mean(0), X.std(0) + 1e-9
@@ -96,13 +121,23 @@ class DrumDetector:
 
     def save(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps({"features": FEATURES, "mean": self.mean.tolist(),
-                                          "scale": self.scale.tolist(), "coef": self.coef.tolist(),
-                                          "intercept": self.intercept, "threshold": self.threshold,
-                                          "info": self.info}, indent=1))
+        Path(path).write_text(
+            json.dumps(
+                {
+                    "features": FEATURES,
+                    "mean": self.mean.tolist(),
+                    "scale": self.scale.tolist(),
+                    "coef": self.coef.tolist(),
+                    "intercept": self.intercept,
+                    "threshold": self.threshold,
+                    "info": self.info,
+                },
+                indent=1,
+            )
+        )
 
     @classmethod
-    def load(cls, path: str | Path) -> "DrumDetector":
+    def load(cls, path: str | Path) -> DrumDetector:
         d = json.loads(Path(path).read_text())
         return cls(d["mean"], d["scale"], d["coef"], d["intercept"], d["threshold"], d.get("info"))
 
@@ -119,7 +154,7 @@ def _segments(tokens, codec, n_frames: int, per_clip: int, gen: np.random.Genera
             continue
         for _ in range(per_clip):
             s = int(gen.integers(0, c.shape[1] - n_frames + 1))
-            out.append((c[:, s:s + n_frames], bool(trait), i))
+            out.append((c[:, s : s + n_frames], bool(trait), i))
     return out
 
 
@@ -157,13 +192,13 @@ def add_token_noise(codes: torch.Tensor, rate: float, frequencies: torch.Tensor,
     return out
 
 
-def fit_drum_detector(tokens_dir, codec, seconds: float, per_clip: int = 2, max_clips: int = 400,
-                      seed: int = 0, token_noise: float = 0.06) -> DrumDetector:
+def fit_drum_detector(
+    tokens_dir, codec, seconds: float, per_clip: int = 2, max_clips: int = 400, seed: int = 0, token_noise: float = 0.06
+) -> DrumDetector:
     """Fit on codec-decoded segments of the train split (each also with `token_noise` of its tokens replaced, see
     the module docstring; 0: clean only); report accuracy on the test split's decoded segments, clean and noisy.
     `tokens_dir`: a token folder, or {"train": tokens, "test": tokens} already in memory (same interface)."""
-    from pipelines.errors import UserError
-
+    from core.errors import UserError
     from models.train import TokenSet
 
     if not 0.0 <= float(token_noise) < 1.0:
@@ -217,15 +252,19 @@ def twin_pairs(tokens, trait: str = "drums") -> list[tuple[int, int]]:
             ti = tokens.meta["traits"][i]
             for j in members:
                 tj = tokens.meta["traits"][j]
-                if ti[trait] and not tj[trait] and {k: v for k, v in ti.items() if k != trait} == \
-                        {k: v for k, v in tj.items() if k != trait}:
+                if (
+                    ti[trait]
+                    and not tj[trait]
+                    and {k: v for k, v in ti.items() if k != trait} == {k: v for k, v in tj.items() if k != trait}
+                ):
                     pairs.append((i, j))
     return pairs
 
 
 @torch.no_grad()
-def prompt_swap_nats(generator, tokens, prompt_n: int, window_n: int, trait: str = "drums",
-                     max_pairs: int = 64) -> dict:
+def prompt_swap_nats(
+    generator, tokens, prompt_n: int, window_n: int, trait: str = "drums", max_pairs: int = 64
+) -> dict:
     """How much the generator's prediction of a continuation depends on the trait in its prompt, with no detector:
     the teacher-forced loss (nats per token, codebook 0 and all) of a clip's first `window_n` continuation frames
     after its twin's prompt (same music, the trait flipped) minus the loss after its own prompt. Near 0: the model
@@ -241,28 +280,38 @@ def prompt_swap_nats(generator, tokens, prompt_n: int, window_n: int, trait: str
 
     def nll(prompt, cont):
         x = torch.cat([prompt, cont], 1)[None]
-        logits = undo_delay(generator(x))[0, :, prompt_n:prompt_n + window_n]
+        logits = undo_delay(generator(x))[0, :, prompt_n : prompt_n + window_n]
         return -F.log_softmax(logits, -1).gather(-1, cont[..., None])[..., 0].mean(1)  # [K]
 
     diffs = []
     for a, b in pairs:
         A, B = tokens.clip(a), tokens.clip(b)
         for own, twin in ((A, B), (B, A)):
-            cont = own[:, prompt_n:prompt_n + window_n]
+            cont = own[:, prompt_n : prompt_n + window_n]
             diffs.append(nll(twin[:, :prompt_n], cont) - nll(own[:, :prompt_n], cont))
     d = torch.stack(diffs)
-    return {"pairs": len(pairs), "window_frames": window_n, "swap_nats_cb0": float(d[:, 0].mean()),
-            "swap_nats": float(d.mean())}
+    return {
+        "pairs": len(pairs),
+        "window_frames": window_n,
+        "swap_nats_cb0": float(d[:, 0].mean()),
+        "swap_nats": float(d.mean()),
+    }
 
 
-def evaluate_trait_carrying(generator_dir: str, tokens_dir: str, clips_dir: str | None, params: dict,
-                            out_path: str | None = None, samples_dir: str | None = None,
-                            detector_path: str | None = None) -> dict:
+def evaluate_trait_carrying(
+    generator_dir: str,
+    tokens_dir: str,
+    clips_dir: str | None,
+    params: dict,
+    out_path: str | None = None,
+    samples_dir: str | None = None,
+    detector_path: str | None = None,
+) -> dict:
     """Continue held-out drum / drum-free prompts and judge the continuations with the independent detector."""
     import soundfile as sf
 
+    from core.errors import UserError
     from models.generator import guidance_scales, load_generator, plausibility_cut, sampling_temperature
-    from pipelines.errors import UserError
     from models.train import TokenSet
 
     seed = int(params.get("seed", 0))
@@ -282,12 +331,21 @@ def evaluate_trait_carrying(generator_dir: str, tokens_dir: str, clips_dir: str 
     det = None
     if detector_path and Path(detector_path).exists():  # reuse a detector fitted for this codec and length
         det = DrumDetector.load(detector_path)
-        if (det.info.get("codec") != codec.fingerprint() or det.info.get("seconds") != new_n / codec.frame_rate
-                or det.info.get("token_noise") != token_noise):
+        if (
+            det.info.get("codec") != codec.fingerprint()
+            or det.info.get("seconds") != new_n / codec.frame_rate
+            or det.info.get("token_noise") != token_noise
+        ):
             det = None
     if det is None:
-        det = fit_drum_detector(tokens_dir, codec, new_n / codec.frame_rate, seed=seed,
-                                max_clips=int(params.get("detector_max_segments", 400)), token_noise=token_noise)
+        det = fit_drum_detector(
+            tokens_dir,
+            codec,
+            new_n / codec.frame_rate,
+            seed=seed,
+            max_clips=int(params.get("detector_max_segments", 400)),
+            token_noise=token_noise,
+        )
     log.info("drum detector: %s (%.0fs)", det.info, time.time() - t0)
     test = TokenSet(tokens_dir, params.get("split", "test"))
     gen = np.random.default_rng(seed)
@@ -314,20 +372,33 @@ def evaluate_trait_carrying(generator_dir: str, tokens_dir: str, clips_dir: str 
             attrs = test.attributes[torch.tensor(idx)] if base_mode == "caption" else None
             for r in range(n_samples):
                 out = generator.generate(
-                    new_n, prompt=prompts, condition=cond, attributes=attrs,
+                    new_n,
+                    prompt=prompts,
+                    condition=cond,
+                    attributes=attrs,
                     temperature=sampling_temperature(params.get("temperature", 1.0)),
-                    top_k=int(params.get("top_k", 0)), top_p=float(params.get("top_p", 0.0)),
+                    top_k=int(params.get("top_k", 0)),
+                    top_p=float(params.get("top_p", 0.0)),
                     cfg_scale=float(params.get("cfg_scale", 3.0)) if base_mode == "caption" else 1.0,
-                    seed=seed + r, prompt_guidance=guidance if guided else 1.0,
-                    plausibility=plausibility if guided else 0.0)
+                    seed=seed + r,
+                    prompt_guidance=guidance if guided else 1.0,
+                    plausibility=plausibility if guided else 0.0,
+                )
                 new = [i for i in idx if i not in p_real]  # real continuations, judged once per clip
                 if new:
-                    real = [test.clip(i)[:, prompt_n:prompt_n + new_n] for i in new]
+                    real = [test.clip(i)[:, prompt_n : prompt_n + new_n] for i in new]
                     p_real.update(zip(new, det.probability_of(_descriptors_of_decoded(codec, real)).tolist()))
                 p_gen = det.probability_of(_descriptors_of_decoded(codec, [c[:, prompt_n:] for c in out])).tolist()
                 for j, i in enumerate(idx):
-                    rows.append({"clip": test.meta["clip_id"][i], "sample": r, "drums": lab, "p_generated": p_gen[j],
-                                 "p_real": p_real[i]})
+                    rows.append(
+                        {
+                            "clip": test.meta["clip_id"][i],
+                            "sample": r,
+                            "drums": lab,
+                            "p_generated": p_gen[j],
+                            "p_real": p_real[i],
+                        }
+                    )
                     if not (samples_dir and r == 0 and j < int(params.get("samples_per_class", 2))):
                         continue
                     Path(samples_dir).mkdir(parents=True, exist_ok=True)
@@ -348,12 +419,16 @@ def evaluate_trait_carrying(generator_dir: str, tokens_dir: str, clips_dir: str 
         results[mode] = {"summary": summary, "rows": rows}
     swap = prompt_swap_nats(generator, test, prompt_n, min(new_n, int(round(codec.frame_rate))))
     log.info("prompt swap (trait memory): %s", swap)
-    report = {"detector": det.info, "prompt_frames": prompt_n, "continuation_frames": new_n,
-              "prompt_guidance": guidance, "prompt_plausibility": plausibility,
-              "generator_fingerprint": generator.fingerprint(),
-              "summary": {"detector": det.info, "prompt_swap": swap,
-                          **{m: r["summary"] for m, r in results.items()}},
-              "results": results}
+    report = {
+        "detector": det.info,
+        "prompt_frames": prompt_n,
+        "continuation_frames": new_n,
+        "prompt_guidance": guidance,
+        "prompt_plausibility": plausibility,
+        "generator_fingerprint": generator.fingerprint(),
+        "summary": {"detector": det.info, "prompt_swap": swap, **{m: r["summary"] for m, r in results.items()}},
+        "results": results,
+    }
     if out_path:
         Path(out_path).parent.mkdir(parents=True, exist_ok=True)
         Path(out_path).write_text(json.dumps(report, indent=1))

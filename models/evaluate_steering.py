@@ -26,22 +26,22 @@ guidance, no audio prompt). Modes per task and direction: none, iti, smitin, smi
 random-direction control (smitin schedule, random unit directions), and smitin with probes trained on 10 and 50
 pairs (the ablation; "all" is the main smitin row).
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
-from models.probes import ProbeSet, capture_head_outputs, encode_clips, load_trait_clips, probe_params, \
-    train_probe_set
+from core.errors import UserError
 from models.generator import sampling_temperature
+from models.probes import ProbeSet, capture_head_outputs, encode_clips, load_trait_clips, probe_params, train_probe_set
 from models.steering import SteeringPlan, steer
-from pipelines.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +88,9 @@ class EmbeddingSpace:
         if len(z) < 3 or resamples < 2:
             return float("nan")
         rng = np.random.default_rng(seed)
-        return float(np.std([frechet_distance(z[rng.integers(0, len(z), len(z))], self.reference)
-                             for _ in range(resamples)]))
+        return float(
+            np.std([frechet_distance(z[rng.integers(0, len(z), len(z))], self.reference) for _ in range(resamples)])
+        )
 
     def frechet_rise_interval(self, x: np.ndarray, base: np.ndarray, level: float = 0.9) -> tuple[float, float]:
         """Paired jackknife interval of the rise `frechet(x) / frechet(base) - 1`, where row i of `x` and of `base`
@@ -133,16 +134,19 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-9)
 
 
-def ablation_probe_sets(trait: str, generator, codec, clips_table: str, probes_section: dict,
-                        n_pairs: list[int]) -> dict[int, ProbeSet]:
+def ablation_probe_sets(
+    trait: str, generator, codec, clips_table: str, probes_section: dict, n_pairs: list[int]
+) -> dict[int, ProbeSet]:
     """Probe sets trained on only n training pairs (valid / tune kept whole), from one activation capture."""
     params, source = probe_params(probes_section, trait)
     seed = int(params.get("seed", 0))
-    clips = load_trait_clips(trait, source, clips_table, params["split_fractions"], seed,
-                             max_clips=params.get("max_clips"))
+    clips = load_trait_clips(
+        trait, source, clips_table, params["split_fractions"], seed, max_clips=params.get("max_clips")
+    )
     window = int(round(float(params["window_seconds"]) * float(codec.frame_rate)))
-    acts = capture_head_outputs(generator, encode_clips(codec, clips, window), params["position"],
-                                int(params["batch_size"]))
+    acts = capture_head_outputs(
+        generator, encode_clips(codec, clips, window), params["position"], int(params["batch_size"])
+    )
     labels = np.array([c.label for c in clips])
     splits = np.array([c.split for c in clips])
     train_keys = sorted({c.key for c in clips if c.split == "train"})
@@ -150,8 +154,14 @@ def ablation_probe_sets(trait: str, generator, codec, clips_table: str, probes_s
     for n in n_pairs:
         keep = set(np.random.default_rng(seed).permutation(train_keys)[:n].tolist())
         mask = np.array([c.split != "train" or c.key in keep for c in clips])
-        ps = train_probe_set(acts[mask], labels[mask], splits[mask], trait, generator.fingerprint(),
-                             {**params, "max_train_pairs": n, "source": source})
+        ps = train_probe_set(
+            acts[mask],
+            labels[mask],
+            splits[mask],
+            trait,
+            generator.fingerprint(),
+            {**params, "max_train_pairs": n, "source": source},
+        )
         out[n] = ps
         log.info("ablation %s n=%d pairs: best acc %.3f", trait, n, ps.metrics["best_acc"])
     return out
@@ -161,11 +171,18 @@ class EncodedClips:
     """A split of the clips table encoded with a codec in memory: the part of `models.train.TokenSet`'s interface that
     the evaluation and the detector use (`len`, `clip(i)`, `meta["traits"]`, `meta["caption"]`)."""
 
-    def __init__(self, clips_table: str, codec, split: str, max_clips: int | None = None, seed: int = 0,
-                 need_trait: str | None = None):
+    def __init__(
+        self,
+        clips_table: str,
+        codec,
+        split: str,
+        max_clips: int | None = None,
+        seed: int = 0,
+        need_trait: str | None = None,
+    ):
+        from core.audio import decode_flac
+        from core.clips_table import traits_dict
         from models.train import read_clips
-        from pipelines.audio import decode_flac
-        from pipelines.schema import traits_dict
 
         rows = read_clips(clips_table, split, ["clip_id", "audio", "traits", "caption"]).to_pylist()
         if need_trait:
@@ -174,14 +191,19 @@ class EncodedClips:
             keep = sorted(np.random.default_rng(seed).permutation(len(rows))[:max_clips].tolist())
             rows = [rows[i] for i in keep]
         if not rows:
-            raise UserError(f"split {split!r} of the clips table at {clips_table} has no clips"
-                            + (f" that name the trait {need_trait!r}" if need_trait else ""))
+            raise UserError(
+                f"split {split!r} of the clips table at {clips_table} has no clips"
+                + (f" that name the trait {need_trait!r}" if need_trait else "")
+            )
         self.codes = []
         for r in rows:
             wave, sr = decode_flac(r["audio"]["bytes"])
             self.codes.append(codec.encode(wave, sr))
-        self.meta = {"clip_id": [r["clip_id"] for r in rows], "traits": [traits_dict(r["traits"]) for r in rows],
-                     "caption": [r["caption"] or "" for r in rows]}
+        self.meta = {
+            "clip_id": [r["clip_id"] for r in rows],
+            "traits": [traits_dict(r["traits"]) for r in rows],
+            "caption": [r["caption"] or "" for r in rows],
+        }
 
     def __len__(self) -> int:
         return len(self.codes)
@@ -201,10 +223,19 @@ def _pick_prompts(tokens, trait: str, per_class: int, min_frames: int, seed: int
     return picked
 
 
-def evaluate_steering(generator_dir: str, probes_dir: str, tokens_dir: str, clips_table: str | None, params: dict,
-                      probes_section: dict | None = None, out_json: str | None = None,
-                      table_path: str | None = None, report_dir: str | None = None,
-                      progress: Callable[[str], None] | None = None, generator_section: dict | None = None) -> dict:
+def evaluate_steering(
+    generator_dir: str,
+    probes_dir: str,
+    tokens_dir: str,
+    clips_table: str | None,
+    params: dict,
+    probes_section: dict | None = None,
+    out_json: str | None = None,
+    table_path: str | None = None,
+    report_dir: str | None = None,
+    progress: Callable[[str], None] | None = None,
+    generator_section: dict | None = None,
+) -> dict:
     """Run the whole evaluation; returns {"metrics": nested numbers (DVC / MLflow), "rows": [...], ...}.
     `generator_section`: the params `generator` section (see `models.musicgen.backend_section`); None or backend
     builtin evaluates the builtin generator in `generator_dir`."""
@@ -229,9 +260,11 @@ def evaluate_steering(generator_dir: str, probes_dir: str, tokens_dir: str, clip
     prompt_n = int(round(float(params.get("prompt_seconds", 2.0)) * fps))
     new_n = int(round(float(params.get("continuation_seconds", 3.0)) * fps))
     per_class = int(params.get("prompts_per_class", 16))
-    sampling = dict(temperature=sampling_temperature(params.get("temperature", 1.0)),
-                    top_k=int(params.get("top_k", 0)),
-                    top_p=float(params.get("top_p", 0.0)))
+    sampling = dict(
+        temperature=sampling_temperature(params.get("temperature", 1.0)),
+        top_k=int(params.get("top_k", 0)),
+        top_p=float(params.get("top_p", 0.0)),
+    )
     steering = {k: params[k] for k in ("every", "decay", "tau", "monitor_heads") if params.get(k) is not None}
 
     traits = [t for t in params.get("traits", ["drums"]) if t in DETECTABLE]
@@ -245,15 +278,25 @@ def evaluate_steering(generator_dir: str, probes_dir: str, tokens_dir: str, clip
     split = params.get("split", "test")
     max_segments = int(params.get("detector_max_segments", 400))
     if musicgen:  # the token files hold the builtin codec's codes: encode the clips with MusicGen's EnCodec
-        encoded = {s: EncodedClips(clips_table, codec, s, max_segments, seed, need_trait="drums")
-                   for s in dict.fromkeys(("train", "test", split))}
-        say(f"encoded {', '.join(f'{len(v)} {k}' for k, v in encoded.items())} clips with MusicGen's codec "
-            f"({time.time() - t0:.0f}s)")
+        encoded = {
+            s: EncodedClips(clips_table, codec, s, max_segments, seed, need_trait="drums")
+            for s in dict.fromkeys(("train", "test", split))
+        }
+        say(
+            f"encoded {', '.join(f'{len(v)} {k}' for k, v in encoded.items())} clips with MusicGen's codec "
+            f"({time.time() - t0:.0f}s)"
+        )
         detector_data, tokens = {"train": encoded["train"], "test": encoded["test"]}, encoded[split]
     else:
         detector_data, tokens = tokens_dir, None
-    detector = fit_drum_detector(detector_data, codec, new_n / fps, seed=seed, max_clips=max_segments,
-                                 token_noise=float(params.get("detector_token_noise", 0.06)))
+    detector = fit_drum_detector(
+        detector_data,
+        codec,
+        new_n / fps,
+        seed=seed,
+        max_clips=max_segments,
+        token_noise=float(params.get("detector_token_noise", 0.06)),
+    )
     say(f"detector (independent of the probes): {detector.info} ({time.time() - t0:.0f}s)")
     tokens = tokens if tokens is not None else TokenSet(tokens_dir, split)
 
@@ -268,22 +311,32 @@ def evaluate_steering(generator_dir: str, probes_dir: str, tokens_dir: str, clip
         if n_pairs and clips_table and probes_section:
             ablation = ablation_probe_sets(trait, generator, codec, clips_table, probes_section, n_pairs)
             for n, ps in ablation.items():
-                say(f"{trait}: probes on {n} training pairs: best head acc {ps.metrics['best_acc']:.3f}, "
-                    f"top-16 {ps.metrics['top16_acc']:.3f}")
+                say(
+                    f"{trait}: probes on {n} training pairs: best head acc {ps.metrics['best_acc']:.3f}, "
+                    f"top-16 {ps.metrics['top16_acc']:.3f}"
+                )
         picked = _pick_prompts(tokens, trait, per_class, prompt_n + new_n, seed)
         if not picked[True] or not picked[False]:
             raise UserError(f"{trait}: the {params.get('split', 'test')} tokens need clips with and without it")
         # reference: decoded real continuations of the same prompts (both classes)
-        ref_waves = {lab: [codec.decode(tokens.clip(i)[:, prompt_n:prompt_n + new_n]) for i in idx]
-                     for lab, idx in picked.items()}
+        ref_waves = {
+            lab: [codec.decode(tokens.clip(i)[:, prompt_n : prompt_n + new_n]) for i in idx]
+            for lab, idx in picked.items()
+        }
         reference = np.stack([audio_embedding(w, sr) for lab in (True, False) for w in ref_waves[lab]])
         space = EmbeddingSpace(reference, int(params.get("embedding_dims", 16)))
-        prompt_emb = {lab: np.stack([audio_embedding(codec.decode(tokens.clip(i)[:, :prompt_n]), sr) for i in idx])
-                      for lab, idx in picked.items()}
-        real_judged = {lab: float(np.mean([detector.probability(w, sr) >= detector.threshold for w in ws]))
-                       for lab, ws in ref_waves.items()}
+        prompt_emb = {
+            lab: np.stack([audio_embedding(codec.decode(tokens.clip(i)[:, :prompt_n]), sr) for i in idx])
+            for lab, idx in picked.items()
+        }
+        real_judged = {
+            lab: float(np.mean([detector.probability(w, sr) >= detector.threshold for w in ws]))
+            for lab, ws in ref_waves.items()
+        }
         metrics.setdefault(trait, {})["real_continuation_judged_present"] = {
-            "with_trait": real_judged[True], "without_trait": real_judged[False]}
+            "with_trait": real_judged[True],
+            "without_trait": real_judged[False],
+        }
         metrics[trait]["probe_best_acc"] = main.metrics.get("best_acc")
         metrics[trait]["probe_top16_acc"] = main.metrics.get("top16_acc")
         for n, ps in ablation.items():
@@ -295,11 +348,13 @@ def evaluate_steering(generator_dir: str, probes_dir: str, tokens_dir: str, clip
             alpha = float(params.get("alpha_text" if task == "text" else "alpha", 10.0))
             alpha_high = float(params.get("alpha_high_text" if task == "text" else "alpha_high", 2 * alpha))
             iti_alpha = float(params.get("iti_alpha", alpha))
-            modes = [("none", main, dict(mode="none"), 1.0),
-                     ("iti", main, dict(mode="iti", top_k=int(params.get("iti_top_k", 16))), iti_alpha),
-                     ("smitin", main, dict(mode="smitin", **steering), alpha),
-                     (f"smitin_x{alpha_high / alpha:g}", main, dict(mode="smitin", **steering), alpha_high),
-                     ("random_control", main, dict(mode="smitin", direction="random", **steering), alpha)]
+            modes = [
+                ("none", main, dict(mode="none"), 1.0),
+                ("iti", main, dict(mode="iti", top_k=int(params.get("iti_top_k", 16))), iti_alpha),
+                ("smitin", main, dict(mode="smitin", **steering), alpha),
+                (f"smitin_x{alpha_high / alpha:g}", main, dict(mode="smitin", **steering), alpha_high),
+                ("random_control", main, dict(mode="smitin", direction="random", **steering), alpha),
+            ]
             modes += [(f"smitin_{n}pairs", ps, dict(mode="smitin", **steering), alpha) for n, ps in ablation.items()]
             for direction, lab in (("add", False), ("remove", True)):
                 idx = picked[lab]
@@ -310,38 +365,52 @@ def evaluate_steering(generator_dir: str, probes_dir: str, tokens_dir: str, clip
                     if task == "continuation":
                         kwargs = dict(prompt=torch.stack([tokens.clip(i)[:, :prompt_n] for i in idx]))
                     elif musicgen:  # captions through MusicGen's own T5 encoder
-                        kwargs = dict(condition=[tokens.meta["caption"][i] for i in idx],
-                                      cfg_scale=float(params.get("cfg_scale", 3.0)))
+                        kwargs = dict(
+                            condition=[tokens.meta["caption"][i] for i in idx],
+                            cfg_scale=float(params.get("cfg_scale", 3.0)),
+                        )
                     else:
                         sel = torch.tensor(idx)
-                        kwargs = dict(condition=tokens.condition[sel], attributes=tokens.attributes[sel],
-                                      cfg_scale=float(params.get("cfg_scale", 3.0)))
+                        kwargs = dict(
+                            condition=tokens.condition[sel],
+                            attributes=tokens.attributes[sel],
+                            cfg_scale=float(params.get("cfg_scale", 3.0)),
+                        )
                     with steer(generator, plan, fingerprint) as session:
                         out = generator.generate(new_n, seed=seed, **kwargs, **sampling)
                     report = session.report()
                     start = prompt_n if task == "continuation" else 0
-                    waves = [codec.decode(out[j, :, start:start + new_n]) for j in range(len(idx))]
+                    waves = [codec.decode(out[j, :, start : start + new_n]) for j in range(len(idx))]
                     judged = np.array([detector.probability(w, sr) for w in waves])
                     emb = np.stack([audio_embedding(w, sr) for w in waves])
-                    row = {"trait": trait, "task": task, "direction": direction, "mode": name,
-                           "strength": sign * strength if name != "none" else 0.0, "n": len(idx),
-                           # smitin's push interval goes with its numbers (the registry gates compare like with like)
-                           **({"every": plan.params.every} if plan.params.mode == "smitin" else {}),
-                           "judged_present": float(np.mean(judged >= detector.threshold)),
-                           "mean_detector_p": float(judged.mean()),
-                           "frechet": space.frechet(emb),
-                           "frechet_sd": space.frechet_sd(emb, seed=seed),
-                           "mean_probe_p": float(np.mean([s["traits"][trait]["probability"] for s in report.steps])),
-                           "push_steps": float(np.mean(report.summary()[trait]["push_steps"])),
-                           "steps": len(report.steps), "seconds": round(time.time() - t1, 1)}
+                    row = {
+                        "trait": trait,
+                        "task": task,
+                        "direction": direction,
+                        "mode": name,
+                        "strength": sign * strength if name != "none" else 0.0,
+                        "n": len(idx),
+                        # smitin's push interval goes with its numbers (the registry gates compare like with like)
+                        **({"every": plan.params.every} if plan.params.mode == "smitin" else {}),
+                        "judged_present": float(np.mean(judged >= detector.threshold)),
+                        "mean_detector_p": float(judged.mean()),
+                        "frechet": space.frechet(emb),
+                        "frechet_sd": space.frechet_sd(emb, seed=seed),
+                        "mean_probe_p": float(np.mean([s["traits"][trait]["probability"] for s in report.steps])),
+                        "push_steps": float(np.mean(report.summary()[trait]["push_steps"])),
+                        "steps": len(report.steps),
+                        "seconds": round(time.time() - t1, 1),
+                    }
                     if task == "continuation":
                         sims = _cosine(space.standardise(prompt_emb[lab]), space.standardise(emb))
                         row["continuation_similarity"] = float(sims.mean())
                     embeddings.append((emb, space))
                     rows.append(row)
                     reports[f"{trait}/{task}/{direction}/{name}"] = report
-                    say(f"{trait} {task} {direction} {name}: present {row['judged_present']:.2f}, "
-                        f"FD {row['frechet']:.2f}, probe p {row['mean_probe_p']:.2f} ({row['seconds']}s)")
+                    say(
+                        f"{trait} {task} {direction} {name}: present {row['judged_present']:.2f}, "
+                        f"FD {row['frechet']:.2f}, probe p {row['mean_probe_p']:.2f} ({row['seconds']}s)"
+                    )
 
     # relative numbers against the unsteered row of the same (trait, task, direction)
     base = {(r["trait"], r["task"], r["direction"]): i for i, r in enumerate(rows) if r["mode"] == "none"}
@@ -359,15 +428,34 @@ def evaluate_steering(generator_dir: str, probes_dir: str, tokens_dir: str, clip
             r["removal_cut"] = (1 - r["judged_present"] / b["judged_present"]) if b["judged_present"] > 0 else None
         node = metrics.setdefault(r["trait"], {}).setdefault(r["task"], {}).setdefault(r["direction"], {})
         # strength and push interval go with the numbers: the registry gates compare success only at equal settings
-        node[r["mode"]] = {k: r[k] for k in ("success", "judged_present", "frechet", "frechet_sd", "frechet_rise",
-                                             "frechet_rise_lo", "frechet_rise_hi", "continuation_similarity",
-                                             "removal_cut", "mean_probe_p", "strength", "every")
-                           if r.get(k) is not None and np.isfinite(r[k])}  # e.g. no FD spread under 3 clips
-    result = {"metrics": metrics, "rows": rows, "generator_fingerprint": fingerprint,
-              "generator": generator.describe() if hasattr(generator, "describe") else {"backend": "builtin"},
-              "embedding": "mean+std of 64 log-mel bands, standardised, PCA to "
-                           f"{params.get('embedding_dims', 16)} dims fitted on decoded real continuations",
-              "detector": detector.info, "params": params}
+        node[r["mode"]] = {
+            k: r[k]
+            for k in (
+                "success",
+                "judged_present",
+                "frechet",
+                "frechet_sd",
+                "frechet_rise",
+                "frechet_rise_lo",
+                "frechet_rise_hi",
+                "continuation_similarity",
+                "removal_cut",
+                "mean_probe_p",
+                "strength",
+                "every",
+            )
+            if r.get(k) is not None and np.isfinite(r[k])
+        }  # e.g. no FD spread under 3 clips
+    result = {
+        "metrics": metrics,
+        "rows": rows,
+        "generator_fingerprint": fingerprint,
+        "generator": generator.describe() if hasattr(generator, "describe") else {"backend": "builtin"},
+        "embedding": "mean+std of 64 log-mel bands, standardised, PCA to "
+        f"{params.get('embedding_dims', 16)} dims fitted on decoded real continuations",
+        "detector": detector.info,
+        "params": params,
+    }
     if out_json:
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)
         Path(out_json).write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
@@ -387,16 +475,20 @@ def evaluate_steering(generator_dir: str, probes_dir: str, tokens_dir: str, clip
 
 def format_table(rows: list[dict]) -> str:
     """Markdown table of the evaluation rows."""
-    head = ("| trait | task | direction | mode | strength | n | success | judged present | FD (± bootstrap sd) "
-            "| FD rise (paired 90% interval) | cont. sim | mean probe p | push steps |")
+    head = (
+        "| trait | task | direction | mode | strength | n | success | judged present | FD (± bootstrap sd) "
+        "| FD rise (paired 90% interval) | cont. sim | mean probe p | push steps |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         sim = r.get("continuation_similarity")
         sd = f" ± {r['frechet_sd']:.1f}" if np.isfinite(r.get("frechet_sd", float("nan"))) else ""
         lo, hi = r.get("frechet_rise_lo", float("nan")), r.get("frechet_rise_hi", float("nan"))
         interval = f" ({lo:+.0%} to {hi:+.0%})" if np.isfinite(lo) and np.isfinite(hi) else ""
-        lines.append(f"| {r['trait']} | {r['task']} | {r['direction']} | {r['mode']} | {r['strength']:+g} | {r['n']} "
-                     f"| {r.get('success', float('nan')):.2f} | {r['judged_present']:.2f} | {r['frechet']:.2f}{sd} "
-                     f"| {r.get('frechet_rise', float('nan')):+.0%}{interval} | {'' if sim is None else f'{sim:.3f}'} "
-                     f"| {r['mean_probe_p']:.2f} | {r['push_steps']:.1f} |")
+        lines.append(
+            f"| {r['trait']} | {r['task']} | {r['direction']} | {r['mode']} | {r['strength']:+g} | {r['n']} "
+            f"| {r.get('success', float('nan')):.2f} | {r['judged_present']:.2f} | {r['frechet']:.2f}{sd} "
+            f"| {r.get('frechet_rise', float('nan')):+.0%}{interval} | {'' if sim is None else f'{sim:.3f}'} "
+            f"| {r['mean_probe_p']:.2f} | {r['push_steps']:.1f} |"
+        )
     return "\n".join(lines) + "\n"

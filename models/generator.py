@@ -16,21 +16,22 @@ position are summed; K linear heads read the last hidden state. Positions are ro
 only needs its absolute position and continuing past the training window degrades gracefully instead of indexing
 an untrained embedding.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipelines.errors import UserError
+from core.errors import UserError
 
 
 class GeneratorError(UserError):
@@ -54,15 +55,14 @@ class GeneratorConfig:
     rope_base: float = 10000.0
 
     @classmethod
-    def debug(cls, **overrides) -> "GeneratorConfig":
+    def debug(cls, **overrides) -> GeneratorConfig:
         """Tiny model for tests and CI-sized pipeline runs (trains and generates in seconds on a CPU)."""
-        base = dict(n_codebooks=4, card=32, dim=32, n_layers=2, n_heads=4, max_frames=128, dropout=0.0,
-                    cond_dim=384)
+        base = dict(n_codebooks=4, card=32, dim=32, n_layers=2, n_heads=4, max_frames=128, dropout=0.0, cond_dim=384)
         base.update(overrides)
         return cls(**base)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GeneratorConfig":
+    def from_dict(cls, d: dict) -> GeneratorConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -97,7 +97,7 @@ def apply_delay(codes: torch.Tensor, special: int) -> torch.Tensor:
     B, K, T = codes.shape
     out = codes.new_full((B, K, T + K - 1), special)
     for k in range(K):
-        out[:, k, k:k + T] = codes[:, k]
+        out[:, k, k : k + T] = codes[:, k]
     return out
 
 
@@ -105,7 +105,7 @@ def undo_delay(delayed: torch.Tensor) -> torch.Tensor:
     """Inverse of `apply_delay`: [B, K, S] -> [B, K, S - K + 1] (works on logits [B, K, S, V] too)."""
     K, S = delayed.shape[1], delayed.shape[2]
     T = S - K + 1
-    return torch.stack([delayed[:, k, k:k + T] for k in range(K)], dim=1)
+    return torch.stack([delayed[:, k, k : k + T] for k in range(K)], dim=1)
 
 
 # ------------------------------------------------------------------------------------------------------ layers
@@ -145,8 +145,9 @@ class CausalSelfAttention(nn.Module):
         # the projection. None: plain `out_proj`.
         self.steering = None
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: dict | None = None,
-                visible: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, cache: dict | None = None, visible: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """`visible` [B, >= keys] (bool, by absolute position): keys a row may attend to, on top of causality;
         None: all (training, plain generation)."""
         B, T, _ = x.shape
@@ -161,9 +162,8 @@ class CausalSelfAttention(nn.Module):
         past = k.shape[2] - T
         mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=past)
         if visible is not None:
-            mask = mask[None, None] & visible[:, None, None, :k.shape[2]]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           dropout_p=self.dropout if self.training else 0.0)
+            mask = mask[None, None] & visible[:, None, None, : k.shape[2]]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         heads = self.head_out(y.transpose(1, 2))  # (B, T, H, Dh): the per-head output, hookable
         if self.steering is not None:
             return self.steering(heads)
@@ -259,16 +259,18 @@ class Generator(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # -- building blocks of forward
-    def _prefix(self, condition: torch.Tensor | None, attributes: torch.Tensor | None, B: int,
-                drop: torch.Tensor | None = None) -> torch.Tensor:
+    def _prefix(
+        self, condition: torch.Tensor | None, attributes: torch.Tensor | None, B: int, drop: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """[B, n_prefix, dim]: caption token (null when `condition` is None or dropped) + attribute tokens."""
         null = self.null_cond.expand(B, -1)
         if condition is None:
             cond = null
         else:
             if condition.shape != (B, self.cfg.cond_dim):
-                raise GeneratorError(f"condition must be [{B}, {self.cfg.cond_dim}] caption embeddings, "
-                                     f"got {list(condition.shape)}")
+                raise GeneratorError(
+                    f"condition must be [{B}, {self.cfg.cond_dim}] caption embeddings, got {list(condition.shape)}"
+                )
             cond = self.cond_proj(condition.to(null.dtype))
             if drop is not None:
                 cond = torch.where(drop[:, None], null, cond)
@@ -288,11 +290,19 @@ class Generator(nn.Module):
             raise GeneratorError(f"codes must be [B, {self.cfg.n_codebooks}, T], got {list(tokens.shape)}")
         top = self.cfg.card + (1 if allow_special else 0)
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= top):
-            raise GeneratorError(f"codes out of vocabulary: values must be in [0, {self.cfg.card}), "
-                                 f"got [{int(tokens.min())}, {int(tokens.max())}]")
+            raise GeneratorError(
+                f"codes out of vocabulary: values must be in [0, {self.cfg.card}), "
+                f"got [{int(tokens.min())}, {int(tokens.max())}]"
+            )
 
-    def forward_tokens(self, inputs: torch.Tensor, prefix: torch.Tensor | None, caches: list[dict] | None = None,
-                       start: int = 0, visible: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_tokens(
+        self,
+        inputs: torch.Tensor,
+        prefix: torch.Tensor | None,
+        caches: list[dict] | None = None,
+        start: int = 0,
+        visible: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Run the transformer on delayed-stream input tokens [B, K, S] (preceded by `prefix` [B, P, dim] when it is
         given, i.e. on the first call) at absolute positions `start`...; returns logits [B, K, S, card] for the
         token positions (prefix positions produce no logits). `visible`: see CausalSelfAttention.forward."""
@@ -303,11 +313,16 @@ class Generator(nn.Module):
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, positions, caches[i] if caches is not None else None, visible)
-        x = self.ln_f(x[:, x.shape[1] - inputs.shape[2]:])
+        x = self.ln_f(x[:, x.shape[1] - inputs.shape[2] :])
         return torch.stack([head(x) for head in self.heads], dim=1)
 
-    def forward(self, codes: torch.Tensor, condition: torch.Tensor | None = None,
-                attributes: torch.Tensor | None = None, cond_drop: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        codes: torch.Tensor,
+        condition: torch.Tensor | None = None,
+        attributes: torch.Tensor | None = None,
+        cond_drop: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Teacher-forced pass over un-delayed codec codes [B, K, T] (what probes capture, unconditioned when
         `condition` is None). The delay pattern is applied inside: the input is [BOS, delayed[:-1]], so the
         returned logits [B, K, T + K - 1, card] at delayed position s predict `apply_delay(codes)[:, :, s]`
@@ -323,8 +338,9 @@ class Generator(nn.Module):
         inputs = torch.cat([bos, delayed[:, :, :-1]], dim=2)
         return self.forward_tokens(inputs, self._prefix(condition, attributes, B, cond_drop))
 
-    def loss(self, codes: torch.Tensor, condition: torch.Tensor | None = None,
-             attributes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(
+        self, codes: torch.Tensor, condition: torch.Tensor | None = None, attributes: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy of the delayed targets (delay pads ignored), with condition dropout when training.
         Returns (mean loss, per-codebook losses [K])."""
         B = codes.shape[0]
@@ -333,18 +349,33 @@ class Generator(nn.Module):
             drop = torch.rand(B, device=codes.device) < self.cfg.cond_dropout
         logits = self(codes, condition, attributes, drop)
         targets = apply_delay(codes, -100)  # -100: ignored by cross_entropy
-        per_cb = torch.stack([F.cross_entropy(logits[:, k].reshape(-1, self.cfg.card), targets[:, k].reshape(-1))
-                              for k in range(self.cfg.n_codebooks)])
+        per_cb = torch.stack(
+            [
+                F.cross_entropy(logits[:, k].reshape(-1, self.cfg.card), targets[:, k].reshape(-1))
+                for k in range(self.cfg.n_codebooks)
+            ]
+        )
         return per_cb.mean(), per_cb.detach()
 
     # -- generation
     @torch.no_grad()
-    def generate(self, n_frames: int, prompt: torch.Tensor | None = None, condition: torch.Tensor | None = None,
-                 attributes: torch.Tensor | None = None, batch_size: int = 1,
-                 temperature: float | Sequence[float] = 1.0, top_k: int = 0, top_p: float = 0.0,
-                 cfg_scale: float = 1.0, seed: int | None = None, use_cache: bool = True,
-                 on_step: Callable[[int], None] | None = None,
-                 prompt_guidance: float | Sequence[float] | str = 1.0, plausibility: float = 0.0) -> torch.Tensor:
+    def generate(
+        self,
+        n_frames: int,
+        prompt: torch.Tensor | None = None,
+        condition: torch.Tensor | None = None,
+        attributes: torch.Tensor | None = None,
+        batch_size: int = 1,
+        temperature: float | Sequence[float] = 1.0,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        cfg_scale: float = 1.0,
+        seed: int | None = None,
+        use_cache: bool = True,
+        on_step: Callable[[int], None] | None = None,
+        prompt_guidance: float | Sequence[float] | str = 1.0,
+        plausibility: float = 0.0,
+    ) -> torch.Tensor:
         """Sample `n_frames` codec frames after an optional `prompt` [B, K, Tp]; returns [B, K, Tp + n_frames]
         un-delayed codes (prompt included).
 
@@ -392,8 +423,10 @@ class Generator(nn.Module):
         cut = plausibility_cut(plausibility)
         log_cut = math.log(cut) if cut > 0 else None  # masks tokens below max log-probability + log_cut
         if S > cfg.max_frames:
-            raise GeneratorError(f"prompt ({Tp} frames) + {n_frames} new frames + {K - 1} delay steps exceed the "
-                                 f"context of {cfg.max_frames} positions")
+            raise GeneratorError(
+                f"prompt ({Tp} frames) + {n_frames} new frames + {K - 1} delay steps exceed the "
+                f"context of {cfg.max_frames} positions"
+            )
         gen = torch.Generator(device="cpu")
         gen.manual_seed(seed if seed is not None else torch.seed())
 
@@ -415,7 +448,7 @@ class Generator(nn.Module):
             prefix = torch.cat([prefix, cond_prefix], dim=0)
             # the prompt-free rows see the prefix and the continuation only: BOS and prompt inputs hidden
             visible = torch.ones(prefix.shape[0], self.n_prefix + S + 1, dtype=torch.bool, device=device)
-            visible[-B:, self.n_prefix:self.n_prefix + Tp] = False
+            visible[-B:, self.n_prefix : self.n_prefix + Tp] = False
         self.batch_layout = {"cfg": use_cfg or use_pg, "n_cond": B}
         groups = 1 + use_cfg + use_pg
 
@@ -434,16 +467,17 @@ class Generator(nn.Module):
         for step, s in enumerate(range(Tp, S)):
             if use_cache:
                 if step == 0:
-                    logits = self.forward_tokens(rows(stream[:, :, :s + 1], True), prefix, caches, 0, visible)
+                    logits = self.forward_tokens(rows(stream[:, :, : s + 1], True), prefix, caches, 0, visible)
                 else:
-                    logits = self.forward_tokens(rows(stream[:, :, s:s + 1], False), None, caches,
-                                                 self.n_prefix + s, visible)
+                    logits = self.forward_tokens(
+                        rows(stream[:, :, s : s + 1], False), None, caches, self.n_prefix + s, visible
+                    )
             else:
-                logits = self.forward_tokens(rows(stream[:, :, :s + 1], True), prefix, None, 0, visible)
+                logits = self.forward_tokens(rows(stream[:, :, : s + 1], True), prefix, None, 0, visible)
             logits = logits[:, :, -1].float()  # [rows, K, card]
             free = logits[-B:] if use_pg else None
             if use_cfg:
-                cond, uncond = logits[:B], logits[B:2 * B]
+                cond, uncond = logits[:B], logits[B : 2 * B]
                 logits = uncond + cfg_scale * (cond - uncond)
             else:
                 logits = logits[:B]
@@ -465,6 +499,7 @@ class Generator(nn.Module):
 def _per_codebook(value, what: str, n_codebooks: int | None, low: float) -> float | tuple[float, ...]:
     """A number, a list of numbers or a string "1.0" / "1.0,0.7,0.7,0.7" (one per codebook, coarse first), each
     finite and >= `low`. Raises GeneratorError on anything else."""
+
     def number(v) -> bool:
         return isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, (bool, np.bool_))
 
@@ -472,7 +507,9 @@ def _per_codebook(value, what: str, n_codebooks: int | None, low: float) -> floa
         try:
             value = [float(p) for p in value.replace(" ", "").split(",") if p]
         except ValueError:
-            raise GeneratorError(f"{what} must be a number or a comma-separated list of numbers, got {value!r}")
+            raise GeneratorError(
+                f"{what} must be a number or a comma-separated list of numbers, got {value!r}"
+            ) from None
     if isinstance(value, (list, tuple)) and len(value) == 1:
         value = value[0]  # [0.7] from YAML is one value, as "0.7" is
     if number(value):
@@ -502,7 +539,9 @@ def plausibility_cut(value) -> float:
     """A plausibility constraint as given by a user (a number, or a string from the command line) in [0, 1);
     0 = off. Raises GeneratorError on anything else."""
     try:
-        cut = float(value) if isinstance(value, (int, float, str, np.floating)) and not isinstance(value, bool) else None
+        cut = (
+            float(value) if isinstance(value, (int, float, str, np.floating)) and not isinstance(value, bool) else None
+        )
     except ValueError:
         cut = None
     if cut is None or not 0.0 <= cut < 1.0:
@@ -553,16 +592,17 @@ def save_generator(generator: Generator, codec, directory: str | Path) -> Path:
     state = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
     save_file(state, str(directory / GENERATOR_WEIGHTS))
     codec.save(directory)
-    meta = {"config": asdict(generator.cfg), "fingerprint": generator.fingerprint(),
-            "codec": codec.identity()}
+    meta = {"config": asdict(generator.cfg), "fingerprint": generator.fingerprint(), "codec": codec.identity()}
     (directory / GENERATOR_CONFIG).write_text(json.dumps(meta, indent=2))
     return directory
 
 
 def check_compatible(cfg: GeneratorConfig, codec) -> None:
     if codec.n_codebooks != cfg.n_codebooks or codec.card != cfg.card:
-        raise GeneratorError(f"codec ({codec.n_codebooks} codebooks x {codec.card}) does not match the generator "
-                             f"({cfg.n_codebooks} x {cfg.card})")
+        raise GeneratorError(
+            f"codec ({codec.n_codebooks} codebooks x {codec.card}) does not match the generator "
+            f"({cfg.n_codebooks} x {cfg.card})"
+        )
 
 
 def load_generator(directory: str | Path, map_location: str = "cpu") -> tuple[Generator, object]:
@@ -590,16 +630,24 @@ def load_generator(directory: str | Path, map_location: str = "cpu") -> tuple[Ge
     check_compatible(cfg, codec)
     recorded = meta.get("codec", {}).get("fingerprint")
     if recorded and recorded != codec.fingerprint():
-        raise GeneratorError(f"the codec in {directory} is not the one this generator was trained with "
-                             f"(fingerprint {codec.fingerprint()[:12]} != {recorded[:12]})")
+        raise GeneratorError(
+            f"the codec in {directory} is not the one this generator was trained with "
+            f"(fingerprint {codec.fingerprint()[:12]} != {recorded[:12]})"
+        )
     if meta.get("fingerprint") and meta["fingerprint"] != generator.fingerprint():
         raise GeneratorError(f"generator weights in {directory} do not match the recorded fingerprint")
     return generator, codec
 
 
-def count_params_str(n: int) -> str:
-    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
-
-
-__all__ = ["GeneratorConfig", "Generator", "CausalSelfAttention", "HeadOutput", "apply_delay", "undo_delay",
-           "attribute_ids", "save_generator", "load_generator", "GeneratorError"]
+__all__ = [
+    "GeneratorConfig",
+    "Generator",
+    "CausalSelfAttention",
+    "HeadOutput",
+    "apply_delay",
+    "undo_delay",
+    "attribute_ids",
+    "save_generator",
+    "load_generator",
+    "GeneratorError",
+]

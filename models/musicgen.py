@@ -34,22 +34,24 @@ forward is the BOS column alone (T == 1) is not mistaken for a continuation of t
 nothing is downloaded. It loads in float32 and fingerprints the checkpoint before casting to `dtype` / moving to
 `device`, so a probe set trained on a GPU in float16 fits the same weights loaded on a CPU in float32.
 `describe()` is what a probe set records about its generator (backend, local folder, fingerprint, shape) and what the
-registry tags a MusicGen probe set with; the weights themselves are referenced by path, not registered. The codec is the model's own EnCodec (`models.codec.EncodecCodec` at the bandwidth that gives
-the decoder's codebook count); the text condition goes through the model's own T5 encoder (captions need the
-tokenizer files in the folder, or pass token ids). `debug_musicgen()` builds a tiny random model for tests.
+registry tags a MusicGen probe set with; the weights themselves are referenced by path, not registered. The codec
+is the model's own EnCodec (`models.codec.EncodecCodec` at the bandwidth that gives the decoder's codebook count);
+the text condition goes through the model's own T5 encoder (captions need the tokenizer files in the folder, or pass
+token ids). `debug_musicgen()` builds a tiny random model for tests.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 import torch
 import torch.nn as nn
 
-from pipelines.errors import UserError
+from core.errors import UserError
 
 
 class MusicGenError(UserError):
@@ -58,9 +60,21 @@ class MusicGenError(UserError):
 
 # config keys that describe the runtime or the file, not the network: left out of the fingerprint
 # (save_pretrained fills in "architectures", which would change a fingerprint by saving)
-_RUNTIME_KEYS = {"transformers_version", "architectures", "_name_or_path", "_commit_hash", "dtype", "torch_dtype", "use_cache",
-                 "_attn_implementation", "_attn_implementation_autoset", "attn_implementation",
-                 "output_attentions", "output_hidden_states", "return_dict"}
+_RUNTIME_KEYS = {
+    "transformers_version",
+    "architectures",
+    "_name_or_path",
+    "_commit_hash",
+    "dtype",
+    "torch_dtype",
+    "use_cache",
+    "_attn_implementation",
+    "_attn_implementation_autoset",
+    "attn_implementation",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+}
 
 
 def _strip_runtime(d):
@@ -79,7 +93,7 @@ class OutProjHeads:
     the owner lets through (see `MusicGenGenerator`); a tensor returned by the hook replaces the input.
     Returns the handle of the underlying forward pre-hook (`.remove()` removes it)."""
 
-    def __init__(self, owner: "MusicGenGenerator", layer: int, out_proj: nn.Linear):
+    def __init__(self, owner: MusicGenGenerator, layer: int, out_proj: nn.Linear):
         self.owner, self.layer, self.out_proj = owner, layer, out_proj
 
     def register_forward_hook(self, hook: Callable):
@@ -122,8 +136,9 @@ class _StepRecorder:
 class MusicGenGenerator(nn.Module):
     """A MusicGen model behind the generator contract of `models.generator.Generator` (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, tokenizer=None, fingerprint: str | None = None,
-                 source: str | Path | None = None):
+    def __init__(
+        self, model: nn.Module, tokenizer=None, fingerprint: str | None = None, source: str | Path | None = None
+    ):
         """`fingerprint`: the checkpoint's, when computed before a dtype cast (see `load_musicgen`); `source`: the
         local folder the weights came from (recorded in probe sets, never read again by the backend)."""
         super().__init__()
@@ -134,12 +149,15 @@ class MusicGenGenerator(nn.Module):
         elif isinstance(model, MusicgenForCausalLM):
             self.composite, lm = False, model
         else:
-            raise MusicGenError(f"expected a MusicgenForConditionalGeneration or MusicgenForCausalLM, "
-                                f"got {type(model).__name__}")
+            raise MusicGenError(
+                f"expected a MusicgenForConditionalGeneration or MusicgenForCausalLM, got {type(model).__name__}"
+            )
         dcfg = lm.config
         if getattr(dcfg, "audio_channels", 1) != 1:
-            raise MusicGenError("stereo MusicGen checkpoints (audio_channels 2, interleaved codebooks) are not "
-                                "supported; use a mono checkpoint")
+            raise MusicGenError(
+                "stereo MusicGen checkpoints (audio_channels 2, interleaved codebooks) are not "
+                "supported; use a mono checkpoint"
+            )
         self.model, self.lm, self.tokenizer = model.eval(), lm, tokenizer
         self.layers = lm.model.decoder.layers
         self.n_layers = len(self.layers)
@@ -163,7 +181,7 @@ class MusicGenGenerator(nn.Module):
         self.eval()
         self._count_discarded_prefills()  # now, so hooks registered later never see the measuring run
 
-    def train(self, mode: bool = True) -> "MusicGenGenerator":
+    def train(self, mode: bool = True) -> MusicGenGenerator:
         """The backend never trains: always eval mode (dropout off; EnCodec's quantizer would otherwise update its
         codebooks while encoding, changing the weights and the fingerprint)."""
         return super().train(False)
@@ -188,10 +206,18 @@ class MusicGenGenerator(nn.Module):
     def describe(self) -> dict:
         """What a probe set records about the generator it was trained on (JSON-able, small)."""
         cfg = self.lm.config
-        return {"backend": "musicgen", "path": self.source, "fingerprint": self.fingerprint(),
-                "model_type": "musicgen" if self.composite else "musicgen_decoder",
-                "n_layers": self.n_layers, "n_heads": self.n_heads, "head_dim": self.head_dim,
-                "n_codebooks": self.n_codebooks, "card": self.card, "hidden_size": int(cfg.hidden_size)}
+        return {
+            "backend": "musicgen",
+            "path": self.source,
+            "fingerprint": self.fingerprint(),
+            "model_type": "musicgen" if self.composite else "musicgen_decoder",
+            "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
+            "head_dim": self.head_dim,
+            "n_codebooks": self.n_codebooks,
+            "card": self.card,
+            "hidden_size": int(cfg.hidden_size),
+        }
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
@@ -223,22 +249,27 @@ class MusicGenGenerator(nn.Module):
         if codes.dim() != 3 or codes.shape[1] != self.n_codebooks:
             raise MusicGenError(f"{what} must be [B, {self.n_codebooks}, T], got {list(codes.shape)}")
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.card):
-            raise MusicGenError(f"{what} out of vocabulary: values must be in [0, {self.card}), "
-                                f"got [{int(codes.min())}, {int(codes.max())}]")
+            raise MusicGenError(
+                f"{what} out of vocabulary: values must be in [0, {self.card}), "
+                f"got [{int(codes.min())}, {int(codes.max())}]"
+            )
         return codes.long().to(self.device)
 
     def text_inputs(self, condition, batch: int | None = None) -> dict:
         """Text-encoder inputs from captions (list of str; needs the tokenizer), token ids [B, L], or a mapping with
         `input_ids` (+ `attention_mask`)."""
         if not self.composite:
-            raise MusicGenError("a decoder-only MusicGen (MusicgenForCausalLM) has no text encoder: condition must be "
-                                "None")
+            raise MusicGenError(
+                "a decoder-only MusicGen (MusicgenForCausalLM) has no text encoder: condition must be None"
+            )
         if isinstance(condition, str):
             condition = [condition]
         if isinstance(condition, (list, tuple)) and all(isinstance(c, str) for c in condition):
             if self.tokenizer is None:
-                raise MusicGenError("captions need the T5 tokenizer files next to the MusicGen weights "
-                                    "(tokenizer.json or spiece.model); pass token ids instead")
+                raise MusicGenError(
+                    "captions need the T5 tokenizer files next to the MusicGen weights "
+                    "(tokenizer.json or spiece.model); pass token ids instead"
+                )
             enc = self.tokenizer(list(condition), padding=True, return_tensors="pt")
             ids, mask = enc["input_ids"], enc["attention_mask"]
         elif isinstance(condition, Mapping):
@@ -247,8 +278,9 @@ class MusicGenGenerator(nn.Module):
         elif torch.is_tensor(condition):
             ids, mask = condition, None
         else:
-            raise MusicGenError(f"condition must be captions, token ids or tokenizer output, got "
-                                f"{type(condition).__name__}")
+            raise MusicGenError(
+                f"condition must be captions, token ids or tokenizer output, got {type(condition).__name__}"
+            )
         if ids.dim() != 2:
             raise MusicGenError(f"condition token ids must be [B, L], got {list(ids.shape)}")
         if batch is not None and ids.shape[0] != batch:
@@ -300,15 +332,19 @@ class MusicGenGenerator(nn.Module):
         if self._discarded_prefills is None:
             counted = []
             handle = self.lm.model.decoder.register_forward_pre_hook(lambda *a: counted.append(1))
-            self._skip_forwards = 10 ** 9  # hooks off
+            self._skip_forwards = 10**9  # hooks off
             try:
                 bos = torch.full((self.n_codebooks, 1), self.special, dtype=torch.long, device=self.device)
                 if self.composite:
-                    self.model.generate(**self._null_inputs(1), decoder_input_ids=bos,
-                                        do_sample=False, max_length=2, guidance_scale=None)
+                    self.model.generate(
+                        **self._null_inputs(1),
+                        decoder_input_ids=bos,
+                        do_sample=False,
+                        max_length=2,
+                        guidance_scale=None,
+                    )
                 else:
-                    self.model.generate(bos, do_sample=False, max_length=2, num_return_sequences=1,
-                                        guidance_scale=None)
+                    self.model.generate(bos, do_sample=False, max_length=2, num_return_sequences=1, guidance_scale=None)
             finally:
                 handle.remove()
                 self._skip_forwards, self._hooks_live = 0, True
@@ -316,10 +352,21 @@ class MusicGenGenerator(nn.Module):
         return self._discarded_prefills
 
     @torch.no_grad()
-    def generate(self, n_frames: int, prompt: torch.Tensor | None = None, condition=None, batch_size: int = 1,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0, cfg_scale: float = 1.0,
-                 seed: int | None = None, use_cache: bool = True, on_step: Callable[[int], None] | None = None,
-                 **generate_kwargs) -> torch.Tensor:
+    def generate(
+        self,
+        n_frames: int,
+        prompt: torch.Tensor | None = None,
+        condition=None,
+        batch_size: int = 1,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        cfg_scale: float = 1.0,
+        seed: int | None = None,
+        use_cache: bool = True,
+        on_step: Callable[[int], None] | None = None,
+        **generate_kwargs,
+    ) -> torch.Tensor:
         """Sample `n_frames` frames after an optional `prompt` [B, K, Tp] with `transformers`' own `generate()`;
         returns [B, K, Tp + n_frames] un-delayed codes (prompt included), like `Generator.generate`.
 
@@ -346,8 +393,9 @@ class MusicGenGenerator(nn.Module):
             elif text["input_ids"].shape[0] != B:
                 raise MusicGenError(f"{text['input_ids'].shape[0]} conditions for a prompt batch of {B}")
         if Tp + n_frames > self.max_positions:
-            raise MusicGenError(f"prompt ({Tp} frames) + {n_frames} new frames exceed the model's "
-                                f"{self.max_positions}-frame context")
+            raise MusicGenError(
+                f"prompt ({Tp} frames) + {n_frames} new frames exceed the model's {self.max_positions}-frame context"
+            )
         max_length = Tp + n_frames + K  # delayed stream incl. the BOS column
         bos = torch.full((B, K, 1), self.special, dtype=torch.long, device=self.device)
         dec_ids = (torch.cat([bos, prompt], dim=2) if prompt is not None else bos).reshape(B * K, Tp + 1)
@@ -355,10 +403,18 @@ class MusicGenGenerator(nn.Module):
         if isinstance(temperature, (tuple, list)):
             raise MusicGenError("a per-codebook temperature is a builtin-generator option; give MusicGen one number")
         greedy = temperature <= 0
-        kwargs = dict(do_sample=not greedy, temperature=1.0 if greedy else float(temperature),
-                      top_k=int(top_k or 0), top_p=float(top_p) if top_p and 0 < top_p < 1 else 1.0,
-                      max_length=max_length, max_new_tokens=None, min_length=0, min_new_tokens=None,
-                      guidance_scale=float(cfg_scale) if use_cfg else None, use_cache=use_cache)
+        kwargs = dict(
+            do_sample=not greedy,
+            temperature=1.0 if greedy else float(temperature),
+            top_k=int(top_k or 0),
+            top_p=float(top_p) if top_p and 0 < top_p < 1 else 1.0,
+            max_length=max_length,
+            max_new_tokens=None,
+            min_length=0,
+            min_new_tokens=None,
+            guidance_scale=float(cfg_scale) if use_cfg else None,
+            use_cache=use_cache,
+        )
         if not self.composite and Tp > 0:
             kwargs["use_cache"] = False  # transformers 5.23 drops the prompt at a cached decoder-only prefill
         kwargs.update(generate_kwargs)
@@ -379,11 +435,16 @@ class MusicGenGenerator(nn.Module):
             try:
                 if self.composite:
                     inputs = text if text is not None else self._null_inputs(B)
-                    self.model.generate(**inputs, decoder_input_ids=dec_ids,
-                                        stopping_criteria=StoppingCriteriaList([recorder]), **kwargs)
+                    self.model.generate(
+                        **inputs,
+                        decoder_input_ids=dec_ids,
+                        stopping_criteria=StoppingCriteriaList([recorder]),
+                        **kwargs,
+                    )
                 else:
-                    self.model.generate(dec_ids, num_return_sequences=1,
-                                        stopping_criteria=StoppingCriteriaList([recorder]), **kwargs)
+                    self.model.generate(
+                        dec_ids, num_return_sequences=1, stopping_criteria=StoppingCriteriaList([recorder]), **kwargs
+                    )
             finally:
                 self._skip_forwards, self._hooks_live = 0, True
         if recorder.ids is None or recorder.ids.shape[-1] != max_length:
@@ -391,7 +452,7 @@ class MusicGenGenerator(nn.Module):
             raise MusicGenError(f"generate() stopped early: delayed stream of {got} positions, expected {max_length}")
         pattern = self._delayed_stream(dec_ids, max_length)
         stream = self.lm.apply_delay_pattern_mask(recorder.ids, pattern).reshape(B, K, max_length)
-        codes = torch.stack([stream[:, k, k + 1:k + 1 + Tp + n_frames] for k in range(K)], dim=1)
+        codes = torch.stack([stream[:, k, k + 1 : k + 1 + Tp + n_frames] for k in range(K)], dim=1)
         if bool((codes >= self.card).any()) or bool((codes < 0).any()):
             raise MusicGenError("generated stream holds special tokens where frames should be")
         return codes
@@ -449,13 +510,19 @@ def resolve_local_dir(path: str | Path) -> Path:
         return found[0]
     if len(found) > 1:
         raise MusicGenError(f"{path} holds {len(found)} snapshots; point generator.path at one of them")
-    raise MusicGenError(f"{path} has no config.json (expected a save_pretrained folder or a Hugging Face cache "
-                        "folder such as ~/.cache/huggingface/hub/models--facebook--musicgen-small)")
+    raise MusicGenError(
+        f"{path} has no config.json (expected a save_pretrained folder or a Hugging Face cache "
+        "folder such as ~/.cache/huggingface/hub/models--facebook--musicgen-small)"
+    )
 
 
-def load_musicgen(path: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = None,
-                  codec_path: str | Path | None = None,
-                  allow_pickle_weights: bool = False) -> tuple[MusicGenGenerator, object]:
+def load_musicgen(
+    path: str | Path,
+    device: str = "cpu",
+    dtype: str | torch.dtype | None = None,
+    codec_path: str | Path | None = None,
+    allow_pickle_weights: bool = False,
+) -> tuple[MusicGenGenerator, object]:
     """(generator in eval mode, codec) from local MusicGen weights. The codec is the model's own EnCodec; a
     decoder-only checkpoint needs `codec_path` (an EnCodec save_pretrained folder) for audio. Weights are read from
     safetensors only: a `pytorch_model.bin` is a pickle, which runs code when loaded, so it is refused unless
@@ -471,8 +538,10 @@ def load_musicgen(path: str | Path, device: str = "cpu", dtype: str | torch.dtyp
         raise MusicGenError(f"cannot read {folder / 'config.json'}: {e}") from None
     classes = {"musicgen": MusicgenForConditionalGeneration, "musicgen_decoder": MusicgenForCausalLM}
     if model_type not in classes:
-        raise MusicGenError(f"{folder} holds a {model_type!r} model; the MusicGen backend reads 'musicgen' "
-                            "(text-to-music) or 'musicgen_decoder' checkpoints (MusicGen-Melody is not supported)")
+        raise MusicGenError(
+            f"{folder} holds a {model_type!r} model; the MusicGen backend reads 'musicgen' "
+            "(text-to-music) or 'musicgen_decoder' checkpoints (MusicGen-Melody is not supported)"
+        )
     if isinstance(dtype, str):
         if dtype not in ("float32", "float16", "bfloat16"):
             raise MusicGenError(f"generator.dtype must be float32, float16 or bfloat16, not {dtype!r}")
@@ -480,11 +549,18 @@ def load_musicgen(path: str | Path, device: str = "cpu", dtype: str | torch.dtyp
     try:
         if not allow_pickle_weights and not list(folder.glob("*.safetensors")):
             pickled = sorted(p.name for p in folder.glob("*.bin"))
-            raise MusicGenError(f"{folder} has no safetensors weights" + (f" (only {', '.join(pickled)}, a pickle that "
-                                f"runs code when loaded)" if pickled else "") + "; convert them, or pass "
-                                "--allow-pickle-weights if you trust the files")
-        model = classes[model_type].from_pretrained(str(folder), local_files_only=True, dtype=torch.float32,
-                                                    use_safetensors=None if allow_pickle_weights else True)
+            raise MusicGenError(
+                f"{folder} has no safetensors weights"
+                + (f" (only {', '.join(pickled)}, a pickle that runs code when loaded)" if pickled else "")
+                + "; convert them, or pass "
+                "--allow-pickle-weights if you trust the files"
+            )
+        model = classes[model_type].from_pretrained(
+            str(folder),
+            local_files_only=True,
+            dtype=torch.float32,
+            use_safetensors=None if allow_pickle_weights else True,
+        )
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MusicGenError(f"cannot load MusicGen from {folder}: {first}") from None
@@ -504,8 +580,10 @@ def load_musicgen(path: str | Path, device: str = "cpu", dtype: str | torch.dtyp
     else:
         codec = None
     if codec is not None and (codec.n_codebooks != generator.n_codebooks or codec.card != generator.card):
-        raise MusicGenError(f"codec ({codec.n_codebooks} codebooks x {codec.card}) does not match the MusicGen "
-                            f"decoder ({generator.n_codebooks} x {generator.card})")
+        raise MusicGenError(
+            f"codec ({codec.n_codebooks} codebooks x {codec.card}) does not match the MusicGen "
+            f"decoder ({generator.n_codebooks} x {generator.card})"
+        )
     return generator, codec
 
 
@@ -519,19 +597,33 @@ def musicgen_codec(model):
     bandwidth = K * math.log2(enc.config.codebook_size) * enc.config.frame_rate / 1000.0
     codec = EncodecCodec(enc, bandwidth)
     if codec.n_codebooks != K:
-        raise MusicGenError(f"the model's EnCodec gives {codec.n_codebooks} codebooks at {bandwidth} kbps, the "
-                            f"decoder reads {K}")
+        raise MusicGenError(
+            f"the model's EnCodec gives {codec.n_codebooks} codebooks at {bandwidth} kbps, the decoder reads {K}"
+        )
     return codec
 
 
 BACKENDS = ("builtin", "musicgen")
-_SECTION_KEYS = {"backend": "builtin", "path": None, "device": "cpu", "dtype": "float32", "codec_path": None,
-                 "allow_pickle_weights": False}
+_SECTION_KEYS = {
+    "backend": "builtin",
+    "path": None,
+    "device": "cpu",
+    "dtype": "float32",
+    "codec_path": None,
+    "allow_pickle_weights": False,
+}
 
 
-def backend_section(section: Mapping | None = None, *, generator: str | Path | None = None, backend: str | None = None,
-                    musicgen: str | Path | None = None, device: str | None = None,
-                    dtype: str | None = None, allow_pickle_weights: bool | None = None) -> dict:
+def backend_section(
+    section: Mapping | None = None,
+    *,
+    generator: str | Path | None = None,
+    backend: str | None = None,
+    musicgen: str | Path | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    allow_pickle_weights: bool | None = None,
+) -> dict:
     """The params `generator` section with command-line overrides applied (None keeps the params value):
     - `backend`: builtin | musicgen, wins over everything;
     - `musicgen`: a local MusicGen folder; implies backend musicgen;
@@ -571,10 +663,17 @@ def load_backend(section: Mapping, builtin_dir: str | Path | None = None):
     backend = section.get("backend", "builtin")
     if backend == "musicgen":
         if not section.get("path"):
-            raise MusicGenError("generator.backend is musicgen but generator.path is not set (a local folder of "
-                                "MusicGen weights; or pass --musicgen DIR)")
-        return load_musicgen(section["path"], section.get("device") or "cpu", section.get("dtype"),
-                             section.get("codec_path"), bool(section.get("allow_pickle_weights")))
+            raise MusicGenError(
+                "generator.backend is musicgen but generator.path is not set (a local folder of "
+                "MusicGen weights; or pass --musicgen DIR)"
+            )
+        return load_musicgen(
+            section["path"],
+            section.get("device") or "cpu",
+            section.get("dtype"),
+            section.get("codec_path"),
+            bool(section.get("allow_pickle_weights")),
+        )
     if backend == "builtin":
         from models.generator import load_generator
 
@@ -586,35 +685,78 @@ def load_backend(section: Mapping, builtin_dir: str | Path | None = None):
 
 
 # ------------------------------------------------------------------------------------------------ debug preset
-def debug_musicgen(seed: int = 0, decoder_only: bool = False, card: int = 32, hidden: int = 16, layers: int = 2,
-                   heads: int = 4, codebooks: int = 4, sample_rate: int = 800):
+def debug_musicgen(
+    seed: int = 0,
+    decoder_only: bool = False,
+    card: int = 32,
+    hidden: int = 16,
+    layers: int = 2,
+    heads: int = 4,
+    codebooks: int = 4,
+    sample_rate: int = 800,
+):
     """A tiny random MusicGen (hidden 16, 2 layers, 4 heads, 4 codebooks of `card` codes; 1-layer T5 of width 8;
     EnCodec at 800 Hz, or 8000 Hz for audio descriptors that need a few kHz of bandwidth, 50 frames/s) with the
     generation config the real checkpoints ship; builds in well under a second, no download. Returns the
     transformers model."""
-    from transformers import (EncodecConfig, MusicgenConfig, MusicgenDecoderConfig, MusicgenForCausalLM,
-                              MusicgenForConditionalGeneration, T5Config)
+    from transformers import (
+        EncodecConfig,
+        MusicgenConfig,
+        MusicgenDecoderConfig,
+        MusicgenForCausalLM,
+        MusicgenForConditionalGeneration,
+        T5Config,
+    )
 
-    dec = MusicgenDecoderConfig(vocab_size=card, max_position_embeddings=128, num_hidden_layers=layers,
-                                ffn_dim=2 * hidden, num_attention_heads=heads, hidden_size=hidden,
-                                num_codebooks=codebooks, pad_token_id=card, bos_token_id=card, dropout=0.0)
+    dec = MusicgenDecoderConfig(
+        vocab_size=card,
+        max_position_embeddings=128,
+        num_hidden_layers=layers,
+        ffn_dim=2 * hidden,
+        num_attention_heads=heads,
+        hidden_size=hidden,
+        num_codebooks=codebooks,
+        pad_token_id=card,
+        bos_token_id=card,
+        dropout=0.0,
+    )
     torch.manual_seed(seed)
     if decoder_only:
         model = MusicgenForCausalLM(dec)
     else:
-        t5 = T5Config(vocab_size=64, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2,
-                      relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
-                      decoder_start_token_id=0, pad_token_id=0)
+        t5 = T5Config(
+            vocab_size=64,
+            d_model=8,
+            d_kv=4,
+            d_ff=16,
+            num_layers=1,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=16,
+            dropout_rate=0.0,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+        )
         # 800 Hz / (4 * 4) = 50 frames/s; log2(32) bits x 50 = 250 bps per codebook -> 4 codebooks at 1 kbps
         ratios = {800: [4, 4], 8000: [8, 5, 4]}
         if sample_rate not in ratios:
             raise MusicGenError(f"debug_musicgen: sample_rate must be one of {sorted(ratios)}")
-        enc = EncodecConfig(sampling_rate=sample_rate, target_bandwidths=[codebooks * math.log2(card) * 50 / 1000.0],
-                            hidden_size=8, num_filters=2, num_residual_layers=1, upsampling_ratios=ratios[sample_rate],
-                            num_lstm_layers=1, codebook_size=card, kernel_size=3, last_kernel_size=3,
-                            residual_kernel_size=3)
-        model = MusicgenForConditionalGeneration(MusicgenConfig(text_encoder=t5.to_dict(),
-                                                                audio_encoder=enc.to_dict(), decoder=dec.to_dict()))
+        enc = EncodecConfig(
+            sampling_rate=sample_rate,
+            target_bandwidths=[codebooks * math.log2(card) * 50 / 1000.0],
+            hidden_size=8,
+            num_filters=2,
+            num_residual_layers=1,
+            upsampling_ratios=ratios[sample_rate],
+            num_lstm_layers=1,
+            codebook_size=card,
+            kernel_size=3,
+            last_kernel_size=3,
+            residual_kernel_size=3,
+        )
+        model = MusicgenForConditionalGeneration(
+            MusicgenConfig(text_encoder=t5.to_dict(), audio_encoder=enc.to_dict(), decoder=dec.to_dict())
+        )
         # random EnCodec codebooks start at zero (every frame would quantise to code 0): spread them out so that
         # different audio gives different tokens
         for layer in model.audio_encoder.quantizer.layers:
@@ -626,6 +768,17 @@ def debug_musicgen(seed: int = 0, decoder_only: bool = False, card: int = 32, hi
     return model.eval()
 
 
-__all__ = ["MusicGenGenerator", "OutProjHeads", "MusicGenError", "load_musicgen", "musicgen_codec", "load_backend",
-           "backend_section", "find_musicgen_dir", "musicgen_shape", "weights_fingerprint", "resolve_local_dir",
-           "debug_musicgen"]
+__all__ = [
+    "MusicGenGenerator",
+    "OutProjHeads",
+    "MusicGenError",
+    "load_musicgen",
+    "musicgen_codec",
+    "load_backend",
+    "backend_section",
+    "find_musicgen_dir",
+    "musicgen_shape",
+    "weights_fingerprint",
+    "resolve_local_dir",
+    "debug_musicgen",
+]

@@ -5,6 +5,7 @@ independently of the other voices: p(x_t | x_{t-n+1..t-1}), smoothed by interpol
 below (Dirichlet prior with strength `k` around the lower order; add-one at the unigram). Order and strength are
 chosen on the validation split by `fit_ngram`.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -19,9 +20,9 @@ class VoiceNgram:
     order: int
     k: float
     n_classes: int
-    counts: list[dict] = field(default_factory=list)   # per context length: {context: Counter(next)}
+    counts: list[dict] = field(default_factory=list)  # per context length: {context: Counter(next)}
 
-    def fit(self, sequences: list[np.ndarray]) -> "VoiceNgram":
+    def fit(self, sequences: list[np.ndarray]) -> VoiceNgram:
         self.counts = [defaultdict(Counter) for _ in range(self.order)]
         for seq in sequences:
             seq = [int(s) for s in seq]
@@ -29,13 +30,13 @@ class VoiceNgram:
                 for n in range(self.order):
                     if t - n < 0:
                         break
-                    self.counts[n][tuple(seq[t - n:t])][x] += 1
+                    self.counts[n][tuple(seq[t - n : t])][x] += 1
         return self
 
     def prob(self, history: tuple[int, ...], x: int) -> float:
         p = 1.0 / self.n_classes
         for n in range(min(self.order, len(history) + 1)):
-            ctx = history[len(history) - n:] if n else ()
+            ctx = history[len(history) - n :] if n else ()
             c = self.counts[n].get(ctx)
             if c is None:
                 break
@@ -46,12 +47,13 @@ class VoiceNgram:
 
     def log_likelihoods(self, seq: np.ndarray) -> np.ndarray:
         seq = [int(s) for s in seq]
-        return np.array([np.log(self.prob(tuple(seq[max(0, t - self.order + 1):t]), x)) for t, x in enumerate(seq)])
+        return np.array([np.log(self.prob(tuple(seq[max(0, t - self.order + 1) : t]), x)) for t, x in enumerate(seq)])
 
 
 @dataclass
 class NgramModel:
     """One `VoiceNgram` per voice; classes as in models.coconet (silence = n_classes - 1)."""
+
     voices: list[VoiceNgram]
 
     def frame_nll(self, classes: np.ndarray, silent_class: int) -> np.ndarray:
@@ -60,8 +62,14 @@ class NgramModel:
         return -(lls * (classes != silent_class)).sum(0)
 
 
-def fit_ngram(train: list[np.ndarray], valid: list[np.ndarray], n_classes: int, silent_class: int,
-              orders=(1, 2, 3, 4, 5, 6), strengths=(0.1, 0.3, 1.0, 3.0, 10.0)) -> tuple[NgramModel, dict]:
+def fit_ngram(
+    train: list[np.ndarray],
+    valid: list[np.ndarray],
+    n_classes: int,
+    silent_class: int,
+    orders=(1, 2, 3, 4, 5, 6),
+    strengths=(0.1, 0.3, 1.0, 3.0, 10.0),
+) -> tuple[NgramModel, dict]:
     """Fit on `train` class rolls [V, T]; pick the (order, strength) with the lowest validation NLL per frame."""
     V = train[0].shape[0]
     best, table = None, []

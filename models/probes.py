@@ -10,6 +10,7 @@ the probe weight, unit norm; sigma is the spread of the tuning split along it.
 On disk a probe set is a directory with `probe_set.json` and `probes.safetensors` (plain float32 arrays, never
 pickles), so the registry and other tools read it without this module.
 """
+
 from __future__ import annotations
 
 import ast
@@ -18,21 +19,21 @@ import json
 import logging
 import operator
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from pipelines.errors import UserError
+from core.errors import UserError
 
 log = logging.getLogger(__name__)
 
 PROBE_SET_JSON = "probe_set.json"
 PROBE_ARRAYS = "probes.safetensors"
-ARRAY_NAMES = ("coef", "intercept", "direction", "sigma", "accuracy", "weight", "random_direction",
-               "random_sigma")
+ARRAY_NAMES = ("coef", "intercept", "direction", "sigma", "accuracy", "weight", "random_direction", "random_sigma")
 SPLITS = ("train", "valid", "tune")
 
 
@@ -43,6 +44,7 @@ class ProbeError(UserError):
 # ----------------------------------------------------------------------------------------------------------
 # Trait data
 # ----------------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class TraitClip:
@@ -59,7 +61,7 @@ class TraitClip:
 def group_split(group: str, fractions: dict[str, float], seed: int) -> str:
     """Deterministic split of a group by hashing (seeded), so a group's clips land together."""
     digest = hashlib.sha256(f"{seed}:{group}".encode()).digest()
-    u = int.from_bytes(digest[:8], "big") / 2.0 ** 64
+    u = int.from_bytes(digest[:8], "big") / 2.0**64
     total = sum(fractions[s] for s in SPLITS)
     acc = 0.0
     for name in SPLITS:
@@ -71,11 +73,30 @@ def group_split(group: str, fractions: dict[str, float], seed: int) -> str:
 
 # --- predicate over the clips table: a tiny safe interpreter, never eval --------------------------------
 
-_COMPARE = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
-            ast.Gt: operator.gt, ast.GtE: operator.ge,
-            ast.In: lambda a, b: a in b, ast.NotIn: lambda a, b: a not in b}
-_PREDICATE_COLUMNS = ("mode", "key", "tempo_bpm", "tempo_confidence", "key_strength", "loudness_lufs",
-                      "time_signature", "duration_s", "is_silent", "caption", "source_path", "split")
+_COMPARE = {
+    ast.Eq: operator.eq,
+    ast.NotEq: operator.ne,
+    ast.Lt: operator.lt,
+    ast.LtE: operator.le,
+    ast.Gt: operator.gt,
+    ast.GtE: operator.ge,
+    ast.In: lambda a, b: a in b,
+    ast.NotIn: lambda a, b: a not in b,
+}
+_PREDICATE_COLUMNS = (
+    "mode",
+    "key",
+    "tempo_bpm",
+    "tempo_confidence",
+    "key_strength",
+    "loudness_lufs",
+    "time_signature",
+    "duration_s",
+    "is_silent",
+    "caption",
+    "source_path",
+    "split",
+)
 
 
 class _Missing(Exception):
@@ -117,8 +138,10 @@ def parse_predicate(expr: str) -> Callable[[dict], bool]:
                     raise ProbeError(f"predicate {expr!r}: lists may hold only literals")
                 check(v)
         else:
-            raise ProbeError(f"predicate {expr!r}: {type(node).__name__} is not allowed "
-                             "(use column names, literals, comparisons, and/or/not)")
+            raise ProbeError(
+                f"predicate {expr!r}: {type(node).__name__} is not allowed "
+                "(use column names, literals, comparisons, and/or/not)"
+            )
 
     check(tree)
 
@@ -146,8 +169,10 @@ def parse_predicate(expr: str) -> Callable[[dict], bool]:
             if node.id in ("True", "False"):
                 return node.id == "True"
             if node.id not in row:
-                raise ProbeError(f"predicate {expr!r}: unknown name {node.id!r} (columns: "
-                                 f"{', '.join(_PREDICATE_COLUMNS)}, or a trait name)")
+                raise ProbeError(
+                    f"predicate {expr!r}: unknown name {node.id!r} (columns: "
+                    f"{', '.join(_PREDICATE_COLUMNS)}, or a trait name)"
+                )
             value = row[node.id]
             if value is None or (isinstance(value, float) and np.isnan(value)):
                 raise _Missing(node.id)
@@ -169,7 +194,7 @@ def parse_predicate(expr: str) -> Callable[[dict], bool]:
 
 
 def _table_rows(clips_table: str, columns: list[str]) -> list[dict]:
-    from pipelines.schema import ClipsTableError, read_clips_table
+    from core.clips_table import ClipsTableError, read_clips_table
 
     try:
         table = read_clips_table(clips_table, columns=columns)
@@ -179,7 +204,7 @@ def _table_rows(clips_table: str, columns: list[str]) -> list[dict]:
 
 
 def _decode_row_audio(row: dict) -> tuple[np.ndarray, int]:
-    from pipelines.audio import decode_flac
+    from core.audio import decode_flac
 
     audio = row["audio"] or {}
     if not audio.get("bytes"):
@@ -187,8 +212,15 @@ def _decode_row_audio(row: dict) -> tuple[np.ndarray, int]:
     return decode_flac(audio["bytes"])
 
 
-def load_trait_clips(trait: str, source: dict, clips_table: str | None, fractions: dict[str, float], seed: int,
-                     max_train_pairs: int | None = None, max_clips: int | None = None) -> list[TraitClip]:
+def load_trait_clips(
+    trait: str,
+    source: dict,
+    clips_table: str | None,
+    fractions: dict[str, float],
+    seed: int,
+    max_train_pairs: int | None = None,
+    max_clips: int | None = None,
+) -> list[TraitClip]:
     """The labelled clips of `trait` from the source its params name:
     - `{"kind": "stems"}`: rows of the clips table whose `traits` name the trait; with `pairs_only` (default)
       only (mix_id, clip_index) keys that have both a with- and a without-rendering are kept;
@@ -224,12 +256,13 @@ def _limit_train_pairs(clips: list[TraitClip], n: int, seed: int) -> list[TraitC
 
 
 def _stem_clips(trait: str, source: dict, clips_table: str | None) -> list[TraitClip]:
-    from pipelines.schema import traits_dict
+    from core.clips_table import traits_dict
 
     if not clips_table:
         raise ProbeError(f"trait {trait!r}: the stems source needs a clips table")
-    rows = _table_rows(clips_table, ["clip_id", "mix_id", "clip_index", "source_sha256", "traits", "audio",
-                                     "is_silent"])
+    rows = _table_rows(
+        clips_table, ["clip_id", "mix_id", "clip_index", "source_sha256", "traits", "audio", "is_silent"]
+    )
     labelled = []
     known: set[str] = set()
     for row in rows:
@@ -253,13 +286,15 @@ def _stem_clips(trait: str, source: dict, clips_table: str | None) -> list[Trait
         wave, sr = _decode_row_audio(row)
         out.append(TraitClip(wave, sr, label, group, key))
     if not out:
-        raise ProbeError(f"trait {trait!r}: no complete with/without pairs (same mix_id and clip_index) in "
-                         f"{clips_table}; set pairs_only: false to use unpaired clips")
+        raise ProbeError(
+            f"trait {trait!r}: no complete with/without pairs (same mix_id and clip_index) in "
+            f"{clips_table}; set pairs_only: false to use unpaired clips"
+        )
     return out
 
 
 def _predicate_clips(trait: str, source: dict, clips_table: str | None) -> list[TraitClip]:
-    from pipelines.schema import traits_dict
+    from core.clips_table import traits_dict
 
     if not clips_table:
         raise ProbeError(f"trait {trait!r}: the predicate source needs a clips table")
@@ -278,7 +313,7 @@ def _predicate_clips(trait: str, source: dict, clips_table: str | None) -> list[
 
 
 def _folder_clips(trait: str, source: dict) -> list[TraitClip]:
-    from pipelines.audio import AUDIO_EXTENSIONS, decode_audio
+    from core.audio import AUDIO_EXTENSIONS, decode_audio
 
     root = Path(source.get("path", ""))
     rate = int(source.get("sample_rate", 32000))
@@ -286,7 +321,9 @@ def _folder_clips(trait: str, source: dict) -> list[TraitClip]:
     for sub, label in (("with", 1), ("without", 0)):
         folder = root / sub
         if not folder.is_dir():
-            raise ProbeError(f"trait {trait!r}: folder source needs {folder}/ (and {root}/{'without' if label else 'with'}/)")
+            raise ProbeError(
+                f"trait {trait!r}: folder source needs {folder}/ (and {root}/{'without' if label else 'with'}/)"
+            )
         for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS):
             try:
                 wave = decode_audio(str(path), rate, max_seconds=source.get("max_seconds", 30.0))
@@ -304,8 +341,9 @@ def check_labels(trait: str, labels: Sequence[int], where: str) -> None:
     n_pos = int(sum(labels))
     if n_pos == 0 or n_pos == len(labels):
         have = "with" if n_pos else "without"
-        raise ProbeError(f"trait {trait!r}: {where} has only clips {have} the trait ({len(labels)}); "
-                         "a probe needs both")
+        raise ProbeError(
+            f"trait {trait!r}: {where} has only clips {have} the trait ({len(labels)}); a probe needs both"
+        )
 
 
 def data_hash(clips: Iterable[TraitClip]) -> str:
@@ -321,6 +359,7 @@ def data_hash(clips: Iterable[TraitClip]) -> str:
 # Capture
 # ----------------------------------------------------------------------------------------------------------
 
+
 def encode_clips(codec, clips: Sequence[TraitClip], window_frames: int | None) -> list[torch.Tensor]:
     """Codec tokens `LongTensor[K, T]` of each clip, cropped to the first `window_frames` frames."""
     out = []
@@ -335,8 +374,13 @@ def encode_clips(codec, clips: Sequence[TraitClip], window_frames: int | None) -
 
 
 @torch.no_grad()
-def capture_head_outputs(generator, codes: Sequence[torch.Tensor], position: str = "last",
-                         batch_size: int = 16, progress: Callable[[int], None] | None = None) -> np.ndarray:
+def capture_head_outputs(
+    generator,
+    codes: Sequence[torch.Tensor],
+    position: str = "last",
+    batch_size: int = 16,
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
     """Teacher-force each `LongTensor[K, T]` through the generator, unconditioned, and return every head's
     output before the output projection: `float32[N, L, H, Dh]`, at the last position or (position="mean")
     averaged over time. Clips of equal length are batched together."""
@@ -351,6 +395,7 @@ def capture_head_outputs(generator, codes: Sequence[torch.Tensor], position: str
         def hook(_module, _inputs, output):
             # output: (B, T, H, Dh)
             current[layer] = output[:, -1] if position == "last" else output.mean(dim=1)
+
         return hook
 
     by_length: dict[int, list[int]] = {}
@@ -363,7 +408,7 @@ def capture_head_outputs(generator, codes: Sequence[torch.Tensor], position: str
     try:
         for _length, indices in sorted(by_length.items()):
             for start in range(0, len(indices), batch_size):
-                chunk = indices[start:start + batch_size]
+                chunk = indices[start : start + batch_size]
                 batch = torch.stack([codes[i] for i in chunk])
                 generator(batch, condition=None)
                 acts = torch.stack([current[layer] for layer in range(n_layers)], dim=1)  # (B, L, H, Dh)
@@ -382,6 +427,7 @@ def capture_head_outputs(generator, codes: Sequence[torch.Tensor], position: str
 # ----------------------------------------------------------------------------------------------------------
 # The probe set
 # ----------------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class ProbeSet:
@@ -444,17 +490,26 @@ class ProbeSet:
         directory.mkdir(parents=True, exist_ok=True)
         arrays = {name: np.ascontiguousarray(getattr(self, name), dtype=np.float32) for name in ARRAY_NAMES}
         save_file(arrays, str(directory / PROBE_ARRAYS))
-        meta = {"arrays_sha256": _sha256(directory / PROBE_ARRAYS), "trait": self.trait, "generator_fingerprint": self.generator_fingerprint,
-                "data_hash": self.data_hash, "params": self.params, "n_layers": self.n_layers,
-                "n_heads": self.n_heads, "head_dim": self.head_dim, "metrics": self.metrics,
-                "created_at": self.created_at, "format": "smitin-probe-set/1"}
+        meta = {
+            "arrays_sha256": _sha256(directory / PROBE_ARRAYS),
+            "trait": self.trait,
+            "generator_fingerprint": self.generator_fingerprint,
+            "data_hash": self.data_hash,
+            "params": self.params,
+            "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
+            "head_dim": self.head_dim,
+            "metrics": self.metrics,
+            "created_at": self.created_at,
+            "format": "smitin-probe-set/1",
+        }
         if self.generator:
             meta["generator"] = self.generator
         (directory / PROBE_SET_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path) -> "ProbeSet":
+    def load(cls, directory: str | Path) -> ProbeSet:
         from safetensors.numpy import load_file
 
         directory = Path(directory)
@@ -467,12 +522,16 @@ class ProbeSet:
             raise ProbeError(f"{meta_path} is not valid JSON ({e})") from None
         recorded = meta.get("arrays_sha256")
         if recorded and _sha256(arrays_path) != recorded:
-            raise ProbeError(f"{arrays_path} does not match the hash recorded in {PROBE_SET_JSON} when the probe set "
-                             f"was trained: the file was corrupted or replaced; retrain or fetch it again")
+            raise ProbeError(
+                f"{arrays_path} does not match the hash recorded in {PROBE_SET_JSON} when the probe set "
+                f"was trained: the file was corrupted or replaced; retrain or fetch it again"
+            )
         try:
             arrays = load_file(str(arrays_path))
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
-            raise ProbeError(f"{arrays_path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+            raise ProbeError(
+                f"{arrays_path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+            ) from None
         missing = [n for n in ARRAY_NAMES if n not in arrays]
         if missing:
             raise ProbeError(f"{arrays_path} lacks array(s) {', '.join(missing)}")
@@ -482,10 +541,16 @@ class ProbeSet:
         shape = (meta["n_layers"], meta["n_heads"], meta["head_dim"])
         if tuple(arrays["coef"].shape) != shape:
             raise ProbeError(f"{arrays_path}: coef shape {tuple(arrays['coef'].shape)} != {shape} in {PROBE_SET_JSON}")
-        return cls(trait=meta["trait"], generator_fingerprint=meta["generator_fingerprint"],
-                   data_hash=meta.get("data_hash", ""), params=meta.get("params", {}),
-                   metrics=meta.get("metrics", {}), created_at=meta.get("created_at", ""),
-                   generator=meta.get("generator") or {}, **{n: arrays[n] for n in ARRAY_NAMES})
+        return cls(
+            trait=meta["trait"],
+            generator_fingerprint=meta["generator_fingerprint"],
+            data_hash=meta.get("data_hash", ""),
+            params=meta.get("params", {}),
+            metrics=meta.get("metrics", {}),
+            created_at=meta.get("created_at", ""),
+            generator=meta.get("generator") or {},
+            **{n: arrays[n] for n in ARRAY_NAMES},
+        )
 
 
 def _sha256(path: Path) -> str:
@@ -507,8 +572,15 @@ def _balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
     return float(np.mean([np.mean(pred[y == c] == c) for c in (0, 1) if np.any(y == c)]))
 
 
-def train_probe_set(acts: np.ndarray, labels: np.ndarray, splits: Sequence[str], trait: str,
-                    generator_fingerprint: str, params: dict, data_hash_: str = "") -> ProbeSet:
+def train_probe_set(
+    acts: np.ndarray,
+    labels: np.ndarray,
+    splits: Sequence[str],
+    trait: str,
+    generator_fingerprint: str,
+    params: dict,
+    data_hash_: str = "",
+) -> ProbeSet:
     """Fit one logistic regression per (layer, head) on the train split of `acts` `[N, L, H, Dh]`; accuracy on
     valid (balanced accuracy: plain accuracy for paired data); direction (mass-mean or probe weight) and sigma
     along it on tune. params: direction ("mass_mean" | "probe"), C, weight_power, seed, max_iter."""
@@ -570,19 +642,34 @@ def train_probe_set(acts: np.ndarray, labels: np.ndarray, splits: Sequence[str],
         "std_acc": float(flat.std()),
         "top16_acc": float(flat[:16].mean()),
         "tau": float(np.median(flat) - flat.std()),
-        "n_train": int(tr.sum()), "n_valid": int(va.sum()), "n_tune": int((splits == "tune").sum()),
-        "n_positive": int(labels.sum()), "n_negative": int((labels == 0).sum()),
+        "n_train": int(tr.sum()),
+        "n_valid": int(va.sum()),
+        "n_tune": int((splits == "tune").sum()),
+        "n_positive": int(labels.sum()),
+        "n_negative": int((labels == 0).sum()),
     }
-    return ProbeSet(trait=trait, generator_fingerprint=generator_fingerprint, coef=coef, intercept=intercept,
-                    direction=direction, sigma=sigma, accuracy=accuracy, weight=weight,
-                    random_direction=random_direction, random_sigma=random_sigma, data_hash=data_hash_,
-                    params=dict(params), metrics=metrics,
-                    created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    return ProbeSet(
+        trait=trait,
+        generator_fingerprint=generator_fingerprint,
+        coef=coef,
+        intercept=intercept,
+        direction=direction,
+        sigma=sigma,
+        accuracy=accuracy,
+        weight=weight,
+        random_direction=random_direction,
+        random_sigma=random_sigma,
+        data_hash=data_hash_,
+        params=dict(params),
+        metrics=metrics,
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Plots
 # ----------------------------------------------------------------------------------------------------------
+
 
 def write_probe_plots(probe_set: ProbeSet, out_dir: str | Path) -> dict[str, Path]:
     """Layer x head accuracy heatmap (PNG) and DVC plot data: `heads.csv` (layer, head, accuracy, weight, sigma)
@@ -598,22 +685,27 @@ def write_probe_plots(probe_set: ProbeSet, out_dir: str | Path) -> dict[str, Pat
     fig, ax = plt.subplots(figsize=(1.2 + 0.45 * probe_set.n_heads, 1.0 + 0.4 * probe_set.n_layers))
     im = ax.imshow(acc, cmap="viridis", vmin=0.5, vmax=1.0, aspect="auto", origin="lower")
     for (layer, head), value in np.ndenumerate(acc):
-        ax.text(head, layer, f"{value:.2f}", ha="center", va="center", fontsize=6,
-                color="white" if value < 0.8 else "black")
+        ax.text(
+            head, layer, f"{value:.2f}", ha="center", va="center", fontsize=6, color="white" if value < 0.8 else "black"
+        )
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_title(f"{probe_set.trait}: probe validation accuracy")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    paths = {"heatmap": out_dir / "accuracy_heatmap.png", "heads": out_dir / "heads.csv",
-             "rank": out_dir / "accuracy_by_rank.csv"}
+    paths = {
+        "heatmap": out_dir / "accuracy_heatmap.png",
+        "heads": out_dir / "heads.csv",
+        "rank": out_dir / "accuracy_by_rank.csv",
+    }
     fig.savefig(paths["heatmap"], dpi=120)
     plt.close(fig)
     with open(paths["heads"], "w") as f:
         f.write("layer,head,accuracy,weight,sigma\n")
         for (layer, head), value in np.ndenumerate(acc):
-            f.write(f"{layer},{head},{value:.6f},{probe_set.weight[layer, head]:.6f},"
-                    f"{probe_set.sigma[layer, head]:.6f}\n")
+            f.write(
+                f"{layer},{head},{value:.6f},{probe_set.weight[layer, head]:.6f},{probe_set.sigma[layer, head]:.6f}\n"
+            )
     with open(paths["rank"], "w") as f:
         f.write("rank,accuracy\n")
         for rank, value in enumerate(np.sort(acc.reshape(-1))[::-1]):
@@ -625,9 +717,18 @@ def write_probe_plots(probe_set: ProbeSet, out_dir: str | Path) -> dict[str, Pat
 # The whole stage, as a function
 # ----------------------------------------------------------------------------------------------------------
 
-DEFAULTS = {"position": "last", "window_seconds": 4.0, "direction": "mass_mean", "C": 1.0, "weight_power": 3.0,
-            "split_fractions": {"train": 0.6, "valid": 0.2, "tune": 0.2}, "batch_size": 16, "max_iter": 1000,
-            "max_train_pairs": None, "max_clips": None}
+DEFAULTS = {
+    "position": "last",
+    "window_seconds": 4.0,
+    "direction": "mass_mean",
+    "C": 1.0,
+    "weight_power": 3.0,
+    "split_fractions": {"train": 0.6, "valid": 0.2, "tune": 0.2},
+    "batch_size": 16,
+    "max_iter": 1000,
+    "max_train_pairs": None,
+    "max_clips": None,
+}
 
 
 def probe_params(section: dict, trait: str) -> tuple[dict, dict]:
@@ -645,28 +746,54 @@ def probe_params(section: dict, trait: str) -> tuple[dict, dict]:
     return params, source
 
 
-def train_trait(trait: str, generator, codec, clips_table: str | None, section: dict,
-                progress: Callable[[str, int, int], None] | None = None) -> ProbeSet:
+def train_trait(
+    trait: str,
+    generator,
+    codec,
+    clips_table: str | None,
+    section: dict,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> ProbeSet:
     """Data -> codec tokens -> head activations -> probes, for one trait."""
     params, source = probe_params(section, trait)
     seed = int(params.get("seed", 0))
-    clips = load_trait_clips(trait, source, clips_table, params["split_fractions"], seed,
-                             params.get("max_train_pairs"), params.get("max_clips"))
-    frame_rate = float(getattr(codec, "frame_rate"))
+    clips = load_trait_clips(
+        trait,
+        source,
+        clips_table,
+        params["split_fractions"],
+        seed,
+        params.get("max_train_pairs"),
+        params.get("max_clips"),
+    )
+    frame_rate = float(codec.frame_rate)
     window = int(round(float(params["window_seconds"]) * frame_rate)) if params.get("window_seconds") else None
-    max_len = getattr(generator, "max_positions", None) or getattr(getattr(generator, "config", None),
-                                                                   "max_positions", None)
+    max_len = getattr(generator, "max_positions", None) or getattr(
+        getattr(generator, "config", None), "max_positions", None
+    )
     if max_len and (window is None or window > max_len):
         window = int(max_len)
     codes = encode_clips(codec, clips, window)
     total = len(codes)
-    acts = capture_head_outputs(generator, codes, params["position"], int(params["batch_size"]),
-                                (lambda d: progress("capture", d, total)) if progress else None)
+    acts = capture_head_outputs(
+        generator,
+        codes,
+        params["position"],
+        int(params["batch_size"]),
+        (lambda d: progress("capture", d, total)) if progress else None,
+    )
     record = {k: v for k, v in params.items()}
     record["source"] = source
     record["window_frames"] = window
-    probe_set = train_probe_set(acts, np.array([c.label for c in clips]), [c.split for c in clips], trait,
-                                generator.fingerprint(), record, data_hash(clips))
+    probe_set = train_probe_set(
+        acts,
+        np.array([c.label for c in clips]),
+        [c.split for c in clips],
+        trait,
+        generator.fingerprint(),
+        record,
+        data_hash(clips),
+    )
     describe = getattr(generator, "describe", None)  # backends other than the builtin one say what they are
     probe_set.generator = dict(describe()) if callable(describe) else {}
     return probe_set

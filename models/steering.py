@@ -40,23 +40,24 @@ Either way only the last position of each forward is edited, i.e. the position t
 Each row of a batch has its own monitor. `SteeringSession.report()` returns per step, per trait and per row the
 monitored probability, the push factor and whether the push was on; it saves as JSON and a PNG plot.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import re
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from operator import add, itemgetter
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from core.errors import UserError
 from models.probes import ProbeSet
-from pipelines.errors import UserError
 
 MODES = ("none", "iti", "smitin")
 DIRECTIONS = ("probe", "random")
@@ -131,12 +132,16 @@ def parse_strengths(spec: str | Mapping[str, object] | Sequence[tuple[str, objec
             raise SteeringError(f"steering request has an empty trait name (strength {value!r})")
         alpha = _number(f"strength of {name!r}", value)
         if abs(alpha) > MAX_STRENGTH:
-            raise SteeringError(f"strength of {name!r} is {alpha:+g}; it must lie within +-{MAX_STRENGTH:g} (the "
-                                f"evaluated strengths are 5-30; far beyond, the push only breaks the music)")
+            raise SteeringError(
+                f"strength of {name!r} is {alpha:+g}; it must lie within +-{MAX_STRENGTH:g} (the "
+                f"evaluated strengths are 5-30; far beyond, the push only breaks the music)"
+            )
         if name in out:
             if (alpha > 0) != (out[name] > 0):
-                raise SteeringError(f"conflicting strengths for trait {name!r}: {out[name]:+g} and {alpha:+g} "
-                                    "(adding and removing it at once)")
+                raise SteeringError(
+                    f"conflicting strengths for trait {name!r}: {out[name]:+g} and {alpha:+g} "
+                    "(adding and removing it at once)"
+                )
             raise SteeringError(f"trait {name!r} is given twice ({out[name]:+g}, {alpha:+g})")
         out[name] = alpha
     return out
@@ -151,8 +156,12 @@ class SteeringPlan:
     params: SteeringParams = field(default_factory=SteeringParams)
 
     @classmethod
-    def build(cls, available: Mapping[str, ProbeSet] | Sequence[ProbeSet],
-              strengths: str | Mapping[str, object] | Sequence[tuple[str, object]], **params) -> "SteeringPlan":
+    def build(
+        cls,
+        available: Mapping[str, ProbeSet] | Sequence[ProbeSet],
+        strengths: str | Mapping[str, object] | Sequence[tuple[str, object]],
+        **params,
+    ) -> SteeringPlan:
         if not isinstance(available, Mapping):
             available = {p.trait: p for p in available}
         parsed = parse_strengths(strengths)
@@ -170,12 +179,15 @@ class SteeringPlan:
         fingerprint = fingerprint or generator.fingerprint()
         for trait, ps in self.probe_sets.items():
             if ps.generator_fingerprint != fingerprint:
-                raise SteeringError(f"probe set {trait!r} was trained on generator {ps.generator_fingerprint}, "
-                                    f"not on this generator ({fingerprint}); retrain the probes for it")
+                raise SteeringError(
+                    f"probe set {trait!r} was trained on generator {ps.generator_fingerprint}, "
+                    f"not on this generator ({fingerprint}); retrain the probes for it"
+                )
             shape = (generator.n_layers, generator.n_heads, generator.head_dim)
             if (ps.n_layers, ps.n_heads, ps.head_dim) != shape:
-                raise SteeringError(f"probe set {trait!r} has shape {(ps.n_layers, ps.n_heads, ps.head_dim)}, "
-                                    f"the generator {shape}")
+                raise SteeringError(
+                    f"probe set {trait!r} has shape {(ps.n_layers, ps.n_heads, ps.head_dim)}, the generator {shape}"
+                )
 
     def head_deltas(self) -> np.ndarray:
         """float32[n_traits, L, H, Dh]: alpha * w * sigma * theta per trait, for the plan's mode and direction."""
@@ -202,12 +214,17 @@ class SteeringPlan:
         return [self.params.tau if self.params.tau is not None else ps.tau() for ps in self.probe_sets.values()]
 
     def describe(self) -> dict:
-        return {"mode": self.params.mode, "strengths": dict(self.strengths), "params": asdict(self.params),
-                "tau": dict(zip(self.traits, self.taus()))}
+        return {
+            "mode": self.params.mode,
+            "strengths": dict(self.strengths),
+            "params": asdict(self.params),
+            "tau": dict(zip(self.traits, self.taus())),
+        }
 
 
-def smitin_factor(monitor: Sequence[Sequence[float]], removed: Sequence[bool], tau: Sequence[float],
-                  decay: float) -> list[list[float]]:
+def smitin_factor(
+    monitor: Sequence[Sequence[float]], removed: Sequence[bool], tau: Sequence[float], decay: float
+) -> list[list[float]]:
     """SMITIN's push factor from the monitored probability [n][T] (rows, traits): the goal probability is C for an
     added trait and 1 - C for a removed one; the factor is (1 - goal / tau) ** decay while goal < tau, 0 from tau
     on. Plain Python floats: this runs at every generation step on a handful of numbers, where each numpy or torch
@@ -264,7 +281,7 @@ class SteeringSession:
         monitored = np.zeros(L, bool)  # by position, not by weight: a degenerate probe may have all-zero weights
         for t, ps in enumerate(sets):
             for m, (layer, head) in enumerate(ps.top_heads(self.n_monitor)):
-                w[layer, head * D:(head + 1) * D, t * self.n_monitor + m] = ps.coef[layer, head]
+                w[layer, head * D : (head + 1) * D, t * self.n_monitor + m] = ps.coef[layer, head]
                 b[t * self.n_monitor + m] = ps.intercept[layer, head]
                 monitored[layer] = True
         self.monitor_layers = monitored.tolist()
@@ -379,9 +396,12 @@ class SteeringSession:
         B = flat[0].shape[0]
         logits = torch.addmm(self.monitor_b, x, self.monitor_w).tolist()  # [steps * B][T * M], to the host
         for i, (step, _, factor) in enumerate(self._pending):
-            rows = logits[i * B:i * B + n]  # the conditional rows; per trait the median over its monitored heads
-            prob = ([[_median_probability(row)] for row in rows] if T == 1 else
-                    [[_median_probability(row[t * M:(t + 1) * M]) for t in range(T)] for row in rows])
+            rows = logits[i * B : i * B + n]  # the conditional rows; per trait the median over its monitored heads
+            prob = (
+                [[_median_probability(row)] for row in rows]
+                if T == 1
+                else [[_median_probability(row[t * M : (t + 1) * M]) for t in range(T)] for row in rows]
+            )
             self._log.append((step, prob, factor))
         self._monitor = self._log[-1][1]
         self._pending = []
@@ -447,7 +467,7 @@ class SteeringSession:
         extra = torch.zeros(L, weights[0].shape[1], M)
         for layer, cols in enumerate(columns):
             for c, (t, head) in enumerate(cols):
-                extra[layer, head * Dh:(head + 1) * Dh, c] = torch.from_numpy(sets[t].coef[layer, head])
+                extra[layer, head * Dh : (head + 1) * Dh, c] = torch.from_numpy(sets[t].coef[layer, head])
         self._w_ext = [torch.cat([w.t(), extra[layer].to(w)], 1).contiguous() for layer, w in enumerate(weights)]
         self._monitor_cells = monitor
         # W delta per trait and layer: [traits, L * dim]
@@ -458,12 +478,12 @@ class SteeringSession:
         self._fused, self._cached_step = None, False
         return [self._projection(layer, weights[layer]) for layer in range(L)]
 
-    def _buffers(self, B: int) -> "_FusedBuffers":
+    def _buffers(self, B: int) -> _FusedBuffers:
         if self._fused is None or self._fused.rows != B:
             self._fused = _FusedBuffers(B, self.n_layers, self._dim, self._width, self._u, self._monitor_cells)
         return self._fused
 
-    def _set_push(self, buf: "_FusedBuffers", factor: list[list[float]] | None) -> None:
+    def _set_push(self, buf: _FusedBuffers, factor: list[list[float]] | None) -> None:
         """Make beta * bias this step's push."""
         if self._n == 1 and len(self.tau) == 1:  # a plain generate: the factor is beta, the bias W delta itself
             if buf.holds != "unit":
@@ -524,13 +544,22 @@ class SteeringSession:
         traits = self.plan.traits
         for step, prob, factor in self._log:
             factor = factor if factor is not None else [[0.0] * len(traits) for _ in prob]
-            steps.append({"step": step, "traits": {t: {"probability": [r[i] for r in prob],
-                                                        "push": [r[i] for r in factor],
-                                                        "on": [r[i] > 0 for r in factor]}
-                                                    for i, t in enumerate(traits)}})
+            steps.append(
+                {
+                    "step": step,
+                    "traits": {
+                        t: {
+                            "probability": [r[i] for r in prob],
+                            "push": [r[i] for r in factor],
+                            "on": [r[i] > 0 for r in factor],
+                        }
+                        for i, t in enumerate(traits)
+                    },
+                }
+            )
         return {"plan": self.plan.describe(), "steps": steps}
 
-    def report(self) -> "SteeringReport":
+    def report(self) -> SteeringReport:
         """The report of the latest generation (the session's hooks keep running for the next one)."""
         gens = self.generations + ([self._finish()] if self._log or self._pending else [])
         if not gens:
@@ -543,8 +572,9 @@ class _FusedBuffers:
     dim columns, zeros after), `out` (each step's projection and monitor logits), and views of them made once, so
     that a step indexes nothing."""
 
-    def __init__(self, B: int, L: int, dim: int, width: int, u: torch.Tensor,
-                 cells: list[list[tuple[int, int, float]]]):
+    def __init__(
+        self, B: int, L: int, dim: int, width: int, u: torch.Tensor, cells: list[list[tuple[int, int, float]]]
+    ):
         self.rows = B
         bias = torch.zeros(L, B, width, dtype=u.dtype, device=u.device)
         out = torch.zeros_like(bias)
@@ -559,8 +589,9 @@ class _FusedBuffers:
         # out[layer, r, dim + col] plus the probe's intercept
         M = len(cells[0])
         self._intercepts = np.array([[b for _, _, b in trait] for trait in cells], np.float32)  # [T, M]
-        self._where = np.array([[[((layer * B + r) * width + dim + col) for layer, col, _ in trait]
-                                 for trait in cells] for r in range(B)])  # [B, T, M] into the flat buffer
+        self._where = np.array(
+            [[[((layer * B + r) * width + dim + col) for layer, col, _ in trait] for trait in cells] for r in range(B)]
+        )  # [B, T, M] into the flat buffer
         self._middle = ((M - 1) // 2, M // 2)  # the middle value (M odd), or the two middle values (M even)
         self._all = out
         flat = out.numpy().reshape(-1) if out.device.type == "cpu" else None
@@ -570,8 +601,10 @@ class _FusedBuffers:
         # the step's own work has evicted everything from the caches, this is several times cheaper than a numpy
         # gather and sort (~33 µs a step), a difference that matters at 1 ms a step.
         self._memory = memoryview(flat) if flat is not None else None
-        self._getters = [[itemgetter(*where) if M > 1 else (lambda m, i=where[0]: (m[i],))
-                          for where in self._where[r].tolist()] for r in range(B)]
+        self._getters = [
+            [itemgetter(*where) if M > 1 else (lambda m, i=where[0]: (m[i],)) for where in self._where[r].tolist()]
+            for r in range(B)
+        ]
         self._bias_lists = self._intercepts.tolist()  # [T][M]
 
     def logits(self, n: int) -> np.ndarray:
@@ -594,8 +627,10 @@ class _FusedBuffers:
             rows = [[sorted(t) for t in row] for row in self.logits(n).tolist()]
         else:
             memory = self._memory
-            rows = [[sorted(map(add, get(memory), b)) for get, b in zip(getters, self._bias_lists)]
-                    for getters in self._getters[:n]]
+            rows = [
+                [sorted(map(add, get(memory), b)) for get, b in zip(getters, self._bias_lists)]
+                for getters in self._getters[:n]
+            ]
         if lo == hi:
             return [[_sigmoid(v[lo]) for v in row] for row in rows]
         return [[0.5 * (_sigmoid(v[lo]) + _sigmoid(v[hi])) for v in row] for row in rows]
@@ -622,9 +657,11 @@ class SteeringReport:
         for trait in self.data["plan"]["strengths"]:
             prob = np.array([s["traits"][trait]["probability"] for s in self.steps])
             on = np.array([s["traits"][trait]["on"] for s in self.steps])
-            out[trait] = {"final_probability": prob[-1].tolist() if len(prob) else [],
-                          "mean_probability": prob.mean(0).tolist() if len(prob) else [],
-                          "push_steps": on.sum(0).astype(int).tolist() if len(on) else []}
+            out[trait] = {
+                "final_probability": prob[-1].tolist() if len(prob) else [],
+                "mean_probability": prob.mean(0).tolist() if len(prob) else [],
+                "push_steps": on.sum(0).astype(int).tolist() if len(on) else [],
+            }
         return out
 
     def save(self, path_json: str | Path, path_png: str | Path | None = None) -> None:
@@ -663,8 +700,9 @@ class SteeringReport:
 
 
 @contextmanager
-def steer(generator, plan: SteeringPlan, fingerprint: str | None = None,
-          fused: bool | None = None) -> Iterator[SteeringSession]:
+def steer(
+    generator, plan: SteeringPlan, fingerprint: str | None = None, fused: bool | None = None
+) -> Iterator[SteeringSession]:
     """Steer every generation inside the block; yields the session (its `report()` describes the latest
     generation). Refuses probe sets from another generator.
 
@@ -679,8 +717,10 @@ def steer(generator, plan: SteeringPlan, fingerprint: str | None = None,
         if not hasattr(generator, "attach_steering"):
             raise SteeringError(f"{type(generator).__name__} has no fused steering path; use the hooks (fused=False)")
         if any(getattr(block.attn, "steering", None) is not None for block in getattr(generator, "blocks", [])):
-            raise SteeringError("the generator is already being steered: put all traits in one plan "
-                                "(e.g. drums=+5,piano=-3) instead of nesting steer() blocks")
+            raise SteeringError(
+                "the generator is already being steered: put all traits in one plan "
+                "(e.g. drums=+5,piano=-3) instead of nesting steer() blocks"
+            )
         generator.attach_steering(session.projections())
         try:
             yield session

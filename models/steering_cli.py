@@ -1,6 +1,7 @@
 """`smitin probes ...` and `smitin evaluate-steering`: thin DVC stage entry points for probes and steering
 (parse, read the params section, call `models.probes` / `models.evaluate_steering`, write outputs).
 Registered from `models.cli.register`."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,25 +14,41 @@ log = logging.getLogger(__name__)
 
 
 def _params(path: str, section: str) -> dict:
-    from pipelines.params import load_params
+    from core.config import load_params
 
     return load_params(path, section)
 
 
 def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     """--backend / --musicgen / --device / --dtype: override params `generator` (shared with `smitin generate`)."""
-    parser.add_argument("--backend", choices=["builtin", "musicgen"], default=None,
-                        help="generator backend (default: params generator.backend, else builtin)")
-    parser.add_argument("--musicgen", default=None, metavar="DIR",
-                        help="local Hugging Face MusicGen weights (a save_pretrained folder or a hub cache folder "
-                             "such as ~/.cache/huggingface/hub/models--facebook--musicgen-small); implies "
-                             "--backend musicgen; default: params generator.path. Nothing is downloaded")
+    parser.add_argument(
+        "--backend",
+        choices=["builtin", "musicgen"],
+        default=None,
+        help="generator backend (default: params generator.backend, else builtin)",
+    )
+    parser.add_argument(
+        "--musicgen",
+        default=None,
+        metavar="DIR",
+        help="local Hugging Face MusicGen weights (a save_pretrained folder or a hub cache folder "
+        "such as ~/.cache/huggingface/hub/models--facebook--musicgen-small); implies "
+        "--backend musicgen; default: params generator.path. Nothing is downloaded",
+    )
     parser.add_argument("--device", default=None, help="MusicGen device: cpu | cuda | cuda:0 (default: params)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                        help="MusicGen dtype (default: params generator.dtype; half precision on a GPU)")
-    parser.add_argument("--allow-pickle-weights", dest="allow_pickle_weights", action="store_true",
-                        help="let MusicGen load pytorch_model.bin (a pickle, which can run code) when a folder has no "
-                             "safetensors weights; only for files you trust")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "float16", "bfloat16"],
+        help="MusicGen dtype (default: params generator.dtype; half precision on a GPU)",
+    )
+    parser.add_argument(
+        "--allow-pickle-weights",
+        dest="allow_pickle_weights",
+        action="store_true",
+        help="let MusicGen load pytorch_model.bin (a pickle, which can run code) when a folder has no "
+        "safetensors weights; only for files you trust",
+    )
 
 
 def generator_section(args) -> dict:
@@ -45,9 +62,15 @@ def generator_section(args) -> dict:
         import yaml
 
         section = (yaml.safe_load(path.read_text()) or {}).get("generator") or {}
-    return backend_section(section, generator=getattr(args, "generator", None), backend=args.backend,
-                           musicgen=args.musicgen, device=args.device, dtype=args.dtype,
-                           allow_pickle_weights=getattr(args, "allow_pickle_weights", None))
+    return backend_section(
+        section,
+        generator=getattr(args, "generator", None),
+        backend=args.backend,
+        musicgen=args.musicgen,
+        device=args.device,
+        dtype=args.dtype,
+        allow_pickle_weights=getattr(args, "allow_pickle_weights", None),
+    )
 
 
 def load_generator_for(section: dict):
@@ -55,12 +78,16 @@ def load_generator_for(section: dict):
     from models.musicgen import MusicGenError, load_backend
 
     if section["backend"] == "musicgen":
-        print(f"generator: MusicGen from {section['path']} on {section['device']} ({section['dtype']})",
-              file=sys.stderr, flush=True)
+        print(
+            f"generator: MusicGen from {section['path']} on {section['device']} ({section['dtype']})",
+            file=sys.stderr,
+            flush=True,
+        )
     generator, codec = load_backend(section, section.get("builtin_dir"))
     if codec is None:
-        raise MusicGenError("this decoder-only MusicGen has no codec: set generator.codec_path to an EnCodec "
-                            "save_pretrained folder")
+        raise MusicGenError(
+            "this decoder-only MusicGen has no codec: set generator.codec_path to an EnCodec save_pretrained folder"
+        )
     return generator, codec
 
 
@@ -93,8 +120,10 @@ def _probes_train(args) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
     m = probe_set.metrics
-    print(f"{args.trait}: best head acc {m['best_acc']:.3f}, top-16 {m['top16_acc']:.3f}, mean {m['mean_acc']:.3f} "
-          f"({m['n_train']}/{m['n_valid']}/{m['n_tune']} train/valid/tune clips) -> {out}")
+    print(
+        f"{args.trait}: best head acc {m['best_acc']:.3f}, top-16 {m['top16_acc']:.3f}, mean {m['mean_acc']:.3f} "
+        f"({m['n_train']}/{m['n_valid']}/{m['n_tune']} train/valid/tune clips) -> {out}"
+    )
     return 0
 
 
@@ -102,11 +131,20 @@ def _probes_show(args) -> int:
     from models.probes import ProbeSet
 
     ps = ProbeSet.load(args.dir)
-    print(json.dumps({"trait": ps.trait, "generator_fingerprint": ps.generator_fingerprint,
-                      "generator_backend": ps.generator_backend, **({"generator": ps.generator} if ps.generator else {}),
-                      "shape": [ps.n_layers, ps.n_heads, ps.head_dim], "metrics": ps.metrics,
-                      "top_heads": [[l, h, round(float(ps.accuracy[l, h]), 3)] for l, h in ps.top_heads(8)]},
-                     indent=1))
+    print(
+        json.dumps(
+            {
+                "trait": ps.trait,
+                "generator_fingerprint": ps.generator_fingerprint,
+                "generator_backend": ps.generator_backend,
+                **({"generator": ps.generator} if ps.generator else {}),
+                "shape": [ps.n_layers, ps.n_heads, ps.head_dim],
+                "metrics": ps.metrics,
+                "top_heads": [[layer, h, round(float(ps.accuracy[layer, h]), 3)] for layer, h in ps.top_heads(8)],
+            },
+            indent=1,
+        )
+    )
     return 0
 
 
@@ -116,10 +154,19 @@ def _evaluate(args) -> int:
     params = _params(args.params, "evaluate_steering")
     probes_section = _params(args.params, "probes")
     section = generator_section(args)
-    result = evaluate_steering(section.get("builtin_dir") or args.generator, args.probes, args.tokens, args.clips,
-                               params, probes_section, out_json=args.out, table_path=args.table,
-                               report_dir=args.reports, progress=lambda msg: print(msg, file=sys.stderr, flush=True),
-                               generator_section=section)
+    result = evaluate_steering(
+        section.get("builtin_dir") or args.generator,
+        args.probes,
+        args.tokens,
+        args.clips,
+        params,
+        probes_section,
+        out_json=args.out,
+        table_path=args.table,
+        report_dir=args.reports,
+        progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+        generator_section=section,
+    )
     print(Path(args.table).read_text() if args.table else json.dumps(result["metrics"], indent=1))
     return 0
 
@@ -127,22 +174,34 @@ def _evaluate(args) -> int:
 def register(commands: argparse._SubParsersAction) -> None:
     probes = commands.add_parser("probes", help="per-head trait probes (SMITIN): train, show")
     sub = probes.add_subparsers(dest="probes_command", required=True, metavar="ACTION")
-    train = sub.add_parser("train", help="train one trait's probe set on a generator",
-                           description="Teacher-force the trait's clips through the generator (unconditioned), "
-                                       "fit a logistic regression per (layer, head), save the probe set "
-                                       "(probe_set.json + probes.safetensors) and a layer x head accuracy heatmap.")
+    train = sub.add_parser(
+        "train",
+        help="train one trait's probe set on a generator",
+        description="Teacher-force the trait's clips through the generator (unconditioned), "
+        "fit a logistic regression per (layer, head), save the probe set "
+        "(probe_set.json + probes.safetensors) and a layer x head accuracy heatmap.",
+    )
     train.add_argument("--trait", required=True, help="a trait named in params probes.traits (e.g. drums)")
-    train.add_argument("--generator", default="data/generator",
-                       help="builtin generator folder (save_generator layout), or a MusicGen folder (detected)")
+    train.add_argument(
+        "--generator",
+        default="data/generator",
+        help="builtin generator folder (save_generator layout), or a MusicGen folder (detected)",
+    )
     train.add_argument("--clips", default="data/clips", help="clips table (stems / predicate sources)")
     train.add_argument("--out", default="data/probes", help="probe sets folder; writes OUT/TRAIT/")
     train.add_argument("--plots", default="plots/probes", help="plots folder; writes PLOTS/TRAIT/")
     train.add_argument("--metrics", default="metrics/probes", help="metrics folder (TRAIT.json) or a .json path")
-    train.add_argument("--max-train-pairs", dest="max_train_pairs", type=int, default=None,
-                       help="use only this many training pairs (ablation)")
+    train.add_argument(
+        "--max-train-pairs",
+        dest="max_train_pairs",
+        type=int,
+        default=None,
+        help="use only this many training pairs (ablation)",
+    )
     train.add_argument("--position", choices=["last", "mean"], default=None, help="override params probes.position")
-    train.add_argument("--direction", choices=["mass_mean", "probe"], default=None,
-                       help="override params probes.direction")
+    train.add_argument(
+        "--direction", choices=["mass_mean", "probe"], default=None, help="override params probes.direction"
+    )
     train.add_argument("--params", default="params.yaml")
     add_backend_arguments(train)
     train.set_defaults(func=_probes_train)
@@ -151,11 +210,14 @@ def register(commands: argparse._SubParsersAction) -> None:
     show.add_argument("dir", help="probe set folder")
     show.set_defaults(func=_probes_show)
 
-    ev = commands.add_parser("evaluate-steering",
-                             help="steering success (independent detector), Frechet distance, continuation "
-                                  "similarity per trait / task / mode, random control, n-pairs ablation")
-    ev.add_argument("--generator", default="data/generator",
-                    help="builtin generator folder, or a MusicGen folder (detected)")
+    ev = commands.add_parser(
+        "evaluate-steering",
+        help="steering success (independent detector), Frechet distance, continuation "
+        "similarity per trait / task / mode, random control, n-pairs ablation",
+    )
+    ev.add_argument(
+        "--generator", default="data/generator", help="builtin generator folder, or a MusicGen folder (detected)"
+    )
     ev.add_argument("--probes", default="data/probes", help="folder of probe sets (one subfolder per trait)")
     ev.add_argument("--tokens", default="data/tokens", help="tokenized clips (prompts, captions, detector data)")
     ev.add_argument("--clips", default="data/clips", help="clips table (for the n-pairs ablation probes)")

@@ -6,6 +6,7 @@ Token files (`tokenize` output, one pair per split):
                        condition [N, 384] (caption embeddings), attributes [N, 2] (tempo/key ids)
   {split}.json         clip_id, mix_id, traits, caption per clip, plus the codec fingerprint
 """
+
 from __future__ import annotations
 
 import copy
@@ -14,16 +15,16 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 
+from core.errors import UserError
 from models.codec import MelCodecConfig, MelRVQCodec, load_codec
 from models.generator import Generator, GeneratorConfig, attribute_ids, save_generator
-from pipelines.errors import UserError
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "valid", "test")
@@ -37,7 +38,7 @@ class TrainingDataError(UserError):
 # ------------------------------------------------------------------------------------------------ clips table
 def read_clips(clips_dir: str, split: str, columns: list[str]):
     """Rows of one split as a pyarrow table; missing/empty tables and columns become one-line user errors."""
-    from pipelines.schema import ClipsTableError, read_clips_table
+    from core.clips_table import ClipsTableError, read_clips_table
 
     try:
         table = read_clips_table(clips_dir, columns=columns, split=split)
@@ -50,15 +51,22 @@ def read_clips(clips_dir: str, split: str, columns: list[str]):
 
         import pyarrow.parquet as pq
 
-        missing = sorted({c for shard in glob.glob(f"{clips_dir.rstrip('/')}/clips-*.parquet")
-                          for c in columns if c not in pq.read_schema(shard).names})
-        raise TrainingDataError(f"clips table at {clips_dir} lacks column(s) {', '.join(missing) or '?'}: "
-                                "rebuild the dataset") from None
+        missing = sorted(
+            {
+                c
+                for shard in glob.glob(f"{clips_dir.rstrip('/')}/clips-*.parquet")
+                for c in columns
+                if c not in pq.read_schema(shard).names
+            }
+        )
+        raise TrainingDataError(
+            f"clips table at {clips_dir} lacks column(s) {', '.join(missing) or '?'}: rebuild the dataset"
+        ) from None
     return table
 
 
 def iter_waves(clips_dir: str, split: str, limit: int | None = None) -> Iterator[tuple[np.ndarray, int]]:
-    from pipelines.audio import decode_flac
+    from core.audio import decode_flac
 
     table = read_clips(clips_dir, split, ["audio"])
     if table.num_rows == 0:
@@ -74,11 +82,20 @@ def fit_codec(clips_dir: str, out_dir: str, params: dict) -> MelRVQCodec:
     """Fit the default mel-RVQ codec on (up to `max_clips`) training clips and save it to `out_dir`."""
     cfg = MelCodecConfig.from_dict(params)
     t0 = time.time()
-    codec = MelRVQCodec.fit(iter_waves(clips_dir, "train", params.get("max_clips")), cfg, seed=params.get("seed", 0),
-                            max_frames=int(params.get("max_frames", 400_000)))
+    codec = MelRVQCodec.fit(
+        iter_waves(clips_dir, "train", params.get("max_clips")),
+        cfg,
+        seed=params.get("seed", 0),
+        max_frames=int(params.get("max_frames", 400_000)),
+    )
     codec.save(out_dir)
-    log.info("codec fitted in %.1fs: %d x %d codes at %.1f frames/s", time.time() - t0, codec.n_codebooks,
-             codec.card, codec.frame_rate)
+    log.info(
+        "codec fitted in %.1fs: %d x %d codes at %.1f frames/s",
+        time.time() - t0,
+        codec.n_codebooks,
+        codec.card,
+        codec.frame_rate,
+    )
     return codec
 
 
@@ -87,8 +104,8 @@ def tokenize(clips_dir: str, codec_dir: str, out_dir: str, splits=SPLITS, embed=
     """Encode every clip of each split with the codec and embed its caption; returns clip counts per split."""
     from safetensors.torch import save_file
 
-    from pipelines.audio import decode_flac
-    from pipelines.schema import traits_dict
+    from core.audio import decode_flac
+    from core.clips_table import traits_dict
 
     if embed is None:
         from models.conditioning import embed_captions as embed
@@ -109,12 +126,22 @@ def tokenize(clips_dir: str, codec_dir: str, out_dir: str, splits=SPLITS, embed=
             offsets.append(offsets[-1] + c.shape[1])
         condition = embed([r["caption"] or "" for r in rows])
         attributes = torch.tensor([attribute_ids(r["tempo_bpm"], r["key"], r["mode"]) for r in rows], dtype=torch.long)
-        save_file({"codes": torch.cat(codes, 1).contiguous(), "offsets": torch.tensor(offsets, dtype=torch.long),
-                   "condition": condition.contiguous(), "attributes": attributes},
-                  str(out / f"{split}.safetensors"))
-        meta = {"codec": codec.identity(), "clip_id": [r["clip_id"] for r in rows],
-                "mix_id": [r["mix_id"] for r in rows], "traits": [traits_dict(r["traits"]) for r in rows],
-                "caption": [r["caption"] for r in rows]}
+        save_file(
+            {
+                "codes": torch.cat(codes, 1).contiguous(),
+                "offsets": torch.tensor(offsets, dtype=torch.long),
+                "condition": condition.contiguous(),
+                "attributes": attributes,
+            },
+            str(out / f"{split}.safetensors"),
+        )
+        meta = {
+            "codec": codec.identity(),
+            "clip_id": [r["clip_id"] for r in rows],
+            "mix_id": [r["mix_id"] for r in rows],
+            "traits": [traits_dict(r["traits"]) for r in rows],
+            "caption": [r["caption"] for r in rows],
+        }
         (out / f"{split}.json").write_text(json.dumps(meta))
         counts[split] = len(rows)
         log.info("tokenized %s: %d clips, %d frames", split, len(rows), offsets[-1])
@@ -142,7 +169,7 @@ class TokenSet:
         return len(self.offsets) - 1
 
     def clip(self, i: int) -> torch.Tensor:
-        return self.codes[:, self.offsets[i]:self.offsets[i + 1]]
+        return self.codes[:, self.offsets[i] : self.offsets[i + 1]]
 
     def lengths(self) -> torch.Tensor:
         return self.offsets[1:] - self.offsets[:-1]
@@ -153,10 +180,13 @@ class TokenSet:
         for i in idx:
             c = self.clip(i)
             if c.shape[1] < window:
-                c = torch.cat([c, c[:, : window - c.shape[1]]], 1) if c.shape[1] >= window // 2 else \
-                    c.repeat(1, math.ceil(window / c.shape[1]))
+                c = (
+                    torch.cat([c, c[:, : window - c.shape[1]]], 1)
+                    if c.shape[1] >= window // 2
+                    else c.repeat(1, math.ceil(window / c.shape[1]))
+                )
             s = start if start is not None else int(torch.randint(0, c.shape[1] - window + 1, (1,), generator=gen))
-            out.append(c[:, s:s + window])
+            out.append(c[:, s : s + window])
         idx_t = torch.tensor(idx)
         return torch.stack(out), self.condition[idx_t], self.attributes[idx_t]
 
@@ -225,21 +255,22 @@ def unigram_nats(train: TokenSet, valid: TokenSet, card: int) -> float:
     """Cross-entropy of the valid codes under per-codebook unigram frequencies of train (a floor to beat)."""
     total = 0.0
     for k in range(train.codes.shape[0]):
-        p = (torch.bincount(train.codes[k], minlength=card).float() + 1.0)
+        p = torch.bincount(train.codes[k], minlength=card).float() + 1.0
         p = p / p.sum()
         total += float(-torch.log(p[valid.codes[k]]).mean())
     return total / train.codes.shape[0]
 
 
 @torch.no_grad()
-def evaluate(model: Generator, data: TokenSet, window: int, batch_size: int, max_clips: int,
-             device: str) -> torch.Tensor:
+def evaluate(
+    model: Generator, data: TokenSet, window: int, batch_size: int, max_clips: int, device: str
+) -> torch.Tensor:
     """Per-codebook validation cross-entropy over fixed windows (the first `window` frames of each clip)."""
     model.eval()
     idx = list(range(min(len(data), max_clips)))
     losses, weights = [], []
     for i in range(0, len(idx), batch_size):
-        codes, cond, attrs = data.batch(idx[i:i + batch_size], window, None, start=0)
+        codes, cond, attrs = data.batch(idx[i : i + batch_size], window, None, start=0)
         _, per_cb = model.loss(codes.to(device), cond.to(device), attrs.to(device))
         losses.append(per_cb.cpu())
         weights.append(len(codes))
@@ -248,9 +279,18 @@ def evaluate(model: Generator, data: TokenSet, window: int, batch_size: int, max
     return (torch.stack(losses) * w[:, None]).sum(0) / w.sum()
 
 
-def train_generator(tokens_dir: str, codec_dir: str, out_dir: str, params: dict, checkpoint_dir: str | None = None,
-                    metrics_path: str | None = None, plot_path: str | None = None, device: str | None = None,
-                    resume: bool = True, progress=None) -> dict:
+def train_generator(
+    tokens_dir: str,
+    codec_dir: str,
+    out_dir: str,
+    params: dict,
+    checkpoint_dir: str | None = None,
+    metrics_path: str | None = None,
+    plot_path: str | None = None,
+    device: str | None = None,
+    resume: bool = True,
+    progress=None,
+) -> dict:
     """Train the generator on token files; keep the best-validation weights; write metrics and the loss curve.
 
     Resumable: every evaluation writes model + optimizer state (safetensors) and the loop counters (JSON) to
@@ -276,8 +316,12 @@ def train_generator(tokens_dir: str, codec_dir: str, out_dir: str, params: dict,
     if window + cfg.n_codebooks - 1 > cfg.max_frames:
         raise UserError(f"window_frames {window} + delay {cfg.n_codebooks - 1} exceeds max_frames {cfg.max_frames}")
     model = Generator(cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=float(p.get("lr", 1e-3)), betas=(0.9, 0.95),
-                            weight_decay=float(p.get("weight_decay", 0.05)))
+    opt = torch.optim.AdamW(
+        model.parameters(),
+        lr=float(p.get("lr", 1e-3)),
+        betas=(0.9, 0.95),
+        weight_decay=float(p.get("weight_decay", 0.05)),
+    )
     steps, batch_size = int(p.get("steps", 1000)), int(p.get("batch_size", 16))
     warmup, eval_every = int(p.get("warmup", 50)), int(p.get("eval_every", 100))
     patience, max_minutes = int(p.get("patience", 5)), float(p.get("max_minutes", 15))
@@ -288,8 +332,14 @@ def train_generator(tokens_dir: str, codec_dir: str, out_dir: str, params: dict,
         raise UserError(f"train_generator ema_decay must be in [0, 1), got {ema_decay}")
     ema = copy.deepcopy(model) if ema_decay > 0 else None
     judged = ema if ema is not None else model
-    state = {"step": 0, "best_valid": float("inf"), "bad_evals": 0, "history": [], "train_seconds": 0.0,
-             "config": asdict(cfg)}
+    state = {
+        "step": 0,
+        "best_valid": float("inf"),
+        "bad_evals": 0,
+        "history": [],
+        "train_seconds": 0.0,
+        "config": asdict(cfg),
+    }
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     if ckpt:  # hashing the token files is only needed to tell a resumable checkpoint from another run's
         state["run"] = _run_identity(codec, tokens_dir, p)
@@ -306,19 +356,22 @@ def train_generator(tokens_dir: str, codec_dir: str, out_dir: str, params: dict,
             planned = saved.get("target_steps")
             if planned is not None and planned < steps:
                 # e.g. a preset change: the user may expect a fresh run of the new preset, which trains differently
-                say(f"resumed from {ckpt} at step {state['step']}: a run planned for {planned} steps continues to "
-                    f"{steps}, its learning-rate decay stretched (delete {ckpt} to train from scratch)")
+                say(
+                    f"resumed from {ckpt} at step {state['step']}: a run planned for {planned} steps continues to "
+                    f"{steps}, its learning-rate decay stretched (delete {ckpt} to train from scratch)"
+                )
             else:
                 say(f"resumed from {ckpt} at step {state['step']}")
         else:
             # a checkpoint of another model, codec, token set or schedule (e.g. before a data refresh): resuming
             # it would continue training on tokens whose codes mean something else
-            say(f"checkpoint in {ckpt} is from another run (config, codec, tokens or schedule differ): "
-                f"starting afresh")
+            say(f"checkpoint in {ckpt} is from another run (config, codec, tokens or schedule differ): starting afresh")
     gen = torch.Generator().manual_seed(seed + state["step"])
     floor = unigram_nats(train, valid, cfg.card)
-    say(f"generator {model.num_params() / 1e6:.2f}M params, {len(train)} train / {len(valid)} valid clips, "
-        f"unigram floor {floor:.3f} nats")
+    say(
+        f"generator {model.num_params() / 1e6:.2f}M params, {len(train)} train / {len(valid)} valid clips, "
+        f"unigram floor {floor:.3f} nats"
+    )
 
     def lr_at(step: int) -> float:
         base = float(p.get("lr", 1e-3))
@@ -353,13 +406,19 @@ def train_generator(tokens_dir: str, codec_dir: str, out_dir: str, params: dict,
             v = evaluate(judged, valid, window, batch_size, int(p.get("eval_clips", 64)), device)
             tr = torch.stack(run_train).mean(0)
             run_train = []
-            rec = {"step": state["step"], "train_loss": float(tr.mean()), "valid_loss": float(v.mean()),
-                   "tokens_per_s": frames_done * cfg.n_codebooks / max(elapsed, 1e-9),
-                   **{f"train_loss_cb{k}": float(tr[k]) for k in range(cfg.n_codebooks)},
-                   **{f"valid_loss_cb{k}": float(v[k]) for k in range(cfg.n_codebooks)}}
+            rec = {
+                "step": state["step"],
+                "train_loss": float(tr.mean()),
+                "valid_loss": float(v.mean()),
+                "tokens_per_s": frames_done * cfg.n_codebooks / max(elapsed, 1e-9),
+                **{f"train_loss_cb{k}": float(tr[k]) for k in range(cfg.n_codebooks)},
+                **{f"valid_loss_cb{k}": float(v[k]) for k in range(cfg.n_codebooks)},
+            }
             state["history"].append(rec)
-            say(f"step {rec['step']}/{steps} train {rec['train_loss']:.3f} valid {rec['valid_loss']:.3f} "
-                f"({rec['tokens_per_s']:.0f} tokens/s)")
+            say(
+                f"step {rec['step']}/{steps} train {rec['train_loss']:.3f} valid {rec['valid_loss']:.3f} "
+                f"({rec['tokens_per_s']:.0f} tokens/s)"
+            )
             if rec["valid_loss"] < state["best_valid"] - 1e-3:
                 state["best_valid"], state["bad_evals"] = rec["valid_loss"], 0
                 best_state = {k: t.detach().clone() for k, t in judged.state_dict().items()}
@@ -373,9 +432,16 @@ def train_generator(tokens_dir: str, codec_dir: str, out_dir: str, params: dict,
                     save_file({k: t.contiguous() for k, t in ema.state_dict().items()}, str(ckpt / "ema.safetensors"))
                 tensors, opt_meta = _flatten_optimizer(opt)
                 save_file(tensors, str(ckpt / "optimizer.safetensors"))
-                (ckpt / "state.json").write_text(json.dumps(
-                    {**state, "train_seconds": state["train_seconds"] + elapsed, "optimizer": opt_meta,
-                     "target_steps": steps}))
+                (ckpt / "state.json").write_text(
+                    json.dumps(
+                        {
+                            **state,
+                            "train_seconds": state["train_seconds"] + elapsed,
+                            "optimizer": opt_meta,
+                            "target_steps": steps,
+                        }
+                    )
+                )
             if state["bad_evals"] >= patience:
                 stop_reason = "early_stopping"
                 break
@@ -390,17 +456,31 @@ def train_generator(tokens_dir: str, codec_dir: str, out_dir: str, params: dict,
     model.eval()
     save_generator(model.cpu(), codec, out_dir)
     best = min(state["history"], key=lambda r: r["valid_loss"]) if state["history"] else {}
-    metrics = {"steps": state["step"], "stop_reason": stop_reason, "params": model.num_params(),
-               "train_seconds": round(state["train_seconds"] + elapsed, 1), "unigram_valid_loss": floor,
-               "best_step": best.get("step"), "valid_loss": best.get("valid_loss"), "train_loss": best.get("train_loss"),
-               **{k: v for k, v in best.items() if k.startswith(("valid_loss_cb", "train_loss_cb"))},
-               "tokens_per_s": best.get("tokens_per_s"), "fingerprint": model.fingerprint()}
+    metrics = {
+        "steps": state["step"],
+        "stop_reason": stop_reason,
+        "params": model.num_params(),
+        "train_seconds": round(state["train_seconds"] + elapsed, 1),
+        "unigram_valid_loss": floor,
+        "best_step": best.get("step"),
+        "valid_loss": best.get("valid_loss"),
+        "train_loss": best.get("train_loss"),
+        **{k: v for k, v in best.items() if k.startswith(("valid_loss_cb", "train_loss_cb"))},
+        "tokens_per_s": best.get("tokens_per_s"),
+        "fingerprint": model.fingerprint(),
+    }
     if metrics_path:
         Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
         Path(metrics_path).write_text(json.dumps(metrics, indent=2))
     if plot_path:
         Path(plot_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(plot_path).write_text(json.dumps(
-            [{"step": r["step"], "train_loss": r["train_loss"], "valid_loss": r["valid_loss"]}
-             for r in state["history"]], indent=1))
+        Path(plot_path).write_text(
+            json.dumps(
+                [
+                    {"step": r["step"], "train_loss": r["train_loss"], "valid_loss": r["valid_loss"]}
+                    for r in state["history"]
+                ],
+                indent=1,
+            )
+        )
     return metrics

@@ -11,6 +11,7 @@ Conventions (documented so that generated and Bach's chorales are measured alike
 - a beat's sonority is a triad or seventh chord when its pitch classes are all tones of one such chord and include
   its root and third (an omitted fifth, as Bach often writes, still counts; a bare fifth or octave does not).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,9 +19,15 @@ import numpy as np
 FRAMES_PER_BEAT = 4
 RANGES = ((60, 79), (55, 74), (48, 67), (40, 60))  # S, A, T, B
 CHORDS = {  # intervals above the root; index 1 is the third
-    "major": (0, 4, 7), "minor": (0, 3, 7), "diminished": (0, 3, 6), "augmented": (0, 4, 8),
-    "dominant7": (0, 4, 7, 10), "major7": (0, 4, 7, 11), "minor7": (0, 3, 7, 10),
-    "half-diminished7": (0, 3, 6, 10), "diminished7": (0, 3, 6, 9),
+    "major": (0, 4, 7),
+    "minor": (0, 3, 7),
+    "diminished": (0, 3, 6),
+    "augmented": (0, 4, 8),
+    "dominant7": (0, 4, 7, 10),
+    "major7": (0, 4, 7, 11),
+    "minor7": (0, 3, 7, 10),
+    "half-diminished7": (0, 3, 6, 10),
+    "diminished7": (0, 3, 6, 9),
 }
 
 

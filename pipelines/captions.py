@@ -4,6 +4,7 @@ Every sentence is also returned on its own (the clips table keeps one column per
 recomposed at training time. Choices come from an RNG seeded by (seed, clip_id): a re-run, or the same clip in
 another order or on another worker, gets the same caption.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -15,18 +16,36 @@ import fsspec
 from pipelines.chords import to_symbol
 
 # MusicBench's Italian tempo terms, upper bin edges in bpm.
-TEMPO_TERMS = [(40, "Grave"), (60, "Largo"), (70, "Adagio"), (90, "Andante"), (110, "Moderato"),
-               (140, "Allegro"), (160, "Vivace"), (210, "Presto"), (float("inf"), "Prestissimo")]
+TEMPO_TERMS = [
+    (40, "Grave"),
+    (60, "Largo"),
+    (70, "Adagio"),
+    (90, "Andante"),
+    (110, "Moderato"),
+    (140, "Allegro"),
+    (160, "Vivace"),
+    (210, "Presto"),
+    (float("inf"), "Prestissimo"),
+]
 
 NEUTRAL_BASE = "A music clip."
 
-_TEMPO_NUMERIC = ["The bpm is {bpm}.", "The tempo of this song is {bpm} beats per minute.",
-                  "This song goes at {bpm} beats per minute."]
+_TEMPO_NUMERIC = [
+    "The bpm is {bpm}.",
+    "The tempo of this song is {bpm} beats per minute.",
+    "This song goes at {bpm} beats per minute.",
+]
 _TEMPO_TERM = ["This song is in {term}.", "The tempo of this song is {term}.", "This piece moves at a {term} pace."]
-_KEY = ["This song is in the key of {key} {mode}.", "The key of this song is {key} {mode}.",
-        "The song is played in the key of {key} {mode}."]
-_CHORDS = ["The chord progression in this song is {chords}.", "The chord sequence is {chords}.",
-           "This song follows the chords {chords}."]
+_KEY = [
+    "This song is in the key of {key} {mode}.",
+    "The key of this song is {key} {mode}.",
+    "The song is played in the key of {key} {mode}.",
+]
+_CHORDS = [
+    "The chord progression in this song is {chords}.",
+    "The chord sequence is {chords}.",
+    "This song follows the chords {chords}.",
+]
 _BEATS = ["The time signature is {ts}.", "The beat counts to {count}.", "This song is in {ts} time."]
 
 
@@ -53,8 +72,12 @@ def chord_progression(chords: list[dict], max_chords: int = 8) -> list[str]:
 
 def control_sentences(features, rng: random.Random) -> dict[str, str | None]:
     """One candidate sentence per control (None where the feature is unknown, e.g. silence)."""
-    s: dict[str, str | None] = {"caption_tempo": None, "caption_key": None, "caption_chords": None,
-                                "caption_beats": None}
+    s: dict[str, str | None] = {
+        "caption_tempo": None,
+        "caption_key": None,
+        "caption_chords": None,
+        "caption_beats": None,
+    }
     if features.tempo_bpm:
         bpm = int(round(features.tempo_bpm))
         if rng.random() < 0.5:
@@ -67,13 +90,15 @@ def control_sentences(features, rng: random.Random) -> dict[str, str | None]:
     if progression:
         s["caption_chords"] = rng.choice(_CHORDS).format(chords=", ".join(progression))
     if features.time_signature:
-        s["caption_beats"] = rng.choice(_BEATS).format(ts=features.time_signature,
-                                                       count=features.time_signature.split("/")[0])
+        s["caption_beats"] = rng.choice(_BEATS).format(
+            ts=features.time_signature, count=features.time_signature.split("/")[0]
+        )
     return s
 
 
-def compose_caption(base: str, sentences: dict[str, str | None], rng: random.Random,
-                    count_probs=(0.15, 0.25, 0.30, 0.20, 0.10)) -> str:
+def compose_caption(
+    base: str, sentences: dict[str, str | None], rng: random.Random, count_probs=(0.15, 0.25, 0.30, 0.20, 0.10)
+) -> str:
     """Base description + k control sentences in random order, k drawn as in MusicBench."""
     available = [v for v in sentences.values() if v]
     k = rng.choices(range(len(count_probs)), weights=count_probs)[0]

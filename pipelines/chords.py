@@ -3,6 +3,7 @@
 The one chord-label converter of the project: everything that leaves this module is Harte syntax
 (`A:min`, `F#:maj`, `G:7/3`, `N`), which is what mir_eval scores.
 """
+
 from __future__ import annotations
 
 import re
@@ -11,18 +12,66 @@ import numpy as np
 
 PITCH_CLASSES = ("C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B")
 _PC_OF = {
-    "C": 0, "B#": 0, "C#": 1, "Db": 1, "D": 2, "D#": 3, "Eb": 3, "E": 4, "Fb": 4, "E#": 5, "F": 5, "F#": 6,
-    "Gb": 6, "G": 7, "G#": 8, "Ab": 8, "A": 9, "A#": 10, "Bb": 10, "B": 11, "Cb": 11,
+    "C": 0,
+    "B#": 0,
+    "C#": 1,
+    "Db": 1,
+    "D": 2,
+    "D#": 3,
+    "Eb": 3,
+    "E": 4,
+    "Fb": 4,
+    "E#": 5,
+    "F": 5,
+    "F#": 6,
+    "Gb": 6,
+    "G": 7,
+    "G#": 8,
+    "Ab": 8,
+    "A": 9,
+    "A#": 10,
+    "Bb": 10,
+    "B": 11,
+    "Cb": 11,
 }
 
 # Common chord-symbol suffixes (essentia, lead sheets, music21 figures) -> Harte shorthand.
 _SUFFIX_TO_HARTE = {
-    "": "maj", "M": "maj", "maj": "maj", "major": "maj",
-    "m": "min", "min": "min", "minor": "min", "-": "min",
-    "7": "7", "dom7": "7", "maj7": "maj7", "M7": "maj7", "m7": "min7", "min7": "min7", "-7": "min7",
-    "dim": "dim", "o": "dim", "dim7": "dim7", "o7": "dim7", "m7b5": "hdim7", "ø7": "hdim7", "hdim7": "hdim7",
-    "aug": "aug", "+": "aug", "6": "maj6", "maj6": "maj6", "m6": "min6", "min6": "min6",
-    "9": "9", "maj9": "maj9", "m9": "min9", "min9": "min9", "sus4": "sus4", "sus": "sus4", "sus2": "sus2",
+    "": "maj",
+    "M": "maj",
+    "maj": "maj",
+    "major": "maj",
+    "m": "min",
+    "min": "min",
+    "minor": "min",
+    "-": "min",
+    "7": "7",
+    "dom7": "7",
+    "maj7": "maj7",
+    "M7": "maj7",
+    "m7": "min7",
+    "min7": "min7",
+    "-7": "min7",
+    "dim": "dim",
+    "o": "dim",
+    "dim7": "dim7",
+    "o7": "dim7",
+    "m7b5": "hdim7",
+    "ø7": "hdim7",
+    "hdim7": "hdim7",
+    "aug": "aug",
+    "+": "aug",
+    "6": "maj6",
+    "maj6": "maj6",
+    "m6": "min6",
+    "min6": "min6",
+    "9": "9",
+    "maj9": "maj9",
+    "m9": "min9",
+    "min9": "min9",
+    "sus4": "sus4",
+    "sus": "sus4",
+    "sus2": "sus2",
     "7sus4": "sus4(b7)",
 }
 # The bass after "/" may carry lead-sheet decorations we ignore (Nottingham writes e.g. "D/f+").
@@ -68,7 +117,20 @@ def to_harte(symbol: str) -> str:
     return label
 
 
-_INTERVAL_DEGREE = {0: "1", 1: "b2", 2: "2", 3: "b3", 4: "3", 5: "4", 6: "b5", 7: "5", 8: "b6", 9: "6", 10: "b7", 11: "7"}
+_INTERVAL_DEGREE = {
+    0: "1",
+    1: "b2",
+    2: "2",
+    3: "b3",
+    4: "3",
+    5: "4",
+    6: "b5",
+    7: "5",
+    8: "b6",
+    9: "6",
+    10: "b7",
+    11: "7",
+}
 
 
 def to_symbol(harte: str) -> str:
@@ -110,8 +172,9 @@ def beat_sync(frames: np.ndarray, frame_times: np.ndarray, boundaries: np.ndarra
     return out
 
 
-def viterbi_chords(chroma: np.ndarray, self_transition: float = 0.5, sharpness: float = 12.0,
-                   no_chord_energy: float = 0.05) -> list[str]:
+def viterbi_chords(
+    chroma: np.ndarray, self_transition: float = 0.5, sharpness: float = 12.0, no_chord_energy: float = 0.05
+) -> list[str]:
     """Most likely triad (or N) per segment of beat-synchronous chroma (n, 12), C-based.
 
     Emissions are a softmax over cosine similarity with the triad templates; the transition matrix stays on

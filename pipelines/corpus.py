@@ -15,6 +15,7 @@ pretty_midi (TimGM6mb.sf2) or a user .sf2. Each stem is synthesised alone, scale
 mixes of a variant and quantised to 16 bit; a mix is the integer sum of its stems, so a mixture with trait T
 minus the same mixture without T is exactly the T stem.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,9 +33,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.synth import default_soundfont, synthesize
-from pipelines.corpus_arrange import DRUM_CHANNEL, Arrangement, arrange, choose_tempo, describe, mixes_of
-from pipelines.corpus_scores import (EPS, PieceRef, Score, analyse_chords, harmonise_melody, key_name, key_segments,
-                                     list_corpus, load_score, score_key, symbol_chords, transpose_label)
+from pipelines.corpus_arrange import Arrangement, arrange, choose_tempo, describe, mixes_of
+from pipelines.corpus_scores import (
+    EPS,
+    PieceRef,
+    Score,
+    analyse_chords,
+    harmonise_melody,
+    key_name,
+    key_segments,
+    list_corpus,
+    load_score,
+    score_key,
+    symbol_chords,
+    transpose_label,
+)
 from pipelines.errors import PipelineUserError
 
 log = logging.getLogger(__name__)
@@ -44,42 +57,46 @@ ERRORS_FILE = "errors.parquet"
 STATS_FILE = "render.json"
 STEM_ORDER = ("drums", "bass", "piano")
 _SEGMENT = pa.struct([("start_s", pa.float64()), ("end_s", pa.float64()), ("label", pa.string())])
-_KEY_SEGMENT = pa.struct([("start_s", pa.float64()), ("end_s", pa.float64()), ("key", pa.string()),
-                          ("mode", pa.string())])
+_KEY_SEGMENT = pa.struct(
+    [("start_s", pa.float64()), ("end_s", pa.float64()), ("key", pa.string()), ("mode", pa.string())]
+)
 _TRAIT = pa.struct([("name", pa.string()), ("present", pa.bool_())])
 
-LABELS_SCHEMA = pa.schema([
-    ("file", pa.string()),            # file name inside audio/ (the join key with the clips table)
-    ("path", pa.string()),            # absolute path at render time
-    ("sha256", pa.string()),
-    ("piece_id", pa.string()),
-    ("corpus", pa.string()),
-    ("title", pa.string()),
-    ("score_path", pa.string()),
-    ("variant", pa.int32()),
-    ("mix_id", pa.string()),          # same mixture up to trait stems
-    ("split_group", pa.string()),     # the piece: all its variants land in one split
-    ("stems", pa.list_(pa.string())),
-    ("traits", pa.list_(_TRAIT)),
-    ("instrumentation", pa.list_(pa.string())),
-    ("description", pa.string()),
-    ("duration_s", pa.float64()),
-    ("sample_rate", pa.int32()),
-    ("tempo_bpm", pa.float64()),
-    ("beat_unit", pa.string()),       # quarter | dotted quarter | eighth
-    ("time_signature", pa.string()),
-    ("beats_s", pa.list_(pa.float64())),
-    ("downbeats_s", pa.list_(pa.float64())),
-    ("key", pa.string()),             # global key of the rendered span
-    ("mode", pa.string()),
-    ("key_segments", pa.list_(_KEY_SEGMENT)),  # local keys (modulations)
-    ("chords", pa.list_(_SEGMENT)),   # Harte labels
-    ("chord_source", pa.string()),    # symbols | analysis | harmonisation
-    ("transpose", pa.int32()),
-    ("styles", pa.string()),          # JSON: drum/bass/piano pattern styles
-])
-ERRORS_SCHEMA = pa.schema([("piece_id", pa.string()), ("score_path", pa.string()), ("error_type", pa.string()),
-                           ("message", pa.string())])
+LABELS_SCHEMA = pa.schema(
+    [
+        ("file", pa.string()),  # file name inside audio/ (the join key with the clips table)
+        ("path", pa.string()),  # absolute path at render time
+        ("sha256", pa.string()),
+        ("piece_id", pa.string()),
+        ("corpus", pa.string()),
+        ("title", pa.string()),
+        ("score_path", pa.string()),
+        ("variant", pa.int32()),
+        ("mix_id", pa.string()),  # same mixture up to trait stems
+        ("split_group", pa.string()),  # the piece: all its variants land in one split
+        ("stems", pa.list_(pa.string())),
+        ("traits", pa.list_(_TRAIT)),
+        ("instrumentation", pa.list_(pa.string())),
+        ("description", pa.string()),
+        ("duration_s", pa.float64()),
+        ("sample_rate", pa.int32()),
+        ("tempo_bpm", pa.float64()),
+        ("beat_unit", pa.string()),  # quarter | dotted quarter | eighth
+        ("time_signature", pa.string()),
+        ("beats_s", pa.list_(pa.float64())),
+        ("downbeats_s", pa.list_(pa.float64())),
+        ("key", pa.string()),  # global key of the rendered span
+        ("mode", pa.string()),
+        ("key_segments", pa.list_(_KEY_SEGMENT)),  # local keys (modulations)
+        ("chords", pa.list_(_SEGMENT)),  # Harte labels
+        ("chord_source", pa.string()),  # symbols | analysis | harmonisation
+        ("transpose", pa.int32()),
+        ("styles", pa.string()),  # JSON: drum/bass/piano pattern styles
+    ]
+)
+ERRORS_SCHEMA = pa.schema(
+    [("piece_id", pa.string()), ("score_path", pa.string()), ("error_type", pa.string()), ("message", pa.string())]
+)
 
 
 def _rng(*parts) -> np.random.Generator:
@@ -103,7 +120,7 @@ def select_pieces(params: dict) -> list[PieceRef]:
         listed = list_corpus(name, params.get("scores_dir"))
         random.Random(f"{seed}:{name}").shuffle(listed)
         limit = limits.get(name) if isinstance(limits, dict) else limits
-        refs += listed[offset:] if limit is None else listed[offset: offset + int(limit)]
+        refs += listed[offset:] if limit is None else listed[offset : offset + int(limit)]
     if params.get("scores_dir") and "user" not in corpora:
         refs += list_corpus("user", params["scores_dir"])
     if not refs:
@@ -115,8 +132,9 @@ def select_pieces(params: dict) -> list[PieceRef]:
 # Synthesis
 
 
-def mix_stems(stems: dict[str, np.ndarray], gains_db: dict[str, float], mixes: list[frozenset[str]],
-              peak: float = 0.89) -> tuple[dict[str, np.ndarray], dict[frozenset, np.ndarray]]:
+def mix_stems(
+    stems: dict[str, np.ndarray], gains_db: dict[str, float], mixes: list[frozenset[str]], peak: float = 0.89
+) -> tuple[dict[str, np.ndarray], dict[frozenset, np.ndarray]]:
     """Scale all stems by their gain and one shared normaliser (the loudest mix peaks at `peak`), quantise them
     to int16, and sum: every mix is an exact integer sum of its stems."""
     scaled = {k: v * 10 ** (gains_db.get(k, 0.0) / 20) for k, v in stems.items()}
@@ -198,16 +216,25 @@ def render_piece(ref: PieceRef, params: dict, out_root: str, sf2_bytes: bytes) -
         t = arr.transpose
         beats = [float(b * spq) for b in score.beats if b < truth.cut - EPS]
         downbeats = [float(b * spq) for b in score.downbeats if b < truth.cut - EPS]
-        chords = [{"start_s": a * spq, "end_s": b * spq, "label": transpose_label(lab, t)}
-                  for a, b, lab in truth.chords_ql]
-        ksegs = [{"start_s": a * spq, "end_s": b * spq, "key": key_name(k + t), "mode": m}
-                 for a, b, k, m in truth.key_segments]
+        chords = [
+            {"start_s": a * spq, "end_s": b * spq, "label": transpose_label(lab, t)} for a, b, lab in truth.chords_ql
+        ]
+        ksegs = [
+            {"start_s": a * spq, "end_s": b * spq, "key": key_name(k + t), "mode": m}
+            for a, b, k, m in truth.key_segments
+        ]
         ground = {
-            "tempo_bpm": arr.bpm, "time_signature": score.time_signature,
+            "tempo_bpm": arr.bpm,
+            "time_signature": score.time_signature,
             "beat_unit": {1.0: "quarter", 1.5: "dotted quarter", 0.5: "eighth"}[score.beat_ql],
-            "beats_s": beats, "downbeats_s": downbeats,
-            "key": key_name(truth.key[0] + t), "mode": truth.key[1], "key_segments": ksegs,
-            "chords": chords, "chord_source": truth.chord_source, "transpose": t,
+            "beats_s": beats,
+            "downbeats_s": downbeats,
+            "key": key_name(truth.key[0] + t),
+            "mode": truth.key[1],
+            "key_segments": ksegs,
+            "chords": chords,
+            "chord_source": truth.chord_source,
+            "transpose": t,
         }
         score_words = arr.instruments("score")
         for traits in mixes:
@@ -218,25 +245,58 @@ def render_piece(ref: PieceRef, params: dict, out_root: str, sf2_bytes: bytes) -
             description = describe(ref.corpus, score_words, present)
             trait_map = {s: (s in traits) for s in STEM_ORDER if s in arr.stems}
             instrumentation = score_words + [w for s in present for w in arr.instruments(s)]
-            sidecar = {"description": description, "traits": trait_map, "split_group": ref.piece_id,
-                       "mix_id": mix_id, "piece_id": ref.piece_id, "title": score.title,
-                       "instrumentation": instrumentation, "stems": ["score", *present], **ground}
+            sidecar = {
+                "description": description,
+                "traits": trait_map,
+                "split_group": ref.piece_id,
+                "mix_id": mix_id,
+                "piece_id": ref.piece_id,
+                "title": score.title,
+                "instrumentation": instrumentation,
+                "stems": ["score", *present],
+                **ground,
+            }
             with open(os.path.join(out_root, "audio", f"{name}.json"), "w") as f:
                 json.dump(sidecar, f, indent=1)
             with open(audio_path, "rb") as f:
                 sha = hashlib.sha256(f.read()).hexdigest()
-            rows.append({
-                "file": f"{name}.flac", "path": os.path.abspath(audio_path), "sha256": sha,
-                "piece_id": ref.piece_id, "corpus": ref.corpus, "title": score.title, "score_path": ref.path,
-                "variant": v, "mix_id": mix_id, "split_group": ref.piece_id, "stems": ["score", *present],
-                "traits": [{"name": k, "present": b} for k, b in sorted(trait_map.items())],
-                "instrumentation": instrumentation, "description": description, "duration_s": n / sr,
-                "sample_rate": sr, **{k: ground[k] for k in ("tempo_bpm", "beat_unit", "time_signature",
-                                                             "beats_s", "downbeats_s", "key", "mode",
-                                                             "key_segments", "chords", "chord_source",
-                                                             "transpose")},
-                "styles": json.dumps(arr.styles, sort_keys=True),
-            })
+            rows.append(
+                {
+                    "file": f"{name}.flac",
+                    "path": os.path.abspath(audio_path),
+                    "sha256": sha,
+                    "piece_id": ref.piece_id,
+                    "corpus": ref.corpus,
+                    "title": score.title,
+                    "score_path": ref.path,
+                    "variant": v,
+                    "mix_id": mix_id,
+                    "split_group": ref.piece_id,
+                    "stems": ["score", *present],
+                    "traits": [{"name": k, "present": b} for k, b in sorted(trait_map.items())],
+                    "instrumentation": instrumentation,
+                    "description": description,
+                    "duration_s": n / sr,
+                    "sample_rate": sr,
+                    **{
+                        k: ground[k]
+                        for k in (
+                            "tempo_bpm",
+                            "beat_unit",
+                            "time_signature",
+                            "beats_s",
+                            "downbeats_s",
+                            "key",
+                            "mode",
+                            "key_segments",
+                            "chords",
+                            "chord_source",
+                            "transpose",
+                        )
+                    },
+                    "styles": json.dumps(arr.styles, sort_keys=True),
+                }
+            )
     return rows
 
 
@@ -260,11 +320,17 @@ class RenderPiece(beam.DoFn):
             rows = render_piece(ref, self.params, self.out_root, self.sf2)
         except Exception as e:  # a score music21 cannot read, or one too short: an error row, never a crash
             self.failed.inc()
-            yield beam.pvalue.TaggedOutput("errors", {"piece_id": ref.piece_id, "score_path": ref.path,
-                                                      "error_type": type(e).__name__, "message": str(e)[:500]})
+            yield beam.pvalue.TaggedOutput(
+                "errors",
+                {
+                    "piece_id": ref.piece_id,
+                    "score_path": ref.path,
+                    "error_type": type(e).__name__,
+                    "message": str(e)[:500],
+                },
+            )
             return
-        for row in rows:
-            yield row
+        yield from rows
 
 
 def _write_table(rows: list[dict], path: str, schema: pa.Schema, sort_key: str) -> str:
@@ -279,8 +345,9 @@ class RenderResult:
     stats: dict
 
 
-def render_corpus(out: str, params: dict, workers: int | None = None, runner: str | None = None,
-                  beam_args: list[str] | None = None) -> RenderResult:
+def render_corpus(
+    out: str, params: dict, workers: int | None = None, runner: str | None = None, beam_args: list[str] | None = None
+) -> RenderResult:
     """Render the selected pieces into `out` (audio/, stems/, labels.parquet). Previous audio/ and stems/ in
     `out` are replaced: the folder is this stage's output."""
     from pipelines.runner import make_pipeline
@@ -297,26 +364,40 @@ def render_corpus(out: str, params: dict, workers: int | None = None, runner: st
     started = time.time()
     log.info("rendering %d pieces x %d variants into %s", len(refs), int(params.get("variants", 1)), out)
     with make_pipeline(runner, workers, beam_args) as p:
-        results = (p | "Pieces" >> beam.Create(refs)
-                   | "Spread" >> beam.Reshuffle()
-                   | "Render" >> beam.ParDo(RenderPiece(params, out_abs, soundfont)).with_outputs("errors",
-                                                                                                   main="labels"))
-        (results.labels | "CollectLabels" >> beam.combiners.ToList()
-         | "WriteLabels" >> beam.Map(_write_table, os.path.join(out_abs, LABELS_FILE), LABELS_SCHEMA, "file"))
-        (results.errors | "CollectErrors" >> beam.combiners.ToList()
-         | "WriteErrors" >> beam.Map(_write_table, os.path.join(out_abs, ERRORS_FILE), ERRORS_SCHEMA, "piece_id"))
+        results = (
+            p
+            | "Pieces" >> beam.Create(refs)
+            | "Spread" >> beam.Reshuffle()
+            | "Render" >> beam.ParDo(RenderPiece(params, out_abs, soundfont)).with_outputs("errors", main="labels")
+        )
+        (
+            results.labels
+            | "CollectLabels" >> beam.combiners.ToList()
+            | "WriteLabels" >> beam.Map(_write_table, os.path.join(out_abs, LABELS_FILE), LABELS_SCHEMA, "file")
+        )
+        (
+            results.errors
+            | "CollectErrors" >> beam.combiners.ToList()
+            | "WriteErrors" >> beam.Map(_write_table, os.path.join(out_abs, ERRORS_FILE), ERRORS_SCHEMA, "piece_id")
+        )
     elapsed = time.time() - started
     labels = pq.read_table(os.path.join(out_abs, LABELS_FILE)).to_pylist()
     errors = pq.read_table(os.path.join(out_abs, ERRORS_FILE)).to_pylist()
     audio_s = sum(r["duration_s"] for r in labels)
     stats = {
-        "pieces_selected": len(refs), "pieces_rendered": len({r["piece_id"] for r in labels}),
-        "pieces_failed": len(errors), "mixes": len(labels), "audio_hours": round(audio_s / 3600, 4),
-        "render_seconds": round(elapsed, 2), "realtime_factor": round(audio_s / max(elapsed, 1e-9), 1),
-        "traits_present": {t: sum(any(x["name"] == t and x["present"] for x in r["traits"]) for r in labels)
-                           for t in STEM_ORDER},
-        "corpora": {c: len({r["piece_id"] for r in labels if r["corpus"] == c})
-                    for c in sorted({r["corpus"] for r in labels})},
+        "pieces_selected": len(refs),
+        "pieces_rendered": len({r["piece_id"] for r in labels}),
+        "pieces_failed": len(errors),
+        "mixes": len(labels),
+        "audio_hours": round(audio_s / 3600, 4),
+        "render_seconds": round(elapsed, 2),
+        "realtime_factor": round(audio_s / max(elapsed, 1e-9), 1),
+        "traits_present": {
+            t: sum(any(x["name"] == t and x["present"] for x in r["traits"]) for r in labels) for t in STEM_ORDER
+        },
+        "corpora": {
+            c: len({r["piece_id"] for r in labels if r["corpus"] == c}) for c in sorted({r["corpus"] for r in labels})
+        },
     }
     with open(os.path.join(out_abs, STATS_FILE), "w") as f:
         json.dump(stats, f, indent=2, sort_keys=True)

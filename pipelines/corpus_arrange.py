@@ -4,6 +4,7 @@
 Everything is MIDI-like events in quarter lengths (ql); `pipelines.corpus` renders them. A variant is a pure
 function of (score, params, rng), so the same seed gives the same arrangement on any worker.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -18,12 +19,47 @@ TOMS = (50, 47, 45, 43)
 
 # A plain word per General-MIDI program, for the base description ("for strings and organ").
 PROGRAM_WORDS = {
-    16: "organ", 17: "organ", 19: "organ", 20: "organ", 21: "accordion", 22: "harmonica", 23: "accordion",
-    24: "guitar", 25: "guitar", 40: "violin", 41: "viola", 42: "cello", 43: "double bass", 46: "harp",
-    48: "strings", 49: "strings", 50: "strings", 52: "choir", 53: "choir", 56: "trumpet", 57: "trombone",
-    58: "tuba", 60: "horn", 61: "brass", 64: "saxophone", 65: "saxophone", 66: "saxophone", 68: "oboe",
-    69: "english horn", 70: "bassoon", 71: "clarinet", 72: "piccolo", 73: "flute", 74: "recorder",
-    75: "pan flute", 79: "ocarina", 88: "synth pad", 89: "synth pad", 105: "banjo", 109: "bagpipe", 110: "fiddle",
+    16: "organ",
+    17: "organ",
+    19: "organ",
+    20: "organ",
+    21: "accordion",
+    22: "harmonica",
+    23: "accordion",
+    24: "guitar",
+    25: "guitar",
+    40: "violin",
+    41: "viola",
+    42: "cello",
+    43: "double bass",
+    46: "harp",
+    48: "strings",
+    49: "strings",
+    50: "strings",
+    52: "choir",
+    53: "choir",
+    56: "trumpet",
+    57: "trombone",
+    58: "tuba",
+    60: "horn",
+    61: "brass",
+    64: "saxophone",
+    65: "saxophone",
+    66: "saxophone",
+    68: "oboe",
+    69: "english horn",
+    70: "bassoon",
+    71: "clarinet",
+    72: "piccolo",
+    73: "flute",
+    74: "recorder",
+    75: "pan flute",
+    79: "ocarina",
+    88: "synth pad",
+    89: "synth pad",
+    105: "banjo",
+    109: "bagpipe",
+    110: "fiddle",
 }
 FORMS = {"bach_chorales": "chorale", "nottingham": "folk tune", "essen": "folk song", "user": "piece"}
 
@@ -153,7 +189,7 @@ def bass_events(chords, beats, downbeats, channel: int, style: str, rng) -> list
         end = min(seg[1], nxt) if style != "whole" else seg[1]
         if style == "whole":
             # hold until the next downbeat or chord change
-            later = [b for b in beats[i + 1:] if round(b, 4) in downs or _chord_at(chords, b) is not seg]
+            later = [b for b in beats[i + 1 :] if round(b, 4) in downs or _chord_at(chords, b) is not seg]
             end = min(later[0], seg[1]) if later else seg[1]
         vel = int(rng.integers(88, 108)) if on_down else int(rng.integers(72, 92))
         out.append(Event(t, max(t + 0.1, end - 0.05), channel, pitch, vel))
@@ -179,7 +215,7 @@ def piano_events(chords, beats, downbeats, beat_ql: float, channel: int, style: 
             out += [Event(t, nxt - 0.05, channel, p, vel) for p in notes]
         elif style == "block_bars":
             if on_down or change:
-                later = [b for b in beats[i + 1:] if round(b, 4) in downs or _chord_at(chords, b) is not seg]
+                later = [b for b in beats[i + 1 :] if round(b, 4) in downs or _chord_at(chords, b) is not seg]
                 end = min(later[0], seg[1]) if later else seg[1]
                 out += [Event(t, end - 0.05, channel, p, vel) for p in notes]
                 out.append(Event(t, end - 0.05, channel, notes[0] - 12, vel))
@@ -242,9 +278,14 @@ def drum_events(score: Score, cut: float, rng) -> tuple[list[Event], str]:
                 hit(t, KICK, rng.integers(96, 118))
             if bar_index % 8 == 0 and rng.random() < 0.7:
                 hit(t, CRASH, rng.integers(80, 105), 0.5)
-        backbeat = {"rock": pos % 2 == 1, "syncopated": pos % 2 == 1, "four_floor": pos % 2 == 1,
-                    "halftime": n >= 4 and pos == n // 2, "sparse": n >= 2 and pos == n - 1 and n % 2 == 0,
-                    "waltz": pos > 0}[style]
+        backbeat = {
+            "rock": pos % 2 == 1,
+            "syncopated": pos % 2 == 1,
+            "four_floor": pos % 2 == 1,
+            "halftime": n >= 4 and pos == n // 2,
+            "sparse": n >= 2 and pos == n - 1 and n % 2 == 0,
+            "waltz": pos > 0,
+        }[style]
         if n == 2 and style in ("rock", "syncopated", "four_floor", "halftime"):
             backbeat = pos == 1
         if backbeat:
@@ -308,13 +349,19 @@ def arrange(score: Score, chords_ql, cut: float, variant: int, params: dict, rng
     if "bass" in traits:
         ch = free.pop(0)
         styles["bass"] = str(rng.choice(["root_beats", "root_fifth", "whole"]))
-        stems["bass"] = Stem("bass", {ch: int(rng.choice(params.get("bass_programs") or [32, 33, 34]))},
-                             bass_events(chords_ql, beats, downbeats, ch, styles["bass"], rng))
+        stems["bass"] = Stem(
+            "bass",
+            {ch: int(rng.choice(params.get("bass_programs") or [32, 33, 34]))},
+            bass_events(chords_ql, beats, downbeats, ch, styles["bass"], rng),
+        )
     if "piano" in traits:
         ch = free.pop(0)
         styles["piano"] = str(rng.choice(["block_beats", "block_bars", "offbeat", "arpeggio"]))
-        stems["piano"] = Stem("piano", {ch: int(rng.choice(params.get("piano_programs") or [0, 1]))},
-                              piano_events(chords_ql, beats, downbeats, score.beat_ql, ch, styles["piano"], rng))
+        stems["piano"] = Stem(
+            "piano",
+            {ch: int(rng.choice(params.get("piano_programs") or [0, 1]))},
+            piano_events(chords_ql, beats, downbeats, score.beat_ql, ch, styles["piano"], rng),
+        )
     gains = {"score": 0.0}
     ranges = params.get("stem_gain_db", {}) or {}
     for name in stems:

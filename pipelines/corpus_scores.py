@@ -14,10 +14,10 @@ Sources (what music21 really ships, checked offline):
 - `user`: any folder of MIDI / MusicXML / ABC (`corpus.scores_dir`). Chord symbols are used where present, else
   analysis (polyphonic) or harmonisation (monophonic).
 """
+
 from __future__ import annotations
 
 import functools
-
 import hashlib
 import os
 import re
@@ -132,15 +132,22 @@ def list_corpus(name: str, scores_dir: str | None = None) -> list[PieceRef]:
         return refs
     if name == "nottingham":
         folder = os.path.join(root, "nottingham-dataset")
-        return [PieceRef("nottingham", os.path.join(folder, f), n)
-                for f in sorted(os.listdir(folder)) if f.endswith(".abc")
-                for n in _abc_numbers(os.path.join(folder, f))]
+        return [
+            PieceRef("nottingham", os.path.join(folder, f), n)
+            for f in sorted(os.listdir(folder))
+            if f.endswith(".abc")
+            for n in _abc_numbers(os.path.join(folder, f))
+        ]
     if name == "essen":
         folder = os.path.join(root, "essenFolksong")
         # Only the common metres: a 4/2 or 3/2 bar (8 beats) is not a metre a downbeat tracker is asked for.
-        return [PieceRef("essen", os.path.join(folder, f), n)
-                for f in sorted(os.listdir(folder)) if f.endswith(".abc") and not f.startswith("test")
-                for n, metre in _abc_tunes(os.path.join(folder, f)) if metre in FOLK_METRES]
+        return [
+            PieceRef("essen", os.path.join(folder, f), n)
+            for f in sorted(os.listdir(folder))
+            if f.endswith(".abc") and not f.startswith("test")
+            for n, metre in _abc_tunes(os.path.join(folder, f))
+            if metre in FOLK_METRES
+        ]
     if name == "user":
         if not scores_dir:
             return []
@@ -187,8 +194,9 @@ def metric_grid(measures: list[tuple[float, float, float, int, int, float]]) -> 
         step = beat_unit(num, den)
         n_beats = max(1, int(round(bar / step)))
         full = length >= bar - EPS
-        pickup = not full and (pad_left > EPS or i == 0 or
-                               (prev_short_left is not None and abs(prev_short_left + length - bar) < EPS))
+        pickup = not full and (
+            pad_left > EPS or i == 0 or (prev_short_left is not None and abs(prev_short_left + length - bar) < EPS)
+        )
         if pickup:
             phase = bar - length
             beats += [offset + k * step - phase for k in range(n_beats) if k * step >= phase - EPS]
@@ -206,14 +214,18 @@ def _parse(ref: PieceRef):
     from music21 import converter, corpus
 
     if ref.number is not None:
-        return corpus.parse(ref.path, number=ref.number) if ref.corpus != "user" else \
-            converter.parse(ref.path, number=ref.number)
+        return (
+            corpus.parse(ref.path, number=ref.number)
+            if ref.corpus != "user"
+            else converter.parse(ref.path, number=ref.number)
+        )
     return converter.parse(ref.path)
 
 
 def load_score(ref: PieceRef) -> Score:
     """Parse a score into notes per voice, the metric grid, chord symbols and the declared key."""
-    from music21 import harmony, key as m21key, meter, stream
+    from music21 import harmony, meter, stream
+    from music21 import key as m21key
 
     s = _parse(ref)
     if isinstance(s, stream.Opus):
@@ -236,8 +248,16 @@ def load_score(ref: PieceRef) -> Score:
                 ts = found or meter.TimeSignature("4/4")
             current = ts
             ts_first = ts_first or ts
-            measures.append((float(m.offset), float(m.duration.quarterLength), float(m.paddingLeft or 0.0),
-                             int(ts.numerator), int(ts.denominator), float(ts.barDuration.quarterLength)))
+            measures.append(
+                (
+                    float(m.offset),
+                    float(m.duration.quarterLength),
+                    float(m.paddingLeft or 0.0),
+                    int(ts.numerator),
+                    int(ts.denominator),
+                    float(ts.barDuration.quarterLength),
+                )
+            )
         break
     if not measures:
         raise ValueError("score has no measures / time signature")
@@ -282,10 +302,20 @@ def load_score(ref: PieceRef) -> Score:
     num, den = int(ts_first.numerator), int(ts_first.denominator)
     step = beat_unit(num, den)
     return Score(
-        piece_id=ref.piece_id, corpus=ref.corpus, title=str(title), voices=voices, beats=beats,
-        downbeats=downbeats, beat_ql=step, time_signature=f"{num}/{den}",
-        beats_per_bar=max(1, int(round(float(ts_first.barDuration.quarterLength) / step))), end=end,
-        chord_symbols=sorted(symbols), declared_key=declared, final_pitch=last[1], signature_key=signature,
+        piece_id=ref.piece_id,
+        corpus=ref.corpus,
+        title=str(title),
+        voices=voices,
+        beats=beats,
+        downbeats=downbeats,
+        beat_ql=step,
+        time_signature=f"{num}/{den}",
+        beats_per_bar=max(1, int(round(float(ts_first.barDuration.quarterLength) / step))),
+        end=end,
+        chord_symbols=sorted(symbols),
+        declared_key=declared,
+        final_pitch=last[1],
+        signature_key=signature,
     )
 
 
@@ -303,8 +333,7 @@ def _key_profiles() -> tuple[tuple[np.ndarray, np.ndarray], ...]:
     from music21.analysis import discrete
 
     out = []
-    for cls in (discrete.KrumhanslKessler, discrete.AardenEssen, discrete.BellmanBudge,
-                discrete.TemperleyKostkaPayne):
+    for cls in (discrete.KrumhanslKessler, discrete.AardenEssen, discrete.BellmanBudge, discrete.TemperleyKostkaPayne):
         solver = cls()
         out.append((np.asarray(solver.getWeights("major"), float), np.asarray(solver.getWeights("minor"), float)))
     return tuple(out)
@@ -484,11 +513,23 @@ def harmonise_melody(score: Score, end: float, tonic: int, mode: str) -> list[tu
     tones count by duration (twice on beats), with a prior toward I/IV/V; the last bar is the tonic. The pickup
     has no chord (`N`)."""
     if mode == "major":
-        degrees = [(0, "maj", 0.30), (5, "maj", 0.20), (7, "maj", 0.25), (9, "min", 0.10), (2, "min", 0.08),
-                   (4, "min", 0.04)]
+        degrees = [
+            (0, "maj", 0.30),
+            (5, "maj", 0.20),
+            (7, "maj", 0.25),
+            (9, "min", 0.10),
+            (2, "min", 0.08),
+            (4, "min", 0.04),
+        ]
     else:
-        degrees = [(0, "min", 0.30), (5, "min", 0.20), (7, "maj", 0.25), (8, "maj", 0.10), (3, "maj", 0.10),
-                   (10, "maj", 0.06)]
+        degrees = [
+            (0, "min", 0.30),
+            (5, "min", 0.20),
+            (7, "maj", 0.25),
+            (8, "maj", 0.10),
+            (3, "maj", 0.10),
+            (10, "maj", 0.06),
+        ]
     downs = [d for d in score.downbeats if d < end]
     if not downs:
         downs = [0.0]
@@ -549,8 +590,21 @@ def chord_pcs(label: str) -> tuple[int, list[int]] | None:
     root_name, rest = label.split(":", 1)
     quality = rest.split("/")[0].split("(")[0]
     root = pitch_class(root_name)
-    ivs = {"maj": (0, 4, 7), "min": (0, 3, 7), "dim": (0, 3, 6), "aug": (0, 4, 8), "7": (0, 4, 7, 10),
-           "maj7": (0, 4, 7, 11), "min7": (0, 3, 7, 10), "dim7": (0, 3, 6, 9), "hdim7": (0, 3, 6, 10),
-           "maj6": (0, 4, 7, 9), "min6": (0, 3, 7, 9), "9": (0, 4, 7, 10), "sus4": (0, 5, 7),
-           "sus2": (0, 2, 7), "sus4(b7)": (0, 5, 7, 10)}.get(quality, (0, 4, 7))
+    ivs = {
+        "maj": (0, 4, 7),
+        "min": (0, 3, 7),
+        "dim": (0, 3, 6),
+        "aug": (0, 4, 8),
+        "7": (0, 4, 7, 10),
+        "maj7": (0, 4, 7, 11),
+        "min7": (0, 3, 7, 10),
+        "dim7": (0, 3, 6, 9),
+        "hdim7": (0, 3, 6, 10),
+        "maj6": (0, 4, 7, 9),
+        "min6": (0, 3, 7, 9),
+        "9": (0, 4, 7, 10),
+        "sus4": (0, 5, 7),
+        "sus2": (0, 2, 7),
+        "sus4(b7)": (0, 5, 7, 10),
+    }.get(quality, (0, 4, 7))
     return root, [(root + i) % 12 for i in ivs]

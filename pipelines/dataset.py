@@ -9,6 +9,7 @@
 Shard contents and names depend only on the data, never on worker timing, so an unchanged input gives
 byte-identical shards and DVC sees no change. Files in = files with clips + files in the errors table.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,14 +25,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from core import clips_table as schema
+from core.audio import AUDIO_EXTENSIONS, encode_flac, iter_clips, resample, sha256_of
 from core.commit import commit, new_tmp_dir, output_lock, recover
 from core.splits import assign_split
-from pipelines import schema
-from pipelines.runner import make_pipeline
-from pipelines.audio import AUDIO_EXTENSIONS, encode_flac, iter_clips, resample, sha256_of
 from pipelines.captions import base_description, clip_rng, compose_caption, control_sentences, read_sidecar
 from pipelines.errors import PipelineUserError
 from pipelines.features import ClipAnalyzer, FeatureParams, file_bar_phase
+from pipelines.runner import make_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,8 @@ class SourceFile:
     path: str
     size: int
     mtime: float
-    sidecar_sha256: str = ""   # the description sidecar's hash: an edited caption re-analyses the file
-    problem: str = ""          # why the entry cannot be read at all (not a regular file, a broken link): an error row
+    sidecar_sha256: str = ""  # the description sidecar's hash: an edited caption re-analyses the file
+    problem: str = ""  # why the entry cannot be read at all (not a regular file, a broken link): an error row
 
 
 SIDECAR_EXTENSIONS = (".json", ".txt")
@@ -82,8 +83,15 @@ def _local_problem(path: str) -> str:
         kind = "a symlink loop" if e.errno == 40 else "a broken link" if os.path.islink(path) else "unreadable"
         return f"{kind} ({e.strerror})"
     if not st.S_ISREG(mode):
-        what = "a FIFO" if st.S_ISFIFO(mode) else "a socket" if st.S_ISSOCK(mode) else \
-            "a device" if (st.S_ISCHR(mode) or st.S_ISBLK(mode)) else "not a regular file"
+        what = (
+            "a FIFO"
+            if st.S_ISFIFO(mode)
+            else "a socket"
+            if st.S_ISSOCK(mode)
+            else "a device"
+            if (st.S_ISCHR(mode) or st.S_ISBLK(mode))
+            else "not a regular file"
+        )
         return f"not a regular file ({what})"
     return ""
 
@@ -91,7 +99,7 @@ def _local_problem(path: str) -> str:
 @dataclass
 class Matched:
     audio: list[SourceFile]
-    skipped: list[str]          # files of a type the pipeline does not read (sidecars excluded)
+    skipped: list[str]  # files of a type the pipeline does not read (sidecars excluded)
 
 
 def match_inputs(input_spec: str) -> Matched:
@@ -134,8 +142,9 @@ def match_inputs(input_spec: str) -> Matched:
         if hasattr(mtime, "timestamp"):
             mtime = mtime.timestamp()
         audio.append(SourceFile(url, int(info.get("size") or 0), float(mtime), _sidecar_hash(fs, p)))
-    sidecars = {a.path + ext for a in audio for ext in SIDECAR_EXTENSIONS} | \
-               {a.path.rsplit(".", 1)[0] + ext for a in audio for ext in SIDECAR_EXTENSIONS}
+    sidecars = {a.path + ext for a in audio for ext in SIDECAR_EXTENSIONS} | {
+        a.path.rsplit(".", 1)[0] + ext for a in audio for ext in SIDECAR_EXTENSIONS
+    }
     return Matched(audio, [o for o in others if o not in sidecars])
 
 
@@ -157,7 +166,15 @@ class RefreshPlan:
 
 # Modules whose code decides a clip row: a change in any of them (or in the build params, or in the downbeat
 # model) invalidates every kept row.
-_ANALYSIS_MODULES = ("audio.py", "captions.py", "chords.py", "dataset.py", "features.py", "loudness.py", "schema.py")
+_ANALYSIS_MODULES = (
+    "pipelines/captions.py",
+    "pipelines/chords.py",
+    "pipelines/dataset.py",
+    "pipelines/features.py",
+    "pipelines/loudness.py",
+    "core/audio.py",
+    "core/clips_table.py",
+)
 
 
 def analysis_fingerprint(params: dict) -> str:
@@ -165,18 +182,25 @@ def analysis_fingerprint(params: dict) -> str:
     count, which do not change rows), the analysis code and the downbeat model."""
     from pipelines.features import DOWNBEAT_MODEL
 
-    h = hashlib.sha256(json.dumps({k: v for k, v in params.items() if k not in ("workers", "runner", "num_shards")},
-                                  sort_keys=True, default=str).encode())
-    here = os.path.dirname(os.path.abspath(__file__))
+    h = hashlib.sha256(
+        json.dumps(
+            {k: v for k, v in params.items() if k not in ("workers", "runner", "num_shards")},
+            sort_keys=True,
+            default=str,
+        ).encode()
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     model = params.get("downbeat_model") or "builtin"
-    for path in [os.path.join(here, m) for m in _ANALYSIS_MODULES] + [DOWNBEAT_MODEL if model == "builtin" else model]:
+    for path in [os.path.join(root, m) for m in _ANALYSIS_MODULES] + [DOWNBEAT_MODEL if model == "builtin" else model]:
         if os.path.exists(path):
             with open(path, "rb") as f:
                 h.update(f.read())
     return h.hexdigest()
 
 
-def plan_refresh(files: list[SourceFile], out: str, fingerprint: str | None = None, rehash: bool = False) -> RefreshPlan:
+def plan_refresh(
+    files: list[SourceFile], out: str, fingerprint: str | None = None, rehash: bool = False
+) -> RefreshPlan:
     """Which files to (re)analyse: new and changed ones (size, mtime or sidecar differ; with `rehash`, content
     that differs whatever its size and mtime say), every file whose last analysis failed (a fixed permission or
     a file replaced in place is retried), or all of them when the previous build was made with other params or
@@ -185,8 +209,9 @@ def plan_refresh(files: list[SourceFile], out: str, fingerprint: str | None = No
     seen = {f.path for f in files}
     if fingerprint is not None and previous and _read_stats(out).get("analysis_fingerprint") != fingerprint:
         log.info("%s was built with other params or analysis code: every file is analysed again", out)
-        return RefreshPlan(list(files), {}, sorted(row["source_path"] for row in previous
-                                                   if row["source_path"] not in seen))
+        return RefreshPlan(
+            list(files), {}, sorted(row["source_path"] for row in previous if row["source_path"] not in seen)
+        )
     before = {row["source_path"]: row for row in previous}
     kept, to_process = {}, []
     for f in files:
@@ -252,35 +277,55 @@ class ProcessFile(beam.DoFn):
             sidecar = read_sidecar(source.path)
             stage = "decode"
             sr = int(p["analysis_sample_rate"])
-            info, clips = iter_clips(source.path, sr, p["clip_seconds"], p["hop_seconds"], p["min_clip_seconds"],
-                                     p.get("max_file_seconds"))
+            info, clips = iter_clips(
+                source.path, sr, p["clip_seconds"], p["hop_seconds"], p["min_clip_seconds"], p.get("max_file_seconds")
+            )
             analysed = []
             for index, start_s, wave in clips:
                 stage = "analyze"
                 analysed.append(self._analyse(index, start_s, wave))
                 stage = "decode"
             if not analysed:
-                raise ValueError(f"shorter than min_clip_seconds={p['min_clip_seconds']}s "
-                                 f"({info.duration_s:.2f}s decoded)")
+                raise ValueError(
+                    f"shorter than min_clip_seconds={p['min_clip_seconds']}s ({info.duration_s:.2f}s decoded)"
+                )
             stage = "analyze"
             self._keys_in_file_context([features for _, _, _, features, _ in analysed])
             self._downbeats_in_file_context([(start_s, features) for _, start_s, _, features, _ in analysed])
             rows = [self._row(source, sha, sidecar, *clip) for clip in analysed]
         except Exception as e:  # every failure becomes an error row; the pipeline goes on
             self.failed_counter.inc()
-            yield beam.pvalue.TaggedOutput("errors", {
-                "source_path": source.path, "stage": stage, "error_type": type(e).__name__,
-                "message": str(e)[:1000]})
-            yield beam.pvalue.TaggedOutput("sources", {
-                "source_path": source.path, "size": source.size, "mtime": source.mtime,
-                "source_sha256": None, "status": "error", "n_clips": 0, "sidecar_sha256": source.sidecar_sha256})
+            yield beam.pvalue.TaggedOutput(
+                "errors",
+                {"source_path": source.path, "stage": stage, "error_type": type(e).__name__, "message": str(e)[:1000]},
+            )
+            yield beam.pvalue.TaggedOutput(
+                "sources",
+                {
+                    "source_path": source.path,
+                    "size": source.size,
+                    "mtime": source.mtime,
+                    "source_sha256": None,
+                    "status": "error",
+                    "n_clips": 0,
+                    "sidecar_sha256": source.sidecar_sha256,
+                },
+            )
             return
         self.clips_counter.inc(len(rows))
-        yield beam.pvalue.TaggedOutput("sources", {
-            "source_path": source.path, "size": source.size, "mtime": source.mtime, "source_sha256": sha,
-            "status": "ok", "n_clips": len(rows), "sidecar_sha256": source.sidecar_sha256})
-        for row in rows:
-            yield row
+        yield beam.pvalue.TaggedOutput(
+            "sources",
+            {
+                "source_path": source.path,
+                "size": source.size,
+                "mtime": source.mtime,
+                "source_sha256": sha,
+                "status": "ok",
+                "n_clips": len(rows),
+                "sidecar_sha256": source.sidecar_sha256,
+            },
+        )
+        yield from rows
 
     def _analyse(self, index: int, start_s: float, wave: np.ndarray) -> tuple:
         """(index, start_s, duration_s, features, stored FLAC bytes): the wave itself is not kept."""
@@ -305,13 +350,23 @@ class ProcessFile(beam.DoFn):
         usable = [(s, f) for s, f in clips if f.beat_evidence is not None]
         if not params.downbeat_file_context or len(usable) < 2:
             return
-        downbeats, meter = file_bar_phase([(s, np.asarray(f.beats_s), f.beat_evidence) for s, f in usable],
-                                          params.meters, dict(params.meter_bias))
+        downbeats, meter = file_bar_phase(
+            [(s, np.asarray(f.beats_s), f.beat_evidence) for s, f in usable], params.meters, dict(params.meter_bias)
+        )
         for (_, f), d in zip(usable, downbeats):
             f.downbeats_s, f.time_signature = [float(t) for t in d], f"{meter}/4"
 
-    def _row(self, source: SourceFile, sha: str, sidecar: dict, index: int, start_s: float, duration_s: float,
-             features, audio_bytes: bytes) -> dict:
+    def _row(
+        self,
+        source: SourceFile,
+        sha: str,
+        sidecar: dict,
+        index: int,
+        start_s: float,
+        duration_s: float,
+        features,
+        audio_bytes: bytes,
+    ) -> dict:
         p = self.params
         store_sr = int(p["store_sample_rate"])
         clip_id = f"{sha[:16]}-{int(round(start_s * 1000)):09d}"
@@ -331,8 +386,7 @@ class ProcessFile(beam.DoFn):
             "sample_rate": store_sr,
             "split": assign_split(str(sidecar.get("split_group") or sha), p["split_fractions"]),
             "mix_id": str(sidecar["mix_id"]) if sidecar.get("mix_id") is not None else None,
-            "audio": {"bytes": audio_bytes,
-                      "path": f"{name}#{index:05d}.flac"},
+            "audio": {"bytes": audio_bytes, "path": f"{name}#{index:05d}.flac"},
             "is_silent": features.is_silent,
             "tempo_bpm": features.tempo_bpm,
             "tempo_confidence": features.tempo_confidence,
@@ -394,9 +448,17 @@ class BuildResult:
     stats: dict = field(default_factory=dict)
 
 
-def build_dataset(input_spec: str, out: str, params: dict, runner: str | None = None, workers: int | None = None,
-                  beam_args: list[str] | None = None, rehash: bool = False, wait_seconds: float = 0.0,
-                  commit_fail_after: int | None = None) -> BuildResult:
+def build_dataset(
+    input_spec: str,
+    out: str,
+    params: dict,
+    runner: str | None = None,
+    workers: int | None = None,
+    beam_args: list[str] | None = None,
+    rehash: bool = False,
+    wait_seconds: float = 0.0,
+    commit_fail_after: int | None = None,
+) -> BuildResult:
     """Build (or refresh) the clips table in folder `out` from the audio at `input_spec`: one build at a time per
     output (a second waits `wait_seconds`, then stops with one line), committed through a journal so that a
     crash at any point leaves the previous table or, after the next build, the new one (core.commit)."""
@@ -408,8 +470,16 @@ def build_dataset(input_spec: str, out: str, params: dict, runner: str | None = 
         return _build_locked(matched, out, params, runner, workers, beam_args, rehash, commit_fail_after)
 
 
-def _build_locked(matched: Matched, out: str, params: dict, runner, workers: int, beam_args, rehash: bool,
-                  commit_fail_after: int | None) -> BuildResult:
+def _build_locked(
+    matched: Matched,
+    out: str,
+    params: dict,
+    runner,
+    workers: int,
+    beam_args,
+    rehash: bool,
+    commit_fail_after: int | None,
+) -> BuildResult:
     readable = [f for f in matched.audio if not f.problem]
     unreadable = [f for f in matched.audio if f.problem]
     fs, out_root = fsspec.core.url_to_fs(out)
@@ -423,8 +493,15 @@ def _build_locked(matched: Matched, out: str, params: dict, runner, workers: int
     if plan.up_to_date and not side_changed and len(_list_shards(out)) == int(params.get("num_shards", 1)):
         log.info("dataset at %s is up to date (%d files); nothing written", out, len(readable))
         return BuildResult(out, True, _read_stats(out))
-    log.info("%d files matched: %d to process, %d unchanged, %d gone, %d unreadable, %d skipped", len(readable),
-             len(plan.to_process), len(plan.kept), len(plan.dropped), len(unreadable), len(matched.skipped))
+    log.info(
+        "%d files matched: %d to process, %d unchanged, %d gone, %d unreadable, %d skipped",
+        len(readable),
+        len(plan.to_process),
+        len(plan.kept),
+        len(plan.dropped),
+        len(unreadable),
+        len(matched.skipped),
+    )
 
     num_shards = int(params.get("num_shards", 1))
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
@@ -433,8 +510,9 @@ def _build_locked(matched: Matched, out: str, params: dict, runner, workers: int
     old_shards = _list_shards(out) if plan.kept else []
     old_shard_urls = [s if protocol in ("file", "local") else f"{protocol}://{s}" for s in old_shards]
     old_errors = [r for r in _read_small(out, schema.ERRORS_FILE) if r["source_path"] in plan.kept]
-    old_errors += [{"source_path": f.path, "stage": "read", "error_type": "NotReadable", "message": f.problem}
-                   for f in unreadable]
+    old_errors += [
+        {"source_path": f.path, "stage": "read", "error_type": "NotReadable", "message": f.problem} for f in unreadable
+    ]
     old_sources = list(plan.kept.values()) + side_rows
 
     started = time.time()
@@ -447,18 +525,30 @@ def _build_locked(matched: Matched, out: str, params: dict, runner, workers: int
         )
         clips = results.clips
         if old_shard_urls:
-            kept_rows = (p | "OldShards" >> beam.Create(old_shard_urls)
-                         | "ReadKept" >> beam.ParDo(ReadKeptRows(sorted(plan.kept))))
+            kept_rows = (
+                p
+                | "OldShards" >> beam.Create(old_shard_urls)
+                | "ReadKept" >> beam.ParDo(ReadKeptRows(sorted(plan.kept)))
+            )
             clips = (clips, kept_rows) | "AllClips" >> beam.Flatten()
-        (clips
-         | "KeyByShard" >> beam.Map(lambda r, n=num_shards: (shard_of(r["source_sha256"], n), r))
-         | "GroupShards" >> beam.GroupByKey()
-         | "WriteShards" >> beam.ParDo(WriteShard(tmp_url, num_shards)))
-        (results.errors | "CollectErrors" >> beam.combiners.ToList()
-         | "WriteErrors" >> beam.Map(_write_small, f"{tmp_url}/{schema.ERRORS_FILE}", schema.ERRORS_SCHEMA, old_errors))
-        (results.sources | "CollectSources" >> beam.combiners.ToList()
-         | "WriteSources" >> beam.Map(_write_small, f"{tmp_url}/{schema.SOURCES_FILE}", schema.SOURCES_SCHEMA,
-                                      old_sources))
+        (
+            clips
+            | "KeyByShard" >> beam.Map(lambda r, n=num_shards: (shard_of(r["source_sha256"], n), r))
+            | "GroupShards" >> beam.GroupByKey()
+            | "WriteShards" >> beam.ParDo(WriteShard(tmp_url, num_shards))
+        )
+        (
+            results.errors
+            | "CollectErrors" >> beam.combiners.ToList()
+            | "WriteErrors"
+            >> beam.Map(_write_small, f"{tmp_url}/{schema.ERRORS_FILE}", schema.ERRORS_SCHEMA, old_errors)
+        )
+        (
+            results.sources
+            | "CollectSources" >> beam.combiners.ToList()
+            | "WriteSources"
+            >> beam.Map(_write_small, f"{tmp_url}/{schema.SOURCES_FILE}", schema.SOURCES_SCHEMA, old_sources)
+        )
     elapsed = time.time() - started
 
     # Empty shards are still written, so the set of file names is always the same.
@@ -476,21 +566,47 @@ def _build_locked(matched: Matched, out: str, params: dict, runner, workers: int
     stats["analysis_fingerprint"] = fingerprint
     with fs.open(f"{tmp_root}/{schema.STATS_FILE}", "w") as f:
         json.dump(stats, f, indent=2, sort_keys=True)
-    commit(fs, tmp_root, out_root, (schema.CLIPS_GLOB, schema.ERRORS_FILE, schema.SOURCES_FILE, schema.STATS_FILE),
-           fail_after=commit_fail_after)
-    log.info("wrote %d clips (%.2f h) from %d files (%d failed) to %s in %.1fs", stats["clips"], stats["hours"],
-             stats["files_in"], stats["files_failed"], out, elapsed)
+    commit(
+        fs,
+        tmp_root,
+        out_root,
+        (schema.CLIPS_GLOB, schema.ERRORS_FILE, schema.SOURCES_FILE, schema.STATS_FILE),
+        fail_after=commit_fail_after,
+    )
+    log.info(
+        "wrote %d clips (%.2f h) from %d files (%d failed) to %s in %.1fs",
+        stats["clips"],
+        stats["hours"],
+        stats["files_in"],
+        stats["files_failed"],
+        out,
+        elapsed,
+    )
     return BuildResult(out, False, stats)
 
 
 def _problem_source_row(f: SourceFile) -> dict:
-    return {"source_path": f.path, "size": f.size, "mtime": f.mtime, "source_sha256": None, "status": "error",
-            "n_clips": 0, "sidecar_sha256": f.sidecar_sha256}
+    return {
+        "source_path": f.path,
+        "size": f.size,
+        "mtime": f.mtime,
+        "source_sha256": None,
+        "status": "error",
+        "n_clips": 0,
+        "sidecar_sha256": f.sidecar_sha256,
+    }
 
 
 def _skipped_source_row(path: str) -> dict:
-    return {"source_path": path, "size": 0, "mtime": 0.0, "source_sha256": None, "status": "skipped", "n_clips": 0,
-            "sidecar_sha256": ""}
+    return {
+        "source_path": path,
+        "size": 0,
+        "mtime": 0.0,
+        "source_sha256": None,
+        "status": "skipped",
+        "n_clips": 0,
+        "sidecar_sha256": "",
+    }
 
 
 def _write_small(rows: list[dict], path: str, table_schema: pa.Schema, extra: list[dict]) -> str:
@@ -510,8 +626,14 @@ def _read_stats(out: str) -> dict:
 
 
 def _check_params(params: dict) -> None:
-    for key in ("analysis_sample_rate", "store_sample_rate", "clip_seconds", "hop_seconds", "min_clip_seconds",
-                "split_fractions"):
+    for key in (
+        "analysis_sample_rate",
+        "store_sample_rate",
+        "clip_seconds",
+        "hop_seconds",
+        "min_clip_seconds",
+        "split_fractions",
+    ):
         if key not in params:
             raise PipelineUserError(f"build_dataset params lack {key!r}")
     if float(params["min_clip_seconds"]) > float(params["clip_seconds"]):
@@ -520,8 +642,9 @@ def _check_params(params: dict) -> None:
         raise PipelineUserError("clip_seconds and hop_seconds must be positive")
     evidence = params.get("downbeat_evidence", "weighted")
     if evidence not in ("learned", "weighted", "chroma_bass", "onsets_chords"):
-        raise PipelineUserError(f"downbeat_evidence must be learned, weighted, chroma_bass or onsets_chords, "
-                                f"got {evidence!r}")
+        raise PipelineUserError(
+            f"downbeat_evidence must be learned, weighted, chroma_bass or onsets_chords, got {evidence!r}"
+        )
     if evidence == "learned":
         from pipelines.features import load_downbeat_model
 
@@ -544,15 +667,33 @@ def _summary(values) -> dict:
     if not len(arr):
         return {"count": 0}
     q = np.percentile(arr, [5, 25, 50, 75, 95])
-    return {"count": int(len(arr)), "mean": round(float(arr.mean()), 3), "p05": round(float(q[0]), 3),
-            "p25": round(float(q[1]), 3), "median": round(float(q[2]), 3), "p75": round(float(q[3]), 3),
-            "p95": round(float(q[4]), 3)}
+    return {
+        "count": int(len(arr)),
+        "mean": round(float(arr.mean()), 3),
+        "p05": round(float(q[0]), 3),
+        "p25": round(float(q[1]), 3),
+        "median": round(float(q[2]), 3),
+        "p75": round(float(q[3]), 3),
+        "p95": round(float(q[4]), 3),
+    }
 
 
 def compute_stats(out: str, n_files: int) -> dict:
     """Counts and feature distributions (DVC metrics); reads no audio bytes."""
-    cols = ["source_path", "split", "duration_s", "is_silent", "tempo_bpm", "tempo_confidence", "key", "mode",
-            "key_strength", "loudness_lufs", "time_signature", "chords"]
+    cols = [
+        "source_path",
+        "split",
+        "duration_s",
+        "is_silent",
+        "tempo_bpm",
+        "tempo_confidence",
+        "key",
+        "mode",
+        "key_strength",
+        "loudness_lufs",
+        "time_signature",
+        "chords",
+    ]
     table = schema.read_clips_table(out, columns=cols)
     rows = table.to_pydict()
     errors = _read_small(out, schema.ERRORS_FILE)

@@ -13,6 +13,7 @@ Metrics (overall and split by drums / no drums):
 - beats and downbeats: mir_eval F-measure (70 ms), min_beat_time = 0 (10 s clips).
 - chords: duration-weighted recall over all clips (MIREX WCSR), `majmin` and `root`.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,11 +24,23 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines import schema
+from core import clips_table as schema
 from pipelines.errors import PipelineUserError
 
-CLIP_COLUMNS = ["clip_id", "source_path", "start_s", "duration_s", "is_silent", "tempo_bpm", "beats_s",
-                "downbeats_s", "key", "mode", "chords", "traits"]
+CLIP_COLUMNS = [
+    "clip_id",
+    "source_path",
+    "start_s",
+    "duration_s",
+    "is_silent",
+    "tempo_bpm",
+    "beats_s",
+    "downbeats_s",
+    "key",
+    "mode",
+    "chords",
+    "traits",
+]
 
 
 def tempo_accuracy(est: float | None, ref: float, tol: float = 0.04) -> tuple[float, float]:
@@ -83,8 +96,12 @@ def chord_comparisons(ref: list[tuple], est: list[dict], duration: float) -> tup
     root = mir_eval.chord.root(r, e)
     w_mm = np.where(majmin >= 0, dur, 0.0)
     w_rt = np.where(root >= 0, dur, 0.0)
-    return (float(np.sum(np.clip(majmin, 0, None) * w_mm)), float(w_mm.sum()),
-            float(np.sum(np.clip(root, 0, None) * w_rt)), float(w_rt.sum()))
+    return (
+        float(np.sum(np.clip(majmin, 0, None) * w_mm)),
+        float(w_mm.sum()),
+        float(np.sum(np.clip(root, 0, None) * w_rt)),
+        float(w_rt.sum()),
+    )
 
 
 def evaluate_clip(clip: dict, truth: dict) -> dict:
@@ -104,19 +121,30 @@ def evaluate_clip(clip: dict, truth: dict) -> dict:
     mm, w_mm, rt, w_rt = chord_comparisons(ref_chords, clip.get("chords") or [], end - start)
     traits = {t["name"]: bool(t["present"]) for t in (truth.get("traits") or [])}
     return {
-        "clip_id": clip["clip_id"], "file": truth["file"], "piece_id": truth["piece_id"], "corpus": truth["corpus"],
-        "start_s": start, "drums": traits.get("drums", False), "bass": traits.get("bass", False),
+        "clip_id": clip["clip_id"],
+        "file": truth["file"],
+        "piece_id": truth["piece_id"],
+        "corpus": truth["corpus"],
+        "start_s": start,
+        "drums": traits.get("drums", False),
+        "bass": traits.get("bass", False),
         "piano": traits.get("piano", False),
-        "ref_key": local, "ref_key_global": ref_key, "est_key": est_key,
+        "ref_key": local,
+        "ref_key_global": ref_key,
+        "est_key": est_key,
         "key_weighted": kw_local,
         "key_exact": float(kw_local == 1.0),  # enharmonic spellings (D# / Eb) count as exact
         "key_weighted_global": kw_global,
         "key_exact_global": float(kw_global == 1.0),
-        "ref_tempo": float(truth["tempo_bpm"]), "est_tempo": clip.get("tempo_bpm"),
-        "tempo_acc1": acc1, "tempo_acc2": acc2,
+        "ref_tempo": float(truth["tempo_bpm"]),
+        "est_tempo": clip.get("tempo_bpm"),
+        "tempo_acc1": acc1,
+        "tempo_acc2": acc2,
         "beat_f": float(mir_eval.beat.f_measure(ref_beats, est_beats)) if len(ref_beats) else np.nan,
         "downbeat_f": float(mir_eval.beat.f_measure(ref_down, est_down)) if len(ref_down) else np.nan,
-        "chord_majmin_hits": mm, "chord_root_hits": rt, "chord_majmin_weight": w_mm,
+        "chord_majmin_hits": mm,
+        "chord_root_hits": rt,
+        "chord_majmin_weight": w_mm,
         "chord_root_weight": w_rt,
         "ref_time_signature": truth["time_signature"],
     }
@@ -136,12 +164,18 @@ def summarise(rows: list[dict]) -> dict:
         return round(sum(r[f"chord_{k}_hits"] for r in rows) / w, 4) if w > 0 else None
 
     return {
-        "clips": len(rows), "pieces": len({r["piece_id"] for r in rows}),
-        "key_weighted": mean("key_weighted"), "key_exact": mean("key_exact"),
-        "key_weighted_global": mean("key_weighted_global"), "key_exact_global": mean("key_exact_global"),
-        "tempo_acc1": mean("tempo_acc1"), "tempo_acc2": mean("tempo_acc2"),
-        "beat_f": mean("beat_f"), "downbeat_f": mean("downbeat_f"),
-        "chord_majmin": wcsr("majmin"), "chord_root": wcsr("root"),
+        "clips": len(rows),
+        "pieces": len({r["piece_id"] for r in rows}),
+        "key_weighted": mean("key_weighted"),
+        "key_exact": mean("key_exact"),
+        "key_weighted_global": mean("key_weighted_global"),
+        "key_exact_global": mean("key_exact_global"),
+        "tempo_acc1": mean("tempo_acc1"),
+        "tempo_acc2": mean("tempo_acc2"),
+        "beat_f": mean("beat_f"),
+        "downbeat_f": mean("downbeat_f"),
+        "chord_majmin": wcsr("majmin"),
+        "chord_root": wcsr("root"),
     }
 
 
@@ -171,7 +205,8 @@ def evaluate_features(clips_dir: str, labels_path: str) -> tuple[dict, list[dict
         "drums": summarise([r for r in rows if r["drums"]]),
         "no_drums": summarise([r for r in rows if not r["drums"]]),
         "by_corpus": {c: summarise([r for r in rows if r["corpus"] == c]) for c in sorted({r["corpus"] for r in rows})},
-        "clips_unmatched": unmatched, "clips_silent": silent,
+        "clips_unmatched": unmatched,
+        "clips_silent": silent,
     }
     return metrics, rows
 
@@ -199,19 +234,35 @@ def write_outputs(metrics: dict, rows: list[dict], out: str, table: str | None =
         w = csv.DictWriter(f, fieldnames=list(pieces[0].keys()))
         w.writeheader()
         w.writerows(pieces)
-    pq.write_table(pa.Table.from_pylist(rows), os.path.splitext(table)[0].replace("_per_piece", "_per_clip")
-                   + ".parquet")
+    pq.write_table(
+        pa.Table.from_pylist(rows), os.path.splitext(table)[0].replace("_per_piece", "_per_clip") + ".parquet"
+    )
     return table
 
 
-METRIC_ORDER = ["key_weighted", "key_exact", "tempo_acc1", "tempo_acc2", "beat_f", "downbeat_f", "chord_majmin",
-                "chord_root"]
+METRIC_ORDER = [
+    "key_weighted",
+    "key_exact",
+    "tempo_acc1",
+    "tempo_acc2",
+    "beat_f",
+    "downbeat_f",
+    "chord_majmin",
+    "chord_root",
+]
 
 
 def format_table(metrics: dict) -> str:
     cols = [("overall", metrics["overall"]), ("drums", metrics["drums"]), ("no_drums", metrics["no_drums"])]
     lines = [f"{'metric':<16}" + "".join(f"{name:>11}" for name, _ in cols)]
     for k in ["clips"] + METRIC_ORDER + ["key_weighted_global", "key_exact_global"]:
-        lines.append(f"{k:<16}" + "".join(f"{(m.get(k) if m.get(k) is not None else float('nan')):>11.3f}"
-                                          if k != "clips" else f"{m.get(k, 0):>11d}" for _, m in cols))
+        lines.append(
+            f"{k:<16}"
+            + "".join(
+                f"{(m.get(k) if m.get(k) is not None else float('nan')):>11.3f}"
+                if k != "clips"
+                else f"{m.get(k, 0):>11d}"
+                for _, m in cols
+            )
+        )
     return "\n".join(lines)

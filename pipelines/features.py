@@ -3,6 +3,7 @@
 `ClipAnalyzer` holds essentia's algorithms (not picklable, not thread-safe): build one per worker process, in
 `DoFn.setup`. Every result is plain Python, ready for a clips-table row.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,12 +43,17 @@ class FeatureParams:
     # beats after vs the two before, low_onset / high_onset = spectral flux below 200 Hz / above 2 kHz (hats and
     # snares sit on the backbeats, hence negative).
     downbeat_weights: tuple[tuple[str, float], ...] = (
-        ("bass", 1.0), ("chord_change", 0.6), ("novelty", 0.45), ("low_onset", 0.1), ("high_onset", -0.35))
+        ("bass", 1.0),
+        ("chord_change", 0.6),
+        ("novelty", 0.45),
+        ("low_onset", 0.1),
+        ("high_onset", -0.35),
+    )
     # Beat refinement after the tracker (see `refine_beats`); False keeps the tracker's beats (+ octave halving).
     beat_refine: bool = True
-    beat_steady_tolerance: float = 0.04   # interval within this fraction of the median = settled tracking
-    beat_phase_margin: float = 0.5        # off-beat evidence above on-beat evidence by this much: shift half a beat
-    beat_compound_margin: float = 0.8     # dotted-beat (3 tatums) evidence above 2-tatum evidence: compound metre
+    beat_steady_tolerance: float = 0.04  # interval within this fraction of the median = settled tracking
+    beat_phase_margin: float = 0.5  # off-beat evidence above on-beat evidence by this much: shift half a beat
+    beat_compound_margin: float = 0.8  # dotted-beat (3 tatums) evidence above 2-tatum evidence: compound metre
     # Tempo octave: a beat level faster than this is taken as the subdivision and every other beat is kept
     # (the phase with the stronger bass / harmonic-change evidence); 0 disables.
     tempo_halve_above_bpm: float = 150.0
@@ -62,7 +68,7 @@ class FeatureParams:
     downbeat_file_context: bool = False
 
     @classmethod
-    def from_params(cls, section: dict) -> "FeatureParams":
+    def from_params(cls, section: dict) -> FeatureParams:
         names = set(cls.__dataclass_fields__)
         kwargs = {k: v for k, v in section.items() if k in names}
         if "meters" in kwargs:
@@ -74,8 +80,9 @@ class FeatureParams:
             kwargs["meter_bias"] = tuple((int(k), float(v)) for k, v in (mb.items() if isinstance(mb, dict) else mb))
         if "downbeat_weights" in kwargs:
             dw = kwargs["downbeat_weights"]
-            kwargs["downbeat_weights"] = tuple((str(k), float(v))
-                                               for k, v in (dw.items() if isinstance(dw, dict) else dw))
+            kwargs["downbeat_weights"] = tuple(
+                (str(k), float(v)) for k, v in (dw.items() if isinstance(dw, dict) else dw)
+            )
         return cls(**kwargs)
 
 
@@ -95,7 +102,7 @@ class ClipFeatures:
     # the clip's key profile (12-bin HPCP summed over its frames, A-based as essentia's Key expects); kept for
     # the file-level key context, not written to the table
     key_pcp: np.ndarray | None = None
-    beat_evidence: np.ndarray | None = None   # per-beat downbeat evidence, for the file-level bar phase
+    beat_evidence: np.ndarray | None = None  # per-beat downbeat evidence, for the file-level bar phase
 
 
 def tempo_from_beats(beats: np.ndarray) -> float | None:
@@ -105,8 +112,15 @@ def tempo_from_beats(beats: np.ndarray) -> float | None:
     return float(60.0 / np.median(np.diff(beats)))
 
 
-def halve_fast_beats(beats: np.ndarray, chroma: np.ndarray, times: np.ndarray, low: np.ndarray, duration: float,
-                     max_bpm: float, min_contrast: float = 0.3) -> np.ndarray:
+def halve_fast_beats(
+    beats: np.ndarray,
+    chroma: np.ndarray,
+    times: np.ndarray,
+    low: np.ndarray,
+    duration: float,
+    max_bpm: float,
+    min_contrast: float = 0.3,
+) -> np.ndarray:
     """Tempo octave decision: beat trackers on dense textures (chorales with eighth-note passing tones) often lock
     to the subdivision. Above `max_bpm` (a prior: the beat level of most music lies well below it) keep every
     other beat, in the phase whose beats carry more bass / kick energy and harmonic change, provided the two
@@ -131,7 +145,7 @@ def halve_fast_beats(beats: np.ndarray, chroma: np.ndarray, times: np.ndarray, l
     # weak.
     contrast = []
     for q in (0, 1):
-        on, off = ev[q::2], ev[1 - q::2]
+        on, off = ev[q::2], ev[1 - q :: 2]
         contrast.append(min(on[0::2].mean(), on[1::2].mean()) - off.mean() if len(on) >= 2 else 0.0)
     q = int(np.argmax(contrast))
     if contrast[q] < min_contrast:
@@ -202,26 +216,29 @@ def steady_beats(beats: np.ndarray, duration: float, tolerance: float = 0.04, ru
         return b
     ibi = np.diff(b)
     ok = np.abs(ibi / np.median(ibi) - 1.0) <= tolerance
-    first = next((i for i in range(len(ibi) - run + 1) if ok[i:i + run].all()), None)
+    first = next((i for i in range(len(ibi) - run + 1) if ok[i : i + run].all()), None)
     if first is None:
         return b  # no settled stretch: leave the tracker's beats alone
-    last = next(i for i in range(len(ibi) - 1, run - 2, -1) if ok[i - run + 1:i + 1].all())
-    core = b[first:last + 2]
-    p0, p1 = np.median(np.diff(core[:run + 1])), np.median(np.diff(core[-(run + 1):]))
+    last = next(i for i in range(len(ibi) - 1, run - 2, -1) if ok[i - run + 1 : i + 1].all())
+    core = b[first : last + 2]
+    p0, p1 = np.median(np.diff(core[: run + 1])), np.median(np.diff(core[-(run + 1) :]))
     head = core[0] - p0 * np.arange(int(core[0] // p0), 0, -1)
     tail = core[-1] + p1 * np.arange(1, int((duration - core[-1]) // p1) + 1)
     return np.concatenate([head, core, tail])
 
 
-def _tatum_evidence(beats: np.ndarray, chroma: np.ndarray, times: np.ndarray, env: dict) -> tuple[np.ndarray, np.ndarray]:
+def _tatum_evidence(
+    beats: np.ndarray, chroma: np.ndarray, times: np.ndarray, env: dict
+) -> tuple[np.ndarray, np.ndarray]:
     """The beat grid with its midpoints (tatums) and, per tatum, z(low-band onset) + z(chroma change)."""
     grid = np.sort(np.concatenate([beats, (beats[:-1] + beats[1:]) / 2]))
     half_beat = float(np.median(np.diff(grid)))
     return grid, _z(_at(env["low"], grid)) + _z(chroma_novelty(chroma, times, grid, half_beat))
 
 
-def shift_offbeat(beats: np.ndarray, chroma: np.ndarray, times: np.ndarray, env: dict, duration: float,
-                  margin: float) -> np.ndarray:
+def shift_offbeat(
+    beats: np.ndarray, chroma: np.ndarray, times: np.ndarray, env: dict, duration: float, margin: float
+) -> np.ndarray:
     """Phase: a tracker locked to the off-beats (a melody in even eighths gives it both) has its midpoints carry
     the bass onsets and harmonic changes. Shift by half a beat when the midpoints' evidence exceeds the beats' by
     `margin`."""
@@ -235,8 +252,9 @@ def shift_offbeat(beats: np.ndarray, chroma: np.ndarray, times: np.ndarray, env:
     return np.append(shifted, nxt) if nxt < duration else shifted
 
 
-def compound_beats(beats: np.ndarray, chroma: np.ndarray, times: np.ndarray, env: dict, margin: float,
-                   min_bpm: float = 40.0) -> np.ndarray:
+def compound_beats(
+    beats: np.ndarray, chroma: np.ndarray, times: np.ndarray, env: dict, margin: float, min_bpm: float = 40.0
+) -> np.ndarray:
     """Compound metre (6/8, 9/8, 12/8): the tracker often picks two eighths (a quarter) as the beat where the
     beat is three (a dotted quarter). On the eighth grid (beats + midpoints), compare the positions only the
     dotted grid has with those only the quarter grid has; take the dotted grid (best of its 3 phases) when its
@@ -268,8 +286,15 @@ def trim_to_sound(beats: np.ndarray, env_all: np.ndarray, slack: float = 0.2, re
     return beats[(beats >= onsets[0] - pad) & (beats <= onsets[-1] + pad)]
 
 
-def refine_beats(beats: np.ndarray, duration: float, chroma: np.ndarray, times: np.ndarray, low: np.ndarray,
-                 env: dict, params: "FeatureParams") -> np.ndarray:
+def refine_beats(
+    beats: np.ndarray,
+    duration: float,
+    chroma: np.ndarray,
+    times: np.ndarray,
+    low: np.ndarray,
+    env: dict,
+    params: FeatureParams,
+) -> np.ndarray:
     """Tracker beats -> tempo octave (halving), settled grid, beat phase, compound metre, settled grid, trimmed
     to where there is sound. Each step keeps the beats unless its evidence is clear (see the functions)."""
     beats = halve_fast_beats(beats, chroma, times, low, duration, params.tempo_halve_above_bpm)
@@ -281,8 +306,16 @@ def refine_beats(beats: np.ndarray, duration: float, chroma: np.ndarray, times: 
     return trim_to_sound(beats, env["all"])
 
 
-def downbeat_cues(beats: np.ndarray, duration: float, chroma: np.ndarray, times: np.ndarray, low: np.ndarray,
-                  env: dict, self_transition: float, sr: int = 44100) -> dict[str, np.ndarray]:
+def downbeat_cues(
+    beats: np.ndarray,
+    duration: float,
+    chroma: np.ndarray,
+    times: np.ndarray,
+    low: np.ndarray,
+    env: dict,
+    self_transition: float,
+    sr: int = 44100,
+) -> dict[str, np.ndarray]:
     """Per-beat cues for the bar phase (see `FeatureParams.downbeat_weights`), each a float array like beats."""
     n = len(beats)
     period = float(np.median(np.diff(beats)))
@@ -319,8 +352,18 @@ def downbeat_cues(beats: np.ndarray, duration: float, chroma: np.ndarray, times:
     }
 
 
-DOWNBEAT_CUES = ("bass", "chord_change", "novelty", "low_onset", "high_onset", "all_onset", "sustain", "mid_before",
-                 "novelty_1", "novelty_4")
+DOWNBEAT_CUES = (
+    "bass",
+    "chord_change",
+    "novelty",
+    "low_onset",
+    "high_onset",
+    "all_onset",
+    "sustain",
+    "mid_before",
+    "novelty_1",
+    "novelty_4",
+)
 
 
 def percussiveness(env: dict) -> float:
@@ -371,9 +414,14 @@ def stack_trees(trees: list[dict]) -> dict:
             out[i, : len(t[key])] = t[key]
         return out
 
-    return {"feature": pad("feature", 0, np.int64), "threshold": pad("threshold", 0.0, np.float64),
-            "left": pad("left", 0, np.int64), "right": pad("right", 0, np.int64),
-            "leaf": pad("leaf", 1, bool), "value": pad("value", 0.0, np.float64)}
+    return {
+        "feature": pad("feature", 0, np.int64),
+        "threshold": pad("threshold", 0.0, np.float64),
+        "left": pad("left", 0, np.int64),
+        "right": pad("right", 0, np.int64),
+        "leaf": pad("leaf", 1, bool),
+        "value": pad("value", 0.0, np.float64),
+    }
 
 
 def export_boosted_trees(clf) -> dict:
@@ -384,9 +432,16 @@ def export_boosted_trees(clf) -> dict:
         nodes = predictor.nodes
         if nodes["is_categorical"].any():
             raise ValueError("categorical splits are not exported")
-        trees.append({"feature": nodes["feature_idx"].tolist(), "threshold": nodes["num_threshold"].tolist(),
-                      "left": nodes["left"].tolist(), "right": nodes["right"].tolist(),
-                      "leaf": nodes["is_leaf"].astype(int).tolist(), "value": nodes["value"].tolist()})
+        trees.append(
+            {
+                "feature": nodes["feature_idx"].tolist(),
+                "threshold": nodes["num_threshold"].tolist(),
+                "left": nodes["left"].tolist(),
+                "right": nodes["right"].tolist(),
+                "leaf": nodes["is_leaf"].astype(int).tolist(),
+                "value": nodes["value"].tolist(),
+            }
+        )
     return {"baseline": float(clf._baseline_prediction.ravel()[0]), "trees": trees}
 
 
@@ -427,8 +482,9 @@ def learned_evidence(cues: dict[str, np.ndarray], env: dict, model: dict) -> np.
     return boosted_trees_score(cue_matrix(cues, model["cues"], model["shifts"]), model["models"][kind])
 
 
-def file_bar_phase(clips: list[tuple[float, np.ndarray, np.ndarray]], meters=(2, 3, 4),
-                   meter_bias: dict | None = None) -> tuple[list[np.ndarray], int]:
+def file_bar_phase(
+    clips: list[tuple[float, np.ndarray, np.ndarray]], meters=(2, 3, 4), meter_bias: dict | None = None
+) -> tuple[list[np.ndarray], int]:
     """Meter and bar phase of a whole file from its clips' (start_s, beats, per-beat evidence): the clips'
     beat grids are stitched into one beat count, and the (meter, phase) whose beats carry the most evidence over
     the file wins, as `bar_phase` does within a clip. Returns each clip's downbeats and the meter.
@@ -455,8 +511,9 @@ def file_bar_phase(clips: list[tuple[float, np.ndarray, np.ndarray]], meters=(2,
     used = [(i, e) for i, (_, _, e) in zip(index, clips) if i is not None]
     if not used:
         return [b[:1] for _, b, _ in clips], 4
-    m, p = _best_meter_phase(np.concatenate([i for i, _ in used]), np.concatenate([e for _, e in used]),
-                             meters, meter_bias)
+    m, p = _best_meter_phase(
+        np.concatenate([i for i, _ in used]), np.concatenate([e for _, e in used]), meters, meter_bias
+    )
     return [b[(i - p) % m == 0] if i is not None else b[:1] for i, (_, b, _) in zip(index, clips)], m
 
 
@@ -475,17 +532,23 @@ def _best_meter_phase(beat_index: np.ndarray, evidence: np.ndarray, meters, mete
     return best[1], best[2]
 
 
-def bar_phase(beats: np.ndarray, evidence: np.ndarray, meters=(2, 3, 4),
-              meter_bias: dict | None = None) -> tuple[np.ndarray, int]:
+def bar_phase(
+    beats: np.ndarray, evidence: np.ndarray, meters=(2, 3, 4), meter_bias: dict | None = None
+) -> tuple[np.ndarray, int]:
     """The meter m and phase p whose beats i = p (mod m) carry the most evidence relative to the other beats
     (plus the meter's bias): (downbeats, m)."""
     m, p = _best_meter_phase(np.arange(len(beats)), evidence, meters, meter_bias)
     return beats[p::m], m
 
 
-def estimate_downbeats(beats: np.ndarray, chroma_per_beat: np.ndarray, bass_per_beat: np.ndarray,
-                       meters=(2, 3, 4), extra: list[np.ndarray] | None = None,
-                       meter_bias: dict | None = None) -> tuple[np.ndarray, int]:
+def estimate_downbeats(
+    beats: np.ndarray,
+    chroma_per_beat: np.ndarray,
+    bass_per_beat: np.ndarray,
+    meters=(2, 3, 4),
+    extra: list[np.ndarray] | None = None,
+    meter_bias: dict | None = None,
+) -> tuple[np.ndarray, int]:
     """Pick the meter and bar phase whose downbeats coincide best with chord changes and bass onsets.
 
     essentia has no downbeat tracker and the neural ones do not install offline, so this is a small
@@ -563,6 +626,8 @@ class ClipAnalyzer:
 
     def __init__(self, params: FeatureParams):
         import essentia
+
+        essentia.log.infoActive = False  # its INFO lines ("no classifier models configured") are noise in our logs
         import essentia.standard as es
 
         essentia.log.infoActive = False
@@ -575,24 +640,53 @@ class ClipAnalyzer:
             # KeyExtractor's own chain (hann 4096/4096, peaks 25-3500 Hz, whitening, 12-bin HPCP, mean, bins
             # under 0.2 of the max cleared), shared by one Key per profile.
             self._hann_window = _essentia_window(es, "hann", 4096)
-            self._kpeaks = es.SpectralPeaks(orderBy="magnitude", magnitudeThreshold=1e-4, minFrequency=25,
-                                            maxFrequency=3500, maxPeaks=60, sampleRate=sr)
+            self._kpeaks = es.SpectralPeaks(
+                orderBy="magnitude",
+                magnitudeThreshold=1e-4,
+                minFrequency=25,
+                maxFrequency=3500,
+                maxPeaks=60,
+                sampleRate=sr,
+            )
             self._kwhite = es.SpectralWhitening(maxFrequency=3500, sampleRate=sr)
-            self._khpcp = es.HPCP(bandPreset=False, harmonics=4, maxFrequency=3500, minFrequency=25,
-                                  nonLinear=False, normalized="none", referenceFrequency=440, sampleRate=sr,
-                                  size=12, weightType="cosine", windowSize=1.0, maxShifted=False)
-            self._keys = [es.Key(usePolyphony=False, useThreeChords=False, numHarmonics=4, slope=0.6,
-                                 profileType=prof, pcpSize=12) for prof in params.key_profiles]
+            self._khpcp = es.HPCP(
+                bandPreset=False,
+                harmonics=4,
+                maxFrequency=3500,
+                minFrequency=25,
+                nonLinear=False,
+                normalized="none",
+                referenceFrequency=440,
+                sampleRate=sr,
+                size=12,
+                weightType="cosine",
+                windowSize=1.0,
+                maxShifted=False,
+            )
+            self._keys = [
+                es.Key(
+                    usePolyphony=False, useThreeChords=False, numHarmonics=4, slope=0.6, profileType=prof, pcpSize=12
+                )
+                for prof in params.key_profiles
+            ]
         self._bh_window = _essentia_window(es, "blackmanharris62", _HPCP_FRAME)
-        self._peaks = es.SpectralPeaks(orderBy="magnitude", magnitudeThreshold=1e-5, minFrequency=40,
-                                       maxFrequency=5000, maxPeaks=100, sampleRate=sr)
+        self._peaks = es.SpectralPeaks(
+            orderBy="magnitude",
+            magnitudeThreshold=1e-5,
+            minFrequency=40,
+            maxFrequency=5000,
+            maxPeaks=100,
+            sampleRate=sr,
+        )
         # referenceFrequency 440 puts A at bin 0; we roll to C below.
-        self._hpcp = es.HPCP(size=12, referenceFrequency=440, sampleRate=sr, harmonics=4,
-                             nonLinear=False, normalized="unitMax")
+        self._hpcp = es.HPCP(
+            size=12, referenceFrequency=440, sampleRate=sr, harmonics=4, nonLinear=False, normalized="unitMax"
+        )
         self._chords_essentia = es.ChordsDetectionBeats(hopSize=_HPCP_HOP, sampleRate=sr)
         self._meter = LoudnessMeter(sr)
-        self._downbeat_model = (load_downbeat_model(params.downbeat_model) if params.downbeat_evidence == "learned"
-                                else None)
+        self._downbeat_model = (
+            load_downbeat_model(params.downbeat_model) if params.downbeat_evidence == "learned" else None
+        )
         self._es = es
 
     # -- pieces -------------------------------------------------------------------------------------------
@@ -654,8 +748,7 @@ class ClipAnalyzer:
         beats = np.asarray(beats, dtype=float)
         beats = beats[(beats >= 0) & (beats < duration)]
         chroma, times, low = self._hpcp_frames(wave)
-        env = (onset_envelopes(wave, sr) if (p.beat_refine or p.downbeat_evidence in ("weighted", "learned"))
-               else None)
+        env = onset_envelopes(wave, sr) if (p.beat_refine or p.downbeat_evidence in ("weighted", "learned")) else None
         if p.beat_refine:
             beats = refine_beats(beats, duration, chroma, times, low, env, p)
         else:
@@ -723,8 +816,9 @@ class ClipAnalyzer:
                 beat_labels = viterbi_chords(chroma_per_beat, self_transition=p.chord_self_transition)
                 changes = np.array([float(a != b) for a, b in zip(beat_labels[1:], beat_labels[:-1])])
                 extra.append(np.r_[changes.mean() if len(changes) else 0.0, changes])  # beat 0: no evidence
-            downbeats, meter = estimate_downbeats(beats, chroma_per_beat, bass_per_beat, p.meters, extra,
-                                                  dict(p.meter_bias))
+            downbeats, meter = estimate_downbeats(
+                beats, chroma_per_beat, bass_per_beat, p.meters, extra, dict(p.meter_bias)
+            )
             time_signature = f"{meter}/4"
         else:
             downbeats, time_signature = beats[:1], None
@@ -749,7 +843,6 @@ class ClipAnalyzer:
             key_pcp=key_pcp,
             beat_evidence=evidence,
         )
-
 
 
 def _z(x: np.ndarray) -> np.ndarray:

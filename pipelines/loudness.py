@@ -5,6 +5,7 @@ that was ~12% of the feature pipeline's time. Here the same K-weighting coeffici
 own Meter, so the filter is the library's) run as one second-order-sections pass, and block energies come from one
 cumulative sum. The value equals `pyloudnorm.Meter(sr).integrated_loudness(x)` to ~1e-10 LU (tested).
 """
+
 from __future__ import annotations
 
 import numpy as np

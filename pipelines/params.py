@@ -1,23 +1,5 @@
-"""Read a stage's section of params.yaml (every tunable number lives there, grouped by stage)."""
-from __future__ import annotations
+"""Read a stage's section of params.yaml: `core.config.load_params` under the name the pipelines have used."""
 
-from pathlib import Path
+from core.config import load_params
 
-import yaml
-
-from pipelines.errors import PipelineUserError
-
-
-def load_params(path: str | Path = "params.yaml", section: str | None = None) -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise PipelineUserError(f"params file not found: {path}")
-    with open(path) as f:
-        params = yaml.safe_load(f) or {}
-    if section is None:
-        return params
-    if section not in params:
-        raise PipelineUserError(f"{path} has no section {section!r}")
-    merged = dict(params[section] or {})
-    merged.setdefault("seed", params.get("seed", 0))
-    return merged
+__all__ = ["load_params"]

@@ -1,5 +1,6 @@
 """The Beam runner every pipeline of the project starts: the local FnApiRunner in worker processes unless the user
 names another (Flink, Spark, Dataflow, Dask ...), in which case unknown --flags go to it."""
+
 from __future__ import annotations
 
 import contextlib

@@ -16,6 +16,7 @@ A piece that is not four voices, has overlapping notes or chords in a voice, or 
 with a one-line reason; a file of a type the pipeline does not read is listed as skipped. Nothing is dropped
 silently: every matched file is in `_sources.parquet`, every piece is a row or an error.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -37,8 +38,15 @@ from core import scores_table as schema
 from core.commit import commit, new_tmp_dir, output_lock, recover
 from core.config import Section
 from core.errors import UserError
-from core.score_io import MUSIC21_PREFIX, SCORE_EXTENSIONS, ScoreError, parse_scores, resolve_music21, \
-    score_voices, voices_to_roll
+from core.score_io import (
+    MUSIC21_PREFIX,
+    SCORE_EXTENSIONS,
+    ScoreError,
+    parse_scores,
+    resolve_music21,
+    score_voices,
+    voices_to_roll,
+)
 from core.splits import assign_split
 
 log = logging.getLogger(__name__)
@@ -48,12 +56,13 @@ N_VOICES = 4
 
 class BuildScoresParams(Section):
     """params.yaml `build_scores` (every default is here)."""
+
     seed: int = 0
     input: list[str] = Field(default_factory=lambda: ["pipelines/data/jsb/Jsb16thSeparated.json.gz"])
     split_fractions: dict[str, float] = Field(default_factory=lambda: {"train": 0.8, "valid": 0.1, "test": 0.1})
     num_shards: int = Field(1, ge=1)
     workers: int = Field(1, ge=1)
-    wait_seconds: float = Field(0.0, ge=0)     # how long to wait for another build of the same output
+    wait_seconds: float = Field(0.0, ge=0)  # how long to wait for another build of the same output
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -62,10 +71,10 @@ class BuildScoresParams(Section):
 
 @dataclass(frozen=True)
 class ScoreSource:
-    path: str           # a local path, fsspec URL, or music21:NAME
+    path: str  # a local path, fsspec URL, or music21:NAME
     size: int
     mtime: float
-    kind: str           # score | jsb | music21 | skipped
+    kind: str  # score | jsb | music21 | skipped
 
 
 def _kind(path: str) -> str:
@@ -126,7 +135,7 @@ def build_fingerprint(params: BuildScoresParams) -> str:
 @dataclass
 class Plan:
     to_read: list[ScoreSource]
-    kept: dict[str, dict]         # source path -> previous sources row (unchanged, fully read last time)
+    kept: dict[str, dict]  # source path -> previous sources row (unchanged, fully read last time)
     dropped: list[str]
 
     @property
@@ -181,15 +190,29 @@ def _shards(out: str) -> list[str]:
 # Worker side
 
 
-def roll_row(roll: np.ndarray, source: ScoreSource, sha: str, index: int, split: str, title: str = "",
-             key: str | None = None, time_signature: str | None = None, label: str | None = None) -> dict:
+def roll_row(
+    roll: np.ndarray,
+    source: ScoreSource,
+    sha: str,
+    index: int,
+    split: str,
+    title: str = "",
+    key: str | None = None,
+    time_signature: str | None = None,
+    label: str | None = None,
+) -> dict:
     sounding = roll[roll >= 0]
     return {
         "piece_id": f"{sha[:12]}-{label or f'{index:04d}'}",
-        "source_path": source.path, "source_sha256": sha, "piece_index": index, "title": title,
-        "split": split, "n_frames": int(roll.shape[1]),
+        "source_path": source.path,
+        "source_sha256": sha,
+        "piece_index": index,
+        "title": title,
+        "split": split,
+        "n_frames": int(roll.shape[1]),
         "roll": roll.T.astype(np.int16).tolist(),
-        "key": key, "time_signature": time_signature,
+        "key": key,
+        "time_signature": time_signature,
         "min_pitch": int(sounding.min()) if sounding.size else None,
         "max_pitch": int(sounding.max()) if sounding.size else None,
     }
@@ -209,8 +232,9 @@ def jsb_rolls(data) -> list[tuple[str, int, np.ndarray | str]]:
             try:
                 arr = np.asarray(piece)
                 if arr.ndim != 2 or arr.shape[1] != N_VOICES or arr.shape[0] == 0:
-                    raise ValueError(f"a piece must be a non-empty list of frames of {N_VOICES} pitches, got shape "
-                                     f"{list(arr.shape)}")
+                    raise ValueError(
+                        f"a piece must be a non-empty list of frames of {N_VOICES} pitches, got shape {list(arr.shape)}"
+                    )
                 if not np.issubdtype(arr.dtype, np.integer) and not np.all(np.mod(arr, 1) == 0):
                     raise ValueError("pitches must be whole MIDI numbers")
                 arr = arr.astype(np.int64)
@@ -265,8 +289,9 @@ class ReadSource(beam.DoFn):
                     try:
                         voices = score_voices(score, where=where)
                         roll = voices_to_roll(voices, N_VOICES, where=where)
-                        rows.append(roll_row(roll, source, sha, i, split, voices.title, voices.key,
-                                             voices.time_signature))
+                        rows.append(
+                            roll_row(roll, source, sha, i, split, voices.title, voices.key, voices.time_signature)
+                        )
                     except ScoreError as e:
                         errors.append(self._error(source, str(i), "voices", "ScoreError", str(e)))
         except Exception as e:  # every failure becomes an error row; the pipeline goes on
@@ -276,8 +301,7 @@ class ReadSource(beam.DoFn):
         for e in errors:
             yield beam.pvalue.TaggedOutput("errors", e)
         yield beam.pvalue.TaggedOutput("sources", self._source_row(source, sha, status, len(rows)))
-        for r in rows:
-            yield r
+        yield from rows
 
     @staticmethod
     def _error(source: ScoreSource, piece: str, stage: str, kind: str, message: str) -> dict:
@@ -286,8 +310,14 @@ class ReadSource(beam.DoFn):
 
     @staticmethod
     def _source_row(source: ScoreSource, sha: str | None, status: str, n: int) -> dict:
-        return {"source_path": source.path, "size": source.size, "mtime": source.mtime, "source_sha256": sha,
-                "status": status, "n_pieces": n}
+        return {
+            "source_path": source.path,
+            "size": source.size,
+            "mtime": source.mtime,
+            "source_sha256": sha,
+            "status": status,
+            "n_pieces": n,
+        }
 
 
 class ReadKept(beam.DoFn):
@@ -321,8 +351,9 @@ def shard_of(piece_id: str, n: int) -> int:
 
 def _write_side(rows: list[dict], path: str, table_schema: pa.Schema, extra: list[dict], key) -> str:
     with fsspec.open(path, "wb") as f:
-        pq.write_table(pa.Table.from_pylist(sorted(list(rows) + list(extra), key=key), schema=table_schema), f,
-                       compression="zstd")
+        pq.write_table(
+            pa.Table.from_pylist(sorted(list(rows) + list(extra), key=key), schema=table_schema), f, compression="zstd"
+        )
     return path
 
 
@@ -337,8 +368,14 @@ class ScoresBuild:
     stats: dict = field(default_factory=dict)
 
 
-def build_scores(inputs: list[str], out: str, params: BuildScoresParams, runner: str | None = None,
-                 beam_args: list[str] | None = None, commit_fail_after: int | None = None) -> ScoresBuild:
+def build_scores(
+    inputs: list[str],
+    out: str,
+    params: BuildScoresParams,
+    runner: str | None = None,
+    beam_args: list[str] | None = None,
+    commit_fail_after: int | None = None,
+) -> ScoresBuild:
     """Build (or refresh) the scores table in folder `out`."""
     from pipelines.runner import make_pipeline
 
@@ -351,47 +388,90 @@ def build_scores(inputs: list[str], out: str, params: BuildScoresParams, runner:
         plan = plan_refresh(sources, out, fingerprint)
         if plan.up_to_date and len(_shards(out)) == params.num_shards:
             return ScoresBuild(out, True, _read_stats(out))
-        log.info("%d sources: %d to read, %d unchanged, %d gone", len(sources), len(plan.to_read), len(plan.kept),
-                 len(plan.dropped))
+        log.info(
+            "%d sources: %d to read, %d unchanged, %d gone",
+            len(sources),
+            len(plan.to_read),
+            len(plan.kept),
+            len(plan.dropped),
+        )
         fs, root = fsspec.core.url_to_fs(out)
         protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
         tmp_root = new_tmp_dir(fs, root)
         tmp_url = tmp_root if protocol in ("file", "local") else f"{protocol}://{tmp_root}"
-        old_shards = [s if protocol in ("file", "local") else f"{protocol}://{s}" for s in _shards(out)] \
-            if plan.kept else []
+        old_shards = (
+            [s if protocol in ("file", "local") else f"{protocol}://{s}" for s in _shards(out)] if plan.kept else []
+        )
         old_errors = [r for r in _read_side(out, schema.ERRORS_FILE) if r["source_path"] in plan.kept]
         old_sources = list(plan.kept.values())
         n = params.num_shards
         started = time.time()
         with make_pipeline(runner, params.workers, beam_args) as p:
-            res = (p | "Sources" >> beam.Create(plan.to_read) | "Spread" >> beam.Reshuffle()
-                   | "Read" >> beam.ParDo(ReadSource(dict(params.split_fractions))).with_outputs(
-                       "errors", "sources", main="pieces"))
+            res = (
+                p
+                | "Sources" >> beam.Create(plan.to_read)
+                | "Spread" >> beam.Reshuffle()
+                | "Read"
+                >> beam.ParDo(ReadSource(dict(params.split_fractions))).with_outputs("errors", "sources", main="pieces")
+            )
             pieces = res.pieces
             if old_shards:
-                kept = (p | "OldShards" >> beam.Create(old_shards) | "ReadKept" >> beam.ParDo(ReadKept(sorted(plan.kept))))
+                kept = (
+                    p | "OldShards" >> beam.Create(old_shards) | "ReadKept" >> beam.ParDo(ReadKept(sorted(plan.kept)))
+                )
                 pieces = (pieces, kept) | "All" >> beam.Flatten()
-            (pieces | "KeyByShard" >> beam.Map(lambda r, n=n: (shard_of(r["piece_id"], n), r))
-             | "Group" >> beam.GroupByKey() | "Write" >> beam.ParDo(WriteShard(tmp_url, n)))
-            (res.errors | "Errors" >> beam.combiners.ToList()
-             | "WriteErrors" >> beam.Map(_write_side, f"{tmp_url}/{schema.ERRORS_FILE}", schema.ERRORS_SCHEMA,
-                                         old_errors, lambda r: (r["source_path"], r["piece"])))
-            (res.sources | "SourcesRows" >> beam.combiners.ToList()
-             | "WriteSources" >> beam.Map(_write_side, f"{tmp_url}/{schema.SOURCES_FILE}", schema.SOURCES_SCHEMA,
-                                          old_sources, lambda r: r["source_path"]))
+            (
+                pieces
+                | "KeyByShard" >> beam.Map(lambda r, n=n: (shard_of(r["piece_id"], n), r))
+                | "Group" >> beam.GroupByKey()
+                | "Write" >> beam.ParDo(WriteShard(tmp_url, n))
+            )
+            (
+                res.errors
+                | "Errors" >> beam.combiners.ToList()
+                | "WriteErrors"
+                >> beam.Map(
+                    _write_side,
+                    f"{tmp_url}/{schema.ERRORS_FILE}",
+                    schema.ERRORS_SCHEMA,
+                    old_errors,
+                    lambda r: (r["source_path"], r["piece"]),
+                )
+            )
+            (
+                res.sources
+                | "SourcesRows" >> beam.combiners.ToList()
+                | "WriteSources"
+                >> beam.Map(
+                    _write_side,
+                    f"{tmp_url}/{schema.SOURCES_FILE}",
+                    schema.SOURCES_SCHEMA,
+                    old_sources,
+                    lambda r: r["source_path"],
+                )
+            )
         for i in range(n):  # empty shards too: the set of file names never depends on the data
             path = f"{tmp_root}/{schema.shard_name(i, n)}"
             if not fs.exists(path):
                 with fs.open(path, "wb") as f:
                     pq.write_table(schema.SCORES_SCHEMA.empty_table(), f, compression="zstd")
         stats = compute_stats(tmp_url, len(sources))
-        stats.update(build_seconds=round(time.time() - started, 2), sources_read=len(plan.to_read),
-                     sources_unchanged=len(plan.kept), sources_removed=len(plan.dropped),
-                     build_fingerprint=fingerprint)
+        stats.update(
+            build_seconds=round(time.time() - started, 2),
+            sources_read=len(plan.to_read),
+            sources_unchanged=len(plan.kept),
+            sources_removed=len(plan.dropped),
+            build_fingerprint=fingerprint,
+        )
         with fs.open(f"{tmp_root}/{schema.STATS_FILE}", "w") as f:
             json.dump(stats, f, indent=2, sort_keys=True)
-        commit(fs, tmp_root, root, (schema.SHARDS_GLOB, schema.ERRORS_FILE, schema.SOURCES_FILE, schema.STATS_FILE),
-               fail_after=commit_fail_after)
+        commit(
+            fs,
+            tmp_root,
+            root,
+            (schema.SHARDS_GLOB, schema.ERRORS_FILE, schema.SOURCES_FILE, schema.STATS_FILE),
+            fail_after=commit_fail_after,
+        )
     return ScoresBuild(out, False, stats)
 
 
@@ -408,6 +488,12 @@ def compute_stats(out: str, n_sources: int) -> dict:
     per_split = {s: sum(1 for r in rows if r["split"] == s) for s in schema.SPLITS}
     frames = {s: sum(r["n_frames"] for r in rows if r["split"] == s) for s in schema.SPLITS}
     status = {k: sum(1 for r in sources if r["status"] == k) for k in ("ok", "partial", "error", "skipped")}
-    return {"sources_in": n_sources, "sources": status, "pieces": len(rows), "pieces_per_split": per_split,
-            "frames_per_split": frames, "errors": len(errors),
-            "errors_by_stage": {k: sum(1 for e in errors if e["stage"] == k) for k in ("read", "parse", "voices")}}
+    return {
+        "sources_in": n_sources,
+        "sources": status,
+        "pieces": len(rows),
+        "pieces_per_split": per_split,
+        "frames_per_split": frames,
+        "errors": len(errors),
+        "errors_by_stage": {k: sum(1 for e in errors if e["stage"] == k) for k in ("read", "parse", "voices")},
+    }

@@ -2,6 +2,7 @@
 `generator.safetensors`, codec files) or a probe-set directory (`probe_set.json`, `probes.safetensors`). Every
 registered version carries a manifest (sha256 + size of each file); downloads and cache hits are checked
 against it, so a corrupted artifact is refused instead of loaded."""
+
 from __future__ import annotations
 
 import hashlib
@@ -26,18 +27,22 @@ class ArtifactInfo:
     kind: str
     path: Path
     meta: dict
-    files: dict[str, dict]           # relative posix path -> {"sha256", "size"}
-    content_hash: str                # sha256 over the manifest entries: the identity of the artifact
+    files: dict[str, dict]  # relative posix path -> {"sha256", "size"}
+    content_hash: str  # sha256 over the manifest entries: the identity of the artifact
     trait: str | None = None
-    fingerprint: str | None = None             # generator: its own; probe set: none
-    generator_fingerprint: str | None = None   # probe set: the generator it was trained on
+    fingerprint: str | None = None  # generator: its own; probe set: none
+    generator_fingerprint: str | None = None  # probe set: the generator it was trained on
     generator_info: dict = field(default_factory=dict)  # probe set: backend / local path of a non-builtin generator
     metrics: dict = field(default_factory=dict)
     params: dict = field(default_factory=dict)
 
     def manifest(self) -> dict:
-        return {"format": "smitin-manifest/1", "kind": self.kind, "content_hash": self.content_hash,
-                "files": self.files}
+        return {
+            "format": "smitin-manifest/1",
+            "kind": self.kind,
+            "content_hash": self.content_hash,
+            "files": self.files,
+        }
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -99,8 +104,7 @@ def numeric(d: dict) -> dict[str, float]:
 
 
 def list_files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.rglob("*")
-                  if p.is_file() and p.name != MANIFEST and not p.name.startswith("."))
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST and not p.name.startswith("."))
 
 
 def inspect_dir(directory: str | Path, kind: str | None = None) -> ArtifactInfo:
@@ -110,8 +114,10 @@ def inspect_dir(directory: str | Path, kind: str | None = None) -> ArtifactInfo:
         raise InvalidArtifact(f"{directory} is not a directory")
     kind = kind or detect_kind(directory)
     if kind not in KINDS:
-        raise InvalidArtifact(f"{directory} is neither a generator ({KINDS['generator'][0]}), a probe set "
-                              f"({KINDS['probe_set'][0]}) nor a Coconet ({KINDS['coconet'][0]})")
+        raise InvalidArtifact(
+            f"{directory} is neither a generator ({KINDS['generator'][0]}), a probe set "
+            f"({KINDS['probe_set'][0]}) nor a Coconet ({KINDS['coconet'][0]})"
+        )
     meta_name, weights_name = KINDS[kind]
     for name in (meta_name, weights_name):
         if not (directory / name).is_file():
@@ -121,8 +127,10 @@ def inspect_dir(directory: str | Path, kind: str | None = None) -> ArtifactInfo:
     except (OSError, ValueError) as e:
         raise InvalidArtifact(f"{directory / meta_name} is not valid JSON ({e})") from None
     check_safetensors(directory / weights_name)
-    files = {p.relative_to(directory).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size}
-             for p in list_files(directory)}
+    files = {
+        p.relative_to(directory).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size}
+        for p in list_files(directory)
+    }
     info = ArtifactInfo(kind=kind, path=directory, meta=meta, files=files, content_hash=content_hash(files))
     if kind == "generator":
         info.fingerprint = meta.get("fingerprint")
@@ -143,8 +151,9 @@ def inspect_dir(directory: str | Path, kind: str | None = None) -> ArtifactInfo:
         info.trait = meta["trait"]
         info.generator_fingerprint = meta["generator_fingerprint"]
         info.generator_info = meta.get("generator") if isinstance(meta.get("generator"), dict) else {}
-        info.params = flatten({"params": meta.get("params", {}),
-                               **{k: meta[k] for k in ("n_layers", "n_heads", "head_dim") if k in meta}})
+        info.params = flatten(
+            {"params": meta.get("params", {}), **{k: meta[k] for k in ("n_layers", "n_heads", "head_dim") if k in meta}}
+        )
         info.metrics = numeric(meta.get("metrics", {}))
     return info
 

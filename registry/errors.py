@@ -1,7 +1,8 @@
 """Registry errors a user can cause or fix. Each is printed by the `smitin` CLI as one line."""
+
 from __future__ import annotations
 
-from pipelines.errors import UserError
+from core.errors import UserError
 
 
 class RegistryError(UserError):

@@ -2,6 +2,7 @@
 or not) and refused promotion, with who / when / from / to / why. Each event is one registered-model tag
 `smitin.history.<ms>.<rand>` holding JSON, so events are written atomically, never rewrite each other, and show
 in the MLflow UI on the model's page."""
+
 from __future__ import annotations
 
 import getpass
@@ -10,7 +11,7 @@ import os
 import secrets
 import socket
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 HISTORY_PREFIX = "smitin.history."
 
@@ -27,7 +28,7 @@ def who() -> str:
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
 
 
 def record_event(client, name: str, event: dict) -> dict:

@@ -1,6 +1,7 @@
 """Where an artifact came from: the git commit, the dvc.lock hashes of the stages that made it (the producing
 stage and everything upstream of it), and the clips-table hash. Written as tags on the run, the logged model and
 the model version, so the MLflow UI shows them next to the metrics."""
+
 from __future__ import annotations
 
 import hashlib
@@ -41,8 +42,12 @@ def _out_hash(outs: list[dict]) -> str:
     return hashlib.sha256("\n".join(f"{p}:{h}" for p, h in sorted(hashes)).encode()).hexdigest()[:32]
 
 
-def dvc_lineage(artifact_path: str | Path, lock_path: str | Path = "dvc.lock", root: str | Path = ".",
-                clips_table: str = "data/clips") -> dict[str, str]:
+def dvc_lineage(
+    artifact_path: str | Path,
+    lock_path: str | Path = "dvc.lock",
+    root: str | Path = ".",
+    clips_table: str = "data/clips",
+) -> dict[str, str]:
     """{'dvc/<stage>': output hash of each stage upstream of `artifact_path` (inclusive),
     'clips_table_hash': md5 of the clips table in dvc.lock} — empty when there is no dvc.lock or no stage
     produced the artifact (e.g. a hand-made directory)."""

@@ -1,6 +1,7 @@
 """Resolve `models:/name@alias` (or `models:/name/3`, or a plain local directory) to files on disk, through a
 local cache keyed by content hash: resolving is one registry query, loading a cached version touches no network
 and copies nothing. Downloads are verified against the registered manifest before they enter the cache."""
+
 from __future__ import annotations
 
 import os
@@ -20,20 +21,21 @@ _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>
 @dataclass
 class LocalModel:
     """A generator or probe set on local disk, with where it came from."""
+
     path: Path
     kind: str
     uri: str
-    name: str | None = None            # registered model name (None for a plain directory)
+    name: str | None = None  # registered model name (None for a plain directory)
     version: str | None = None
     aliases: list[str] = field(default_factory=list)
     tags: dict = field(default_factory=dict)
     trait: str | None = None
-    fingerprint: str | None = None             # generator
-    generator_fingerprint: str | None = None   # probe set
+    fingerprint: str | None = None  # generator
+    generator_fingerprint: str | None = None  # probe set
     cached: bool = False
     # generator: its backend ("builtin" | "musicgen"); probe set: the backend of the generator it was trained on
     backend: str = "builtin"
-    generator_path: str | None = None          # probe set trained on MusicGen: the local folder it was trained on
+    generator_path: str | None = None  # probe set trained on MusicGen: the local folder it was trained on
     shape: tuple[int, int, int] | None = None  # (layers, heads, head dim): of the generator / the probe set
 
     def label(self) -> str:
@@ -45,8 +47,9 @@ class LocalModel:
         if self.backend == "musicgen":
             return f"MusicGen {fp}" + (f" ({self.generator_path})" if self.generator_path else "")
         trained_on = self.tags.get(TAG + "generator_version")
-        return f"generator {fp}" + (f" (registered generator v{trained_on})"
-                                    if trained_on and trained_on != "unregistered" else "")
+        return f"generator {fp}" + (
+            f" (registered generator v{trained_on})" if trained_on and trained_on != "unregistered" else ""
+        )
 
 
 def _shape(text) -> tuple[int, int, int] | None:
@@ -80,8 +83,10 @@ def resolve(reg: Registry, uri: str):
                 raise
         if not c.search_registered_models(f"name = '{name}'"):
             known = sorted(m.name for m in c.search_registered_models(max_results=100))
-            raise ModelNotFound(f"no registered model {name!r} in {reg.uri}"
-                                + (f" (registered: {', '.join(known)})" if known else " (nothing registered yet)"))
+            raise ModelNotFound(
+                f"no registered model {name!r} in {reg.uri}"
+                + (f" (registered: {', '.join(known)})" if known else " (nothing registered yet)")
+            )
         if alias:
             rm = c.get_registered_model(name)
             have = ", ".join(f"{a}->v{v}" for a, v in sorted((rm.aliases or {}).items())) or "none"
@@ -101,11 +106,22 @@ def fetch(reg: Registry | None, uri: str | os.PathLike, cache_dir: str | Path | 
     if not text.startswith("models:/"):
         info = inspect_dir(text)
         g = info.generator_info
-        shape = tuple(int(info.meta[k]) for k in ("n_layers", "n_heads", "head_dim")) \
-            if info.kind == "probe_set" and all(k in info.meta for k in ("n_layers", "n_heads", "head_dim")) else None
-        return LocalModel(path=info.path, kind=info.kind, uri=text, trait=info.trait, fingerprint=info.fingerprint,
-                          generator_fingerprint=info.generator_fingerprint, backend=str(g.get("backend") or "builtin"),
-                          generator_path=g.get("path"), shape=shape)
+        shape = (
+            tuple(int(info.meta[k]) for k in ("n_layers", "n_heads", "head_dim"))
+            if info.kind == "probe_set" and all(k in info.meta for k in ("n_layers", "n_heads", "head_dim"))
+            else None
+        )
+        return LocalModel(
+            path=info.path,
+            kind=info.kind,
+            uri=text,
+            trait=info.trait,
+            fingerprint=info.fingerprint,
+            generator_fingerprint=info.generator_fingerprint,
+            backend=str(g.get("backend") or "builtin"),
+            generator_path=g.get("path"),
+            shape=shape,
+        )
     if reg is None:
         raise RegistryError("a models:/ URI needs a registry")
     mv = resolve(reg, text)
@@ -126,13 +142,22 @@ def fetch(reg: Registry | None, uri: str | os.PathLike, cache_dir: str | Path | 
         cached = False
         _download(reg, mv, final, content, label)
     kind = mv.tags.get(TAG + "kind") or ("generator" if (final / "generator.json").exists() else "probe_set")
-    return LocalModel(path=final, kind=kind, uri=text, name=mv.name, version=str(mv.version),
-                      aliases=list(mv.aliases or []), tags=dict(mv.tags), trait=mv.tags.get(TAG + "trait"),
-                      fingerprint=mv.tags.get(TAG + "fingerprint"),
-                      generator_fingerprint=mv.tags.get(TAG + "generator_fingerprint"), cached=cached,
-                      backend=mv.tags.get(TAG + "generator_backend") or "builtin",
-                      generator_path=mv.tags.get(TAG + "generator_path"),
-                      shape=_shape(mv.tags.get(TAG + "generator_shape")))
+    return LocalModel(
+        path=final,
+        kind=kind,
+        uri=text,
+        name=mv.name,
+        version=str(mv.version),
+        aliases=list(mv.aliases or []),
+        tags=dict(mv.tags),
+        trait=mv.tags.get(TAG + "trait"),
+        fingerprint=mv.tags.get(TAG + "fingerprint"),
+        generator_fingerprint=mv.tags.get(TAG + "generator_fingerprint"),
+        cached=cached,
+        backend=mv.tags.get(TAG + "generator_backend") or "builtin",
+        generator_path=mv.tags.get(TAG + "generator_path"),
+        shape=_shape(mv.tags.get(TAG + "generator_shape")),
+    )
 
 
 def _download(reg: Registry, mv, final: Path, content: str, label: str) -> None:
@@ -144,12 +169,17 @@ def _download(reg: Registry, mv, final: Path, content: str, label: str) -> None:
         with translate_errors(reg):
             source = reg.client.get_model_version_download_uri(mv.name, mv.version)
             try:
-                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp),
-                                                                 tracking_uri=reg.uri, registry_uri=reg.uri))
+                local = Path(
+                    mlflow.artifacts.download_artifacts(
+                        artifact_uri=source, dst_path=str(tmp), tracking_uri=reg.uri, registry_uri=reg.uri
+                    )
+                )
             except Exception as e:  # noqa: BLE001 - missing files are a corrupt artifact, not a crash
                 if "connection" in str(e).lower():
                     raise
-                raise CorruptArtifact(f"{label}: artifacts cannot be downloaded from {source} ({first_line(e)[:160]})") from None
+                raise CorruptArtifact(
+                    f"{label}: artifacts cannot be downloaded from {source} ({first_line(e)[:160]})"
+                ) from None
         verify_dir(local, content, full=True, what=label)
         try:
             os.rename(local, final)
@@ -170,15 +200,18 @@ def check_compatible(probe_set: LocalModel, generator: LocalModel) -> None:
     if probe_set.backend != generator.backend:
         raise IncompatibleProbeSet(
             f"probe set {probe_set.label()} (trait {probe_set.trait}) was trained on {trained}, not on the "
-            f"{generator.backend} generator {generator.label()}; {fix}")
+            f"{generator.backend} generator {generator.label()}; {fix}"
+        )
     if generator.fingerprint is None:
         if probe_set.shape and generator.shape and tuple(probe_set.shape) != tuple(generator.shape):
             raise IncompatibleProbeSet(
                 f"probe set {probe_set.label()} (trait {probe_set.trait}) was trained on {trained} with "
                 f"layers x heads x head dim {'x'.join(map(str, probe_set.shape))}, not on {what}{generator.label()} "
-                f"({'x'.join(map(str, generator.shape))}); {fix}")
+                f"({'x'.join(map(str, generator.shape))}); {fix}"
+            )
         return
     if probe_set.generator_fingerprint != generator.fingerprint:
         raise IncompatibleProbeSet(
             f"probe set {probe_set.label()} (trait {probe_set.trait}) was trained on {trained}, not on "
-            f"{what}{generator.label()} ({str(generator.fingerprint)[:12]}); {fix}")
+            f"{what}{generator.label()} ({str(generator.fingerprint)[:12]}); {fix}"
+        )

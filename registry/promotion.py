@@ -7,6 +7,7 @@ Gates (params.yaml `registry.gates`):
   `every`, SMITIN's push interval) is compared only when both were measured with the same settings;
 - compatible (probe sets): trained on the current champion generator (same fingerprint).
 `--force` promotes anyway; the event records which gates were overridden."""
+
 from __future__ import annotations
 
 import json
@@ -79,7 +80,9 @@ def metric_gate(candidate, champion, gates: dict, kind: str) -> Gate:
         direction = rule.get("better", "higher") if isinstance(rule, dict) else rule
         slack = float(rule.get("tolerance", tol)) if isinstance(rule, dict) else tol
         if direction not in ("higher", "lower"):
-            raise RegistryError(f"params registry.gates: {metric} must be 'higher' or 'lower' is better, not {direction!r}")
+            raise RegistryError(
+                f"params registry.gates: {metric} must be 'higher' or 'lower' is better, not {direction!r}"
+            )
         if metric not in champ:
             continue
         if metric not in cand:
@@ -88,9 +91,13 @@ def metric_gate(candidate, champion, gates: dict, kind: str) -> Gate:
         # steering metrics carry the settings they were run at; a setting only one side recorded (a version
         # registered before it was logged) does not block the comparison
         node = metric.rsplit(".", 1)[0]
-        differ = [f"{name} {_fmt(cand[f'{node}.{name}'])} vs {_fmt(champ[f'{node}.{name}'])}" for name in SETTINGS
-                  if f"{node}.{name}" in cand and f"{node}.{name}" in champ
-                  and cand[f"{node}.{name}"] != champ[f"{node}.{name}"]]
+        differ = [
+            f"{name} {_fmt(cand[f'{node}.{name}'])} vs {_fmt(champ[f'{node}.{name}'])}"
+            for name in SETTINGS
+            if f"{node}.{name}" in cand
+            and f"{node}.{name}" in champ
+            and cand[f"{node}.{name}"] != champ[f"{node}.{name}"]
+        ]
         if differ:
             skipped.append(f"{metric} ({', '.join(differ)})")
             continue
@@ -99,15 +106,20 @@ def metric_gate(candidate, champion, gates: dict, kind: str) -> Gate:
         compared.append(metric)
         if worse:
             sign = "<" if direction == "higher" else ">"
-            problems.append(f"{metric} {_fmt(c)} {sign} champion v{champion.version} {_fmt(ref)} "
-                            f"{'-' if direction == 'higher' else '+'} tolerance {_fmt(slack)}")
+            problems.append(
+                f"{metric} {_fmt(c)} {sign} champion v{champion.version} {_fmt(ref)} "
+                f"{'-' if direction == 'higher' else '+'} tolerance {_fmt(slack)}"
+            )
     not_compared = f"; not compared, measured with other settings: {', '.join(skipped)}" if skipped else ""
     if problems:
         return Gate("metrics", False, "; ".join(problems) + not_compared)
     if not compared:
         return Gate("metrics", True, f"no gated metric in common with champion v{champion.version}{not_compared}")
-    return Gate("metrics", True, f"{', '.join(compared)} within tolerance of champion v{champion.version} or better"
-                                 f"{not_compared}")
+    return Gate(
+        "metrics",
+        True,
+        f"{', '.join(compared)} within tolerance of champion v{champion.version} or better{not_compared}",
+    )
 
 
 def compatibility_gate(reg: Registry, candidate) -> Gate:
@@ -115,27 +127,47 @@ def compatibility_gate(reg: Registry, candidate) -> Gate:
     if candidate.tags.get(TAG + "generator_backend") == "musicgen":
         # MusicGen weights are referenced by path, not registered: `smitin generate` checks the fingerprint of the
         # MusicGen it loads against this one (and refuses another model)
-        return Gate("compatible", True, f"trained on MusicGen {fp[:12]} at "
-                                        f"{candidate.tags.get(TAG + 'generator_path', '?')} (not registered; "
-                                        f"checked against the loaded weights when generating)")
+        return Gate(
+            "compatible",
+            True,
+            f"trained on MusicGen {fp[:12]} at "
+            f"{candidate.tags.get(TAG + 'generator_path', '?')} (not registered; "
+            f"checked against the loaded weights when generating)",
+        )
     gen_name = reg.settings.generator_name
-    gen = alias_version(reg.client, gen_name, CHAMPION) if reg.client.search_registered_models(
-        f"name = '{gen_name}'") else None
+    gen = (
+        alias_version(reg.client, gen_name, CHAMPION)
+        if reg.client.search_registered_models(f"name = '{gen_name}'")
+        else None
+    )
     if gen is None:
-        return Gate("compatible", False, f"{gen_name} has no champion to check the probe set against; promote a "
-                                         f"generator first")
+        return Gate(
+            "compatible", False, f"{gen_name} has no champion to check the probe set against; promote a generator first"
+        )
     gen_fp = gen.tags.get(TAG + "fingerprint", "")
     if fp != gen_fp:
-        return Gate("compatible", False, f"trained on generator {fp[:12] or '?'} (v{candidate.tags.get(TAG + 'generator_version', '?')}), "
-                                         f"champion {gen_name} v{gen.version} is {gen_fp[:12]}")
+        return Gate(
+            "compatible",
+            False,
+            f"trained on generator {fp[:12] or '?'} (v{candidate.tags.get(TAG + 'generator_version', '?')}), "
+            f"champion {gen_name} v{gen.version} is {gen_fp[:12]}",
+        )
     return Gate("compatible", True, f"trained on champion {gen_name} v{gen.version} ({gen_fp[:12]})")
 
 
 def evaluate_gates(reg: Registry, name: str, candidate, champion) -> list[Gate]:
     kind = candidate.tags.get(TAG + "kind", "probe_set" if name != reg.settings.generator_name else "generator")
     ready = candidate.status == "READY" and bool(candidate.tags.get(TAG + "content_hash"))
-    gates = [Gate("ready", ready, "registered, content hash recorded" if ready else
-                  f"status {candidate.status}, content hash {'present' if candidate.tags.get(TAG + 'content_hash') else 'missing'}")]
+    gates = [
+        Gate(
+            "ready",
+            ready,
+            "registered, content hash recorded"
+            if ready
+            else f"status {candidate.status}, content hash "
+            f"{'present' if candidate.tags.get(TAG + 'content_hash') else 'missing'}",
+        )
+    ]
     gates.append(metric_gate(candidate, champion, reg.settings.gates, kind))
     if kind == "probe_set":
         gates.append(compatibility_gate(reg, candidate))
@@ -162,8 +194,15 @@ def _candidate(reg: Registry, name: str, version: str | int | None):
     return mv
 
 
-def promote(reg: Registry, model: str, version: str | int | None = None, *, force: bool = False,
-            reason: str = "", dry_run: bool = False) -> Promotion:
+def promote(
+    reg: Registry,
+    model: str,
+    version: str | int | None = None,
+    *,
+    force: bool = False,
+    reason: str = "",
+    dry_run: bool = False,
+) -> Promotion:
     """Move `champion` to `version` (default: the challenger, else the newest) if the gates pass or `force`.
     A refusal is recorded in the history too, then raised as `PromotionRefused` naming the failed gates."""
     reg.check()
@@ -180,21 +219,38 @@ def promote(reg: Registry, model: str, version: str | int | None = None, *, forc
         if dry_run:
             return result
         failed = result.failed
-        base = {"alias": CHAMPION, "from": result.previous, "to": result.version, "why": reason or "",
-                "gates": [str(g) for g in result.gates]}
+        base = {
+            "alias": CHAMPION,
+            "from": result.previous,
+            "to": result.version,
+            "why": reason or "",
+            "gates": [str(g) for g in result.gates],
+        }
         if failed and not force:
             result.event = record_event(c, name, {**base, "action": "refused"})
             result.event.pop("key")
-            raise PromotionRefused(f"{name} v{candidate.version} not promoted: " + "; ".join(
-                f"gate {g.name} failed: {g.detail}" for g in failed) + " (use --force to override, it is recorded)")
+            raise PromotionRefused(
+                f"{name} v{candidate.version} not promoted: "
+                + "; ".join(f"gate {g.name} failed: {g.detail}" for g in failed)
+                + " (use --force to override, it is recorded)"
+            )
         if failed and not candidate.tags.get(TAG + "content_hash"):
-            raise RegistryError(f"{name} v{candidate.version} has no content hash: it was not registered by smitin "
-                                f"and cannot be verified, not even with --force")
+            raise RegistryError(
+                f"{name} v{candidate.version} has no content hash: it was not registered by smitin "
+                f"and cannot be verified, not even with --force"
+            )
         c.set_registered_model_alias(name, CHAMPION, result.version)
         try:
-            result.event = record_event(c, name, {**base, "action": "force-promote" if failed else "promote",
-                                                  "forced": bool(failed),
-                                                  "overridden": [g.name for g in failed]})
+            result.event = record_event(
+                c,
+                name,
+                {
+                    **base,
+                    "action": "force-promote" if failed else "promote",
+                    "forced": bool(failed),
+                    "overridden": [g.name for g in failed],
+                },
+            )
             result.event.pop("key")
         except Exception:
             # No history, no promotion: put the previous champion back.

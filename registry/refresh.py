@@ -3,6 +3,7 @@ audio means no training), then offer each newly registered challenger for promot
 
 The generator goes first: a probe set is only promotable once the generator it was trained on is the champion
 (the `compatible` gate), so a generator that fails its gates keeps its probe sets from being promoted too."""
+
 from __future__ import annotations
 
 import os
@@ -12,14 +13,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.errors import UserError
+from core.errors import UserError
 
 
 @dataclass
 class RefreshResult:
     stages_run: list[str] = field(default_factory=list)
-    promoted: dict[str, str] = field(default_factory=dict)      # model -> version now champion
-    kept: dict[str, str] = field(default_factory=dict)          # model -> why its challenger was not promoted
+    promoted: dict[str, str] = field(default_factory=dict)  # model -> version now champion
+    kept: dict[str, str] = field(default_factory=dict)  # model -> why its challenger was not promoted
 
 
 def _lock_entries(lock: Path) -> dict:
@@ -80,8 +81,10 @@ def promote_challengers(params: Path, tracking_uri: str | None = None, log=print
     promoted, kept = {}, {}
     for model in models:
         reg.check()
-        if not reg.client.search_registered_models(f"name = '{model}'") or \
-                alias_version(reg.client, model, CHALLENGER) is None:
+        if (
+            not reg.client.search_registered_models(f"name = '{model}'")
+            or alias_version(reg.client, model, CHALLENGER) is None
+        ):
             kept[model] = "nothing registered yet"
             log(f"{model}: nothing registered yet")
             continue
@@ -103,15 +106,24 @@ def promote_challengers(params: Path, tracking_uri: str | None = None, log=print
     return promoted, kept
 
 
-def refresh(project: Path = Path("."), params: Path | None = None, *, dvc_args: list[str] | None = None,
-            promote: bool = True, tracking_uri: str | None = None, log=print) -> RefreshResult:
+def refresh(
+    project: Path = Path("."),
+    params: Path | None = None,
+    *,
+    dvc_args: list[str] | None = None,
+    promote: bool = True,
+    tracking_uri: str | None = None,
+    log=print,
+) -> RefreshResult:
     project = Path(project)
     params = Path(params) if params else project / "params.yaml"
     result = RefreshResult()
     result.stages_run = run_repro(project, list(dvc_args or []))
     trained = [s for s in result.stages_run if s.startswith(("train_generator", "train_probes"))]
-    log(f"stages run: {', '.join(result.stages_run) or 'none (everything up to date)'}; "
-        f"{'trained: ' + ', '.join(trained) if trained else 'no training'}")
+    log(
+        f"stages run: {', '.join(result.stages_run) or 'none (everything up to date)'}; "
+        f"{'trained: ' + ', '.join(trained) if trained else 'no training'}"
+    )
     if promote:
         result.promoted, result.kept = promote_challengers(params, tracking_uri=tracking_uri, log=log)
     return result

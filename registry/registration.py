@@ -4,6 +4,7 @@ One registration = one MLflow run (params, metrics, lineage tags, plots) + one L
 as plain artifacts + a sha256 manifest, the same metrics) + one model version (lineage tags, `smitin.metrics`).
 Either all of it exists at the end or none of it: a failure at any step rolls back what was made. The same
 content registered twice gives back the existing version (the DVC stage can re-run safely)."""
+
 from __future__ import annotations
 
 import json
@@ -27,7 +28,7 @@ class Registered:
     model_id: str
     run_id: str
     content_hash: str
-    created: bool            # False: this content was already registered as `version`
+    created: bool  # False: this content was already registered as `version`
 
     def uri(self) -> str:
         return f"models:/{self.name}/{self.version}"
@@ -46,8 +47,11 @@ def _generator_version(reg: Registry, fingerprint: str) -> str:
     name = reg.settings.generator_name
     if not c.search_registered_models(f"name = '{name}'"):
         return "unregistered"
-    versions = [int(mv.version) for mv in c.search_model_versions(f"name = '{name}'")
-                if mv.tags.get(TAG + "fingerprint") == fingerprint]
+    versions = [
+        int(mv.version)
+        for mv in c.search_model_versions(f"name = '{name}'")
+        if mv.tags.get(TAG + "fingerprint") == fingerprint
+    ]
     return str(max(versions)) if versions else "unregistered"
 
 
@@ -57,22 +61,42 @@ def _ensure_registered_model(reg: Registry, name: str, info: ArtifactInfo) -> No
     c = reg.client
     if c.search_registered_models(f"name = '{name}'"):
         return
-    what = ("the smitin generator (with its codec)" if info.kind == "generator"
-            else "Coconet, the four-part chorale model (harmonize / infill / compose)" if info.kind == "coconet"
-            else f"SMITIN probe sets for the trait '{info.trait}'" + (
-                " on Hugging Face MusicGen (weights referenced by local path + fingerprint, not registered)"
-                if info.generator_info.get("backend") == "musicgen" else ""))
+    what = (
+        "the smitin generator (with its codec)"
+        if info.kind == "generator"
+        else "Coconet, the four-part chorale model (harmonize / infill / compose)"
+        if info.kind == "coconet"
+        else f"SMITIN probe sets for the trait '{info.trait}'"
+        + (
+            " on Hugging Face MusicGen (weights referenced by local path + fingerprint, not registered)"
+            if info.generator_info.get("backend") == "musicgen"
+            else ""
+        )
+    )
     try:
-        c.create_registered_model(name, tags={TAG + "kind": info.kind, **({TAG + "trait": info.trait} if info.trait else {})},
-                                  description=f"{what}; aliases: champion (serving), challenger (newest registered)")
+        c.create_registered_model(
+            name,
+            tags={TAG + "kind": info.kind, **({TAG + "trait": info.trait} if info.trait else {})},
+            description=f"{what}; aliases: champion (serving), challenger (newest registered)",
+        )
     except MlflowException as e:
         if getattr(e, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
             raise
 
 
-def register_dir(reg: Registry, directory: str | Path, kind: str | None = None, *, trait: str | None = None,
-                 extra_metrics: dict | None = None, plots: list[str | Path] = (), lineage: dict | None = None,
-                 description: str = "", alias: str | None = CHALLENGER, _fail_after: str | None = None) -> Registered:
+def register_dir(
+    reg: Registry,
+    directory: str | Path,
+    kind: str | None = None,
+    *,
+    trait: str | None = None,
+    extra_metrics: dict | None = None,
+    plots: list[str | Path] = (),
+    lineage: dict | None = None,
+    description: str = "",
+    alias: str | None = CHALLENGER,
+    _fail_after: str | None = None,
+) -> Registered:
     """Register one directory. `lineage` tags override the computed ones (git, dvc.lock). `_fail_after` is a
     test hook: raise after the named step to exercise the rollback."""
     info = inspect_dir(directory, kind)
@@ -86,10 +110,15 @@ def register_dir(reg: Registry, directory: str | Path, kind: str | None = None, 
         _ensure_registered_model(reg, name, info)
         existing = _find_by_content(reg.client, name, info.content_hash)
         if existing is not None:
-            return Registered(name, str(existing.version), existing.model_id or "", existing.run_id or "",
-                              info.content_hash, created=False)
-        tags = {"kind": info.kind, "content_hash": info.content_hash, "registered_by": who(),
-                **git_state(".")}
+            return Registered(
+                name,
+                str(existing.version),
+                existing.model_id or "",
+                existing.run_id or "",
+                info.content_hash,
+                created=False,
+            )
+        tags = {"kind": info.kind, "content_hash": info.content_hash, "registered_by": who(), **git_state(".")}
         tags.update(dvc_lineage(directory))
         if info.kind in ("generator", "coconet"):
             tags["fingerprint"] = info.fingerprint
@@ -98,22 +127,38 @@ def register_dir(reg: Registry, directory: str | Path, kind: str | None = None, 
         elif backend == "musicgen":
             # the MusicGen weights are not registered (gigabytes, and the user's own copy): a reference + fingerprint
             g = info.generator_info
-            tags.update(trait=info.trait, generator_fingerprint=info.generator_fingerprint,
-                        generator_backend="musicgen", generator_path=str(g.get("path") or ""),
-                        generator_version="unregistered",
-                        generator_shape=f"{g.get('n_layers')}x{g.get('n_heads')}x{g.get('head_dim')}",
-                        data_hash=str(info.meta.get("data_hash", "")))
+            tags.update(
+                trait=info.trait,
+                generator_fingerprint=info.generator_fingerprint,
+                generator_backend="musicgen",
+                generator_path=str(g.get("path") or ""),
+                generator_version="unregistered",
+                generator_shape=f"{g.get('n_layers')}x{g.get('n_heads')}x{g.get('head_dim')}",
+                data_hash=str(info.meta.get("data_hash", "")),
+            )
         else:
-            tags.update(trait=info.trait, generator_fingerprint=info.generator_fingerprint,
-                        generator_version=_generator_version(reg, info.generator_fingerprint),
-                        data_hash=str(info.meta.get("data_hash", "")))
+            tags.update(
+                trait=info.trait,
+                generator_fingerprint=info.generator_fingerprint,
+                generator_version=_generator_version(reg, info.generator_fingerprint),
+                data_hash=str(info.meta.get("data_hash", "")),
+            )
         tags.update({k: str(v) for k, v in (lineage or {}).items()})
         tags = {TAG + k: str(v) for k, v in tags.items()}
         return _register(reg, info, name, metrics, tags, plots, description, alias, _fail_after)
 
 
-def _register(reg: Registry, info: ArtifactInfo, name: str, metrics: dict, tags: dict, plots, description: str,
-              alias: str | None, fail_after: str | None) -> Registered:
+def _register(
+    reg: Registry,
+    info: ArtifactInfo,
+    name: str,
+    metrics: dict,
+    tags: dict,
+    plots,
+    description: str,
+    alias: str | None,
+    fail_after: str | None,
+) -> Registered:
     from mlflow.entities import Metric, Param
 
     c = reg.client
@@ -126,8 +171,13 @@ def _register(reg: Registry, info: ArtifactInfo, name: str, metrics: dict, tags:
     try:
         exp_id = reg.experiment_id()
         short = name.removeprefix("smitin-")
-        run_tags = {**tags, "mlflow.runName": f"register-{short}", "mlflow.user": who(),
-                    "mlflow.source.name": "smitin registry register", "mlflow.source.type": "LOCAL"}
+        run_tags = {
+            **tags,
+            "mlflow.runName": f"register-{short}",
+            "mlflow.user": who(),
+            "mlflow.source.name": "smitin registry register",
+            "mlflow.source.type": "LOCAL",
+        }
         if tags.get(TAG + "git_commit", "unknown") != "unknown":
             run_tags["mlflow.source.git.commit"] = tags[TAG + "git_commit"]
         run = c.create_run(exp_id, run_name=f"register-{short}", tags=run_tags)
@@ -135,7 +185,7 @@ def _register(reg: Registry, info: ArtifactInfo, name: str, metrics: dict, tags:
         params = {k: str(v)[:6000] for k, v in info.params.items()}
         items = sorted(params.items())
         for i in range(0, len(items), 100):
-            c.log_batch(run.info.run_id, params=[Param(k, v) for k, v in items[i:i + 100]])
+            c.log_batch(run.info.run_id, params=[Param(k, v) for k, v in items[i : i + 100]])
         for plot in plots:
             plot = Path(plot)
             if plot.is_dir():
@@ -143,8 +193,14 @@ def _register(reg: Registry, info: ArtifactInfo, name: str, metrics: dict, tags:
             elif plot.is_file():
                 c.log_artifact(run.info.run_id, str(plot), "plots")
         step("run")
-        lm = c.create_logged_model(exp_id, name=short, source_run_id=run.info.run_id, tags=tags,
-                                   params=dict(items[:100]), model_type=f"smitin-{info.kind}")
+        lm = c.create_logged_model(
+            exp_id,
+            name=short,
+            source_run_id=run.info.run_id,
+            tags=tags,
+            params=dict(items[:100]),
+            model_type=f"smitin-{info.kind}",
+        )
         made["logged_model"] = lm
         c.log_model_artifacts(lm.model_id, str(info.path))
         with tempfile.TemporaryDirectory() as tmp:
@@ -152,30 +208,47 @@ def _register(reg: Registry, info: ArtifactInfo, name: str, metrics: dict, tags:
             c.log_model_artifacts(lm.model_id, tmp)
         if lm.artifact_location.startswith("file:"):
             # Local store: check the stored copy is what was hashed (the source could change under us).
-            from urllib.request import url2pathname
             from urllib.parse import urlparse
+            from urllib.request import url2pathname
 
-            verify_dir(Path(url2pathname(urlparse(lm.artifact_location).path)), info.content_hash,
-                       what=f"stored copy of {info.path}")
+            verify_dir(
+                Path(url2pathname(urlparse(lm.artifact_location).path)),
+                info.content_hash,
+                what=f"stored copy of {info.path}",
+            )
         step("artifacts")
         ts = int(time.time() * 1000)
         batch = [Metric(k, v, ts, 0, model_id=lm.model_id) for k, v in sorted(metrics.items())]
         for i in range(0, len(batch), 1000):
-            c.log_batch(run.info.run_id, metrics=batch[i:i + 1000])
+            c.log_batch(run.info.run_id, metrics=batch[i : i + 1000])
         c.finalize_logged_model(lm.model_id, "READY")
         step("logged_model")
         mv_tags = {**tags, TAG + "metrics": json.dumps(metrics, sort_keys=True)}
-        mv = c.create_model_version(name, source=lm.artifact_location, run_id=run.info.run_id, tags=mv_tags,
-                                    model_id=lm.model_id,
-                                    description=description or f"registered from {info.path} by {who()}")
+        mv = c.create_model_version(
+            name,
+            source=lm.artifact_location,
+            run_id=run.info.run_id,
+            tags=mv_tags,
+            model_id=lm.model_id,
+            description=description or f"registered from {info.path} by {who()}",
+        )
         made["version"] = str(mv.version)
         step("version")
         if alias:
             previous = _alias_version(c, name, alias)
             made["alias"] = (alias, previous)
             c.set_registered_model_alias(name, alias, str(mv.version))
-            made["event"] = record_event(c, name, {"action": "register", "alias": alias, "from": previous, "to": str(mv.version),
-                                   "why": f"registered {info.path.name} ({info.content_hash[:12]})"})
+            made["event"] = record_event(
+                c,
+                name,
+                {
+                    "action": "register",
+                    "alias": alias,
+                    "from": previous,
+                    "to": str(mv.version),
+                    "why": f"registered {info.path.name} ({info.content_hash[:12]})",
+                },
+            )
         step("alias")
         c.set_terminated(run.info.run_id, "FINISHED")
         return Registered(name, str(mv.version), lm.model_id, run.info.run_id, info.content_hash, created=True)
@@ -216,12 +289,15 @@ def _rollback(reg: Registry, name: str, made: dict, alias: str | None) -> None:
             finally:
                 c.delete_logged_model(lm.model_id)
             _delete_artifacts(lm.artifact_location)
+
         undo.append(drop_model)
     if "run" in made:
+
         def drop_run():
             c.set_tag(made["run"], TAG + "error", "registration failed and was rolled back")
             c.set_terminated(made["run"], "FAILED")
             c.delete_run(made["run"])
+
         undo.append(drop_run)
     for fn in undo:
         try:
@@ -251,22 +327,53 @@ def _delete_artifacts(location: str) -> None:
         pass
 
 
-def register_many(reg: Registry, generator_dir: str | None, probe_dirs: dict[str, str],
-                  metrics: dict[str, dict] | None = None, plots: dict[str, list[str]] | None = None,
-                  alias: str | None = CHALLENGER, coconet_dir: str | None = None) -> list[Registered]:
+def register_many(
+    reg: Registry,
+    generator_dir: str | None,
+    probe_dirs: dict[str, str],
+    metrics: dict[str, dict] | None = None,
+    plots: dict[str, list[str]] | None = None,
+    alias: str | None = CHALLENGER,
+    coconet_dir: str | None = None,
+) -> list[Registered]:
     """The generator first (so probe sets can name its registered version), then each trait's probe set, then
     Coconet. `metrics` / `plots` are keyed by 'generator', a trait, or 'coconet'."""
     metrics, plots = metrics or {}, plots or {}
     out: list[Registered] = []
     if generator_dir:
-        out.append(register_dir(reg, generator_dir, "generator", extra_metrics=metrics.get("generator"),
-                                plots=plots.get("generator", []), alias=alias))
+        out.append(
+            register_dir(
+                reg,
+                generator_dir,
+                "generator",
+                extra_metrics=metrics.get("generator"),
+                plots=plots.get("generator", []),
+                alias=alias,
+            )
+        )
     for trait, directory in sorted(probe_dirs.items()):
-        out.append(register_dir(reg, directory, "probe_set", trait=trait, extra_metrics=metrics.get(trait),
-                                plots=plots.get(trait, []), alias=alias))
+        out.append(
+            register_dir(
+                reg,
+                directory,
+                "probe_set",
+                trait=trait,
+                extra_metrics=metrics.get(trait),
+                plots=plots.get(trait, []),
+                alias=alias,
+            )
+        )
     if coconet_dir:
-        out.append(register_dir(reg, coconet_dir, "coconet", extra_metrics=metrics.get("coconet"),
-                                plots=plots.get("coconet", []), alias=alias))
+        out.append(
+            register_dir(
+                reg,
+                coconet_dir,
+                "coconet",
+                extra_metrics=metrics.get("coconet"),
+                plots=plots.get("coconet", []),
+                alias=alias,
+            )
+        )
     return out
 
 
@@ -280,12 +387,13 @@ def stage_inputs(section: dict, params: dict) -> dict:
     traits = spec.get("traits")
     if traits is None:
         traits = list(((params.get("probes") or {}).get("traits")) or [])
-    out = {"generator": spec.get("generator"), "probes": {}, "metrics": {}, "plots": {},
-           "coconet": spec.get("coconet")}
+    out = {"generator": spec.get("generator"), "probes": {}, "metrics": {}, "plots": {}, "coconet": spec.get("coconet")}
     for t in traits:
         if spec.get("probe_sets"):
             out["probes"][t] = spec["probe_sets"].format(trait=t)
-    for missing in [p for p in [out["generator"], *out["probes"].values(), out["coconet"]] if p and not Path(p).exists()]:
+    for missing in [
+        p for p in [out["generator"], *out["probes"].values(), out["coconet"]] if p and not Path(p).exists()
+    ]:
         raise RegistryError(f"nothing to register at {missing}: run the stages that make it first (dvc repro)")
 
     steering = spec.get("steering_metrics")
@@ -303,7 +411,9 @@ def stage_inputs(section: dict, params: dict) -> dict:
     if out["generator"]:
         gm = spec.get("generator_metrics")
         out["metrics"]["generator"] = _read_metrics(gm) if gm and Path(gm).exists() else {}
-        out["plots"]["generator"] = [p for pattern in spec.get("generator_plots") or [] for p in sorted(glob.glob(pattern))]
+        out["plots"]["generator"] = [
+            p for pattern in spec.get("generator_plots") or [] for p in sorted(glob.glob(pattern))
+        ]
     if out["coconet"]:
         cm = spec.get("coconet_metrics")
         out["metrics"]["coconet"] = _read_metrics(cm) if cm and Path(cm).exists() else {}

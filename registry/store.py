@@ -4,6 +4,7 @@ MLflow client, reachability checks, error translation, and the local registratio
 Default: a SQLite file in the project (`sqlite:///mlflow.db`) with artifacts under `./mlartifacts`. Any
 `MLFLOW_TRACKING_URI` (an `mlflow server` with a SQL backend, or another database URL) takes precedence.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,7 +34,7 @@ DEFAULTS: dict = {
     "generator_name": "smitin-generator",
     "probe_set_prefix": "smitin-probes-",
     "coconet_name": "smitin-coconet",
-    "cache_dir": None,            # default: $SMITIN_CACHE_DIR or ~/.cache/smitin/registry
+    "cache_dir": None,  # default: $SMITIN_CACHE_DIR or ~/.cache/smitin/registry
     "lock_timeout_s": 120,
     "gates": {
         "tolerance": 0.01,
@@ -81,20 +82,33 @@ class Settings:
     generator_name: str = "smitin-generator"
     probe_set_prefix: str = "smitin-probes-"
     coconet_name: str = "smitin-coconet"
-    cache_dir: Path = field(default_factory=lambda: Path(os.environ.get(
-        "SMITIN_CACHE_DIR", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "smitin" / "registry")))
+    cache_dir: Path = field(
+        default_factory=lambda: Path(
+            os.environ.get(
+                "SMITIN_CACHE_DIR",
+                Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "smitin" / "registry",
+            )
+        )
+    )
     lock_timeout_s: float = 120.0
     gates: dict = field(default_factory=lambda: _merge(DEFAULTS["gates"], {}))
     section: dict = field(default_factory=dict)  # the whole merged params section (stage inputs live there too)
 
     @classmethod
-    def load(cls, params_path: str | os.PathLike | None = "params.yaml", tracking_uri: str | None = None) -> "Settings":
+    def load(cls, params_path: str | os.PathLike | None = "params.yaml", tracking_uri: str | None = None) -> Settings:
         s = read_settings_section(params_path)
         uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or s["tracking_uri"]
-        kwargs = dict(tracking_uri=uri, artifact_root=s["artifact_root"], experiment=s["experiment"],
-                      generator_name=s["generator_name"], probe_set_prefix=s["probe_set_prefix"],
-                      coconet_name=s["coconet_name"],
-                      lock_timeout_s=float(s["lock_timeout_s"]), gates=s["gates"], section=s)
+        kwargs = dict(
+            tracking_uri=uri,
+            artifact_root=s["artifact_root"],
+            experiment=s["experiment"],
+            generator_name=s["generator_name"],
+            probe_set_prefix=s["probe_set_prefix"],
+            coconet_name=s["coconet_name"],
+            lock_timeout_s=float(s["lock_timeout_s"]),
+            gates=s["gates"],
+            section=s,
+        )
         if s.get("cache_dir"):
             kwargs["cache_dir"] = Path(s["cache_dir"])
         return cls(**kwargs)
@@ -126,7 +140,7 @@ class Registry:
         if self.scheme != "sqlite":
             return None
         # sqlite:///rel.db -> rel.db (relative to the working directory), sqlite:////abs.db -> /abs.db
-        return Path(self.uri[len("sqlite:///"):])
+        return Path(self.uri[len("sqlite:///") :])
 
     def describe(self) -> str:
         return self.uri
@@ -145,21 +159,28 @@ class Registry:
                 raise RegistryUnavailable(
                     f"MLflow tracking server {self.uri} is unreachable ({reason}); start it with `mlflow server "
                     f"--backend-store-uri sqlite:///mlflow.db --artifacts-destination ./mlartifacts` or point "
-                    f"MLFLOW_TRACKING_URI at a running one") from None
+                    f"MLFLOW_TRACKING_URI at a running one"
+                ) from None
             if r.status_code != 200:
                 raise RegistryUnavailable(f"MLflow tracking server {self.uri} is not healthy (HTTP {r.status_code})")
             return
         if self.scheme == "":
-            raise RegistryError(f"tracking URI {self.uri!r} is not a database or server URI: the registry needs "
-                                f"e.g. sqlite:///mlflow.db or http://host:5000 (plain ./mlruns folders cannot hold "
-                                f"a model registry)")
+            raise RegistryError(
+                f"tracking URI {self.uri!r} is not a database or server URI: the registry needs "
+                f"e.g. sqlite:///mlflow.db or http://host:5000 (plain ./mlruns folders cannot hold "
+                f"a model registry)"
+            )
         if self.scheme == "file":
-            raise RegistryError(f"tracking URI {self.uri} is a file store; the registry needs a database backend "
-                                f"(sqlite:///mlflow.db) or an `mlflow server`")
+            raise RegistryError(
+                f"tracking URI {self.uri} is a file store; the registry needs a database backend "
+                f"(sqlite:///mlflow.db) or an `mlflow server`"
+            )
         db = self.sqlite_path
         if db is not None and not create and not db.exists():
-            raise ModelNotFound(f"no MLflow registry at {self.uri} ({db} does not exist): register something "
-                                f"first (`smitin registry register`) or set MLFLOW_TRACKING_URI")
+            raise ModelNotFound(
+                f"no MLflow registry at {self.uri} ({db} does not exist): register something "
+                f"first (`smitin registry register`) or set MLFLOW_TRACKING_URI"
+            )
         if db is not None and not db.parent.exists():
             raise RegistryError(f"cannot create the registry database {db}: folder {db.parent} does not exist")
         if db is not None and db.exists():
@@ -193,8 +214,9 @@ class Registry:
         from mlflow.exceptions import MlflowException
 
         try:
-            return c.create_experiment(self.settings.experiment, artifact_location=self.artifact_location(),
-                                       tags={TAG + "project": "smitin"})
+            return c.create_experiment(
+                self.settings.experiment, artifact_location=self.artifact_location(), tags={TAG + "project": "smitin"}
+            )
         except MlflowException:  # created by a concurrent process in between
             exp = c.get_experiment_by_name(self.settings.experiment)
             if exp is None:
@@ -220,13 +242,15 @@ class Registry:
     def resolve_name(self, text: str) -> str:
         """A registered model name from what a user typed: the full name, `generator`, or a trait (`drums`)."""
         if text.startswith("models:/"):
-            text = text[len("models:/"):].split("@")[0].split("/")[0]
+            text = text[len("models:/") :].split("@")[0].split("/")[0]
         if text == "generator":
             return self.settings.generator_name
         if text == "coconet":
             return self.settings.coconet_name
-        if text.startswith(self.settings.probe_set_prefix) or text in (self.settings.generator_name,
-                                                                       self.settings.coconet_name):
+        if text.startswith(self.settings.probe_set_prefix) or text in (
+            self.settings.generator_name,
+            self.settings.coconet_name,
+        ):
             return text
         names = {m.name for m in self.client.search_registered_models(max_results=1000)}
         if text in names:
@@ -270,7 +294,8 @@ class Registry:
                         holder = f.read().strip() or "another process"
                         raise RegistrationBusy(
                             f"another {holder} has held the registry lock {path} for over "
-                            f"{self.settings.lock_timeout_s:.0f} s; try again when it has finished") from None
+                            f"{self.settings.lock_timeout_s:.0f} s; try again when it has finished"
+                        ) from None
                     time.sleep(0.1)
             try:
                 f.seek(0)
@@ -291,8 +316,10 @@ def check_sqlite_registry(db: Path) -> None:
     import sqlite3
 
     if db.stat().st_size == 0:
-        raise RegistryError(f"the registry database {db} is empty (0 bytes): restore it from a backup, or remove it "
-                            f"to start a new registry")
+        raise RegistryError(
+            f"the registry database {db} is empty (0 bytes): restore it from a backup, or remove it "
+            f"to start a new registry"
+        )
     try:
         con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
         try:
@@ -303,8 +330,9 @@ def check_sqlite_registry(db: Path) -> None:
     except sqlite3.DatabaseError as e:
         raise RegistryError(f"the registry database {db} is damaged ({e}): restore it from a backup") from None
     if ok != "ok":
-        raise RegistryError(f"the registry database {db} is damaged (integrity check: {str(ok)[:120]}): restore it "
-                            f"from a backup")
+        raise RegistryError(
+            f"the registry database {db} is damaged (integrity check: {str(ok)[:120]}): restore it from a backup"
+        )
     if "alembic_version" not in tables or "registered_models" not in tables:
         raise RegistryError(f"{db} is an SQLite file but not an MLflow registry (no registered_models table)")
 
@@ -315,7 +343,7 @@ def first_line(e: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def translate_errors(reg: "Registry"):
+def translate_errors(reg: Registry):
     """Turn backend failures into one-line `RegistryError`s; leave our own errors alone."""
     try:
         yield
@@ -328,9 +356,20 @@ def translate_errors(reg: "Registry"):
         low = text.lower()
         if "database is locked" in low:
             raise RegistrationBusy(f"the registry database {reg.uri} is locked by another process; try again") from None
-        if any(s in low for s in ("connection refused", "max retries exceeded", "failed to establish",
-                                  "name or service not known", "connectionerror", "remote end closed")):
-            raise RegistryUnavailable(f"MLflow tracking server {reg.uri} is unreachable ({first_line(e)[:160]})") from None
+        if any(
+            s in low
+            for s in (
+                "connection refused",
+                "max retries exceeded",
+                "failed to establish",
+                "name or service not known",
+                "connectionerror",
+                "remote end closed",
+            )
+        ):
+            raise RegistryUnavailable(
+                f"MLflow tracking server {reg.uri} is unreachable ({first_line(e)[:160]})"
+            ) from None
         if isinstance(e, MlflowException):
             code = getattr(e, "error_code", "")
             if code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):

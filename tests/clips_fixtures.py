@@ -1,4 +1,5 @@
 """A tiny synthetic clips table for the models tests: tonal clips with and without a click-track 'drum kit'."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,13 +13,13 @@ def tonal(seconds: float, seed: int, drums: bool) -> np.ndarray:
     rng = np.random.default_rng(seed)
     t = np.arange(int(seconds * SR)) / SR
     f0 = 110 * 2 ** (rng.integers(0, 12) / 12)
-    x = sum(0.3 * 0.5 ** h * np.sin(2 * np.pi * f0 * (h + 1) * t) for h in range(4))
+    x = sum(0.3 * 0.5**h * np.sin(2 * np.pi * f0 * (h + 1) * t) for h in range(4))
     if drums:
         period = 60 / rng.uniform(90, 140) / 2
         for onset in np.arange(0, seconds, period):
             n = int(onset * SR)
             m = min(1600, len(x) - n)
-            x[n:n + m] += 0.8 * rng.standard_normal(m) * np.exp(-np.arange(m) / 250)
+            x[n : n + m] += 0.8 * rng.standard_normal(m) * np.exp(-np.arange(m) / 250)
     return (0.8 * x / np.abs(x).max()).astype(np.float32)
 
 
@@ -26,8 +27,8 @@ def write_clips_table(folder: Path, n_per_split=(8, 4, 4), seconds: float = 2.0,
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipelines.audio import encode_flac
-    from pipelines.schema import CLIPS_SCHEMA, shard_name
+    from core.audio import encode_flac
+    from core.clips_table import CLIPS_SCHEMA, shard_name
 
     rows = []
     for split, n in zip(("train", "valid", "test"), n_per_split):
@@ -35,10 +36,20 @@ def write_clips_table(folder: Path, n_per_split=(8, 4, 4), seconds: float = 2.0,
             drums = i % 2 == 0
             seed = hash((split, i)) % 10_000
             cap = "a tone" + (" with drums" if drums else "")
-            rows.append({"clip_id": f"{split}-{i}", "split": split, "mix_id": f"{split}-{i // 2}", "sample_rate": SR,
-                         "audio": {"bytes": encode_flac(tonal(seconds, seed, drums), SR), "path": None},
-                         "traits": [{"name": "drums", "present": drums}], "caption": cap, "tempo_bpm": 120.0,
-                         "key": "C", "mode": "major"})
+            rows.append(
+                {
+                    "clip_id": f"{split}-{i}",
+                    "split": split,
+                    "mix_id": f"{split}-{i // 2}",
+                    "sample_rate": SR,
+                    "audio": {"bytes": encode_flac(tonal(seconds, seed, drums), SR), "path": None},
+                    "traits": [{"name": "drums", "present": drums}],
+                    "caption": cap,
+                    "tempo_bpm": 120.0,
+                    "key": "C",
+                    "mode": "major",
+                }
+            )
     schema = pa.schema([f for f in CLIPS_SCHEMA if f.name not in drop])
     table = pa.Table.from_pylist([{k: v for k, v in r.items() if k not in drop} for r in rows], schema=schema)
     folder.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ conftest) with `from tests.conftest_registry import *`.
 
 Session resources are cached at module level, so modules that both import these fixtures share one database
 template and one server."""
+
 from __future__ import annotations
 
 import json
@@ -31,21 +32,27 @@ def make_generator_dir(path: Path, seed: int = 0, metrics: dict | None = None) -
 
     path.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    save_file({"blocks.0.attn.qkv.weight": rng.standard_normal((24, 8)).astype(np.float32)},
-              str(path / "generator.safetensors"))
+    save_file(
+        {"blocks.0.attn.qkv.weight": rng.standard_normal((24, 8)).astype(np.float32)},
+        str(path / "generator.safetensors"),
+    )
     save_file({"codebooks": rng.standard_normal((2, 4, 3)).astype(np.float32)}, str(path / "codec.safetensors"))
     (path / "codec.json").write_text(json.dumps({"kind": "rvq-mel", "n_codebooks": 2, "card": 4}))
     fp = f"{seed:04d}" + "ab" * 14
-    meta = {"config": {"n_layers": 2, "n_heads": 2, "dim": 8, "n_codebooks": 2, "card": 4},
-            "fingerprint": fp, "codec": {"kind": "rvq-mel", "fingerprint": "c0dec"}}
+    meta = {
+        "config": {"n_layers": 2, "n_heads": 2, "dim": 8, "n_codebooks": 2, "card": 4},
+        "fingerprint": fp,
+        "codec": {"kind": "rvq-mel", "fingerprint": "c0dec"},
+    }
     if metrics:
         meta["metrics"] = metrics
     (path / "generator.json").write_text(json.dumps(meta, indent=2))
     return fp
 
 
-def make_probe_set_dir(path: Path, trait: str, generator_fingerprint: str, best_acc: float = 0.9,
-                       seed: int = 0) -> Path:
+def make_probe_set_dir(
+    path: Path, trait: str, generator_fingerprint: str, best_acc: float = 0.9, seed: int = 0
+) -> Path:
     """A probe-set directory as `models.probes.ProbeSet.save` writes it, with the given accuracy level."""
     from safetensors.numpy import save_file
 
@@ -55,16 +62,29 @@ def make_probe_set_dir(path: Path, trait: str, generator_fingerprint: str, best_
     acc = np.clip(best_acc - rng.uniform(0, 0.1, (L, H)), 0, 1).astype(np.float32)
     acc.flat[0] = best_acc
     arrays = {n: rng.standard_normal((L, H, D)).astype(np.float32) for n in ("coef", "direction", "random_direction")}
-    arrays.update({n: rng.uniform(0.5, 1, (L, H)).astype(np.float32) for n in ("intercept", "sigma", "weight",
-                                                                                 "random_sigma")})
+    arrays.update(
+        {n: rng.uniform(0.5, 1, (L, H)).astype(np.float32) for n in ("intercept", "sigma", "weight", "random_sigma")}
+    )
     arrays["accuracy"] = acc
     save_file(arrays, str(path / "probes.safetensors"))
     flat = np.sort(acc.reshape(-1))[::-1]
-    meta = {"trait": trait, "generator_fingerprint": generator_fingerprint, "data_hash": f"data{seed}",
-            "params": {"position": "last", "C": 1.0, "direction": "mass_mean"}, "n_layers": L, "n_heads": H,
-            "head_dim": D, "metrics": {"best_acc": float(flat[0]), "mean_acc": float(flat.mean()),
-                                       "top16_acc": float(flat[:16].mean()), "n_train": 10},
-            "created_at": "2026-11-22T00:00:00Z", "format": "smitin-probe-set/1"}
+    meta = {
+        "trait": trait,
+        "generator_fingerprint": generator_fingerprint,
+        "data_hash": f"data{seed}",
+        "params": {"position": "last", "C": 1.0, "direction": "mass_mean"},
+        "n_layers": L,
+        "n_heads": H,
+        "head_dim": D,
+        "metrics": {
+            "best_acc": float(flat[0]),
+            "mean_acc": float(flat.mean()),
+            "top16_acc": float(flat[:16].mean()),
+            "n_train": 10,
+        },
+        "created_at": "2026-11-22T00:00:00Z",
+        "format": "smitin-probe-set/1",
+    }
     (path / "probe_set.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
     return path
 
@@ -146,10 +166,26 @@ def mlflow_server(tmp_path_factory) -> ServerHandle:
         # No job runner (huey worker processes): the registry does not use server-side jobs.
         env = {**os.environ, "MLFLOW_TRACKING_URI": "", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         proc = subprocess.Popen(
-            [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
-             "--artifacts-destination", str(d / "mlartifacts"), "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "1"],
-            cwd=d, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
+            [
+                str(mlflow_bin),
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{d / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(d / "mlartifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+            cwd=d,
+            stdout=open(log, "wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+        )
         _SESSION["server"] = ServerHandle(proc, f"http://127.0.0.1:{port}", log)
     handle = _SESSION["server"]
     yield handle

@@ -1,4 +1,5 @@
 """Synthetic audio whose musical answer is known: click tracks, chord sequences, cadences."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -9,7 +10,7 @@ NOTE = {"C": 0, "C#": 1, "D": 2, "Eb": 3, "E": 4, "F": 5, "F#": 6, "G": 7, "Ab":
 def _tone(freq: float, n: int, sr: int) -> np.ndarray:
     t = np.arange(n) / sr
     # a few harmonics with decaying amplitude, like a plucked/organ tone
-    return sum((0.6 ** h) * np.sin(2 * np.pi * freq * (h + 1) * t) for h in range(4))
+    return sum((0.6**h) * np.sin(2 * np.pi * freq * (h + 1) * t) for h in range(4))
 
 
 def click_track(bpm: float, seconds: float, sr: int = 44100, accent_every: int = 4, seed: int = 0) -> np.ndarray:
@@ -22,14 +23,20 @@ def click_track(bpm: float, seconds: float, sr: int = 44100, accent_every: int =
         length = min(2500, len(x) - n)
         env = np.exp(-np.arange(length) / 300)
         amp = 1.0 if i % accent_every == 0 else 0.45
-        x[n:n + length] += amp * rng.standard_normal(length) * env
+        x[n : n + length] += amp * rng.standard_normal(length) * env
         if i % accent_every == 0:
-            x[n:n + length] += 0.8 * np.sin(2 * np.pi * 60 * np.arange(length) / sr) * env
+            x[n : n + length] += 0.8 * np.sin(2 * np.pi * 60 * np.arange(length) / sr) * env
     return (0.7 * x / np.abs(x).max()).astype(np.float32)
 
 
-def chord_sequence(chords: list[tuple[str, str]], bpm: float, beats_per_chord: int, seconds: float,
-                   sr: int = 44100, with_clicks: bool = True) -> tuple[np.ndarray, list[tuple[float, float, str]]]:
+def chord_sequence(
+    chords: list[tuple[str, str]],
+    bpm: float,
+    beats_per_chord: int,
+    seconds: float,
+    sr: int = 44100,
+    with_clicks: bool = True,
+) -> tuple[np.ndarray, list[tuple[float, float, str]]]:
     """Triads (root, 'maj'|'min') with a bass note, one per `beats_per_chord` beats, looping; returns
     (wave, [(start, end, Harte label)])."""
     x = np.zeros(int(seconds * sr))

@@ -1,5 +1,6 @@
 """Coconet: the orderless loss and its rescaling by hand, the NLL estimators against exact enumeration, samplers
 that never touch given cells, the receptive-field crop, save / load, and a short training run."""
+
 from __future__ import annotations
 
 import itertools
@@ -9,19 +10,40 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from models.coconet import (AncestralSampler, Coconet, CoconetConfig, CoconetError, GibbsSampler, YaoSchedule, fill,
-                            given_cells, load_coconet, orderless_loss, orderless_mask, predict, predict_frames,
-                            roll_to_classes, save_coconet)
+from models.coconet import (
+    AncestralSampler,
+    Coconet,
+    CoconetConfig,
+    CoconetError,
+    GibbsSampler,
+    YaoSchedule,
+    fill,
+    given_cells,
+    load_coconet,
+    orderless_loss,
+    orderless_mask,
+    predict,
+    predict_frames,
+    roll_to_classes,
+    save_coconet,
+)
 from models.coconet_nll import framewise_lls, notewise_lls, piece_nll
 
 
 def tiny(n_voices=2, min_pitch=60, max_pitch=61, n_layers=4, filters=6, seed=0, dilations=(1,)) -> Coconet:
     """A random network small enough to enumerate every roll it can score (3 classes: two pitches + silence)."""
     torch.manual_seed(seed)
-    model = Coconet(CoconetConfig(n_voices=n_voices, min_pitch=min_pitch, max_pitch=max_pitch, n_layers=n_layers,
-                                  filters=filters, dilations=list(dilations)))
+    model = Coconet(
+        CoconetConfig(
+            n_voices=n_voices,
+            min_pitch=min_pitch,
+            max_pitch=max_pitch,
+            n_layers=n_layers,
+            filters=filters,
+            dilations=list(dilations),
+        )
+    )
     with torch.no_grad():  # non-trivial batch-norm statistics, so eval mode is not the identity
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -34,10 +56,10 @@ def tiny(n_voices=2, min_pitch=60, max_pitch=61, n_layers=4, filters=6, seed=0, 
 # ----------------------------------------------------------------------------------------------------- loss
 def test_orderless_loss_and_its_rescaling_by_hand():
     # one example, 1 voice x 3 frames, 2 classes; logits chosen so each cell's cross-entropy is easy to write down
-    logits = torch.tensor([[[[0.0, 0.0], [2.0, 0.0], [0.0, 1.0]]]])   # [B=1, V=1, T=3, C=2]
+    logits = torch.tensor([[[[0.0, 0.0], [2.0, 0.0], [0.0, 1.0]]]])  # [B=1, V=1, T=3, C=2]
     target = torch.tensor([[[0, 1, 1]]])
-    ce = [math.log(2), math.log(1 + math.e ** 2), math.log(1 + math.e ** -1)]
-    mask = torch.tensor([[[True, True, False]]])                      # k = 2 of D = 3 cells masked
+    ce = [math.log(2), math.log(1 + math.e**2), math.log(1 + math.e**-1)]
+    mask = torch.tensor([[[True, True, False]]])  # k = 2 of D = 3 cells masked
     assert orderless_loss(logits, target, mask) == pytest.approx((ce[0] + ce[1]) / 2, abs=1e-6)
     assert orderless_loss(logits, target, mask, rescale=False) == pytest.approx((ce[0] + ce[1]) / 3, abs=1e-6)
     # two examples with different k: the rescaled loss weights each example's cells by 1 / its own k
@@ -82,7 +104,7 @@ def test_rescaled_loss_times_D_estimates_the_orderings_nll():
 
 def test_orderless_mask_sizes_are_uniform_and_spare_padding():
     valid = torch.ones(4000, 2, 5, dtype=torch.bool)
-    valid[:, :, 4] = False                                  # padding frame: never masked
+    valid[:, :, 4] = False  # padding frame: never masked
     mask = orderless_mask(valid, torch.Generator().manual_seed(0))
     assert not mask[:, :, 4].any()
     k = mask.sum((1, 2))
@@ -124,8 +146,10 @@ def test_notewise_estimator_is_a_normalised_distribution_and_matches_the_chain_r
 
 def test_framewise_estimator_with_one_voice_is_a_normalised_distribution():
     model = tiny(n_voices=1)
-    total = sum(math.exp(float(framewise_lls(model, roll_to_classes(r, model.cfg), False,
-                                             np.random.default_rng(3)).sum())) for r in _all_rolls(1, 4))
+    total = sum(
+        math.exp(float(framewise_lls(model, roll_to_classes(r, model.cfg), False, np.random.default_rng(3)).sum()))
+        for r in _all_rolls(1, 4)
+    )
     assert total == pytest.approx(1.0, abs=1e-4)
 
 
@@ -166,7 +190,7 @@ def test_silent_cells_add_no_loss():
     model = tiny(n_voices=2)
     roll = np.array([[60, -1, 61], [-1, -1, 60]])
     r = piece_nll(model, roll, "note", ensemble=1, seed=0)
-    assert list(r.scored) == [True, False, False, False, True, True]   # [frame, voice] flattened
+    assert list(r.scored) == [True, False, False, False, True, True]  # [frame, voice] flattened
     assert np.all(r.unit_nll[~r.scored] == 0)
 
 
@@ -184,27 +208,30 @@ def test_receptive_field_crop_is_exact():
             assert torch.allclose(crop[b], full[b, :, t], atol=1e-5)
         # and a change just outside the receptive field changes nothing at the centre
         far = classes.clone()
-        far[:, :, T // 2 + model.cfg.receptive_field + 1:] = 0
+        far[:, :, T // 2 + model.cfg.receptive_field + 1 :] = 0
         assert torch.allclose(predict(model, far, mask)[1, :, T // 2], full[1, :, T // 2], atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------- sampling
-@pytest.mark.parametrize("sampler", [GibbsSampler(steps=12), AncestralSampler("chronological"),
-                                     AncestralSampler("random")], ids=["gibbs", "ancestral", "ancestral-random"])
+@pytest.mark.parametrize(
+    "sampler",
+    [GibbsSampler(steps=12), AncestralSampler("chronological"), AncestralSampler("random")],
+    ids=["gibbs", "ancestral", "ancestral-random"],
+)
 def test_samplers_never_touch_given_cells(sampler):
     model = tiny(n_voices=4, min_pitch=48, max_pitch=72, n_layers=4, filters=8)
     rng = np.random.default_rng(0)
     roll = rng.integers(48, 73, (4, 24))
-    roll[2, 5:9] = -1                                        # given silence is kept too
+    roll[2, 5:9] = -1  # given silence is kept too
     given = rng.random((4, 24)) < 0.4
     given[:, 5:9] = True
     out = fill(model, roll, given, sampler, seed=1)
     assert np.array_equal(out[given], roll[given])
     assert ((out[~given] >= 48) & (out[~given] <= 72) | (out[~given] == -1)).all()
     again = fill(model, roll, given, sampler, seed=1)
-    assert np.array_equal(out, again)                        # seeded: the same request gives the same music
+    assert np.array_equal(out, again)  # seeded: the same request gives the same music
     other = fill(model, roll, given, sampler, seed=2)
-    assert not np.array_equal(out[~given], other[~given])    # and the free cells really are sampled
+    assert not np.array_equal(out[~given], other[~given])  # and the free cells really are sampled
 
 
 def test_yao_schedule():
@@ -278,18 +305,38 @@ def test_training_lowers_the_validation_loss_and_resumes(tmp_path):
     from models.coconet_train import TrainCoconetParams, train_coconet
 
     train, valid = _jsb("train", 24), _jsb("valid", 4)
-    params = TrainCoconetParams.parse({"preset": "debug", "steps": 40, "eval_every": 20, "batch_size": 8,
-                                       "lr": 0.01, "warmup": 5, "ema_decay": 0.0, "precision": "fp32",
-                                       "model": {"filters": 16}}, "test")
-    m = train_coconet(train, valid, tmp_path / "m", params, checkpoint_dir=tmp_path / "ckpt",
-                      metrics_path=tmp_path / "metrics.json", plot_path=tmp_path / "loss.json")
+    params = TrainCoconetParams.parse(
+        {
+            "preset": "debug",
+            "steps": 40,
+            "eval_every": 20,
+            "batch_size": 8,
+            "lr": 0.01,
+            "warmup": 5,
+            "ema_decay": 0.0,
+            "precision": "fp32",
+            "model": {"filters": 16},
+        },
+        "test",
+    )
+    m = train_coconet(
+        train,
+        valid,
+        tmp_path / "m",
+        params,
+        checkpoint_dir=tmp_path / "ckpt",
+        metrics_path=tmp_path / "metrics.json",
+        plot_path=tmp_path / "loss.json",
+    )
     curve = json.loads((tmp_path / "loss.json").read_text())
     assert m["steps"] == 40 and len(curve) == 2
-    assert curve[-1]["valid_loss"] < math.log(47) - 0.5          # well below a uniform guess over 47 classes
+    assert curve[-1]["valid_loss"] < math.log(47) - 0.5  # well below a uniform guess over 47 classes
     model, meta = load_coconet(tmp_path / "m", precision="fp32")
     assert meta["metrics"]["fingerprint"] == model.fingerprint()
     # a longer run resumes from the checkpoint instead of starting again
     longer = params.with_overrides({"steps": 60}, "test")
     messages = []
-    m2 = train_coconet(train, valid, tmp_path / "m2", longer, checkpoint_dir=tmp_path / "ckpt", progress=messages.append)
+    m2 = train_coconet(
+        train, valid, tmp_path / "m2", longer, checkpoint_dir=tmp_path / "ckpt", progress=messages.append
+    )
     assert any("resumed from" in s and "step 40" in s for s in messages) and m2["steps"] == 60

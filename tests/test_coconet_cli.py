@@ -1,5 +1,6 @@
 """`smitin harmonize | infill | compose` on a small Coconet: the files a user gets, the given notes kept exactly,
 and one clear line (exit 2) for every bad request. Also the registry path: register, promote, refuse a worse one."""
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,6 @@ import torch
 from core.score_io import read_voices, voices_to_roll, write_midi, write_musicxml
 from generation.cli import main
 from models.coconet import Coconet, CoconetConfig, save_coconet
-from tests.conftest_registry import *  # noqa: F401,F403 - registry fixtures
 
 MELODY = np.array([72, 72, 72, 72, 74, 74, 76, 76, 77, 77, 77, 77, 76, 76, 74, 74] * 2 + [72] * 16)
 
@@ -37,27 +37,51 @@ def run(capsys, *argv) -> tuple[int, str, str]:
 
 
 def test_harmonize_writes_four_files_and_keeps_the_melody(tmp_path, model_dir, melody_file, capsys):
-    rc, out, err = run(capsys, "harmonize", "--melody", str(melody_file), "--model", str(model_dir),
-                       "--out", str(tmp_path / "chorale.mid"), "--steps", "8")
+    rc, out, err = run(
+        capsys,
+        "harmonize",
+        "--melody",
+        str(melody_file),
+        "--model",
+        str(model_dir),
+        "--out",
+        str(tmp_path / "chorale.mid"),
+        "--steps",
+        "8",
+    )
     assert rc == 0, err
     files = [Path(line) for line in out.split()]
     assert sorted(p.suffix for p in files) == [".mid", ".musicxml", ".png", ".wav"]
     assert all(p.stat().st_size > 0 for p in files)
     for path in (tmp_path / "chorale.mid", tmp_path / "chorale.musicxml"):
         roll = voices_to_roll(read_voices(str(path)))
-        assert np.array_equal(roll[0], MELODY)                     # the soprano is the melody, note for note
+        assert np.array_equal(roll[0], MELODY)  # the soprano is the melody, note for note
     import soundfile as sf
 
     wave, sr = sf.read(tmp_path / "chorale.wav")
-    assert sr == 32000 and len(wave) > sr * 3 and np.abs(wave).max() > 0.1   # 3 s of music at 80 qpm, audible
+    assert sr == 32000 and len(wave) > sr * 3 and np.abs(wave).max() > 0.1  # 3 s of music at 80 qpm, audible
 
 
 def test_infill_keeps_everything_outside_the_bars(tmp_path, model_dir, capsys):
     rng = np.random.default_rng(0)
     score = np.stack([rng.integers(lo, lo + 8, 64) for lo in (67, 60, 52, 43)])
     write_musicxml(score, tmp_path / "piece.musicxml")
-    rc, _, err = run(capsys, "infill", "--score", str(tmp_path / "piece.musicxml"), "--bars", "2-3", "--voices", "AT",
-                     "--model", str(model_dir), "--out", str(tmp_path / "new.mid"), "--steps", "8")
+    rc, _, err = run(
+        capsys,
+        "infill",
+        "--score",
+        str(tmp_path / "piece.musicxml"),
+        "--bars",
+        "2-3",
+        "--voices",
+        "AT",
+        "--model",
+        str(model_dir),
+        "--out",
+        str(tmp_path / "new.mid"),
+        "--steps",
+        "8",
+    )
     assert rc == 0, err
     new = voices_to_roll(read_voices(str(tmp_path / "new.musicxml")))
     keep = np.ones_like(score, bool)
@@ -67,23 +91,50 @@ def test_infill_keeps_everything_outside_the_bars(tmp_path, model_dir, capsys):
 
 
 def test_compose_and_ancestral(tmp_path, model_dir, capsys):
-    rc, out, err = run(capsys, "compose", "--bars", "2", "--sampler", "ancestral", "--model", str(model_dir),
-                       "--out", str(tmp_path / "c"), "--seed", "3")
+    rc, out, err = run(
+        capsys,
+        "compose",
+        "--bars",
+        "2",
+        "--sampler",
+        "ancestral",
+        "--model",
+        str(model_dir),
+        "--out",
+        str(tmp_path / "c"),
+        "--seed",
+        "3",
+    )
     assert rc == 0, err
     assert json.loads(err.strip().splitlines()[-1])["sampler"] == "ancestral"
     roll = voices_to_roll(read_voices(str(tmp_path / "c.musicxml")))
     assert roll.shape == (4, 32)
 
 
-@pytest.mark.parametrize("case", ["two_voices", "not_a_score", "no_notes", "too_high", "bad_bars", "bad_voices",
-                                  "bars_past_end", "seed", "out_unwritable", "steps", "missing_file", "three_voice_score"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "two_voices",
+        "not_a_score",
+        "no_notes",
+        "too_high",
+        "bad_bars",
+        "bad_voices",
+        "bars_past_end",
+        "seed",
+        "out_unwritable",
+        "steps",
+        "missing_file",
+        "three_voice_score",
+    ],
+)
 def test_bad_requests_get_one_line(tmp_path, model_dir, melody_file, capsys, case, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a request that wrongly succeeded would write its default output here, not in the repo
     write_musicxml(np.stack([MELODY, MELODY - 5, MELODY - 12, MELODY - 24]), tmp_path / "satb.musicxml")
     (tmp_path / "junk.mid").write_bytes(b"MThd but not really")
     write_musicxml(np.full((1, 16), -1), tmp_path / "rests.musicxml")
     wide = MELODY.copy()
-    wide[:4], wide[-4:] = 30, 90                                   # a 60-semitone span: no octave shift fits 36..81
+    wide[:4], wide[-4:] = 30, 90  # a 60-semitone span: no octave shift fits 36..81
     write_midi(wide[None], tmp_path / "screech.mid")
     write_musicxml(np.stack([MELODY, MELODY - 5, MELODY - 12]), tmp_path / "three.musicxml")
     (tmp_path / "adir").mkdir()
@@ -109,18 +160,42 @@ def test_bad_requests_get_one_line(tmp_path, model_dir, melody_file, capsys, cas
 
 
 def test_a_melody_out_of_range_by_octaves_is_moved_and_says_so(tmp_path, model_dir, capsys):
-    low = write_midi((MELODY - 48)[None], tmp_path / "low.mid")       # MIDI 24..29: below the range 36..81
-    rc, _, err = run(capsys, "harmonize", "--melody", str(low), "--model", str(model_dir), "--steps", "4",
-                     "--out", str(tmp_path / "h.mid"))
-    assert rc == 0 and "moved +48 semitones" in err                  # back to the soprano's octave, not just in range
+    low = write_midi((MELODY - 48)[None], tmp_path / "low.mid")  # MIDI 24..29: below the range 36..81
+    rc, _, err = run(
+        capsys,
+        "harmonize",
+        "--melody",
+        str(low),
+        "--model",
+        str(model_dir),
+        "--steps",
+        "4",
+        "--out",
+        str(tmp_path / "h.mid"),
+    )
+    assert rc == 0 and "moved +48 semitones" in err  # back to the soprano's octave, not just in range
     assert np.array_equal(voices_to_roll(read_voices(str(tmp_path / "h.musicxml")))[0], MELODY)
 
 
 def test_out_naming_a_folder_writes_inside_it(tmp_path, model_dir, melody_file, capsys):
     (tmp_path / "outdir").mkdir()
-    rc, out, _ = run(capsys, "harmonize", "--melody", str(melody_file), "--model", str(model_dir), "--steps", "2",
-                     "--out", str(tmp_path / "outdir"))
-    assert rc == 0 and (tmp_path / "outdir" / "harmonized.mid").is_file() and (tmp_path / "outdir" / "harmonized.wav").is_file()
+    rc, out, _ = run(
+        capsys,
+        "harmonize",
+        "--melody",
+        str(melody_file),
+        "--model",
+        str(model_dir),
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path / "outdir"),
+    )
+    assert (
+        rc == 0
+        and (tmp_path / "outdir" / "harmonized.mid").is_file()
+        and (tmp_path / "outdir" / "harmonized.wav").is_file()
+    )
 
 
 def test_registered_coconet_serves_by_alias_and_a_worse_one_is_refused(tmp_path, sqlite_registry, model_dir):
@@ -146,8 +221,9 @@ def test_registered_coconet_serves_by_alias_and_a_worse_one_is_refused(tmp_path,
     meta = json.loads((worse_dir / "coconet.json").read_text())
     meta["metrics"]["valid_loss"] = 3.5
     (worse_dir / "coconet.json").write_text(json.dumps(meta))
-    worse = register_dir(reg, worse_dir, "coconet",
-                         extra_metrics={"nll": {"frame": {"nll": 1.20, "ensemble": 5, "pieces": 77}}})
+    worse = register_dir(
+        reg, worse_dir, "coconet", extra_metrics={"nll": {"frame": {"nll": 1.20, "ensemble": 5, "pieces": 77}}}
+    )
     with pytest.raises(PromotionRefused, match="nll.frame.nll"):
         promote(reg, "coconet")
     _, events = history(reg, "coconet")

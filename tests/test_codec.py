@@ -1,10 +1,11 @@
 """Codec: round-trip shapes, persistence, bad input, the EnCodec backend on a tiny random config."""
+
 import numpy as np
 import pytest
 import torch
 
+from core.errors import UserError
 from models.codec import CodecError, EncodecCodec, MelCodecConfig, MelRVQCodec, load_codec
-from pipelines.errors import UserError
 from tests.clips_fixtures import tonal
 
 
@@ -30,8 +31,10 @@ def test_round_trip_shapes(codec):
 def test_residual_codebooks_reduce_error(codec):
     feats = codec.features(tonal(2.0, 5, drums=True), 32000)
     codes = codec.quantize(feats)
-    errs = [float(((feats - sum(codec.codebooks[j][codes[j]] for j in range(k))) ** 2).mean())
-            for k in range(1, codec.n_codebooks + 1)]
+    errs = [
+        float(((feats - sum(codec.codebooks[j][codes[j]] for j in range(k))) ** 2).mean())
+        for k in range(1, codec.n_codebooks + 1)
+    ]
     assert all(b < a for a, b in zip(errs, errs[1:]))
 
 
@@ -59,8 +62,16 @@ def test_bad_input(codec):
 def test_encodec_tiny_random_config(tmp_path):
     from transformers import EncodecConfig, EncodecModel
 
-    cfg = EncodecConfig(sampling_rate=8000, num_filters=4, hidden_size=16, codebook_size=16, codebook_dim=16,
-                        upsampling_ratios=[4, 2], num_lstm_layers=1, target_bandwidths=[4.0, 8.0])
+    cfg = EncodecConfig(
+        sampling_rate=8000,
+        num_filters=4,
+        hidden_size=16,
+        codebook_size=16,
+        codebook_dim=16,
+        upsampling_ratios=[4, 2],
+        num_lstm_layers=1,
+        target_bandwidths=[4.0, 8.0],
+    )
     torch.manual_seed(0)
     EncodecModel(cfg).save_pretrained(str(tmp_path / "weights"))
     codec = EncodecCodec.from_pretrained(tmp_path / "weights", bandwidth=8.0)

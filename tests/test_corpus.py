@@ -1,4 +1,5 @@
 """Ground-truth corpus: label conversion, metric grid with pickups, chord analysis, and a real render."""
+
 import json
 import os
 
@@ -10,14 +11,32 @@ import soundfile as sf
 from pipelines.chords import to_harte
 from pipelines.corpus import LABELS_FILE, render_corpus
 from pipelines.corpus_arrange import describe, mixes_of
-from pipelines.corpus_scores import (Score, ScoreNote, analyse_chords, harmonise_melody, key_correlations,
-                                     metric_grid, score_key, symbol_chords, transpose_label)
+from pipelines.corpus_scores import (
+    Score,
+    ScoreNote,
+    analyse_chords,
+    harmonise_melody,
+    key_correlations,
+    metric_grid,
+    score_key,
+    symbol_chords,
+    transpose_label,
+)
 
 
-@pytest.mark.parametrize("symbol, harte", [
-    ("Am", "A:min"), ("E7", "E:7"), ("Am/c", "A:min/b3"), ("G7/b", "G:7/3"), ("D/f+", "D:maj/3"),
-    ("Bb", "Bb:maj"), ("F#m", "F#:min"), ("N.C.", "N"),
-])
+@pytest.mark.parametrize(
+    "symbol, harte",
+    [
+        ("Am", "A:min"),
+        ("E7", "E:7"),
+        ("Am/c", "A:min/b3"),
+        ("G7/b", "G:7/3"),
+        ("D/f+", "D:maj/3"),
+        ("Bb", "Bb:maj"),
+        ("F#m", "F#:min"),
+        ("N.C.", "N"),
+    ],
+)
 def test_nottingham_symbols_to_harte(symbol, harte):
     assert to_harte(symbol) == harte
 
@@ -30,8 +49,13 @@ def test_transpose_label_keeps_quality_and_bass():
 def test_metric_grid_pickup_and_section_pickup():
     # 4/4: a 1-beat pickup, a full bar, a 3-beat bar closing a section, a 1-beat pickup, a full bar
     bar = (4, 4, 4.0)
-    measures = [(0.0, 1.0, 3.0, *bar), (1.0, 4.0, 0.0, *bar), (5.0, 3.0, 0.0, *bar), (8.0, 1.0, 0.0, *bar),
-                (9.0, 4.0, 0.0, *bar)]
+    measures = [
+        (0.0, 1.0, 3.0, *bar),
+        (1.0, 4.0, 0.0, *bar),
+        (5.0, 3.0, 0.0, *bar),
+        (8.0, 1.0, 0.0, *bar),
+        (9.0, 4.0, 0.0, *bar),
+    ]
     beats, downbeats = metric_grid(measures)
     assert downbeats.tolist() == [1.0, 5.0, 9.0]  # no downbeat in either pickup
     assert beats.tolist() == list(np.arange(0.0, 13.0))
@@ -58,8 +82,7 @@ def test_analyse_chords_finds_triads_with_passing_tones():
 
 
 def test_harmonise_melody_and_symbols():
-    melody = [[ScoreNote(0, 1, 64), ScoreNote(1, 2, 67), ScoreNote(2, 4, 72), ScoreNote(4, 6, 71),
-               ScoreNote(6, 8, 72)]]
+    melody = [[ScoreNote(0, 1, 64), ScoreNote(1, 2, 67), ScoreNote(2, 4, 72), ScoreNote(4, 6, 71), ScoreNote(6, 8, 72)]]
     segs = harmonise_melody(_score(melody), 8.0, 0, "major")
     assert segs[0][2] == "C:maj" and segs[-1][2] == "C:maj"
     sym = symbol_chords(_score(melody, [(0.0, "C"), (4.0, "G7/b")]), 8.0)
@@ -92,8 +115,9 @@ def test_reference_key_is_the_profiles_consensus_not_krumhansl_kessler_alone():
 
     kk = KrumhanslKessler()
     major, minor = np.array(kk.getWeights("major")), np.array(kk.getWeights("minor"))
-    kk_only = [np.corrcoef(hist, np.roll(major, t))[0, 1] for t in range(12)] + \
-              [np.corrcoef(hist, np.roll(minor, t))[0, 1] for t in range(12)]
+    kk_only = [np.corrcoef(hist, np.roll(major, t))[0, 1] for t in range(12)] + [
+        np.corrcoef(hist, np.roll(minor, t))[0, 1] for t in range(12)
+    ]
     assert int(np.argmax(kk_only)) == 12 + 7  # Krumhansl-Kessler alone: G minor, the dominant
     assert int(np.argmax(key_correlations(hist))) == 12 + 0  # the four profiles: C minor
     # a plain diatonic C major histogram is C major for all of them
@@ -103,15 +127,26 @@ def test_reference_key_is_the_profiles_consensus_not_krumhansl_kessler_alone():
 
 
 def test_describe():
-    assert describe("bach_chorales", ["strings", "organ", "strings"], ["drums"]) == \
-        "A chorale for strings and organ with drums."
+    assert (
+        describe("bach_chorales", ["strings", "organ", "strings"], ["drums"])
+        == "A chorale for strings and organ with drums."
+    )
     assert describe("essen", ["flute"], []) == "A folk song for flute."
 
 
-TINY = {"corpora": ["nottingham", "bach_chorales"], "pieces": {"nottingham": 2, "bach_chorales": 1},
-        "seed": 7, "variants": 1, "piece_seconds": 6.0, "sample_rate": 22050, "workers": 1,
-        "voice_programs": [40, 42, 19], "melody_programs": [73], "pad_programs": [48],
-        "stem_gain_db": {"piano": [3.0, 3.0]}}
+TINY = {
+    "corpora": ["nottingham", "bach_chorales"],
+    "pieces": {"nottingham": 2, "bach_chorales": 1},
+    "seed": 7,
+    "variants": 1,
+    "piece_seconds": 6.0,
+    "sample_rate": 22050,
+    "workers": 1,
+    "voice_programs": [40, 42, 19],
+    "melody_programs": [73],
+    "pad_programs": [48],
+    "stem_gain_db": {"piano": [3.0, 3.0]},
+}
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +166,9 @@ def test_render_writes_stems_mixes_sidecars_and_labels(tiny_corpus):
         assert set(side["traits"]) == {"drums", "bass", "piano"}
         assert side["split_group"] == row["piece_id"] and side["mix_id"] == row["mix_id"]
         assert side["description"].startswith("A ") and side["description"].endswith(".")
-        assert ("with drums" in side["description"] or ", drums" in side["description"]
-                or " drums" in side["description"]) == side["traits"]["drums"]
+        assert (
+            "with drums" in side["description"] or ", drums" in side["description"] or " drums" in side["description"]
+        ) == side["traits"]["drums"]
         assert all(":" in c["label"] or c["label"] in ("N", "X") for c in row["chords"])
         assert row["beats_s"] == sorted(row["beats_s"]) and set(row["downbeats_s"]) <= set(row["beats_s"])
         assert row["duration_s"] <= 6.0 + 0.6
@@ -178,6 +214,7 @@ def test_mixes_of_is_base_and_neighbours():
     class A:
         stems = {"score": 0, "drums": 0, "bass": 0, "piano": 0}
         base_traits = frozenset({"bass"})
+
     assert mixes_of(A) == [frozenset({"bass"}), frozenset({"bass", "drums"}), frozenset(), frozenset({"bass", "piano"})]
 
 
@@ -190,10 +227,12 @@ def test_mixing_is_identical_across_processes():
         "import hashlib, numpy as np\n"
         "from pipelines.corpus import mix_stems\n"
         "rng = np.random.default_rng(0)\n"
-        "stems = {k: (0.3 * rng.standard_normal(44100)).astype(np.float32) for k in ('score', 'drums', 'bass', 'piano')}\n"
+        "stems = {k: (0.3 * rng.standard_normal(44100)).astype(np.float32)\n"
+        "         for k in ('score', 'drums', 'bass', 'piano')}\n"
         "mixes = [frozenset(m) for m in (('drums', 'bass'), ('bass',), ('drums',), ('drums', 'bass', 'piano'))]\n"
         "q, out = mix_stems(stems, {'score': 0.0, 'drums': -1.3, 'bass': 0.7, 'piano': 3.1}, mixes)\n"
-        "print(hashlib.sha256(b''.join(out[m].tobytes() for m in mixes)).hexdigest())\n")
+        "print(hashlib.sha256(b''.join(out[m].tobytes() for m in mixes)).hexdigest())\n"
+    )
     digests = set()
     for seed in ("1", "2", "3"):
         env = {**os.environ, "PYTHONHASHSEED": seed}

@@ -1,4 +1,5 @@
 """`smitin dataset build` end to end on a folder of good and bad audio: nothing crashes, nothing is lost."""
+
 from __future__ import annotations
 
 import io
@@ -14,11 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
+from core import clips_table as schema
+from core.audio import iter_clips
+from core.config import load_params
 from generation.cli import main as smitin
-from pipelines import schema
-from pipelines.audio import iter_clips
 from pipelines.dataset import build_dataset
-from pipelines.params import load_params
 from tests.synth import chord_sequence, click_track
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +36,7 @@ def params(**overrides) -> dict:
 def _music(seconds: float, sr: int = SR, bpm: float = 120.0) -> np.ndarray:
     wave, _ = chord_sequence([("C", "maj"), ("A", "min"), ("F", "maj"), ("G", "maj")], bpm, 4, seconds, SR)
     if sr != SR:
-        from pipelines.audio import resample
+        from core.audio import resample
 
         wave = resample(wave, SR, sr)
     return wave
@@ -63,8 +64,9 @@ BAD = {  # name -> stage of the error row
 def audio_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("audio")
     sf.write(d / "good.wav", _music(25.0), SR)
-    (d / "good.wav.json").write_text(json.dumps({
-        "description": "A chorale for strings with drums.", "traits": {"drums": True, "piano": False}}))
+    (d / "good.wav.json").write_text(
+        json.dumps({"description": "A chorale for strings with drums.", "traits": {"drums": True, "piano": False}})
+    )
     stereo = np.stack([_music(12.0, 96000), 0.5 * _music(12.0, 96000)], axis=1)
     sf.write(d / "stereo_96k.flac", stereo, 96000)
     sf.write(d / "phone_8k.wav", _music(12.0, 8000), 8000)
@@ -138,7 +140,7 @@ def test_features_of_real_music_clip(built):
     good = [r for r in rows if r["source_path"].endswith("good.wav") and r["duration_s"] == 10.0]
     for r in good:
         assert r["tempo_bpm"] == pytest.approx(120.0, rel=0.02)
-        assert f'{r["key"]} {r["mode"]}' in ("C major", "A minor")
+        assert f"{r['key']} {r['mode']}" in ("C major", "A minor")
         assert {c["label"] for c in r["chords"]} >= {"C:maj", "F:maj", "G:maj"}
         assert r["time_signature"] == "4/4"
         assert -40 < r["loudness_lufs"] < 0
@@ -174,7 +176,7 @@ def test_captions_musicbench_style(built):
         for col in schema.CAPTION_SENTENCE_COLUMNS:  # every sentence in the caption is one of the columns
             if r[col] and r[col] in r["caption"]:
                 assert r[col].endswith(".")
-        rest = r["caption"][len(r["caption_base"]):]
+        rest = r["caption"][len(r["caption_base"]) :]
         used = [r[c] for c in schema.CAPTION_SENTENCE_COLUMNS if r[c] and r[c] in rest]
         assert len(rest.strip()) == len(" ".join(used))
     base = {Path(r["source_path"]).name: r["caption_base"] for r in rows}
@@ -285,7 +287,7 @@ def test_remote_url_decodes_like_the_local_file(tmp_path):
     Both give the same samples, and a corrupt remote file is a one-line AudioDecodeError."""
     import fsspec
 
-    from pipelines.audio import AudioDecodeError, decode_audio
+    from core.audio import AudioDecodeError, decode_audio
 
     local = tmp_path / "song.flac"
     sf.write(local, _music(6.0, 22050), 22050)
@@ -332,23 +334,45 @@ def test_cli_build_and_one_line_errors(tmp_path, capsys):
     p = tmp_path / "params.yaml"
     shutil.copy(ROOT / "params.yaml", p)
     out = tmp_path / "out"
-    assert smitin(["dataset", "build", "--input", str(src), "--out", str(out), "--params", str(p),
-                   "--workers", "1", "--metrics", str(tmp_path / "m.json")]) == 0
+    assert (
+        smitin(
+            [
+                "dataset",
+                "build",
+                "--input",
+                str(src),
+                "--out",
+                str(out),
+                "--params",
+                str(p),
+                "--workers",
+                "1",
+                "--metrics",
+                str(tmp_path / "m.json"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "m.json").read_text())["clips"] == 1
     assert smitin(["dataset", "build", "--input", str(tmp_path / "nope"), "--out", str(out), "--params", str(p)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"smitin: error: input not found: {tmp_path / 'nope'}"]
-    assert smitin(["dataset", "build", "--input", str(src), "--out", str(out), "--params",
-                   str(tmp_path / "missing.yaml")]) == 2
+    assert (
+        smitin(["dataset", "build", "--input", str(src), "--out", str(out), "--params", str(tmp_path / "missing.yaml")])
+        == 2
+    )
     assert pq.read_table(out / "clips-00000-of-00002.parquet").schema.equals(schema.CLIPS_SCHEMA)
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"downbeat_evidence": "learnd"}, "downbeat_evidence must be learned, weighted"),
-    ({"downbeat_model": "/nope/model.json"}, "downbeat_model /nope/model.json does not exist"),
-    ({"key_file_context": -1.0}, "key_file_context must be >= 0"),
-    ({"key_profiles": []}, "key_file_context needs key_profiles"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"downbeat_evidence": "learnd"}, "downbeat_evidence must be learned, weighted"),
+        ({"downbeat_model": "/nope/model.json"}, "downbeat_model /nope/model.json does not exist"),
+        ({"key_file_context": -1.0}, "key_file_context must be >= 0"),
+        ({"key_profiles": []}, "key_file_context needs key_profiles"),
+    ],
+)
 def test_bad_feature_params_are_one_line_errors(tmp_path, override, message):
     from pipelines.errors import PipelineUserError
 
@@ -360,8 +384,15 @@ def test_a_malformed_downbeat_model_is_refused_before_any_work(tmp_path):
     from pipelines.errors import PipelineUserError
 
     bad = tmp_path / "model.json"
-    bad.write_text(json.dumps({"cues": ["bass", "tempo"], "shifts": [0], "percussive_threshold": 1.0,
-                               "models": {"percussive": {"baseline": 0, "trees": []},
-                                          "tonal": {"baseline": 0, "trees": []}}}))
+    bad.write_text(
+        json.dumps(
+            {
+                "cues": ["bass", "tempo"],
+                "shifts": [0],
+                "percussive_threshold": 1.0,
+                "models": {"percussive": {"baseline": 0, "trees": []}, "tonal": {"baseline": 0, "trees": []}},
+            }
+        )
+    )
     with pytest.raises(PipelineUserError, match=r"is not a downbeat model: .*unknown cues \['tempo'\]"):
         build_dataset(str(tmp_path), str(tmp_path / "out"), params(downbeat_model=str(bad)))

@@ -1,13 +1,14 @@
 """Feature evaluation: the metrics by hand, and a tiny render -> build -> eval run with assertions on numbers."""
+
 import json
 
 import numpy as np
 import pytest
 
+from core.config import load_params
 from pipelines.corpus import render_corpus
 from pipelines.dataset import build_dataset
 from pipelines.evaluate import chord_comparisons, evaluate_clip, evaluate_features, tempo_accuracy, write_outputs
-from pipelines.params import load_params
 
 
 def test_tempo_accuracy():
@@ -28,15 +29,34 @@ def test_chord_comparisons_weight_by_duration_and_skip_unscorable():
 
 
 def test_evaluate_clip_cuts_truth_to_the_window():
-    truth = {"file": "x.flac", "piece_id": "p", "corpus": "user", "tempo_bpm": 120.0, "time_signature": "4/4",
-             "beats_s": list(np.arange(0, 20, 0.5)), "downbeats_s": list(np.arange(0, 20, 2.0)), "key": "A",
-             "mode": "minor", "key_segments": [], "traits": [{"name": "drums", "present": True}],
-             "chords": [{"start_s": 0.0, "end_s": 12.0, "label": "A:min"}, {"start_s": 12.0, "end_s": 20.0,
-                                                                            "label": "E:maj"}]}
-    clip = {"clip_id": "c", "start_s": 10.0, "duration_s": 10.0, "tempo_bpm": 121.0,
-            "beats_s": list(np.arange(0, 10, 0.5)), "downbeats_s": list(np.arange(0, 10, 2.0)), "key": "A",
-            "mode": "minor", "chords": [{"start_s": 0.0, "end_s": 2.0, "label": "A:min"},
-                                        {"start_s": 2.0, "end_s": 10.0, "label": "E:maj"}]}
+    truth = {
+        "file": "x.flac",
+        "piece_id": "p",
+        "corpus": "user",
+        "tempo_bpm": 120.0,
+        "time_signature": "4/4",
+        "beats_s": list(np.arange(0, 20, 0.5)),
+        "downbeats_s": list(np.arange(0, 20, 2.0)),
+        "key": "A",
+        "mode": "minor",
+        "key_segments": [],
+        "traits": [{"name": "drums", "present": True}],
+        "chords": [
+            {"start_s": 0.0, "end_s": 12.0, "label": "A:min"},
+            {"start_s": 12.0, "end_s": 20.0, "label": "E:maj"},
+        ],
+    }
+    clip = {
+        "clip_id": "c",
+        "start_s": 10.0,
+        "duration_s": 10.0,
+        "tempo_bpm": 121.0,
+        "beats_s": list(np.arange(0, 10, 0.5)),
+        "downbeats_s": list(np.arange(0, 10, 2.0)),
+        "key": "A",
+        "mode": "minor",
+        "chords": [{"start_s": 0.0, "end_s": 2.0, "label": "A:min"}, {"start_s": 2.0, "end_s": 10.0, "label": "E:maj"}],
+    }
     r = evaluate_clip(clip, truth)
     assert r["beat_f"] == 1.0 and r["downbeat_f"] == 1.0 and r["tempo_acc1"] == 1.0 and r["key_weighted"] == 1.0
     assert r["chord_majmin_hits"] == pytest.approx(10.0) and r["drums"] is True
@@ -48,9 +68,17 @@ def test_evaluate_clip_cuts_truth_to_the_window():
 
 @pytest.mark.filterwarnings("ignore")
 def test_render_build_eval_end_to_end(tmp_path):
-    corpus = {"corpora": ["nottingham", "bach_chorales"], "pieces": {"nottingham": 2, "bach_chorales": 2},
-              "seed": 3, "variants": 1, "piece_seconds": 12.0, "sample_rate": 44100, "workers": 1,
-              "tempo_bpm": [96, 120], "stem_gain_db": {"piano": [3.0, 3.0]}}
+    corpus = {
+        "corpora": ["nottingham", "bach_chorales"],
+        "pieces": {"nottingham": 2, "bach_chorales": 2},
+        "seed": 3,
+        "variants": 1,
+        "piece_seconds": 12.0,
+        "sample_rate": 44100,
+        "workers": 1,
+        "tempo_bpm": [96, 120],
+        "stem_gain_db": {"piano": [3.0, 3.0]},
+    }
     render_corpus(str(tmp_path / "corpus"), corpus, workers=1)
     params = load_params("params.yaml", "build_dataset")
     params.update({"workers": 1, "num_shards": 1})

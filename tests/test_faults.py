@@ -1,6 +1,7 @@
 """Fault injection on the dataset build (issue: nothing lost, nothing silently wrong): a crash at every step of the
 commit, two builds at once, changes refresh cannot see by size and mtime, hostile directory entries, bad output
 paths. Each case names what the output must look like afterwards."""
+
 from __future__ import annotations
 
 import json
@@ -16,11 +17,11 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
+from core import clips_table as schema
 from core.commit import JOURNAL, LOCK, OutputBusy
+from core.config import load_params
 from core.errors import UserError
-from pipelines import schema
 from pipelines.dataset import build_dataset
-from pipelines.params import load_params
 from tests.synth import chord_sequence
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +37,7 @@ def params(**overrides) -> dict:
 
 def _wave(seconds: float, seed: int) -> np.ndarray:
     chords = [("C", "maj"), ("A", "min"), ("F", "maj"), ("G", "maj")]
-    wave, _ = chord_sequence(chords[seed % 4:] + chords[:seed % 4], 100 + 7 * seed, 4, seconds, SR)
+    wave, _ = chord_sequence(chords[seed % 4 :] + chords[: seed % 4], 100 + 7 * seed, 4, seconds, SR)
     return wave
 
 
@@ -154,7 +155,7 @@ def test_refresh_retries_a_file_whose_permissions_were_fixed(tmp_path):
     stat = broken.stat()
     if os.geteuid() == 0:
         sf.write(broken, _wave(8.5, 3), SR)
-        os.utime(broken, (stat.st_atime, stat.st_mtime))   # same mtime: only the retry of errors catches it
+        os.utime(broken, (stat.st_atime, stat.st_mtime))  # same mtime: only the retry of errors catches it
     else:  # pragma: no cover
         broken.chmod(0o644)
     second = build_dataset(str(src), str(out), params())
@@ -170,11 +171,11 @@ def test_rehash_catches_content_replaced_with_size_and_mtime_kept(tmp_path):
     target = src / "piece0.wav"
     stat = target.stat()
     data, sr = sf.read(target)
-    sf.write(target, -data, sr)                               # same length, same format: same size
+    sf.write(target, -data, sr)  # same length, same format: same size
     os.utime(target, (stat.st_atime, stat.st_mtime))
     assert target.stat().st_size == stat.st_size
-    assert build_dataset(str(src), str(out), params()).up_to_date        # size + mtime cannot see it ...
-    r = build_dataset(str(src), str(out), params(), rehash=True)          # ... the content hash does
+    assert build_dataset(str(src), str(out), params()).up_to_date  # size + mtime cannot see it ...
+    r = build_dataset(str(src), str(out), params(), rehash=True)  # ... the content hash does
     assert r.stats["files_processed"] == 1
     after = _table(out)
     old = set(before[before["source_path"].str.endswith("piece0.wav")]["source_sha256"])
@@ -184,22 +185,38 @@ def test_rehash_catches_content_replaced_with_size_and_mtime_kept(tmp_path):
 
 def test_hostile_entries_become_error_rows_and_other_types_are_listed(tmp_path):
     src = _folder(tmp_path / "in", 1)
-    os.mkfifo(src / "pipe.wav")                               # opening it would block forever
-    os.symlink(src / "loop.wav", src / "loop.wav")            # a link to itself
+    os.mkfifo(src / "pipe.wav")  # opening it would block forever
+    os.symlink(src / "loop.wav", src / "loop.wav")  # a link to itself
     os.symlink(src / "nowhere.wav", src / "dangling.wav")
     (src / "tracker.xm").write_bytes(b"\x00" * 64)
     (src / "score.mid").write_bytes(b"MThd")
     (src / "notes.txt").write_text("a note")
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-c", f"from pipelines.dataset import build_dataset; "
-                                                 f"from tests.test_faults import params; "
-                                                 f"build_dataset({str(src)!r}, {str(out)!r}, params())"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=110)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"from pipelines.dataset import build_dataset; "
+            f"from tests.test_faults import params; "
+            f"build_dataset({str(src)!r}, {str(out)!r}, params())",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     sources = pd.read_parquet(out / schema.SOURCES_FILE)
     status = {Path(p).name: s for p, s in zip(sources["source_path"], sources["status"])}
-    assert status == {"piece0.wav": "ok", "pipe.wav": "error", "loop.wav": "error", "dangling.wav": "error",
-                      "tracker.xm": "skipped", "score.mid": "skipped", "notes.txt": "skipped"}
+    assert status == {
+        "piece0.wav": "ok",
+        "pipe.wav": "error",
+        "loop.wav": "error",
+        "dangling.wav": "error",
+        "tracker.xm": "skipped",
+        "score.mid": "skipped",
+        "notes.txt": "skipped",
+    }
     errors = pd.read_parquet(out / schema.ERRORS_FILE)
     why = {Path(p).name: m for p, m in zip(errors["source_path"], errors["message"])}
     assert "FIFO" in why["pipe.wav"] and "symlink loop" in why["loop.wav"] and "broken link" in why["dangling.wav"]
@@ -237,8 +254,12 @@ def _probe_set(trait: str = "drums"):
 
     rng = np.random.default_rng(0)
     L, H, D = 2, 2, 4
-    arrays = {n: rng.standard_normal((L, H, D) if n in ("coef", "direction", "random_direction") else (L, H))
-              .astype(np.float32) for n in ARRAY_NAMES}
+    arrays = {
+        n: rng.standard_normal((L, H, D) if n in ("coef", "direction", "random_direction") else (L, H)).astype(
+            np.float32
+        )
+        for n in ARRAY_NAMES
+    }
     arrays["accuracy"] = np.abs(arrays["accuracy"]) % 1
     return ProbeSet(trait=trait, generator_fingerprint="f" * 32, **arrays)
 
@@ -250,7 +271,7 @@ def test_damaged_probe_arrays_are_refused_on_load(tmp_path, damage):
     from models.probes import PROBE_ARRAYS, ProbeError, ProbeSet
 
     _probe_set().save(tmp_path / "p")
-    ProbeSet.load(tmp_path / "p")                            # intact: loads
+    ProbeSet.load(tmp_path / "p")  # intact: loads
     arrays = load_file(str(tmp_path / "p" / PROBE_ARRAYS))
     if damage == "nan":
         arrays["coef"][0, 0, 0] = np.nan
@@ -258,7 +279,7 @@ def test_damaged_probe_arrays_are_refused_on_load(tmp_path, damage):
         arrays = {k: np.random.default_rng(1).standard_normal(v.shape).astype(np.float32) for k, v in arrays.items()}
     size = (tmp_path / "p" / PROBE_ARRAYS).stat().st_size
     save_file(arrays, str(tmp_path / "p" / PROBE_ARRAYS))
-    assert (tmp_path / "p" / PROBE_ARRAYS).stat().st_size == size   # a size check alone would pass it
+    assert (tmp_path / "p" / PROBE_ARRAYS).stat().st_size == size  # a size check alone would pass it
     with pytest.raises(ProbeError, match="corrupted or replaced"):
         ProbeSet.load(tmp_path / "p")
     # without the recorded hash (a probe set saved before it was recorded), NaN is still refused
@@ -281,12 +302,9 @@ def test_a_corrupted_registry_cache_entry_is_fetched_again(tmp_path, sqlite_regi
     first = fetch(reg, f"models:/{reg.settings.generator_name}/1")
     weights = first.path / "generator.safetensors"
     good = weights.read_bytes()
-    weights.write_bytes(bytes(b ^ 0xFF for b in good[:64]) + good[64:])   # same size, other content
+    weights.write_bytes(bytes(b ^ 0xFF for b in good[:64]) + good[64:])  # same size, other content
     again = fetch(reg, f"models:/{reg.settings.generator_name}/1")
     assert not again.cached and weights.read_bytes() == good and again.fingerprint == fp
-
-
-from tests.conftest_registry import mlflow_template_db, sqlite_registry  # noqa: E402,F401 - fixtures
 
 
 @pytest.mark.parametrize("damage", ["zero_bytes", "truncated", "overwritten"])
@@ -304,13 +322,16 @@ def test_a_damaged_registry_database_is_refused_and_left_alone(tmp_path, mlflow_
         db.write_bytes(b"SQLite format 3\x00" + os.urandom(len(good) - 16))
     before = db.read_bytes()
     for argv in (["registry", "list"], ["registry", "promote", "drums"], ["harmonize", "--melody", "x.mid"]):
-        rc = main([*argv, "--tracking-uri", f"sqlite:///{db}"] if argv[0] != "harmonize"
-                  else [*argv, "--tracking-uri", f"sqlite:///{db}", "--params", str(tmp_path / "none.yaml")])
+        rc = main(
+            [*argv, "--tracking-uri", f"sqlite:///{db}"]
+            if argv[0] != "harmonize"
+            else [*argv, "--tracking-uri", f"sqlite:///{db}", "--params", str(tmp_path / "none.yaml")]
+        )
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len([x for x in err if x.startswith("smitin: error")]) == 1, err
         assert "Traceback" not in "\n".join(err)
         assert any(w in err[-1] for w in ("empty (0 bytes)", "damaged", "not an MLflow registry")), err
-    assert db.read_bytes() == before                          # never replaced, never "repaired"
+    assert db.read_bytes() == before  # never replaced, never "repaired"
 
 
 def test_wav_writes_are_atomic_on_a_full_disk(tmp_path, monkeypatch):
@@ -326,7 +347,7 @@ def test_wav_writes_are_atomic_on_a_full_disk(tmp_path, monkeypatch):
     real_write = soundfile.write
 
     def full_disk(path, data, sr, **kw):
-        real_write(path, data[: len(data) // 2], sr, **kw)   # half the file lands, then the disk is full
+        real_write(path, data[: len(data) // 2], sr, **kw)  # half the file lands, then the disk is full
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(soundfile, "write", full_disk)
@@ -340,12 +361,16 @@ def _listening_ips(tmp_path: Path, patched: bool) -> tuple[int, set]:
     import psutil
 
     src = _folder(tmp_path / f"in{patched}", 4)
-    unpatch = "" if patched else ("import contextlib, pipelines.runner as r; "
-                                  "r.loopback_only = contextlib.nullcontext; ")
-    code = (f"{unpatch}from pipelines.dataset import build_dataset; from tests.test_faults import params; "
-            f"build_dataset({str(src)!r}, {str(tmp_path / f'out{patched}')!r}, params(workers=2))")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    unpatch = (
+        "" if patched else ("import contextlib, pipelines.runner as r; r.loopback_only = contextlib.nullcontext; ")
+    )
+    code = (
+        f"{unpatch}from pipelines.dataset import build_dataset; from tests.test_faults import params; "
+        f"build_dataset({str(src)!r}, {str(tmp_path / f'out{patched}')!r}, params(workers=2))"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     seen = set()
     parent = psutil.Process(proc.pid)
     while proc.poll() is None:

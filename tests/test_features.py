@@ -1,13 +1,27 @@
 """Features on synthetic signals whose answer is known (click tracks, chord sequences, cadences)."""
+
 import mir_eval
 import numpy as np
 import pytest
 
 from pipelines.chords import to_harte, to_symbol
-from pipelines.features import (DOWNBEAT_MODEL, ClipAnalyzer, FeatureParams, boosted_trees_score, compound_beats,
-                                cue_matrix, export_boosted_trees, file_bar_phase, load_downbeat_model,
-                                onset_envelopes, percussiveness, shift_offbeat, stack_trees, steady_beats)
-from tests.synth import chord_sequence, cadence, click_track
+from pipelines.features import (
+    DOWNBEAT_MODEL,
+    ClipAnalyzer,
+    FeatureParams,
+    boosted_trees_score,
+    compound_beats,
+    cue_matrix,
+    export_boosted_trees,
+    file_bar_phase,
+    load_downbeat_model,
+    onset_envelopes,
+    percussiveness,
+    shift_offbeat,
+    stack_trees,
+    steady_beats,
+)
+from tests.synth import cadence, chord_sequence, click_track
 
 SR = 44100
 
@@ -34,10 +48,11 @@ def default_analyzer():
     """The analyzer as params.yaml configures it (learned downbeat evidence, key in file context, ...)."""
     from pathlib import Path
 
-    from pipelines.params import load_params
+    from core.config import load_params
 
-    return ClipAnalyzer(FeatureParams.from_params(
-        load_params(Path(__file__).resolve().parents[1] / "params.yaml", "build_dataset")))
+    return ClipAnalyzer(
+        FeatureParams.from_params(load_params(Path(__file__).resolve().parents[1] / "params.yaml", "build_dataset"))
+    )
 
 
 @pytest.mark.parametrize("which", ["analyzer", "default_analyzer"])
@@ -91,10 +106,20 @@ def test_loudness_follows_gain(analyzer):
     assert loud - quiet == pytest.approx(20.0, abs=0.5)
 
 
-@pytest.mark.parametrize("symbol,harte", [
-    ("Am", "A:min"), ("F#", "F#:maj"), ("Bb7", "Bb:7"), ("C/E", "C:maj/3"), ("Ebm7", "Eb:min7"),
-    ("N", "N"), ("G:maj", "G:maj"), ("A#:min", "Bb:min"), ("Ddim", "D:dim"),
-])
+@pytest.mark.parametrize(
+    "symbol,harte",
+    [
+        ("Am", "A:min"),
+        ("F#", "F#:maj"),
+        ("Bb7", "Bb:7"),
+        ("C/E", "C:maj/3"),
+        ("Ebm7", "Eb:min7"),
+        ("N", "N"),
+        ("G:maj", "G:maj"),
+        ("A#:min", "Bb:min"),
+        ("Ddim", "D:dim"),
+    ],
+)
 def test_to_harte(symbol, harte):
     assert to_harte(symbol) == harte
     assert mir_eval.chord.validate([harte], [harte]) is None
@@ -152,8 +177,9 @@ def test_onset_envelopes_peak_at_clicks():
 
 @pytest.mark.parametrize("key,mode", [("D", "major"), ("A", "minor"), ("Bb", "major")])
 def test_cadence_key_by_profile_vote(key, mode):
-    analyzer = ClipAnalyzer(FeatureParams(key_profiles=("bgate", "braw", "edma", "krumhansl", "shaath",
-                                                        "temperley", "tonictriad")))
+    analyzer = ClipAnalyzer(
+        FeatureParams(key_profiles=("bgate", "braw", "edma", "krumhansl", "shaath", "temperley", "tonictriad"))
+    )
     f = analyzer.analyze(cadence(key, mode, seconds=10.0))
     assert mir_eval.key.weighted_score(f"{key} {mode}", f"{f.key} {f.mode}") == 1.0
     assert 0.0 < f.key_strength <= 1.0
@@ -170,13 +196,14 @@ def test_per_frame_direct_calls_match_essentias_checked_calls():
         freqs, mags = analyzer._peaks(spec)
         direct_freqs, direct_mags = _per_frame(analyzer._peaks)(spec)
         np.testing.assert_array_equal(freqs, direct_freqs)
-        np.testing.assert_array_equal(analyzer._hpcp(freqs, mags), _per_frame(analyzer._hpcp)(direct_freqs, direct_mags))
+        np.testing.assert_array_equal(
+            analyzer._hpcp(freqs, mags), _per_frame(analyzer._hpcp)(direct_freqs, direct_mags)
+        )
     for spec in _spectra(wave, analyzer._hann_window, 4096, centred=True):
         freqs, mags = analyzer._kpeaks(spec)
         white = analyzer._kwhite(spec, freqs, mags)
         np.testing.assert_array_equal(white, _per_frame(analyzer._kwhite)(spec, freqs, mags))
         np.testing.assert_array_equal(analyzer._khpcp(freqs, white), _per_frame(analyzer._khpcp)(freqs, white))
-
 
 
 def _a_based(weights_by_pc: dict[int, float]) -> np.ndarray:
@@ -188,8 +215,12 @@ def _a_based(weights_by_pc: dict[int, float]) -> np.ndarray:
 
 
 def test_key_in_file_context_outvotes_a_clip_that_sits_on_the_dominant():
-    analyzer = ClipAnalyzer(FeatureParams(key_profiles=("bgate", "braw", "edma", "krumhansl", "shaath",
-                                                        "temperley", "tonictriad"), key_file_context=1.0))
+    analyzer = ClipAnalyzer(
+        FeatureParams(
+            key_profiles=("bgate", "braw", "edma", "krumhansl", "shaath", "temperley", "tonictriad"),
+            key_file_context=1.0,
+        )
+    )
     # a clip on the dominant: G strongest, F absent (votes G major alone); the rest of the file in C major
     dominant = _a_based({7: 1.0, 11: 0.7, 2: 0.8, 0: 0.6, 4: 0.4, 9: 0.4})
     tonic = _a_based({0: 1.0, 4: 0.7, 7: 0.6, 5: 0.6, 2: 0.4, 9: 0.4, 11: 0.2})
@@ -206,8 +237,8 @@ def test_cue_matrix_shifts_neighbours_in_and_pads_the_edges_with_zero():
     z = (cues["a"] - cues["a"].mean()) / cues["a"].std()
     assert m.shape == (4, 6)
     np.testing.assert_allclose(m[:, 1], z)
-    np.testing.assert_allclose(m[:, 0], [0.0, z[0], z[1], z[2]])   # beat i - 1
-    np.testing.assert_allclose(m[:, 2], [z[1], z[2], z[3], 0.0])   # beat i + 1
+    np.testing.assert_allclose(m[:, 0], [0.0, z[0], z[1], z[2]])  # beat i - 1
+    np.testing.assert_allclose(m[:, 2], [z[1], z[2], z[3], 0.0])  # beat i + 1
     assert np.all(np.abs(m) <= 2.5)
 
 
@@ -242,7 +273,7 @@ def test_file_bar_phase_with_overlapping_clips():
         clips.append((start, beats, np.where(bar_pos == 0, 1.0, 0.0) + 0.2 * rng.standard_normal(len(beats))))
     downbeats, meter = file_bar_phase(clips, meter_bias={2: 0.0, 3: 0.0, 4: 0.0})
     assert meter == 4
-    for (start, beats, _), d in zip(clips, downbeats):
+    for (start, _, _), d in zip(clips, downbeats):
         absolute = start + d
         np.testing.assert_allclose((absolute - 0.25) % 2.0, 0.0, atol=1e-9)
         assert len(d) == 5
@@ -275,7 +306,7 @@ def test_shipped_downbeat_model_finds_bar_lines_of_a_chord_sequence(default_anal
     # chords change every 4 beats at 100 bpm (tonal path of the model: no drums); the clip starts on the bar's
     # second beat, so "the first beat is a downbeat" (what a model without evidence falls back to) is wrong
     wave, _ = chord_sequence([("C", "maj"), ("A", "min"), ("F", "maj"), ("G", "maj")], 100.0, 4, 11.0)
-    wave = np.asarray(wave, np.float32)[int(0.6 * SR):]
+    wave = np.asarray(wave, np.float32)[int(0.6 * SR) :]
     f = default_analyzer.analyze(wave)
     truth = np.arange(4 * 0.6 - 0.6, 10.0, 4 * 0.6)
     assert f.beat_evidence is not None and len(f.beat_evidence) == len(f.beats_s)

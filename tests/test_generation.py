@@ -1,6 +1,7 @@
 """Thin generation module: resolve the generator and probe sets by alias from a real registry (SQLite default and
 a real `mlflow server`), refuse probe sets of another generator, generate a batch / a continuation in windows,
 write WAV + steering report JSON + plot; the CLI front door. Uses the real debug generator, codec and probe sets."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,6 @@ import pytest
 import soundfile as sf
 import torch
 
-from tests.conftest_registry import (any_registry, mlflow_server, mlflow_template_db, server_registry,  # noqa: F401
-                                     sqlite_registry)
 from generation import GenerationSession, generate
 from generation.session import GenerationError
 from registry.errors import IncompatibleProbeSet, PromotionRefused
@@ -41,14 +40,22 @@ def _probe_set(generator, trait: str, best: float, seed: int, fingerprint: str |
     acc.flat[0] = best
     direction = unit(rng.standard_normal((L, H, D)))
     flat = np.sort(acc.reshape(-1))[::-1]
-    return ProbeSet(trait=trait, generator_fingerprint=fingerprint or generator.fingerprint(),
-                    coef=(3.0 * direction).astype(np.float32), intercept=np.zeros((L, H), np.float32),
-                    direction=direction, sigma=rng.uniform(0.5, 2.0, (L, H)).astype(np.float32), accuracy=acc,
-                    weight=soft_weights(acc, 3.0), random_direction=unit(rng.standard_normal((L, H, D))),
-                    random_sigma=rng.uniform(0.5, 2.0, (L, H)).astype(np.float32), data_hash=f"d{seed}",
-                    params={"position": "last"}, metrics={"best_acc": float(flat[0]), "mean_acc": float(flat.mean()),
-                                                         "top16_acc": float(flat[:16].mean())},
-                    created_at="2026-11-22T00:00:00Z")
+    return ProbeSet(
+        trait=trait,
+        generator_fingerprint=fingerprint or generator.fingerprint(),
+        coef=(3.0 * direction).astype(np.float32),
+        intercept=np.zeros((L, H), np.float32),
+        direction=direction,
+        sigma=rng.uniform(0.5, 2.0, (L, H)).astype(np.float32),
+        accuracy=acc,
+        weight=soft_weights(acc, 3.0),
+        random_direction=unit(rng.standard_normal((L, H, D))),
+        random_sigma=rng.uniform(0.5, 2.0, (L, H)).astype(np.float32),
+        data_hash=f"d{seed}",
+        params={"position": "last"},
+        metrics={"best_acc": float(flat[0]), "mean_acc": float(flat.mean()), "top16_acc": float(flat[:16].mean())},
+        created_at="2026-11-22T00:00:00Z",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +66,9 @@ def model_dirs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("models")
     rng = np.random.default_rng(0)
-    codec = MelRVQCodec.fit([(rng.standard_normal(16000).astype(np.float32) * 0.1, 16000) for _ in range(3)],
-                            MelCodecConfig.debug())
+    codec = MelRVQCodec.fit(
+        [(rng.standard_normal(16000).astype(np.float32) * 0.1, 16000) for _ in range(3)], MelCodecConfig.debug()
+    )
     gens = {}
     for name, seed in (("gen", 0), ("other-gen", 1)):
         torch.manual_seed(seed)
@@ -86,15 +94,13 @@ def test_generate_by_alias_follows_the_new_champion(any_registry, model_dirs, tm
     with pytest.raises(PromotionRefused, match="gate metrics failed"):
         promote(reg, "drums")
 
-    first = generate("", duration=0.5, steer={"drums": 5}, out=tmp_path / "a.wav", registry=reg, params=None,
-                     seed=1)
+    first = generate("", duration=0.5, steer={"drums": 5}, out=tmp_path / "a.wav", registry=reg, params=None, seed=1)
     assert first.info["probe_sets"]["drums"]["version"] == "1"
     assert first.info["generator"]["version"] == "1"
 
     better = register_dir(reg, model_dirs / "drums-better")
     assert promote(reg, "drums", better.version).promoted
-    second = generate("", duration=0.5, steer={"drums": 5}, out=tmp_path / "b.wav", registry=reg, params=None,
-                      seed=1)
+    second = generate("", duration=0.5, steer={"drums": 5}, out=tmp_path / "b.wav", registry=reg, params=None, seed=1)
     assert second.info["probe_sets"]["drums"]["version"] == "3"
 
     wave, sr = sf.read(second.wavs[0])
@@ -132,8 +138,15 @@ def test_batch_continuation_in_windows_and_local_dirs(model_dirs, tmp_path):
     session = GenerationSession(model_dirs / "gen", params=None, probes={"drums": str(model_dirs / "drums-v1")})
     ctx = session.generator.cfg.max_frames
     duration = 1.5 * ctx / session.codec.frame_rate  # longer than the context: two windows or more
-    res = session.generate(["", ""], duration=duration, continue_from=model_dirs / "prompt.wav",
-                           steer="drums=+4", mode="iti", out=tmp_path / "batch.wav", seed=3)
+    res = session.generate(
+        ["", ""],
+        duration=duration,
+        continue_from=model_dirs / "prompt.wav",
+        steer="drums=+4",
+        mode="iti",
+        out=tmp_path / "batch.wav",
+        seed=3,
+    )
     assert [p.name for p in res.wavs] == ["batch_1.wav", "batch_2.wav"]
     assert res.info["windows"] >= 2
     for wav in res.wavs:
@@ -144,15 +157,30 @@ def test_batch_continuation_in_windows_and_local_dirs(model_dirs, tmp_path):
     assert all(s["traits"]["drums"]["on"] == [True, True] for s in report["steps"])  # iti: always on
     assert [p.name for p in res.report_pngs] == ["batch_1.steering.png", "batch_2.steering.png"]
     # the same seed gives the same audio; no steering gives no report
-    again = session.generate(["", ""], duration=duration, continue_from=model_dirs / "prompt.wav",
-                             steer="drums=+4", mode="iti", out=tmp_path / "again.wav", seed=3)
+    again = session.generate(
+        ["", ""],
+        duration=duration,
+        continue_from=model_dirs / "prompt.wav",
+        steer="drums=+4",
+        mode="iti",
+        out=tmp_path / "again.wav",
+        seed=3,
+    )
     assert np.array_equal(sf.read(again.wavs[0])[0], sf.read(res.wavs[0])[0])
     plain = session.generate("", duration=0.25, out=tmp_path / "plain.wav")
     assert plain.report_json is None and plain.wavs[0].exists()
     # prompt guidance: another continuation of the same prompt and seed, recorded in the info
-    guided = session.generate(["", ""], duration=duration, continue_from=model_dirs / "prompt.wav",
-                              steer="drums=+4", mode="iti", out=tmp_path / "guided.wav", seed=3,
-                              prompt_guidance="20,20,1,1", prompt_plausibility=0.05)
+    guided = session.generate(
+        ["", ""],
+        duration=duration,
+        continue_from=model_dirs / "prompt.wav",
+        steer="drums=+4",
+        mode="iti",
+        out=tmp_path / "guided.wav",
+        seed=3,
+        prompt_guidance="20,20,1,1",
+        prompt_plausibility=0.05,
+    )
     assert guided.info["prompt_guidance"] == (20.0, 20.0, 1.0, 1.0) and guided.info["prompt_plausibility"] == 0.05
     assert not np.array_equal(sf.read(guided.wavs[0])[0], sf.read(res.wavs[0])[0])
 
@@ -172,8 +200,23 @@ def test_cli_generate_with_text_prompt(sqlite_registry, model_dirs, tmp_path, ca
     assert err[-1].startswith("smitin: error: smitin-probes-drums has no version with alias 'champion'")
     promote(reg, "drums")
     t0 = time.perf_counter()
-    rc = main(base + ["--prompt", "an upbeat chorale with drums", "--duration", "0.5", "--steer", "drums=+5",
-                      "--mode", "smitin", "--out", str(tmp_path / "o.wav"), "--seed", "2"])
+    rc = main(
+        base
+        + [
+            "--prompt",
+            "an upbeat chorale with drums",
+            "--duration",
+            "0.5",
+            "--steer",
+            "drums=+5",
+            "--mode",
+            "smitin",
+            "--out",
+            str(tmp_path / "o.wav"),
+            "--seed",
+            "2",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     out = capsys.readouterr().out.split()
     assert out == [str(tmp_path / "o.wav"), str(tmp_path / "o.steering.json"), str(tmp_path / "o.steering.png")]
@@ -204,28 +247,54 @@ def test_resolving_and_loading_from_a_local_registry_is_fast(sqlite_registry, mo
 
 
 def test_cli_generate_user_errors_are_one_line(model_dirs, tmp_path, capsys):
-    from tests.conftest_registry import _free_port
     from generation.cli import main
+    from tests.conftest_registry import _free_port
 
     cases = [
-        (["--tracking-uri", f"http://127.0.0.1:{_free_port()}", "--prompt", "x"], "is unreachable (connection refused)"),
-        (["--generator", str(model_dirs / "gen"), "--prompt", "x", "--continue", str(tmp_path / "nope.wav")],
-         "nope.wav does not exist"),
+        (
+            ["--tracking-uri", f"http://127.0.0.1:{_free_port()}", "--prompt", "x"],
+            "is unreachable (connection refused)",
+        ),
+        (
+            ["--generator", str(model_dirs / "gen"), "--prompt", "x", "--continue", str(tmp_path / "nope.wav")],
+            "nope.wav does not exist",
+        ),
         (["--generator", str(model_dirs / "drums-v1"), "--prompt", "x"], "is a probe set, not a generator"),
-        (["--generator", str(model_dirs / "gen"), "--prompt", "x", "--duration", "0.2", "--temperature", "1,0.7"],
-         "temperature has 2 values, the generator has"),
-        (["--generator", str(model_dirs / "gen"), "--prompt", "x", "--temperature", "warm"],
-         "temperature must be a number"),
-        (["--generator", str(model_dirs / "gen"), "--prompt", "x", "--prompt-guidance", "0.5"],
-         "prompt_guidance must be >= 1 and finite"),
-        (["--generator", str(model_dirs / "gen"), "--prompt", "x", "--prompt-guidance", "3,1"],
-         "prompt_guidance has 2 values, the generator has"),
-        (["--generator", str(model_dirs / "gen"), "--prompt", "x", "--prompt-plausibility", "high"],
-         "plausibility must be a number in [0, 1), got 'high'"),
-        (["--generator", str(model_dirs / "gen"), "--prompt", "x", "--prompt-plausibility", "1"],
-         "plausibility must be a number in [0, 1), got '1'"),
-        (["--generator", "models:/smitin-generator@champion", "--tracking-uri", f"sqlite:///{tmp_path}/none.db",
-          "--prompt", "x"], "no MLflow registry at"),
+        (
+            ["--generator", str(model_dirs / "gen"), "--prompt", "x", "--duration", "0.2", "--temperature", "1,0.7"],
+            "temperature has 2 values, the generator has",
+        ),
+        (
+            ["--generator", str(model_dirs / "gen"), "--prompt", "x", "--temperature", "warm"],
+            "temperature must be a number",
+        ),
+        (
+            ["--generator", str(model_dirs / "gen"), "--prompt", "x", "--prompt-guidance", "0.5"],
+            "prompt_guidance must be >= 1 and finite",
+        ),
+        (
+            ["--generator", str(model_dirs / "gen"), "--prompt", "x", "--prompt-guidance", "3,1"],
+            "prompt_guidance has 2 values, the generator has",
+        ),
+        (
+            ["--generator", str(model_dirs / "gen"), "--prompt", "x", "--prompt-plausibility", "high"],
+            "plausibility must be a number in [0, 1), got 'high'",
+        ),
+        (
+            ["--generator", str(model_dirs / "gen"), "--prompt", "x", "--prompt-plausibility", "1"],
+            "plausibility must be a number in [0, 1), got '1'",
+        ),
+        (
+            [
+                "--generator",
+                "models:/smitin-generator@champion",
+                "--tracking-uri",
+                f"sqlite:///{tmp_path}/none.db",
+                "--prompt",
+                "x",
+            ],
+            "no MLflow registry at",
+        ),
         (["--generator", str(model_dirs / "gen"), "--prompt", "x", "--duration", "nan"], "not a finite number"),
         (["--generator", str(model_dirs / "gen"), "--prompt", "x", "--duration", "inf"], "not a finite number"),
         (["--generator", str(model_dirs / "gen"), "--prompt", "x", "--duration", "100000"], "at most 600 s"),
@@ -239,7 +308,20 @@ def test_cli_generate_user_errors_are_one_line(model_dirs, tmp_path, capsys):
         assert rc == 2 and err[-1].startswith("smitin: error: ") and expected in err[-1], (extra, err)
     # --out's folder is created; where it cannot be (a file is in the way), one line before any generating
     (tmp_path / "a-file").write_text("")
-    rc = main(["generate", "--params", str(tmp_path / "none.yaml"), "--generator", str(model_dirs / "gen"),
-               "--prompt", "x", "--out", str(tmp_path / "a-file" / "o.wav")])
+    rc = main(
+        [
+            "generate",
+            "--params",
+            str(tmp_path / "none.yaml"),
+            "--generator",
+            str(model_dirs / "gen"),
+            "--prompt",
+            "x",
+            "--out",
+            str(tmp_path / "a-file" / "o.wav"),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and err[-1].startswith("smitin: error: cannot write --out") and "is a file, not a folder" in err[-1], err
+    assert (
+        rc == 2 and err[-1].startswith("smitin: error: cannot write --out") and "is a file, not a folder" in err[-1]
+    ), err

@@ -1,14 +1,25 @@
 """Generator contract: delay pattern, head_out sites, KV cache, CFG layout, fingerprint, save/load, bad input."""
+
 import json
 
 import numpy as np
 import pytest
 import torch
 
+from core.errors import UserError
 from models.codec import MelCodecConfig, MelRVQCodec
-from models.generator import (Generator, GeneratorConfig, GeneratorError, HeadOutput, _sample, apply_delay,
-                              load_generator, sampling_temperature, save_generator, undo_delay)
-from pipelines.errors import UserError
+from models.generator import (
+    Generator,
+    GeneratorConfig,
+    GeneratorError,
+    HeadOutput,
+    _sample,
+    apply_delay,
+    load_generator,
+    sampling_temperature,
+    save_generator,
+    undo_delay,
+)
 
 
 def _model(**kw):
@@ -50,13 +61,16 @@ def test_forward_shapes_and_head_sites_see_every_position():
 def test_kv_cache_logits_match_uncached():
     model = _model()
     codes = _codes(B=2, T=12)
-    full = model.forward_tokens(torch.cat([torch.full((2, 4, 1), 32), apply_delay(codes, 32)[:, :, :-1]], 2),
-                                model._prefix(None, None, 2))
+    full = model.forward_tokens(
+        torch.cat([torch.full((2, 4, 1), 32), apply_delay(codes, 32)[:, :, :-1]], 2), model._prefix(None, None, 2)
+    )
     caches = [dict() for _ in range(model.n_layers)]
     inputs = torch.cat([torch.full((2, 4, 1), 32), apply_delay(codes, 32)[:, :, :-1]], 2)
     first = model.forward_tokens(inputs[:, :, :5], model._prefix(None, None, 2), caches, 0)
-    steps = [model.forward_tokens(inputs[:, :, s:s + 1], None, caches, model.n_prefix + s)
-             for s in range(5, inputs.shape[2])]
+    steps = [
+        model.forward_tokens(inputs[:, :, s : s + 1], None, caches, model.n_prefix + s)
+        for s in range(5, inputs.shape[2])
+    ]
     cached = torch.cat([first] + steps, dim=2)
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-4)
 
@@ -84,8 +98,9 @@ def test_cfg_batch_layout_and_hooks_at_every_step():
         layouts.append(dict(model.batch_layout))
 
     h = model.head_sites()[0].register_forward_hook(hook)
-    model.generate(n_frames=5, prompt=_codes(B=3, T=4), condition=torch.randn(3, 384), cfg_scale=2.5, seed=0,
-                   on_step=steps.append)
+    model.generate(
+        n_frames=5, prompt=_codes(B=3, T=4), condition=torch.randn(3, 384), cfg_scale=2.5, seed=0, on_step=steps.append
+    )
     h.remove()
     n_steps = 5 + 4 - 1
     assert steps == list(range(n_steps))
@@ -145,8 +160,9 @@ def test_prompt_guidance_cached_equals_uncached_and_one_is_off():
     # with text CFG as well: still cache-consistent
     cond = torch.randn(2, model.cfg.cond_dim)
     c1 = model.generate(n_frames=4, prompt=prompt, condition=cond, cfg_scale=3.0, seed=2, prompt_guidance=2.0)
-    c2 = model.generate(n_frames=4, prompt=prompt, condition=cond, cfg_scale=3.0, seed=2, prompt_guidance=2.0,
-                        use_cache=False)
+    c2 = model.generate(
+        n_frames=4, prompt=prompt, condition=cond, cfg_scale=3.0, seed=2, prompt_guidance=2.0, use_cache=False
+    )
     assert torch.equal(c1, c2)
 
 
@@ -156,7 +172,7 @@ def test_hidden_prompt_positions_do_not_reach_the_prompt_free_rows():
     inputs = _codes(B=B, T=S)
     prefix = model._prefix(None, None, B)
     visible = torch.ones(B, model.n_prefix + S, dtype=torch.bool)
-    visible[1, model.n_prefix:model.n_prefix + 5] = False  # row 1 does not see stream positions 0..4
+    visible[1, model.n_prefix : model.n_prefix + 5] = False  # row 1 does not see stream positions 0..4
     base = model.forward_tokens(inputs, prefix, visible=visible)
     changed = inputs.clone()
     changed[:, :, :5] = (changed[:, :, :5] + 1) % model.cfg.card
@@ -175,8 +191,14 @@ def test_prompt_guidance_rows_layout_and_bad_values():
         layouts.append(dict(model.batch_layout))
 
     h = model.head_sites()[0].register_forward_hook(record)
-    model.generate(n_frames=3, prompt=prompt, condition=torch.randn(2, model.cfg.cond_dim), cfg_scale=2.0,
-                   prompt_guidance=2.0, seed=0)
+    model.generate(
+        n_frames=3,
+        prompt=prompt,
+        condition=torch.randn(2, model.cfg.cond_dim),
+        cfg_scale=2.0,
+        prompt_guidance=2.0,
+        seed=0,
+    )
     h.remove()
     assert set(seen) == {6} and layouts[0] == {"cfg": True, "n_cond": 2}  # [cond; text-uncond; prompt-free]
     for bad in (0.5, float("inf"), "x", None, [3.0, 1.0], "3,1,1,0.5"):
@@ -210,9 +232,12 @@ def test_plausibility_masks_exactly_the_tokens_the_prompted_model_finds_unlikely
         return out
 
     def check_sample(logits, *a):
-        lp = forwarded[-1][:logits.shape[0]].log_softmax(-1)  # no text CFG: the first B rows see the prompt
-        expected = (lp < lp.amax(-1, keepdim=True) + math.log(cut["at"]) if cut["at"]
-                    else torch.zeros_like(lp, dtype=torch.bool))
+        lp = forwarded[-1][: logits.shape[0]].log_softmax(-1)  # no text CFG: the first B rows see the prompt
+        expected = (
+            lp < lp.amax(-1, keepdim=True) + math.log(cut["at"])
+            if cut["at"]
+            else torch.zeros_like(lp, dtype=torch.bool)
+        )
         assert torch.equal(torch.isinf(logits), expected)
         frame = sample(logits, *a)
         assert torch.isfinite(logits.gather(-1, frame[..., None])).all()  # never a masked token
@@ -249,8 +274,15 @@ def test_per_codebook_temperature():
     assert sampling_temperature("1, 0.7,0.7,0.7", 4) == (1.0, 0.7, 0.7, 0.7)
     assert sampling_temperature([1, 0.5], 2) == (1.0, 0.5)
     assert sampling_temperature([0.7], 4) == 0.7 and sampling_temperature(np.float32(0.5)) == 0.5
-    for bad, match in (("1,0.7", "2 values, the generator has 4"), ("hot", "number"), (-1.0, ">= 0"),
-                       ("inf", "finite"), ([True, 0.5, 1, 1], "number"), ([], "number"), ("1,x", "number")):
+    for bad, match in (
+        ("1,0.7", "2 values, the generator has 4"),
+        ("hot", "number"),
+        (-1.0, ">= 0"),
+        ("inf", "finite"),
+        ([True, 0.5, 1, 1], "number"),
+        ([], "number"),
+        ("1,x", "number"),
+    ):
         with pytest.raises(GeneratorError, match=match):
             sampling_temperature(bad, 4)
     logits = torch.randn(3, 4, 32, generator=torch.Generator().manual_seed(0))

@@ -1,4 +1,5 @@
 """The vectorised BS.1770 meter gives pyloudnorm's integrated loudness."""
+
 import numpy as np
 import pyloudnorm
 import pytest
@@ -12,8 +13,8 @@ SR = 44100
 def _signals():
     rng = np.random.default_rng(7)
     noise = 0.1 * rng.standard_normal(SR * 10)
-    gated = noise * np.r_[np.zeros(SR * 3), np.ones(SR * 7)]          # silence first: the gates drop it
-    ramp = noise * np.geomspace(1e-5, 1.0, len(noise))                  # blocks either side of both gates
+    gated = noise * np.r_[np.zeros(SR * 3), np.ones(SR * 7)]  # silence first: the gates drop it
+    ramp = noise * np.geomspace(1e-5, 1.0, len(noise))  # blocks either side of both gates
     odd = 0.3 * np.sin(2 * np.pi * 50 * np.arange(int(SR * 4.37)) / SR)  # length not a block multiple; 50 Hz
     return {"noise": noise, "gated": gated, "ramp": ramp, "odd": odd, "clicks": click_track(120.0, 6.0)}
 

@@ -1,6 +1,7 @@
 """The Hugging Face MusicGen backend on tiny random models (no download): head sites on out_proj at every step,
 delay-pattern alignment, equality with transformers' own generate(), steering on the chosen heads of the
 conditional half only, cached == uncached, probes end to end, fingerprints, local loading."""
+
 import json
 
 import numpy as np
@@ -50,11 +51,18 @@ def _probe_set(generator, heads=((0, 1), (1, 3)), seed=0, trait="drums"):
     direction /= np.linalg.norm(direction, axis=-1, keepdims=True)
     rnd = rng.standard_normal((L, H, DH)).astype(np.float32)
     rnd /= np.linalg.norm(rnd, axis=-1, keepdims=True)
-    return ProbeSet(trait=trait, generator_fingerprint=generator.fingerprint(),
-                    coef=rng.standard_normal((L, H, DH)).astype(np.float32), intercept=np.zeros((L, H), np.float32),
-                    direction=direction, sigma=rng.uniform(0.5, 2.0, (L, H)).astype(np.float32), accuracy=acc,
-                    weight=np.ones((L, H), np.float32), random_direction=rnd,
-                    random_sigma=np.ones((L, H), np.float32))
+    return ProbeSet(
+        trait=trait,
+        generator_fingerprint=generator.fingerprint(),
+        coef=rng.standard_normal((L, H, DH)).astype(np.float32),
+        intercept=np.zeros((L, H), np.float32),
+        direction=direction,
+        sigma=rng.uniform(0.5, 2.0, (L, H)).astype(np.float32),
+        accuracy=acc,
+        weight=np.ones((L, H), np.float32),
+        random_direction=rnd,
+        random_sigma=np.ones((L, H), np.float32),
+    )
 
 
 # ------------------------------------------------------------------------------------------- head sites
@@ -62,14 +70,17 @@ def test_head_sites_see_out_proj_input_at_every_step(gen):
     """Adapter hooks get (B, T, H, Dh) views of out_proj's (B, T, H*Dh) input: once per decoding step (the
     prefill that transformers 5.23 runs twice and discards once is hidden), prompt + BOS first, then T == 1."""
     raw, site_calls, steps = [], [], []
-    handles = [layer.self_attn.out_proj.register_forward_pre_hook(
-        lambda m, a, i=i: raw.append((i, a[0].detach().clone()))) for i, layer in enumerate(gen.layers)]
-    handles += [site.register_forward_hook(lambda m, i, z, layer=n: site_calls.append((layer, z.detach().clone())))
-                for n, site in enumerate(gen.head_sites())]
+    handles = [
+        layer.self_attn.out_proj.register_forward_pre_hook(lambda m, a, i=i: raw.append((i, a[0].detach().clone())))
+        for i, layer in enumerate(gen.layers)
+    ]
+    handles += [
+        site.register_forward_hook(lambda m, i, z, layer=n: site_calls.append((layer, z.detach().clone())))
+        for n, site in enumerate(gen.head_sites())
+    ]
     try:
         B, Tp, n = 2, 3, 5
-        codes = gen.generate(n, prompt=_codes(B, Tp), condition=_text(B), cfg_scale=3.0, seed=3,
-                             on_step=steps.append)
+        codes = gen.generate(n, prompt=_codes(B, Tp), condition=_text(B), cfg_scale=3.0, seed=3, on_step=steps.append)
     finally:
         for h in handles:
             h.remove()
@@ -100,7 +111,7 @@ def test_teacher_forced_forward_uses_the_models_delay_pattern(decoder_only):
     T = codes.shape[-1]
     assert logits.shape == (2, K, T + K - 1, CARD) and seen == [(2, T + K - 1, H, DH)]
     for k in range(K):
-        assert torch.equal(logits[:, k, k:k + T].argmax(-1), codes[:, k])
+        assert torch.equal(logits[:, k, k : k + T].argmax(-1), codes[:, k])
     assert g.batch_layout == {"cfg": False, "n_cond": 2}
 
 
@@ -127,9 +138,15 @@ def test_generate_equals_transformers_generate(composite, gen, decoder_only):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
     torch.manual_seed(seed)
-    audio = composite.generate(input_ids=text, attention_mask=torch.ones_like(text), do_sample=True,
-                               guidance_scale=3.0, top_k=8, max_length=n + K,
-                               stopping_criteria=StoppingCriteriaList([keep]))
+    audio = composite.generate(
+        input_ids=text,
+        attention_mask=torch.ones_like(text),
+        do_sample=True,
+        guidance_scale=3.0,
+        top_k=8,
+        max_length=n + K,
+        stopping_criteria=StoppingCriteriaList([keep]),
+    )
     _, mask = composite.decoder.build_delay_pattern_mask(torch.full((B * K, 1), CARD), CARD, n + K)
     theirs = composite.decoder.apply_delay_pattern_mask(last["ids"], mask)
     assert torch.equal(codes, theirs[theirs != CARD].reshape(B, K, n))  # transformers' own un-delaying
@@ -165,12 +182,18 @@ def test_steering_lands_on_chosen_heads_and_conditional_half(gen):
     ps = _probe_set(gen, heads=sorted(chosen))
     alpha, B = 3.0, 2
     before, after = [], []
-    pre = [layer.self_attn.out_proj.register_forward_pre_hook(
-        lambda m, a, i=i: before.append((i, a[0].detach().clone()))) for i, layer in enumerate(gen.layers)]
+    pre = [
+        layer.self_attn.out_proj.register_forward_pre_hook(lambda m, a, i=i: before.append((i, a[0].detach().clone())))
+        for i, layer in enumerate(gen.layers)
+    ]
     try:
         with steer(gen, SteeringPlan.build([ps], {"drums": alpha}, mode="iti", top_k=2)):
-            post = [layer.self_attn.out_proj.register_forward_pre_hook(
-                lambda m, a, i=i: after.append((i, a[0].detach().clone()))) for i, layer in enumerate(gen.layers)]
+            post = [
+                layer.self_attn.out_proj.register_forward_pre_hook(
+                    lambda m, a, i=i: after.append((i, a[0].detach().clone()))
+                )
+                for i, layer in enumerate(gen.layers)
+            ]
             gen.generate(4, prompt=_codes(B, 3), condition=_text(B), cfg_scale=3.0, seed=1)
             for h in post:
                 h.remove()
@@ -201,8 +224,11 @@ def test_steered_cached_and_uncached_give_the_same_tokens(gen):
     out = []
     for use_cache in (True, False):
         with steer(gen, plan):
-            out.append(gen.generate(5, prompt=_codes(2, 2), condition=_text(2), cfg_scale=3.0, temperature=0,
-                                    use_cache=use_cache))
+            out.append(
+                gen.generate(
+                    5, prompt=_codes(2, 2), condition=_text(2), cfg_scale=3.0, temperature=0, use_cache=use_cache
+                )
+            )
     assert torch.equal(out[0], out[1])
 
 
@@ -230,8 +256,13 @@ def test_probes_train_end_to_end(tmp_path, composite, gen):
             if label:
                 wave = wave + 0.3 * rng.standard_normal(len(t)) * (np.sin(2 * np.pi * 4 * t) > 0)
             sf.write(tmp_path / sub / f"pair{i:02d}.wav", wave.astype(np.float32), 800)
-    section = {"window_seconds": 0.5, "batch_size": 8, "seed": 0, "max_iter": 200,
-               "traits": {"noise": {"source": {"kind": "folders", "path": str(tmp_path), "sample_rate": 800}}}}
+    section = {
+        "window_seconds": 0.5,
+        "batch_size": 8,
+        "seed": 0,
+        "max_iter": 200,
+        "traits": {"noise": {"source": {"kind": "folders", "path": str(tmp_path), "sample_rate": 800}}},
+    }
     ps = train_trait("noise", gen, codec, None, section)
     assert ps.coef.shape == (2, H, DH) and ps.generator_fingerprint == gen.fingerprint()
     assert ps.params["window_frames"] == 25 and ps.metrics["n_valid"] > 0
@@ -266,7 +297,12 @@ def _tiny_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate("rock drums jazz piano slow".split())}}
+    vocab = {
+        "<pad>": 0,
+        "</s>": 1,
+        "<unk>": 2,
+        **{w: i + 3 for i, w in enumerate("rock drums jazz piano slow".split())},
+    }
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")

@@ -3,6 +3,7 @@
 registered as smitin-probes-musicgen-drums with the MusicGen reference and fingerprint; the weights are not),
 `smitin generate` steering that MusicGen, and one-line refusals of a mismatched generator (other weights, another
 size, the builtin backend)."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,8 @@ import soundfile as sf
 import torch
 import yaml
 
-from tests.conftest_registry import make_generator_dir, mlflow_template_db, sqlite_registry  # noqa: F401
 from tests.clips_fixtures import write_clips_table
+from tests.conftest_registry import make_generator_dir
 from tests.test_musicgen import _tiny_tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -46,10 +47,18 @@ def _params(tmp_path, folders, reg) -> str:
     params = {
         "seed": 0,
         "generator": {"backend": "musicgen", "path": str(folders / "musicgen"), "device": "cpu", "dtype": "float32"},
-        "probes": {"traits": {"drums": {"source": {"kind": "stems", "pairs_only": True}}}, "window_seconds": 0.5,
-                   "batch_size": 16, "max_iter": 200, "threads": 1},
-        "registry": {"tracking_uri": reg.uri, "artifact_root": str(tmp_path / "mlartifacts"),
-                     "cache_dir": str(tmp_path / "cache")},
+        "probes": {
+            "traits": {"drums": {"source": {"kind": "stems", "pairs_only": True}}},
+            "window_seconds": 0.5,
+            "batch_size": 16,
+            "max_iter": 200,
+            "threads": 1,
+        },
+        "registry": {
+            "tracking_uri": reg.uri,
+            "artifact_root": str(tmp_path / "mlartifacts"),
+            "cache_dir": str(tmp_path / "cache"),
+        },
         "generate": {"duration": 0.3, "steering": {"every": 2}},
     }
     path = tmp_path / "params.yaml"
@@ -71,9 +80,26 @@ def test_train_register_generate_and_refuse_mismatches(tmp_path, folders, sqlite
     params = _params(tmp_path, folders, reg)
     # 1. probes on MusicGen, selected by params generator.backend (the DVC stage passes --generator data/generator,
     #    a builtin folder, which does not override params)
-    rc = main(["probes", "train", "--trait", "drums", "--generator", str(tmp_path / "no-builtin-here"),
-               "--clips", str(folders / "clips"), "--out", str(tmp_path / "probes"), "--plots", str(tmp_path / "plots"),
-               "--metrics", str(tmp_path / "metrics"), "--params", params])
+    rc = main(
+        [
+            "probes",
+            "train",
+            "--trait",
+            "drums",
+            "--generator",
+            str(tmp_path / "no-builtin-here"),
+            "--clips",
+            str(folders / "clips"),
+            "--out",
+            str(tmp_path / "probes"),
+            "--plots",
+            str(tmp_path / "plots"),
+            "--metrics",
+            str(tmp_path / "metrics"),
+            "--params",
+            params,
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     assert "MusicGen from" in capsys.readouterr().err
     ps = ProbeSet.load(tmp_path / "probes" / "drums")
@@ -97,8 +123,19 @@ def test_train_register_generate_and_refuse_mismatches(tmp_path, folders, sqlite
 
     # 3. generate: params pick the MusicGen, the probe-set champion is resolved by name, steering runs
     out = tmp_path / "steered.wav"
-    gen_args = ["generate", "--tracking-uri", reg.uri, "--params", params, "--prompt", "rock drums",
-                "--steer", "drums=+5", "--seed", "3"]
+    gen_args = [
+        "generate",
+        "--tracking-uri",
+        reg.uri,
+        "--params",
+        params,
+        "--prompt",
+        "rock drums",
+        "--steer",
+        "drums=+5",
+        "--seed",
+        "3",
+    ]
     assert main(gen_args + ["--out", str(out)]) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out.split()
     assert printed == [str(out), str(out.with_suffix(".steering.json")), str(out.with_suffix(".steering.png"))]
@@ -114,14 +151,31 @@ def test_train_register_generate_and_refuse_mismatches(tmp_path, folders, sqlite
     other = tmp_path / "other.wav"
     assert main(gen_args + ["--generator", str(folders / "other"), "--out", str(other)]) == 2
     line = _last_error(capsys)
-    assert line.startswith("smitin: error: probe set smitin-probes-musicgen-drums v1 (trait drums) was trained on "
-                           f"MusicGen {gen.fingerprint()[:12]}") and "retrain the probes" in line
+    assert (
+        line.startswith(
+            "smitin: error: probe set smitin-probes-musicgen-drums v1 (trait drums) was trained on "
+            f"MusicGen {gen.fingerprint()[:12]}"
+        )
+        and "retrain the probes" in line
+    )
     assert not other.exists()
 
     # 5. ... against the builtin generator: refused before loading anything
     make_generator_dir(tmp_path / "builtin")
-    assert main(gen_args + ["--generator", str(tmp_path / "builtin"), "--out", str(other),
-                            "--probes", "drums=models:/smitin-probes-musicgen-drums@champion"]) == 2
+    assert (
+        main(
+            gen_args
+            + [
+                "--generator",
+                str(tmp_path / "builtin"),
+                "--out",
+                str(other),
+                "--probes",
+                "drums=models:/smitin-probes-musicgen-drums@champion",
+            ]
+        )
+        == 2
+    )
     assert "not on the builtin generator" in _last_error(capsys)
     # and the builtin backend looks for the builtin probe sets, where there is none for drums
     assert main(gen_args + ["--generator", str(tmp_path / "builtin"), "--out", str(other)]) == 2
@@ -139,9 +193,12 @@ def test_other_model_size_is_refused_before_loading(tmp_path, folders):
     rng = np.random.default_rng(0)
     L, H, D = 2, 4, 4
     arrays = {n: rng.standard_normal((L, H, D)).astype(np.float32) for n in ("coef", "direction", "random_direction")}
-    arrays.update({n: np.ones((L, H), np.float32) for n in ("intercept", "sigma", "accuracy", "weight", "random_sigma")})
-    ProbeSet(trait="drums", generator_fingerprint=gen.fingerprint(), generator=gen.describe(),
-             **arrays).save(tmp_path / "drums")
+    arrays.update(
+        {n: np.ones((L, H), np.float32) for n in ("intercept", "sigma", "accuracy", "weight", "random_sigma")}
+    )
+    ProbeSet(trait="drums", generator_fingerprint=gen.fingerprint(), generator=gen.describe(), **arrays).save(
+        tmp_path / "drums"
+    )
     session = GenerationSession(folders / "narrow", params=None, probes={"drums": str(tmp_path / "drums")})
     assert session.backend == "musicgen"
     with pytest.raises(IncompatibleProbeSet, match=r"layers x heads x head dim 2x4x4, not on MusicGen .*\(2x2x8\)"):
@@ -169,29 +226,67 @@ def test_evaluate_steering_on_musicgen(tmp_path, folders, capsys):
     L, H, D = gen.n_layers, gen.n_heads, gen.head_dim
     unit = lambda a: (a / np.linalg.norm(a, axis=-1, keepdims=True)).astype(np.float32)  # noqa: E731
     acc = rng.uniform(0.5, 0.9, (L, H)).astype(np.float32)
-    ProbeSet(trait="drums", generator_fingerprint=gen.fingerprint(), generator=gen.describe(),
-             coef=unit(rng.standard_normal((L, H, D))), intercept=np.zeros((L, H), np.float32),
-             direction=unit(rng.standard_normal((L, H, D))), sigma=np.ones((L, H), np.float32), accuracy=acc,
-             weight=acc ** 3, random_direction=unit(rng.standard_normal((L, H, D))),
-             random_sigma=np.ones((L, H), np.float32), metrics={"best_acc": float(acc.max())},
-             ).save(tmp_path / "probes" / "drums")
-    params = {"seed": 0,
-              "probes": {"traits": {"drums": {"source": {"kind": "stems"}}}, "window_seconds": 0.3, "max_iter": 100},
-              "evaluate_steering": {"traits": ["drums"], "tasks": ["continuation", "text"], "prompt_seconds": 0.2,
-                                    "continuation_seconds": 0.4, "prompts_per_class": 2, "n_pairs": [2],
-                                    "every": 2, "monitor_heads": 4, "iti_top_k": 4, "embedding_dims": 2,
-                                    "detector_max_segments": 40}}
+    ProbeSet(
+        trait="drums",
+        generator_fingerprint=gen.fingerprint(),
+        generator=gen.describe(),
+        coef=unit(rng.standard_normal((L, H, D))),
+        intercept=np.zeros((L, H), np.float32),
+        direction=unit(rng.standard_normal((L, H, D))),
+        sigma=np.ones((L, H), np.float32),
+        accuracy=acc,
+        weight=acc**3,
+        random_direction=unit(rng.standard_normal((L, H, D))),
+        random_sigma=np.ones((L, H), np.float32),
+        metrics={"best_acc": float(acc.max())},
+    ).save(tmp_path / "probes" / "drums")
+    params = {
+        "seed": 0,
+        "probes": {"traits": {"drums": {"source": {"kind": "stems"}}}, "window_seconds": 0.3, "max_iter": 100},
+        "evaluate_steering": {
+            "traits": ["drums"],
+            "tasks": ["continuation", "text"],
+            "prompt_seconds": 0.2,
+            "continuation_seconds": 0.4,
+            "prompts_per_class": 2,
+            "n_pairs": [2],
+            "every": 2,
+            "monitor_heads": 4,
+            "iti_top_k": 4,
+            "embedding_dims": 2,
+            "detector_max_segments": 40,
+        },
+    }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    rc = main(["evaluate-steering", "--generator", str(folder), "--probes", str(tmp_path / "probes"),
-               "--tokens", str(tmp_path / "no-tokens"), "--clips", str(folders / "clips"),
-               "--out", str(tmp_path / "m.json"), "--table", str(tmp_path / "t.md"),
-               "--reports", str(tmp_path / "reports"), "--params", str(tmp_path / "params.yaml")])
+    rc = main(
+        [
+            "evaluate-steering",
+            "--generator",
+            str(folder),
+            "--probes",
+            str(tmp_path / "probes"),
+            "--tokens",
+            str(tmp_path / "no-tokens"),
+            "--clips",
+            str(folders / "clips"),
+            "--out",
+            str(tmp_path / "m.json"),
+            "--table",
+            str(tmp_path / "t.md"),
+            "--reports",
+            str(tmp_path / "reports"),
+            "--params",
+            str(tmp_path / "params.yaml"),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     assert "with MusicGen's codec" in capsys.readouterr().err
     metrics = json.loads((tmp_path / "m.json").read_text())
     for task in ("continuation", "text"):
         for direction in ("add", "remove"):
-            assert {"none", "iti", "smitin", "random_control", "smitin_2pairs"} <= set(metrics["drums"][task][direction])
+            assert {"none", "iti", "smitin", "random_control", "smitin_2pairs"} <= set(
+                metrics["drums"][task][direction]
+            )
             # each mode's numbers carry the settings they were run at (the registry gates compare like with like)
             smitin = metrics["drums"][task][direction]["smitin"]
             assert smitin["strength"] == (10.0 if direction == "add" else -10.0) and smitin["every"] == 2
@@ -205,7 +300,22 @@ def test_evaluate_steering_on_musicgen(tmp_path, folders, capsys):
     ps = ProbeSet.load(tmp_path / "probes" / "drums")
     ps.generator_fingerprint = other.fingerprint()
     ps.save(tmp_path / "probes" / "drums")
-    assert main(["evaluate-steering", "--musicgen", str(folder), "--probes", str(tmp_path / "probes"),
-                 "--clips", str(folders / "clips"), "--out", str(tmp_path / "m2.json"),
-                 "--params", str(tmp_path / "params.yaml")]) == 2
+    assert (
+        main(
+            [
+                "evaluate-steering",
+                "--musicgen",
+                str(folder),
+                "--probes",
+                str(tmp_path / "probes"),
+                "--clips",
+                str(folders / "clips"),
+                "--out",
+                str(tmp_path / "m2.json"),
+                "--params",
+                str(tmp_path / "params.yaml"),
+            ]
+        )
+        == 2
+    )
     assert "retrain the probes" in _last_error(capsys) and not (tmp_path / "m2.json").exists()

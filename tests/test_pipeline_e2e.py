@@ -2,6 +2,7 @@
 what a user does next: a second repro finds everything up to date, a changed probe param re-runs the probes and
 what follows them (never the dataset), `smitin refresh` trains nothing and promotes through the gates, and
 `smitin generate` steers the freshly promoted champion."""
+
 import json
 import subprocess
 import sys
@@ -10,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from benchmarks.pipeline_stages import copy_project
 from registry.refresh import venv_env
+from tests.project_copy import copy_project
 
 BIN = Path(sys.executable).parent
 
@@ -21,14 +22,31 @@ TINY = {
     "build_dataset": {"clip_seconds": 4.0, "hop_seconds": 4.0, "min_clip_seconds": 2.0},
     "fit_codec": {"n_mels": 32, "card": 32, "kmeans_iters": 5, "griffin_lim_iters": 4, "max_clips": 200},
     "train_generator": {"preset": "debug"},
-    "evaluate_carrying": {"prompts_per_class": 2, "prompt_seconds": 0.5, "continuation_seconds": 0.5,
-                          "modes": ["unconditional"], "samples_per_class": 1, "samples_per_prompt": 1,
-                          "detector_max_segments": 60},
-    "probes": {"traits": {"drums": {"source": {"kind": "stems", "pairs_only": True}},
-                          "minor": {"source": {"kind": "predicate", "expr": 'mode == "minor"'}}},
-               "window_seconds": 1.0, "max_iter": 200},
-    "evaluate_steering": {"tasks": ["continuation"], "prompts_per_class": 2, "prompt_seconds": 0.5,
-                          "continuation_seconds": 0.5, "n_pairs": [4], "detector_max_segments": 60},
+    "evaluate_carrying": {
+        "prompts_per_class": 2,
+        "prompt_seconds": 0.5,
+        "continuation_seconds": 0.5,
+        "modes": ["unconditional"],
+        "samples_per_class": 1,
+        "samples_per_prompt": 1,
+        "detector_max_segments": 60,
+    },
+    "probes": {
+        "traits": {
+            "drums": {"source": {"kind": "stems", "pairs_only": True}},
+            "minor": {"source": {"kind": "predicate", "expr": 'mode == "minor"'}},
+        },
+        "window_seconds": 1.0,
+        "max_iter": 200,
+    },
+    "evaluate_steering": {
+        "tasks": ["continuation"],
+        "prompts_per_class": 2,
+        "prompt_seconds": 0.5,
+        "continuation_seconds": 0.5,
+        "n_pairs": [4],
+        "detector_max_segments": 60,
+    },
     "train_coconet": {"preset": "debug"},
 }
 
@@ -42,10 +60,13 @@ def _merge(base: dict, over: dict) -> dict:
 
 def _run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     # venv_env: the stage commands call `smitin`, this venv's, though CI does not activate it
-    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True,
-                          env={**venv_env(), "DVC_NO_ANALYTICS": "1", "MPLBACKEND": "Agg"})
+    proc = subprocess.run(
+        args, cwd=cwd, capture_output=True, text=True, env={**venv_env(), "DVC_NO_ANALYTICS": "1", "MPLBACKEND": "Agg"}
+    )
     if check and proc.returncode:
-        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
@@ -65,9 +86,22 @@ def project(tmp_path_factory):
 def test_repro_runs_every_stage_and_registers_probe_sets(project):
     dest, first = project
     stages = _run([str(BIN / "dvc"), "stage", "list", "--name-only"], dest).stdout.split()
-    assert {"render_corpus", "build_dataset", "evaluate_features", "fit_codec", "tokenize", "train_generator",
-            "evaluate_carrying", "train_probes@drums", "train_probes@minor", "evaluate_steering",
-            "build_scores", "train_coconet", "evaluate_coconet", "register"} <= set(stages)
+    assert {
+        "render_corpus",
+        "build_dataset",
+        "evaluate_features",
+        "fit_codec",
+        "tokenize",
+        "train_generator",
+        "evaluate_carrying",
+        "train_probes@drums",
+        "train_probes@minor",
+        "evaluate_steering",
+        "build_scores",
+        "train_coconet",
+        "evaluate_coconet",
+        "register",
+    } <= set(stages)
     for stage in stages:
         assert f"'{stage}'" in first.stdout, f"stage {stage} did not run:\n{first.stdout[-3000:]}"
     lock = yaml.safe_load((dest / "dvc.lock").read_text())["stages"]
@@ -108,8 +142,15 @@ def test_second_repro_is_up_to_date_and_probe_param_reruns_only_downstream(proje
     would_run = {line.split("'")[1] for line in dry.splitlines() if line.startswith("Running stage")}
     # a dry run lists the stages whose inputs changed now; `register` follows once the probe sets are rewritten
     assert {"train_probes@drums", "train_probes@minor", "evaluate_steering"} <= would_run
-    assert not would_run & {"render_corpus", "build_dataset", "evaluate_features", "fit_codec", "tokenize",
-                            "train_generator", "evaluate_carrying"}
+    assert not would_run & {
+        "render_corpus",
+        "build_dataset",
+        "evaluate_features",
+        "fit_codec",
+        "tokenize",
+        "train_generator",
+        "evaluate_carrying",
+    }
 
 
 def test_refresh_without_new_audio_trains_nothing_then_generate_steers_the_champion(project):
@@ -121,8 +162,21 @@ def test_refresh_without_new_audio_trains_nothing_then_generate_steers_the_champ
     assert _run([str(BIN / "smitin"), "refresh"], dest).stdout.count("already the champion") == 4
 
     out = dest / "demo" / "steered.wav"
-    _run([str(BIN / "smitin"), "generate", "--prompt", "a chorale with drums", "--steer", "drums=+5",
-          "--duration", "1", "--out", str(out)], dest)
+    _run(
+        [
+            str(BIN / "smitin"),
+            "generate",
+            "--prompt",
+            "a chorale with drums",
+            "--steer",
+            "drums=+5",
+            "--duration",
+            "1",
+            "--out",
+            str(out),
+        ],
+        dest,
+    )
     import soundfile as sf
 
     info = sf.info(out)
@@ -134,8 +188,19 @@ def test_refresh_without_new_audio_trains_nothing_then_generate_steers_the_champ
 def test_harmonize_serves_the_promoted_coconet(project):
     dest, _ = project
     _run([str(BIN / "smitin"), "refresh"], dest)
-    proc = _run([str(BIN / "smitin"), "harmonize", "--melody", "pipelines/data/jsb/test-000-soprano.mid",
-                 "--out", "demo/harmonized.mid", "--steps", "8"], dest)
+    proc = _run(
+        [
+            str(BIN / "smitin"),
+            "harmonize",
+            "--melody",
+            "pipelines/data/jsb/test-000-soprano.mid",
+            "--out",
+            "demo/harmonized.mid",
+            "--steps",
+            "8",
+        ],
+        dest,
+    )
     assert "smitin-coconet v1" in proc.stderr
     for suffix in (".mid", ".musicxml", ".wav", ".png"):
         assert (dest / "demo" / f"harmonized{suffix}").stat().st_size > 0

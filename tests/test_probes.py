@@ -1,5 +1,6 @@
 """Probes: capture shapes, training on separable synthetic activations, save/load layout, trait data sources,
 the safe predicate parser, bad input."""
+
 import json
 
 import numpy as np
@@ -9,11 +10,23 @@ import pytest
 import soundfile as sf
 import torch
 
+from core.errors import UserError
 from models.generator import Generator, GeneratorConfig
-from models.probes import (ARRAY_NAMES, PROBE_ARRAYS, PROBE_SET_JSON, ProbeError, ProbeSet, capture_head_outputs,
-                           load_trait_clips, parse_predicate, probe_params, soft_weights, train_probe_set, train_trait,
-                           write_probe_plots)
-from pipelines.errors import UserError
+from models.probes import (
+    ARRAY_NAMES,
+    PROBE_ARRAYS,
+    PROBE_SET_JSON,
+    ProbeError,
+    ProbeSet,
+    capture_head_outputs,
+    load_trait_clips,
+    parse_predicate,
+    probe_params,
+    soft_weights,
+    train_probe_set,
+    train_trait,
+    write_probe_plots,
+)
 
 FRACTIONS = {"train": 0.6, "valid": 0.2, "tune": 0.2}
 
@@ -75,10 +88,11 @@ def test_training_on_separable_activations(direction):
     # sigma is the spread along the direction on the tune split
     tune = splits == "tune"
     np.testing.assert_allclose(ps.sigma[1, 2], np.std(acts[tune, 1, 2] @ ps.direction[1, 2]), rtol=1e-5)
-    np.testing.assert_allclose(ps.random_sigma[1, 2], np.std(acts[tune, 1, 2] @ ps.random_direction[1, 2]),
-                               rtol=1e-5)
+    np.testing.assert_allclose(ps.random_sigma[1, 2], np.std(acts[tune, 1, 2] @ ps.random_direction[1, 2]), rtol=1e-5)
     assert ps.weight[1, 2] == pytest.approx(1.0) and ps.weight.min() == pytest.approx(0.0)
-    assert ps.metrics["best_acc"] >= 0.99 and ps.metrics["n_train"] + ps.metrics["n_valid"] + ps.metrics["n_tune"] == 300
+    assert (
+        ps.metrics["best_acc"] >= 0.99 and ps.metrics["n_train"] + ps.metrics["n_valid"] + ps.metrics["n_tune"] == 300
+    )
     assert ps.metrics["tau"] == pytest.approx(ps.tau(), abs=1e-6)
 
 
@@ -105,8 +119,17 @@ def test_save_load_round_trip_and_layout(tmp_path):
     ps = train_probe_set(acts, y, splits, "drums", "abc123", {"seed": 3, "direction": "mass_mean"}, "hash")
     ps.save(tmp_path / "drums")
     meta = json.loads((tmp_path / "drums" / PROBE_SET_JSON).read_text())
-    for key in ("trait", "generator_fingerprint", "data_hash", "params", "n_layers", "n_heads", "head_dim",
-                "metrics", "created_at"):
+    for key in (
+        "trait",
+        "generator_fingerprint",
+        "data_hash",
+        "params",
+        "n_layers",
+        "n_heads",
+        "head_dim",
+        "metrics",
+        "created_at",
+    ):
         assert key in meta
     assert {"best_acc", "mean_acc", "top16_acc"} <= set(meta["metrics"])
     from safetensors.numpy import load_file
@@ -134,8 +157,15 @@ def test_predicate_parser_is_safe_and_correct():
     assert p({"mode": "minor", "tempo_bpm": None}) is None  # missing value: the row is left out
     assert parse_predicate("key in ['C', 'G'] or not drums")({"key": "D", "drums": False}) is True
     assert parse_predicate("-5 < loudness_lufs <= -1")({"loudness_lufs": -3.0}) is True
-    for bad in ("__import__('os').system('true')", "mode.upper() == 'X'", "x[0] == 1", "lambda: 1", "", "a ==",
-                "(tempo_bpm := 3)"):
+    for bad in (
+        "__import__('os').system('true')",
+        "mode.upper() == 'X'",
+        "x[0] == 1",
+        "lambda: 1",
+        "",
+        "a ==",
+        "(tempo_bpm := 3)",
+    ):
         with pytest.raises(ProbeError):
             parse_predicate(bad)
     with pytest.raises(ProbeError, match="unknown name 'colour'"):
@@ -153,18 +183,29 @@ def _wave(seed, drums, sr=16000, seconds=1.0):
 
 
 def _clips_table(path, n_mix=12, extra=None):
-    from pipelines.audio import encode_flac
-    from pipelines.schema import CLIPS_SCHEMA, shard_name
+    from core.audio import encode_flac
+    from core.clips_table import CLIPS_SCHEMA, shard_name
 
     rows = []
     for m in range(n_mix):
         for drums in (True, False):
             sha = f"{m:02d}{int(drums)}" * 8
-            rows.append({"clip_id": f"{sha[:8]}-0", "source_sha256": sha, "clip_index": 0, "mix_id": f"mix{m}",
-                         "split": "train", "sample_rate": 16000, "duration_s": 1.0, "is_silent": False,
-                         "audio": {"bytes": encode_flac(_wave(m, drums), 16000), "path": None},
-                         "traits": [{"name": "drums", "present": drums}],
-                         "mode": "minor" if m % 2 else "major", "tempo_bpm": 90.0 + 10 * m})
+            rows.append(
+                {
+                    "clip_id": f"{sha[:8]}-0",
+                    "source_sha256": sha,
+                    "clip_index": 0,
+                    "mix_id": f"mix{m}",
+                    "split": "train",
+                    "sample_rate": 16000,
+                    "duration_s": 1.0,
+                    "is_silent": False,
+                    "audio": {"bytes": encode_flac(_wave(m, drums), 16000), "path": None},
+                    "traits": [{"name": "drums", "present": drums}],
+                    "mode": "minor" if m % 2 else "major",
+                    "tempo_bpm": 90.0 + 10 * m,
+                }
+            )
     rows += extra or []
     full = [{name: r.get(name) for name in CLIPS_SCHEMA.names} for r in rows]
     path.mkdir(parents=True, exist_ok=True)
@@ -200,8 +241,9 @@ def test_stem_pairs_predicate_and_folder_sources(tmp_path):
         (tmp_path / "user" / sub).mkdir(parents=True)
         for i in range(3):
             sf.write(str(tmp_path / "user" / sub / f"take{i}.wav"), _wave(i, drums), 16000)
-    folder = load_trait_clips("drums", {"kind": "folders", "path": str(tmp_path / "user"), "sample_rate": 16000},
-                              None, FRACTIONS, 0)
+    folder = load_trait_clips(
+        "drums", {"kind": "folders", "path": str(tmp_path / "user"), "sample_rate": 16000}, None, FRACTIONS, 0
+    )
     assert len(folder) == 6 and sum(c.label for c in folder) == 3
     with pytest.raises(ProbeError, match="without"):
         load_trait_clips("x", {"kind": "folders", "path": str(tmp_path / "user" / "with")}, None, FRACTIONS, 0)
@@ -223,8 +265,9 @@ class _ToyCodec:
     def encode(self, wave, sr):
         hop = int(sr / self.frame_rate)
         frames = wave[: len(wave) // hop * hop].reshape(-1, hop)
-        feats = np.stack([np.abs(frames).mean(1), frames.std(1), np.abs(np.diff(frames, axis=1)).mean(1),
-                          frames.max(1)])
+        feats = np.stack(
+            [np.abs(frames).mean(1), frames.std(1), np.abs(np.diff(frames, axis=1)).mean(1), frames.max(1)]
+        )
         return torch.from_numpy(np.clip((feats * 40).astype(int), 0, 31)).long()
 
 

@@ -1,18 +1,18 @@
 """`smitin refresh`'s promotion step: the generator first, then each trait's probe set through the gates; a refused
 challenger stays a challenger (the champion is kept, nothing raises); a MusicGen setup promotes its
 smitin-probes-musicgen-TRAIT sets and no generator. (The dvc repro half runs in tests/test_pipeline_e2e.py.)"""
+
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest_registry import make_generator_dir, make_probe_set_dir, mlflow_template_db  # noqa: F401
 from registry.refresh import promote_challengers
 from registry.registration import register_dir
 from registry.store import Registry, Settings
+from tests.conftest_registry import make_generator_dir, make_probe_set_dir
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -23,11 +23,19 @@ def project(tmp_path, mlflow_template_db, monkeypatch):  # noqa: F811
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     shutil.copy(mlflow_template_db, tmp_path / "mlflow.db")
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({
-        "probes": {"traits": {"drums": {}, "piano": {}}},
-        "registry": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "artifact_root": str(tmp_path / "art"),
-                     "cache_dir": str(tmp_path / "cache"),
-                     "gates": {"tolerance": 0.01, "probe_set": {"best_acc": "higher"}}}}))
+    params.write_text(
+        yaml.safe_dump(
+            {
+                "probes": {"traits": {"drums": {}, "piano": {}}},
+                "registry": {
+                    "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                    "artifact_root": str(tmp_path / "art"),
+                    "cache_dir": str(tmp_path / "cache"),
+                    "gates": {"tolerance": 0.01, "probe_set": {"best_acc": "higher"}},
+                },
+            }
+        )
+    )
     return params, Registry(Settings.load(params))
 
 

@@ -1,6 +1,7 @@
 """Registry: the full register -> gate -> promote -> history -> load cycle against the SQLite default and a real
 `mlflow server`, lineage tags, and the reliability cases (server down, alias missing, corrupted artifact,
 interrupted and concurrent registrations)."""
+
 from __future__ import annotations
 
 import fcntl
@@ -14,14 +15,20 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest_registry import (ROOT, make_generator_dir, make_probe_set_dir, mlflow_server,  # noqa: F401
-                                     mlflow_template_db, any_registry, server_registry, sqlite_registry)
-from registry.errors import (CorruptArtifact, IncompatibleProbeSet, InvalidArtifact, ModelNotFound,
-                             PromotionRefused, RegistrationBusy, RegistryUnavailable)
+from registry.errors import (
+    CorruptArtifact,
+    IncompatibleProbeSet,
+    InvalidArtifact,
+    ModelNotFound,
+    PromotionRefused,
+    RegistrationBusy,
+    RegistryUnavailable,
+)
 from registry.history import read_history
 from registry.loading import check_compatible, fetch, resolve
 from registry.promotion import history, promote
 from registry.registration import register_dir
+from tests.conftest_registry import ROOT, make_generator_dir, make_probe_set_dir
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -54,7 +61,7 @@ def test_full_cycle(any_registry, tmp_path):
         promote(reg, "generator")
 
     v1 = register_dir(reg, good)
-    assert promote(reg, "drums").promoted        # the challenger, first champion
+    assert promote(reg, "drums").promoted  # the challenger, first champion
     v2 = register_dir(reg, worse)
     assert (v1.version, v2.version) == ("1", "2")
     c = reg.client
@@ -81,8 +88,11 @@ def test_full_cycle(any_registry, tmp_path):
 
     _, events = history(reg, "drums")
     promotions = [(e["action"], e["from"], e["to"], e["why"]) for e in events if e["alias"] == "champion"]
-    assert promotions == [("promote", None, "1", ""), ("refused", "1", "2", "try the worse one"),
-                          ("promote", "1", "3", "better probes")]
+    assert promotions == [
+        ("promote", None, "1", ""),
+        ("refused", "1", "2", "try the worse one"),
+        ("promote", "1", "3", "better probes"),
+    ]
     assert all(e["who"] and e["when"].endswith("Z") for e in events)
     assert [e["to"] for e in events if e["action"] == "register"] == ["1", "2", "3"]
 
@@ -113,8 +123,9 @@ def test_compatibility_gate_and_forced_promotion(any_registry, tmp_path):
 
     name = reg.model_name("probe_set", "piano")
     with pytest.raises(IncompatibleProbeSet) as e:
-        check_compatible(fetch(reg, f"models:/{name}@champion"),
-                         fetch(reg, f"models:/{reg.settings.generator_name}@champion"))
+        check_compatible(
+            fetch(reg, f"models:/{name}@champion"), fetch(reg, f"models:/{reg.settings.generator_name}@champion")
+        )
     assert f"{name} v1" in str(e.value) and f"{reg.settings.generator_name} v1" in str(e.value)
     assert other_fp[:12] in str(e.value) and fp[:12] in str(e.value)
 
@@ -162,8 +173,8 @@ stages:
 
 # ------------------------------------------------------------------------------------------------ reliability
 def test_unreachable_server_is_one_line(tmp_path, monkeypatch):
-    from tests.conftest_registry import _free_port, _settings
     from registry.store import Registry
+    from tests.conftest_registry import _free_port, _settings
 
     reg = Registry(_settings(tmp_path, f"http://127.0.0.1:{_free_port()}"))
     fp = make_generator_dir(tmp_path / "g")
@@ -181,8 +192,11 @@ def test_missing_alias_model_and_version(any_registry, tmp_path):
     fp = make_generator_dir(tmp_path / "g")
     register_dir(reg, make_probe_set_dir(tmp_path / "p", "drums", fp))
     name = reg.model_name("probe_set", "drums")
-    with pytest.raises(ModelNotFound, match=r"has no version with alias 'champion' \(aliases: challenger->v1\); "
-                                            r"promote one with"):
+    with pytest.raises(
+        ModelNotFound,
+        match=r"has no version with alias 'champion' \(aliases: challenger->v1\); "
+        r"promote one with",
+    ):
         fetch(reg, f"models:/{name}@champion")
     with pytest.raises(ModelNotFound, match="has no version 7"):
         resolve(reg, f"models:/{name}/7")
@@ -191,8 +205,8 @@ def test_missing_alias_model_and_version(any_registry, tmp_path):
 
 
 def test_missing_sqlite_registry_is_one_line(tmp_path):
-    from tests.conftest_registry import _settings
     from registry.store import Registry
+    from tests.conftest_registry import _settings
 
     reg = Registry(_settings(tmp_path, f"sqlite:///{tmp_path}/nope.db"))
     with pytest.raises(ModelNotFound, match="no MLflow registry at"):
@@ -253,7 +267,10 @@ def test_failed_registration_leaves_nothing_behind(sqlite_registry, tmp_path, st
     assert events == ["1"]
     # and the next registration of the same content works normally (version numbers are never reused)
     again = register_dir(reg, tmp_path / "p2")
-    assert again.created and str(c.get_model_version_by_alias("smitin-probes-drums", "challenger").version) == again.version
+    assert (
+        again.created
+        and str(c.get_model_version_by_alias("smitin-probes-drums", "challenger").version) == again.version
+    )
 
 
 def test_failed_registration_on_server_is_rolled_back(server_registry, tmp_path):
@@ -275,9 +292,24 @@ def test_two_registrations_at_once(sqlite_registry, tmp_path):
     env.pop("MLFLOW_TRACKING_URI", None)
     reg.check(create=True)
     lock = reg.lock_path()
-    proc = subprocess.Popen([sys.executable, "-m", "generation.cli", "registry", "--tracking-uri", reg.uri,
-                             "register", "--probes", f"drums={a}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "generation.cli",
+            "registry",
+            "--tracking-uri",
+            reg.uri,
+            "register",
+            "--probes",
+            f"drums={a}",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     while proc.poll() is None and time.monotonic() < deadline:
         if lock.exists() and "registration of smitin-probes-drums" in lock.read_text():
@@ -304,7 +336,9 @@ def test_busy_registry_lock_is_one_line(sqlite_registry, tmp_path):
         fcntl.flock(f, fcntl.LOCK_EX)
         f.write("registration of smitin-probes-drums (pid 4242)")
         f.flush()
-        with pytest.raises(RegistrationBusy, match=r"another registration of smitin-probes-drums \(pid 4242\) has held"):
+        with pytest.raises(
+            RegistrationBusy, match=r"another registration of smitin-probes-drums \(pid 4242\) has held"
+        ):
             register_dir(reg, make_probe_set_dir(tmp_path / "p", "drums", fp))
 
 
@@ -331,8 +365,21 @@ def test_cli_list_show_promote_history(sqlite_registry, tmp_path, capsys, monkey
     monkeypatch.setenv("SMITIN_CACHE_DIR", str(tmp_path / "cache"))
     fp, good, worse, better = _dirs(tmp_path)
     base = ["registry", "--tracking-uri", reg.uri, "--params", str(tmp_path / "none.yaml")]
-    assert main(base + ["register", "--generator", str(tmp_path / "generator"), "--probes", str(good),
-                        "--out", str(tmp_path / "registered.json")]) == 0
+    assert (
+        main(
+            base
+            + [
+                "register",
+                "--generator",
+                str(tmp_path / "generator"),
+                "--probes",
+                str(good),
+                "--out",
+                str(tmp_path / "registered.json"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "registered.json").read_text())["smitin-probes-drums"]["version"] == 1
     assert main(base + ["promote", "generator"]) == 0
     assert main(base + ["promote", "drums"]) == 0
@@ -355,8 +402,7 @@ def test_cli_list_show_promote_history(sqlite_registry, tmp_path, capsys, monkey
     assert "has no version with alias 'nope'" in capsys.readouterr().err
 
 
-def test_dvc_stage_registers_from_params_and_gates_on_steering_metrics(sqlite_registry, tmp_path, monkeypatch,
-                                                                      capsys):
+def test_dvc_stage_registers_from_params_and_gates_on_steering_metrics(sqlite_registry, tmp_path, monkeypatch, capsys):
     """`smitin registry register` with no paths reads params.yaml (the DVC stage): the generator, each trait of
     probes.traits, the trait's subtree of the steering evaluation as steering.* metrics, plots; then a probe set
     whose steering success dropped is refused by the gate on that metric."""
@@ -371,8 +417,13 @@ def test_dvc_stage_registers_from_params_and_gates_on_steering_metrics(sqlite_re
     (tmp_path / "plots" / "probes" / "drums" / "accuracy_heatmap.png").write_bytes(b"\x89PNG fake")
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics" / "train_generator.json").write_text(json.dumps({"valid_loss": 3.8, "steps": 30}))
-    steering = {"detector": {"auc": 0.9}, "drums": {"probe_best_acc": 0.9, "continuation": {
-        "add": {"smitin": {"success": 0.6, "frechet": 1.2}, "none": {"success": 0.1}}}}}
+    steering = {
+        "detector": {"auc": 0.9},
+        "drums": {
+            "probe_best_acc": 0.9,
+            "continuation": {"add": {"smitin": {"success": 0.6, "frechet": 1.2}, "none": {"success": 0.1}}},
+        },
+    }
     (tmp_path / "metrics" / "evaluate_steering.json").write_text(json.dumps(steering))
     (tmp_path / "params.yaml").write_text("""
 probes:
@@ -392,10 +443,21 @@ registry:
     base = ["registry", "--tracking-uri", reg.uri, "--params", "params.yaml"]
     assert main(base + ["register", "--out", "metrics/registry.json"]) == 0
     assert json.loads((tmp_path / "metrics" / "registry.json").read_text()) == {
-        "smitin-generator": {"version": 1, "new": True, "content_hash": json.loads(
-            (tmp_path / "metrics" / "registry.json").read_text())["smitin-generator"]["content_hash"]},
-        "smitin-probes-drums": {"version": 1, "new": True, "content_hash": json.loads(
-            (tmp_path / "metrics" / "registry.json").read_text())["smitin-probes-drums"]["content_hash"]}}
+        "smitin-generator": {
+            "version": 1,
+            "new": True,
+            "content_hash": json.loads((tmp_path / "metrics" / "registry.json").read_text())["smitin-generator"][
+                "content_hash"
+            ],
+        },
+        "smitin-probes-drums": {
+            "version": 1,
+            "new": True,
+            "content_hash": json.loads((tmp_path / "metrics" / "registry.json").read_text())["smitin-probes-drums"][
+                "content_hash"
+            ],
+        },
+    }
     c = reg.client
     mv = c.get_model_version("smitin-probes-drums", "1")
     metrics = json.loads(mv.tags["smitin.metrics"])

@@ -1,10 +1,10 @@
 """`smitin scores build`: the JSB table with its own split, bad scores as error rows, refresh, and a commit that
 survives a crash at any of its steps and a second build at the same time."""
+
 from __future__ import annotations
 
 import gzip
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -88,9 +88,16 @@ def test_bad_scores_become_error_rows_and_nothing_is_dropped(tmp_path):
     sources = pd.read_parquet(tmp_path / "s" / "_sources.parquet").set_index("source_path")
     errors = pd.read_parquet(tmp_path / "s" / "_errors.parquet")
     status = {Path(p).name: s for p, s in sources["status"].items()}
-    assert status == {"good.musicxml": "ok", "three.musicxml": "error", "chord.musicxml": "error",
-                      "overlap.musicxml": "error", "garbage.mid": "error", "empty.abc": "error",
-                      "notes.txt": "skipped", "tracker.xm": "skipped"}
+    assert status == {
+        "good.musicxml": "ok",
+        "three.musicxml": "error",
+        "chord.musicxml": "error",
+        "overlap.musicxml": "error",
+        "garbage.mid": "error",
+        "empty.abc": "error",
+        "notes.txt": "skipped",
+        "tracker.xm": "skipped",
+    }
     why = {Path(p).name: m for p, m in zip(errors["source_path"], errors["message"])}
     assert "3 voices" in why["three.musicxml"]
     assert "2 notes at once" in why["chord.musicxml"]
@@ -114,11 +121,11 @@ def test_refresh_reads_only_what_changed_and_retries_errors(tmp_path):
     src = tmp_path / "in"
     src.mkdir()
     _write_score(src / "a.musicxml", SATB)
-    _write_score(src / "b.musicxml", SATB[:3])               # an error row at first
+    _write_score(src / "b.musicxml", SATB[:3])  # an error row at first
     out = str(tmp_path / "s")
     first = build_scores([str(src)], out, _params())
     assert first.stats["pieces"] == 1 and first.stats["errors"] == 1
-    _write_score(src / "b.musicxml", SATB)                   # fixed
+    _write_score(src / "b.musicxml", SATB)  # fixed
     second = build_scores([str(src)], out, _params())
     assert second.stats["sources_read"] == 1 and second.stats["sources_unchanged"] == 1
     assert second.stats["pieces"] == 2 and second.stats["errors"] == 0
@@ -138,7 +145,7 @@ def test_a_crash_at_any_commit_step_is_completed_by_the_next_build(tmp_path, cra
     with pytest.raises(RuntimeError, match="injected crash"):
         build_scores([str(src)], out, _params(num_shards=3), commit_fail_after=crash_after)
     with pytest.raises(UserError, match="was being rewritten"):
-        read_scores(out)                                     # a reader refuses the half-committed folder
+        read_scores(out)  # a reader refuses the half-committed folder
     done = build_scores([str(src)], out, _params(num_shards=3))
     clean = build_scores([str(src)], str(tmp_path / "clean"), _params(num_shards=3))
     assert done.stats["pieces"] == clean.stats["pieces"] == 2
@@ -147,8 +154,11 @@ def test_a_crash_at_any_commit_step_is_completed_by_the_next_build(tmp_path, cra
     assert not [p for p in Path(out).iterdir() if p.name.startswith(".tmp-")]
     for name in names:
         if name.endswith(".parquet") and not name.startswith("_"):
-            assert pd.read_parquet(Path(out) / name).drop(columns=["source_path"]).equals(
-                pd.read_parquet(Path(tmp_path / "clean") / name).drop(columns=["source_path"]))
+            assert (
+                pd.read_parquet(Path(out) / name)
+                .drop(columns=["source_path"])
+                .equals(pd.read_parquet(Path(tmp_path / "clean") / name).drop(columns=["source_path"]))
+            )
 
 
 def test_a_second_build_of_the_same_output_is_refused_with_one_line(tmp_path):

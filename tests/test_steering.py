@@ -1,16 +1,24 @@
 """Steering: the update formula at the hook (exact), the self-monitor, KV cache and CFG correctness, reports,
 refusal of foreign probe sets, bad requests."""
+
 import json
 
 import numpy as np
 import pytest
 import torch
 
+from core.errors import UserError
 from models.generator import Generator, GeneratorConfig
 from models.probes import ProbeSet
-from models.steering import (SteeringError, SteeringPlan, SteeringSession, _median_probability, parse_strengths,
-                             smitin_factor, steer)
-from pipelines.errors import UserError
+from models.steering import (
+    SteeringError,
+    SteeringPlan,
+    SteeringSession,
+    _median_probability,
+    parse_strengths,
+    smitin_factor,
+    steer,
+)
 
 
 def _model(**kw):
@@ -24,18 +32,26 @@ def _probe_set(model, trait="drums", seed=0, fingerprint=None, intercept=0.0):
     unit = lambda a: (a / np.linalg.norm(a, axis=-1, keepdims=True)).astype(np.float32)  # noqa: E731
     acc = rng.uniform(0.55, 0.98, (L, H)).astype(np.float32)
     direction = unit(rng.standard_normal((L, H, D)))
-    return ProbeSet(trait=trait, generator_fingerprint=fingerprint or model.fingerprint(),
-                    coef=(3.0 * direction).astype(np.float32), intercept=np.full((L, H), intercept, np.float32),
-                    direction=direction, sigma=rng.uniform(0.5, 2.0, (L, H)).astype(np.float32), accuracy=acc,
-                    weight=((acc - acc.min()) / (acc.max() - acc.min())) ** 3,
-                    random_direction=unit(rng.standard_normal((L, H, D))),
-                    random_sigma=rng.uniform(0.5, 2.0, (L, H)).astype(np.float32))
+    return ProbeSet(
+        trait=trait,
+        generator_fingerprint=fingerprint or model.fingerprint(),
+        coef=(3.0 * direction).astype(np.float32),
+        intercept=np.full((L, H), intercept, np.float32),
+        direction=direction,
+        sigma=rng.uniform(0.5, 2.0, (L, H)).astype(np.float32),
+        accuracy=acc,
+        weight=((acc - acc.min()) / (acc.max() - acc.min())) ** 3,
+        random_direction=unit(rng.standard_normal((L, H, D))),
+        random_sigma=rng.uniform(0.5, 2.0, (L, H)).astype(np.float32),
+    )
 
 
 def _record(model, store):
     """Hooks that append each layer's head output (a copy) to store[layer]; returns the handles."""
-    return [site.register_forward_hook(lambda m, i, o, layer=layer: store.setdefault(layer, []).append(o.clone()))
-            for layer, site in enumerate(model.head_sites())]
+    return [
+        site.register_forward_hook(lambda m, i, o, layer=layer: store.setdefault(layer, []).append(o.clone()))
+        for layer, site in enumerate(model.head_sites())
+    ]
 
 
 def _prompt(B=1, T=6, seed=0):
@@ -225,32 +241,53 @@ def _attention_outputs(model, store):
     return [block.attn.register_forward_hook(lambda m, i, o: store.append(o.clone())) for block in model.blocks]
 
 
-@pytest.mark.parametrize("spec, mode, rows, cfg, cache", [
-    ("drums=+4", "smitin", 1, False, True),  # a plain generate: the push factor is the product's beta
-    ("drums=+4", "iti", 1, True, True),
-    ("drums=+4,piano=-2", "smitin", 2, True, True),  # several traits and rows: the push rows are rewritten
-    ("drums=-3", "smitin", 2, False, True),
-    ("drums=+4", "smitin", 1, True, False),  # uncached: every forward takes the hooks' arithmetic
-])
+@pytest.mark.parametrize(
+    "spec, mode, rows, cfg, cache",
+    [
+        ("drums=+4", "smitin", 1, False, True),  # a plain generate: the push factor is the product's beta
+        ("drums=+4", "iti", 1, True, True),
+        ("drums=+4,piano=-2", "smitin", 2, True, True),  # several traits and rows: the push rows are rewritten
+        ("drums=-3", "smitin", 2, False, True),
+        ("drums=+4", "smitin", 1, True, False),  # uncached: every forward takes the hooks' arithmetic
+    ],
+)
 def test_fused_path_gives_the_hooks_tokens_outputs_and_report(spec, mode, rows, cfg, cache):
     model = _model()
-    plan = SteeringPlan.build([_probe_set(model), _probe_set(model, "piano", 1)], spec, mode=mode, every=1,
-                              tau=0.99, top_k=5)
+    plan = SteeringPlan.build(
+        [_probe_set(model), _probe_set(model, "piano", 1)], spec, mode=mode, every=1, tau=0.99, top_k=5
+    )
     condition = torch.randn(rows, 384, generator=torch.Generator().manual_seed(0)) if cfg else None
     runs = {}
     for fused in (False, True):
         outputs = []
         handles = _attention_outputs(model, outputs)
         with steer(model, plan, fused=fused) as session:
-            tokens = model.generate(12, prompt=_prompt(B=rows), condition=condition, cfg_scale=3.0 if cfg else 1.0,
-                                    seed=3, top_k=8, use_cache=cache)
+            tokens = model.generate(
+                12,
+                prompt=_prompt(B=rows),
+                condition=condition,
+                cfg_scale=3.0 if cfg else 1.0,
+                seed=3,
+                top_k=8,
+                use_cache=cache,
+            )
         for h in handles:
             h.remove()
         runs[fused] = tokens, session.report(), outputs
     (tokens_h, report_h, out_h), (tokens_f, report_f, out_f) = runs[False], runs[True]
     assert torch.equal(tokens_f, tokens_h)
-    assert not torch.equal(tokens_f, model.generate(12, prompt=_prompt(B=rows), condition=condition, seed=3, top_k=8,
-                                                    cfg_scale=3.0 if cfg else 1.0, use_cache=cache))
+    assert not torch.equal(
+        tokens_f,
+        model.generate(
+            12,
+            prompt=_prompt(B=rows),
+            condition=condition,
+            seed=3,
+            top_k=8,
+            cfg_scale=3.0 if cfg else 1.0,
+            use_cache=cache,
+        ),
+    )
     assert len(out_f) == len(out_h)
     for a, b in zip(out_f, out_h):  # W (z + f delta) computed as W z + f W delta: equal up to rounding
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
@@ -297,14 +334,25 @@ def test_fused_monitor_reads_each_monitored_probe_on_every_device():
     buffers = session._fused
     assert buffers.rows == 4 and buffers._memory is not None  # CPU: read through a memoryview
     logits = buffers.logits(2)  # the last step's, [conditional rows, traits, monitored heads]
-    expected = np.array([[[float(heads[layer][-1][r, 0, head] @ torch.from_numpy(ps.coef[layer, head]))
-                           + ps.intercept[layer, head] for layer, head in ps.top_heads(5)] for ps in sets]
-                         for r in range(2)])
+    expected = np.array(
+        [
+            [
+                [
+                    float(heads[layer][-1][r, 0, head] @ torch.from_numpy(ps.coef[layer, head]))
+                    + ps.intercept[layer, head]
+                    for layer, head in ps.top_heads(5)
+                ]
+                for ps in sets
+            ]
+            for r in range(2)
+        ]
+    )
     np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-5)
     medians = [[_median_probability(list(t)) for t in row] for row in expected]
     np.testing.assert_allclose(buffers.probabilities(2), medians, rtol=0, atol=1e-6)
     assert session.report().steps[-1]["traits"]["piano"]["probability"] == pytest.approx(
-        [row[1] for row in medians], abs=1e-6)
+        [row[1] for row in medians], abs=1e-6
+    )
     buffers._flat = buffers._memory = None  # what an accelerator's buffer takes: a gather and a copy
     np.testing.assert_allclose(buffers.logits(2), expected, rtol=0, atol=1e-5)
     np.testing.assert_allclose(buffers.probabilities(2), medians, rtol=0, atol=1e-6)
@@ -360,8 +408,9 @@ def test_a_new_batch_layout_starts_a_new_generation_even_with_t_equal_1():
 
 def test_report_json_and_png(tmp_path):
     model = _model()
-    plan = SteeringPlan.build([_probe_set(model), _probe_set(model, "piano", 1)], "drums=+2,piano=-1", mode="smitin",
-                              every=1)
+    plan = SteeringPlan.build(
+        [_probe_set(model), _probe_set(model, "piano", 1)], "drums=+2,piano=-1", mode="smitin", every=1
+    )
     with steer(model, plan) as session:
         model.generate(4, prompt=_prompt(B=2), seed=0)
     report = session.report()
@@ -394,15 +443,18 @@ def test_probe_set_from_another_generator_is_refused_naming_both():
     assert not any(site._forward_hooks for site in model.head_sites())
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("drums=loud", "strength of 'drums' is not a number: 'loud'"),
-    ("drums=nan", "not a finite number"),
-    ("drums", "not TRAIT=STRENGTH"),
-    ("drums=+5,drums=-3", "conflicting strengths for trait 'drums'"),
-    ("drums=+5,drums=2", "given twice"),
-    ("", "no traits"),
-    ("=3", "empty trait name"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("drums=loud", "strength of 'drums' is not a number: 'loud'"),
+        ("drums=nan", "not a finite number"),
+        ("drums", "not TRAIT=STRENGTH"),
+        ("drums=+5,drums=-3", "conflicting strengths for trait 'drums'"),
+        ("drums=+5,drums=2", "given twice"),
+        ("", "no traits"),
+        ("=3", "empty trait name"),
+    ],
+)
 def test_bad_strengths_give_one_clear_line(spec, message):
     with pytest.raises(SteeringError, match=message) as e:
         parse_strengths(spec)

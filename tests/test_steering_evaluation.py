@@ -1,4 +1,5 @@
 """Evaluation helpers: the Frechet distance, the embedding space, the table."""
+
 import numpy as np
 import pytest
 
@@ -36,9 +37,23 @@ def test_frechet_bootstrap_spread_shrinks_with_more_clips():
 
 
 def test_table_has_every_row():
-    rows = [{"trait": "drums", "task": "text", "direction": "add", "mode": m, "strength": s, "n": 4,
-             "success": 0.5, "judged_present": 0.5, "frechet": 1.0, "frechet_rise": 0.1, "mean_probe_p": 0.3,
-             "push_steps": 2.0} for m, s in (("none", 0.0), ("smitin", 5.0))]
+    rows = [
+        {
+            "trait": "drums",
+            "task": "text",
+            "direction": "add",
+            "mode": m,
+            "strength": s,
+            "n": 4,
+            "success": 0.5,
+            "judged_present": 0.5,
+            "frechet": 1.0,
+            "frechet_rise": 0.1,
+            "mean_probe_p": 0.3,
+            "push_steps": 2.0,
+        }
+        for m, s in (("none", 0.0), ("smitin", 5.0))
+    ]
     table = format_table(rows)
     assert table.count("\n") == 4 and "| smitin | +5 |" in table
     rows[1]["frechet_sd"] = 0.25

@@ -1,21 +1,37 @@
 """Training stages on a tiny synthetic clips table: codec fit, tokenize, a debug training run whose loss falls,
 resume, the drum detector, the CLI, and bad input."""
+
 import json
 
 import numpy as np
 import pytest
 import torch
 
+from core.errors import UserError
 from models.generator import load_generator
 from models.train import TokenSet, TrainingDataError, fit_codec, tokenize, train_generator
-from pipelines.errors import UserError
 from tests.clips_fixtures import fake_embed, write_clips_table
 
 CODEC_PARAMS = {"n_mels": 32, "n_codebooks": 2, "card": 16, "kmeans_iters": 5, "griffin_lim_iters": 4, "seed": 0}
-TRAIN_PARAMS = {"preset": "debug", "seed": 0, "threads": 1,
-                "presets": {"debug": {"steps": 40, "batch_size": 8, "window_frames": 32, "eval_every": 10,
-                                      "eval_clips": 8, "max_minutes": 2, "lr": 0.01, "warmup": 5, "patience": 10,
-                                      "model": {"max_frames": 48}}}}
+TRAIN_PARAMS = {
+    "preset": "debug",
+    "seed": 0,
+    "threads": 1,
+    "presets": {
+        "debug": {
+            "steps": 40,
+            "batch_size": 8,
+            "window_frames": 32,
+            "eval_every": 10,
+            "eval_clips": 8,
+            "max_minutes": 2,
+            "lr": 0.01,
+            "warmup": 5,
+            "patience": 10,
+            "model": {"max_frames": 48},
+        }
+    },
+}
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +54,15 @@ def test_tokenize_writes_codes_conditions_and_traits(stages):
 
 def test_tiny_training_loss_falls_and_resumes(stages):
     root, _ = stages
-    metrics = train_generator(str(root / "tokens"), str(root / "codec"), str(root / "gen"), TRAIN_PARAMS,
-                              checkpoint_dir=str(root / "ckpt"), metrics_path=str(root / "m.json"),
-                              plot_path=str(root / "plot.json"))
+    metrics = train_generator(
+        str(root / "tokens"),
+        str(root / "codec"),
+        str(root / "gen"),
+        TRAIN_PARAMS,
+        checkpoint_dir=str(root / "ckpt"),
+        metrics_path=str(root / "m.json"),
+        plot_path=str(root / "plot.json"),
+    )
     history = json.loads((root / "plot.json").read_text())
     assert len(history) == 4
     assert history[-1]["train_loss"] < history[0]["train_loss"] - 0.2
@@ -51,9 +73,15 @@ def test_tiny_training_loss_falls_and_resumes(stages):
     # resume: more steps continue from the saved step instead of starting over
     more = {**TRAIN_PARAMS, "presets": {"debug": {**TRAIN_PARAMS["presets"]["debug"], "steps": 50}}}
     said = []
-    again = train_generator(str(root / "tokens"), str(root / "codec"), str(root / "gen2"), more,
-                            checkpoint_dir=str(root / "ckpt"), plot_path=str(root / "plot2.json"),
-                            progress=said.append)
+    again = train_generator(
+        str(root / "tokens"),
+        str(root / "codec"),
+        str(root / "gen2"),
+        more,
+        checkpoint_dir=str(root / "ckpt"),
+        plot_path=str(root / "plot2.json"),
+        progress=said.append,
+    )
     assert again["steps"] == 50
     # the user is told that a finished 40-step run continues (not a fresh 50-step one) and how to start afresh
     assert any("planned for 40 steps continues to 50" in line and "from scratch" in line for line in said)
@@ -64,18 +92,25 @@ def test_ema_weights_are_judged_exported_and_checkpointed(stages, tmp_path):
     from safetensors.torch import load_file
 
     root, _ = stages
-    metrics = train_generator(str(root / "tokens"), str(root / "codec"), str(tmp_path / "gen"),
-                              {**TRAIN_PARAMS, "ema_decay": 0.9}, checkpoint_dir=str(tmp_path / "ckpt"))
+    metrics = train_generator(
+        str(root / "tokens"),
+        str(root / "codec"),
+        str(tmp_path / "gen"),
+        {**TRAIN_PARAMS, "ema_decay": 0.9},
+        checkpoint_dir=str(tmp_path / "ckpt"),
+    )
     ckpt = tmp_path / "ckpt"
-    best, live, ema = (load_file(str(ckpt / name)) for name in ("best.safetensors", "model.safetensors",
-                                                                 "ema.safetensors"))
+    best, live, ema = (
+        load_file(str(ckpt / name)) for name in ("best.safetensors", "model.safetensors", "ema.safetensors")
+    )
     exported = load_generator(tmp_path / "gen")[0].state_dict()
     assert all(torch.equal(exported[k], best[k]) for k in best)  # the best of the averaged weights is exported
     assert not all(torch.equal(ema[k], live[k]) for k in live)  # the average trails the live weights
     assert metrics["valid_loss"] < metrics["unigram_valid_loss"] + 0.5
     with pytest.raises(UserError, match="ema_decay must be in"):
-        train_generator(str(root / "tokens"), str(root / "codec"), str(tmp_path / "gen2"),
-                        {**TRAIN_PARAMS, "ema_decay": 1.0})
+        train_generator(
+            str(root / "tokens"), str(root / "codec"), str(tmp_path / "gen2"), {**TRAIN_PARAMS, "ema_decay": 1.0}
+        )
 
 
 def test_checkpoint_of_other_tokens_is_not_resumed(stages, tmp_path):
@@ -84,8 +119,9 @@ def test_checkpoint_of_other_tokens_is_not_resumed(stages, tmp_path):
 
     root, _ = stages
     short = {**TRAIN_PARAMS, "presets": {"debug": {**TRAIN_PARAMS["presets"]["debug"], "steps": 20}}}
-    train_generator(str(root / "tokens"), str(root / "codec"), str(tmp_path / "gen"), short,
-                    checkpoint_dir=str(tmp_path / "ckpt"))
+    train_generator(
+        str(root / "tokens"), str(root / "codec"), str(tmp_path / "gen"), short, checkpoint_dir=str(tmp_path / "ckpt")
+    )
     other = tmp_path / "tokens"
     shutil.copytree(root / "tokens", other)
     ts = TokenSet(other, "train")
@@ -96,15 +132,27 @@ def test_checkpoint_of_other_tokens_is_not_resumed(stages, tmp_path):
     save_file(tensors, str(other / "train.safetensors"))
     assert len(ts) == 8
     said = []
-    again = train_generator(str(other), str(root / "codec"), str(tmp_path / "gen2"), short,
-                            checkpoint_dir=str(tmp_path / "ckpt"), progress=said.append)
+    again = train_generator(
+        str(other),
+        str(root / "codec"),
+        str(tmp_path / "gen2"),
+        short,
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        progress=said.append,
+    )
     assert any("from another run" in line for line in said) and not any("resumed" in line for line in said)
     assert again["steps"] == 20
     # the same tokens again: resumed (20 -> 30 steps continues from 20)
     longer = {**short, "presets": {"debug": {**short["presets"]["debug"], "steps": 30}}}
     said = []
-    train_generator(str(other), str(root / "codec"), str(tmp_path / "gen3"), longer,
-                    checkpoint_dir=str(tmp_path / "ckpt"), progress=said.append)
+    train_generator(
+        str(other),
+        str(root / "codec"),
+        str(tmp_path / "gen3"),
+        longer,
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        progress=said.append,
+    )
     assert any("resumed" in line and "step 20" in line for line in said)
 
 
@@ -138,9 +186,9 @@ def test_token_noise_replaces_the_asked_share_with_codebook_tokens():
 
 
 def test_drum_detector_refuses_bad_token_noise(stages):
+    from core.errors import UserError
     from models.codec import load_codec
     from models.detectors import fit_drum_detector
-    from pipelines.errors import UserError
 
     root, _ = stages
     with pytest.raises(UserError, match="token_noise"):
@@ -157,7 +205,7 @@ def test_detector_descriptors_same_in_threads(stages, monkeypatch):
     codec = load_codec(root / "codec")
     tokens = TokenSet(root / "tokens", "train")
     segments = [tokens.clip(i)[:, :40] for i in range(min(len(tokens), 20))]
-    monkeypatch.setattr(detectors, "_PARALLEL_MIN_SEGMENTS", 10 ** 9)
+    monkeypatch.setattr(detectors, "_PARALLEL_MIN_SEGMENTS", 10**9)
     one_by_one = detectors._descriptors_of_decoded(codec, segments)
     monkeypatch.setattr(detectors, "_PARALLEL_MIN_SEGMENTS", 1)
     threaded = detectors._descriptors_of_decoded(codec, segments)
@@ -182,8 +230,20 @@ def test_bad_clips_tables(tmp_path, stages):
 def test_cli_prints_one_line_errors(tmp_path, capsys):
     from generation.cli import main
 
-    assert main(["tokenize", "--clips", str(tmp_path / "none"), "--codec", str(tmp_path / "c"),
-                 "--out", str(tmp_path / "t")]) == 2
+    assert (
+        main(
+            [
+                "tokenize",
+                "--clips",
+                str(tmp_path / "none"),
+                "--codec",
+                str(tmp_path / "c"),
+                "--out",
+                str(tmp_path / "t"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith("smitin: error:") and "\n" not in err
     with pytest.raises(SystemExit):
@@ -206,10 +266,18 @@ def test_twin_pairs_and_prompt_swap():
     from models.detectors import prompt_swap_nats, twin_pairs
     from models.generator import Generator, GeneratorConfig
 
-    meta = {"mix_id": ["a", "a", "a", "a", "b", "b"],
-            "clip_id": ["x-000000000", "y-000000000", "z-000000000", "x-000010000", "u-000000000", "v-000000000"],
-            "traits": [{"drums": True, "bass": True}, {"drums": False, "bass": True}, {"drums": False, "bass": False},
-                       {"drums": True, "bass": True}, {"drums": True, "bass": False}, {"drums": True, "bass": True}]}
+    meta = {
+        "mix_id": ["a", "a", "a", "a", "b", "b"],
+        "clip_id": ["x-000000000", "y-000000000", "z-000000000", "x-000010000", "u-000000000", "v-000000000"],
+        "traits": [
+            {"drums": True, "bass": True},
+            {"drums": False, "bass": True},
+            {"drums": False, "bass": False},
+            {"drums": True, "bass": True},
+            {"drums": True, "bass": False},
+            {"drums": True, "bass": True},
+        ],
+    }
     gen = torch.Generator().manual_seed(0)
     clips = [torch.randint(0, 32, (4, 30), generator=gen) for _ in meta["mix_id"]]
     tokens = _Tokens(clips, meta)
@@ -235,12 +303,26 @@ def test_trait_carrying_report_guided_and_unguided(stages, tmp_path):
     root, _ = stages
     short = {**TRAIN_PARAMS, "presets": {"debug": {**TRAIN_PARAMS["presets"]["debug"], "steps": 10}}}
     train_generator(str(root / "tokens"), str(root / "codec"), str(tmp_path / "gen"), short)
-    params = {"seed": 0, "prompt_seconds": 0.5, "continuation_seconds": 0.5, "prompts_per_class": 2,
-              "samples_per_prompt": 2, "modes": ["unconditional", "unconditional_unguided"],
-              "prompt_guidance": [30.0, 1.0], "prompt_plausibility": 0.01, "samples_per_class": 1,
-              "detector_max_segments": 40}
-    report = evaluate_trait_carrying(str(tmp_path / "gen"), str(root / "tokens"), None, params,
-                                     out_path=str(tmp_path / "carry.json"), samples_dir=str(tmp_path / "wav"))
+    params = {
+        "seed": 0,
+        "prompt_seconds": 0.5,
+        "continuation_seconds": 0.5,
+        "prompts_per_class": 2,
+        "samples_per_prompt": 2,
+        "modes": ["unconditional", "unconditional_unguided"],
+        "prompt_guidance": [30.0, 1.0],
+        "prompt_plausibility": 0.01,
+        "samples_per_class": 1,
+        "detector_max_segments": 40,
+    }
+    report = evaluate_trait_carrying(
+        str(tmp_path / "gen"),
+        str(root / "tokens"),
+        None,
+        params,
+        out_path=str(tmp_path / "carry.json"),
+        samples_dir=str(tmp_path / "wav"),
+    )
     assert report["prompt_guidance"] == (30.0, 1.0) and report["prompt_plausibility"] == 0.01
     guided, plain = (report["results"][m]["rows"] for m in ("unconditional", "unconditional_unguided"))
     assert len(guided) == len(plain) == 2 * 2 * 2  # 2 classes x 2 prompts x 2 samples
@@ -253,11 +335,14 @@ def test_trait_carrying_report_guided_and_unguided(stages, tmp_path):
     assert report["summary"]["prompt_swap"] == {"pairs": 0}  # the fixture has no drum / drum-free twins
     assert json.loads((tmp_path / "carry.json").read_text())["summary"]["detector"]["token_noise"] == 0.06
     assert sorted(p.name for p in (tmp_path / "wav").iterdir()) == [
-        f"{m}_{c}_0.wav" for m in ("unconditional", "unconditional_unguided") for c in ("drums", "nodrums")]
-    for bad, match in (({"modes": ["sideways"]}, "unknown carrying mode"),
-                       ({"samples_per_prompt": 0}, "samples_per_prompt"),
-                       ({"prompt_guidance": [3.0, 1.0, 1.0]}, "prompt_guidance has 3 values"),
-                       ({"prompt_plausibility": 1.5}, "plausibility must be a number in"),
-                       ({"prompt_plausibility": "high"}, "plausibility must be a number in")):
+        f"{m}_{c}_0.wav" for m in ("unconditional", "unconditional_unguided") for c in ("drums", "nodrums")
+    ]
+    for bad, match in (
+        ({"modes": ["sideways"]}, "unknown carrying mode"),
+        ({"samples_per_prompt": 0}, "samples_per_prompt"),
+        ({"prompt_guidance": [3.0, 1.0, 1.0]}, "prompt_guidance has 3 values"),
+        ({"prompt_plausibility": 1.5}, "plausibility must be a number in"),
+        ({"prompt_plausibility": "high"}, "plausibility must be a number in"),
+    ):
         with pytest.raises(UserError, match=match):
             evaluate_trait_carrying(str(tmp_path / "gen"), str(root / "tokens"), None, {**params, **bad})

@@ -3,6 +3,7 @@
 Readers elsewhere (codec, generator, probes) use `read_clips_table` and the column names below, so a schema
 change happens here and nowhere else.
 """
+
 from __future__ import annotations
 
 import pyarrow as pa

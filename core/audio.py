@@ -4,12 +4,13 @@ soundfile (libsndfile 1.2: wav, flac, ogg/vorbis/opus, mp3, aiff, ...) decodes; 
 when the machine has one) is the fallback for local files libsndfile refuses. essentia's own decoder never sees
 a file: it can take the whole process down on a corrupt one.
 """
+
 from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import fsspec
 import numpy as np
@@ -103,7 +104,9 @@ def _iter_audioread(path: str, max_seconds: float | None) -> tuple[AudioInfo, It
     return info, blocks()
 
 
-def stream_mono(path: str, sample_rate: int, max_seconds: float | None = None) -> tuple[AudioInfo, Iterator[np.ndarray]]:
+def stream_mono(
+    path: str, sample_rate: int, max_seconds: float | None = None
+) -> tuple[AudioInfo, Iterator[np.ndarray]]:
     """Open `path` (local or fsspec URL) and stream it as mono float32 blocks resampled to `sample_rate`."""
     fs, fs_path = fsspec.core.url_to_fs(path)
     local = fs.protocol in ("file", "local", ("file", "local"))
