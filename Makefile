@@ -9,7 +9,7 @@ export MPLBACKEND := Agg
 # dvc.yaml's stage commands call `smitin`: the venv's, without asking the user to activate it
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint studio browser bench clean
 
 $(BIN)/smitin: requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11) on PATH, or set PYTHON=..."; exit 1; }
@@ -33,13 +33,24 @@ demo: setup
 		--out demo/steered_drums.wav
 	$(BIN)/smitin harmonize --melody pipelines/data/jsb/test-000-soprano.mid --out demo/harmonized.mid
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Debian's Chromium and chromedriver, for the studio's browser tests (installed once; apt-get needs root)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  [ "$$(id -u)" = 0 ] || { echo "the studio's browser tests need Debian's chromium and chromium-driver:" \
+	    "run 'sudo make browser' once"; exit 1; }; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 # ruff: lint and formatting (configured in pyproject.toml); .ci/run runs it before the tests
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# the studio on http://127.0.0.1:8000 (after `make demo`, so the registry has champions to serve)
+studio: setup
+	$(BIN)/smitin studio
 
 bench: setup
 	$(BIN)/python benchmarks/features.py

@@ -39,7 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     from pipelines import cli as pipelines_cli
 
     pipelines_cli.register(commands)
-    for module in ("models.cli", "registry.cli", "generation.commands", "generation.coconet_commands"):
+    for module in (
+        "models.cli",
+        "registry.cli",
+        "generation.commands",
+        "generation.coconet_commands",
+        "generation.studio_commands",
+    ):
         __import__(module, fromlist=["register"]).register(commands)
     return parser
 

@@ -17,6 +17,7 @@ from generation.session import GenerationError
 from registry.errors import IncompatibleProbeSet, PromotionRefused
 from registry.promotion import history, promote
 from registry.registration import register_dir
+from tests.model_fixtures import probe_set_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -28,34 +29,6 @@ def _boot_server_early_and_one_thread(mlflow_server):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _probe_set(generator, trait: str, best: float, seed: int, fingerprint: str | None = None):
-    from models.probes import ProbeSet, soft_weights
-
-    L, H, D = generator.n_layers, generator.n_heads, generator.head_dim
-    rng = np.random.default_rng(seed)
-    unit = lambda a: (a / np.linalg.norm(a, axis=-1, keepdims=True)).astype(np.float32)  # noqa: E731
-    acc = rng.uniform(best - 0.3, best, (L, H)).astype(np.float32)
-    acc.flat[0] = best
-    direction = unit(rng.standard_normal((L, H, D)))
-    flat = np.sort(acc.reshape(-1))[::-1]
-    return ProbeSet(
-        trait=trait,
-        generator_fingerprint=fingerprint or generator.fingerprint(),
-        coef=(3.0 * direction).astype(np.float32),
-        intercept=np.zeros((L, H), np.float32),
-        direction=direction,
-        sigma=rng.uniform(0.5, 2.0, (L, H)).astype(np.float32),
-        accuracy=acc,
-        weight=soft_weights(acc, 3.0),
-        random_direction=unit(rng.standard_normal((L, H, D))),
-        random_sigma=rng.uniform(0.5, 2.0, (L, H)).astype(np.float32),
-        data_hash=f"d{seed}",
-        params={"position": "last"},
-        metrics={"best_acc": float(flat[0]), "mean_acc": float(flat.mean()), "top16_acc": float(flat[:16].mean())},
-        created_at="2026-11-22T00:00:00Z",
-    )
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +48,10 @@ def model_dirs(tmp_path_factory):
         gens[name] = Generator(GeneratorConfig.debug()).eval()
         save_generator(gens[name], codec, root / name)
     g = gens["gen"]
-    _probe_set(g, "drums", 0.85, 1).save(root / "drums-v1")
-    _probe_set(g, "drums", 0.70, 2).save(root / "drums-worse")
-    _probe_set(g, "drums", 0.95, 3).save(root / "drums-better")
-    _probe_set(gens["other-gen"], "piano", 0.9, 4).save(root / "piano-other")
+    probe_set_for(g, "drums", 0.85, 1).save(root / "drums-v1")
+    probe_set_for(g, "drums", 0.70, 2).save(root / "drums-worse")
+    probe_set_for(g, "drums", 0.95, 3).save(root / "drums-better")
+    probe_set_for(gens["other-gen"], "piano", 0.9, 4).save(root / "piano-other")
     wave = 0.3 * np.sin(2 * np.pi * 220 * np.arange(16000 * 2) / 16000).astype(np.float32)
     sf.write(root / "prompt.wav", wave, 16000)
     return root
