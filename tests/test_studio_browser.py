@@ -1,6 +1,7 @@
 """The studio in a real browser: Debian's Chromium, headless, driven by Selenium through Debian's chromedriver
 (installed by `make browser`, which `make test` runs). Each test does what a person does on one tab and saves a
 screenshot under test-artifacts/studio/ to look at."""
+
 from __future__ import annotations
 
 import shutil
@@ -32,13 +33,24 @@ def browser(server):
     from selenium.webdriver.chrome.service import Service
 
     if not Path(CHROMIUM).exists() or not Path(CHROMEDRIVER).exists():
-        raise RuntimeError("Chromium and chromedriver are needed: run `make browser` (Debian packages chromium, "
-                           "chromium-driver)")
+        raise RuntimeError(
+            "Chromium and chromedriver are needed: run `make browser` (Debian packages chromium, chromium-driver)"
+        )
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--autoplay-policy=no-user-gesture-required", "--window-size=1400,1100", "--mute-audio"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--autoplay-policy=no-user-gesture-required",
+        "--window-size=1400,1100",
+        "--mute-audio",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(60)
@@ -55,10 +67,12 @@ def until(driver, condition, timeout: float = 120.0):
         return WebDriverWait(driver, timeout, poll_frequency=0.2).until(condition)
     except TimeoutException:
         SHOTS.mkdir(parents=True, exist_ok=True)
-        driver.save_screenshot(str(SHOTS / "timeout.png"))   # what the page showed when the wait gave up
+        driver.save_screenshot(str(SHOTS / "timeout.png"))  # what the page showed when the wait gave up
         error = driver.find_element("id", "error")
-        raise AssertionError(f"timed out; the page says: {error.text if error.is_displayed() else '(no error)'}; "
-                             f"see {SHOTS / 'timeout.png'}") from None
+        raise AssertionError(
+            f"timed out; the page says: {error.text if error.is_displayed() else '(no error)'}; "
+            f"see {SHOTS / 'timeout.png'}"
+        ) from None
 
 
 def no_error(driver) -> None:
@@ -138,8 +152,9 @@ def test_a_bad_upload_is_one_sentence_on_the_page(browser, server, tmp_path):
     open_tab(browser, server, "listen")
     browser.find_element("css selector", "#listen-form input[type=file]").send_keys(str(junk))
     browser.find_element("css selector", "#listen-form button[type=submit]").click()
-    box = until(browser, lambda d: d.find_element("id", "error") if d.find_element("id", "error").is_displayed()
-                else None, 30)
+    box = until(
+        browser, lambda d: d.find_element("id", "error") if d.find_element("id", "error").is_displayed() else None, 30
+    )
     assert "not audio" in box.text and "Traceback" not in box.text and "\n" not in box.text
 
 
@@ -156,29 +171,42 @@ def test_browse_the_data_and_play_a_clip(browser, server):
 
 
 def test_promote_through_the_gates_with_a_confirm_step(browser, server):
+    from generation.session import GenerationSession
     from registry.registration import register_dir
     from registry.store import Registry, Settings
     from tests.model_fixtures import probe_set_for
 
     # a second drums probe set for the same generator, registered as challenger
-    from generation.session import GenerationSession
-
     session = GenerationSession(None, params=str(server.env.params_path), tracking_uri=server.env.tracking_uri)
     better = server.env.root / "probes-better"
     probe_set_for(session.generator, "drums", 0.95, 7).save(better)
     reg = Registry(Settings.load(server.env.params_path, tracking_uri=server.env.tracking_uri))
     version = register_dir(reg, better, "probe_set", trait="drums").version
     open_tab(browser, server, "registry")
-    button = until(browser, lambda d: d.find_elements(
-        "css selector", f"button[data-model='smitin-probes-drums'][data-version='{version}']"))[0]
+    button = until(
+        browser,
+        lambda d: d.find_elements(
+            "css selector", f"button[data-model='smitin-probes-drums'][data-version='{version}']"
+        ),
+    )[0]
     button.click()
-    dialog = until(browser, lambda d: d.find_element("id", "promote-dialog")
-                   if d.find_element("id", "promote-dialog").is_displayed() else None, 30)
+    dialog = until(
+        browser,
+        lambda d: (
+            d.find_element("id", "promote-dialog") if d.find_element("id", "promote-dialog").is_displayed() else None
+        ),
+        30,
+    )
     assert "Promote smitin-probes-drums" in dialog.text and "ok: metrics" in dialog.text
     browser.save_screenshot(str(SHOTS / "registry-confirm.png"))
     browser.find_element("id", "promote-confirm").click()
-    until(browser, lambda d: any("champion" in row.text and f"v{version}" in row.text
-                                 for row in d.find_elements("css selector", ".model tr")), 30)
+    until(
+        browser,
+        lambda d: any(
+            "champion" in row.text and f"v{version}" in row.text for row in d.find_elements("css selector", ".model tr")
+        ),
+        30,
+    )
     no_error(browser)
     browser.save_screenshot(str(SHOTS / "registry.png"))
     time.sleep(0.1)
