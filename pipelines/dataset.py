@@ -32,7 +32,7 @@ from core.splits import assign_split
 from pipelines.captions import base_description, clip_rng, compose_caption, control_sentences, read_sidecar
 from pipelines.errors import PipelineUserError
 from pipelines.features import ClipAnalyzer, FeatureParams, file_bar_phase
-from pipelines.runner import make_pipeline
+from pipelines.runner import ReadKeptRows, make_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -403,22 +403,6 @@ class ProcessFile(beam.DoFn):
             "caption_base": base,
             **sentences,
         }
-
-
-class ReadKeptRows(beam.DoFn):
-    """Rows of the previous build whose source is unchanged (refresh): read back, not recomputed."""
-
-    def __init__(self, kept_paths: list[str]):
-        self.kept_paths = kept_paths
-
-    def process(self, shard_path: str):
-        keep = set(self.kept_paths)
-        pf = pq.ParquetFile(fsspec.open(shard_path, "rb").open())
-        for i in range(pf.num_row_groups):
-            table = pf.read_row_group(i)
-            for row in table.to_pylist():
-                if row["source_path"] in keep:
-                    yield row
 
 
 class WriteShard(beam.DoFn):

@@ -1,5 +1,6 @@
-"""The Beam runner every pipeline of the project starts: the local FnApiRunner in worker processes unless the user
-names another (Flink, Spark, Dataflow, Dask ...), in which case unknown --flags go to it."""
+"""What every Beam pipeline of the project shares: the runner it starts (the local FnApiRunner in worker processes
+unless the user names another: Flink, Spark, Dataflow, Dask ..., in which case unknown --flags go to it), and the
+transform that carries a previous build's rows of unchanged sources into a refresh."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import contextlib
 import threading
 
 import apache_beam as beam
+import fsspec
+import pyarrow.parquet as pq
 
 _PATCH = threading.Lock()
 
@@ -64,3 +67,19 @@ def make_pipeline(runner: str | None, workers: int, beam_args: list[str] | None)
 
         return _LocalPipeline(runner=FnApiRunner(), options=options)
     return beam.Pipeline(options=options)
+
+
+class ReadKeptRows(beam.DoFn):
+    """Rows of the previous build whose source is unchanged (refresh): read back, not recomputed."""
+
+    def __init__(self, kept_paths: list[str]):
+        self.kept_paths = kept_paths
+
+    def process(self, shard_path: str):
+        keep = set(self.kept_paths)
+        pf = pq.ParquetFile(fsspec.open(shard_path, "rb").open())
+        for i in range(pf.num_row_groups):
+            table = pf.read_row_group(i)
+            for row in table.to_pylist():
+                if row["source_path"] in keep:
+                    yield row

@@ -320,18 +320,6 @@ class ReadSource(beam.DoFn):
         }
 
 
-class ReadKept(beam.DoFn):
-    def __init__(self, kept: list[str]):
-        self.kept = kept
-
-    def process(self, shard: str):
-        keep = set(self.kept)
-        with fsspec.open(shard, "rb") as f:
-            for row in pq.read_table(f).to_pylist():
-                if row["source_path"] in keep:
-                    yield row
-
-
 class WriteShard(beam.DoFn):
     def __init__(self, tmp_url: str, num_shards: int):
         self.tmp_url, self.num_shards = tmp_url, num_shards
@@ -377,7 +365,7 @@ def build_scores(
     commit_fail_after: int | None = None,
 ) -> ScoresBuild:
     """Build (or refresh) the scores table in folder `out`."""
-    from pipelines.runner import make_pipeline
+    from pipelines.runner import ReadKeptRows, make_pipeline
 
     if not inputs:
         raise UserError("no scores input given (--input or params build_scores.input)")
@@ -417,7 +405,9 @@ def build_scores(
             pieces = res.pieces
             if old_shards:
                 kept = (
-                    p | "OldShards" >> beam.Create(old_shards) | "ReadKept" >> beam.ParDo(ReadKept(sorted(plan.kept)))
+                    p
+                    | "OldShards" >> beam.Create(old_shards)
+                    | "ReadKept" >> beam.ParDo(ReadKeptRows(sorted(plan.kept)))
                 )
                 pieces = (pieces, kept) | "All" >> beam.Flatten()
             (
