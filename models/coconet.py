@@ -184,6 +184,10 @@ class Coconet(nn.Module):
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
         if precision == "bf16":
             self.to(memory_format=torch.channels_last)  # oneDNN's fast bf16 convolutions want NHWC
+            if self._folded_from:
+                # an inference model keeps its weights in bfloat16 (training keeps float32 masters under autocast):
+                # no cast of every weight on every call
+                self.to(torch.bfloat16)
         return self
 
     def num_params(self) -> int:
@@ -220,6 +224,8 @@ class Coconet(nn.Module):
 
     def forward(self, classes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = self.network_input(classes, mask)
+        if self._folded_from:
+            return self._inference_forward(x)
         device_type = x.device.type
         with torch.autocast(
             device_type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
@@ -231,6 +237,20 @@ class Coconet(nn.Module):
                 h = block(h)
             logits = self.out(h)
         return logits.float().contiguous()  # [B, V, T, C]
+
+    @torch.no_grad()
+    def _inference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward of a folded (inference) model: batch norm is in the convolutions, weights are in their
+        inference dtype, and activations are updated in place."""
+        dtype = self.inp.weight.dtype
+        x = x.to(dtype)
+        if dtype == torch.bfloat16:
+            x = x.contiguous(memory_format=torch.channels_last)
+        h = F.relu_(self.inp(x))
+        for block in self.blocks:
+            t = block.conv2(F.relu_(block.conv1(h)))
+            h = F.relu_(t.add_(h))
+        return self.out(h).float().contiguous()
 
     def center_logits(self, classes: torch.Tensor, mask: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
         """Logits [B, V, C] at the centre frame of windows of width 2 * receptive_field + 1 (`classes`, `mask`
