@@ -85,6 +85,9 @@ class EvaluateCoconetParams(Section):
     sample_frames: int = Field(64, ge=4)  # 4 bars
     harmonize_pieces: int | None = Field(None, ge=1)  # chorales harmonized (null: every one of the split)
     harmonize_frames: int = Field(128, ge=4)  # the first 8 bars of each
+    sample_temperature: float = Field(0.99, gt=0)  # both samplers draw at the paper's temperature for its comparison
+    ngram_orders: list[int] = Field(default_factory=lambda: [2, 4, 8, 16, 32])  # the baseline's grid, searched
+    ngram_strengths: list[float] = Field(default_factory=lambda: [10.0, 30.0, 100.0, 300.0])  # on the valid split
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     threads: int = Field(2, ge=1)
     # per training preset (read from the model): overrides of the keys above, so a quick model gets a quick
@@ -112,7 +115,7 @@ def sample_quality(
         for i in range(p.samples):
             classes = torch.full((1, cfg.n_voices, p.sample_frames), cfg.silent_class, dtype=torch.long)
             given = torch.zeros_like(classes, dtype=torch.bool)
-            sampler = sampling.make(kind, int((~given).sum()))
+            sampler = sampling.make(kind, int((~given).sum()), temperature=p.sample_temperature)
             t0 = time.perf_counter()
             result = sampler(model, classes, given, generator=_rng_for(p.seed, 7, i, kind == "gibbs"))
             seconds += time.perf_counter() - t0
@@ -211,7 +214,14 @@ def evaluate_coconet(
         )
     nll_seconds = time.perf_counter() - t0
     to_classes = lambda rs: [roll_to_classes(r, cfg) for r in rs]  # noqa: E731
-    ngram, choice = fit_ngram(to_classes(rolls["train"]), to_classes(rolls["valid"]), cfg.n_classes, cfg.silent_class)
+    ngram, choice = fit_ngram(
+        to_classes(rolls["train"]),
+        to_classes(rolls["valid"]),
+        cfg.n_classes,
+        cfg.silent_class,
+        orders=tuple(p.ngram_orders),
+        strengths=tuple(p.ngram_strengths),
+    )
     ngram_frames = np.concatenate([ngram.frame_nll(c, cfg.silent_class) for c in to_classes(evaluated)])
     baseline = {
         "framewise_nll": float(ngram_frames.mean()),

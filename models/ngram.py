@@ -67,14 +67,16 @@ def fit_ngram(
     valid: list[np.ndarray],
     n_classes: int,
     silent_class: int,
-    orders=(1, 2, 3, 4, 5, 6),
-    strengths=(0.1, 0.3, 1.0, 3.0, 10.0),
+    orders=(2, 4, 8, 16, 32),
+    strengths=(10.0, 30.0, 100.0, 300.0),
 ) -> tuple[NgramModel, dict]:
-    """Fit on `train` class rolls [V, T]; pick the (order, strength) with the lowest validation NLL per frame."""
+    """Fit on `train` class rolls [V, T]; pick the (order, strength) with the lowest validation NLL per frame. The
+    counts are made once, for the longest order; shorter orders read the first of them."""
     V = train[0].shape[0]
+    full = [VoiceNgram(max(orders), 1.0, n_classes).fit([r[v] for r in train]) for v in range(V)]
     best, table = None, []
     for order, k in itertools.product(orders, strengths):
-        model = NgramModel([VoiceNgram(order, k, n_classes).fit([r[v] for r in train]) for v in range(V)])
+        model = NgramModel([VoiceNgram(order, k, n_classes, f.counts[:order]) for f in full])
         nll = float(np.concatenate([model.frame_nll(r, silent_class) for r in valid]).mean())
         table.append({"order": order, "k": k, "valid_frame_nll": nll})
         if best is None or nll < best[1]:
