@@ -199,7 +199,7 @@ def create_app(
         bars: str = Form("1-2"),
         chorale: int = Form(0),
         steps: int = Form(0),
-        temperature: float = Form(0.99),
+        temperature: float | None = Form(None),
         sampler: str = Form("gibbs"),
         seed: int = Form(0),
         abc: str = Form(""),
@@ -209,7 +209,7 @@ def create_app(
             raise StudioError("task must be harmonize, infill or compose")
         if sampler not in ("gibbs", "ancestral"):
             raise StudioError("sampler must be gibbs or ancestral")
-        if not (math.isfinite(temperature) and 0 <= temperature <= 10):
+        if temperature is not None and not (math.isfinite(temperature) and 0 <= temperature <= 10):
             raise StudioError("temperature must be 0 to 10")
         if not 0 <= steps <= 5000:
             raise StudioError("steps must be 0 (the default schedule) to 5000")

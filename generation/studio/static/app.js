@@ -161,7 +161,7 @@ function showTakes(job) {
   for (const take of job.result.takes) {
     const div = document.createElement("div");
     div.className = "take";
-    div.innerHTML = `<h3>${take.name}</h3><audio controls preload="auto" src="${fileUrl(job, take.wav)}"></audio>` +
+    div.innerHTML = `<h3 class="take-name">${take.name}</h3><audio controls preload="auto" src="${fileUrl(job, take.wav)}"></audio>` +
       `<img alt="spectrogram of the ${take.name} take" src="${fileUrl(job, take.spectrogram)}">` +
       (take.trace ? `<canvas class="trace" aria-label="monitor trace"></canvas>` : "") +
       `<p class="downloads"><a download href="${fileUrl(job, take.wav)}">WAV</a>` +
@@ -199,14 +199,23 @@ function drawRoll(canvas, roll, given) {
   ctx.clearRect(0, 0, w, h);
   ctx.strokeStyle = "#e3e6ec";
   for (let t = 0; t <= T; t += 16) { ctx.beginPath(); ctx.moveTo(t * cw, 0); ctx.lineTo(t * cw, h); ctx.stroke(); }
-  roll.forEach((line, v) => line.forEach((p, t) => {
-    if (p < 0) return;
-    const kept = given[v][t] === 1;
-    ctx.globalAlpha = kept ? 1 : 0.55;
-    ctx.fillStyle = VOICE_COLORS[v % 4];
-    ctx.fillRect(t * cw, h - (p - lo + 1) * ch, cw + 0.5, ch * 0.8);
-    if (kept) { ctx.globalAlpha = 1; ctx.strokeStyle = "#000"; ctx.strokeRect(t * cw, h - (p - lo + 1) * ch, cw, ch * 0.8); }
-  }));
+  // equal consecutive frames of a voice are one note (as in the MIDI the studio writes)
+  roll.forEach((line, v) => {
+    let t = 0;
+    while (t < T) {
+      let e = t + 1;
+      while (e < T && line[e] === line[t] && given[v][e] === given[v][t]) e++;
+      const p = line[t];
+      if (p >= 0) {
+        const kept = given[v][t] === 1, y = h - (p - lo + 1) * ch;
+        ctx.globalAlpha = kept ? 1 : 0.55;
+        ctx.fillStyle = VOICE_COLORS[v % 4];
+        ctx.fillRect(t * cw, y, (e - t) * cw - 1, ch * 0.8);
+        if (kept) { ctx.globalAlpha = 1; ctx.strokeStyle = "#000"; ctx.strokeRect(t * cw, y, (e - t) * cw - 1, ch * 0.8); }
+      }
+      t = e;
+    }
+  });
   ctx.globalAlpha = 1;
   canvas.dataset.drawn = "1";
 }
@@ -217,6 +226,7 @@ $("#harmonize-form").addEventListener("submit", (e) => {
   const data = new FormData(form);
   if (!form.score.files.length) data.delete("score");
   if (!data.get("voices")) data.delete("voices");
+  if (!data.get("temperature")) data.delete("temperature");
   runJob($("#harmonize"), () => api("/api/harmonize", { method: "POST", body: data }), (job) => {
     const r = job.result, f = r.files;
     const box = $("#chorale");
