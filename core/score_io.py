@@ -328,7 +328,8 @@ def write_piano_roll(roll: np.ndarray, path: str | Path, given: np.ndarray | Non
     ax.set_title(title or "piano roll")
     handles = [Patch(color=VOICE_COLORS[v], label=VOICE_NAMES[v]) for v in range(min(V, 4))]
     handles.append(Patch(facecolor="white", edgecolor="black", label="given (kept)"))
-    ax.legend(handles=handles, loc="upper right", fontsize=7, ncol=5)
+    # below the roll, so that no note is hidden behind it
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=7, ncol=5, frameon=False)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(str(tmp), format="png", dpi=110)
