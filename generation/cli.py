@@ -72,6 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as e:
         print(f"smitin: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        # the machine refused: a full disk, a folder made read-only or removed mid-run; outputs are written to a
+        # temporary name and renamed, so nothing half-written is left under the output's name
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"smitin: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("smitin: interrupted", file=sys.stderr)
         return 130

@@ -402,3 +402,42 @@ def test_musicgen_pickled_weights_are_refused_without_the_flag(tmp_path):
     (folder / "pytorch_model.bin").write_bytes(b"\x80\x04not loaded")
     with pytest.raises(MusicGenError, match="no safetensors weights.*pickle"):
         load_musicgen(folder)
+
+
+def test_a_full_disk_during_harmonize_is_one_line_and_leaves_no_file(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import torch
+
+    from core.score_io import write_midi
+    from generation.cli import main
+    from models.coconet import Coconet, CoconetConfig, save_coconet
+
+    torch.manual_seed(0)
+    save_coconet(Coconet(CoconetConfig.preset("debug")).eval(), tmp_path / "model")
+    melody = write_midi(np.array([[72] * 16 + [74] * 16]), tmp_path / "tune.mid")
+    import soundfile
+
+    real = soundfile.write
+
+    def full_disk(path, data, sr, **kw):
+        real(path, data[: len(data) // 3], sr, **kw)
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(soundfile, "write", full_disk)
+    rc = main(
+        [
+            "harmonize",
+            "--melody",
+            str(melody),
+            "--model",
+            str(tmp_path / "model"),
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path / "out" / "c.mid"),
+        ]
+    )
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("smitin:")]
+    assert rc == 2 and len(err) == 1 and "No space left on device" in err[0]
+    assert not (tmp_path / "out" / "c.wav").exists() and not list((tmp_path / "out").glob(".c.wav.*"))
