@@ -23,9 +23,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from core.config import load_params  # noqa: E402
-from pipelines.corpus import render_corpus  # noqa: E402
-from pipelines.dataset import build_dataset  # noqa: E402
+from core.config import load_section  # noqa: E402
+from pipelines.corpus import CorpusParams, render_corpus  # noqa: E402
+from pipelines.dataset import BuildDatasetParams, build_dataset  # noqa: E402
 from pipelines.evaluate import METRIC_ORDER, evaluate_features, write_outputs  # noqa: E402
 
 
@@ -57,15 +57,15 @@ def main() -> int:
     )
     args = ap.parse_args()
 
-    corpus_params = load_params(args.params, "corpus")
-    corpus_params.update(
+    corpus_params = load_section(CorpusParams, args.params, "corpus").with_overrides(
         {
             "corpora": ["bach_chorales", "nottingham", "essen"],
             "pieces": {"bach_chorales": args.chorales, "nottingham": 2, "essen": args.essen},
             "piece_offset": args.offset,
             "piece_seconds": args.seconds,
             "variants": 1,
-        }
+        },
+        "benchmark",
     )
     corpus_dir = os.path.join(args.work, "corpus")
     labels = os.path.join(corpus_dir, "labels.parquet")
@@ -79,18 +79,17 @@ def main() -> int:
             flush=True,
         )
 
-    base = load_params(args.params, "build_dataset")
-    for kv in args.set:
-        k, v = kv.split("=", 1)
-        base[k] = parse_value(v)
-    variants = [("current", dict(base))]
+    base = load_section(BuildDatasetParams, args.params, "build_dataset")
+    fixed = dict(kv.split("=", 1) for kv in args.set)
+    base = base.with_overrides({k: parse_value(v) for k, v in fixed.items()}, "--set")
+    variants = [("current", base)]
     for spec in args.compare:
         name, _, sets = spec.partition(":")
-        p = dict(base)
+        over = {}
         for kv in re.split(r",(?=\s*\w+=)", sets):  # a comma inside a value (a YAML mapping) stays
             k, v = kv.split("=", 1)
-            p[k] = parse_value(v)
-        variants.append((name, p))
+            over[k] = parse_value(v)
+        variants.append((name, base.with_overrides(over, f"--compare {name}")))
 
     results = {}
     for name, p in variants:

@@ -23,8 +23,8 @@ import soundfile as sf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.audio import AUDIO_EXTENSIONS  # noqa: E402
-from core.config import load_params  # noqa: E402
-from pipelines.dataset import build_dataset  # noqa: E402
+from core.config import load_section  # noqa: E402
+from pipelines.dataset import BuildDatasetParams, build_dataset  # noqa: E402
 from tests.synth import chord_sequence  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,9 +108,9 @@ def main() -> None:
                 naive_file(f, harmonic=harmonic)
             rows.append((name, time.perf_counter() - t0, cpu_seconds() - c0))
 
-        params = load_params(ROOT / "params.yaml", "build_dataset")
+        params = load_section(BuildDatasetParams, ROOT / "params.yaml", "build_dataset")
         for method in ("multifeature", "degara"):
-            p = dict(params, rhythm_method=method)
+            p = params.model_copy(update={"rhythm_method": method})
             t0, c0 = time.perf_counter(), cpu_seconds()
             build_dataset(str(src), str(tmp / f"clips-{method}"), p, workers=args.workers)
             rows.append(

@@ -27,8 +27,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from core.audio import iter_clips  # noqa: E402
-from core.config import load_params  # noqa: E402
-from pipelines.corpus import render_corpus  # noqa: E402
+from core.config import load_section  # noqa: E402
+from pipelines.corpus import CorpusParams, render_corpus  # noqa: E402
+from pipelines.dataset import BuildDatasetParams  # noqa: E402
 from pipelines.evaluate import cut_times  # noqa: E402
 from pipelines.features import (  # noqa: E402
     DOWNBEAT_CUES,
@@ -91,17 +92,18 @@ def main() -> int:
     labels_path = os.path.join(corpus_dir, "labels.parquet")
     spec = {"pieces": {"bach_chorales": 40, "nottingham": 2, "essen": 40}, "piece_offset": 40, "piece_seconds": 20.0}
     if not os.path.exists(labels_path):
-        corpus_params = load_params(args.params, "corpus")
-        corpus_params.update({"corpora": ["bach_chorales", "nottingham", "essen"], "variants": 1, **spec})
+        corpus_params = load_section(CorpusParams, args.params, "corpus").with_overrides(
+            {"corpora": ["bach_chorales", "nottingham", "essen"], "variants": 1, **spec}, "benchmark"
+        )
         render_corpus(corpus_dir, corpus_params, workers=args.workers)
 
-    build = load_params(args.params, "build_dataset")
-    analyzer = ClipAnalyzer(FeatureParams.from_params({**build, "downbeat_evidence": "weighted"}))
-    sr = int(build["analysis_sample_rate"])
+    build = load_section(BuildDatasetParams, args.params, "build_dataset")
+    analyzer = ClipAnalyzer(FeatureParams.from_params(build.model_copy(update={"downbeat_evidence": "weighted"})))
+    sr = build.analysis_sample_rate
     perc, drums, samples = [], [], []
     for truth in pq.read_table(labels_path).to_pylist():
         has_drums = "drums" in truth["stems"]
-        _, clips = iter_clips(truth["path"], sr, build["clip_seconds"], build["hop_seconds"], build["min_clip_seconds"])
+        _, clips = iter_clips(truth["path"], sr, build.clip_seconds, build.hop_seconds, build.min_clip_seconds)
         for _, start, wave in clips:
             found = analyzer.downbeat_inputs(wave)
             if found is None:

@@ -19,16 +19,16 @@ import torch
 
 
 def _default_model():
-    from core.config import load_params
-    from models.codec import MelCodecConfig, MelRVQCodec
+    from core.config import load_section
+    from models.codec import MelRVQCodec
     from models.generator import Generator
-    from models.train import generator_config
+    from models.train import FitCodecParams, TrainGeneratorParams, generator_config
 
-    params = load_params("params.yaml", "train_generator")
-    fit = load_params("params.yaml", "fit_codec")
+    params = load_section(TrainGeneratorParams, "params.yaml", "train_generator")
+    fit = load_section(FitCodecParams, "params.yaml", "fit_codec")
     rng = np.random.default_rng(0)
     waves = [(rng.standard_normal(32000).astype(np.float32) * 0.1, 16000) for _ in range(20)]
-    codec = MelRVQCodec.fit(waves, MelCodecConfig.from_dict({**fit, "kmeans_iters": 2}))
+    codec = MelRVQCodec.fit(waves, fit.model_copy(update={"kmeans_iters": 2}).codec_config())
     torch.manual_seed(0)
     return Generator(generator_config(params, codec)).eval(), codec
 

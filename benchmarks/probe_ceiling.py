@@ -26,9 +26,9 @@ from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.config import load_params  # noqa: E402
+from core.config import load_section  # noqa: E402
 from models.generator import load_generator  # noqa: E402
-from models.probes import capture_head_outputs, encode_clips, load_trait_clips, probe_params  # noqa: E402
+from models.probes import ProbesParams, capture_head_outputs, encode_clips, load_trait_clips, probe_params  # noqa: E402
 
 
 def accuracy(X: np.ndarray, y: np.ndarray, train: np.ndarray, valid: np.ndarray, C: float) -> float:
@@ -49,12 +49,10 @@ def main() -> int:
     torch.set_num_threads(args.threads)
 
     generator, codec = load_generator(args.generator)
-    params, source = probe_params(load_params(args.params, "probes"), args.trait)
-    C = float(params.get("C", 1.0))
-    clips = load_trait_clips(
-        args.trait, source, args.clips, params["split_fractions"], int(params.get("seed", 0)), None, None
-    )
-    window = int(round(float(params["window_seconds"]) * codec.frame_rate))
+    params, source = probe_params(load_section(ProbesParams, args.params, "probes"), args.trait)
+    C = params.C
+    clips = load_trait_clips(args.trait, source, args.clips, params.split_fractions, params.seed, None, None)
+    window = int(round(params.window_seconds * codec.frame_rate)) if params.window_seconds else None
     codes = encode_clips(codec, clips, window)
     y = np.array([c.label for c in clips])
     split = np.array([c.split for c in clips])
@@ -65,7 +63,7 @@ def main() -> int:
     )
     rows: list[tuple[str, str, float]] = []
     for position in ("last", "mean"):
-        acts = capture_head_outputs(generator, codes, position, int(params.get("batch_size", 16)))
+        acts = capture_head_outputs(generator, codes, position, params.batch_size)
         N, L, H, _ = acts.shape
         heads = [accuracy(acts[:, layer, head], y, train, valid, C) for layer in range(L) for head in range(H)]
         layers = [accuracy(acts[:, layer].reshape(N, -1), y, train, valid, C) for layer in range(L)]

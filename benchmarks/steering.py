@@ -42,21 +42,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.config import load_params  # noqa: E402
-from models.generator import Generator, GeneratorConfig, load_generator  # noqa: E402
+from core.config import load_section  # noqa: E402
+from models.evaluate_steering import EvaluateSteeringParams  # noqa: E402
+from models.generator import Generator, load_generator  # noqa: E402
 from models.probes import ProbeSet  # noqa: E402
 from models.steering import SteeringPlan, SteeringSession, _median_probability, steer  # noqa: E402
+from models.train import FitCodecParams, TrainGeneratorParams, generator_config  # noqa: E402
 
 
 def default_generator(params_path: str, preset: str | None = None) -> Generator:
-    train = load_params(params_path, "train_generator")
-    codec = load_params(params_path, "fit_codec")
-    model = dict(train.get("model", {}))
+    train = load_section(TrainGeneratorParams, params_path, "train_generator")
+    codec = load_section(FitCodecParams, params_path, "fit_codec")  # K and card of the generator
     if preset:  # e.g. gpu: the larger architecture, whose steps cost more while the hooks' cost per step stays
-        model.update((train.get("presets", {}).get(preset) or {}).get("model", {}))
-    model.update(n_codebooks=int(codec.get("n_codebooks", 4)), card=int(codec.get("card", 256)))
+        train = train.with_overrides({"preset": preset}, "--preset")
     torch.manual_seed(0)
-    return Generator(GeneratorConfig.from_dict(model)).eval()
+    return Generator(generator_config(train, codec)).eval()
 
 
 def random_probe_set(generator: Generator, trait: str, seed: int) -> ProbeSet:
@@ -215,7 +215,7 @@ def main() -> int:
     else:
         sets = {"drums": random_probe_set(generator, "drums", 0), "piano": random_probe_set(generator, "piano", 1)}
     strengths = {t: (5.0 if i % 2 == 0 else -3.0) for i, t in enumerate(sets)}
-    every = args.every or int(load_params(args.params, "evaluate_steering").get("every", 1))
+    every = args.every or load_section(EvaluateSteeringParams, args.params, "evaluate_steering").every
     plans = {mode: SteeringPlan.build(sets, strengths, mode=mode, every=every) for mode in ("none", "iti", "smitin")}
     condition = torch.randn(1, generator.cfg.cond_dim) if args.cfg != 1.0 else None
     steps = frames + generator.cfg.n_codebooks - 1

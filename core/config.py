@@ -49,19 +49,6 @@ def read_params(path: str | Path = "params.yaml") -> dict:
     return data
 
 
-def load_params(path: str | Path = "params.yaml", section: str | None = None) -> dict:
-    """The params file as plain dicts (all of it, or one section with the top-level `seed` added). Sections not yet
-    given a typed model are read this way."""
-    params = read_params(path)
-    if section is None:
-        return params
-    if section not in params:
-        raise UserError(f"{path} has no section {section!r}")
-    merged = dict(params[section] or {})
-    merged.setdefault("seed", params.get("seed", 0))
-    return merged
-
-
 def load_section(cls: type[S], path: str | Path, name: str) -> S:
     """Section `name` of the params file as `cls`; the top-level `seed` is passed in when the model has one."""
     params = read_params(path)

@@ -140,7 +140,7 @@ def _generate(args) -> int:
     if session.backend == "musicgen":
         sec = session.generator_section
         print(
-            f"generator: MusicGen {ref.path} (local folder, not registered; {sec['device']}, {sec['dtype']})",
+            f"generator: MusicGen {ref.path} (local folder, not registered; {sec.device}, {sec.dtype})",
             file=sys.stderr,
         )
     else:

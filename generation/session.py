@@ -22,43 +22,29 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.config import load_section
 from core.errors import UserError
+from models.generation_params import GenerateParams, GeneratorChoice, GeneratorParams
 
 log = logging.getLogger(__name__)
-
-# Sampling and steering defaults; params.yaml `generate` overrides them.
-DEFAULTS = {
-    "duration": 8.0,
-    "max_duration": 600.0,
-    "cfg_scale": 3.0,
-    "temperature": 1.0,
-    "top_k": 0,
-    "top_p": 0.0,
-    "prompt_guidance": 1.0,
-    "prompt_plausibility": 0.003,
-    "alias": "champion",
-    "steering": {"every": 1, "decay": 0.5, "tau": None, "monitor_heads": 16, "iti_top_k": 16},
-}
 
 
 class GenerationError(UserError):
     """A generation request that cannot be served (bad prompt audio, duration, output path, ...)."""
 
 
-def read_defaults(params_path: str | Path | None = "params.yaml") -> dict:
-    out = json.loads(json.dumps(DEFAULTS))
+def read_defaults(params_path: str | Path | None = "params.yaml") -> GenerateParams:
+    """params.yaml `generate` (with the top-level seed); no file: the defaults."""
     if params_path and Path(params_path).exists():
-        import yaml
+        return load_section(GenerateParams, params_path, "generate")
+    return GenerateParams()
 
-        section = (yaml.safe_load(Path(params_path).read_text()) or {}).get("generate") or {}
-        for k, v in section.items():
-            if isinstance(v, dict) and isinstance(out.get(k), dict):
-                out[k].update(v)
-            else:
-                out[k] = v
-        out.setdefault("seed", (yaml.safe_load(Path(params_path).read_text()) or {}).get("seed", 0))
-    out.setdefault("seed", 0)
-    return out
+
+def read_generator_params(params_path: str | Path | None = "params.yaml") -> GeneratorParams:
+    """params.yaml `generator`; no file: the builtin generator."""
+    if params_path and Path(params_path).is_file():
+        return load_section(GeneratorParams, params_path, "generator")
+    return GeneratorParams()
 
 
 @dataclass
@@ -89,7 +75,7 @@ class GenerationSession:
         allow_pickle_weights: bool = False,
     ):
         self.defaults = read_defaults(params)
-        self.alias = alias or self.defaults["alias"]
+        self.alias = alias or self.defaults.alias
         self._registry = registry
         self._params_path, self._tracking_uri = params, tracking_uri
         self.probe_uris = dict(probes or {})
@@ -97,8 +83,10 @@ class GenerationSession:
         t0 = time.perf_counter()
         from registry.loading import fetch
 
-        self.generator_section = _backend(params, generator, backend, musicgen, device, dtype, allow_pickle_weights)
-        self.backend = self.generator_section["backend"]
+        self.generator_section = _backend(
+            read_generator_params(params), generator, backend, musicgen, device, dtype, allow_pickle_weights
+        )
+        self.backend = self.generator_section.backend
         if self.backend == "musicgen":
             self.generator_ref = _musicgen_ref(self.generator_section)
         else:
@@ -267,28 +255,26 @@ class GenerationSession:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise GenerationError("no prompt given")
-        duration = _finite("--duration", d["duration"] if duration is None else duration)
-        if not 0 < duration <= float(d["max_duration"]):
+        duration = _finite("--duration", d.duration if duration is None else duration)
+        if not 0 < duration <= d.max_duration:
             raise GenerationError(
-                f"--duration {duration:g} s: give more than 0 and at most {float(d['max_duration']):g} s "
+                f"--duration {duration:g} s: give more than 0 and at most {d.max_duration:g} s "
                 f"(params generate.max_duration)"
             )
-        seed = _seed(d["seed"] if seed is None else seed)
+        seed = _seed(d.seed if seed is None else seed)
         sampling = dict(
-            temperature=sampling_temperature(d["temperature"] if temperature is None else temperature),
-            top_k=int(d["top_k"] if top_k is None else top_k),
-            top_p=float(d["top_p"] if top_p is None else top_p),
+            temperature=sampling_temperature(d.temperature if temperature is None else temperature),
+            top_k=int(d.top_k if top_k is None else top_k),
+            top_p=float(d.top_p if top_p is None else top_p),
         )
-        cfg_scale = float(d["cfg_scale"] if cfg_scale is None else cfg_scale)
-        prompt_guidance = d.get("prompt_guidance", 1.0) if prompt_guidance is None else prompt_guidance
+        cfg_scale = float(d.cfg_scale if cfg_scale is None else cfg_scale)
+        prompt_guidance = d.prompt_guidance if prompt_guidance is None else prompt_guidance
         if self.backend == "musicgen":
             if set(np.atleast_1d(guidance_scales(prompt_guidance))) != {1.0}:
                 raise GenerationError("--prompt-guidance is a feature of the builtin generator, not of MusicGen")
         else:
             prompt_guidance = guidance_scales(prompt_guidance, self.generator.cfg.n_codebooks)
-        plausibility = plausibility_cut(
-            d.get("prompt_plausibility", 0.0) if prompt_plausibility is None else prompt_plausibility
-        )
+        plausibility = plausibility_cut(d.prompt_plausibility if prompt_plausibility is None else prompt_plausibility)
         out = Path(out)
         if out.suffix.lower() != ".wav":
             raise GenerationError(f"--out must be a .wav path, got {out}")
@@ -303,12 +289,12 @@ class GenerationSession:
 
         plan = None
         if strengths:
-            sp = d["steering"]
-            extra = {"every": int(sp["every"]), "decay": float(sp["decay"]), "monitor_heads": int(sp["monitor_heads"])}
-            if sp.get("tau") is not None:
-                extra["tau"] = float(sp["tau"])
+            sp = d.steering
+            extra = {"every": sp.every, "decay": sp.decay, "monitor_heads": sp.monitor_heads}
+            if sp.tau is not None:
+                extra["tau"] = sp.tau
             if mode == "iti":
-                extra["top_k"] = int(sp["iti_top_k"])
+                extra["top_k"] = sp.iti_top_k
             plan = SteeringPlan.build({t: self.probe_set(t) for t in strengths}, strengths, mode=mode, **extra)
         elif mode not in ("smitin", "iti", "none"):
             raise GenerationError(f"unknown steering mode {mode!r} (choose smitin, iti, none)")
@@ -460,17 +446,14 @@ def _ref_info(ref) -> dict:
     }
 
 
-def _backend(params, generator, backend, musicgen, device, dtype, allow_pickle_weights=False) -> dict:
+def _backend(
+    params: GeneratorParams, generator, backend, musicgen, device, dtype, allow_pickle_weights=False
+) -> GeneratorChoice:
     """The generator backend of a session: an explicit `generator` decides by what it is (a MusicGen folder ->
     musicgen; a models:/ URI or a builtin folder -> builtin); without one, `backend` / `musicgen`, then params
     `generator` (backend, path, device, dtype, codec_path)."""
     from models.musicgen import backend_section, find_musicgen_dir
 
-    section = {}
-    if params and Path(params).is_file():
-        import yaml
-
-        section = (yaml.safe_load(Path(params).read_text()) or {}).get("generator") or {}
     if generator is not None and musicgen is None:
         if find_musicgen_dir(generator) is not None:
             musicgen = generator
@@ -482,7 +465,7 @@ def _backend(params, generator, backend, musicgen, device, dtype, allow_pickle_w
         else:
             backend = "builtin"
     return backend_section(
-        section,
+        params,
         backend=backend,
         musicgen=musicgen,
         device=device,
@@ -491,22 +474,22 @@ def _backend(params, generator, backend, musicgen, device, dtype, allow_pickle_w
     )
 
 
-def _musicgen_ref(section: dict):
+def _musicgen_ref(section: GeneratorParams):
     """A LocalModel for local MusicGen weights, before loading them: backend and shape known (from config.json), the
     fingerprint filled in by `GenerationSession._load`."""
     from models.musicgen import MusicGenError, musicgen_shape, resolve_local_dir
     from registry.loading import LocalModel
 
-    if not section.get("path"):
+    if not section.path:
         raise MusicGenError(
             "generator.backend is musicgen but no MusicGen folder is given (--generator DIR or params generator.path)"
         )
-    folder = resolve_local_dir(section["path"])
+    folder = resolve_local_dir(section.path)
     shape = musicgen_shape(folder)
     return LocalModel(
         path=folder,
         kind="generator",
-        uri=str(section["path"]),
+        uri=str(section.path),
         backend="musicgen",
         shape=(shape["n_layers"], shape["n_heads"], shape["head_dim"]),
     )

@@ -11,16 +11,11 @@ import sys
 log = logging.getLogger(__name__)
 
 
-def _params(path: str, section: str) -> dict:
-    from core.config import load_params
-
-    return load_params(path, section)
-
-
 def _codec_fit(args) -> int:
-    from models.train import fit_codec
+    from core.config import load_section
+    from models.train import FitCodecParams, fit_codec
 
-    params = _params(args.params, "fit_codec")
+    params = load_section(FitCodecParams, args.params, "fit_codec")
     codec = fit_codec(args.clips, args.out, params)
     print(f"codec: {codec.n_codebooks} x {codec.card} codes at {codec.frame_rate:.1f} frames/s -> {args.out}")
     return 0
@@ -35,11 +30,12 @@ def _tokenize(args) -> int:
 
 
 def _train(args) -> int:
-    from models.train import train_generator
+    from core.config import load_section
+    from models.train import TrainGeneratorParams, train_generator
 
-    params = _params(args.params, "train_generator")
+    params = load_section(TrainGeneratorParams, args.params, "train_generator")
     if args.preset:
-        params["preset"] = args.preset
+        params = params.with_overrides({"preset": args.preset}, "--preset")
     metrics = train_generator(
         args.tokens,
         args.codec,
@@ -56,9 +52,11 @@ def _train(args) -> int:
 
 
 def _carrying(args) -> int:
+    from core.config import load_section
+    from models.carrying import EvaluateCarryingParams
     from models.detectors import evaluate_trait_carrying
 
-    params = _params(args.params, "evaluate_carrying")
+    params = load_section(EvaluateCarryingParams, args.params, "evaluate_carrying")
     report = evaluate_trait_carrying(
         args.generator, args.tokens, args.clips, params, args.out, args.samples, detector_path=args.detector
     )

@@ -25,9 +25,13 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from models.carrying import EvaluateCarryingParams
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +306,7 @@ def evaluate_trait_carrying(
     generator_dir: str,
     tokens_dir: str,
     clips_dir: str | None,
-    params: dict,
+    params: EvaluateCarryingParams,
     out_path: str | None = None,
     samples_dir: str | None = None,
     detector_path: str | None = None,
@@ -310,23 +314,17 @@ def evaluate_trait_carrying(
     """Continue held-out drum / drum-free prompts and judge the continuations with the independent detector."""
     import soundfile as sf
 
-    from core.errors import UserError
     from models.generator import guidance_scales, load_generator, plausibility_cut, sampling_temperature
     from models.train import TokenSet
 
-    seed = int(params.get("seed", 0))
+    seed = params.seed
     torch.manual_seed(seed)
     generator, codec = load_generator(generator_dir)
-    prompt_n = int(round(float(params.get("prompt_seconds", 2.0)) * codec.frame_rate))
-    new_n = int(round(float(params.get("continuation_seconds", 3.0)) * codec.frame_rate))
-    token_noise = float(params.get("detector_token_noise", 0.06))
-    for mode in params.get("modes", ["unconditional"]):  # refuse before minutes of detector fitting
-        if mode.removesuffix("_unguided") not in ("unconditional", "caption"):
-            raise UserError(f"unknown carrying mode {mode!r} (unconditional, caption, either + '_unguided')")
-    if int(params.get("samples_per_prompt", 1)) < 1:
-        raise UserError("samples_per_prompt must be at least 1")
-    guidance = guidance_scales(params.get("prompt_guidance", 1.0), generator.cfg.n_codebooks)
-    plausibility = plausibility_cut(params.get("prompt_plausibility", 0.0))  # refused before the detector's minutes
+    prompt_n = int(round(params.prompt_seconds * codec.frame_rate))
+    new_n = int(round(params.continuation_seconds * codec.frame_rate))
+    token_noise = params.detector_token_noise
+    guidance = guidance_scales(params.prompt_guidance, generator.cfg.n_codebooks)  # refused before the detector
+    plausibility = plausibility_cut(params.prompt_plausibility)
     t0 = time.time()
     det = None
     if detector_path and Path(detector_path).exists():  # reuse a detector fitted for this codec and length
@@ -343,13 +341,13 @@ def evaluate_trait_carrying(
             codec,
             new_n / codec.frame_rate,
             seed=seed,
-            max_clips=int(params.get("detector_max_segments", 400)),
+            max_clips=params.detector_max_segments,
             token_noise=token_noise,
         )
     log.info("drum detector: %s (%.0fs)", det.info, time.time() - t0)
-    test = TokenSet(tokens_dir, params.get("split", "test"))
+    test = TokenSet(tokens_dir, params.split)
     gen = np.random.default_rng(seed)
-    per_class = int(params.get("prompts_per_class", 24))
+    per_class = params.prompts_per_class
     picked = {True: [], False: []}
     for i in gen.permutation(len(test)):
         lab = test.meta["traits"][int(i)].get("drums")
@@ -359,8 +357,8 @@ def evaluate_trait_carrying(
         picked[bool(lab)].append(int(i))
     results = {}
     p_real: dict[int, float] = {}  # the real continuation's judgement, once per clip
-    n_samples = int(params.get("samples_per_prompt", 1))
-    for mode in params.get("modes", ["unconditional"]):
+    n_samples = params.samples_per_prompt
+    for mode in params.modes:
         # "<mode>_unguided": the same without prompt guidance (the baseline, in the same run)
         base_mode, guided = mode.removesuffix("_unguided"), not mode.endswith("_unguided")
         rows = []
@@ -376,10 +374,10 @@ def evaluate_trait_carrying(
                     prompt=prompts,
                     condition=cond,
                     attributes=attrs,
-                    temperature=sampling_temperature(params.get("temperature", 1.0)),
-                    top_k=int(params.get("top_k", 0)),
-                    top_p=float(params.get("top_p", 0.0)),
-                    cfg_scale=float(params.get("cfg_scale", 3.0)) if base_mode == "caption" else 1.0,
+                    temperature=sampling_temperature(params.temperature),
+                    top_k=params.top_k,
+                    top_p=params.top_p,
+                    cfg_scale=params.cfg_scale if base_mode == "caption" else 1.0,
                     seed=seed + r,
                     prompt_guidance=guidance if guided else 1.0,
                     plausibility=plausibility if guided else 0.0,
@@ -399,7 +397,7 @@ def evaluate_trait_carrying(
                             "p_real": p_real[i],
                         }
                     )
-                    if not (samples_dir and r == 0 and j < int(params.get("samples_per_class", 2))):
+                    if not (samples_dir and r == 0 and j < params.samples_per_class):
                         continue
                     Path(samples_dir).mkdir(parents=True, exist_ok=True)
                     full = codec.decode(out[j])

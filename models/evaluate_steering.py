@@ -34,18 +34,61 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
+from core.config import Section
 from core.errors import UserError
+from models.generation_params import GeneratorParams
 from models.generator import sampling_temperature
-from models.probes import ProbeSet, capture_head_outputs, encode_clips, load_trait_clips, probe_params, train_probe_set
+from models.probes import (
+    ProbeSet,
+    ProbesParams,
+    capture_head_outputs,
+    encode_clips,
+    load_trait_clips,
+    probe_params,
+    train_probe_set,
+)
 from models.steering import SteeringPlan, steer
 
 log = logging.getLogger(__name__)
 
 DETECTABLE = ("drums",)  # traits with an independent detector in models.detectors
+
+
+class EvaluateSteeringParams(Section):
+    """params.yaml `evaluate_steering` (every default is here)."""
+
+    traits: list[str] = Field(default_factory=lambda: ["drums"])  # those without a detector are skipped
+    tasks: list[Literal["continuation", "text"]] = Field(default_factory=lambda: ["continuation", "text"])
+    split: Literal["train", "valid", "test"] = "test"  # prompts, captions and the detector's held-out clips
+    prompt_seconds: float = Field(2.0, gt=0)
+    continuation_seconds: float = Field(3.0, gt=0)
+    prompts_per_class: int = Field(32, ge=1)  # prompts with and without the trait
+    alpha: float = Field(15.0, gt=0)  # smitin strength, continuation
+    alpha_high: float = Field(30.0, gt=0)  # second smitin strength, continuation
+    alpha_text: float = Field(10.0, gt=0)  # smitin strength, text-to-music
+    alpha_high_text: float = Field(20.0, gt=0)  # second smitin strength, text-to-music
+    iti_alpha: float = Field(10.0, gt=0)  # iti strength, both tasks
+    iti_top_k: int = Field(16, ge=1)  # iti: heads pushed
+    every: int = Field(1, ge=1)  # smitin: push every s-th step
+    decay: float = Field(0.5, ge=0)  # push factor (1 - C / tau) ** decay below tau
+    tau: float | None = Field(None, gt=0, le=1)  # monitor threshold (null: median(acc) - std(acc) of the probe set)
+    monitor_heads: int = Field(16, ge=1)  # heads whose median probe probability is the monitor
+    n_pairs: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [10, 50])  # ablation probe sets
+    temperature: float | list[float] = 1.0  # one, or one per codebook (coarse first); 0: greedy
+    top_k: int = Field(0, ge=0)  # 0: off
+    top_p: float = Field(0.0, ge=0, le=1)  # 0: off
+    cfg_scale: float = Field(3.0, ge=0)  # classifier-free guidance of the text task
+    embedding_dims: int = Field(16, ge=1)  # PCA dims of the Frechet distance's embedding
+    detector_max_segments: int = Field(400, ge=1)  # clips per split the detector is fitted / scored on
+    detector_token_noise: float = Field(0.06, ge=0, le=1)  # share of tokens randomised in extra detector data
+    threads: int = Field(1, ge=1)  # torch intra-op threads
+    seed: int = 0
 
 
 def audio_embedding(wave: np.ndarray, sr: int, n_mels: int = 64) -> np.ndarray:
@@ -135,18 +178,14 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def ablation_probe_sets(
-    trait: str, generator, codec, clips_table: str, probes_section: dict, n_pairs: list[int]
+    trait: str, generator, codec, clips_table: str, probes_section: ProbesParams, n_pairs: list[int]
 ) -> dict[int, ProbeSet]:
     """Probe sets trained on only n training pairs (valid / tune kept whole), from one activation capture."""
     params, source = probe_params(probes_section, trait)
-    seed = int(params.get("seed", 0))
-    clips = load_trait_clips(
-        trait, source, clips_table, params["split_fractions"], seed, max_clips=params.get("max_clips")
-    )
-    window = int(round(float(params["window_seconds"]) * float(codec.frame_rate)))
-    acts = capture_head_outputs(
-        generator, encode_clips(codec, clips, window), params["position"], int(params["batch_size"])
-    )
+    seed = params.seed
+    clips = load_trait_clips(trait, source, clips_table, params.split_fractions, seed, max_clips=params.max_clips)
+    window = int(round(params.window_seconds * float(codec.frame_rate))) if params.window_seconds else None
+    acts = capture_head_outputs(generator, encode_clips(codec, clips, window), params.position, params.batch_size)
     labels = np.array([c.label for c in clips])
     splits = np.array([c.split for c in clips])
     train_keys = sorted({c.key for c in clips if c.split == "train"})
@@ -160,7 +199,8 @@ def ablation_probe_sets(
             splits[mask],
             trait,
             generator.fingerprint(),
-            {**params, "max_train_pairs": n, "source": source},
+            params.with_overrides({"max_train_pairs": n}, "evaluate_steering.n_pairs"),
+            record={"source": source.model_dump()},
         )
         out[n] = ps
         log.info("ablation %s n=%d pairs: best acc %.3f", trait, n, ps.metrics["best_acc"])
@@ -228,13 +268,13 @@ def evaluate_steering(
     probes_dir: str,
     tokens_dir: str,
     clips_table: str | None,
-    params: dict,
-    probes_section: dict | None = None,
+    params: EvaluateSteeringParams,
+    probes_section: ProbesParams | None = None,
     out_json: str | None = None,
     table_path: str | None = None,
     report_dir: str | None = None,
     progress: Callable[[str], None] | None = None,
-    generator_section: dict | None = None,
+    generator_section: GeneratorParams | None = None,
 ) -> dict:
     """Run the whole evaluation; returns {"metrics": nested numbers (DVC / MLflow), "rows": [...], ...}.
     `generator_section`: the params `generator` section (see `models.musicgen.backend_section`); None or backend
@@ -244,39 +284,37 @@ def evaluate_steering(
     from models.train import TokenSet
 
     say = progress or (lambda msg: log.info(msg))
-    seed = int(params.get("seed", 0))
+    seed = params.seed
     torch.manual_seed(seed)
     # One intra-op thread by default: many small ops (Griffin-Lim decoding, KV-cached steps) gain nothing from
     # more, and on a shared CPU oversubscribed threads made decoding 10-50x slower in wall time.
-    torch.set_num_threads(int(params.get("threads", 1)))
-    musicgen = bool(generator_section) and generator_section.get("backend") == "musicgen"
-    generator, codec = load_backend(generator_section or {"backend": "builtin"}, generator_dir)
+    torch.set_num_threads(params.threads)
+    musicgen = generator_section is not None and generator_section.backend == "musicgen"
+    generator, codec = load_backend(generator_section or GeneratorParams(), generator_dir)
     if codec is None:
         raise UserError("this decoder-only MusicGen has no codec: set generator.codec_path (an EnCodec folder)")
     if musicgen and not clips_table:
         raise UserError("evaluating MusicGen needs the clips table (--clips): its prompts are encoded with its codec")
     fingerprint = generator.fingerprint()
     sr, fps = codec.sample_rate, float(codec.frame_rate)
-    prompt_n = int(round(float(params.get("prompt_seconds", 2.0)) * fps))
-    new_n = int(round(float(params.get("continuation_seconds", 3.0)) * fps))
-    per_class = int(params.get("prompts_per_class", 16))
-    sampling = dict(
-        temperature=sampling_temperature(params.get("temperature", 1.0)),
-        top_k=int(params.get("top_k", 0)),
-        top_p=float(params.get("top_p", 0.0)),
-    )
-    steering = {k: params[k] for k in ("every", "decay", "tau", "monitor_heads") if params.get(k) is not None}
+    prompt_n = int(round(params.prompt_seconds * fps))
+    new_n = int(round(params.continuation_seconds * fps))
+    per_class = params.prompts_per_class
+    sampling = dict(temperature=sampling_temperature(params.temperature), top_k=params.top_k, top_p=params.top_p)
+    steering = dict(every=params.every, decay=params.decay, monitor_heads=params.monitor_heads)
+    if params.tau is not None:
+        steering["tau"] = params.tau
 
-    traits = [t for t in params.get("traits", ["drums"]) if t in DETECTABLE]
-    for t in params.get("traits", ["drums"]):
+    traits = [t for t in params.traits if t in DETECTABLE]
+    for t in params.traits:
         if t not in DETECTABLE:
             say(f"{t}: no independent detector yet; skipped")
     mains = {t: ProbeSet.load(Path(probes_dir) / t) for t in traits}
     SteeringPlan(mains, {t: 1.0 for t in mains}).check_generator(generator, fingerprint)  # refuse early
 
     t0 = time.time()
-    split = params.get("split", "test")
-    max_segments = int(params.get("detector_max_segments", 400))
+    split = params.split
+    max_segments = params.detector_max_segments
     if musicgen:  # the token files hold the builtin codec's codes: encode the clips with MusicGen's EnCodec
         encoded = {
             s: EncodedClips(clips_table, codec, s, max_segments, seed, need_trait="drums")
@@ -295,7 +333,7 @@ def evaluate_steering(
         new_n / fps,
         seed=seed,
         max_clips=max_segments,
-        token_noise=float(params.get("detector_token_noise", 0.06)),
+        token_noise=params.detector_token_noise,
     )
     say(f"detector (independent of the probes): {detector.info} ({time.time() - t0:.0f}s)")
     tokens = tokens if tokens is not None else TokenSet(tokens_dir, split)
@@ -306,7 +344,7 @@ def evaluate_steering(
     reports: dict = {}
     for trait in traits:
         main = mains[trait]
-        n_pairs = [int(n) for n in params.get("n_pairs", [10, 50])]
+        n_pairs = list(params.n_pairs)
         ablation = {}
         if n_pairs and clips_table and probes_section:
             ablation = ablation_probe_sets(trait, generator, codec, clips_table, probes_section, n_pairs)
@@ -317,14 +355,14 @@ def evaluate_steering(
                 )
         picked = _pick_prompts(tokens, trait, per_class, prompt_n + new_n, seed)
         if not picked[True] or not picked[False]:
-            raise UserError(f"{trait}: the {params.get('split', 'test')} tokens need clips with and without it")
+            raise UserError(f"{trait}: the {split} tokens need clips with and without it")
         # reference: decoded real continuations of the same prompts (both classes)
         ref_waves = {
             lab: [codec.decode(tokens.clip(i)[:, prompt_n : prompt_n + new_n]) for i in idx]
             for lab, idx in picked.items()
         }
         reference = np.stack([audio_embedding(w, sr) for lab in (True, False) for w in ref_waves[lab]])
-        space = EmbeddingSpace(reference, int(params.get("embedding_dims", 16)))
+        space = EmbeddingSpace(reference, params.embedding_dims)
         prompt_emb = {
             lab: np.stack([audio_embedding(codec.decode(tokens.clip(i)[:, :prompt_n]), sr) for i in idx])
             for lab, idx in picked.items()
@@ -343,14 +381,13 @@ def evaluate_steering(
             metrics[trait][f"probe_best_acc_{n}pairs"] = ps.metrics["best_acc"]
             metrics[trait][f"probe_top16_acc_{n}pairs"] = ps.metrics["top16_acc"]
 
-        for task in params.get("tasks", ["continuation", "text"]):
-            # params.yaml: 15 for continuation, 10 for text
-            alpha = float(params.get("alpha_text" if task == "text" else "alpha", 10.0))
-            alpha_high = float(params.get("alpha_high_text" if task == "text" else "alpha_high", 2 * alpha))
-            iti_alpha = float(params.get("iti_alpha", alpha))
+        for task in params.tasks:
+            alpha = params.alpha_text if task == "text" else params.alpha
+            alpha_high = params.alpha_high_text if task == "text" else params.alpha_high
+            iti_alpha = params.iti_alpha
             modes = [
                 ("none", main, dict(mode="none"), 1.0),
-                ("iti", main, dict(mode="iti", top_k=int(params.get("iti_top_k", 16))), iti_alpha),
+                ("iti", main, dict(mode="iti", top_k=params.iti_top_k), iti_alpha),
                 ("smitin", main, dict(mode="smitin", **steering), alpha),
                 (f"smitin_x{alpha_high / alpha:g}", main, dict(mode="smitin", **steering), alpha_high),
                 ("random_control", main, dict(mode="smitin", direction="random", **steering), alpha),
@@ -367,14 +404,14 @@ def evaluate_steering(
                     elif musicgen:  # captions through MusicGen's own T5 encoder
                         kwargs = dict(
                             condition=[tokens.meta["caption"][i] for i in idx],
-                            cfg_scale=float(params.get("cfg_scale", 3.0)),
+                            cfg_scale=params.cfg_scale,
                         )
                     else:
                         sel = torch.tensor(idx)
                         kwargs = dict(
                             condition=tokens.condition[sel],
                             attributes=tokens.attributes[sel],
-                            cfg_scale=float(params.get("cfg_scale", 3.0)),
+                            cfg_scale=params.cfg_scale,
                         )
                     with steer(generator, plan, fingerprint) as session:
                         out = generator.generate(new_n, seed=seed, **kwargs, **sampling)
@@ -452,9 +489,9 @@ def evaluate_steering(
         "generator_fingerprint": fingerprint,
         "generator": generator.describe() if hasattr(generator, "describe") else {"backend": "builtin"},
         "embedding": "mean+std of 64 log-mel bands, standardised, PCA to "
-        f"{params.get('embedding_dims', 16)} dims fitted on decoded real continuations",
+        f"{params.embedding_dims} dims fitted on decoded real continuations",
         "detector": detector.info,
-        "params": params,
+        "params": params.model_dump(),
     }
     if out_json:
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)

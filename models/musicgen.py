@@ -52,6 +52,7 @@ import torch
 import torch.nn as nn
 
 from core.errors import UserError
+from models.generation_params import GeneratorChoice, GeneratorParams
 
 
 class MusicGenError(UserError):
@@ -603,19 +604,8 @@ def musicgen_codec(model):
     return codec
 
 
-BACKENDS = ("builtin", "musicgen")
-_SECTION_KEYS = {
-    "backend": "builtin",
-    "path": None,
-    "device": "cpu",
-    "dtype": "float32",
-    "codec_path": None,
-    "allow_pickle_weights": False,
-}
-
-
 def backend_section(
-    section: Mapping | None = None,
+    params: GeneratorParams | None = None,
     *,
     generator: str | Path | None = None,
     backend: str | None = None,
@@ -623,16 +613,16 @@ def backend_section(
     device: str | None = None,
     dtype: str | None = None,
     allow_pickle_weights: bool | None = None,
-) -> dict:
+) -> GeneratorChoice:
     """The params `generator` section with command-line overrides applied (None keeps the params value):
     - `backend`: builtin | musicgen, wins over everything;
     - `musicgen`: a local MusicGen folder; implies backend musicgen;
     - `generator`: the builtin generator's folder, or a MusicGen folder (detected from its config.json), which then
       counts as `musicgen`. A builtin folder does not override params `backend: musicgen` (so the DVC stages, which
       always pass --generator data/generator, follow params).
-    Returns {backend, path, device, dtype, codec_path} plus `builtin_dir` (the builtin folder, or None)."""
-    out = dict(_SECTION_KEYS)
-    out.update({k: v for k, v in dict(section or {}).items() if k in _SECTION_KEYS and v is not None})
+    The result also carries `builtin_dir` (the builtin folder, or None)."""
+    params = params or GeneratorParams()
+    over: dict = {}
     builtin_dir = None
     if generator is not None and not str(generator).startswith("models:/"):
         found = find_musicgen_dir(generator)
@@ -641,47 +631,35 @@ def backend_section(
         elif found is None:
             builtin_dir = str(generator)
     if musicgen is not None:
-        out["path"], out["backend"] = str(musicgen), "musicgen"
+        over.update(path=str(musicgen), backend="musicgen")
     if backend is not None:
-        out["backend"] = backend
+        over["backend"] = backend
     if device is not None:
-        out["device"] = device
+        over["device"] = device
     if dtype is not None:
-        out["dtype"] = dtype
+        over["dtype"] = dtype
     if allow_pickle_weights:
-        out["allow_pickle_weights"] = True
-    if out["backend"] not in BACKENDS:
-        raise MusicGenError(f"unknown generator.backend {out['backend']!r} (builtin | musicgen)")
-    out["builtin_dir"] = builtin_dir
-    return out
+        over["allow_pickle_weights"] = True
+    return GeneratorChoice.parse({**params.model_dump(), **over, "builtin_dir": builtin_dir}, "generator")
 
 
-def load_backend(section: Mapping, builtin_dir: str | Path | None = None):
+def load_backend(params: GeneratorParams, builtin_dir: str | Path | None = None):
     """(generator, codec) chosen by the `generator` params section: `backend: builtin` loads the trained checkpoint
-    in `builtin_dir`; `backend: musicgen` loads `path` (local only) on `device` in `dtype`."""
-    section = dict(section or {})
-    backend = section.get("backend", "builtin")
-    if backend == "musicgen":
-        if not section.get("path"):
+    in `builtin_dir` (default: the choice's own `builtin_dir`); `backend: musicgen` loads `path` (local only) on
+    `device` in `dtype`."""
+    if params.backend == "musicgen":
+        if not params.path:
             raise MusicGenError(
                 "generator.backend is musicgen but generator.path is not set (a local folder of "
                 "MusicGen weights; or pass --musicgen DIR)"
             )
-        return load_musicgen(
-            section["path"],
-            section.get("device") or "cpu",
-            section.get("dtype"),
-            section.get("codec_path"),
-            bool(section.get("allow_pickle_weights")),
-        )
-    if backend == "builtin":
-        from models.generator import load_generator
+        return load_musicgen(params.path, params.device, params.dtype, params.codec_path, params.allow_pickle_weights)
+    from models.generator import load_generator
 
-        builtin_dir = builtin_dir or section.get("builtin_dir")
-        if builtin_dir is None:
-            raise MusicGenError("the builtin generator backend needs the trained generator's folder")
-        return load_generator(builtin_dir)
-    raise MusicGenError(f"unknown generator.backend {backend!r} (builtin | musicgen)")
+    builtin_dir = builtin_dir or (params.builtin_dir if isinstance(params, GeneratorChoice) else None)
+    if builtin_dir is None:
+        raise MusicGenError("the builtin generator backend needs the trained generator's folder")
+    return load_generator(builtin_dir)
 
 
 # ------------------------------------------------------------------------------------------------ debug preset

@@ -28,6 +28,16 @@ import numpy as np
 import torch
 
 from core.errors import UserError
+from models.probe_params import (  # noqa: F401  (re-exported: the probes section's types)
+    FoldersSource,
+    PredicateSource,
+    ProbesParams,
+    ProbeTrainingParams,
+    ProbeTrait,
+    SplitFractions,
+    StemsSource,
+    TraitSource,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +68,14 @@ class TraitClip:
     split: str = ""
 
 
-def group_split(group: str, fractions: dict[str, float], seed: int) -> str:
+def group_split(group: str, fractions: SplitFractions, seed: int) -> str:
     """Deterministic split of a group by hashing (seeded), so a group's clips land together."""
     digest = hashlib.sha256(f"{seed}:{group}".encode()).digest()
     u = int.from_bytes(digest[:8], "big") / 2.0**64
-    total = sum(fractions[s] for s in SPLITS)
+    total = sum(getattr(fractions, s) for s in SPLITS)
     acc = 0.0
     for name in SPLITS:
-        acc += fractions[name] / total
+        acc += getattr(fractions, name) / total
         if u < acc:
             return name
     return SPLITS[-1]
@@ -214,28 +224,25 @@ def _decode_row_audio(row: dict) -> tuple[np.ndarray, int]:
 
 def load_trait_clips(
     trait: str,
-    source: dict,
+    source: TraitSource,
     clips_table: str | None,
-    fractions: dict[str, float],
+    fractions: SplitFractions,
     seed: int,
     max_train_pairs: int | None = None,
     max_clips: int | None = None,
 ) -> list[TraitClip]:
     """The labelled clips of `trait` from the source its params name:
-    - `{"kind": "stems"}`: rows of the clips table whose `traits` name the trait; with `pairs_only` (default)
+    - `StemsSource`: rows of the clips table whose `traits` name the trait; with `pairs_only` (default)
       only (mix_id, clip_index) keys that have both a with- and a without-rendering are kept;
-    - `{"kind": "folders", "path": DIR}`: audio files under DIR/with/ and DIR/without/;
-    - `{"kind": "predicate", "expr": 'mode == "minor"'}`: every clips-table row, labelled by the predicate.
+    - `FoldersSource(path=DIR)`: audio files under DIR/with/ and DIR/without/;
+    - `PredicateSource(expr='mode == "minor"')`: every clips-table row, labelled by the predicate.
     `max_train_pairs` keeps that many training pairs / groups (the n-pairs ablation); valid and tune stay whole."""
-    kind = (source or {}).get("kind", "stems")
-    if kind == "stems":
+    if isinstance(source, StemsSource):
         clips = _stem_clips(trait, source, clips_table)
-    elif kind == "predicate":
+    elif isinstance(source, PredicateSource):
         clips = _predicate_clips(trait, source, clips_table)
-    elif kind == "folders":
-        clips = _folder_clips(trait, source)
     else:
-        raise ProbeError(f"trait {trait!r}: unknown data source kind {kind!r} (stems | folders | predicate)")
+        clips = _folder_clips(trait, source)
     for c in clips:
         c.split = group_split(c.group, fractions, seed)
     if max_train_pairs is not None:
@@ -255,7 +262,7 @@ def _limit_train_pairs(clips: list[TraitClip], n: int, seed: int) -> list[TraitC
     return [c for c in clips if c.split != "train" or c.key in keep]
 
 
-def _stem_clips(trait: str, source: dict, clips_table: str | None) -> list[TraitClip]:
+def _stem_clips(trait: str, source: StemsSource, clips_table: str | None) -> list[TraitClip]:
     from core.clips_table import traits_dict
 
     if not clips_table:
@@ -273,7 +280,7 @@ def _stem_clips(trait: str, source: dict, clips_table: str | None) -> list[Trait
     if not labelled:
         names = ", ".join(sorted(known)) or "none"
         raise ProbeError(f"unknown trait {trait!r}: no clip in {clips_table} names it (traits there: {names})")
-    pairs_only = bool(source.get("pairs_only", True))
+    pairs_only = source.pairs_only
     by_key: dict[str, set[int]] = {}
     for row, label in labelled:
         by_key.setdefault(f"{row['mix_id'] or row['source_sha256']}#{row['clip_index']}", set()).add(label)
@@ -293,12 +300,12 @@ def _stem_clips(trait: str, source: dict, clips_table: str | None) -> list[Trait
     return out
 
 
-def _predicate_clips(trait: str, source: dict, clips_table: str | None) -> list[TraitClip]:
+def _predicate_clips(trait: str, source: PredicateSource, clips_table: str | None) -> list[TraitClip]:
     from core.clips_table import traits_dict
 
     if not clips_table:
         raise ProbeError(f"trait {trait!r}: the predicate source needs a clips table")
-    predicate = parse_predicate(source.get("expr", ""))
+    predicate = parse_predicate(source.expr)
     rows = _table_rows(clips_table, ["clip_id", "source_sha256", "traits", "audio", *_PREDICATE_COLUMNS])
     out = []
     for row in rows:
@@ -312,11 +319,11 @@ def _predicate_clips(trait: str, source: dict, clips_table: str | None) -> list[
     return out
 
 
-def _folder_clips(trait: str, source: dict) -> list[TraitClip]:
+def _folder_clips(trait: str, source: FoldersSource) -> list[TraitClip]:
     from core.audio import AUDIO_EXTENSIONS, decode_audio
 
-    root = Path(source.get("path", ""))
-    rate = int(source.get("sample_rate", 32000))
+    root = Path(source.path)
+    rate = source.sample_rate
     out = []
     for sub, label in (("with", 1), ("without", 0)):
         folder = root / sub
@@ -326,7 +333,7 @@ def _folder_clips(trait: str, source: dict) -> list[TraitClip]:
             )
         for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS):
             try:
-                wave = decode_audio(str(path), rate, max_seconds=source.get("max_seconds", 30.0))
+                wave = decode_audio(str(path), rate, max_seconds=source.max_seconds)
             except Exception as e:  # noqa: BLE001 - a bad file is the user's to fix, name it
                 raise ProbeError(f"trait {trait!r}: cannot decode {path}: {e}") from None
             # a file and its counterpart with the same name in the other folder form one group (a pair)
@@ -578,12 +585,14 @@ def train_probe_set(
     splits: Sequence[str],
     trait: str,
     generator_fingerprint: str,
-    params: dict,
+    params: ProbeTrainingParams,
     data_hash_: str = "",
+    record: dict | None = None,
 ) -> ProbeSet:
     """Fit one logistic regression per (layer, head) on the train split of `acts` `[N, L, H, Dh]`; accuracy on
     valid (balanced accuracy: plain accuracy for paired data); direction (mass-mean or probe weight) and sigma
-    along it on tune. params: direction ("mass_mean" | "probe"), C, weight_power, seed, max_iter."""
+    along it on tune. Uses params direction, C, weight_power, seed, max_iter; the probe set records all of
+    `params` and `record` (e.g. its data source and window)."""
     from sklearn.linear_model import LogisticRegression
 
     acts = np.asarray(acts, dtype=np.float32)
@@ -591,9 +600,7 @@ def train_probe_set(
     splits = np.asarray(list(splits))
     if acts.ndim != 4 or len(acts) != len(labels) or len(labels) != len(splits):
         raise ProbeError(f"activations {acts.shape}, labels {labels.shape} and splits {splits.shape} disagree")
-    direction_kind = params.get("direction", "mass_mean")
-    if direction_kind not in ("mass_mean", "probe"):
-        raise ProbeError(f"probes.direction must be mass_mean or probe, not {direction_kind!r}")
+    direction_kind = params.direction
     tr, va, tu = (splits == s for s in SPLITS)
     for name, mask in (("the train split", tr), ("the valid split", va)):
         check_labels(trait, labels[mask], name)
@@ -606,7 +613,7 @@ def train_probe_set(
     direction = np.zeros((L, H, D), np.float32)
     sigma = np.zeros((L, H), np.float32)
     accuracy = np.zeros((L, H), np.float32)
-    rng = np.random.default_rng(int(params.get("seed", 0)))
+    rng = np.random.default_rng(params.seed)
     random_direction = rng.standard_normal((L, H, D)).astype(np.float32)
     random_direction /= np.linalg.norm(random_direction, axis=-1, keepdims=True) + 1e-12
     random_sigma = np.zeros((L, H), np.float32)
@@ -617,7 +624,7 @@ def train_probe_set(
             mean = x[tr].mean(axis=0)
             scale = x[tr].std(axis=0)
             scale[scale < 1e-8] = 1.0
-            clf = LogisticRegression(C=float(params.get("C", 1.0)), max_iter=int(params.get("max_iter", 1000)))
+            clf = LogisticRegression(C=params.C, max_iter=params.max_iter)
             clf.fit((x[tr] - mean) / scale, y_tr)
             w = clf.coef_[0] / scale  # fold the standardisation into the raw-activation probe
             b = clf.intercept_[0] - float(np.dot(clf.coef_[0], mean / scale))
@@ -633,7 +640,7 @@ def train_probe_set(
             direction[layer, head] = d
             sigma[layer, head] = float(np.std(x[tu] @ d))
             random_sigma[layer, head] = float(np.std(x[tu] @ random_direction[layer, head]))
-    weight = soft_weights(accuracy, float(params.get("weight_power", 3.0)))
+    weight = soft_weights(accuracy, params.weight_power)
     flat = np.sort(accuracy.reshape(-1))[::-1]
     metrics = {
         "best_acc": float(flat[0]),
@@ -660,7 +667,7 @@ def train_probe_set(
         random_direction=random_direction,
         random_sigma=random_sigma,
         data_hash=data_hash_,
-        params=dict(params),
+        params={**params.model_dump(), **(record or {})},
         metrics=metrics,
         created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
@@ -717,33 +724,16 @@ def write_probe_plots(probe_set: ProbeSet, out_dir: str | Path) -> dict[str, Pat
 # The whole stage, as a function
 # ----------------------------------------------------------------------------------------------------------
 
-DEFAULTS = {
-    "position": "last",
-    "window_seconds": 4.0,
-    "direction": "mass_mean",
-    "C": 1.0,
-    "weight_power": 3.0,
-    "split_fractions": {"train": 0.6, "valid": 0.2, "tune": 0.2},
-    "batch_size": 16,
-    "max_iter": 1000,
-    "max_train_pairs": None,
-    "max_clips": None,
-}
 
-
-def probe_params(section: dict, trait: str) -> tuple[dict, dict]:
+def probe_params(section: ProbesParams, trait: str) -> tuple[ProbeTrainingParams, TraitSource]:
     """(training params, data source) of `trait` from the `probes` params section; unknown trait -> one line."""
-    traits = section.get("traits") or {}
-    if trait not in traits:
-        raise ProbeError(f"unknown trait {trait!r}: params probes.traits has {', '.join(sorted(traits)) or 'none'}")
-    params = {k: v for k, v in DEFAULTS.items()}
-    params.update({k: v for k, v in section.items() if k != "traits"})
-    spec = dict(traits[trait] or {})
-    source = spec.pop("source", {"kind": "stems"})
-    if isinstance(source, str):
-        source = {"kind": source}
-    params.update(spec)  # a trait may override any training param
-    return params, source
+    if trait not in section.traits:
+        names = ", ".join(sorted(section.traits)) or "none"
+        raise ProbeError(f"unknown trait {trait!r}: params probes.traits has {names}")
+    spec = section.traits[trait]
+    base = section.model_dump(exclude={"traits"})
+    params = ProbeTrainingParams.parse({**base, **spec.overrides()}, f"probes.traits.{trait}")
+    return params, spec.source
 
 
 def train_trait(
@@ -751,23 +741,22 @@ def train_trait(
     generator,
     codec,
     clips_table: str | None,
-    section: dict,
+    section: ProbesParams,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> ProbeSet:
     """Data -> codec tokens -> head activations -> probes, for one trait."""
     params, source = probe_params(section, trait)
-    seed = int(params.get("seed", 0))
     clips = load_trait_clips(
         trait,
         source,
         clips_table,
-        params["split_fractions"],
-        seed,
-        params.get("max_train_pairs"),
-        params.get("max_clips"),
+        params.split_fractions,
+        params.seed,
+        params.max_train_pairs,
+        params.max_clips,
     )
     frame_rate = float(codec.frame_rate)
-    window = int(round(float(params["window_seconds"]) * frame_rate)) if params.get("window_seconds") else None
+    window = int(round(params.window_seconds * frame_rate)) if params.window_seconds else None
     max_len = getattr(generator, "max_positions", None) or getattr(
         getattr(generator, "config", None), "max_positions", None
     )
@@ -778,21 +767,19 @@ def train_trait(
     acts = capture_head_outputs(
         generator,
         codes,
-        params["position"],
-        int(params["batch_size"]),
+        params.position,
+        params.batch_size,
         (lambda d: progress("capture", d, total)) if progress else None,
     )
-    record = {k: v for k, v in params.items()}
-    record["source"] = source
-    record["window_frames"] = window
     probe_set = train_probe_set(
         acts,
         np.array([c.label for c in clips]),
         [c.split for c in clips],
         trait,
         generator.fingerprint(),
-        record,
+        params,
         data_hash(clips),
+        record={"source": source.model_dump(), "window_frames": window},
     )
     describe = getattr(generator, "describe", None)  # backends other than the builtin one say what they are
     probe_set.generator = dict(describe()) if callable(describe) else {}

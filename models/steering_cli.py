@@ -9,14 +9,12 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from models.generation_params import GeneratorChoice
 
 log = logging.getLogger(__name__)
-
-
-def _params(path: str, section: str) -> dict:
-    from core.config import load_params
-
-    return load_params(path, section)
 
 
 def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,19 +49,17 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def generator_section(args) -> dict:
+def generator_section(args) -> GeneratorChoice:
     """The params `generator` section (absent: builtin) with this command's overrides; see
     `models.musicgen.backend_section`."""
+    from core.config import load_section
+    from models.generation_params import GeneratorParams
     from models.musicgen import backend_section
 
     path = Path(getattr(args, "params", "") or "")
-    section = {}
-    if path.is_file():
-        import yaml
-
-        section = (yaml.safe_load(path.read_text()) or {}).get("generator") or {}
+    params = load_section(GeneratorParams, path, "generator") if path.is_file() else GeneratorParams()
     return backend_section(
-        section,
+        params,
         generator=getattr(args, "generator", None),
         backend=args.backend,
         musicgen=args.musicgen,
@@ -73,17 +69,17 @@ def generator_section(args) -> dict:
     )
 
 
-def load_generator_for(section: dict):
+def load_generator_for(section: GeneratorChoice):
     """(generator, codec) of a resolved backend section; says on stderr which MusicGen it loads (it takes a while)."""
     from models.musicgen import MusicGenError, load_backend
 
-    if section["backend"] == "musicgen":
+    if section.backend == "musicgen":
         print(
-            f"generator: MusicGen from {section['path']} on {section['device']} ({section['dtype']})",
+            f"generator: MusicGen from {section.path} on {section.device} ({section.dtype})",
             file=sys.stderr,
             flush=True,
         )
-    generator, codec = load_backend(section, section.get("builtin_dir"))
+    generator, codec = load_backend(section, section.builtin_dir)
     if codec is None:
         raise MusicGenError(
             "this decoder-only MusicGen has no codec: set generator.codec_path to an EnCodec save_pretrained folder"
@@ -99,16 +95,16 @@ def _progress(stage: str, done: int, total: int) -> None:
 
 
 def _probes_train(args) -> int:
-    from models.probes import probe_params, train_trait, write_probe_plots
+    from core.config import load_section
+    from models.probes import ProbesParams, probe_params, train_trait, write_probe_plots
 
-    section = _params(args.params, "probes")
-    for key in ("max_train_pairs", "position", "direction"):
-        if getattr(args, key, None) is not None:
-            section[key] = getattr(args, key)
+    section = load_section(ProbesParams, args.params, "probes")
+    over = {k: getattr(args, k) for k in ("max_train_pairs", "position", "direction") if getattr(args, k) is not None}
+    section = section.with_overrides(over, "command line") if over else section  # a trait's own values still win
     probe_params(section, args.trait)  # unknown trait: one line before loading anything heavy
     import torch
 
-    torch.set_num_threads(int(section.get("threads", 1)))  # see params probes.threads
+    torch.set_num_threads(section.threads)  # see params probes.threads
     generator, codec = load_generator_for(generator_section(args))
     probe_set = train_trait(args.trait, generator, codec, args.clips, section, _progress)
     out = probe_set.save(Path(args.out) / args.trait)
@@ -149,13 +145,15 @@ def _probes_show(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from models.evaluate_steering import evaluate_steering
+    from core.config import load_section
+    from models.evaluate_steering import EvaluateSteeringParams, evaluate_steering
+    from models.probes import ProbesParams
 
-    params = _params(args.params, "evaluate_steering")
-    probes_section = _params(args.params, "probes")
+    params = load_section(EvaluateSteeringParams, args.params, "evaluate_steering")
+    probes_section = load_section(ProbesParams, args.params, "probes")
     section = generator_section(args)
     result = evaluate_steering(
-        section.get("builtin_dir") or args.generator,
+        section.builtin_dir or args.generator,
         args.probes,
         args.tokens,
         args.clips,

@@ -18,10 +18,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
+from core.config import Section
 from core.errors import UserError
 from models.codec import MelCodecConfig, MelRVQCodec, load_codec
 from models.generator import Generator, GeneratorConfig, attribute_ids, save_generator
@@ -78,15 +81,35 @@ def iter_waves(clips_dir: str, split: str, limit: int | None = None) -> Iterator
 
 
 # ---------------------------------------------------------------------------------------------------- codec
-def fit_codec(clips_dir: str, out_dir: str, params: dict) -> MelRVQCodec:
+class FitCodecParams(Section):
+    """params.yaml `fit_codec` (every default is here): the mel-RVQ codec and how much audio fits it."""
+
+    seed: int = 0
+    sample_rate: int = Field(16000, gt=0)
+    n_fft: int = Field(1024, gt=0)
+    hop: int = Field(400, gt=0)  # samples between frames (16000 / 400 = 40 frames/s)
+    n_mels: int = Field(64, ge=1)
+    fmin: float = Field(30.0, ge=0)  # lowest mel band edge (Hz)
+    n_codebooks: int = Field(4, ge=1)  # residual k-means stages (K)
+    card: int = Field(256, ge=2)  # codes per codebook
+    kmeans_iters: int = Field(15, ge=1)  # Lloyd iterations per codebook
+    inversion: Literal["learned", "pinv"] = "learned"  # ridge log-mel -> log-magnitude | filterbank pseudo-inverse
+    griffin_lim_iters: int = Field(48, ge=1)
+    max_clips: int | None = Field(600, ge=1)  # train clips read to fit (null: all)
+    max_frames: int = Field(150_000, ge=1)  # frames sampled for k-means
+
+    def codec_config(self) -> MelCodecConfig:
+        return MelCodecConfig.from_dict(self.model_dump())
+
+
+def fit_codec(clips_dir: str, out_dir: str, params: FitCodecParams) -> MelRVQCodec:
     """Fit the default mel-RVQ codec on (up to `max_clips`) training clips and save it to `out_dir`."""
-    cfg = MelCodecConfig.from_dict(params)
     t0 = time.time()
     codec = MelRVQCodec.fit(
-        iter_waves(clips_dir, "train", params.get("max_clips")),
-        cfg,
-        seed=params.get("seed", 0),
-        max_frames=int(params.get("max_frames", 400_000)),
+        iter_waves(clips_dir, "train", params.max_clips),
+        params.codec_config(),
+        seed=params.seed,
+        max_frames=params.max_frames,
     )
     codec.save(out_dir)
     log.info(
@@ -192,32 +215,93 @@ class TokenSet:
 
 
 # ---------------------------------------------------------------------------------------------------- train
-def generator_config(params: dict, codec) -> GeneratorConfig:
-    """The GeneratorConfig of a params section: its `model` block, overridden by the chosen preset's."""
-    preset = params.get("preset", "cpu")
-    model = dict(params.get("model", {}))
-    if preset != "cpu":
-        presets = params.get("presets", {})
-        if preset == "debug":
-            base = asdict(GeneratorConfig.debug())
-            base.update(presets.get("debug", {}).get("model", {}))
-            model = base
-        elif preset in presets:
-            model.update(presets[preset].get("model", {}))
+class GeneratorModelParams(Section):
+    """params.yaml `train_generator.model`: the generator's architecture (GeneratorConfig; the number and size of
+    the codebooks come from the codec)."""
+
+    dim: int = Field(128, ge=1)
+    n_layers: int = Field(4, ge=1)
+    n_heads: int = Field(4, ge=1)  # must divide dim
+    mlp_ratio: int = Field(4, ge=1)
+    max_frames: int = Field(256, ge=1)  # context length in delayed frames (bounds prompts and caches)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    cond_dropout: float = Field(0.3, ge=0, le=1)  # share of training rows whose caption is dropped (for CFG)
+    use_attributes: bool = True  # tempo-bucket and key tokens after the caption token
+
+
+class TrainGeneratorParams(Section):
+    """params.yaml `train_generator` (every default is here); `resolved()` applies the chosen preset."""
+
+    seed: int = 0
+    preset: str = "cpu"  # cpu (the keys below) | debug (GeneratorConfig.debug's architecture) | a key of `presets`
+    model: GeneratorModelParams = Field(default_factory=GeneratorModelParams)
+    window_frames: int = Field(160, ge=1)  # frames per training window
+    batch_size: int = Field(8, ge=1)
+    steps: int = Field(3000, ge=1)
+    lr: float = Field(0.003, gt=0)  # peak learning rate: linear warmup, cosine decay to a tenth of it
+    warmup: int = Field(30, ge=0)  # warmup steps
+    weight_decay: float = Field(0.05, ge=0)
+    ema_decay: float = Field(0.995, ge=0, lt=1)  # weight average evaluated, kept and exported (0: off)
+    eval_every: int = Field(50, ge=1)  # steps between validations (and checkpoints)
+    eval_clips: int = Field(32, ge=1)  # validation clips per evaluation
+    patience: int = Field(5, ge=1)  # evaluations without improvement before early stopping
+    max_minutes: float = Field(14.0, gt=0)  # training time limit
+    threads: int = Field(2, ge=0)  # torch threads on the CPU (0: torch's default)
+    presets: dict[str, dict] = Field(  # per preset: overrides of the keys above (`model`: of single keys)
+        default_factory=lambda: {
+            "demo": {"steps": 1300, "max_minutes": 10},
+            "debug": {
+                "steps": 30,
+                "batch_size": 4,
+                "window_frames": 32,
+                "eval_every": 10,
+                "eval_clips": 8,
+                "max_minutes": 2,
+                "ema_decay": 0.0,
+            },
+            "gpu": {
+                "model": {"dim": 512, "n_layers": 8, "n_heads": 8, "max_frames": 512},
+                "window_frames": 400,
+                "batch_size": 32,
+                "steps": 30000,
+                "lr": 0.0006,
+                "warmup": 1000,
+                "eval_every": 500,
+                "patience": 8,
+                "max_minutes": 240,
+                "ema_decay": 0.999,
+            },
+        }
+    )
+
+    def resolved(self) -> TrainGeneratorParams:
+        """These params with the chosen preset's overrides applied. `debug` starts from the debug architecture
+        (GeneratorConfig.debug), every other preset from `model`; a preset's `model` block overrides single keys."""
+        known = list(dict.fromkeys(["cpu", "debug", *self.presets]))
+        if self.preset not in known:
+            raise UserError(f"unknown train_generator preset {self.preset!r} (known: {', '.join(known)})")
+        over = dict(self.presets[self.preset]) if self.preset in self.presets else {}
+        if "presets" in over or "preset" in over:
+            raise UserError("train_generator.presets entries cannot set preset or presets")
+        if self.preset == "debug":
+            debug = asdict(GeneratorConfig.debug())
+            model = {k: debug[k] for k in GeneratorModelParams.model_fields}
         else:
-            raise UserError(f"unknown train_generator preset {preset!r} (known: cpu, debug, {', '.join(presets)})")
-    model.update(n_codebooks=codec.n_codebooks, card=codec.card)
-    return GeneratorConfig.from_dict(model)
+            model = self.model.model_dump()
+        model_over = over.pop("model", {})
+        # a preset's model block overrides single keys (anything but a mapping is left to fail validation)
+        over["model"] = {**model, **model_over} if isinstance(model_over, dict) else model_over
+        return self.with_overrides(over, f"train_generator.presets.{self.preset}")
 
 
-def training_params(params: dict) -> dict:
-    p = dict(params)
-    preset = params.get("preset", "cpu")
-    p.update({k: v for k, v in params.get("presets", {}).get(preset, {}).items() if k != "model"})
-    return p
+def generator_config(params: TrainGeneratorParams, codec) -> GeneratorConfig:
+    """The GeneratorConfig of the params (their preset applied); `codec`: anything with `n_codebooks` and `card`
+    (a codec, or FitCodecParams)."""
+    model = params.resolved().model.model_dump()
+    return GeneratorConfig(**model, n_codebooks=codec.n_codebooks, card=codec.card)
 
 
-def _run_identity(codec, tokens_dir: str, p: dict) -> str:
+def _run_identity(codec, tokens_dir: str, p: TrainGeneratorParams) -> str:
     """What a checkpoint must share with this run to be resumed: the codec, the train/valid token files and
     the training schedule. `steps`, `max_minutes` and `threads` may change: a longer run continues, its cosine
     learning-rate decay stretched to the new step count (the rate steps up where the run resumes)."""
@@ -227,9 +311,9 @@ def _run_identity(codec, tokens_dir: str, p: dict) -> str:
             with open(Path(tokens_dir) / name, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     h.update(block)
-    schedule = {k: p.get(k) for k in ("seed", "batch_size", "window_frames", "lr", "warmup", "weight_decay")}
-    if float(p.get("ema_decay") or 0) > 0:  # (keeps the identity of checkpoints from before the option existed)
-        schedule["ema_decay"] = float(p["ema_decay"])
+    schedule = {k: getattr(p, k) for k in ("seed", "batch_size", "window_frames", "lr", "warmup", "weight_decay")}
+    if p.ema_decay > 0:  # (keeps the identity of checkpoints from before the option existed)
+        schedule["ema_decay"] = p.ema_decay
     h.update(json.dumps(schedule, sort_keys=True).encode())
     return h.hexdigest()
 
@@ -283,7 +367,7 @@ def train_generator(
     tokens_dir: str,
     codec_dir: str,
     out_dir: str,
-    params: dict,
+    params: TrainGeneratorParams,
     checkpoint_dir: str | None = None,
     metrics_path: str | None = None,
     plot_path: str | None = None,
@@ -300,36 +384,34 @@ def train_generator(
     from safetensors.torch import load_file, save_file
 
     say = progress or log.info
-    p = training_params(params)
-    seed = int(p.get("seed", 0))
+    p = params.resolved()
+    seed = p.seed
     torch.manual_seed(seed)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cpu" and p.get("threads"):
-        torch.set_num_threads(int(p["threads"]))
+    if device == "cpu" and p.threads:
+        torch.set_num_threads(p.threads)
     codec = load_codec(codec_dir)
     train, valid = TokenSet(tokens_dir, "train"), TokenSet(tokens_dir, "valid")
     for split in (train, valid):
         if split.meta["codec"]["fingerprint"] != codec.fingerprint():
             raise TrainingDataError(f"tokens in {tokens_dir} were made with another codec; re-run `smitin tokenize`")
-    cfg = generator_config(params, codec)
-    window = int(p.get("window_frames", 200))
+    cfg = generator_config(p, codec)
+    window = p.window_frames
     if window + cfg.n_codebooks - 1 > cfg.max_frames:
         raise UserError(f"window_frames {window} + delay {cfg.n_codebooks - 1} exceeds max_frames {cfg.max_frames}")
     model = Generator(cfg).to(device)
     opt = torch.optim.AdamW(
         model.parameters(),
-        lr=float(p.get("lr", 1e-3)),
+        lr=p.lr,
         betas=(0.9, 0.95),
-        weight_decay=float(p.get("weight_decay", 0.05)),
+        weight_decay=p.weight_decay,
     )
-    steps, batch_size = int(p.get("steps", 1000)), int(p.get("batch_size", 16))
-    warmup, eval_every = int(p.get("warmup", 50)), int(p.get("eval_every", 100))
-    patience, max_minutes = int(p.get("patience", 5)), float(p.get("max_minutes", 15))
+    steps, batch_size = p.steps, p.batch_size
+    warmup, eval_every = p.warmup, p.eval_every
+    patience, max_minutes = p.patience, p.max_minutes
     # Exponential moving average of the weights: evaluated, kept as best and exported instead of the live weights
     # (the live ones keep training). On the cpu preset it lowered validation loss 3.56 -> 3.52 nats/token.
-    ema_decay = float(p.get("ema_decay") or 0.0)
-    if not 0.0 <= ema_decay < 1.0:
-        raise UserError(f"train_generator ema_decay must be in [0, 1), got {ema_decay}")
+    ema_decay = p.ema_decay
     ema = copy.deepcopy(model) if ema_decay > 0 else None
     judged = ema if ema is not None else model
     state = {
@@ -374,7 +456,7 @@ def train_generator(
     )
 
     def lr_at(step: int) -> float:
-        base = float(p.get("lr", 1e-3))
+        base = p.lr
         if step < warmup:
             return base * (step + 1) / warmup
         return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup)))))
@@ -403,7 +485,7 @@ def train_generator(
         elapsed = time.time() - t_start
         last = state["step"] == steps or (state["train_seconds"] + elapsed) / 60 >= max_minutes
         if state["step"] % eval_every == 0 or last:
-            v = evaluate(judged, valid, window, batch_size, int(p.get("eval_clips", 64)), device)
+            v = evaluate(judged, valid, window, batch_size, p.eval_clips, device)
             tr = torch.stack(run_train).mean(0)
             run_train = []
             rec = {

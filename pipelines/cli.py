@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipelines.params import load_params
-
 
 def register(commands: argparse._SubParsersAction) -> None:
     dataset = commands.add_parser("dataset", help="build / evaluate the captioned clips table")
@@ -125,10 +123,13 @@ def _scores_build(args: argparse.Namespace) -> int:
 
 
 def _dataset_build(args: argparse.Namespace) -> int:
-    from pipelines.dataset import build_dataset
+    from core.config import load_section
+    from pipelines.dataset import BuildDatasetParams, DataParams, build_dataset
 
-    params = load_params(args.params, "build_dataset")
-    input_spec = args.input or load_params(args.params).get("data", {}).get("input")
+    params = load_section(BuildDatasetParams, args.params, "build_dataset")
+    if args.workers is not None:
+        params = params.with_overrides({"workers": args.workers}, "command line")
+    input_spec = args.input or load_section(DataParams, args.params, "data").input
     if not input_spec:
         from pipelines.errors import PipelineUserError
 
@@ -138,7 +139,6 @@ def _dataset_build(args: argparse.Namespace) -> int:
         args.out,
         params,
         runner=args.runner,
-        workers=args.workers,
         beam_args=getattr(args, "beam_args", None),
         rehash=args.rehash,
         wait_seconds=args.wait_seconds,
@@ -180,20 +180,21 @@ def register_corpus(commands: argparse._SubParsersAction) -> None:
 def _corpus_render(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pipelines.corpus import render_corpus
+    from core.config import load_section
+    from pipelines.corpus import CorpusParams, render_corpus
 
-    params = load_params(args.params, "corpus")
-    if args.scores:
-        if not Path(args.scores).is_dir():
-            from pipelines.errors import PipelineUserError
+    params = load_section(CorpusParams, args.params, "corpus")
+    if args.scores and not Path(args.scores).is_dir():
+        from pipelines.errors import PipelineUserError
 
-            raise PipelineUserError(f"--scores folder not found: {args.scores}")
-        params["scores_dir"] = args.scores
-    if args.soundfont:
-        params["soundfont"] = args.soundfont
-    result = render_corpus(
-        args.out, params, workers=args.workers, runner=args.runner, beam_args=getattr(args, "beam_args", None)
-    )
+        raise PipelineUserError(f"--scores folder not found: {args.scores}")
+    over = {
+        k: v
+        for k, v in (("scores_dir", args.scores), ("soundfont", args.soundfont), ("workers", args.workers))
+        if v is not None
+    }
+    params = params.with_overrides(over, "command line") if over else params
+    result = render_corpus(args.out, params, runner=args.runner, beam_args=getattr(args, "beam_args", None))
     if args.metrics:
         Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
         Path(args.metrics).write_text(json.dumps(result.stats, indent=2, sort_keys=True) + "\n")

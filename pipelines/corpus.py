@@ -26,12 +26,15 @@ import random
 import shutil
 import time
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import Field, ValidationInfo, field_validator
 
+from core.config import Section
 from core.synth import default_soundfont, synthesize
 from pipelines.corpus_arrange import Arrangement, arrange, choose_tempo, describe, mixes_of
 from pipelines.corpus_scores import (
@@ -51,6 +54,65 @@ from pipelines.corpus_scores import (
 from pipelines.errors import PipelineUserError
 
 log = logging.getLogger(__name__)
+
+Trait = Literal["drums", "bass", "piano"]
+Program = Annotated[int, Field(ge=0, le=127)]  # General-MIDI program number
+
+
+class CorpusParams(Section):
+    """params.yaml `corpus` (every default is here)."""
+
+    seed: int = 0
+    corpora: list[Literal["bach_chorales", "nottingham", "essen", "user"]] = Field(
+        default_factory=lambda: ["bach_chorales", "nottingham", "essen"]
+    )  # user: the scores of scores_dir
+    # pieces per corpus after a seeded shuffle: one count for every corpus, or per corpus (a corpus not listed,
+    # or null: all of its pieces)
+    pieces: dict[str, Annotated[int, Field(ge=0)]] | Annotated[int, Field(ge=0)] | None = Field(
+        default_factory=lambda: {"bach_chorales": 30, "nottingham": 2, "essen": 28}
+    )
+    piece_offset: int = Field(0, ge=0)  # skip this many per corpus first (another offset = a disjoint set)
+    scores_dir: str | None = None  # a folder of MIDI / MusicXML / ABC to render as well
+    soundfont: str | None = None  # null: TimGM6mb.sf2 inside pretty_midi
+    variants: int = Field(2, ge=1)  # tempo / transposition / instrumentation variants per piece
+    piece_seconds: float = Field(30.0, gt=0)  # duration cap per rendered file (cut at the last bar line before it)
+    tail_seconds: float = Field(0.5, ge=0)  # rendered past the cut (release tails)
+    sample_rate: int = Field(44100, gt=0)
+    tempo_bpm: tuple[float, float] = (76.0, 132.0)  # beat tempo range (quarter / eighth beats)
+    compound_tempo_bpm: tuple[float, float] = (56.0, 92.0)  # dotted-quarter beats (6/8)
+    transpose: tuple[int, int] = (-3, 3)  # semitones
+    traits: list[Trait] = Field(default_factory=lambda: ["drums", "bass", "piano"])  # accompaniment stems
+    # gain range (dB) drawn per variant for each trait's stem; every trait needs one
+    stem_gain_db: dict[Trait, tuple[float, float]] = Field(
+        default_factory=lambda: {"drums": (-3.0, 1.0), "bass": (-3.0, 1.0), "piano": (2.0, 6.0)}
+    )
+    voice_programs: list[Program] = Field(
+        default_factory=lambda: [40, 41, 42, 48, 49, 19, 20, 52, 56, 57, 60, 68, 70, 71, 73], min_length=1
+    )  # chorale voices
+    melody_programs: list[Program] = Field(
+        default_factory=lambda: [73, 74, 40, 110, 22, 21, 71, 68, 65], min_length=1
+    )  # folk melody
+    pad_programs: list[Program] = Field(
+        default_factory=lambda: [48, 49, 19, 21, 24, 25, 89], min_length=1
+    )  # sustained chords under a monophonic tune
+    bass_programs: list[Program] = Field(default_factory=lambda: [32, 33, 34, 35], min_length=1)
+    piano_programs: list[Program] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    workers: int = Field(2, ge=1)  # local worker processes
+
+    @field_validator("stem_gain_db")
+    @classmethod
+    def _every_trait_has_a_gain_range(cls, value: dict, info: ValidationInfo) -> dict:
+        missing = [t for t in info.data.get("traits") or () if t not in value]
+        if missing:
+            raise ValueError(f"no range for trait {', '.join(missing)}")
+        return value
+
+    def piece_limit(self, corpus: str) -> int | None:
+        """How many pieces of `corpus` to take (None: all)."""
+        if isinstance(self.pieces, dict):
+            return self.pieces[corpus] if corpus in self.pieces else None
+        return self.pieces
+
 
 LABELS_FILE = "labels.parquet"
 ERRORS_FILE = "errors.parquet"
@@ -108,21 +170,18 @@ def _rng(*parts) -> np.random.Generator:
 # Driver: which pieces
 
 
-def select_pieces(params: dict) -> list[PieceRef]:
+def select_pieces(params: CorpusParams) -> list[PieceRef]:
     """Seeded selection: per corpus, shuffle (seed) and take `pieces[corpus]` after skipping `piece_offset`
     (a different offset gives a disjoint, held-out set)."""
-    corpora = params.get("corpora") or []
-    limits = params.get("pieces") or {}
-    offset = int(params.get("piece_offset", 0))
-    seed = int(params.get("seed", 0))
+    offset = params.piece_offset
     refs: list[PieceRef] = []
-    for name in corpora:
-        listed = list_corpus(name, params.get("scores_dir"))
-        random.Random(f"{seed}:{name}").shuffle(listed)
-        limit = limits.get(name) if isinstance(limits, dict) else limits
-        refs += listed[offset:] if limit is None else listed[offset : offset + int(limit)]
-    if params.get("scores_dir") and "user" not in corpora:
-        refs += list_corpus("user", params["scores_dir"])
+    for name in params.corpora:
+        listed = list_corpus(name, params.scores_dir)
+        random.Random(f"{params.seed}:{name}").shuffle(listed)
+        limit = params.piece_limit(name)
+        refs += listed[offset:] if limit is None else listed[offset : offset + limit]
+    if params.scores_dir and "user" not in params.corpora:
+        refs += list_corpus("user", params.scores_dir)
     if not refs:
         raise PipelineUserError("no pieces selected: check corpus.corpora / corpus.pieces / corpus.scores_dir")
     return refs
@@ -186,22 +245,22 @@ def mix_name(piece_id: str, variant: int, traits: frozenset[str]) -> str:
     return f"{piece_id}-v{variant}-{tag}"
 
 
-def render_piece(ref: PieceRef, params: dict, out_root: str, sf2_bytes: bytes) -> list[dict]:
+def render_piece(ref: PieceRef, params: CorpusParams, out_root: str, sf2_bytes: bytes) -> list[dict]:
     """Render every variant of one piece; write stems, mixes and sidecars; return one labels row per mix."""
     import soundfile as sf
 
-    sr = int(params.get("sample_rate", 44100))
+    sr = params.sample_rate
     score = load_score(ref)
-    seed = int(params.get("seed", 0))
+    seed = params.seed
     rows = []
-    for v in range(int(params.get("variants", 1))):
+    for v in range(params.variants):
         rng = _rng(seed, ref.piece_id, v)
         # tempo first: the duration cap in ql depends on it
         bpm = choose_tempo(score, params, _rng(seed, ref.piece_id, v))
         spq = 60.0 / (bpm * score.beat_ql)
-        truth = piece_truth(score, float(params.get("piece_seconds", 30.0)) / spq)
+        truth = piece_truth(score, params.piece_seconds / spq)
         arr: Arrangement = arrange(score, truth.chords_ql, truth.cut, v, params, rng)
-        tail_s = float(params.get("tail_seconds", 0.5))
+        tail_s = params.tail_seconds
         n = int(round((truth.cut * spq + tail_s) * sr))
         stems = {name: synthesize(sf2_bytes, stem, spq, n, sr) for name, stem in arr.stems.items()}
         mixes = mixes_of(arr)
@@ -303,7 +362,7 @@ def render_piece(ref: PieceRef, params: dict, out_root: str, sf2_bytes: bytes) -
 class RenderPiece(beam.DoFn):
     """One score -> its labels rows, or one error row. Writes audio as a side effect."""
 
-    def __init__(self, params: dict, out_root: str, soundfont: str):
+    def __init__(self, params: CorpusParams, out_root: str, soundfont: str):
         self.params = params
         self.out_root = out_root
         self.soundfont = soundfont
@@ -346,23 +405,27 @@ class RenderResult:
 
 
 def render_corpus(
-    out: str, params: dict, workers: int | None = None, runner: str | None = None, beam_args: list[str] | None = None
+    out: str,
+    params: CorpusParams,
+    workers: int | None = None,
+    runner: str | None = None,
+    beam_args: list[str] | None = None,
 ) -> RenderResult:
     """Render the selected pieces into `out` (audio/, stems/, labels.parquet). Previous audio/ and stems/ in
     `out` are replaced: the folder is this stage's output."""
     from pipelines.runner import make_pipeline
 
-    soundfont = params.get("soundfont") or default_soundfont()
+    soundfont = params.soundfont or default_soundfont()
     if not os.path.exists(soundfont):
         raise PipelineUserError(f"soundfont not found: {soundfont}")
     refs = select_pieces(params)
-    workers = int(workers or params.get("workers", 1))
+    workers = workers or params.workers
     for sub in ("audio", "stems"):
         shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
         os.makedirs(os.path.join(out, sub), exist_ok=True)
     out_abs = os.path.abspath(out)
     started = time.time()
-    log.info("rendering %d pieces x %d variants into %s", len(refs), int(params.get("variants", 1)), out)
+    log.info("rendering %d pieces x %d variants into %s", len(refs), params.variants, out)
     with make_pipeline(runner, workers, beam_args) as p:
         results = (
             p

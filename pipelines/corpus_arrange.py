@@ -8,11 +8,15 @@ function of (score, params, rng), so the same seed gives the same arrangement on
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from core.synth import DRUM_CHANNEL
 from pipelines.corpus_scores import EPS, Score, chord_pcs, transpose_label
+
+if TYPE_CHECKING:
+    from pipelines.corpus import CorpusParams
 
 KICK, SNARE, SIDESTICK, CLOSED_HAT, PEDAL_HAT, OPEN_HAT, RIDE, CRASH = 36, 38, 37, 42, 44, 46, 51, 49
 TOMS = (50, 47, 45, 43)
@@ -310,19 +314,19 @@ def drum_events(score: Score, cut: float, rng) -> tuple[list[Event], str]:
     return events, f"{style}/{sub}/{hat}"
 
 
-def choose_tempo(score: Score, params: dict, rng) -> float:
+def choose_tempo(score: Score, params: CorpusParams, rng) -> float:
     """Beat tempo of a variant (the first draw of the variant's rng: the duration cap depends on it)."""
     compound = abs(score.beat_ql - 1.5) < EPS
-    lo, hi = params.get("compound_tempo_bpm" if compound else "tempo_bpm", (56, 92) if compound else (76, 132))
+    lo, hi = params.compound_tempo_bpm if compound else params.tempo_bpm
     return round(float(rng.uniform(lo, hi)), 1)
 
 
-def arrange(score: Score, chords_ql, cut: float, variant: int, params: dict, rng) -> Arrangement:
+def arrange(score: Score, chords_ql, cut: float, variant: int, params: CorpusParams, rng) -> Arrangement:
     """One seeded variant: tempo, transposition, programs, styles, stem gains and the base trait set."""
     bpm = choose_tempo(score, params, rng)
-    t_lo, t_hi = params.get("transpose", (-3, 3))
-    transpose = int(rng.integers(int(t_lo), int(t_hi) + 1))
-    palette = params.get("voice_programs" if score.polyphonic else "melody_programs") or [48]
+    t_lo, t_hi = params.transpose
+    transpose = int(rng.integers(t_lo, t_hi + 1))
+    palette = params.voice_programs if score.polyphonic else params.melody_programs
     n_voices = len(score.voices)
     programs = [int(rng.choice(palette)) for _ in range(n_voices)]
 
@@ -335,14 +339,14 @@ def arrange(score: Score, chords_ql, cut: float, variant: int, params: dict, rng
     free = [c for c in range(16) if c != DRUM_CHANNEL and c not in used]
     if not score.polyphonic:
         pad_ch = free.pop(0)
-        pad_prog = int(rng.choice(params.get("pad_programs") or [48]))
+        pad_prog = int(rng.choice(params.pad_programs))
         score_stem.programs[pad_ch] = pad_prog
         score_stem.events += pad_events(chords_ql, pad_ch, rng)
     stems["score"] = score_stem
     styles = {}
     beats = score.beats[score.beats < cut - EPS]
     downbeats = score.downbeats[score.downbeats < cut - EPS]
-    traits = params.get("traits", ["drums", "bass", "piano"])
+    traits = params.traits
     if "drums" in traits:
         evs, styles["drums"] = drum_events(score, cut, rng)
         stems["drums"] = Stem("drums", {DRUM_CHANNEL: 0}, evs)
@@ -351,7 +355,7 @@ def arrange(score: Score, chords_ql, cut: float, variant: int, params: dict, rng
         styles["bass"] = str(rng.choice(["root_beats", "root_fifth", "whole"]))
         stems["bass"] = Stem(
             "bass",
-            {ch: int(rng.choice(params.get("bass_programs") or [32, 33, 34]))},
+            {ch: int(rng.choice(params.bass_programs))},
             bass_events(chords_ql, beats, downbeats, ch, styles["bass"], rng),
         )
     if "piano" in traits:
@@ -359,14 +363,13 @@ def arrange(score: Score, chords_ql, cut: float, variant: int, params: dict, rng
         styles["piano"] = str(rng.choice(["block_beats", "block_bars", "offbeat", "arpeggio"]))
         stems["piano"] = Stem(
             "piano",
-            {ch: int(rng.choice(params.get("piano_programs") or [0, 1]))},
+            {ch: int(rng.choice(params.piano_programs))},
             piano_events(chords_ql, beats, downbeats, score.beat_ql, ch, styles["piano"], rng),
         )
     gains = {"score": 0.0}
-    ranges = params.get("stem_gain_db", {}) or {}
     for name in stems:
         if name != "score":
-            g_lo, g_hi = ranges.get(name, (-4.0, 0.0))
+            g_lo, g_hi = params.stem_gain_db[name]
             gains[name] = round(float(rng.uniform(g_lo, g_hi)), 2)
     base = frozenset(t for t in traits if t in stems and rng.random() < 0.5)
     return Arrangement(variant, bpm, transpose, stems, gains, base, styles)

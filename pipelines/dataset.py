@@ -18,23 +18,104 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
 import apache_beam as beam
 import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import Field
 
 from core import clips_table as schema
 from core.audio import AUDIO_EXTENSIONS, encode_flac, iter_clips, resample, sha256_of
 from core.commit import commit, new_tmp_dir, output_lock, recover
+from core.config import Section
 from core.splits import assign_split
 from pipelines.captions import base_description, clip_rng, compose_caption, control_sentences, read_sidecar
 from pipelines.errors import PipelineUserError
-from pipelines.features import ClipAnalyzer, FeatureParams, file_bar_phase
+from pipelines.features import DOWNBEAT_CUES, ClipAnalyzer, FeatureParams, file_bar_phase
 from pipelines.runner import ReadKeptRows, make_pipeline
 
 log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Params
+
+# essentia KeyExtractor's profileType values
+KeyProfile = Literal[
+    "diatonic",
+    "krumhansl",
+    "temperley",
+    "weichai",
+    "tonictriad",
+    "temperley2005",
+    "thpcp",
+    "shaath",
+    "gomez",
+    "noland",
+    "faraldo",
+    "pentatonic",
+    "edmm",
+    "edma",
+    "bgate",
+    "braw",
+]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+
+
+class DataParams(Section):
+    """params.yaml `data` (every default is here)."""
+
+    input: str | None = "data/corpus/audio"  # folder, glob or fsspec URL of the audio `smitin dataset build` reads
+
+
+class BuildDatasetParams(Section):
+    """params.yaml `build_dataset` (every default is here)."""
+
+    seed: int = 0
+    analysis_sample_rate: int = Field(44100, gt=0)  # essentia's RhythmExtractor2013 and KeyExtractor expect 44.1 kHz
+    store_sample_rate: int = Field(32000, gt=0)  # clip audio embedded in the table
+    clip_seconds: float = Field(10.0, gt=0)
+    hop_seconds: float = Field(10.0, gt=0)
+    min_clip_seconds: float = Field(4.0, ge=0)  # a shorter tail is dropped; a shorter file is an error row
+    max_file_seconds: float | None = Field(7200.0, gt=0)  # longer files are analysed up to this point (null: all)
+    silence_dbfs: float = -60.0  # clips quieter than this are flagged is_silent, with no tempo/key/chord claims
+    key_profile: KeyProfile = "bgate"  # essentia KeyExtractor's profile when key_profiles is empty
+    key_profiles: list[KeyProfile] = Field(
+        default_factory=lambda: ["bgate", "braw", "edma", "krumhansl", "shaath", "temperley", "tonictriad"]
+    )  # vote of these on one HPCP ([]: key_profile alone)
+    key_file_context: float = Field(1.0, ge=0)  # weight of the file's mean key profile added to each clip's
+    rhythm_method: Literal["degara", "multifeature"] = "degara"  # essentia RhythmExtractor2013's method
+    chord_method: Literal["hmm", "essentia"] = "hmm"  # beat-synchronous chroma + Viterbi | essentia ChordsDetection
+    chord_self_transition: float = Field(0.3, ge=0, le=1)  # HMM: P(same chord next beat)
+    tempo_halve_above_bpm: float = Field(150.0, ge=0)  # faster beat level + weak alternate beats: every other (0: off)
+    downbeat_evidence: Literal["learned", "weighted", "chroma_bass", "onsets_chords"] = "learned"
+    downbeat_model: str = "builtin"  # `learned` evidence's model: builtin or a model JSON (benchmarks/fit_downbeats.py)
+    downbeat_file_context: bool = True  # meter and bar phase over the whole file (clips' beat grids stitched)
+    meter_bias: dict[int, float] = Field(default_factory=lambda: {2: 0.0, 3: -0.35, 4: 0.0})  # bar-phase bonus
+    # `weighted` evidence: weight of each z-scored cue
+    downbeat_weights: dict[Literal[DOWNBEAT_CUES], float] = Field(
+        default_factory=lambda: {
+            "bass": 1.0,
+            "chord_change": 0.6,
+            "novelty": 0.45,
+            "low_onset": 0.1,
+            "high_onset": -0.35,
+        }
+    )
+    beat_refine: bool = True  # settle the tracker's first/last beats, fix off-beat phase and compound (6/8) beats
+    beat_phase_margin: float = 0.5  # off-beat evidence above on-beat by this much: shift half a beat
+    beat_compound_margin: float = 0.8  # dotted-beat evidence above 2-tatum evidence by this much: compound metre
+    split_fractions: dict[Literal["train", "valid", "test"], Fraction] = Field(
+        default_factory=lambda: {"train": 0.8, "valid": 0.1, "test": 0.1}
+    )
+    num_shards: int = Field(2, ge=1)
+    workers: int = Field(2, ge=1)  # local worker processes
+    caption_sentence_probs: list[Annotated[float, Field(ge=0)]] = Field(
+        default_factory=lambda: [0.15, 0.25, 0.30, 0.20, 0.10], min_length=1
+    )  # P(0, 1, ... control sentences in a caption), as MusicBench
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -177,20 +258,20 @@ _ANALYSIS_MODULES = (
 )
 
 
-def analysis_fingerprint(params: dict) -> str:
+def analysis_fingerprint(params: BuildDatasetParams) -> str:
     """sha256 of what makes a clip row from a file: the build params (not the worker count, runner or shard
     count, which do not change rows), the analysis code and the downbeat model."""
     from pipelines.features import DOWNBEAT_MODEL
 
     h = hashlib.sha256(
         json.dumps(
-            {k: v for k, v in params.items() if k not in ("workers", "runner", "num_shards")},
+            params.model_dump(exclude={"workers", "num_shards"}),
             sort_keys=True,
             default=str,
         ).encode()
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    model = params.get("downbeat_model") or "builtin"
+    model = params.downbeat_model
     for path in [os.path.join(root, m) for m in _ANALYSIS_MODULES] + [DOWNBEAT_MODEL if model == "builtin" else model]:
         if os.path.exists(path):
             with open(path, "rb") as f:
@@ -259,7 +340,7 @@ class ProcessFile(beam.DoFn):
     """One source file -> all its clip rows, or one error row. Never both: a file that fails part-way
     through is reported as an error and none of its clips are kept, so files in = files ok + files failed."""
 
-    def __init__(self, params: dict):
+    def __init__(self, params: BuildDatasetParams):
         self.params = params
 
     def setup(self):
@@ -276,9 +357,9 @@ class ProcessFile(beam.DoFn):
                 raise ValueError("empty file")
             sidecar = read_sidecar(source.path)
             stage = "decode"
-            sr = int(p["analysis_sample_rate"])
+            sr = p.analysis_sample_rate
             info, clips = iter_clips(
-                source.path, sr, p["clip_seconds"], p["hop_seconds"], p["min_clip_seconds"], p.get("max_file_seconds")
+                source.path, sr, p.clip_seconds, p.hop_seconds, p.min_clip_seconds, p.max_file_seconds
             )
             analysed = []
             for index, start_s, wave in clips:
@@ -287,7 +368,7 @@ class ProcessFile(beam.DoFn):
                 stage = "decode"
             if not analysed:
                 raise ValueError(
-                    f"shorter than min_clip_seconds={p['min_clip_seconds']}s ({info.duration_s:.2f}s decoded)"
+                    f"shorter than min_clip_seconds={p.min_clip_seconds}s ({info.duration_s:.2f}s decoded)"
                 )
             stage = "analyze"
             self._keys_in_file_context([features for _, _, _, features, _ in analysed])
@@ -329,7 +410,7 @@ class ProcessFile(beam.DoFn):
 
     def _analyse(self, index: int, start_s: float, wave: np.ndarray) -> tuple:
         """(index, start_s, duration_s, features, stored FLAC bytes): the wave itself is not kept."""
-        sr, store_sr = int(self.params["analysis_sample_rate"]), int(self.params["store_sample_rate"])
+        sr, store_sr = self.params.analysis_sample_rate, self.params.store_sample_rate
         features = self.analyzer.analyze(wave)
         return index, start_s, len(wave) / sr, features, encode_flac(resample(wave, sr, store_sr), store_sr)
 
@@ -368,12 +449,12 @@ class ProcessFile(beam.DoFn):
         audio_bytes: bytes,
     ) -> dict:
         p = self.params
-        store_sr = int(p["store_sample_rate"])
+        store_sr = p.store_sample_rate
         clip_id = f"{sha[:16]}-{int(round(start_s * 1000)):09d}"
-        rng = clip_rng(int(p.get("seed", 0)), clip_id)
+        rng = clip_rng(p.seed, clip_id)
         base = base_description(sidecar)
         sentences = control_sentences(features, rng)
-        caption = compose_caption(base, sentences, rng, p.get("caption_sentence_probs", (0.15, 0.25, 0.3, 0.2, 0.1)))
+        caption = compose_caption(base, sentences, rng, p.caption_sentence_probs)
         traits = sidecar.get("traits") or {}
         name = os.path.basename(source.path)
         return {
@@ -384,7 +465,7 @@ class ProcessFile(beam.DoFn):
             "start_s": float(start_s),
             "duration_s": duration_s,
             "sample_rate": store_sr,
-            "split": assign_split(str(sidecar.get("split_group") or sha), p["split_fractions"]),
+            "split": assign_split(str(sidecar.get("split_group") or sha), p.split_fractions),
             "mix_id": str(sidecar["mix_id"]) if sidecar.get("mix_id") is not None else None,
             "audio": {"bytes": audio_bytes, "path": f"{name}#{index:05d}.flac"},
             "is_silent": features.is_silent,
@@ -435,7 +516,7 @@ class BuildResult:
 def build_dataset(
     input_spec: str,
     out: str,
-    params: dict,
+    params: BuildDatasetParams,
     runner: str | None = None,
     workers: int | None = None,
     beam_args: list[str] | None = None,
@@ -447,7 +528,7 @@ def build_dataset(
     output (a second waits `wait_seconds`, then stops with one line), committed through a journal so that a
     crash at any point leaves the previous table or, after the next build, the new one (core.commit)."""
     _check_params(params)
-    workers = int(workers or params.get("workers", 1))
+    workers = workers or params.workers
     matched = match_inputs(input_spec)
     with output_lock(out, wait_seconds):
         recover(out)
@@ -457,7 +538,7 @@ def build_dataset(
 def _build_locked(
     matched: Matched,
     out: str,
-    params: dict,
+    params: BuildDatasetParams,
     runner,
     workers: int,
     beam_args,
@@ -474,7 +555,7 @@ def _build_locked(
     skipped_before = {p for p, r in previous_sources.items() if r["status"] == "skipped"}
     # unreadable entries are retried (and reported) every build, like every other failure
     side_changed = bool(unreadable) or skipped_before != set(matched.skipped)
-    if plan.up_to_date and not side_changed and len(_list_shards(out)) == int(params.get("num_shards", 1)):
+    if plan.up_to_date and not side_changed and len(_list_shards(out)) == params.num_shards:
         log.info("dataset at %s is up to date (%d files); nothing written", out, len(readable))
         return BuildResult(out, True, _read_stats(out))
     log.info(
@@ -487,7 +568,7 @@ def _build_locked(
         len(matched.skipped),
     )
 
-    num_shards = int(params.get("num_shards", 1))
+    num_shards = params.num_shards
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     tmp_root = new_tmp_dir(fs, out_root)
     tmp_url = tmp_root if protocol in ("file", "local") else f"{protocol}://{tmp_root}"
@@ -500,7 +581,7 @@ def _build_locked(
     old_sources = list(plan.kept.values()) + side_rows
 
     started = time.time()
-    with make_pipeline(params.get("runner") if runner is None else runner, workers, beam_args) as p:
+    with make_pipeline(runner, workers, beam_args) as p:
         results = (
             p
             | "Files" >> beam.Create(plan.to_process)
@@ -609,40 +690,21 @@ def _read_stats(out: str) -> dict:
         return json.load(f)
 
 
-def _check_params(params: dict) -> None:
-    for key in (
-        "analysis_sample_rate",
-        "store_sample_rate",
-        "clip_seconds",
-        "hop_seconds",
-        "min_clip_seconds",
-        "split_fractions",
-    ):
-        if key not in params:
-            raise PipelineUserError(f"build_dataset params lack {key!r}")
-    if float(params["min_clip_seconds"]) > float(params["clip_seconds"]):
+def _check_params(params: BuildDatasetParams) -> None:
+    """What the field types cannot say: clip lengths that fit together, a downbeat model that loads."""
+    if params.min_clip_seconds > params.clip_seconds:
         raise PipelineUserError("min_clip_seconds must not exceed clip_seconds")
-    if float(params["hop_seconds"]) <= 0 or float(params["clip_seconds"]) <= 0:
-        raise PipelineUserError("clip_seconds and hop_seconds must be positive")
-    evidence = params.get("downbeat_evidence", "weighted")
-    if evidence not in ("learned", "weighted", "chroma_bass", "onsets_chords"):
-        raise PipelineUserError(
-            f"downbeat_evidence must be learned, weighted, chroma_bass or onsets_chords, got {evidence!r}"
-        )
-    if evidence == "learned":
+    if params.downbeat_evidence == "learned":
         from pipelines.features import load_downbeat_model
 
-        model = params.get("downbeat_model") or "builtin"
+        model = params.downbeat_model
         if model != "builtin" and not os.path.exists(model):
             raise PipelineUserError(f"downbeat_model {model} does not exist")
         try:
             load_downbeat_model(model)
         except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
             raise PipelineUserError(f"downbeat_model {model} is not a downbeat model: {e}") from None
-    context = float(params.get("key_file_context", 0.0) or 0.0)
-    if context < 0:
-        raise PipelineUserError(f"key_file_context must be >= 0, got {context}")
-    if context and not params.get("key_profiles"):
+    if params.key_file_context and not params.key_profiles:
         raise PipelineUserError("key_file_context needs key_profiles (the file context is added to their vote)")
 
 

@@ -9,11 +9,15 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipelines.chords import beat_sync, merge_segments, to_harte, viterbi_chords
 from pipelines.loudness import LoudnessMeter
+
+if TYPE_CHECKING:
+    from pipelines.dataset import BuildDatasetParams
 
 _HPCP_FRAME = 4096
 _HPCP_HOP = 2048
@@ -68,21 +72,13 @@ class FeatureParams:
     downbeat_file_context: bool = False
 
     @classmethod
-    def from_params(cls, section: dict) -> FeatureParams:
+    def from_params(cls, section: BuildDatasetParams) -> FeatureParams:
+        """The analysis settings of a `build_dataset` section (its other fields are not the analyzer's)."""
         names = set(cls.__dataclass_fields__)
-        kwargs = {k: v for k, v in section.items() if k in names}
-        if "meters" in kwargs:
-            kwargs["meters"] = tuple(kwargs["meters"])
-        if "key_profiles" in kwargs:
-            kwargs["key_profiles"] = tuple(kwargs["key_profiles"] or ())
-        if "meter_bias" in kwargs:
-            mb = kwargs["meter_bias"]
-            kwargs["meter_bias"] = tuple((int(k), float(v)) for k, v in (mb.items() if isinstance(mb, dict) else mb))
-        if "downbeat_weights" in kwargs:
-            dw = kwargs["downbeat_weights"]
-            kwargs["downbeat_weights"] = tuple(
-                (str(k), float(v)) for k, v in (dw.items() if isinstance(dw, dict) else dw)
-            )
+        kwargs = {k: getattr(section, k) for k in type(section).model_fields if k in names}
+        kwargs["key_profiles"] = tuple(section.key_profiles)
+        kwargs["meter_bias"] = tuple((int(k), float(v)) for k, v in section.meter_bias.items())
+        kwargs["downbeat_weights"] = tuple((str(k), float(v)) for k, v in section.downbeat_weights.items())
         return cls(**kwargs)
 
 

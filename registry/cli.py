@@ -152,7 +152,7 @@ def _pairs(items: list[str], what: str) -> dict[str, str]:
 
 def _register(args) -> int:
     from registry.errors import RegistryError
-    from registry.registration import _read_metrics, register_many, stage_inputs
+    from registry.registration import _read_metrics, register_many, stage_inputs, stage_traits
 
     reg = _registry(args)
     if args.generator or args.probes or args.coconet:
@@ -167,10 +167,8 @@ def _register(args) -> int:
         metrics = {k: _read_metrics(v) for k, v in _pairs(args.metrics, "--metrics").items()}
         plots = {k: [v] for k, v in _pairs(args.plots, "--plots").items()}
     else:  # the DVC stage: everything from params.yaml
-        from core.config import load_params
-
-        params = load_params(args.params) if Path(args.params).exists() else {}
-        todo = stage_inputs(reg.settings.section, params)
+        spec = reg.settings.register
+        todo = stage_inputs(spec, stage_traits(spec, args.params))
         generator, probes, metrics, plots = todo["generator"], todo["probes"], todo["metrics"], todo["plots"]
         coconet = todo["coconet"]
     if not generator and not probes and not coconet:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from registry.errors import ModelNotFound, PromotionRefused, RegistryError
 from registry.history import read_history, record_event
-from registry.store import CHALLENGER, CHAMPION, TAG, Registry, translate_errors
+from registry.store import CHALLENGER, CHAMPION, TAG, GatesParams, Registry, translate_errors
 
 
 @dataclass
@@ -68,21 +68,12 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
-def metric_gate(candidate, champion, gates: dict, kind: str) -> Gate:
+def metric_gate(candidate, champion, gates: GatesParams, kind: str) -> Gate:
     if champion is None:
         return Gate("metrics", True, "no current champion to compare with")
-    spec = gates.get(kind) or {}
-    tol = float(gates.get("tolerance", 0.0))
     cand, champ = version_metrics(candidate), version_metrics(champion)
     problems, compared, skipped = [], [], []
-    for metric, rule in spec.items():
-        # rule: "higher" | "lower", or {"better": "higher" | "lower", "tolerance": x} for a metric-specific slack
-        direction = rule.get("better", "higher") if isinstance(rule, dict) else rule
-        slack = float(rule.get("tolerance", tol)) if isinstance(rule, dict) else tol
-        if direction not in ("higher", "lower"):
-            raise RegistryError(
-                f"params registry.gates: {metric} must be 'higher' or 'lower' is better, not {direction!r}"
-            )
+    for metric, direction, slack in gates.rules(kind):
         if metric not in champ:
             continue
         if metric not in cand:

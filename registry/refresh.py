@@ -61,22 +61,20 @@ def run_repro(project: Path, dvc_args: list[str]) -> list[str]:
 
 def promote_challengers(params: Path, tracking_uri: str | None = None, log=print) -> tuple[dict, dict]:
     """Promote the generator's, then each trait's challenger through the gates. Refusals are kept, not raised."""
-    import yaml
-
+    from core.config import load_section
+    from models.generation_params import GeneratorParams
     from registry.errors import ModelNotFound, PromotionRefused
     from registry.promotion import alias_version, promote
+    from registry.registration import stage_traits
     from registry.store import CHALLENGER, Registry, Settings
 
     reg = Registry(Settings.load(params, tracking_uri=tracking_uri))
-    all_params = (yaml.safe_load(params.read_text()) if params.exists() else {}) or {}
-    traits = (reg.settings.section.get("register") or {}).get("traits")
-    if traits is None:
-        traits = list((all_params.get("probes") or {}).get("traits") or [])
-    backend = (all_params.get("generator") or {}).get("backend", "builtin")
+    traits = stage_traits(reg.settings.register, params)
+    backend = load_section(GeneratorParams, params, "generator").backend if params.is_file() else "builtin"
     # MusicGen weights are referenced, not registered: only their probe sets (smitin-probes-musicgen-TRAIT) promote
     models = [] if backend == "musicgen" else [reg.settings.generator_name]
     models += [reg.model_name("probe_set", t, backend=backend) for t in traits]
-    if (reg.settings.section.get("register") or {}).get("coconet"):
+    if reg.settings.register.coconet:
         models.append(reg.settings.coconet_name)
     promoted, kept = {}, {}
     for model in models:

@@ -18,7 +18,7 @@ from registry.artifacts import ArtifactInfo, inspect_dir, numeric, verify_dir, w
 from registry.errors import RegistryError
 from registry.history import record_event, who
 from registry.lineage import dvc_lineage, git_state
-from registry.store import CHALLENGER, TAG, Registry, first_line, translate_errors
+from registry.store import CHALLENGER, TAG, RegisterParams, Registry, first_line, translate_errors
 
 
 @dataclass
@@ -377,26 +377,34 @@ def register_many(
     return out
 
 
-def stage_inputs(section: dict, params: dict) -> dict:
+def stage_traits(spec: RegisterParams, params_path: str | Path | None) -> list[str]:
+    """The traits the `register` stage registers: `registry.register.traits`, else the keys of `probes.traits`."""
+    if spec.traits is not None:
+        return list(spec.traits)
+    if not params_path or not Path(params_path).is_file():
+        return []
+    from core.config import load_section
+    from models.probe_params import ProbesParams
+
+    return list(load_section(ProbesParams, params_path, "probes").traits)
+
+
+def stage_inputs(spec: RegisterParams, traits: list[str]) -> dict:
     """What the DVC `register` stage registers, from params.yaml: `registry.register` names the folders and files
-    (`{trait}` is replaced per trait); the traits are `registry.register.traits`, else the keys of `probes.traits`.
-    Missing optional files (metrics, plots) are skipped; a missing generator / probe-set folder is an error."""
+    (`{trait}` is replaced per trait) for each of `traits` (see `stage_traits`). Missing optional files (metrics,
+    plots) are skipped; a missing generator / probe-set folder is an error."""
     import glob
 
-    spec = section.get("register") or {}
-    traits = spec.get("traits")
-    if traits is None:
-        traits = list(((params.get("probes") or {}).get("traits")) or [])
-    out = {"generator": spec.get("generator"), "probes": {}, "metrics": {}, "plots": {}, "coconet": spec.get("coconet")}
+    out = {"generator": spec.generator, "probes": {}, "metrics": {}, "plots": {}, "coconet": spec.coconet}
     for t in traits:
-        if spec.get("probe_sets"):
-            out["probes"][t] = spec["probe_sets"].format(trait=t)
+        if spec.probe_sets:
+            out["probes"][t] = spec.probe_sets.format(trait=t)
     for missing in [
         p for p in [out["generator"], *out["probes"].values(), out["coconet"]] if p and not Path(p).exists()
     ]:
         raise RegistryError(f"nothing to register at {missing}: run the stages that make it first (dvc repro)")
 
-    steering = spec.get("steering_metrics")
+    steering = spec.steering_metrics
     for t in traits:
         if steering:
             path = Path(steering.format(trait=t))
@@ -405,19 +413,17 @@ def stage_inputs(section: dict, params: dict) -> dict:
                 node = data if "{trait}" in steering else data.get(t, {})
                 out["metrics"][t] = {"steering": node} if node else {}
         files = []
-        for pattern in spec.get("plots") or []:
+        for pattern in spec.plots:
             files += sorted(glob.glob(pattern.format(trait=t)))
         out["plots"][t] = files
     if out["generator"]:
-        gm = spec.get("generator_metrics")
+        gm = spec.generator_metrics
         out["metrics"]["generator"] = _read_metrics(gm) if gm and Path(gm).exists() else {}
-        out["plots"]["generator"] = [
-            p for pattern in spec.get("generator_plots") or [] for p in sorted(glob.glob(pattern))
-        ]
+        out["plots"]["generator"] = [p for pattern in spec.generator_plots for p in sorted(glob.glob(pattern))]
     if out["coconet"]:
-        cm = spec.get("coconet_metrics")
+        cm = spec.coconet_metrics
         out["metrics"]["coconet"] = _read_metrics(cm) if cm and Path(cm).exists() else {}
-        out["plots"]["coconet"] = [p for pattern in spec.get("coconet_plots") or [] for p in sorted(glob.glob(pattern))]
+        out["plots"]["coconet"] = [p for pattern in spec.coconet_plots for p in sorted(glob.glob(pattern))]
     return out
 
 

@@ -12,37 +12,22 @@ import fcntl
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Annotated, Literal
 from urllib.parse import urlparse
 
+from pydantic import BeforeValidator, ConfigDict, Field
+
+from core.config import Section, load_section
 from registry.errors import ModelNotFound, RegistrationBusy, RegistryError, RegistryUnavailable
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 CHAMPION, CHALLENGER = "champion", "challenger"
 TAG = "smitin."  # prefix of every tag this package writes
 # Probe sets trained on Hugging Face MusicGen are registered as PREFIX + "musicgen-" + trait (smitin-probes-musicgen-
 # drums), so they have their own champion and never compete with the builtin generator's probe sets.
 MUSICGEN_INFIX = "musicgen-"
-
-# The numbers and names `registry` reads from params.yaml; the section there overrides any of them.
-DEFAULTS: dict = {
-    "tracking_uri": DEFAULT_TRACKING_URI,
-    "artifact_root": "mlartifacts",
-    "experiment": "smitin",
-    "generator_name": "smitin-generator",
-    "probe_set_prefix": "smitin-probes-",
-    "coconet_name": "smitin-coconet",
-    "cache_dir": None,  # default: $SMITIN_CACHE_DIR or ~/.cache/smitin/registry
-    "lock_timeout_s": 120,
-    "gates": {
-        "tolerance": 0.01,
-        "generator": {},
-        "probe_set": {"best_acc": "higher", "top16_acc": "higher", "mean_acc": "higher"},
-        "coconet": {"nll.frame.nll": {"better": "lower", "tolerance": 0.02}},
-    },
-}
 
 
 def _quiet_mlflow() -> None:
@@ -56,62 +41,134 @@ def _quiet_mlflow() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in (over or {}).items():
-        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-    return out
+Rule = Literal["higher", "lower"]
 
 
-def read_settings_section(params_path: str | os.PathLike | None = "params.yaml") -> dict:
-    """The `registry` section of params.yaml merged over the defaults (a missing file or section is fine)."""
-    section: dict = {}
-    if params_path and Path(params_path).exists():
-        import yaml
+class MetricGate(Section):
+    """One gated metric: which way is better, and its own slack."""
 
-        with open(params_path) as f:
-            section = (yaml.safe_load(f) or {}).get("registry") or {}
-    return _merge(DEFAULTS, section)
+    better: Rule = "higher"
+    tolerance: float | None = Field(None, ge=0)  # null: the gates' tolerance
+
+
+# a metric's rule: "higher" | "lower", or {better: ..., tolerance: ...}
+GateRule = Annotated[MetricGate, BeforeValidator(lambda v: {"better": v} if isinstance(v, str) else v)]
+
+
+class GatesParams(Section):
+    """params.yaml `registry.gates`: per kind of model, metric -> rule; a candidate may not be worse than the
+    champion on any of them beyond the tolerance."""
+
+    tolerance: float = Field(0.01, ge=0)  # absolute slack on each gated metric
+    generator: dict[str, GateRule] = Field(
+        default_factory=lambda: {"valid_loss": MetricGate(better="lower", tolerance=0.05)}
+    )
+    probe_set: dict[str, GateRule] = Field(
+        default_factory=lambda: {
+            name: MetricGate(better="higher")
+            for name in (
+                "best_acc",
+                "top16_acc",
+                "mean_acc",
+                "steering.continuation.add.smitin.success",
+                "steering.text.add.smitin.success",
+            )
+        }
+    )
+    coconet: dict[str, GateRule] = Field(
+        default_factory=lambda: {"nll.frame.nll": MetricGate(better="lower", tolerance=0.02)}
+    )
+
+    def rules(self, kind: str) -> list[tuple[str, str, float]]:
+        """(metric, better, slack) of each metric gated for `kind` (generator | probe_set | coconet)."""
+        spec: dict[str, MetricGate] = getattr(self, kind, None) or {}
+        return [
+            (metric, g.better, self.tolerance if g.tolerance is None else g.tolerance) for metric, g in spec.items()
+        ]
+
+
+class RegisterParams(Section):
+    """params.yaml `registry.register`: what the DVC stage `register` logs ({trait} is replaced per trait). An
+    entry left out is not registered."""
+
+    traits: list[str] | None = None  # null: the traits of probes.traits
+    generator: str | None = None  # the generator's folder
+    generator_metrics: str | None = None
+    generator_plots: list[str] = Field(default_factory=list)
+    probe_sets: str | None = None  # each trait's probe-set folder
+    steering_metrics: str | None = None  # the trait's subtree is logged as steering.* ({trait} in the name: all of it)
+    plots: list[str] = Field(default_factory=list)  # each trait's plots (glob patterns)
+    coconet: str | None = None  # the Coconet model's folder
+    coconet_metrics: str | None = None
+    coconet_plots: list[str] = Field(default_factory=list)
+
+
+class RegistryParams(Section):
+    """params.yaml `registry`."""
+
+    model_config = ConfigDict(populate_by_name=True)  # `register` is read as register_ (BaseModel has a register)
+    tracking_uri: str = Field("sqlite:///mlflow.db", min_length=1)  # MLFLOW_TRACKING_URI overrides it
+    artifact_root: str | None = "mlartifacts"  # local artifact folder for a local database (a server keeps its own)
+    experiment: str = Field("smitin", min_length=1)
+    generator_name: str = Field("smitin-generator", min_length=1)
+    probe_set_prefix: str = Field("smitin-probes-", min_length=1)  # + trait: smitin-probes-drums
+    coconet_name: str = Field("smitin-coconet", min_length=1)
+    cache_dir: str | None = None  # downloaded versions (null: $SMITIN_CACHE_DIR or ~/.cache/smitin/registry)
+    lock_timeout_s: float = Field(120.0, ge=0)  # wait this long for another registration on the same SQLite file
+    register_: RegisterParams = Field(default_factory=RegisterParams, alias="register")
+    gates: GatesParams = Field(default_factory=GatesParams)
+
+
+def default_cache_dir() -> Path:
+    return Path(
+        os.environ.get(
+            "SMITIN_CACHE_DIR", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "smitin" / "registry"
+        )
+    )
 
 
 @dataclass
 class Settings:
-    tracking_uri: str = DEFAULT_TRACKING_URI
-    artifact_root: str | None = "mlartifacts"
-    experiment: str = "smitin"
-    generator_name: str = "smitin-generator"
-    probe_set_prefix: str = "smitin-probes-"
-    coconet_name: str = "smitin-coconet"
-    cache_dir: Path = field(
-        default_factory=lambda: Path(
-            os.environ.get(
-                "SMITIN_CACHE_DIR",
-                Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "smitin" / "registry",
-            )
+    """The registry in use: params.yaml `registry` with the tracking URI and cache folder resolved (tests and
+    commands may change these attributes)."""
+
+    tracking_uri: str
+    artifact_root: str | None
+    experiment: str
+    generator_name: str
+    probe_set_prefix: str
+    coconet_name: str
+    cache_dir: Path
+    lock_timeout_s: float
+    gates: GatesParams
+    register: RegisterParams
+
+    @classmethod
+    def from_params(cls, params: RegistryParams, tracking_uri: str | None = None) -> Settings:
+        """`tracking_uri`, else $MLFLOW_TRACKING_URI, else params; the cache: params, else the default folder."""
+        return cls(
+            tracking_uri=tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or params.tracking_uri,
+            artifact_root=params.artifact_root,
+            experiment=params.experiment,
+            generator_name=params.generator_name,
+            probe_set_prefix=params.probe_set_prefix,
+            coconet_name=params.coconet_name,
+            cache_dir=Path(params.cache_dir) if params.cache_dir else default_cache_dir(),
+            lock_timeout_s=params.lock_timeout_s,
+            gates=params.gates,
+            register=params.register_,
         )
-    )
-    lock_timeout_s: float = 120.0
-    gates: dict = field(default_factory=lambda: _merge(DEFAULTS["gates"], {}))
-    section: dict = field(default_factory=dict)  # the whole merged params section (stage inputs live there too)
 
     @classmethod
     def load(cls, params_path: str | os.PathLike | None = "params.yaml", tracking_uri: str | None = None) -> Settings:
-        s = read_settings_section(params_path)
-        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or s["tracking_uri"]
-        kwargs = dict(
-            tracking_uri=uri,
-            artifact_root=s["artifact_root"],
-            experiment=s["experiment"],
-            generator_name=s["generator_name"],
-            probe_set_prefix=s["probe_set_prefix"],
-            coconet_name=s["coconet_name"],
-            lock_timeout_s=float(s["lock_timeout_s"]),
-            gates=s["gates"],
-            section=s,
-        )
-        if s.get("cache_dir"):
-            kwargs["cache_dir"] = Path(s["cache_dir"])
-        return cls(**kwargs)
+        """From the `registry` section of `params_path` (no file or no section: the defaults)."""
+        return cls.from_params(read_registry_params(params_path), tracking_uri)
+
+
+def read_registry_params(params_path: str | os.PathLike | None = "params.yaml") -> RegistryParams:
+    if params_path and Path(params_path).exists():
+        return load_section(RegistryParams, params_path, "registry")
+    return RegistryParams()
 
 
 class Registry:

@@ -9,7 +9,7 @@ import pytest
 import soundfile as sf
 
 from pipelines.chords import to_harte
-from pipelines.corpus import LABELS_FILE, render_corpus
+from pipelines.corpus import LABELS_FILE, CorpusParams, render_corpus
 from pipelines.corpus_arrange import describe, mixes_of
 from pipelines.corpus_scores import (
     Score,
@@ -145,14 +145,16 @@ TINY = {
     "voice_programs": [40, 42, 19],
     "melody_programs": [73],
     "pad_programs": [48],
-    "stem_gain_db": {"piano": [3.0, 3.0]},
+    "bass_programs": [32, 33, 34],
+    "piano_programs": [0, 1],
+    "stem_gain_db": {"drums": [-4.0, 0.0], "bass": [-4.0, 0.0], "piano": [3.0, 3.0]},
 }
 
 
 @pytest.fixture(scope="module")
 def tiny_corpus(tmp_path_factory):
     out = tmp_path_factory.mktemp("corpus")
-    result = render_corpus(str(out), TINY, workers=1)
+    result = render_corpus(str(out), CorpusParams.parse(TINY, "corpus"), workers=1)
     return out, result
 
 
@@ -204,7 +206,7 @@ def test_trait_pairs_differ_exactly_by_the_stem(tiny_corpus):
 
 def test_render_is_deterministic(tiny_corpus, tmp_path):
     out, _ = tiny_corpus
-    params = dict(TINY, corpora=["nottingham"], pieces={"nottingham": 1})
+    params = CorpusParams.parse(dict(TINY, corpora=["nottingham"], pieces={"nottingham": 1}), "corpus")
     render_corpus(str(tmp_path), params, workers=1)
     for f in os.listdir(tmp_path / "audio"):
         assert (tmp_path / "audio" / f).read_bytes() == (out / "audio" / f).read_bytes()

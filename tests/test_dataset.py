@@ -17,20 +17,18 @@ import soundfile as sf
 
 from core import clips_table as schema
 from core.audio import iter_clips
-from core.config import load_params
+from core.config import load_section
 from generation.cli import main as smitin
-from pipelines.dataset import build_dataset
+from pipelines.dataset import BuildDatasetParams, build_dataset
 from tests.synth import chord_sequence, click_track
 
 ROOT = Path(__file__).resolve().parents[1]
 SR = 44100
 
 
-def params(**overrides) -> dict:
-    p = load_params(ROOT / "params.yaml", "build_dataset")
-    p.update(workers=1, num_shards=2)
-    p.update(overrides)
-    return p
+def params(**overrides) -> BuildDatasetParams:
+    p = load_section(BuildDatasetParams, ROOT / "params.yaml", "build_dataset")
+    return p.with_overrides({"workers": 1, "num_shards": 2, **overrides}, "build_dataset")
 
 
 def _music(seconds: float, sr: int = SR, bpm: float = 120.0) -> np.ndarray:
@@ -367,9 +365,9 @@ def test_cli_build_and_one_line_errors(tmp_path, capsys):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ({"downbeat_evidence": "learnd"}, "downbeat_evidence must be learned, weighted"),
+        ({"downbeat_evidence": "learnd"}, r"build_dataset\.downbeat_evidence: Input should be 'learned', 'weighted'"),
         ({"downbeat_model": "/nope/model.json"}, "downbeat_model /nope/model.json does not exist"),
-        ({"key_file_context": -1.0}, "key_file_context must be >= 0"),
+        ({"key_file_context": -1.0}, r"build_dataset\.key_file_context: Input should be greater than or equal to 0"),
         ({"key_profiles": []}, "key_file_context needs key_profiles"),
     ],
 )
@@ -378,6 +376,27 @@ def test_bad_feature_params_are_one_line_errors(tmp_path, override, message):
 
     with pytest.raises(PipelineUserError, match=message):
         build_dataset(str(tmp_path), str(tmp_path / "out"), params(**override))
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"clip_secs": 5.0}, "build_dataset.clip_secs: Extra inputs are not permitted"),
+        ({"num_shards": "two"}, "build_dataset.num_shards: Input should be a valid integer"),
+    ],
+)
+def test_unknown_or_mistyped_build_params_are_one_line_errors(tmp_path, capsys, section, message):
+    import yaml
+
+    settings = yaml.safe_load((ROOT / "params.yaml").read_text())
+    settings["build_dataset"].update(section)
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(settings))
+    argv = ["dataset", "build", "--input", str(tmp_path), "--out", str(tmp_path / "out"), "--params", str(p)]
+    assert smitin(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"smitin: error: {p}: {message}"), err
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_malformed_downbeat_model_is_refused_before_any_work(tmp_path):

@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from core.config import load_params
-from pipelines.corpus import render_corpus
-from pipelines.dataset import build_dataset
+from core.config import load_section
+from pipelines.corpus import CorpusParams, render_corpus
+from pipelines.dataset import BuildDatasetParams, build_dataset
 from pipelines.evaluate import chord_comparisons, evaluate_clip, evaluate_features, tempo_accuracy, write_outputs
 
 
@@ -77,11 +77,16 @@ def test_render_build_eval_end_to_end(tmp_path):
         "sample_rate": 44100,
         "workers": 1,
         "tempo_bpm": [96, 120],
-        "stem_gain_db": {"piano": [3.0, 3.0]},
+        "voice_programs": [48],
+        "melody_programs": [48],
+        "pad_programs": [48],
+        "bass_programs": [32, 33, 34],
+        "piano_programs": [0, 1],
+        "stem_gain_db": {"drums": [-4.0, 0.0], "bass": [-4.0, 0.0], "piano": [3.0, 3.0]},
     }
-    render_corpus(str(tmp_path / "corpus"), corpus, workers=1)
-    params = load_params("params.yaml", "build_dataset")
-    params.update({"workers": 1, "num_shards": 1})
+    render_corpus(str(tmp_path / "corpus"), CorpusParams.parse(corpus, "corpus"), workers=1)
+    params = load_section(BuildDatasetParams, "params.yaml", "build_dataset")
+    params = params.with_overrides({"workers": 1, "num_shards": 1}, "build_dataset")
     built = build_dataset(str(tmp_path / "corpus" / "audio"), str(tmp_path / "clips"), params, workers=1)
     assert built.stats["files_failed"] == 0
     metrics, rows = evaluate_features(str(tmp_path / "clips"), str(tmp_path / "corpus" / "labels.parquet"))

@@ -19,20 +19,19 @@ import soundfile as sf
 
 from core import clips_table as schema
 from core.commit import JOURNAL, LOCK, OutputBusy
-from core.config import load_params
+from core.config import load_section
 from core.errors import UserError
-from pipelines.dataset import build_dataset
+from pipelines.dataset import BuildDatasetParams, build_dataset
 from tests.synth import chord_sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 SR = 44100
 
 
-def params(**overrides) -> dict:
-    p = load_params(ROOT / "params.yaml", "build_dataset")
-    p.update(workers=1, num_shards=2, clip_seconds=4.0, hop_seconds=4.0, min_clip_seconds=2.0)
-    p.update(overrides)
-    return p
+def params(**overrides) -> BuildDatasetParams:
+    p = load_section(BuildDatasetParams, ROOT / "params.yaml", "build_dataset")
+    fixed = {"workers": 1, "num_shards": 2, "clip_seconds": 4.0, "hop_seconds": 4.0, "min_clip_seconds": 2.0}
+    return p.with_overrides({**fixed, **overrides}, "build_dataset")
 
 
 def _wave(seconds: float, seed: int) -> np.ndarray:

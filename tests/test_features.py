@@ -48,11 +48,11 @@ def default_analyzer():
     """The analyzer as params.yaml configures it (learned downbeat evidence, key in file context, ...)."""
     from pathlib import Path
 
-    from core.config import load_params
+    from core.config import load_section
+    from pipelines.dataset import BuildDatasetParams
 
-    return ClipAnalyzer(
-        FeatureParams.from_params(load_params(Path(__file__).resolve().parents[1] / "params.yaml", "build_dataset"))
-    )
+    params = load_section(BuildDatasetParams, Path(__file__).resolve().parents[1] / "params.yaml", "build_dataset")
+    return ClipAnalyzer(FeatureParams.from_params(params))
 
 
 @pytest.mark.parametrize("which", ["analyzer", "default_analyzer"])

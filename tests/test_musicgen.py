@@ -10,8 +10,17 @@ import soundfile as sf
 import torch
 from transformers import StoppingCriteriaList
 
+from core.errors import UserError
+from models.generation_params import GeneratorParams
 from models.musicgen import MusicGenError, MusicGenGenerator, debug_musicgen, load_backend, load_musicgen
-from models.probes import ProbeSet, capture_head_outputs, train_probe_set, train_trait
+from models.probes import (
+    ProbeSet,
+    ProbesParams,
+    ProbeTrainingParams,
+    capture_head_outputs,
+    train_probe_set,
+    train_trait,
+)
 from models.steering import SteeringError, SteeringPlan, steer
 
 K, CARD, H, DH = 4, 32, 4, 4
@@ -256,13 +265,13 @@ def test_probes_train_end_to_end(tmp_path, composite, gen):
             if label:
                 wave = wave + 0.3 * rng.standard_normal(len(t)) * (np.sin(2 * np.pi * 4 * t) > 0)
             sf.write(tmp_path / sub / f"pair{i:02d}.wav", wave.astype(np.float32), 800)
-    section = {
-        "window_seconds": 0.5,
-        "batch_size": 8,
-        "seed": 0,
-        "max_iter": 200,
-        "traits": {"noise": {"source": {"kind": "folders", "path": str(tmp_path), "sample_rate": 800}}},
-    }
+    section = ProbesParams(
+        window_seconds=0.5,
+        batch_size=8,
+        seed=0,
+        max_iter=200,
+        traits={"noise": {"source": {"kind": "folders", "path": str(tmp_path), "sample_rate": 800}}},
+    )
     ps = train_trait("noise", gen, codec, None, section)
     assert ps.coef.shape == (2, H, DH) and ps.generator_fingerprint == gen.fingerprint()
     assert ps.params["window_frames"] == 25 and ps.metrics["n_valid"] > 0
@@ -274,7 +283,7 @@ def test_probes_train_end_to_end(tmp_path, composite, gen):
     acts = capture_head_outputs(gen, codes, "mean", batch_size=20)
     labels = np.arange(40) % 2
     splits = np.array(["train", "train", "valid", "tune"])[np.arange(40) // 2 % 4]
-    sep = train_probe_set(acts, labels, splits, "high", gen.fingerprint(), {"seed": 0})
+    sep = train_probe_set(acts, labels, splits, "high", gen.fingerprint(), ProbeTrainingParams(seed=0))
     assert sep.metrics["best_acc"] >= 0.85
     ps.save(tmp_path / "ps")
     loaded = ProbeSet.load(tmp_path / "ps")
@@ -323,7 +332,7 @@ def test_load_from_local_folders_offline(tmp_path, monkeypatch, composite, gen):
     folder.rename(cache / "snapshots" / "abc123")
     (cache / "refs").mkdir()
     (cache / "refs" / "main").write_text("abc123")
-    via_params, _ = load_backend({"backend": "musicgen", "path": str(cache), "dtype": "float32"})
+    via_params, _ = load_backend(GeneratorParams(backend="musicgen", path=str(cache), dtype="float32"))
     assert via_params.fingerprint() == gen.fingerprint() and via_params.tokenizer is not None
     # decoder-only checkpoints load as MusicgenForCausalLM, without a codec unless one is given
     debug_musicgen(decoder_only=True).save_pretrained(tmp_path / "decoder")
@@ -344,9 +353,9 @@ def test_bad_folders_and_params_are_one_line_errors(tmp_path, gen):
     with pytest.raises(MusicGenError, match="'bert'"):
         load_musicgen(tmp_path / "bert")
     with pytest.raises(MusicGenError, match="generator.path"):
-        load_backend({"backend": "musicgen"})
-    with pytest.raises(MusicGenError, match="unknown generator.backend"):
-        load_backend({"backend": "jukebox"})
+        load_backend(GeneratorParams(backend="musicgen"))
+    with pytest.raises(UserError, match=r"^params.yaml: generator.backend: Input should be 'builtin' or 'musicgen'$"):
+        GeneratorParams.parse({"backend": "jukebox"}, "params.yaml: generator")
     with pytest.raises(MusicGenError, match="out of vocabulary"):
         gen(torch.full((1, K, 6), CARD))
     with pytest.raises(MusicGenError, match="tokenizer"):

@@ -250,6 +250,7 @@ def test_evaluate_steering_on_musicgen(tmp_path, folders, capsys):
             "continuation_seconds": 0.4,
             "prompts_per_class": 2,
             "n_pairs": [2],
+            "alpha": 10.0,
             "every": 2,
             "monitor_heads": 4,
             "iti_top_k": 4,

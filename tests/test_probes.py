@@ -16,8 +16,14 @@ from models.probes import (
     ARRAY_NAMES,
     PROBE_ARRAYS,
     PROBE_SET_JSON,
+    FoldersSource,
+    PredicateSource,
     ProbeError,
     ProbeSet,
+    ProbesParams,
+    ProbeTrainingParams,
+    SplitFractions,
+    StemsSource,
     capture_head_outputs,
     load_trait_clips,
     parse_predicate,
@@ -28,7 +34,7 @@ from models.probes import (
     write_probe_plots,
 )
 
-FRACTIONS = {"train": 0.6, "valid": 0.2, "tune": 0.2}
+FRACTIONS = SplitFractions(train=0.6, valid=0.2, tune=0.2)
 
 
 def _model():
@@ -74,7 +80,7 @@ def test_capture_rejects_unknown_position():
 @pytest.mark.parametrize("direction", ["mass_mean", "probe"])
 def test_training_on_separable_activations(direction):
     acts, y, splits, mu = _separable()
-    ps = train_probe_set(acts, y, splits, "drums", "fp", {"direction": direction, "seed": 0})
+    ps = train_probe_set(acts, y, splits, "drums", "fp", ProbeTrainingParams(direction=direction, seed=0))
     assert ps.accuracy[1, 2] >= 0.99
     others = np.delete(ps.accuracy.reshape(-1), 1 * 4 + 2)
     assert others.max() < 0.75  # noise heads stay near chance
@@ -105,18 +111,18 @@ def test_soft_weights_power_and_flat_case():
 def test_one_class_or_empty_data_is_refused():
     acts, y, splits, _ = _separable(n=30)
     with pytest.raises(ProbeError, match="only clips with the trait"):
-        train_probe_set(acts, np.ones_like(y), splits, "drums", "fp", {})
+        train_probe_set(acts, np.ones_like(y), splits, "drums", "fp", ProbeTrainingParams())
     with pytest.raises(ProbeError, match="valid split"):
-        train_probe_set(acts, y, np.where(splits == "valid", "tune", splits), "drums", "fp", {})
+        train_probe_set(acts, y, np.where(splits == "valid", "tune", splits), "drums", "fp", ProbeTrainingParams())
     with pytest.raises(ProbeError, match="disagree"):
-        train_probe_set(acts[:5], y, splits, "drums", "fp", {})
+        train_probe_set(acts[:5], y, splits, "drums", "fp", ProbeTrainingParams())
     assert issubclass(ProbeError, UserError)
 
 
 # ------------------------------------------------------------------------------------------------ save / load
 def test_save_load_round_trip_and_layout(tmp_path):
     acts, y, splits, _ = _separable(n=60)
-    ps = train_probe_set(acts, y, splits, "drums", "abc123", {"seed": 3, "direction": "mass_mean"}, "hash")
+    ps = train_probe_set(acts, y, splits, "drums", "abc123", ProbeTrainingParams(seed=3), "hash")
     ps.save(tmp_path / "drums")
     meta = json.loads((tmp_path / "drums" / PROBE_SET_JSON).read_text())
     for key in (
@@ -215,46 +221,60 @@ def _clips_table(path, n_mix=12, extra=None):
 
 def test_stem_pairs_predicate_and_folder_sources(tmp_path):
     table = _clips_table(tmp_path / "clips", extra=[])
-    clips = load_trait_clips("drums", {"kind": "stems"}, table, FRACTIONS, seed=0)
+    clips = load_trait_clips("drums", StemsSource(), table, FRACTIONS, seed=0)
     assert len(clips) == 24 and sum(c.label for c in clips) == 12
     by_group = {}
     for c in clips:
         by_group.setdefault(c.group, set()).add(c.split)
     assert all(len(s) == 1 for s in by_group.values())  # the two renderings of a mixture share a split
-    limited = load_trait_clips("drums", {"kind": "stems"}, table, FRACTIONS, seed=0, max_train_pairs=2)
+    limited = load_trait_clips("drums", StemsSource(), table, FRACTIONS, seed=0, max_train_pairs=2)
     assert len({c.key for c in limited if c.split == "train"}) == 2
     assert {c.key for c in limited if c.split != "train"} == {c.key for c in clips if c.split != "train"}
 
-    minor = load_trait_clips("minor", {"kind": "predicate", "expr": 'mode == "minor"'}, table, FRACTIONS, 0)
+    minor = load_trait_clips("minor", PredicateSource(kind="predicate", expr='mode == "minor"'), table, FRACTIONS, 0)
     assert sum(c.label for c in minor) == 12 and len(minor) == 24
-    fast = load_trait_clips("fast", {"kind": "predicate", "expr": "tempo_bpm > 140 and drums"}, table, FRACTIONS, 0)
+    fast_source = PredicateSource(kind="predicate", expr="tempo_bpm > 140 and drums")
+    fast = load_trait_clips("fast", fast_source, table, FRACTIONS, 0)
     assert sum(c.label for c in fast) == 6
 
     with pytest.raises(ProbeError, match="unknown trait 'piano'.*drums"):
-        load_trait_clips("piano", {"kind": "stems"}, table, FRACTIONS, 0)
+        load_trait_clips("piano", StemsSource(), table, FRACTIONS, 0)
     with pytest.raises(ProbeError, match="only clips without"):
-        load_trait_clips("huge", {"kind": "predicate", "expr": "tempo_bpm > 1000"}, table, FRACTIONS, 0)
-    with pytest.raises(ProbeError, match="unknown data source"):
-        load_trait_clips("drums", {"kind": "s3"}, table, FRACTIONS, 0)
+        load_trait_clips("huge", PredicateSource(kind="predicate", expr="tempo_bpm > 1000"), table, FRACTIONS, 0)
 
     for sub, drums in (("with", True), ("without", False)):
         (tmp_path / "user" / sub).mkdir(parents=True)
         for i in range(3):
             sf.write(str(tmp_path / "user" / sub / f"take{i}.wav"), _wave(i, drums), 16000)
-    folder = load_trait_clips(
-        "drums", {"kind": "folders", "path": str(tmp_path / "user"), "sample_rate": 16000}, None, FRACTIONS, 0
-    )
+    user = FoldersSource(kind="folders", path=str(tmp_path / "user"), sample_rate=16000)
+    folder = load_trait_clips("drums", user, None, FRACTIONS, 0)
     assert len(folder) == 6 and sum(c.label for c in folder) == 3
     with pytest.raises(ProbeError, match="without"):
-        load_trait_clips("x", {"kind": "folders", "path": str(tmp_path / "user" / "with")}, None, FRACTIONS, 0)
+        load_trait_clips("x", FoldersSource(kind="folders", path=str(tmp_path / "user" / "with")), None, FRACTIONS, 0)
 
 
 def test_probe_params_unknown_trait_and_overrides():
-    section = {"C": 0.5, "traits": {"drums": {"source": "stems", "direction": "probe"}}}
+    section = ProbesParams.parse({"C": 0.5, "traits": {"drums": {"source": "stems", "direction": "probe"}}}, "probes")
     params, source = probe_params(section, "drums")
-    assert source == {"kind": "stems"} and params["direction"] == "probe" and params["C"] == 0.5
+    assert source == StemsSource() and params.direction == "probe" and params.C == 0.5
     with pytest.raises(ProbeError, match="unknown trait 'piano'"):
         probe_params(section, "piano")
+    # a trait without a source kind is a stems trait; without an entry, the section's defaults
+    loose = ProbesParams.parse({"traits": {"a": {"source": {"pairs_only": False}}, "b": None}}, "probes")
+    assert probe_params(loose, "a")[1] == StemsSource(pairs_only=False) and probe_params(loose, "b")[1] == StemsSource()
+
+
+def test_probes_params_unknown_key_or_wrong_type_is_one_line():
+    for bad, key in (
+        ({"windw_seconds": 2.0}, "probes.windw_seconds"),
+        ({"batch_size": "many"}, "probes.batch_size"),
+        ({"traits": {"drums": {"source": {"kind": "s3"}}}}, "probes.traits.drums.source"),
+        ({"traits": {"drums": {"source": "stems", "C": -1}}}, "probes.traits.drums.C"),
+        ({"traits": {"drums": {"source": {"kind": "stems", "expr": "x"}}}}, "probes.traits.drums.source.stems.expr"),
+    ):
+        with pytest.raises(UserError) as e:
+            ProbesParams.parse(bad, "probes")
+        assert str(e.value).startswith(f"{key}:") and "\n" not in str(e.value)
 
 
 class _ToyCodec:
@@ -274,9 +294,10 @@ class _ToyCodec:
 def test_train_trait_end_to_end(tmp_path):
     table = _clips_table(tmp_path / "clips", n_mix=16)
     model = _model()
-    section = {"seed": 0, "window_seconds": 0.5, "traits": {"drums": {"source": {"kind": "stems"}}}}
+    section = ProbesParams(seed=0, window_seconds=0.5, traits={"drums": {"source": {"kind": "stems"}}})
     ps = train_trait("drums", model, _ToyCodec(), table, section)
     assert ps.coef.shape == (2, 4, 8) and ps.generator_fingerprint == model.fingerprint()
-    assert ps.params["window_frames"] == 25 and ps.params["source"] == {"kind": "stems"}
+    assert ps.params["window_frames"] == 25 and ps.params["source"] == {"kind": "stems", "pairs_only": True}
+    assert ps.params["window_seconds"] == 0.5 and ps.params["seed"] == 0 and "traits" not in ps.params
     assert ps.metrics["n_positive"] == 16 and len(ps.data_hash) == 64
     assert ps.metrics["best_acc"] >= 0.75  # drum clicks are easy to see even for a random tiny model

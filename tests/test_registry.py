@@ -54,7 +54,9 @@ def test_full_cycle(any_registry, tmp_path):
     assert gen.created and gen.version == "1"
     assert promote(reg, "generator").promoted
     # a generator whose validation loss rose beyond its own tolerance is refused (lower is better)
-    reg.settings.gates["generator"] = {"val_loss": {"better": "lower", "tolerance": 0.05}}
+    reg.settings.gates = reg.settings.gates.with_overrides(
+        {"generator": {"val_loss": {"better": "lower", "tolerance": 0.05}}}, "test"
+    )
     make_generator_dir(tmp_path / "generator-worse", seed=9, metrics={"val_loss": 4.2})
     register_dir(reg, tmp_path / "generator-worse")
     with pytest.raises(PromotionRefused, match=r"val_loss 4.2 > champion v1 3.9 \+ tolerance 0.05"):
@@ -212,6 +214,27 @@ def test_missing_sqlite_registry_is_one_line(tmp_path):
     with pytest.raises(ModelNotFound, match="no MLflow registry at"):
         fetch(reg, "models:/smitin-generator@champion")
     assert not (tmp_path / "nope.db").exists()
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"lock_timout_s": 5}, "registry.lock_timout_s: Extra inputs are not permitted"),
+        ({"lock_timeout_s": "soon"}, "registry.lock_timeout_s: Input should be a valid number"),
+        ({"register": {"probe_set": "x"}}, "registry.register.probe_set: Extra inputs are not permitted"),
+        ({"gates": {"coconet": {"nll": "smaller"}}}, "registry.gates.coconet.nll.better: Input should be 'higher'"),
+    ],
+)
+def test_bad_registry_params_are_one_line_errors(tmp_path, capsys, section, message):
+    """A misspelt key or a wrong type in params.yaml `registry` is one line naming it, before the registry is used."""
+    import yaml
+
+    from generation.cli import main
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"registry": section}))
+    assert main(["registry", "--params", str(tmp_path / "params.yaml"), "list"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"smitin: error: {tmp_path / 'params.yaml'}: {message}"), err
 
 
 def test_corrupted_artifact_is_refused_and_cache_repaired(sqlite_registry, tmp_path):
@@ -488,13 +511,13 @@ def test_steering_gate_compares_success_only_at_equal_settings():
     from types import SimpleNamespace
 
     from registry.promotion import metric_gate
-    from registry.store import TAG
+    from registry.store import TAG, GatesParams
 
     def version(n, metrics):
         return SimpleNamespace(version=n, tags={TAG + "metrics": json.dumps(metrics)})
 
     key = "steering.continuation.add.smitin"
-    gates = {"tolerance": 0.01, "probe_set": {f"{key}.success": "higher", "best_acc": "higher"}}
+    gates = GatesParams(tolerance=0.01, probe_set={f"{key}.success": "higher", "best_acc": "higher"})
     champion = version(1, {f"{key}.success": 0.56, f"{key}.strength": 5.0, "best_acc": 0.85})
     stronger = version(2, {f"{key}.success": 0.50, f"{key}.strength": 10.0, "best_acc": 0.85})
     gate = metric_gate(stronger, champion, gates, "probe_set")

@@ -3,7 +3,15 @@
 import numpy as np
 import pytest
 
-from models.evaluate_steering import EmbeddingSpace, audio_embedding, format_table, frechet_distance
+from core.config import load_section
+from core.errors import UserError
+from models.evaluate_steering import (
+    EmbeddingSpace,
+    EvaluateSteeringParams,
+    audio_embedding,
+    format_table,
+    frechet_distance,
+)
 
 
 def test_frechet_distance_zero_for_same_distribution_and_grows_with_shift():
@@ -81,3 +89,16 @@ def test_paired_frechet_rise_interval():
     assert all(np.isnan(space.frechet_rise_interval(base[:2], base[:2])))
     with pytest.raises(ValueError, match="as many steered as unsteered"):
         space.frechet_rise_interval(base[:5], base)
+
+
+def test_params_section_defaults_and_one_line_errors(tmp_path):
+    assert EvaluateSteeringParams().alpha == 15.0  # the defaults are params.yaml's values
+    path = tmp_path / "params.yaml"
+    for body, key in (("alpah: 3", "alpah"), ("every: often", "every"), ("tasks: [txt]", "tasks.0")):
+        path.write_text(f"seed: 7\nevaluate_steering:\n  {body}\n")
+        with pytest.raises(UserError) as e:
+            load_section(EvaluateSteeringParams, path, "evaluate_steering")
+        assert str(e.value).startswith(f"{path}: evaluate_steering.{key}:") and "\n" not in str(e.value)
+    path.write_text("seed: 7\nevaluate_steering:\n  every: 5\n")
+    params = load_section(EvaluateSteeringParams, path, "evaluate_steering")
+    assert (params.every, params.seed, params.prompts_per_class) == (5, 7, 32)

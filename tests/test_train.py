@@ -8,30 +8,38 @@ import pytest
 import torch
 
 from core.errors import UserError
+from models.carrying import EvaluateCarryingParams
 from models.generator import load_generator
-from models.train import TokenSet, TrainingDataError, fit_codec, tokenize, train_generator
+from models.train import (
+    FitCodecParams,
+    TokenSet,
+    TrainGeneratorParams,
+    TrainingDataError,
+    fit_codec,
+    tokenize,
+    train_generator,
+)
 from tests.clips_fixtures import fake_embed, write_clips_table
 
-CODEC_PARAMS = {"n_mels": 32, "n_codebooks": 2, "card": 16, "kmeans_iters": 5, "griffin_lim_iters": 4, "seed": 0}
-TRAIN_PARAMS = {
-    "preset": "debug",
-    "seed": 0,
-    "threads": 1,
-    "presets": {
-        "debug": {
-            "steps": 40,
-            "batch_size": 8,
-            "window_frames": 32,
-            "eval_every": 10,
-            "eval_clips": 8,
-            "max_minutes": 2,
-            "lr": 0.01,
-            "warmup": 5,
-            "patience": 10,
-            "model": {"max_frames": 48},
-        }
-    },
+CODEC_PARAMS = FitCodecParams(n_mels=32, n_codebooks=2, card=16, kmeans_iters=5, griffin_lim_iters=4, seed=0)
+DEBUG_PRESET = {
+    "steps": 40,
+    "batch_size": 8,
+    "window_frames": 32,
+    "eval_every": 10,
+    "eval_clips": 8,
+    "max_minutes": 2,
+    "lr": 0.01,
+    "warmup": 5,
+    "patience": 10,
+    "model": {"max_frames": 48},
 }
+TRAIN_PARAMS = TrainGeneratorParams(preset="debug", seed=0, threads=1, ema_decay=0.0, presets={"debug": DEBUG_PRESET})
+
+
+def _steps(n: int) -> TrainGeneratorParams:
+    """TRAIN_PARAMS with the debug preset trained for `n` steps."""
+    return TRAIN_PARAMS.with_overrides({"presets": {"debug": {**DEBUG_PRESET, "steps": n}}}, "test")
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +79,7 @@ def test_tiny_training_loss_falls_and_resumes(stages):
     generator, codec = load_generator(root / "gen")
     assert generator.fingerprint() == metrics["fingerprint"] and codec.n_codebooks == 2
     # resume: more steps continue from the saved step instead of starting over
-    more = {**TRAIN_PARAMS, "presets": {"debug": {**TRAIN_PARAMS["presets"]["debug"], "steps": 50}}}
+    more = _steps(50)
     said = []
     again = train_generator(
         str(root / "tokens"),
@@ -96,7 +104,7 @@ def test_ema_weights_are_judged_exported_and_checkpointed(stages, tmp_path):
         str(root / "tokens"),
         str(root / "codec"),
         str(tmp_path / "gen"),
-        {**TRAIN_PARAMS, "ema_decay": 0.9},
+        TRAIN_PARAMS.with_overrides({"ema_decay": 0.9}, "test"),
         checkpoint_dir=str(tmp_path / "ckpt"),
     )
     ckpt = tmp_path / "ckpt"
@@ -107,10 +115,8 @@ def test_ema_weights_are_judged_exported_and_checkpointed(stages, tmp_path):
     assert all(torch.equal(exported[k], best[k]) for k in best)  # the best of the averaged weights is exported
     assert not all(torch.equal(ema[k], live[k]) for k in live)  # the average trails the live weights
     assert metrics["valid_loss"] < metrics["unigram_valid_loss"] + 0.5
-    with pytest.raises(UserError, match="ema_decay must be in"):
-        train_generator(
-            str(root / "tokens"), str(root / "codec"), str(tmp_path / "gen2"), {**TRAIN_PARAMS, "ema_decay": 1.0}
-        )
+    with pytest.raises(UserError, match=r"train_generator.ema_decay: Input should be less than 1"):
+        TRAIN_PARAMS.with_overrides({"ema_decay": 1.0}, "train_generator")
 
 
 def test_checkpoint_of_other_tokens_is_not_resumed(stages, tmp_path):
@@ -118,7 +124,7 @@ def test_checkpoint_of_other_tokens_is_not_resumed(stages, tmp_path):
     import shutil
 
     root, _ = stages
-    short = {**TRAIN_PARAMS, "presets": {"debug": {**TRAIN_PARAMS["presets"]["debug"], "steps": 20}}}
+    short = _steps(20)
     train_generator(
         str(root / "tokens"), str(root / "codec"), str(tmp_path / "gen"), short, checkpoint_dir=str(tmp_path / "ckpt")
     )
@@ -143,7 +149,7 @@ def test_checkpoint_of_other_tokens_is_not_resumed(stages, tmp_path):
     assert any("from another run" in line for line in said) and not any("resumed" in line for line in said)
     assert again["steps"] == 20
     # the same tokens again: resumed (20 -> 30 steps continues from 20)
-    longer = {**short, "presets": {"debug": {**short["presets"]["debug"], "steps": 30}}}
+    longer = _steps(30)
     said = []
     train_generator(
         str(other),
@@ -250,6 +256,34 @@ def test_cli_prints_one_line_errors(tmp_path, capsys):
         main(["train", "--help"])
 
 
+@pytest.mark.parametrize(
+    "argv, section, said",
+    [
+        (["train"], "train_generator:\n  lrr: 0.1\n", "train_generator.lrr: Extra inputs are not permitted"),
+        (["train"], "train_generator:\n  model: {dim: wide}\n", "train_generator.model.dim: Input should be a valid"),
+        (
+            ["train", "--preset", "gpu"],
+            "train_generator:\n  presets: {gpu: {steps: many}}\n",
+            "train_generator.presets.gpu.steps: Input should be a valid integer",
+        ),
+        (["codec", "fit"], "fit_codec:\n  inversion: magic\n", "fit_codec.inversion: Input should be 'learned' or"),
+        (
+            ["evaluate-carrying"],
+            "evaluate_carrying:\n  prompts_per_class: lots\n",
+            "evaluate_carrying.prompts_per_class: Input should be a valid integer",
+        ),
+    ],
+)
+def test_params_typos_and_wrong_types_are_one_line_naming_the_key(tmp_path, capsys, argv, section, said):
+    from generation.cli import main
+
+    params = tmp_path / "params.yaml"
+    params.write_text("seed: 1\n" + section)
+    assert main([*argv, "--params", str(params)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("smitin: error:") and "\n" not in err and said in err
+
+
 class _Tokens:
     """The TokenSet interface prompt_swap_nats uses: meta and clip(i)."""
 
@@ -301,20 +335,19 @@ def test_trait_carrying_report_guided_and_unguided(stages, tmp_path):
     from models.detectors import evaluate_trait_carrying
 
     root, _ = stages
-    short = {**TRAIN_PARAMS, "presets": {"debug": {**TRAIN_PARAMS["presets"]["debug"], "steps": 10}}}
-    train_generator(str(root / "tokens"), str(root / "codec"), str(tmp_path / "gen"), short)
-    params = {
-        "seed": 0,
-        "prompt_seconds": 0.5,
-        "continuation_seconds": 0.5,
-        "prompts_per_class": 2,
-        "samples_per_prompt": 2,
-        "modes": ["unconditional", "unconditional_unguided"],
-        "prompt_guidance": [30.0, 1.0],
-        "prompt_plausibility": 0.01,
-        "samples_per_class": 1,
-        "detector_max_segments": 40,
-    }
+    train_generator(str(root / "tokens"), str(root / "codec"), str(tmp_path / "gen"), _steps(10))
+    params = EvaluateCarryingParams(
+        seed=0,
+        prompt_seconds=0.5,
+        continuation_seconds=0.5,
+        prompts_per_class=2,
+        samples_per_prompt=2,
+        modes=["unconditional", "unconditional_unguided"],
+        prompt_guidance=[30.0, 1.0],
+        prompt_plausibility=0.01,
+        samples_per_class=1,
+        detector_max_segments=40,
+    )
     report = evaluate_trait_carrying(
         str(tmp_path / "gen"),
         str(root / "tokens"),
@@ -337,12 +370,15 @@ def test_trait_carrying_report_guided_and_unguided(stages, tmp_path):
     assert sorted(p.name for p in (tmp_path / "wav").iterdir()) == [
         f"{m}_{c}_0.wav" for m in ("unconditional", "unconditional_unguided") for c in ("drums", "nodrums")
     ]
+    with pytest.raises(UserError, match="prompt_guidance has 3 values"):  # the generator has 2 codebooks
+        bad = params.with_overrides({"prompt_guidance": [3.0, 1.0, 1.0]}, "evaluate_carrying")
+        evaluate_trait_carrying(str(tmp_path / "gen"), str(root / "tokens"), None, bad)
     for bad, match in (
-        ({"modes": ["sideways"]}, "unknown carrying mode"),
-        ({"samples_per_prompt": 0}, "samples_per_prompt"),
-        ({"prompt_guidance": [3.0, 1.0, 1.0]}, "prompt_guidance has 3 values"),
-        ({"prompt_plausibility": 1.5}, "plausibility must be a number in"),
-        ({"prompt_plausibility": "high"}, "plausibility must be a number in"),
+        ({"modes": ["sideways"]}, r"evaluate_carrying.modes.0: Input should be 'unconditional'"),
+        ({"samples_per_prompt": 0}, "evaluate_carrying.samples_per_prompt: Input should be greater than or equal"),
+        ({"prompt_guidance": [3.0, 0.5]}, r"evaluate_carrying.prompt_guidance"),
+        ({"prompt_plausibility": 1.5}, "evaluate_carrying.prompt_plausibility: Input should be less than 1"),
+        ({"prompt_plausibility": "high"}, "evaluate_carrying.prompt_plausibility: Input should be a valid number"),
     ):
         with pytest.raises(UserError, match=match):
-            evaluate_trait_carrying(str(tmp_path / "gen"), str(root / "tokens"), None, {**params, **bad})
+            params.with_overrides(bad, "evaluate_carrying")

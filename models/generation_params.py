@@ -1,0 +1,58 @@
+"""Typed params.yaml sections of generation: `generator` (which generator probes, steering and `smitin generate` run
+on) and `generate` (the defaults of `smitin generate` / `generation.generate`). Every default is here."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from core.config import Section
+
+
+class GeneratorParams(Section):
+    """params.yaml `generator`."""
+
+    backend: Literal["builtin", "musicgen"] = "builtin"  # builtin: the one train_generator makes
+    path: str | None = None  # musicgen: the local folder of the weights
+    device: str = Field("cpu", min_length=1)  # musicgen: cpu | cuda | cuda:0
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # musicgen (half precision on a GPU)
+    codec_path: str | None = None  # musicgen decoder-only checkpoints: an EnCodec save_pretrained folder
+    allow_pickle_weights: bool = False  # musicgen: also load pytorch_model.bin (a pickle) without safetensors
+
+
+class GeneratorChoice(GeneratorParams):
+    """The `generator` section with a command's overrides applied (`models.musicgen.backend_section`), plus the
+    builtin generator's folder when the command named one (not a params key)."""
+
+    builtin_dir: str | None = None
+
+
+NonNegative = Annotated[float, Field(ge=0)]
+AtLeastOne = Annotated[float, Field(ge=1)]
+
+
+class GenerateSteeringParams(Section):
+    """params.yaml `generate.steering`: how `smitin generate --steer` pushes."""
+
+    every: int = Field(1, ge=1)  # smitin: push every s-th step
+    decay: float = Field(0.5, ge=0)  # push factor (1 - C / tau) ** decay below tau
+    tau: float | None = None  # null: median(acc) - std(acc) of the probe set
+    monitor_heads: int = Field(16, ge=1)  # heads whose trait probability the report follows
+    iti_top_k: int = Field(16, ge=1)  # heads ITI steers (--mode iti)
+
+
+class GenerateParams(Section):
+    """params.yaml `generate` (each value has a command-line flag)."""
+
+    seed: int = 0
+    duration: float = Field(8.0, gt=0)  # seconds of new audio; longer than the context is generated in windows
+    max_duration: float = Field(600.0, gt=0)  # longer requests are refused with one line
+    alias: str = Field("champion", min_length=1)  # alias of the probe sets (and of the generator unless given)
+    cfg_scale: float = Field(3.0, ge=0)  # classifier-free guidance of a caption
+    temperature: NonNegative | list[NonNegative] = 1.0  # one, or one per codebook (coarse first); 0: greedy
+    top_k: int = Field(0, ge=0)  # 0: off
+    top_p: float = Field(0.0, ge=0, le=1)  # 0: off
+    prompt_guidance: AtLeastOne | list[AtLeastOne] = 1.0  # builtin generator: one scale, or one per codebook; 1: off
+    prompt_plausibility: float = Field(0.003, ge=0, lt=1)  # with prompt guidance: the plausibility cut (0: off)
+    steering: GenerateSteeringParams = Field(default_factory=GenerateSteeringParams)
