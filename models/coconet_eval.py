@@ -92,7 +92,30 @@ class EvaluateCoconetParams(Section):
     threads: int = Field(2, ge=1)
     # per training preset (read from the model): overrides of the keys above, so a quick model gets a quick
     # evaluation; a preset without an entry gets the full protocol above
-    presets: dict[str, dict] = Field(default_factory=dict)
+    presets: dict[str, dict] = Field(
+        default_factory=lambda: {
+            "demo": {
+                "ensemble": 1,
+                "max_pieces": 10,
+                "units": ["frame"],
+                "samples": 2,
+                "harmonize_pieces": 6,
+                "ngram_orders": [16],
+                "ngram_strengths": [100.0],
+            },
+            "debug": {
+                "ensemble": 1,
+                "max_pieces": 2,
+                "units": ["frame"],
+                "samples": 1,
+                "sample_frames": 16,
+                "harmonize_pieces": 1,
+                "ngram_orders": [4],
+                "ngram_strengths": [10.0],
+                "harmonize_frames": 16,
+            },
+        }
+    )
 
     def for_preset(self, preset: str | None) -> EvaluateCoconetParams:
         over = dict(self.presets.get(preset or "") or {})

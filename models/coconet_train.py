@@ -55,7 +55,14 @@ class TrainCoconetParams(Section):
     max_minutes: float = Field(30.0, gt=0)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     threads: int = Field(2, ge=1)
-    presets: dict[str, dict] = Field(default_factory=dict)  # per preset: overrides of the keys above
+    presets: dict[str, dict] = Field(  # per preset: overrides of the keys above
+        default_factory=lambda: {
+            "demo": {"steps": 300, "max_minutes": 2, "ema_decay": 0.98, "eval_every": 100, "transpose": 0},
+            "cpu": {"steps": 2400, "max_minutes": 30, "ema_decay": 0.998, "eval_every": 200, "patience": 20},
+            "gpu": {"steps": 60000, "batch_size": 32, "max_minutes": 240, "eval_every": 1000},
+            "debug": {"steps": 20, "batch_size": 4, "eval_every": 10, "max_minutes": 1, "ema_decay": 0.0},
+        }
+    )
 
     def resolved(self) -> TrainCoconetParams:
         """These params with the chosen preset's overrides applied."""

@@ -308,6 +308,7 @@ def test_training_lowers_the_validation_loss_and_resumes(tmp_path):
     params = TrainCoconetParams.parse(
         {
             "preset": "debug",
+            "presets": {},  # these keys as given, not the debug preset's
             "steps": 40,
             "eval_every": 20,
             "batch_size": 8,
