@@ -18,13 +18,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.config import load_section
 from core.errors import UserError
-from models.generation_params import GenerateParams, GeneratorChoice, GeneratorParams
+from models.generation_params import GenerateParams, GeneratorParams
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +40,24 @@ def read_defaults(params_path: str | Path | None = "params.yaml") -> GeneratePar
     return GenerateParams()
 
 
-def read_generator_params(params_path: str | Path | None = "params.yaml") -> GeneratorParams:
-    """params.yaml `generator`; no file: the builtin generator."""
-    if params_path and Path(params_path).is_file():
-        return load_section(GeneratorParams, params_path, "generator")
-    return GeneratorParams()
+@dataclass
+class _Request:
+    """One `generate` call's inputs, checked, with params `generate` filling in what was not given."""
+
+    prompts: list[str]
+    strengths: dict[str, float]
+    mode: str
+    n_frames: int
+    fps: float
+    seed: int
+    sampling: dict  # temperature, top_k, top_p of the sampler
+    cfg_scale: float
+    prompt_guidance: object  # builtin generator: one scale per codebook; MusicGen: as given (checked to be off)
+    plausibility: float
+    out: Path
+    continue_from: str | Path | None
+    bpm: float | None
+    key: str | None
 
 
 @dataclass
@@ -81,10 +94,18 @@ class GenerationSession:
         self.probe_uris = dict(probes or {})
         self.timings: dict[str, float] = {}
         t0 = time.perf_counter()
+        from models.backends import choose_backend, read_generator_params
         from registry.loading import fetch
 
-        self.generator_section = _backend(
-            read_generator_params(params), generator, backend, musicgen, device, dtype, allow_pickle_weights
+        self.generator_section = choose_backend(
+            read_generator_params(params),
+            generator=generator,
+            generator_decides=True,  # no default generator here: one given was asked for
+            backend=backend,
+            musicgen=musicgen,
+            device=device,
+            dtype=dtype,
+            allow_pickle_weights=allow_pickle_weights,
         )
         self.backend = self.generator_section.backend
         if self.backend == "musicgen":
@@ -100,28 +121,21 @@ class GenerationSession:
         self._generator = self._codec = None
 
     def _load(self) -> None:
-        if self._generator is None:
-            t1 = time.perf_counter()
-            if self.backend == "musicgen":
-                from models.musicgen import MusicGenError, load_backend
-                from registry.loading import check_compatible
+        if self._generator is not None:
+            return
+        from models.backends import load_backend
 
-                generator, codec = load_backend(self.generator_section)
-                if codec is None:
-                    raise MusicGenError(
-                        "this decoder-only MusicGen has no codec: set generator.codec_path (an "
-                        "EnCodec save_pretrained folder)"
-                    )
-                self.generator_ref.fingerprint = generator.fingerprint()
-                self.timings["load_generator_s"] = time.perf_counter() - t1
-                for ref in self.probe_refs.values():  # now the fingerprint is known: the full check
-                    check_compatible(ref, self.generator_ref)
-                self._generator, self._codec = generator, codec
-                return
-            from models.generator import load_generator
+        t0 = time.perf_counter()
+        musicgen = self.backend == "musicgen"
+        generator, codec = load_backend(self.generator_section, None if musicgen else self.generator_ref.path)
+        if musicgen:
+            from registry.loading import check_compatible
 
-            self._generator, self._codec = load_generator(self.generator_ref.path)
-            self.timings["load_generator_s"] = time.perf_counter() - t1
+            self.generator_ref.fingerprint = generator.fingerprint()
+            for ref in self.probe_refs.values():  # now the fingerprint is known: the full check
+                check_compatible(ref, self.generator_ref)
+        self.timings["load_generator_s"] = time.perf_counter() - t0
+        self._generator, self._codec = generator, codec
 
     @property
     def generator(self):
@@ -230,7 +244,7 @@ class GenerationSession:
         key: str | None = None,
         prompt_guidance=None,
         prompt_plausibility: float | None = None,
-        progress=None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> GenerationResult:
         """Generate one clip per prompt (one batch). `steer`: {"drums": +5, "piano": -3} or "drums=+5,piano=-3".
         Writes OUT.wav (OUT_1.wav, ... for several prompts), OUT.steering.json (all rows) and OUT[_i].steering.png
@@ -239,19 +253,66 @@ class GenerationSession:
         window): amplify what the audio context implies (see Generator.generate); it also amplifies a steering push,
         and works against steering a trait out of a prompt that has it. `prompt_plausibility` (with guidance): never
         sample a token the prompted model finds less than that share as likely as its top token."""
-        import numpy as np
-        import soundfile as sf
-        import torch
+        request = self._request(
+            prompts,
+            duration=duration,
+            continue_from=continue_from,
+            steer=steer,
+            mode=mode,
+            out=out,
+            seed=seed,
+            cfg_scale=cfg_scale,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            bpm=bpm,
+            key=key,
+            prompt_guidance=prompt_guidance,
+            prompt_plausibility=prompt_plausibility,
+        )
+        plan = self._steering_plan(request.strengths, mode)
+        cond, attrs = self._conditioning(request)
+        guidance = request.cfg_scale if cond is not None else 1.0
+        prompt = self._prompt_codes(continue_from)
+        t0 = time.perf_counter()
+        codes, steps, windows = self._run(request, plan, cond, attrs, guidance, prompt, progress)
+        seconds = time.perf_counter() - t0
+        wavs = self._write_wavs(codes, request.out)
+        info = self._describe(request, plan, guidance, windows, wavs, seconds)
+        report_json, pngs = self._write_report(plan, steps, info, request.out, wavs) if plan is not None else (None, [])
+        return GenerationResult(wavs, report_json, pngs, info)
 
-        from core.files import atomic_path
-        from models.generator import attribute_ids, guidance_scales, plausibility_cut, sampling_temperature
-        from models.steering import SteeringPlan, parse_strengths
-        from models.steering import steer as install
+    def _request(
+        self,
+        prompts,
+        *,
+        duration,
+        continue_from,
+        steer,
+        mode,
+        out,
+        seed,
+        cfg_scale,
+        temperature,
+        top_k,
+        top_p,
+        bpm,
+        key,
+        prompt_guidance,
+        prompt_plausibility,
+    ) -> _Request:
+        """`generate`'s inputs checked, params `generate` filling in what was not given. Each steered trait's probe
+        set is resolved (and checked against the generator) first, so a refusal comes before anything heavy loads;
+        the generator is loaded last, for the frame rate."""
+        import numpy as np
+
+        from models.generator import guidance_scales, plausibility_cut, sampling_temperature
+        from models.steering import parse_strengths
 
         d = self.defaults
         strengths = parse_strengths(steer) if steer else {}
         for trait in strengths:
-            self.probe_ref(trait)  # resolve + compatibility check first: fail before loading anything heavy
+            self.probe_ref(trait)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise GenerationError("no prompt given")
@@ -281,36 +342,62 @@ class GenerationSession:
         from core.files import check_output_path
 
         check_output_path(out, "--out")  # a bad path fails before minutes of generation, not after
-        gen, codec = self.generator, self.codec
-        fps = float(codec.frame_rate)
+        fps = float(self.codec.frame_rate)
         n_frames = int(round(duration * fps))
         if n_frames < 1:
             raise GenerationError(f"--duration {duration} s is shorter than one frame ({1 / fps:.3f} s)")
+        return _Request(
+            prompts=prompts,
+            strengths=strengths,
+            n_frames=n_frames,
+            fps=fps,
+            seed=seed,
+            sampling=sampling,
+            cfg_scale=cfg_scale,
+            prompt_guidance=prompt_guidance,
+            plausibility=plausibility,
+            out=out,
+            mode=mode,
+            continue_from=continue_from,
+            bpm=bpm,
+            key=key,
+        )
 
-        plan = None
-        if strengths:
-            sp = d.steering
-            extra = {"every": sp.every, "decay": sp.decay, "monitor_heads": sp.monitor_heads}
-            if sp.tau is not None:
-                extra["tau"] = sp.tau
-            if mode == "iti":
-                extra["top_k"] = sp.iti_top_k
-            plan = SteeringPlan.build({t: self.probe_set(t) for t in strengths}, strengths, mode=mode, **extra)
-        elif mode not in ("smitin", "iti", "none"):
-            raise GenerationError(f"unknown steering mode {mode!r} (choose smitin, iti, none)")
+    def _steering_plan(self, strengths: dict[str, float], mode: str):
+        """The steering plan of the steered traits (params generate.steering), or None without any."""
+        if not strengths:
+            if mode not in ("smitin", "iti", "none"):
+                raise GenerationError(f"unknown steering mode {mode!r} (choose smitin, iti, none)")
+            return None
+        from models.steering import SteeringPlan
 
-        B = len(prompts)
-        cond = attrs = None
-        musicgen = self.backend == "musicgen"
-        if musicgen:
+        sp = self.defaults.steering
+        extra = {"every": sp.every, "decay": sp.decay, "monitor_heads": sp.monitor_heads}
+        if sp.tau is not None:
+            extra["tau"] = sp.tau
+        if mode == "iti":
+            extra["top_k"] = sp.iti_top_k
+        return SteeringPlan.build({t: self.probe_set(t) for t in strengths}, strengths, mode=mode, **extra)
+
+    def _conditioning(self, request: _Request):
+        """(caption condition, attribute ids) of the batch, each None when not used: MusicGen takes the captions
+        as text (its own T5 encoder), the builtin generator their sentence embeddings and --bpm / --key ids."""
+        import torch
+
+        from models.generator import attribute_ids
+
+        prompts, bpm, key = request.prompts, request.bpm, request.key
+        captioned = any(p.strip() for p in prompts)
+        if self.backend == "musicgen":
             if bpm is not None or key is not None:
                 raise GenerationError(
                     "--bpm / --key are attributes of the builtin generator; MusicGen reads tempo "
                     "and key from the prompt text (e.g. '... at 120 bpm in F# minor')"
                 )
-            if any(p.strip() for p in prompts):
-                cond = list(prompts)  # captions for MusicGen's own T5 encoder
-        elif any(p.strip() for p in prompts):
+            return (list(prompts) if captioned else None), None
+        gen = self.generator
+        cond = attrs = None
+        if captioned:
             from models.conditioning import embed_captions
 
             cond = embed_captions(prompts)
@@ -318,33 +405,43 @@ class GenerationSession:
                 raise GenerationError(
                     f"caption embeddings have {cond.shape[1]} dims, the generator expects {gen.cfg.cond_dim}"
                 )
-        if not musicgen and gen.cfg.use_attributes and (bpm is not None or key is not None):
+        if gen.cfg.use_attributes and (bpm is not None or key is not None):
             tonic, _, scale = (key or "").partition(" ")
-            attrs = torch.tensor([attribute_ids(bpm, tonic or None, scale or None)] * B, dtype=torch.long)
-        guidance = cfg_scale if cond is not None else 1.0
+            attrs = torch.tensor([attribute_ids(bpm, tonic or None, scale or None)] * len(prompts), dtype=torch.long)
+        return cond, attrs
 
-        prompt = self._prompt_codes(continue_from)
+    def _run(self, request: _Request, plan, cond, attrs, guidance: float, prompt, progress):
+        """Generate the batch's new frames, steered by `plan` when given: (codes [B, K, n_frames] on the CPU, the
+        steering report's rows, windows). The context holds max_frames delayed positions; longer clips are
+        generated in windows, each continuing the last half-context of audio generated so far."""
+        from contextlib import nullcontext
+
+        import torch
+
+        from models.steering import steer as install
+
+        gen, B, n_frames = self.generator, len(request.prompts), request.n_frames
+        musicgen = self.backend == "musicgen"
         history = prompt[None].expand(B, -1, -1).clone() if prompt is not None else None
-        # The context holds max_frames delayed positions; longer clips are generated in windows, each continuing
-        # the last half-context of audio generated so far.
         limit = gen.max_positions if musicgen else gen.cfg.max_frames - (gen.cfg.n_codebooks - 1)
         keep = limit // 2
         if history is not None and history.shape[2] > keep:
             history = history[:, :, -keep:]
-        new_frames, steps, done, chunk = [], [], 0, 0
-        t0 = time.perf_counter()
-        from contextlib import nullcontext
-
+        builtin_only = (
+            {}
+            if musicgen
+            else {
+                "attributes": attrs,
+                "prompt_guidance": request.prompt_guidance,
+                "plausibility": request.plausibility,
+            }
+        )
+        new_frames, steps, done, window = [], [], 0, 0
         with install(gen, plan) if plan is not None else nullcontext() as session:
             while done < n_frames:
                 ctx = history[:, :, -keep:] if history is not None else None
                 ctx_len = ctx.shape[2] if ctx is not None else 0
                 n = min(n_frames - done, limit - ctx_len)
-                extra = (
-                    {}
-                    if musicgen
-                    else {"attributes": attrs, "prompt_guidance": prompt_guidance, "plausibility": plausibility}
-                )
                 with torch.inference_mode():
                     codes = gen.generate(
                         n,
@@ -352,9 +449,9 @@ class GenerationSession:
                         condition=cond,
                         batch_size=B,
                         cfg_scale=guidance,
-                        seed=seed + chunk,
-                        **extra,
-                        **sampling,
+                        seed=request.seed + window,
+                        **builtin_only,
+                        **request.sampling,
                     )
                 fresh = codes[:, :, ctx_len:].cpu()  # a MusicGen on a GPU returns GPU codes; the prompt is on the CPU
                 new_frames.append(fresh)
@@ -363,13 +460,20 @@ class GenerationSession:
                     offset = steps[-1]["step"] + 1 if steps else 0
                     steps += [{**s, "step": s["step"] + offset} for s in session.report().steps]
                 done += n
-                chunk += 1
+                window += 1
                 if progress:
                     progress(done, n_frames)
-        codes = torch.cat(new_frames, dim=2)
-        t_gen = time.perf_counter() - t0
+        return torch.cat(new_frames, dim=2), steps, window
 
-        wavs = [out] if B == 1 else [out.with_name(f"{out.stem}_{i + 1}.wav") for i in range(B)]
+    def _write_wavs(self, codes, out: Path) -> list[Path]:
+        """Decode each clip to OUT.wav (OUT_1.wav, OUT_2.wav, ... for a batch), peaks held under 0.99."""
+        import numpy as np
+        import soundfile as sf
+
+        from core.files import atomic_path
+
+        codec = self.codec
+        wavs = [out] if len(codes) == 1 else [out.with_name(f"{out.stem}_{i + 1}.wav") for i in range(len(codes))]
         for i, path in enumerate(wavs):
             wave = np.asarray(codec.decode(codes[i]), dtype=np.float32)
             peak = float(np.max(np.abs(wave))) if wave.size else 0.0
@@ -377,40 +481,47 @@ class GenerationSession:
                 wave = wave * (0.99 / peak)
             with atomic_path(path) as tmp:  # a full disk leaves no truncated WAV that opens as valid audio
                 sf.write(str(tmp), wave, codec.sample_rate, subtype="PCM_16", format="WAV")
-        info = {
-            "prompts": prompts,
-            "duration_s": n_frames / fps,
-            "frames": n_frames,
-            "windows": chunk,
-            "seed": seed,
-            "cfg_scale": guidance,
-            "prompt_guidance": prompt_guidance,
-            "prompt_plausibility": plausibility,
-            **sampling,
-            "mode": mode if plan else "none",
-            "continue_from": str(continue_from) if continue_from else None,
-            "bpm": bpm,
-            "key": key,
-            "generator": _ref_info(self.generator_ref),
-            "probe_sets": {t: _ref_info(self.probe_refs[t]) for t in strengths},
-            "outputs": [str(p) for p in wavs],
-            "generate_s": round(t_gen, 3),
-        }
-        report_json, pngs = None, []
-        if plan is not None:
-            from models.steering import SteeringReport
+        return wavs
 
-            report = SteeringReport({"plan": plan.describe(), "steps": steps})
-            report_json = out.with_suffix(".steering.json")
-            with atomic_path(report_json) as tmp:
-                tmp.write_text(
-                    json.dumps({**report.data, "summary": report.summary(), "generation": info}, indent=1) + "\n"
-                )
-            for i, path in enumerate(wavs):
-                png = path.with_suffix(".steering.png")
-                report.plot(png, row=i)
-                pngs.append(png)
-        return GenerationResult(wavs, report_json, pngs, info)
+    def _describe(self, request: _Request, plan, guidance: float, windows: int, wavs: list[Path], seconds: float):
+        """The `generation` record of a result (and of the steering report)."""
+        return {
+            "prompts": request.prompts,
+            "duration_s": request.n_frames / request.fps,
+            "frames": request.n_frames,
+            "windows": windows,
+            "seed": request.seed,
+            "cfg_scale": guidance,
+            "prompt_guidance": request.prompt_guidance,
+            "prompt_plausibility": request.plausibility,
+            **request.sampling,
+            "mode": request.mode if plan else "none",
+            "continue_from": str(request.continue_from) if request.continue_from else None,
+            "bpm": request.bpm,
+            "key": request.key,
+            "generator": _ref_info(self.generator_ref),
+            "probe_sets": {t: _ref_info(self.probe_refs[t]) for t in request.strengths},
+            "outputs": [str(p) for p in wavs],
+            "generate_s": round(seconds, 3),
+        }
+
+    def _write_report(self, plan, steps: list[dict], info: dict, out: Path, wavs: list[Path]):
+        """OUT.steering.json (every clip's rows, the summary, `info`) and one OUT[_i].steering.png per clip."""
+        from core.files import atomic_path
+        from models.steering import SteeringReport
+
+        report = SteeringReport({"plan": plan.describe(), "steps": steps})
+        report_json = out.with_suffix(".steering.json")
+        with atomic_path(report_json) as tmp:
+            tmp.write_text(
+                json.dumps({**report.data, "summary": report.summary(), "generation": info}, indent=1) + "\n"
+            )
+        pngs = []
+        for i, path in enumerate(wavs):
+            png = path.with_suffix(".steering.png")
+            report.plot(png, row=i)
+            pngs.append(png)
+        return report_json, pngs
 
 
 def _finite(name: str, value) -> float:
@@ -446,45 +557,14 @@ def _ref_info(ref) -> dict:
     }
 
 
-def _backend(
-    params: GeneratorParams, generator, backend, musicgen, device, dtype, allow_pickle_weights=False
-) -> GeneratorChoice:
-    """The generator backend of a session: an explicit `generator` decides by what it is (a MusicGen folder ->
-    musicgen; a models:/ URI or a builtin folder -> builtin); without one, `backend` / `musicgen`, then params
-    `generator` (backend, path, device, dtype, codec_path)."""
-    from models.musicgen import backend_section, find_musicgen_dir
-
-    if generator is not None and musicgen is None:
-        if find_musicgen_dir(generator) is not None:
-            musicgen = generator
-        elif backend == "musicgen":
-            raise GenerationError(
-                f"--generator {generator} is not a MusicGen folder (MusicGen weights are never "
-                "registered: give their local folder)"
-            )
-        else:
-            backend = "builtin"
-    return backend_section(
-        params,
-        backend=backend,
-        musicgen=musicgen,
-        device=device,
-        dtype=dtype,
-        allow_pickle_weights=allow_pickle_weights,
-    )
-
-
 def _musicgen_ref(section: GeneratorParams):
     """A LocalModel for local MusicGen weights, before loading them: backend and shape known (from config.json), the
     fingerprint filled in by `GenerationSession._load`."""
-    from models.musicgen import MusicGenError, musicgen_shape, resolve_local_dir
+    from models.backends import musicgen_folder
+    from models.musicgen import musicgen_shape
     from registry.loading import LocalModel
 
-    if not section.path:
-        raise MusicGenError(
-            "generator.backend is musicgen but no MusicGen folder is given (--generator DIR or params generator.path)"
-        )
-    folder = resolve_local_dir(section.path)
+    folder = musicgen_folder(section)
     shape = musicgen_shape(folder)
     return LocalModel(
         path=folder,

@@ -31,6 +31,7 @@ from models.coconet import (
     roll_to_classes,
     save_coconet,
 )
+from models.optimizer_state import flatten_optimizer, unflatten_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +190,6 @@ def train_coconet(
     from safetensors.torch import load_file, save_file
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    from models.train import _flatten_optimizer, _unflatten_optimizer
-
     say = progress or log.info
     p = params.resolved()
     torch.manual_seed(p.seed)
@@ -221,7 +220,7 @@ def train_coconet(
         saved = json.loads((ckpt / "state.json").read_text())
         if saved.get("run") == state["run"]:
             model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
-            _unflatten_optimizer(opt, load_file(str(ckpt / "optimizer.safetensors")), saved["optimizer"])
+            unflatten_optimizer(opt, load_file(str(ckpt / "optimizer.safetensors")), saved["optimizer"])
             sched.load_state_dict(saved["scheduler"])
             best_state = load_file(str(ckpt / "best.safetensors"))
             if ema is not None:
@@ -291,9 +290,7 @@ def train_coconet(
             else:
                 state["bad_evals"] += 1
             if ckpt:
-                _save_checkpoint(
-                    ckpt, model, opt, sched, ema, best_state, state, elapsed, save_file, _flatten_optimizer
-                )
+                _save_checkpoint(ckpt, model, opt, sched, ema, best_state, state, elapsed, save_file, flatten_optimizer)
             if state["bad_evals"] >= p.patience:
                 stop = "early_stopping"
                 break

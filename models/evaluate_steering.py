@@ -33,8 +33,9 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -277,47 +278,131 @@ def evaluate_steering(
     generator_section: GeneratorParams | None = None,
 ) -> dict:
     """Run the whole evaluation; returns {"metrics": nested numbers (DVC / MLflow), "rows": [...], ...}.
-    `generator_section`: the params `generator` section (see `models.musicgen.backend_section`); None or backend
+    `generator_section`: the params `generator` section (see `models.backends.choose_backend`); None or backend
     builtin evaluates the builtin generator in `generator_dir`."""
-    from models.detectors import fit_drum_detector
-    from models.musicgen import load_backend
-    from models.train import TokenSet
+    from models.backends import load_backend
 
     say = progress or (lambda msg: log.info(msg))
-    seed = params.seed
-    torch.manual_seed(seed)
+    torch.manual_seed(params.seed)
     # One intra-op thread by default: many small ops (Griffin-Lim decoding, KV-cached steps) gain nothing from
     # more, and on a shared CPU oversubscribed threads made decoding 10-50x slower in wall time.
     torch.set_num_threads(params.threads)
     musicgen = generator_section is not None and generator_section.backend == "musicgen"
     generator, codec = load_backend(generator_section or GeneratorParams(), generator_dir)
-    if codec is None:
-        raise UserError("this decoder-only MusicGen has no codec: set generator.codec_path (an EnCodec folder)")
     if musicgen and not clips_table:
         raise UserError("evaluating MusicGen needs the clips table (--clips): its prompts are encoded with its codec")
     fingerprint = generator.fingerprint()
-    sr, fps = codec.sample_rate, float(codec.frame_rate)
+    fps = float(codec.frame_rate)
     prompt_n = int(round(params.prompt_seconds * fps))
     new_n = int(round(params.continuation_seconds * fps))
-    per_class = params.prompts_per_class
     sampling = dict(temperature=sampling_temperature(params.temperature), top_k=params.top_k, top_p=params.top_p)
-    steering = dict(every=params.every, decay=params.decay, monitor_heads=params.monitor_heads)
-    if params.tau is not None:
-        steering["tau"] = params.tau
 
-    traits = [t for t in params.traits if t in DETECTABLE]
-    for t in params.traits:
-        if t not in DETECTABLE:
-            say(f"{t}: no independent detector yet; skipped")
+    traits = _detectable_traits(params.traits, say)
     mains = {t: ProbeSet.load(Path(probes_dir) / t) for t in traits}
     SteeringPlan(mains, {t: 1.0 for t in mains}).check_generator(generator, fingerprint)  # refuse early
+    detector, tokens = _fit_detector(params, codec, musicgen, new_n / fps, tokens_dir, clips_table, say)
+    run = _Run(params, generator, codec, fingerprint, musicgen, tokens, detector, prompt_n, new_n, sampling)
+
+    rows: list[dict] = []
+    embeddings: list[tuple[np.ndarray, EmbeddingSpace]] = []  # per row, for the paired interval of the FD rise
+    metrics: dict = {"detector": {k: v for k, v in detector.info.items() if isinstance(v, (int, float))}}
+    reports: dict = {}
+    for trait in traits:
+        main = mains[trait]
+        ablation = _trait_ablation(run, trait, clips_table, probes_section, say)
+        prompts = _trait_prompts(run, trait)
+        metrics.setdefault(trait, {}).update(_trait_metrics(main, ablation, prompts))
+        for task in params.tasks:
+            modes = _modes(params, task, main, ablation)
+            for direction in ("add", "remove"):
+                for mode in modes:
+                    row, emb, report = _run_cell(run, trait, task, direction, prompts, mode)
+                    embeddings.append((emb, prompts.space))
+                    rows.append(row)
+                    reports[f"{trait}/{task}/{direction}/{mode.name}"] = report
+                    say(
+                        f"{trait} {task} {direction} {mode.name}: present {row['judged_present']:.2f}, "
+                        f"FD {row['frechet']:.2f}, probe p {row['mean_probe_p']:.2f} ({row['seconds']}s)"
+                    )
+
+    _compare_with_unsteered(rows, embeddings, metrics)
+    result = {
+        "metrics": metrics,
+        "rows": rows,
+        "generator_fingerprint": fingerprint,
+        "generator": generator.describe() if hasattr(generator, "describe") else {"backend": "builtin"},
+        "embedding": "mean+std of 64 log-mel bands, standardised, PCA to "
+        f"{params.embedding_dims} dims fitted on decoded real continuations",
+        "detector": detector.info,
+        "params": params.model_dump(),
+    }
+    _write_outputs(result, reports, detector, out_json, table_path, report_dir)
+    return result
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What every (trait, task, direction, mode) cell of an evaluation shares."""
+
+    params: EvaluateSteeringParams
+    generator: Any
+    codec: Any
+    fingerprint: str
+    musicgen: bool
+    tokens: Any  # the prompts' split: a models.train.TokenSet, or EncodedClips for MusicGen
+    detector: Any  # models.detectors' drum detector
+    prompt_n: int  # prompt frames
+    new_n: int  # generated frames
+    sampling: dict  # Generator.generate keyword arguments: temperature, top_k, top_p
+
+
+class _Mode(NamedTuple):
+    """One row of a task's modes: a name, its probe set, `SteeringPlan.build` settings and strength."""
+
+    name: str
+    probes: ProbeSet
+    settings: dict
+    strength: float
+
+
+@dataclass(frozen=True)
+class _TraitPrompts:
+    """One trait's prompts and what their real continuations give: the embedding space of the Frechet distance
+    and the share the detector judges to have the trait."""
+
+    picked: dict[bool, list[int]]  # token-set indices of prompts with (True) / without (False) the trait
+    space: EmbeddingSpace
+    prompt_embeddings: dict[bool, np.ndarray]
+    real_judged: dict[bool, float]
+
+
+def _detectable_traits(traits: list[str], say: Callable[[str], None]) -> list[str]:
+    for t in traits:
+        if t not in DETECTABLE:
+            say(f"{t}: no independent detector yet; skipped")
+    return [t for t in traits if t in DETECTABLE]
+
+
+def _fit_detector(
+    params: EvaluateSteeringParams,
+    codec,
+    musicgen: bool,
+    clip_seconds: float,
+    tokens_dir: str,
+    clips_table: str | None,
+    say: Callable[[str], None],
+) -> tuple[Any, Any]:
+    """(drum detector fitted on the train split, the prompts' split). MusicGen's prompts and detector data are the
+    clips table encoded with its codec: the token files hold the builtin codec's codes."""
+    from models.detectors import fit_drum_detector
+    from models.train import TokenSet
 
     t0 = time.time()
     split = params.split
     max_segments = params.detector_max_segments
-    if musicgen:  # the token files hold the builtin codec's codes: encode the clips with MusicGen's EnCodec
+    if musicgen:
         encoded = {
-            s: EncodedClips(clips_table, codec, s, max_segments, seed, need_trait="drums")
+            s: EncodedClips(clips_table, codec, s, max_segments, params.seed, need_trait="drums")
             for s in dict.fromkeys(("train", "test", split))
         }
         say(
@@ -330,126 +415,164 @@ def evaluate_steering(
     detector = fit_drum_detector(
         detector_data,
         codec,
-        new_n / fps,
-        seed=seed,
+        clip_seconds,
+        seed=params.seed,
         max_clips=max_segments,
         token_noise=params.detector_token_noise,
     )
     say(f"detector (independent of the probes): {detector.info} ({time.time() - t0:.0f}s)")
-    tokens = tokens if tokens is not None else TokenSet(tokens_dir, split)
+    return detector, tokens if tokens is not None else TokenSet(tokens_dir, split)
 
-    rows: list[dict] = []
-    embeddings: list[tuple[np.ndarray, EmbeddingSpace]] = []  # per row, for the paired interval of the FD rise
-    metrics: dict = {"detector": {k: v for k, v in detector.info.items() if isinstance(v, (int, float))}}
-    reports: dict = {}
-    for trait in traits:
-        main = mains[trait]
-        n_pairs = list(params.n_pairs)
-        ablation = {}
-        if n_pairs and clips_table and probes_section:
-            ablation = ablation_probe_sets(trait, generator, codec, clips_table, probes_section, n_pairs)
-            for n, ps in ablation.items():
-                say(
-                    f"{trait}: probes on {n} training pairs: best head acc {ps.metrics['best_acc']:.3f}, "
-                    f"top-16 {ps.metrics['top16_acc']:.3f}"
-                )
-        picked = _pick_prompts(tokens, trait, per_class, prompt_n + new_n, seed)
-        if not picked[True] or not picked[False]:
-            raise UserError(f"{trait}: the {split} tokens need clips with and without it")
-        # reference: decoded real continuations of the same prompts (both classes)
-        ref_waves = {
-            lab: [codec.decode(tokens.clip(i)[:, prompt_n : prompt_n + new_n]) for i in idx]
-            for lab, idx in picked.items()
-        }
-        reference = np.stack([audio_embedding(w, sr) for lab in (True, False) for w in ref_waves[lab]])
-        space = EmbeddingSpace(reference, params.embedding_dims)
-        prompt_emb = {
-            lab: np.stack([audio_embedding(codec.decode(tokens.clip(i)[:, :prompt_n]), sr) for i in idx])
-            for lab, idx in picked.items()
-        }
-        real_judged = {
-            lab: float(np.mean([detector.probability(w, sr) >= detector.threshold for w in ws]))
-            for lab, ws in ref_waves.items()
-        }
-        metrics.setdefault(trait, {})["real_continuation_judged_present"] = {
-            "with_trait": real_judged[True],
-            "without_trait": real_judged[False],
-        }
-        metrics[trait]["probe_best_acc"] = main.metrics.get("best_acc")
-        metrics[trait]["probe_top16_acc"] = main.metrics.get("top16_acc")
-        for n, ps in ablation.items():
-            metrics[trait][f"probe_best_acc_{n}pairs"] = ps.metrics["best_acc"]
-            metrics[trait][f"probe_top16_acc_{n}pairs"] = ps.metrics["top16_acc"]
 
-        for task in params.tasks:
-            alpha = params.alpha_text if task == "text" else params.alpha
-            alpha_high = params.alpha_high_text if task == "text" else params.alpha_high
-            iti_alpha = params.iti_alpha
-            modes = [
-                ("none", main, dict(mode="none"), 1.0),
-                ("iti", main, dict(mode="iti", top_k=params.iti_top_k), iti_alpha),
-                ("smitin", main, dict(mode="smitin", **steering), alpha),
-                (f"smitin_x{alpha_high / alpha:g}", main, dict(mode="smitin", **steering), alpha_high),
-                ("random_control", main, dict(mode="smitin", direction="random", **steering), alpha),
-            ]
-            modes += [(f"smitin_{n}pairs", ps, dict(mode="smitin", **steering), alpha) for n, ps in ablation.items()]
-            for direction, lab in (("add", False), ("remove", True)):
-                idx = picked[lab]
-                sign = 1.0 if direction == "add" else -1.0
-                for name, ps, mode_params, strength in modes:
-                    t1 = time.time()
-                    plan = SteeringPlan.build({trait: ps}, {trait: sign * strength}, **mode_params)
-                    if task == "continuation":
-                        kwargs = dict(prompt=torch.stack([tokens.clip(i)[:, :prompt_n] for i in idx]))
-                    elif musicgen:  # captions through MusicGen's own T5 encoder
-                        kwargs = dict(
-                            condition=[tokens.meta["caption"][i] for i in idx],
-                            cfg_scale=params.cfg_scale,
-                        )
-                    else:
-                        sel = torch.tensor(idx)
-                        kwargs = dict(
-                            condition=tokens.condition[sel],
-                            attributes=tokens.attributes[sel],
-                            cfg_scale=params.cfg_scale,
-                        )
-                    with steer(generator, plan, fingerprint) as session:
-                        out = generator.generate(new_n, seed=seed, **kwargs, **sampling)
-                    report = session.report()
-                    start = prompt_n if task == "continuation" else 0
-                    waves = [codec.decode(out[j, :, start : start + new_n]) for j in range(len(idx))]
-                    judged = np.array([detector.probability(w, sr) for w in waves])
-                    emb = np.stack([audio_embedding(w, sr) for w in waves])
-                    row = {
-                        "trait": trait,
-                        "task": task,
-                        "direction": direction,
-                        "mode": name,
-                        "strength": sign * strength if name != "none" else 0.0,
-                        "n": len(idx),
-                        # smitin's push interval goes with its numbers (the registry gates compare like with like)
-                        **({"every": plan.params.every} if plan.params.mode == "smitin" else {}),
-                        "judged_present": float(np.mean(judged >= detector.threshold)),
-                        "mean_detector_p": float(judged.mean()),
-                        "frechet": space.frechet(emb),
-                        "frechet_sd": space.frechet_sd(emb, seed=seed),
-                        "mean_probe_p": float(np.mean([s["traits"][trait]["probability"] for s in report.steps])),
-                        "push_steps": float(np.mean(report.summary()[trait]["push_steps"])),
-                        "steps": len(report.steps),
-                        "seconds": round(time.time() - t1, 1),
-                    }
-                    if task == "continuation":
-                        sims = _cosine(space.standardise(prompt_emb[lab]), space.standardise(emb))
-                        row["continuation_similarity"] = float(sims.mean())
-                    embeddings.append((emb, space))
-                    rows.append(row)
-                    reports[f"{trait}/{task}/{direction}/{name}"] = report
-                    say(
-                        f"{trait} {task} {direction} {name}: present {row['judged_present']:.2f}, "
-                        f"FD {row['frechet']:.2f}, probe p {row['mean_probe_p']:.2f} ({row['seconds']}s)"
-                    )
+def _trait_ablation(
+    run: _Run, trait: str, clips_table: str | None, probes_section: ProbesParams | None, say: Callable[[str], None]
+) -> dict[int, ProbeSet]:
+    """The n-pairs ablation's probe sets (none without the clips table or the probes section)."""
+    n_pairs = list(run.params.n_pairs)
+    if not (n_pairs and clips_table and probes_section):
+        return {}
+    ablation = ablation_probe_sets(trait, run.generator, run.codec, clips_table, probes_section, n_pairs)
+    for n, ps in ablation.items():
+        say(
+            f"{trait}: probes on {n} training pairs: best head acc {ps.metrics['best_acc']:.3f}, "
+            f"top-16 {ps.metrics['top16_acc']:.3f}"
+        )
+    return ablation
 
-    # relative numbers against the unsteered row of the same (trait, task, direction)
+
+def _trait_prompts(run: _Run, trait: str) -> _TraitPrompts:
+    """Pick the prompts; the reference is the decoded real continuations of the same prompts (both classes)."""
+    params, tokens, codec, sr = run.params, run.tokens, run.codec, run.codec.sample_rate
+    prompt_n, new_n = run.prompt_n, run.new_n
+    picked = _pick_prompts(tokens, trait, params.prompts_per_class, prompt_n + new_n, params.seed)
+    if not picked[True] or not picked[False]:
+        raise UserError(f"{trait}: the {params.split} tokens need clips with and without it")
+    ref_waves = {
+        lab: [codec.decode(tokens.clip(i)[:, prompt_n : prompt_n + new_n]) for i in idx] for lab, idx in picked.items()
+    }
+    reference = np.stack([audio_embedding(w, sr) for lab in (True, False) for w in ref_waves[lab]])
+    space = EmbeddingSpace(reference, params.embedding_dims)
+    prompt_embeddings = {
+        lab: np.stack([audio_embedding(codec.decode(tokens.clip(i)[:, :prompt_n]), sr) for i in idx])
+        for lab, idx in picked.items()
+    }
+    detector = run.detector
+    real_judged = {
+        lab: float(np.mean([detector.probability(w, sr) >= detector.threshold for w in ws]))
+        for lab, ws in ref_waves.items()
+    }
+    return _TraitPrompts(picked, space, prompt_embeddings, real_judged)
+
+
+def _trait_metrics(main: ProbeSet, ablation: dict[int, ProbeSet], prompts: _TraitPrompts) -> dict:
+    out = {
+        "real_continuation_judged_present": {
+            "with_trait": prompts.real_judged[True],
+            "without_trait": prompts.real_judged[False],
+        },
+        "probe_best_acc": main.metrics.get("best_acc"),
+        "probe_top16_acc": main.metrics.get("top16_acc"),
+    }
+    for n, ps in ablation.items():
+        out[f"probe_best_acc_{n}pairs"] = ps.metrics["best_acc"]
+        out[f"probe_top16_acc_{n}pairs"] = ps.metrics["top16_acc"]
+    return out
+
+
+def _modes(params: EvaluateSteeringParams, task: str, main: ProbeSet, ablation: dict[int, ProbeSet]) -> list[_Mode]:
+    """The modes of a task: none, iti, smitin at two strengths, the random-direction control, the ablation."""
+    alpha = params.alpha_text if task == "text" else params.alpha
+    alpha_high = params.alpha_high_text if task == "text" else params.alpha_high
+    steering = dict(every=params.every, decay=params.decay, monitor_heads=params.monitor_heads)
+    if params.tau is not None:
+        steering["tau"] = params.tau
+    modes = [
+        _Mode("none", main, dict(mode="none"), 1.0),
+        _Mode("iti", main, dict(mode="iti", top_k=params.iti_top_k), params.iti_alpha),
+        _Mode("smitin", main, dict(mode="smitin", **steering), alpha),
+        _Mode(f"smitin_x{alpha_high / alpha:g}", main, dict(mode="smitin", **steering), alpha_high),
+        _Mode("random_control", main, dict(mode="smitin", direction="random", **steering), alpha),
+    ]
+    return modes + [_Mode(f"smitin_{n}pairs", ps, dict(mode="smitin", **steering), alpha) for n, ps in ablation.items()]
+
+
+def _task_inputs(run: _Run, task: str, idx: list[int]) -> dict:
+    """Generator.generate keyword arguments of a task's prompts `idx`."""
+    tokens = run.tokens
+    if task == "continuation":
+        return dict(prompt=torch.stack([tokens.clip(i)[:, : run.prompt_n] for i in idx]))
+    if run.musicgen:  # captions through MusicGen's own T5 encoder
+        return dict(condition=[tokens.meta["caption"][i] for i in idx], cfg_scale=run.params.cfg_scale)
+    sel = torch.tensor(idx)
+    return dict(condition=tokens.condition[sel], attributes=tokens.attributes[sel], cfg_scale=run.params.cfg_scale)
+
+
+def _run_cell(
+    run: _Run, trait: str, task: str, direction: str, prompts: _TraitPrompts, mode: _Mode
+) -> tuple[dict, np.ndarray, Any]:
+    """Generate one cell's clips and measure them: (row, audio embeddings of the clips, steering report). Adding
+    a trait starts from prompts without it, removing from prompts with it."""
+    t1 = time.time()
+    lab = direction == "remove"
+    idx = prompts.picked[lab]
+    sign = 1.0 if direction == "add" else -1.0
+    plan = SteeringPlan.build({trait: mode.probes}, {trait: sign * mode.strength}, **mode.settings)
+    kwargs = _task_inputs(run, task, idx)
+    with steer(run.generator, plan, run.fingerprint) as session:
+        out = run.generator.generate(run.new_n, seed=run.params.seed, **kwargs, **run.sampling)
+    report = session.report()
+    detector, sr, space = run.detector, run.codec.sample_rate, prompts.space
+    start = run.prompt_n if task == "continuation" else 0
+    waves = [run.codec.decode(out[j, :, start : start + run.new_n]) for j in range(len(idx))]
+    judged = np.array([detector.probability(w, sr) for w in waves])
+    emb = np.stack([audio_embedding(w, sr) for w in waves])
+    row = {
+        "trait": trait,
+        "task": task,
+        "direction": direction,
+        "mode": mode.name,
+        "strength": sign * mode.strength if mode.name != "none" else 0.0,
+        "n": len(idx),
+        # smitin's push interval goes with its numbers (the registry gates compare like with like)
+        **({"every": plan.params.every} if plan.params.mode == "smitin" else {}),
+        "judged_present": float(np.mean(judged >= detector.threshold)),
+        "mean_detector_p": float(judged.mean()),
+        "frechet": space.frechet(emb),
+        "frechet_sd": space.frechet_sd(emb, seed=run.params.seed),
+        "mean_probe_p": float(np.mean([s["traits"][trait]["probability"] for s in report.steps])),
+        "push_steps": float(np.mean(report.summary()[trait]["push_steps"])),
+        "steps": len(report.steps),
+        "seconds": round(time.time() - t1, 1),
+    }
+    if task == "continuation":
+        sims = _cosine(space.standardise(prompts.prompt_embeddings[lab]), space.standardise(emb))
+        row["continuation_similarity"] = float(sims.mean())
+    return row, emb, report
+
+
+# a mode's numbers in the metrics; strength and push interval go with them: the registry gates compare success
+# only at equal settings
+_METRIC_KEYS = (
+    "success",
+    "judged_present",
+    "frechet",
+    "frechet_sd",
+    "frechet_rise",
+    "frechet_rise_lo",
+    "frechet_rise_hi",
+    "continuation_similarity",
+    "removal_cut",
+    "mean_probe_p",
+    "strength",
+    "every",
+)
+
+
+def _compare_with_unsteered(
+    rows: list[dict], embeddings: list[tuple[np.ndarray, EmbeddingSpace]], metrics: dict
+) -> None:
+    """Add to every row its numbers relative to the unsteered row of the same (trait, task, direction) (FD rise
+    with its paired interval, success, removal cut), and its numbers to `metrics`."""
     base = {(r["trait"], r["task"], r["direction"]): i for i, r in enumerate(rows) if r["mode"] == "none"}
     for i, r in enumerate(rows):
         j = base[(r["trait"], r["task"], r["direction"])]
@@ -464,41 +587,26 @@ def evaluate_steering(
             r["success"] = 1.0 - r["judged_present"]  # share judged trait-free
             r["removal_cut"] = (1 - r["judged_present"] / b["judged_present"]) if b["judged_present"] > 0 else None
         node = metrics.setdefault(r["trait"], {}).setdefault(r["task"], {}).setdefault(r["direction"], {})
-        # strength and push interval go with the numbers: the registry gates compare success only at equal settings
         node[r["mode"]] = {
-            k: r[k]
-            for k in (
-                "success",
-                "judged_present",
-                "frechet",
-                "frechet_sd",
-                "frechet_rise",
-                "frechet_rise_lo",
-                "frechet_rise_hi",
-                "continuation_similarity",
-                "removal_cut",
-                "mean_probe_p",
-                "strength",
-                "every",
-            )
-            if r.get(k) is not None and np.isfinite(r[k])
+            k: r[k] for k in _METRIC_KEYS if r.get(k) is not None and np.isfinite(r[k])
         }  # e.g. no FD spread under 3 clips
-    result = {
-        "metrics": metrics,
-        "rows": rows,
-        "generator_fingerprint": fingerprint,
-        "generator": generator.describe() if hasattr(generator, "describe") else {"backend": "builtin"},
-        "embedding": "mean+std of 64 log-mel bands, standardised, PCA to "
-        f"{params.embedding_dims} dims fitted on decoded real continuations",
-        "detector": detector.info,
-        "params": params.model_dump(),
-    }
+
+
+def _write_outputs(
+    result: dict,
+    reports: dict,
+    detector,
+    out_json: str | None,
+    table_path: str | None,
+    report_dir: str | None,
+) -> None:
+    """The metrics JSON, the markdown table, and the report folder (rows, detector, smitin / iti step reports)."""
     if out_json:
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_json).write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
+        Path(out_json).write_text(json.dumps(result["metrics"], indent=1, sort_keys=True) + "\n")
     if table_path:
         Path(table_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(table_path).write_text(format_table(rows))
+        Path(table_path).write_text(format_table(result["rows"]))
     if report_dir:
         Path(report_dir).mkdir(parents=True, exist_ok=True)
         (Path(report_dir) / "rows.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
@@ -507,7 +615,6 @@ def evaluate_steering(
             if key.endswith(("/smitin", "/iti")):
                 name = key.replace("/", "_")
                 report.save(Path(report_dir) / f"{name}.json", Path(report_dir) / f"{name}.png")
-    return result
 
 
 def format_table(rows: list[dict]) -> str:

@@ -22,7 +22,7 @@ class GeneratorParams(Section):
 
 
 class GeneratorChoice(GeneratorParams):
-    """The `generator` section with a command's overrides applied (`models.musicgen.backend_section`), plus the
+    """The `generator` section with a command's overrides applied (`models.backends.choose_backend`), plus the
     builtin generator's folder when the command named one (not a params key)."""
 
     builtin_dir: str | None = None

@@ -406,94 +406,146 @@ class Generator(nn.Module):
         prompt's drums without them (validation prompts, judged drum-bearing for drum / drum-free prompts:
         guidance 3 alone 0.76 / 0.21; guidance 6 with plausibility 0.003: 0.81 / 0.19).
         """
-        cfg, K = self.cfg, self.cfg.n_codebooks
+        K = self.cfg.n_codebooks
         temperature = sampling_temperature(temperature, K)
-        device = self.null_cond.device
-        if prompt is not None:
-            self._check_tokens(prompt, allow_special=False)
-            B, Tp = prompt.shape[0], prompt.shape[2]
-        else:
-            B = condition.shape[0] if condition is not None else batch_size
-            Tp = 0
-        S = Tp + n_frames + K - 1  # length of the delayed stream
-        if n_frames < 1:
-            raise GeneratorError("n_frames must be at least 1")
+        B, Tp = self._generation_size(n_frames, prompt, condition, batch_size)
         scales = guidance_scales(prompt_guidance, K)
         scales = scales if isinstance(scales, tuple) else (scales,) * K
         cut = plausibility_cut(plausibility)
-        log_cut = math.log(cut) if cut > 0 else None  # masks tokens below max log-probability + log_cut
-        if S > cfg.max_frames:
+        S = Tp + n_frames + K - 1  # length of the delayed stream
+        if S > self.cfg.max_frames:
             raise GeneratorError(
                 f"prompt ({Tp} frames) + {n_frames} new frames + {K - 1} delay steps exceed the "
-                f"context of {cfg.max_frames} positions"
+                f"context of {self.cfg.max_frames} positions"
             )
         gen = torch.Generator(device="cpu")
         gen.manual_seed(seed if seed is not None else torch.seed())
 
-        codes = torch.zeros(B, K, Tp + n_frames, dtype=torch.long, device=device)
-        if prompt is not None:
-            codes[:, :, :Tp] = prompt.to(device)
-        delayed = apply_delay(codes, self.special)
-        # known[k, s]: position s of codebook k is a delay pad or a prompt token, never sampled
-        s_idx = torch.arange(S, device=device)[None, :] - torch.arange(K, device=device)[:, None]
-        known = (s_idx < Tp) | (s_idx >= Tp + n_frames)
-
-        use_cfg = condition is not None and cfg_scale != 1.0
-        use_pg = Tp > 0 and any(g != 1.0 for g in scales)
-        guidance = torch.tensor(scales, device=device)[None, :, None]  # [1, K, 1]: per codebook
-        cond_prefix = self._prefix(condition, attributes, B)
-        prefix = torch.cat([cond_prefix, self._prefix(None, None, B)], dim=0) if use_cfg else cond_prefix
-        visible = None
-        if use_pg:
-            prefix = torch.cat([prefix, cond_prefix], dim=0)
-            # the prompt-free rows see the prefix and the continuation only: BOS and prompt inputs hidden
-            visible = torch.ones(prefix.shape[0], self.n_prefix + S + 1, dtype=torch.bool, device=device)
-            visible[-B:, self.n_prefix : self.n_prefix + Tp] = False
-        self.batch_layout = {"cfg": use_cfg or use_pg, "n_cond": B}
-        groups = 1 + use_cfg + use_pg
-
-        def rows(x: torch.Tensor, first: bool) -> torch.Tensor:
-            if groups == 1:  # plain generation: no copy per step
-                return x
-            x = torch.cat([x] * groups, dim=0)
-            if use_pg and first:  # the prompt-free rows start from BOS where the prompt's last input was
-                x = x.clone()
-                x[-B:, :, Tp] = self.special
-            return x
-
-        bos = torch.full((B, K, 1), self.special, dtype=torch.long, device=device)
-        stream = torch.cat([bos, delayed], dim=2)  # inputs: stream[:, :, s] is the input at delayed position s
-        caches = [dict() for _ in range(cfg.n_layers)] if use_cache else None
+        stream, known = self._start_stream(prompt, B, Tp, n_frames)
+        device = stream.device
+        guide = _Guidance(
+            n=B,
+            prompt_frames=Tp,
+            special=self.special,
+            cfg_scale=cfg_scale if condition is not None and cfg_scale != 1.0 else None,
+            prompt_scales=(
+                torch.tensor(scales, device=device)[None, :, None] if Tp > 0 and any(g != 1.0 for g in scales) else None
+            ),
+            log_cut=math.log(cut) if cut > 0 else None,
+        )
+        prefix, visible = self._guided_prefix(condition, attributes, guide, S)
+        self.batch_layout = {"cfg": guide.groups > 1, "n_cond": B}
+        caches = [dict() for _ in range(self.cfg.n_layers)] if use_cache else None
         for step, s in enumerate(range(Tp, S)):
-            if use_cache:
-                if step == 0:
-                    logits = self.forward_tokens(rows(stream[:, :, : s + 1], True), prefix, caches, 0, visible)
-                else:
-                    logits = self.forward_tokens(
-                        rows(stream[:, :, s : s + 1], False), None, caches, self.n_prefix + s, visible
-                    )
-            else:
-                logits = self.forward_tokens(rows(stream[:, :, : s + 1], True), prefix, None, 0, visible)
-            logits = logits[:, :, -1].float()  # [rows, K, card]
-            free = logits[-B:] if use_pg else None
-            if use_cfg:
-                cond, uncond = logits[:B], logits[B : 2 * B]
-                logits = uncond + cfg_scale * (cond - uncond)
-            else:
-                logits = logits[:B]
-            if use_pg:
-                prompted = logits
-                logits = free + guidance * (logits - free)
-                if log_cut is not None:
-                    lp = prompted.log_softmax(-1)
-                    implausible = lp < lp.amax(-1, keepdim=True) + log_cut
-                    logits = logits.masked_fill(implausible, float("-inf"))
+            if caches is None or step == 0:  # the whole stream so far, after the prefix
+                logits = self.forward_tokens(guide.rows(stream[:, :, : s + 1], True), prefix, caches, 0, visible)
+            else:  # the newest position against the cache
+                logits = self.forward_tokens(
+                    guide.rows(stream[:, :, s : s + 1], False), None, caches, self.n_prefix + s, visible
+                )
+            logits = guide.combine(logits[:, :, -1].float())  # [B, K, card]
             frame = _sample(logits, temperature, top_k, top_p, gen)  # [B, K]
             frame = torch.where(known[:, s][None, :], stream[:, :, s + 1], frame)
             stream[:, :, s + 1] = frame
             if on_step is not None:
                 on_step(step)
         return undo_delay(stream[:, :, 1:])
+
+    def _generation_size(
+        self, n_frames: int, prompt: torch.Tensor | None, condition: torch.Tensor | None, batch_size: int
+    ) -> tuple[int, int]:
+        """(rows B, prompt frames Tp) of a generation; refuses a bad prompt and fewer than one new frame."""
+        if prompt is not None:
+            self._check_tokens(prompt, allow_special=False)
+            B, Tp = prompt.shape[0], prompt.shape[2]
+        else:
+            B = condition.shape[0] if condition is not None else batch_size
+            Tp = 0
+        if n_frames < 1:
+            raise GeneratorError("n_frames must be at least 1")
+        return B, Tp
+
+    def _start_stream(
+        self, prompt: torch.Tensor | None, B: int, Tp: int, n_frames: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(stream, known): the decoding inputs [B, K, 1 + S] (BOS, then the delayed prompt with room for the new
+        frames; stream[:, :, s] is the input at delayed position s) and known [K, S]: the positions that are delay
+        pads or prompt tokens, never sampled."""
+        K, device = self.cfg.n_codebooks, self.null_cond.device
+        codes = torch.zeros(B, K, Tp + n_frames, dtype=torch.long, device=device)
+        if prompt is not None:
+            codes[:, :, :Tp] = prompt.to(device)
+        delayed = apply_delay(codes, self.special)
+        S = delayed.shape[2]
+        s_idx = torch.arange(S, device=device)[None, :] - torch.arange(K, device=device)[:, None]
+        known = (s_idx < Tp) | (s_idx >= Tp + n_frames)
+        bos = torch.full((B, K, 1), self.special, dtype=torch.long, device=device)
+        return torch.cat([bos, delayed], dim=2), known
+
+    def _guided_prefix(
+        self, condition: torch.Tensor | None, attributes: torch.Tensor | None, guide: _Guidance, S: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(prefix of every row group, `visible` mask or None) for `guide`'s rows."""
+        B, Tp = guide.n, guide.prompt_frames
+        cond_prefix = self._prefix(condition, attributes, B)
+        prefix = cond_prefix
+        if guide.cfg_scale is not None:
+            prefix = torch.cat([cond_prefix, self._prefix(None, None, B)], dim=0)
+        if guide.prompt_scales is None:
+            return prefix, None
+        prefix = torch.cat([prefix, cond_prefix], dim=0)
+        # the prompt-free rows see the prefix and the continuation only: BOS and prompt inputs hidden
+        visible = torch.ones(prefix.shape[0], self.n_prefix + S + 1, dtype=torch.bool, device=prefix.device)
+        visible[-B:, self.n_prefix : self.n_prefix + Tp] = False
+        return prefix, visible
+
+
+@dataclass(frozen=True)
+class _Guidance:
+    """The row groups of one guided decoding step and how their logits combine (see `Generator.generate`):
+    [n conditional rows; n text-unconditional rows with classifier-free guidance; n prompt-free rows with prompt
+    guidance]. Only the first group is the generation."""
+
+    n: int  # rows of the generation (B)
+    prompt_frames: int  # Tp
+    special: int  # the BOS / delay-pad token
+    cfg_scale: float | None  # classifier-free guidance; None: off
+    prompt_scales: torch.Tensor | None  # [1, K, 1] prompt guidance per codebook; None: off
+    log_cut: float | None  # plausibility: masks tokens below the prompted max log-probability + log_cut
+
+    @property
+    def groups(self) -> int:
+        return 1 + (self.cfg_scale is not None) + (self.prompt_scales is not None)
+
+    def rows(self, inputs: torch.Tensor, first: bool) -> torch.Tensor:
+        """One step's inputs [B, K, T] repeated for every row group."""
+        groups = self.groups
+        if groups == 1:  # plain generation: no copy per step
+            return inputs
+        x = torch.cat([inputs] * groups, dim=0)
+        if self.prompt_scales is not None and first:  # the prompt-free rows start from BOS at the prompt's last input
+            x = x.clone()
+            x[-self.n :, :, self.prompt_frames] = self.special
+        return x
+
+    def combine(self, logits: torch.Tensor) -> torch.Tensor:
+        """The last position's logits of every row [rows, K, card] -> the guided logits [B, K, card] to sample."""
+        B = self.n
+        if self.cfg_scale is not None:
+            cond, uncond = logits[:B], logits[B : 2 * B]
+            guided = uncond + self.cfg_scale * (cond - uncond)
+        else:
+            guided = logits[:B]
+        if self.prompt_scales is None:
+            return guided
+        free = logits[-B:]
+        prompted = guided
+        guided = free + self.prompt_scales * (prompted - free)
+        if self.log_cut is not None:
+            lp = prompted.log_softmax(-1)
+            implausible = lp < lp.amax(-1, keepdim=True) + self.log_cut
+            guided = guided.masked_fill(implausible, float("-inf"))
+        return guided
 
 
 def _per_codebook(value, what: str, n_codebooks: int | None, low: float) -> float | tuple[float, ...]:

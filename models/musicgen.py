@@ -52,7 +52,6 @@ import torch
 import torch.nn as nn
 
 from core.errors import UserError
-from models.generation_params import GeneratorChoice, GeneratorParams
 
 
 class MusicGenError(UserError):
@@ -604,64 +603,6 @@ def musicgen_codec(model):
     return codec
 
 
-def backend_section(
-    params: GeneratorParams | None = None,
-    *,
-    generator: str | Path | None = None,
-    backend: str | None = None,
-    musicgen: str | Path | None = None,
-    device: str | None = None,
-    dtype: str | None = None,
-    allow_pickle_weights: bool | None = None,
-) -> GeneratorChoice:
-    """The params `generator` section with command-line overrides applied (None keeps the params value):
-    - `backend`: builtin | musicgen, wins over everything;
-    - `musicgen`: a local MusicGen folder; implies backend musicgen;
-    - `generator`: the builtin generator's folder, or a MusicGen folder (detected from its config.json), which then
-      counts as `musicgen`. A builtin folder does not override params `backend: musicgen` (so the DVC stages, which
-      always pass --generator data/generator, follow params).
-    The result also carries `builtin_dir` (the builtin folder, or None)."""
-    params = params or GeneratorParams()
-    over: dict = {}
-    builtin_dir = None
-    if generator is not None and not str(generator).startswith("models:/"):
-        found = find_musicgen_dir(generator)
-        if found is not None and musicgen is None:
-            musicgen = generator
-        elif found is None:
-            builtin_dir = str(generator)
-    if musicgen is not None:
-        over.update(path=str(musicgen), backend="musicgen")
-    if backend is not None:
-        over["backend"] = backend
-    if device is not None:
-        over["device"] = device
-    if dtype is not None:
-        over["dtype"] = dtype
-    if allow_pickle_weights:
-        over["allow_pickle_weights"] = True
-    return GeneratorChoice.parse({**params.model_dump(), **over, "builtin_dir": builtin_dir}, "generator")
-
-
-def load_backend(params: GeneratorParams, builtin_dir: str | Path | None = None):
-    """(generator, codec) chosen by the `generator` params section: `backend: builtin` loads the trained checkpoint
-    in `builtin_dir` (default: the choice's own `builtin_dir`); `backend: musicgen` loads `path` (local only) on
-    `device` in `dtype`."""
-    if params.backend == "musicgen":
-        if not params.path:
-            raise MusicGenError(
-                "generator.backend is musicgen but generator.path is not set (a local folder of "
-                "MusicGen weights; or pass --musicgen DIR)"
-            )
-        return load_musicgen(params.path, params.device, params.dtype, params.codec_path, params.allow_pickle_weights)
-    from models.generator import load_generator
-
-    builtin_dir = builtin_dir or (params.builtin_dir if isinstance(params, GeneratorChoice) else None)
-    if builtin_dir is None:
-        raise MusicGenError("the builtin generator backend needs the trained generator's folder")
-    return load_generator(builtin_dir)
-
-
 # ------------------------------------------------------------------------------------------------ debug preset
 def debug_musicgen(
     seed: int = 0,
@@ -752,8 +693,6 @@ __all__ = [
     "MusicGenError",
     "load_musicgen",
     "musicgen_codec",
-    "load_backend",
-    "backend_section",
     "find_musicgen_dir",
     "musicgen_shape",
     "weights_fingerprint",

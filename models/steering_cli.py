@@ -51,15 +51,11 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
 
 def generator_section(args) -> GeneratorChoice:
     """The params `generator` section (absent: builtin) with this command's overrides; see
-    `models.musicgen.backend_section`."""
-    from core.config import load_section
-    from models.generation_params import GeneratorParams
-    from models.musicgen import backend_section
+    `models.backends.choose_backend`."""
+    from models.backends import choose_backend, read_generator_params
 
-    path = Path(getattr(args, "params", "") or "")
-    params = load_section(GeneratorParams, path, "generator") if path.is_file() else GeneratorParams()
-    return backend_section(
-        params,
+    return choose_backend(
+        read_generator_params(getattr(args, "params", None)),
         generator=getattr(args, "generator", None),
         backend=args.backend,
         musicgen=args.musicgen,
@@ -70,8 +66,8 @@ def generator_section(args) -> GeneratorChoice:
 
 
 def load_generator_for(section: GeneratorChoice):
-    """(generator, codec) of a resolved backend section; says on stderr which MusicGen it loads (it takes a while)."""
-    from models.musicgen import MusicGenError, load_backend
+    """(generator, codec) of a chosen backend; says on stderr which MusicGen it loads (it takes a while)."""
+    from models.backends import load_backend
 
     if section.backend == "musicgen":
         print(
@@ -79,12 +75,7 @@ def load_generator_for(section: GeneratorChoice):
             file=sys.stderr,
             flush=True,
         )
-    generator, codec = load_backend(section, section.builtin_dir)
-    if codec is None:
-        raise MusicGenError(
-            "this decoder-only MusicGen has no codec: set generator.codec_path to an EnCodec save_pretrained folder"
-        )
-    return generator, codec
+    return load_backend(section)
 
 
 def _progress(stage: str, done: int, total: int) -> None:

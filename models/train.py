@@ -28,6 +28,7 @@ from core.config import Section
 from core.errors import UserError
 from models.codec import MelCodecConfig, MelRVQCodec, load_codec
 from models.generator import Generator, GeneratorConfig, attribute_ids, save_generator
+from models.optimizer_state import flatten_optimizer, unflatten_optimizer
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "valid", "test")
@@ -318,23 +319,6 @@ def _run_identity(codec, tokens_dir: str, p: TrainGeneratorParams) -> str:
     return h.hexdigest()
 
 
-def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
-    tensors = {}
-    for pid, state in sd["state"].items():
-        for name, value in state.items():
-            tensors[f"{pid}.{name}"] = torch.as_tensor(value).clone().contiguous()
-    return tensors, {"param_groups": sd["param_groups"]}
-
-
-def _unflatten_optimizer(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
-    state: dict = {}
-    for key, value in tensors.items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = value
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
 def unigram_nats(train: TokenSet, valid: TokenSet, card: int) -> float:
     """Cross-entropy of the valid codes under per-codebook unigram frequencies of train (a floor to beat)."""
     total = 0.0
@@ -381,168 +365,38 @@ def train_generator(
     `checkpoint_dir`; a later run with the same config continues from there. Stops at `steps`, after
     `max_minutes`, or when validation loss has not improved for `patience` evaluations.
     """
-    from safetensors.torch import load_file, save_file
-
     say = progress or log.info
     p = params.resolved()
-    seed = p.seed
-    torch.manual_seed(seed)
+    torch.manual_seed(p.seed)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu" and p.threads:
         torch.set_num_threads(p.threads)
     codec = load_codec(codec_dir)
-    train, valid = TokenSet(tokens_dir, "train"), TokenSet(tokens_dir, "valid")
-    for split in (train, valid):
-        if split.meta["codec"]["fingerprint"] != codec.fingerprint():
-            raise TrainingDataError(f"tokens in {tokens_dir} were made with another codec; re-run `smitin tokenize`")
+    train, valid = _training_tokens(tokens_dir, codec)
     cfg = generator_config(p, codec)
     window = p.window_frames
     if window + cfg.n_codebooks - 1 > cfg.max_frames:
         raise UserError(f"window_frames {window} + delay {cfg.n_codebooks - 1} exceeds max_frames {cfg.max_frames}")
-    model = Generator(cfg).to(device)
-    opt = torch.optim.AdamW(
-        model.parameters(),
-        lr=p.lr,
-        betas=(0.9, 0.95),
-        weight_decay=p.weight_decay,
-    )
-    steps, batch_size = p.steps, p.batch_size
-    warmup, eval_every = p.warmup, p.eval_every
-    patience, max_minutes = p.patience, p.max_minutes
-    # Exponential moving average of the weights: evaluated, kept as best and exported instead of the live weights
-    # (the live ones keep training). On the cpu preset it lowered validation loss 3.56 -> 3.52 nats/token.
-    ema_decay = p.ema_decay
-    ema = copy.deepcopy(model) if ema_decay > 0 else None
-    judged = ema if ema is not None else model
-    state = {
-        "step": 0,
-        "best_valid": float("inf"),
-        "bad_evals": 0,
-        "history": [],
-        "train_seconds": 0.0,
-        "config": asdict(cfg),
-    }
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
-    if ckpt:  # hashing the token files is only needed to tell a resumable checkpoint from another run's
-        state["run"] = _run_identity(codec, tokens_dir, p)
-    best_state = None
+    # hashing the token files is only needed to tell a resumable checkpoint from another run's
+    run_identity = _run_identity(codec, tokens_dir, p) if ckpt else None
+    training = _Training(p, cfg, train, valid, device, ckpt, run_identity, say)
     if ckpt and resume and (ckpt / "state.json").exists():
-        saved = json.loads((ckpt / "state.json").read_text())
-        if saved.get("config") == asdict(cfg) and saved.get("run") == state["run"]:
-            model.load_state_dict(load_file(str(ckpt / "model.safetensors"), device=device))
-            _unflatten_optimizer(opt, load_file(str(ckpt / "optimizer.safetensors"), device=device), saved["optimizer"])
-            best_state = load_file(str(ckpt / "best.safetensors"), device=device)
-            if ema is not None:
-                ema.load_state_dict(load_file(str(ckpt / "ema.safetensors"), device=device))
-            state = {k: saved[k] for k in state}
-            planned = saved.get("target_steps")
-            if planned is not None and planned < steps:
-                # e.g. a preset change: the user may expect a fresh run of the new preset, which trains differently
-                say(
-                    f"resumed from {ckpt} at step {state['step']}: a run planned for {planned} steps continues to "
-                    f"{steps}, its learning-rate decay stretched (delete {ckpt} to train from scratch)"
-                )
-            else:
-                say(f"resumed from {ckpt} at step {state['step']}")
-        else:
-            # a checkpoint of another model, codec, token set or schedule (e.g. before a data refresh): resuming
-            # it would continue training on tokens whose codes mean something else
-            say(f"checkpoint in {ckpt} is from another run (config, codec, tokens or schedule differ): starting afresh")
-    gen = torch.Generator().manual_seed(seed + state["step"])
+        training.resume()
     floor = unigram_nats(train, valid, cfg.card)
     say(
-        f"generator {model.num_params() / 1e6:.2f}M params, {len(train)} train / {len(valid)} valid clips, "
+        f"generator {training.model.num_params() / 1e6:.2f}M params, {len(train)} train / {len(valid)} valid clips, "
         f"unigram floor {floor:.3f} nats"
     )
-
-    def lr_at(step: int) -> float:
-        base = p.lr
-        if step < warmup:
-            return base * (step + 1) / warmup
-        return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup)))))
-
-    model.train()
-    t_start, frames_done, run_train = time.time(), 0, []
-    stop_reason = "steps"
-    while state["step"] < steps:
-        step = state["step"]
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        idx = torch.randint(0, len(train), (batch_size,), generator=gen).tolist()
-        codes, cond, attrs = train.batch(idx, window, gen)
-        loss, per_cb = model.loss(codes.to(device), cond.to(device), attrs.to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if ema is not None:
-            with torch.no_grad():
-                for e, w in zip(ema.parameters(), model.parameters()):
-                    e.lerp_(w, 1.0 - ema_decay)
-        frames_done += batch_size * window
-        run_train.append(per_cb.cpu())
-        state["step"] = step + 1
-        elapsed = time.time() - t_start
-        last = state["step"] == steps or (state["train_seconds"] + elapsed) / 60 >= max_minutes
-        if state["step"] % eval_every == 0 or last:
-            v = evaluate(judged, valid, window, batch_size, p.eval_clips, device)
-            tr = torch.stack(run_train).mean(0)
-            run_train = []
-            rec = {
-                "step": state["step"],
-                "train_loss": float(tr.mean()),
-                "valid_loss": float(v.mean()),
-                "tokens_per_s": frames_done * cfg.n_codebooks / max(elapsed, 1e-9),
-                **{f"train_loss_cb{k}": float(tr[k]) for k in range(cfg.n_codebooks)},
-                **{f"valid_loss_cb{k}": float(v[k]) for k in range(cfg.n_codebooks)},
-            }
-            state["history"].append(rec)
-            say(
-                f"step {rec['step']}/{steps} train {rec['train_loss']:.3f} valid {rec['valid_loss']:.3f} "
-                f"({rec['tokens_per_s']:.0f} tokens/s)"
-            )
-            if rec["valid_loss"] < state["best_valid"] - 1e-3:
-                state["best_valid"], state["bad_evals"] = rec["valid_loss"], 0
-                best_state = {k: t.detach().clone() for k, t in judged.state_dict().items()}
-            else:
-                state["bad_evals"] += 1
-            if ckpt:
-                ckpt.mkdir(parents=True, exist_ok=True)
-                save_file({k: t.contiguous() for k, t in model.state_dict().items()}, str(ckpt / "model.safetensors"))
-                save_file(best_state, str(ckpt / "best.safetensors"))
-                if ema is not None:
-                    save_file({k: t.contiguous() for k, t in ema.state_dict().items()}, str(ckpt / "ema.safetensors"))
-                tensors, opt_meta = _flatten_optimizer(opt)
-                save_file(tensors, str(ckpt / "optimizer.safetensors"))
-                (ckpt / "state.json").write_text(
-                    json.dumps(
-                        {
-                            **state,
-                            "train_seconds": state["train_seconds"] + elapsed,
-                            "optimizer": opt_meta,
-                            "target_steps": steps,
-                        }
-                    )
-                )
-            if state["bad_evals"] >= patience:
-                stop_reason = "early_stopping"
-                break
-            if (state["train_seconds"] + elapsed) / 60 >= max_minutes:
-                stop_reason = "time_limit"
-                break
-    elapsed = time.time() - t_start
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    elif ema is not None:
-        model.load_state_dict(ema.state_dict())
-    model.eval()
-    save_generator(model.cpu(), codec, out_dir)
-    best = min(state["history"], key=lambda r: r["valid_loss"]) if state["history"] else {}
+    stop_reason, elapsed = training.run()
+    model = training.export(codec, out_dir)
+    history = training.state["history"]
+    best = min(history, key=lambda r: r["valid_loss"]) if history else {}
     metrics = {
-        "steps": state["step"],
+        "steps": training.state["step"],
         "stop_reason": stop_reason,
         "params": model.num_params(),
-        "train_seconds": round(state["train_seconds"] + elapsed, 1),
+        "train_seconds": round(training.state["train_seconds"] + elapsed, 1),
         "unigram_valid_loss": floor,
         "best_step": best.get("step"),
         "valid_loss": best.get("valid_loss"),
@@ -551,6 +405,201 @@ def train_generator(
         "tokens_per_s": best.get("tokens_per_s"),
         "fingerprint": model.fingerprint(),
     }
+    _write_training_outputs(metrics, history, metrics_path, plot_path)
+    return metrics
+
+
+def _training_tokens(tokens_dir: str, codec) -> tuple[TokenSet, TokenSet]:
+    """The train and valid token sets; refuses tokens made with another codec."""
+    train, valid = TokenSet(tokens_dir, "train"), TokenSet(tokens_dir, "valid")
+    for split in (train, valid):
+        if split.meta["codec"]["fingerprint"] != codec.fingerprint():
+            raise TrainingDataError(f"tokens in {tokens_dir} were made with another codec; re-run `smitin tokenize`")
+    return train, valid
+
+
+def _learning_rate(p: TrainGeneratorParams, step: int) -> float:
+    """Linear warmup to `lr`, then cosine decay to a tenth of it at `steps`."""
+    base = p.lr
+    if step < p.warmup:
+        return base * (step + 1) / p.warmup
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - p.warmup) / max(1, p.steps - p.warmup)))))
+
+
+class _Training:
+    """One run of `train_generator`: the model, its optimizer and weight average, the loop counters (`state`, what
+    a checkpoint's state.json holds besides the optimizer's settings) and the best weights so far."""
+
+    def __init__(
+        self,
+        p: TrainGeneratorParams,
+        cfg: GeneratorConfig,
+        train: TokenSet,
+        valid: TokenSet,
+        device: str,
+        ckpt: Path | None,
+        run_identity: str | None,
+        say,
+    ):
+        self.p, self.cfg, self.device, self.say = p, cfg, device, say
+        self.train, self.valid = train, valid
+        self.ckpt = ckpt
+        self.model = Generator(cfg).to(device)
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=p.lr,
+            betas=(0.9, 0.95),
+            weight_decay=p.weight_decay,
+        )
+        # Exponential moving average of the weights: evaluated, kept as best and exported instead of the live weights
+        # (the live ones keep training). On the cpu preset it lowered validation loss 3.56 -> 3.52 nats/token.
+        self.ema = copy.deepcopy(self.model) if p.ema_decay > 0 else None
+        self.judged = self.ema if self.ema is not None else self.model
+        self.state = {
+            "step": 0,
+            "best_valid": float("inf"),
+            "bad_evals": 0,
+            "history": [],
+            "train_seconds": 0.0,
+            "config": asdict(cfg),
+        }
+        if run_identity is not None:
+            self.state["run"] = run_identity
+        self.best_state = None
+
+    def resume(self) -> None:
+        """Continue from the checkpoint when it is this run's (same config, codec, tokens and schedule)."""
+        from safetensors.torch import load_file
+
+        ckpt, device, steps = self.ckpt, self.device, self.p.steps
+        saved = json.loads((ckpt / "state.json").read_text())
+        if saved.get("config") != asdict(self.cfg) or saved.get("run") != self.state["run"]:
+            # a checkpoint of another model, codec, token set or schedule (e.g. before a data refresh): resuming
+            # it would continue training on tokens whose codes mean something else
+            self.say(
+                f"checkpoint in {ckpt} is from another run (config, codec, tokens or schedule differ): starting afresh"
+            )
+            return
+        self.model.load_state_dict(load_file(str(ckpt / "model.safetensors"), device=device))
+        unflatten_optimizer(self.opt, load_file(str(ckpt / "optimizer.safetensors"), device=device), saved["optimizer"])
+        self.best_state = load_file(str(ckpt / "best.safetensors"), device=device)
+        if self.ema is not None:
+            self.ema.load_state_dict(load_file(str(ckpt / "ema.safetensors"), device=device))
+        self.state = {k: saved[k] for k in self.state}
+        planned = saved.get("target_steps")
+        if planned is not None and planned < steps:
+            # e.g. a preset change: the user may expect a fresh run of the new preset, which trains differently
+            self.say(
+                f"resumed from {ckpt} at step {self.state['step']}: a run planned for {planned} steps continues to "
+                f"{steps}, its learning-rate decay stretched (delete {ckpt} to train from scratch)"
+            )
+        else:
+            self.say(f"resumed from {ckpt} at step {self.state['step']}")
+
+    def run(self) -> tuple[str, float]:
+        """Train until `steps`, early stopping or the time limit: (stop reason, seconds this call trained)."""
+        p, state = self.p, self.state
+        gen = torch.Generator().manual_seed(p.seed + state["step"])
+        self.model.train()
+        t_start, frames_done, run_train = time.time(), 0, []
+        while state["step"] < p.steps:
+            run_train.append(self._step(gen))
+            frames_done += p.batch_size * p.window_frames
+            elapsed = time.time() - t_start
+            last = state["step"] == p.steps or (state["train_seconds"] + elapsed) / 60 >= p.max_minutes
+            if state["step"] % p.eval_every == 0 or last:
+                self._validate(run_train, frames_done, elapsed)
+                run_train = []
+                if self.ckpt:
+                    self._save_checkpoint(elapsed)
+                if state["bad_evals"] >= p.patience:
+                    return "early_stopping", time.time() - t_start
+                if (state["train_seconds"] + elapsed) / 60 >= p.max_minutes:
+                    return "time_limit", time.time() - t_start
+        return "steps", time.time() - t_start
+
+    def _step(self, gen: torch.Generator) -> torch.Tensor:
+        """One optimizer step on a random batch of windows; returns its per-codebook losses."""
+        model, opt, device, step = self.model, self.opt, self.device, self.state["step"]
+        for g in opt.param_groups:
+            g["lr"] = _learning_rate(self.p, step)
+        idx = torch.randint(0, len(self.train), (self.p.batch_size,), generator=gen).tolist()
+        codes, cond, attrs = self.train.batch(idx, self.p.window_frames, gen)
+        loss, per_cb = model.loss(codes.to(device), cond.to(device), attrs.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if self.ema is not None:
+            with torch.no_grad():
+                for e, w in zip(self.ema.parameters(), model.parameters()):
+                    e.lerp_(w, 1.0 - self.p.ema_decay)
+        self.state["step"] = step + 1
+        return per_cb.cpu()
+
+    def _validate(self, run_train: list[torch.Tensor], frames_done: int, elapsed: float) -> None:
+        """Record the validation loss of the judged weights (the average, if kept) and keep them if they are the
+        best so far."""
+        p, state, n_codebooks = self.p, self.state, self.cfg.n_codebooks
+        v = evaluate(self.judged, self.valid, p.window_frames, p.batch_size, p.eval_clips, self.device)
+        tr = torch.stack(run_train).mean(0)
+        rec = {
+            "step": state["step"],
+            "train_loss": float(tr.mean()),
+            "valid_loss": float(v.mean()),
+            "tokens_per_s": frames_done * n_codebooks / max(elapsed, 1e-9),
+            **{f"train_loss_cb{k}": float(tr[k]) for k in range(n_codebooks)},
+            **{f"valid_loss_cb{k}": float(v[k]) for k in range(n_codebooks)},
+        }
+        state["history"].append(rec)
+        self.say(
+            f"step {rec['step']}/{p.steps} train {rec['train_loss']:.3f} valid {rec['valid_loss']:.3f} "
+            f"({rec['tokens_per_s']:.0f} tokens/s)"
+        )
+        if rec["valid_loss"] < state["best_valid"] - 1e-3:
+            state["best_valid"], state["bad_evals"] = rec["valid_loss"], 0
+            self.best_state = {k: t.detach().clone() for k, t in self.judged.state_dict().items()}
+        else:
+            state["bad_evals"] += 1
+
+    def _save_checkpoint(self, elapsed: float) -> None:
+        from safetensors.torch import save_file
+
+        ckpt, model, ema = self.ckpt, self.model, self.ema
+        ckpt.mkdir(parents=True, exist_ok=True)
+        save_file({k: t.contiguous() for k, t in model.state_dict().items()}, str(ckpt / "model.safetensors"))
+        save_file(self.best_state, str(ckpt / "best.safetensors"))
+        if ema is not None:
+            save_file({k: t.contiguous() for k, t in ema.state_dict().items()}, str(ckpt / "ema.safetensors"))
+        tensors, opt_meta = flatten_optimizer(self.opt)
+        save_file(tensors, str(ckpt / "optimizer.safetensors"))
+        (ckpt / "state.json").write_text(
+            json.dumps(
+                {
+                    **self.state,
+                    "train_seconds": self.state["train_seconds"] + elapsed,
+                    "optimizer": opt_meta,
+                    "target_steps": self.p.steps,
+                }
+            )
+        )
+
+    def export(self, codec, out_dir: str) -> Generator:
+        """Save the best weights (else the average, else the live ones) with the codec; returns that model."""
+        model = self.model
+        if self.best_state is not None:
+            model.load_state_dict(self.best_state)
+        elif self.ema is not None:
+            model.load_state_dict(self.ema.state_dict())
+        model.eval()
+        save_generator(model.cpu(), codec, out_dir)
+        return model
+
+
+def _write_training_outputs(
+    metrics: dict, history: list[dict], metrics_path: str | None, plot_path: str | None
+) -> None:
+    """The metrics JSON and the loss curve (train and valid loss per evaluation)."""
     if metrics_path:
         Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
         Path(metrics_path).write_text(json.dumps(metrics, indent=2))
@@ -558,11 +607,7 @@ def train_generator(
         Path(plot_path).parent.mkdir(parents=True, exist_ok=True)
         Path(plot_path).write_text(
             json.dumps(
-                [
-                    {"step": r["step"], "train_loss": r["train_loss"], "valid_loss": r["valid_loss"]}
-                    for r in state["history"]
-                ],
+                [{"step": r["step"], "train_loss": r["train_loss"], "valid_loss": r["valid_loss"]} for r in history],
                 indent=1,
             )
         )
-    return metrics

@@ -152,7 +152,7 @@ def _pairs(items: list[str], what: str) -> dict[str, str]:
 
 def _register(args) -> int:
     from registry.errors import RegistryError
-    from registry.registration import _read_metrics, register_many, stage_inputs, stage_traits
+    from registry.registration import read_metrics, register_many, stage_inputs, stage_traits
 
     reg = _registry(args)
     if args.generator or args.probes or args.coconet:
@@ -164,7 +164,7 @@ def _register(args) -> int:
 
                 trait = inspect_dir(directory, "probe_set").trait
             probes[trait] = directory
-        metrics = {k: _read_metrics(v) for k, v in _pairs(args.metrics, "--metrics").items()}
+        metrics = {k: read_metrics(v) for k, v in _pairs(args.metrics, "--metrics").items()}
         plots = {k: [v] for k, v in _pairs(args.plots, "--plots").items()}
     else:  # the DVC stage: everything from params.yaml
         spec = reg.settings.register

@@ -409,7 +409,7 @@ def stage_inputs(spec: RegisterParams, traits: list[str]) -> dict:
         if steering:
             path = Path(steering.format(trait=t))
             if path.exists():
-                data = _read_metrics(str(path))
+                data = read_metrics(str(path))
                 node = data if "{trait}" in steering else data.get(t, {})
                 out["metrics"][t] = {"steering": node} if node else {}
         files = []
@@ -418,16 +418,17 @@ def stage_inputs(spec: RegisterParams, traits: list[str]) -> dict:
         out["plots"][t] = files
     if out["generator"]:
         gm = spec.generator_metrics
-        out["metrics"]["generator"] = _read_metrics(gm) if gm and Path(gm).exists() else {}
+        out["metrics"]["generator"] = read_metrics(gm) if gm and Path(gm).exists() else {}
         out["plots"]["generator"] = [p for pattern in spec.generator_plots for p in sorted(glob.glob(pattern))]
     if out["coconet"]:
         cm = spec.coconet_metrics
-        out["metrics"]["coconet"] = _read_metrics(cm) if cm and Path(cm).exists() else {}
+        out["metrics"]["coconet"] = read_metrics(cm) if cm and Path(cm).exists() else {}
         out["plots"]["coconet"] = [p for pattern in spec.coconet_plots for p in sorted(glob.glob(pattern))]
     return out
 
 
-def _read_metrics(path: str | None) -> dict:
+def read_metrics(path: str | None) -> dict:
+    """The JSON metrics file at `path` ({} when no path is given); RegistryError when it is missing or not JSON."""
     if not path:
         return {}
     p = Path(path)

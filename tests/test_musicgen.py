@@ -11,8 +11,9 @@ import torch
 from transformers import StoppingCriteriaList
 
 from core.errors import UserError
+from models.backends import load_backend
 from models.generation_params import GeneratorParams
-from models.musicgen import MusicGenError, MusicGenGenerator, debug_musicgen, load_backend, load_musicgen
+from models.musicgen import MusicGenError, MusicGenGenerator, debug_musicgen, load_musicgen
 from models.probes import (
     ProbeSet,
     ProbesParams,
