@@ -253,6 +253,8 @@ class GenerationSession:
         window): amplify what the audio context implies (see Generator.generate); it also amplifies a steering push,
         and works against steering a trait out of a prompt that has it. `prompt_plausibility` (with guidance): never
         sample a token the prompted model finds less than that share as likely as its top token."""
+        from models.long_generation import generate_long
+
         request = self._request(
             prompts,
             duration=duration,
@@ -275,11 +277,24 @@ class GenerationSession:
         guidance = request.cfg_scale if cond is not None else 1.0
         prompt = self._prompt_codes(continue_from)
         t0 = time.perf_counter()
-        codes, steps, windows = self._run(request, plan, cond, attrs, guidance, prompt, progress)
+        result = generate_long(
+            self.generator,
+            request.n_frames,
+            batch_size=len(request.prompts),
+            prompt=prompt,
+            condition=cond,
+            cfg_scale=guidance,
+            seed=request.seed,
+            plan=plan,
+            progress=progress,
+            **self._generator_options(request, attrs),
+        )
         seconds = time.perf_counter() - t0
-        wavs = self._write_wavs(codes, request.out)
-        info = self._describe(request, plan, guidance, windows, wavs, seconds)
-        report_json, pngs = self._write_report(plan, steps, info, request.out, wavs) if plan is not None else (None, [])
+        wavs = self._write_wavs(result.codes, request.out)
+        info = self._describe(request, plan, guidance, result.windows, wavs, seconds)
+        report_json, pngs = (
+            self._write_report(plan, result.steps, info, request.out, wavs) if plan is not None else (None, [])
+        )
         return GenerationResult(wavs, report_json, pngs, info)
 
     def _request(
@@ -410,60 +425,16 @@ class GenerationSession:
             attrs = torch.tensor([attribute_ids(bpm, tonic or None, scale or None)] * len(prompts), dtype=torch.long)
         return cond, attrs
 
-    def _run(self, request: _Request, plan, cond, attrs, guidance: float, prompt, progress):
-        """Generate the batch's new frames, steered by `plan` when given: (codes [B, K, n_frames] on the CPU, the
-        steering report's rows, windows). The context holds max_frames delayed positions; longer clips are
-        generated in windows, each continuing the last half-context of audio generated so far."""
-        from contextlib import nullcontext
-
-        import torch
-
-        from models.steering import steer as install
-
-        gen, B, n_frames = self.generator, len(request.prompts), request.n_frames
-        musicgen = self.backend == "musicgen"
-        history = prompt[None].expand(B, -1, -1).clone() if prompt is not None else None
-        limit = gen.max_positions if musicgen else gen.cfg.max_frames - (gen.cfg.n_codebooks - 1)
-        keep = limit // 2
-        if history is not None and history.shape[2] > keep:
-            history = history[:, :, -keep:]
-        builtin_only = (
-            {}
-            if musicgen
-            else {
-                "attributes": attrs,
-                "prompt_guidance": request.prompt_guidance,
-                "plausibility": request.plausibility,
-            }
-        )
-        new_frames, steps, done, window = [], [], 0, 0
-        with install(gen, plan) if plan is not None else nullcontext() as session:
-            while done < n_frames:
-                ctx = history[:, :, -keep:] if history is not None else None
-                ctx_len = ctx.shape[2] if ctx is not None else 0
-                n = min(n_frames - done, limit - ctx_len)
-                with torch.inference_mode():
-                    codes = gen.generate(
-                        n,
-                        prompt=ctx,
-                        condition=cond,
-                        batch_size=B,
-                        cfg_scale=guidance,
-                        seed=request.seed + window,
-                        **builtin_only,
-                        **request.sampling,
-                    )
-                fresh = codes[:, :, ctx_len:].cpu()  # a MusicGen on a GPU returns GPU codes; the prompt is on the CPU
-                new_frames.append(fresh)
-                history = fresh if history is None else torch.cat([history, fresh], dim=2)
-                if session is not None:
-                    offset = steps[-1]["step"] + 1 if steps else 0
-                    steps += [{**s, "step": s["step"] + offset} for s in session.report().steps]
-                done += n
-                window += 1
-                if progress:
-                    progress(done, n_frames)
-        return torch.cat(new_frames, dim=2), steps, window
+    def _generator_options(self, request: _Request, attrs) -> dict:
+        """The generator's sampling settings, and the builtin generator's --bpm / --key ids and prompt guidance."""
+        if self.backend == "musicgen":
+            return dict(request.sampling)
+        return {
+            "attributes": attrs,
+            "prompt_guidance": request.prompt_guidance,
+            "plausibility": request.plausibility,
+            **request.sampling,
+        }
 
     def _write_wavs(self, codes, out: Path) -> list[Path]:
         """Decode each clip to OUT.wav (OUT_1.wav, OUT_2.wav, ... for a batch), peaks held under 0.99."""

@@ -246,6 +246,11 @@ class Generator(nn.Module):
         """Positions before the BOS frame (caption token, attribute tokens)."""
         return 1 + (2 if self.cfg.use_attributes else 0)
 
+    @property
+    def context_frames(self) -> int:
+        """Frames one `generate` call may hold, prompt included: the delay pattern takes K - 1 of the positions."""
+        return self.cfg.max_frames - (self.cfg.n_codebooks - 1)
+
     def fingerprint(self) -> str:
         """sha256 over the architecture config and every weight (names, shapes, dtypes, bytes)."""
         h = hashlib.sha256(json.dumps(asdict(self.cfg), sort_keys=True).encode())

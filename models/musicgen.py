@@ -9,7 +9,7 @@ the built-in `Generator`:
   reshapes the projection's input `(B, T, H*Dh)` to `(B, T, H, Dh)` and calls `hook(site, (heads,), heads)`; a tensor
   returned by the hook replaces the input. So probe capture and steering hooks run unchanged on MusicGen.
 - `n_layers`, `n_heads`, `head_dim`, `fingerprint()` (config + every weight, cached: the weights are frozen),
-  `batch_layout` ({"cfg", "n_cond"}), `max_positions`.
+  `batch_layout` ({"cfg", "n_cond"}), `max_positions`, `context_frames` (for `models.long_generation`).
 - `forward(codes)`: teacher-forced pass over un-delayed codes `[B, K, T]` in the model's own delay pattern
   (`build_delay_pattern_mask`, BOS = pad = the special token `card`) with the model's own unconditional inputs
   (`get_unconditional_inputs`: a zeroed, fully masked text encoding); returns logits `[B, K, T + K - 1, card]`.
@@ -194,6 +194,11 @@ class MusicGenGenerator(nn.Module):
     def max_positions(self) -> int:
         """Frames a teacher-forced window may hold (the delay pattern adds K - 1 positions)."""
         return int(self.lm.config.max_position_embeddings) - self.n_codebooks + 1
+
+    @property
+    def context_frames(self) -> int:
+        """Frames one `generate` call may hold, prompt included (the same bound as `max_positions`)."""
+        return self.max_positions
 
     def fingerprint(self) -> str:
         """sha256 over the architecture config (runtime keys left out) and every weight (names, shapes, values as
