@@ -7,10 +7,12 @@ a file: it can take the whole process down on a corrupt one.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -206,3 +208,17 @@ def encode_flac(wave: np.ndarray, sample_rate: int) -> bytes:
 def decode_flac(data: bytes) -> tuple[np.ndarray, int]:
     wave, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=False)
     return _downmix(wave) if wave.ndim == 2 else wave, sr
+
+
+def write_wav(path: str | Path, wave: np.ndarray, sample_rate: int) -> Path:
+    """A 16-bit WAV written under a temporary name and renamed into place, so a failed write (a full disk, a folder
+    removed) leaves no truncated file that opens as valid audio. libsndfile's own error becomes an OSError, which
+    the command line prints as one line."""
+    from core.files import atomic_path
+
+    try:
+        with atomic_path(path) as tmp:
+            sf.write(str(tmp), wave, sample_rate, format="WAV", subtype="PCM_16")
+    except sf.LibsndfileError as e:
+        raise OSError(errno.EIO, f"cannot write {path}: {e}") from None
+    return Path(path)

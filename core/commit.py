@@ -18,6 +18,7 @@ renames to interleave, and their users schedule builds.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -106,6 +107,7 @@ def commit(fs, tmp_root: str, out_root: str, managed_globs: tuple[str, ...], fai
     staged = f"{root}/.{JOURNAL}.{uuid.uuid4().hex[:8]}"
     with fs.open(staged, "w") as f:
         json.dump(plan, f)
+        _sync(f)  # on disk before it is named: a power cut must not leave an empty journal
     fs.mv(staged, f"{root}/{JOURNAL}")
     if fail_after is not None:
         # crash simulation: do only the first `fail_after` operations
@@ -122,6 +124,15 @@ def commit(fs, tmp_root: str, out_root: str, managed_globs: tuple[str, ...], fai
     fs.rm(tmp_root, recursive=True)
 
 
+def _sync(f) -> None:
+    """Flush a file written through fsspec to the disk, where the file system has one."""
+    try:
+        f.flush()
+        os.fsync(f.fileno())
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        pass  # object stores and memory file systems: nothing to sync
+
+
 def recover(out: str) -> bool:
     """Finish an interrupted commit (roll its journal forward) and remove temporary folders of killed builds.
     Call with the output's lock held. True when a journal was completed."""
@@ -133,7 +144,13 @@ def recover(out: str) -> bool:
     journal = f"{root}/{JOURNAL}"
     if fs.exists(journal):
         with fs.open(journal, "r") as f:
-            plan = json.load(f)
+            try:
+                plan = json.load(f)
+            except ValueError:
+                raise UserError(
+                    f"{out}: the commit journal {JOURNAL} is damaged; the output may mix two builds: rebuild it into "
+                    "an empty folder"
+                ) from None
         log.warning("%s: completing a build that was interrupted while committing", out)
         _apply(fs, root, plan)
         fs.rm(journal)

@@ -276,14 +276,9 @@ def render_audio(
 def write_wav(
     roll: np.ndarray, path: str | Path, qpm: float = 80.0, sr: int = 32000, soundfont: str | None = None
 ) -> Path:
-    import soundfile as sf
+    from core.audio import write_wav as write_wave
 
-    from core.files import atomic_path
-
-    wave = render_audio(roll, qpm=qpm, sr=sr, soundfont=soundfont)
-    with atomic_path(path) as tmp:
-        sf.write(str(tmp), wave, sr, format="WAV", subtype="PCM_16")
-    return Path(path)
+    return write_wave(path, render_audio(roll, qpm=qpm, sr=sr, soundfont=soundfont), sr)
 
 
 VOICE_COLORS = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd")

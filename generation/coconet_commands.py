@@ -21,7 +21,12 @@ def _common(p: argparse.ArgumentParser) -> None:
         default=None,
         help="Gibbs steps (default: params coconet_sampling, one per cell to write up to max_steps)",
     )
-    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: params, 0.99)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="sampling temperature (default: params coconet_sampling.temperature)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--qpm", type=float, default=80.0, help="tempo of the MIDI and the rendered audio (quarters/min)")
     p.add_argument(

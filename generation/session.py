@@ -439,9 +439,8 @@ class GenerationSession:
     def _write_wavs(self, codes, out: Path) -> list[Path]:
         """Decode each clip to OUT.wav (OUT_1.wav, OUT_2.wav, ... for a batch), peaks held under 0.99."""
         import numpy as np
-        import soundfile as sf
 
-        from core.files import atomic_path
+        from core.audio import write_wav
 
         codec = self.codec
         wavs = [out] if len(codes) == 1 else [out.with_name(f"{out.stem}_{i + 1}.wav") for i in range(len(codes))]
@@ -450,8 +449,7 @@ class GenerationSession:
             peak = float(np.max(np.abs(wave))) if wave.size else 0.0
             if peak > 0.99:
                 wave = wave * (0.99 / peak)
-            with atomic_path(path) as tmp:  # a full disk leaves no truncated WAV that opens as valid audio
-                sf.write(str(tmp), wave, codec.sample_rate, subtype="PCM_16", format="WAV")
+            write_wav(path, wave, codec.sample_rate)
         return wavs
 
     def _describe(self, request: _Request, plan, guidance: float, windows: int, wavs: list[Path], seconds: float):

@@ -28,7 +28,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def is_loopback(host: str) -> bool:
-    if host in ("localhost", ""):
+    if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback

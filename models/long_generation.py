@@ -89,7 +89,7 @@ def generate_long(
                 )
             fresh = codes[:, :, ctx_len:].cpu()  # a MusicGen on a GPU returns GPU codes; the prompt is on the CPU
             new_frames.append(fresh)
-            history = fresh if history is None else torch.cat([history, fresh], dim=2)
+            history = fresh if history is None else torch.cat([history, fresh], dim=2)[:, :, -keep:]
             if session is not None:
                 offset = steps[-1]["step"] + 1 if steps else 0
                 steps += [{**s, "step": s["step"] + offset} for s in session.report().steps]

@@ -626,7 +626,6 @@ class ClipAnalyzer:
         essentia.log.infoActive = False  # its INFO lines ("no classifier models configured") are noise in our logs
         import essentia.standard as es
 
-        essentia.log.infoActive = False
         essentia.log.warningActive = False
         self.params = params
         sr = params.analysis_sample_rate

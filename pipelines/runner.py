@@ -77,9 +77,9 @@ class ReadKeptRows(beam.DoFn):
 
     def process(self, shard_path: str):
         keep = set(self.kept_paths)
-        pf = pq.ParquetFile(fsspec.open(shard_path, "rb").open())
-        for i in range(pf.num_row_groups):
-            table = pf.read_row_group(i)
-            for row in table.to_pylist():
-                if row["source_path"] in keep:
-                    yield row
+        with fsspec.open(shard_path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            for i in range(pf.num_row_groups):
+                for row in pf.read_row_group(i).to_pylist():
+                    if row["source_path"] in keep:
+                        yield row

@@ -58,7 +58,7 @@ def _clean_copy(src: Path, tmp: Path, **kw) -> pd.DataFrame:
     return _table(out)
 
 
-COMMIT_OPS = 6  # removals of old files + moves of new ones in the commit below (2 -> 3 shards)
+COMMIT_OPS = 9  # 2 removals + 6 moves in the commit below (2 -> 3 shards), and a crash after all of them
 
 
 @pytest.mark.parametrize("crash_after", range(COMMIT_OPS))
@@ -80,6 +80,18 @@ def test_crash_at_every_commit_step_never_loses_or_mixes_clips(tmp_path, crash_a
     assert len(table) == len(clean) == 6 and table["clip_id"].tolist() == clean["clip_id"].tolist()
     assert again.stats["clips"] == 6 and again.stats["files_in"] == again.stats["files_ok"] == 3
     assert sorted(p.name for p in out.glob("clips-*.parquet")) == [f"clips-0000{i}-of-00003.parquet" for i in range(3)]
+
+
+def test_a_damaged_commit_journal_is_one_line_and_touches_nothing(tmp_path):
+    src = _folder(tmp_path / "in", 1)
+    out = tmp_path / "out"
+    build_dataset(str(src), str(out), params())
+    before = sorted(p.name for p in out.iterdir())
+    (out / JOURNAL).write_text('{"tmp": "half wri')  # a journal cut short
+    with pytest.raises(UserError, match="journal .* is damaged") as e:
+        build_dataset(str(src), str(out), params())
+    assert "\n" not in str(e.value)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*before, JOURNAL])
 
 
 def _build_in_process(src: str, out: str, queue) -> None:
@@ -334,11 +346,9 @@ def test_a_damaged_registry_database_is_refused_and_left_alone(tmp_path, mlflow_
 
 
 def test_wav_writes_are_atomic_on_a_full_disk(tmp_path, monkeypatch):
-    import errno
-
     import soundfile
 
-    from core.files import atomic_path
+    from core.audio import write_wav
 
     target = tmp_path / "out.wav"
     sf.write(target, np.zeros(100), 16000)
@@ -347,12 +357,11 @@ def test_wav_writes_are_atomic_on_a_full_disk(tmp_path, monkeypatch):
 
     def full_disk(path, data, sr, **kw):
         real_write(path, data[: len(data) // 2], sr, **kw)  # half the file lands, then the disk is full
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise soundfile.LibsndfileError(2)  # libsndfile's error on a full disk (not an OSError)
 
     monkeypatch.setattr(soundfile, "write", full_disk)
-    with pytest.raises(OSError, match="No space left"):
-        with atomic_path(target) as tmp:
-            soundfile.write(str(tmp), np.ones(16000), 16000, format="WAV")
+    with pytest.raises(OSError, match="cannot write .*out.wav"):
+        write_wav(target, np.ones(16000), 16000)
     assert target.read_bytes() == before and not list(tmp_path.glob(".out.wav.*"))
 
 
@@ -404,7 +413,6 @@ def test_musicgen_pickled_weights_are_refused_without_the_flag(tmp_path):
 
 
 def test_a_full_disk_during_harmonize_is_one_line_and_leaves_no_file(tmp_path, capsys, monkeypatch):
-    import errno
 
     import torch
 
@@ -421,7 +429,7 @@ def test_a_full_disk_during_harmonize_is_one_line_and_leaves_no_file(tmp_path, c
 
     def full_disk(path, data, sr, **kw):
         real(path, data[: len(data) // 3], sr, **kw)
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        raise soundfile.LibsndfileError(2)  # what libsndfile raises when the disk fills (not an OSError)
 
     monkeypatch.setattr(soundfile, "write", full_disk)
     rc = main(
@@ -438,5 +446,5 @@ def test_a_full_disk_during_harmonize_is_one_line_and_leaves_no_file(tmp_path, c
         ]
     )
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("smitin:")]
-    assert rc == 2 and len(err) == 1 and "No space left on device" in err[0]
+    assert rc == 2 and len(err) == 1 and "cannot write" in err[0] and "c.wav" in err[0]
     assert not (tmp_path / "out" / "c.wav").exists() and not list((tmp_path / "out").glob(".c.wav.*"))

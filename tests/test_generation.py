@@ -126,6 +126,7 @@ def test_batch_continuation_in_windows_and_local_dirs(model_dirs, tmp_path):
         assert abs(sf.info(str(wav)).duration - duration) < 0.05
     report = json.loads(res.report_json.read_text())
     n_steps = len(report["steps"])
+    assert [s["step"] for s in report["steps"]] == list(range(n_steps))  # numbered on across windows
     assert n_steps >= res.info["frames"] and len(report["steps"][0]["traits"]["drums"]["probability"]) == 2
     assert all(s["traits"]["drums"]["on"] == [True, True] for s in report["steps"])  # iti: always on
     assert [p.name for p in res.report_pngs] == ["batch_1.steering.png", "batch_2.steering.png"]

@@ -134,7 +134,7 @@ def test_refresh_reads_only_what_changed_and_retries_errors(tmp_path):
     assert third.stats["pieces"] == 1 and third.stats["sources_removed"] == 1
 
 
-@pytest.mark.parametrize("crash_after", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("crash_after", range(9))  # 2 removals + 6 moves, then after all of them
 def test_a_crash_at_any_commit_step_is_completed_by_the_next_build(tmp_path, crash_after):
     src = tmp_path / "in"
     src.mkdir()

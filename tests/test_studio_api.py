@@ -127,6 +127,12 @@ def test_infill_bars_of_a_chorale(client):
     assert job["status"] == "done" and not given[1:3, 16:48].any() and given[:, :16].all()
 
 
+def test_compose_takes_the_page_span_as_a_bar_count(client):
+    job = wait(client, client.post("/api/harmonize", data={"task": "compose", "bars": "3-4", "steps": "4"}).json())
+    assert job["status"] == "done", job
+    assert np.asarray(job["result"]["roll"]).shape == (4, 32)  # 2 bars of 16 sixteenths
+
+
 def test_data_browse_filter_and_play(client):
     page = client.get("/api/clips", params={"split": "train", "trait": "drums"}).json()
     assert page["total"] == 2 and all(r["split"] == "train" and r["traits"]["drums"] for r in page["rows"])
@@ -160,6 +166,7 @@ BAD = [
     ("oversize upload", "/api/listen", {}, ("clip", "x.wav", b"0" * (21 * 1024 * 1024)), 400, "larger than 20 MB"),
     ("not a score", "/api/harmonize", {}, ("score", "x.mid", b"MThd junk"), 400, "cannot be read as a score"),
     ("bad task", "/api/harmonize", {"task": "remix"}, None, 400, "task must be"),
+    ("compose bars", "/api/harmonize", {"task": "compose", "bars": "three"}, None, 400, "bars to compose"),
 ]
 
 
@@ -232,6 +239,7 @@ def test_studio_refuses_to_open_beyond_the_loopback_without_a_token(env, capsys,
     from generation.cli import main
 
     monkeypatch.delenv("SMITIN_STUDIO_TOKEN", raising=False)
-    rc = main(["studio", "--host", "0.0.0.0", "--params", str(env.params_path)])
-    err = capsys.readouterr().err
-    assert rc == 2 and "give --token" in err and err.count("\n") == 1
+    for host in ("0.0.0.0", ""):  # an empty host is every interface too
+        rc = main(["studio", "--host", host, "--params", str(env.params_path)])
+        err = capsys.readouterr().err
+        assert rc == 2 and "give --token" in err and err.count("\n") == 1

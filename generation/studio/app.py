@@ -46,6 +46,18 @@ class StudioParams(Section):
     traits: list[str] = Field(default_factory=lambda: ["drums"])  # the sliders the page shows
 
 
+def _bar_count(bars: str) -> int:
+    """How many bars to compose: a count ("8") or a span whose length is meant ("3-4": 2)."""
+    first, dash, last = bars.strip().partition("-")
+    try:
+        n = int(last) - int(first) + 1 if dash else int(first)
+    except ValueError:
+        raise StudioError(f"bars to compose must be a count such as 8 (or a span such as 1-8), got {bars!r}") from None
+    if not 1 <= n <= 64:
+        raise StudioError("compose writes 1 to 64 bars")
+    return n
+
+
 def create_app(
     params: StudioParams | None = None,
     params_path: str = "params.yaml",
@@ -215,6 +227,8 @@ def create_app(
             raise StudioError("steps must be 0 (the default schedule) to 5000")
         if not 0 <= seed < 2**63:
             raise StudioError("seed must be 0 .. 2^63-1")
+        if task == "compose":
+            bars = str(_bar_count(bars))
         params = {
             "task": task,
             "voices": voices,

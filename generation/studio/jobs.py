@@ -135,9 +135,14 @@ class JobQueue:
             if prepare:
                 prepare(job.dir)  # e.g. save an upload: before queueing, so a bad one is refused at once
             with self._lock:
-                self._line.put_nowait(job.id)
+                # recorded before it is queued: a worker may take the id the moment it is put
                 self._jobs[job.id] = job
                 self._work[job.id] = work
+                try:
+                    self._line.put_nowait(job.id)
+                except queue.Full:
+                    del self._jobs[job.id], self._work[job.id]
+                    raise
         except queue.Full:
             shutil.rmtree(job.dir, ignore_errors=True)
             raise QueueFull(

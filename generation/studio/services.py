@@ -94,6 +94,7 @@ class Services:
         self.clips, self.scores, self.detector_path = clips, scores, detector
         self.max_seconds = max_seconds
         self._local = threading.local()
+        self._aliases_moved = 0  # confirmed promotions: sessions built before one may hold stale aliases
         self._registry = None
         self._registry_lock = threading.Lock()
 
@@ -110,12 +111,14 @@ class Services:
             return self._registry
 
     def _cached(self, key: tuple, make):
-        cache = getattr(self._local, "cache", None)
-        if cache is None:
-            cache = self._local.cache = {}
-        if key not in cache:
-            cache[key] = make()
-        return cache[key]
+        """This worker thread's session for `key`. Sessions resolve aliases when built, so a promotion (which
+        bumps `_aliases_moved`) empties every thread's cache; a few entries per thread bound its memory."""
+        local = self._local
+        if getattr(local, "epoch", None) != self._aliases_moved or len(getattr(local, "cache", {})) >= 4:
+            local.cache, local.epoch = {}, self._aliases_moved
+        if key not in local.cache:
+            local.cache[key] = make()
+        return local.cache[key]
 
     def generation_session(self, generator: str | None, alias: str):
         from generation.session import GenerationSession
@@ -396,6 +399,8 @@ class Services:
             result = promote(self.registry, model, version, reason=reason or "studio", dry_run=not confirm)
         except PromotionRefused as e:
             return {"promoted": False, "refused": str(e)}
+        if result.promoted:
+            self._aliases_moved += 1
         return {
             "promoted": result.promoted,
             "name": result.name,

@@ -72,7 +72,7 @@ async function runJob(panel, submit, onDone) {
     await new Promise((r) => setTimeout(r, 400));
     try { job = await api(`/api/jobs/${job.id}`); } catch (e) { showError(e.message); break; }
     bar.style.width = `${Math.round(job.progress * 100)}%`;
-    label.textContent = `${job.status}: ${job.message}`;
+    label.textContent = job.message && job.message !== job.status ? `${job.status}: ${job.message}` : job.status;
     if (job.status === "done") { onDone(job); break; }
     if (job.status === "failed") { showError(job.error); break; }
     if (job.status === "cancelled") { label.textContent = `cancelled (${job.message})`; break; }
