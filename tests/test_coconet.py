@@ -213,6 +213,42 @@ def test_receptive_field_crop_is_exact():
 
 
 # ----------------------------------------------------------------------------------------------------- sampling
+def _start(model, T=12, seed=0):
+    cfg = model.cfg
+    gen = torch.Generator().manual_seed(seed)
+    classes = torch.randint(0, cfg.n_classes, (1, cfg.n_voices, T), generator=gen)
+    given = torch.rand(classes.shape, generator=gen) < 0.3
+    return classes, given
+
+
+def test_ancestral_draws_each_cell_from_the_model_given_those_drawn_before():
+    model = tiny(n_voices=3, min_pitch=55, max_pitch=70, n_layers=4, filters=8)
+    classes, given = _start(model)
+    out = AncestralSampler("chronological", temperature=0.0)(model, classes, given)
+    # the same walk written out: frame by frame, voices top to bottom, each the most likely class given the rest
+    x, unknown = classes.clone(), ~given
+    for t in range(x.shape[2]):
+        for v in range(x.shape[1]):
+            if unknown[0, v, t]:
+                x[0, v, t] = predict(model, x, unknown)[0, v, t].argmax()
+                unknown[0, v, t] = False
+    assert torch.equal(out, x)
+
+
+def test_gibbs_resamples_the_cells_each_step_masks_from_the_model():
+    model = tiny(n_voices=3, min_pitch=55, max_pitch=70, n_layers=4, filters=8)
+    classes, given = _start(model, seed=1)
+    sampler = GibbsSampler(steps=6, temperature=0.0)
+    out = sampler(model, classes, given, generator=torch.Generator().manual_seed(5))
+    g, free = torch.Generator().manual_seed(5), ~given
+    x = torch.where(free, predict(model, classes, free).argmax(-1), classes)
+    for i in range(6):
+        m = free & (torch.rand(free.shape, generator=g) < sampler.schedule(i, 6))
+        if m.any():
+            x = torch.where(m, predict(model, x, m).argmax(-1), x)
+    assert torch.equal(out, x)
+
+
 @pytest.mark.parametrize(
     "sampler",
     [GibbsSampler(steps=12), AncestralSampler("chronological"), AncestralSampler("random")],
