@@ -230,6 +230,16 @@ def test_a_token_guards_every_call_but_health(env):
         assert c.get("/api/config").status_code == 401
         assert c.get("/api/config", headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert c.get("/api/config", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        # every other API route, whatever its method, refuses a call without the token before doing anything
+        guarded = [
+            (method, route.path.replace("{job_id}", "0" * 32).replace("{clip_id}", "x").replace("{name}", "x"))
+            for route in app.routes
+            if route.path.startswith("/api/") and route.path != "/api/health"
+            for method in getattr(route, "methods", ()) - {"HEAD"}
+        ]
+        assert len(guarded) >= 10
+        for method, path in guarded:
+            assert c.request(method, path).status_code == 401, (method, path)
         c.cookies.set("studio_token", "s3cret")
         assert c.get("/api/registry").status_code == 200
     app.state.jobs.shutdown()
