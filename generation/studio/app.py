@@ -17,6 +17,7 @@ from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, Upload
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import Field
+from starlette.concurrency import run_in_threadpool
 
 from core.config import Section
 from core.errors import UserError
@@ -187,7 +188,7 @@ def create_app(
             name = "input_audio" + Path(prompt.filename).suffix.lower()
             staged.append((name, tmp))
             params["prompt_file"] = name
-        return _submit_with(jobs, "steer", svc.steer, params, staged, p).public()
+        return (await run_in_threadpool(_submit_with, jobs, "steer", svc.steer, params, staged, p)).public()
 
     # ------------------------------------------------------------------ listen
     @app.post("/api/listen", dependencies=[Depends(authorized)], summary="probe readings of an uploaded clip: a job")
@@ -201,7 +202,7 @@ def create_app(
             raise
         name = "input_audio" + Path(clip.filename or "x.wav").suffix.lower()
         params = {"clip_file": name, "traits": p.traits, "generator": generator or None, "alias": alias}
-        return _submit_with(jobs, "listen", svc.listen, params, [(name, tmp)], p).public()
+        return (await run_in_threadpool(_submit_with, jobs, "listen", svc.listen, params, [(name, tmp)], p)).public()
 
     # ------------------------------------------------------------------ harmonize
     @app.post("/api/harmonize", dependencies=[Depends(authorized)], summary="Coconet harmonize, infill, compose: a job")
@@ -259,7 +260,7 @@ def create_app(
             staged.append((name, tmp))
         if staged:
             params["melody_file" if task == "harmonize" else "score_file"] = staged[0][0]
-        return _submit_with(jobs, "harmonize", svc.harmonize, params, staged, p).public()
+        return (await run_in_threadpool(_submit_with, jobs, "harmonize", svc.harmonize, params, staged, p)).public()
 
     # ------------------------------------------------------------------ jobs
     @app.get("/api/jobs/{job_id}", dependencies=[Depends(authorized)], summary="a job's state, progress and result")
@@ -346,7 +347,8 @@ def _job(jobs: JobQueue, job_id: str):
 
 def _submit_with(jobs: JobQueue, kind: str, work, params: dict, staged: list[tuple[str, Path]], p: StudioParams):
     """Queue a job whose uploads (already written to temporary names) move into its folder and are checked by
-    decoding before it is queued; a refused job leaves nothing behind."""
+    decoding before it is queued; a refused job leaves nothing behind. Called in a worker thread: decoding an
+    upload must not hold up the event loop that answers every other request."""
 
     def prepare(folder: Path) -> None:
         for name, tmp in staged:
