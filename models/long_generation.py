@@ -37,8 +37,10 @@ class WindowedGenerator(Protocol):
         top_p: float = 0.0,
         cfg_scale: float = 1.0,
         seed: int | None = None,
+        on_step: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
-        """`n_frames` new frames after `prompt` [B, K, Tp]: [B, K, Tp + n_frames] un-delayed codes."""
+        """`n_frames` new frames after `prompt` [B, K, Tp]: [B, K, Tp + n_frames] un-delayed codes; `on_step(i)`
+        after each decoding step."""
         ...
 
 
@@ -64,7 +66,7 @@ def generate_long(
 ) -> LongGeneration:
     """`n_frames` new frames for each of `batch_size` rows, continuing `prompt` [K, Tp] (the same for every row)
     when given. Window i is sampled with seed `seed + i`; `plan` (a `models.steering.SteeringPlan`) steers every
-    window; `progress(done, n_frames)` follows each window. Other keyword arguments (sampling settings, and the
+    window; `progress(done, n_frames)` follows each decoding step. Other keyword arguments (sampling settings, and the
     builtin generator's attributes, prompt_guidance, plausibility) go to every window's `generate` call."""
     limit = generator.context_frames
     keep = limit // 2
@@ -77,6 +79,8 @@ def generate_long(
             ctx = history[:, :, -keep:] if history is not None else None
             ctx_len = ctx.shape[2] if ctx is not None else 0
             n = min(n_frames - done, limit - ctx_len)
+            # progress after every decoding step, so a caller can also stop a long window (raise from `progress`)
+            on_step = (lambda i, done=done, n=n: progress(done + min(i + 1, n), n_frames)) if progress else None
             with torch.inference_mode():
                 codes = generator.generate(
                     n,
@@ -85,6 +89,7 @@ def generate_long(
                     batch_size=batch_size,
                     cfg_scale=cfg_scale,
                     seed=seed + window,
+                    on_step=on_step,
                     **generate_kwargs,
                 )
             fresh = codes[:, :, ctx_len:].cpu()  # a MusicGen on a GPU returns GPU codes; the prompt is on the CPU
