@@ -263,6 +263,7 @@ class CoconetSession:
         sampler: str | None = None,
         steps: int | None = None,
         temperature: float | None = None,
+        repair: bool | None = None,
         seed: int = 0,
         qpm: float = 80.0,
         progress: Callable[[int, int], None] | None = None,
@@ -284,7 +285,7 @@ class CoconetSession:
         paths = output_paths(out) if out else {}
         n_free = int((~given).sum())
         try:
-            s = self.sampling.make(sampler, n_free, steps=steps, temperature=temperature)
+            s = self.sampling.make(sampler, n_free, steps=steps, temperature=temperature, repair=repair)
         except ValueError as e:
             raise CoconetRequestError(str(e)) from None
         t0 = time.perf_counter()
@@ -298,6 +299,7 @@ class CoconetSession:
             "temperature": s.temperature,
             "seed": seed,
             "free_cells": n_free,
+            "parallels_repaired": sum(r["parallels_before"] - r["parallels_after"] for r in getattr(s, "reports", [])),
             "frames": int(roll.shape[1]),
             "seconds": round(seconds, 3),
         }

@@ -27,6 +27,11 @@ def _common(p: argparse.ArgumentParser) -> None:
         default=None,
         help="sampling temperature (default: params coconet_sampling.temperature)",
     )
+    p.add_argument(
+        "--allow-parallels",
+        action="store_true",
+        help="keep the sampler's draw as it is: no repair of parallel fifths and octaves afterwards",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--qpm", type=float, default=80.0, help="tempo of the MIDI and the rendered audio (quarters/min)")
     p.add_argument(
@@ -76,6 +81,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     c.set_defaults(func=_compose)
 
 
+REPORTED = ("task", "model", "sampler", "steps", "seed", "frames", "parallels_repaired", "seconds")
+
+
 def _session(args):
     from generation.coconet import CoconetSession
 
@@ -100,6 +108,7 @@ def _options(args) -> dict:
         sampler=args.sampler,
         steps=args.steps,
         temperature=args.temperature,
+        repair=False if args.allow_parallels else None,
         seed=args.seed,
         qpm=args.qpm,
         progress=stderr_progress(args.sampler or "sampling"),
@@ -111,7 +120,7 @@ def _report(result) -> int:
     if info.get("transposed"):
         print(f"note: the melody was moved {info['transposed']:+d} semitones to fit the model's range", file=sys.stderr)
     print(
-        json.dumps({k: info[k] for k in ("task", "model", "sampler", "steps", "seed", "frames", "seconds")}),
+        json.dumps({k: info[k] for k in REPORTED}),
         file=sys.stderr,
     )
     for path in result.files.values():

@@ -5,8 +5,8 @@
 2. Sample quality as the paper measures it: unconditioned samples drawn by blocked Gibbs and by ancestral
    sampling, then scored by the model (framewise NLL); lower is better.
 3. Harmonization: each held-out chorale's soprano given, alto, tenor and bass written by the model (Gibbs, then
-   ancestral); part-writing statistics (models.voice_leading) next to Bach's own on the same melodies, and each
-   voice's agreement with Bach's.
+   ancestral, each as drawn and after the voice-leading repair of models.coconet_repair); part-writing statistics
+   (models.voice_leading) next to Bach's own on the same melodies, and each voice's agreement with Bach's.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pydantic import Field
 from core.config import Section
 from models.coconet import AncestralSampler, Coconet, GibbsSampler, YaoSchedule, classes_to_roll, roll_to_classes
 from models.coconet_nll import dataset_nll
+from models.coconet_repair import RepairedSampler
 from models.ngram import fit_ngram
 from models.voice_leading import summarize, voice_accuracy, voice_leading_stats
 
@@ -49,6 +50,11 @@ class SamplingParams(Section):
     alpha: float = Field(0.7, gt=0)
     temperature: float = Field(0.5, ge=0)
     ancestral_order: Literal["chronological", "random"] = "chronological"
+    # after sampling, let the model rewrite the spans with parallel fifths or octaves (models/coconet_repair.py)
+    repair_parallels: bool = True
+    repair_candidates: int = Field(8, ge=1)  # the model's proposals per span, the best kept
+    repair_refine_steps: int = Field(2, ge=0)  # Gibbs steps over the span per proposal
+    repair_max_attempts: int = Field(24, ge=1)  # spans tried per piece
 
     def gibbs_steps(self, n_free: int) -> int:
         return max(1, min(self.max_steps, int(round(n_free * self.steps_per_cell))))
@@ -60,18 +66,30 @@ class SamplingParams(Section):
         steps: int | None = None,
         temperature: float | None = None,
         order: str | None = None,
+        repair: bool | None = None,
     ):
+        """The sampler to run: Gibbs or ancestral, followed by the voice-leading repair unless `repair` (or the
+        params' `repair_parallels`) is off."""
         kind = sampler or self.sampler
         temp = self.temperature if temperature is None else temperature
         if kind == "gibbs":
-            return GibbsSampler(
+            base = GibbsSampler(
                 steps=steps or self.gibbs_steps(n_free),
                 schedule=YaoSchedule(self.p_min, self.p_max, self.alpha),
                 temperature=temp,
             )
-        if kind == "ancestral":
-            return AncestralSampler(order=order or self.ancestral_order, temperature=temp)
-        raise ValueError(f"unknown sampler {kind!r} (gibbs, ancestral)")
+        elif kind == "ancestral":
+            base = AncestralSampler(order=order or self.ancestral_order, temperature=temp)
+        else:
+            raise ValueError(f"unknown sampler {kind!r} (gibbs, ancestral)")
+        if not (self.repair_parallels if repair is None else repair):
+            return base
+        return RepairedSampler(
+            base,
+            candidates=self.repair_candidates,
+            refine_steps=self.repair_refine_steps,
+            max_attempts=self.repair_max_attempts,
+        )
 
 
 class EvaluateCoconetParams(Section):
@@ -139,7 +157,8 @@ def sample_quality(
         for i in range(p.samples):
             classes = torch.full((1, cfg.n_voices, p.sample_frames), cfg.silent_class, dtype=torch.long)
             given = torch.zeros_like(classes, dtype=torch.bool)
-            sampler = sampling.make(kind, int((~given).sum()), temperature=p.sample_temperature)
+            # the paper's comparison is of the samplers themselves: no repair
+            sampler = sampling.make(kind, int((~given).sum()), temperature=p.sample_temperature, repair=False)
             t0 = time.perf_counter()
             result = sampler(model, classes, given, generator=_rng_for(p.seed, 7, i, kind == "gibbs"))
             seconds += time.perf_counter() - t0
@@ -162,20 +181,47 @@ def sample_quality(
     return out
 
 
-def harmonize_rolls(model: Coconet, rolls: list[np.ndarray], sampler, seed: int, given_voices=(0,)) -> list[np.ndarray]:
-    """Each roll with only `given_voices` kept and the others written by `sampler` (given cells unchanged)."""
+def harmonize_rolls(
+    model: Coconet,
+    rolls: list[np.ndarray],
+    sampler,
+    seed: int,
+    given_voices=(0,),
+    repair: RepairedSampler | None = None,
+) -> tuple[list[np.ndarray], list[np.ndarray], float]:
+    """Each roll with only `given_voices` kept and the others written by `sampler` (given cells unchanged); with
+    `repair`, also the same draws after the voice-leading repair. (written, repaired, seconds the repair took)."""
     cfg = model.cfg
-    out = []
+    written, repaired, repair_seconds = [], [], 0.0
     for i, roll in enumerate(rolls):
         classes = torch.from_numpy(roll_to_classes(roll, cfg))[None]
         given = torch.zeros_like(classes, dtype=torch.bool)
         given[:, list(given_voices)] = True
-        result = sampler(model, classes, given, generator=_rng_for(seed, 11, i))
-        written = classes_to_roll(result[0].numpy(), cfg)
-        if not np.array_equal(written[list(given_voices)], roll[list(given_voices)]):
-            raise AssertionError("a sampler changed a given cell")
-        out.append(written)
-    return out
+        generator = _rng_for(seed, 11, i)
+        result = sampler(model, classes, given, generator=generator)
+        written.append(classes_to_roll(result[0].numpy(), cfg))
+        if repair is not None:
+            t0 = time.perf_counter()
+            fixed, _ = repair.repair(model, result, given, generator)
+            repair_seconds += time.perf_counter() - t0
+            repaired.append(classes_to_roll(fixed[0].numpy(), cfg))
+        for w in written[-1:] + repaired[-1:]:
+            if not np.array_equal(w[list(given_voices)], roll[list(given_voices)]):
+                raise AssertionError("a sampler changed a given cell")
+    return written, repaired, repair_seconds
+
+
+def _harmonization_stats(written: list[np.ndarray], crops: list[np.ndarray], bach: dict, seconds: float) -> dict:
+    stats = summarize([voice_leading_stats(w) for w in written])
+    acc = np.mean([voice_accuracy(w, r) for w, r in zip(written, crops)], axis=0)
+    stats.update(
+        {f"accuracy_{name}": float(a) for name, a in zip(("soprano", "alto", "tenor", "bass"), acc)},
+        melody_kept=float(np.mean([np.array_equal(w[0], r[0]) for w, r in zip(written, crops)])),
+        seconds_per_piece=seconds / max(1, len(crops)),
+    )
+    for key in ("parallels_per_100_beats", "crossings_per_100_beats"):
+        stats[key.replace("_per_100_beats", "_vs_bach")] = stats[key] / max(bach[key], 1e-9)
+    return stats
 
 
 def harmonization(
@@ -185,32 +231,28 @@ def harmonization(
     p: EvaluateCoconetParams,
     say: Callable[[str], None],
 ) -> dict:
+    """Each sampler as the paper has it ("gibbs", "ancestral") and followed by the voice-leading repair
+    ("gibbs+repair", "ancestral+repair": the same draws, repaired; its time added to the sampler's)."""
     crops = [r[:, : p.harmonize_frames] for r in rolls]
     bach = summarize([voice_leading_stats(r) for r in crops])
     out = {"bach": bach, "pieces": len(crops), "frames_each": p.harmonize_frames}
     for kind in ("gibbs", "ancestral"):
         t0 = time.perf_counter()
-        written = []
+        written, repaired, repair_seconds = [], [], 0.0
         for i, r in enumerate(crops):
-            sampler = sampling.make(kind, 3 * r.shape[1])
-            written += harmonize_rolls(model, [r], sampler, p.seed + i)
-        seconds = time.perf_counter() - t0
-        stats = summarize([voice_leading_stats(w) for w in written])
-        acc = np.mean([voice_accuracy(w, r) for w, r in zip(written, crops)], axis=0)
-        stats.update(
-            {f"accuracy_{name}": float(a) for name, a in zip(("soprano", "alto", "tenor", "bass"), acc)},
-            melody_kept=float(np.mean([np.array_equal(w[0], r[0]) for w, r in zip(written, crops)])),
-            seconds_per_piece=seconds / max(1, len(crops)),
-        )
-        for key in ("parallels_per_100_beats", "crossings_per_100_beats"):
-            stats[key.replace("_per_100_beats", "_vs_bach")] = stats[key] / max(bach[key], 1e-9)
-        out[kind] = stats
-        say(
-            f"harmonization ({kind}): parallels {stats['parallels_per_100_beats']:.2f} / 100 beats (Bach "
-            f"{bach['parallels_per_100_beats']:.2f}), crossings {stats['crossings_per_100_beats']:.2f} (Bach "
-            f"{bach['crossings_per_100_beats']:.2f}), tertian {stats['tertian_share']:.2f} (Bach "
-            f"{bach['tertian_share']:.2f}), alto/tenor/bass accuracy {acc[1]:.2f}/{acc[2]:.2f}/{acc[3]:.2f}"
-        )
+            repair = sampling.make(kind, 3 * r.shape[1], repair=True)
+            w, f, s = harmonize_rolls(model, [r], repair.base, p.seed + i, repair=repair)
+            written, repaired, repair_seconds = written + w, repaired + f, repair_seconds + s
+        seconds = time.perf_counter() - t0 - repair_seconds
+        for name, rolls_out, secs in ((kind, written, seconds), (f"{kind}+repair", repaired, seconds + repair_seconds)):
+            stats = out[name] = _harmonization_stats(rolls_out, crops, bach, secs)
+            say(
+                f"harmonization ({name}): parallels {stats['parallels_per_100_beats']:.2f} / 100 beats (Bach "
+                f"{bach['parallels_per_100_beats']:.2f}), crossings {stats['crossings_per_100_beats']:.2f} (Bach "
+                f"{bach['crossings_per_100_beats']:.2f}), tertian {stats['tertian_share']:.2f} (Bach "
+                f"{bach['tertian_share']:.2f}), alto/tenor/bass accuracy {stats['accuracy_alto']:.2f}/"
+                f"{stats['accuracy_tenor']:.2f}/{stats['accuracy_bass']:.2f}"
+            )
     return out
 
 
@@ -333,7 +375,9 @@ def metrics_table(m: dict) -> str:
         f"| Bach | {b['parallels_per_100_beats']:.2f} | {b['crossings_per_100_beats']:.2f} | "
         f"{b['out_of_range_share']:.3f} | {b['tertian_share']:.2f} | 1 | 1 | 1 | 1 | - |"
     )
-    for kind in ("gibbs", "ancestral"):
+    for kind in ("gibbs", "ancestral", "gibbs+repair", "ancestral+repair"):
+        if kind not in h:  # metrics written before the repair existed
+            continue
         r = h[kind]
         rows.append(
             f"| Coconet, {kind} | {r['parallels_per_100_beats']:.2f} | {r['crossings_per_100_beats']:.2f} | "

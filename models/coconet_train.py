@@ -59,7 +59,7 @@ class TrainCoconetParams(Section):
     presets: dict[str, dict] = Field(  # per preset: overrides of the keys above
         default_factory=lambda: {
             "demo": {"steps": 300, "max_minutes": 2, "ema_decay": 0.98, "eval_every": 100, "transpose": 0},
-            "cpu": {"steps": 2400, "max_minutes": 30, "ema_decay": 0.998, "eval_every": 200, "patience": 20},
+            "cpu": {"steps": 4000, "max_minutes": 30, "ema_decay": 0.998, "eval_every": 200, "patience": 20},
             "gpu": {"steps": 60000, "batch_size": 32, "max_minutes": 240, "eval_every": 1000},
             "debug": {"steps": 20, "batch_size": 4, "eval_every": 10, "max_minutes": 1, "ema_decay": 0.0},
         }
@@ -173,6 +173,30 @@ def _make_optimizer(model: Coconet, p: TrainCoconetParams):
     return opt, sched
 
 
+# share of the time budget the projected steps may fill: validation passes and the last save take the rest
+TIME_FIT_MARGIN = 0.93
+
+
+def fit_horizon_to_time(sched, state: dict, p: TrainCoconetParams, elapsed: float, say) -> None:
+    """At the end of warm-up, project how many steps fit in `max_minutes` at the speed seen so far; if fewer than
+    `steps`, anneal the learning rate to that step instead. A run cut by the clock mid-schedule stops with its
+    learning rate still high and its loss well above what the same steps reach once annealed."""
+    spent = state["train_seconds"] + elapsed
+    per_step = spent / max(1, state["step"])
+    budget = p.max_minutes * 60 * TIME_FIT_MARGIN - spent
+    fits = state["step"] + int(budget / per_step)
+    if fits >= p.steps:
+        return
+    horizon = max(state["step"] + 1, fits)
+    decay = sched._schedulers[-1]  # the cosine phase starts now: its length can still change
+    decay.T_max = max(1, horizon - max(1, p.warmup))
+    state["horizon"] = horizon
+    say(
+        f"{p.steps} steps would take {per_step * p.steps / 60:.0f} min at {per_step:.2f} s a step: the learning "
+        f"rate anneals over {horizon} steps to fit {p.max_minutes:g} min"
+    )
+
+
 def train_coconet(
     train_rolls: list[np.ndarray],
     valid_rolls: list[np.ndarray],
@@ -213,6 +237,7 @@ def train_coconet(
         "history": [],
         "train_seconds": 0.0,
         "run": _identity(p, cfg, dhash),
+        "horizon": None,  # the step the learning rate anneals to when `steps` do not fit the time budget
     }
     best_state = None
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
@@ -225,7 +250,7 @@ def train_coconet(
             best_state = load_file(str(ckpt / "best.safetensors"))
             if ema is not None:
                 ema.load_state_dict(load_file(str(ckpt / "ema.safetensors")))
-            state = {k: saved[k] for k in state}
+            state = {k: saved.get(k, state[k]) for k in state}
             say(f"resumed from {ckpt} at step {state['step']}")
         else:
             say(f"checkpoint in {ckpt} is from another run (params, model or data differ): starting afresh")
@@ -239,7 +264,8 @@ def train_coconet(
     model.train()
     t0, seen, running = time.time(), 0, []
     stop = "steps"
-    while state["step"] < p.steps:
+    horizon = lambda: state["horizon"] or p.steps  # noqa: E731
+    while state["step"] < horizon():
         classes, valid_cells = train.random_batch(p.batch_size, p.crop_frames, p.transpose, rng)
         mask = orderless_mask(valid_cells, mask_gen)
         loss = orderless_loss(model(classes, mask), classes, mask, rescale=p.rescale_loss, valid=valid_cells)
@@ -254,8 +280,10 @@ def train_coconet(
         seen += p.batch_size * p.crop_frames
         state["step"] += 1
         elapsed = time.time() - t0
+        if state["step"] == max(1, p.warmup) and state["horizon"] is None:
+            fit_horizon_to_time(sched, state, p, elapsed, say)
         out_of_time = (state["train_seconds"] + elapsed) / 60 >= p.max_minutes
-        if state["step"] % p.eval_every == 0 or state["step"] == p.steps or out_of_time:
+        if state["step"] % p.eval_every == 0 or state["step"] == horizon() or out_of_time:
             # the live weights and their average are both judged; the better one is kept (early in a run the
             # average still remembers the first steps, late in it the average is usually ahead)
             v_live = validation_loss(model, valid, p.crop_frames, 64, p.seed, p.rescale_loss)
@@ -279,7 +307,7 @@ def train_coconet(
             running = []
             state["history"].append(rec)
             say(
-                f"step {rec['step']}/{p.steps} train {rec['train_loss']:.4f} valid {v_live:.4f}"
+                f"step {rec['step']}/{horizon()} train {rec['train_loss']:.4f} valid {v_live:.4f}"
                 + (f" (average {v_avg:.4f})" if ema is not None else "")
                 + " nats/cell "
                 f"({rec['frames_per_s']:.0f} frames/s, {rec['minutes']:.1f} min)"
@@ -304,6 +332,7 @@ def train_coconet(
     metrics = {
         "steps": state["step"],
         "stop_reason": stop,
+        "lr_horizon": horizon(),
         "best_step": state["best_step"],
         "valid_loss": state["best_valid"],
         "params": final.num_params(),

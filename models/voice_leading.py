@@ -50,21 +50,18 @@ def is_tertian(pitch_classes: set[int]) -> bool:
     return any(pcs <= tones and root in pcs and third in pcs for tones, root, third in _CHORD_SETS)
 
 
-def _distinct_frames(roll: np.ndarray) -> np.ndarray:
-    """Frames [T', V] with consecutive repeats collapsed."""
+def parallel_motions(roll: np.ndarray) -> list[tuple[int, int, int, int, str]]:
+    """Every parallel fifth and octave as (upper voice, lower voice, first frame of the sonority the two voices
+    leave, first frame of the sonority they reach, "fifth" | "octave"), in frame order."""
     frames = np.asarray(roll).T
-    if len(frames) == 0:
-        return frames
+    if len(frames) < 2:
+        return []
     keep = np.ones(len(frames), bool)
     keep[1:] = np.any(frames[1:] != frames[:-1], axis=1)
-    return frames[keep]
-
-
-def parallels(roll: np.ndarray) -> dict[str, int]:
-    """Counts of parallel fifths and octaves between every pair of voices."""
-    frames = _distinct_frames(roll)
-    fifths = octaves = 0
-    V = frames.shape[1] if frames.ndim == 2 else 0
+    starts = np.flatnonzero(keep)
+    frames = frames[keep]
+    found = []
+    V = frames.shape[1]
     for a in range(V):
         for b in range(a + 1, V):
             x, y = frames[:, a], frames[:, b]
@@ -74,9 +71,16 @@ def parallels(roll: np.ndarray) -> dict[str, int]:
             same_way = (move_x != 0) & (move_y != 0) & (np.sign(move_x) == np.sign(move_y))
             iv_prev, iv_next = np.abs(prev_x - prev_y) % 12, np.abs(next_x - next_y) % 12
             both = sounding & same_way
-            fifths += int(np.sum(both & (iv_prev == 7) & (iv_next == 7)))
-            octaves += int(np.sum(both & (iv_prev == 0) & (iv_next == 0)))
-    return {"fifths": fifths, "octaves": octaves}
+            for kind, iv in (("fifth", 7), ("octave", 0)):
+                for k in np.flatnonzero(both & (iv_prev == iv) & (iv_next == iv)):
+                    found.append((a, b, int(starts[k]), int(starts[k + 1]), kind))
+    return sorted(found, key=lambda m: (m[3], m[0], m[1]))
+
+
+def parallels(roll: np.ndarray) -> dict[str, int]:
+    """Counts of parallel fifths and octaves between every pair of voices."""
+    kinds = [m[4] for m in parallel_motions(roll)]
+    return {"fifths": kinds.count("fifth"), "octaves": kinds.count("octave")}
 
 
 def voice_leading_stats(roll: np.ndarray) -> dict[str, float]:

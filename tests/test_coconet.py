@@ -18,6 +18,7 @@ from models.coconet import (
     CoconetError,
     GibbsSampler,
     YaoSchedule,
+    classes_to_roll,
     fill,
     given_cells,
     load_coconet,
@@ -29,6 +30,8 @@ from models.coconet import (
     save_coconet,
 )
 from models.coconet_nll import framewise_lls, notewise_lls, piece_nll
+from models.coconet_repair import RepairedSampler, repair_parallels
+from models.voice_leading import parallel_motions
 
 
 def tiny(n_voices=2, min_pitch=60, max_pitch=61, n_layers=4, filters=6, seed=0, dilations=(1,)) -> Coconet:
@@ -251,8 +254,13 @@ def test_gibbs_resamples_the_cells_each_step_masks_from_the_model():
 
 @pytest.mark.parametrize(
     "sampler",
-    [GibbsSampler(steps=12), AncestralSampler("chronological"), AncestralSampler("random")],
-    ids=["gibbs", "ancestral", "ancestral-random"],
+    [
+        GibbsSampler(steps=12),
+        AncestralSampler("chronological"),
+        AncestralSampler("random"),
+        RepairedSampler(GibbsSampler(steps=4)),
+    ],
+    ids=["gibbs", "ancestral", "ancestral-random", "gibbs+repair"],
 )
 def test_samplers_never_touch_given_cells(sampler):
     model = tiny(n_voices=4, min_pitch=48, max_pitch=72, n_layers=4, filters=8)
@@ -268,6 +276,44 @@ def test_samplers_never_touch_given_cells(sampler):
     assert np.array_equal(out, again)  # seeded: the same request gives the same music
     other = fill(model, roll, given, sampler, seed=2)
     assert not np.array_equal(out[~given], other[~given])  # and the free cells really are sampled
+
+
+def _planing(bars=4):
+    """Root-position triads moved as a block up and down by step: every move is parallel octaves and fifths."""
+    chord = np.array([72, 67, 64, 48])  # C major: C5 G4 E4 C3
+    steps = [0, 2, 4, 2, 0, -1, 0, 2] * bars
+    return np.repeat(np.stack([chord + s for s in steps], axis=1), 2, axis=1)
+
+
+def test_repair_removes_parallels_with_the_models_proposals_and_keeps_the_melody():
+    model = tiny(n_voices=4, min_pitch=36, max_pitch=81, n_layers=4, filters=8)
+    roll = _planing()
+    classes = torch.from_numpy(roll_to_classes(roll, model.cfg))[None]
+    given = torch.zeros_like(classes, dtype=torch.bool)
+    given[:, 0] = True
+    before = len(parallel_motions(roll))
+    fixed, report = repair_parallels(model, classes, given, 1.0, torch.Generator().manual_seed(0), max_attempts=40)
+    out = classes_to_roll(fixed[0].numpy(), model.cfg)
+    after = len(parallel_motions(out))
+    assert report["parallels_before"] == before > 40
+    assert report["parallels_after"] == after < before / 2
+    assert report["rewrites"] >= 1 and report["attempts"] <= 40
+    assert np.array_equal(out[0], roll[0])  # the melody is given: never rewritten
+    assert ((out >= 36) & (out <= 81) | (out == -1)).all()
+
+
+def test_repair_leaves_a_piece_without_parallels_alone():
+    model = tiny(n_voices=4, min_pitch=36, max_pitch=81, n_layers=4, filters=8)
+    roll = np.array([[72] * 8 + [74] * 8, [67] * 8 + [65] * 8, [64] * 8 + [62] * 8, [48] * 8 + [53] * 8])
+    assert parallel_motions(roll) == []  # contrary and oblique motion only
+    classes = torch.from_numpy(roll_to_classes(roll, model.cfg))[None]
+    fixed, report = repair_parallels(model, classes, torch.zeros_like(classes, dtype=torch.bool), 1.0)
+    assert torch.equal(fixed, classes) and report == {
+        "parallels_before": 0,
+        "attempts": 0,
+        "rewrites": 0,
+        "parallels_after": 0,
+    }
 
 
 def test_yao_schedule():
@@ -377,3 +423,27 @@ def test_training_lowers_the_validation_loss_and_resumes(tmp_path):
         train, valid, tmp_path / "m2", longer, checkpoint_dir=tmp_path / "ckpt", progress=messages.append
     )
     assert any("resumed from" in s and "step 40" in s for s in messages) and m2["steps"] == 60
+
+
+def test_learning_rate_anneals_within_the_time_budget():
+    from models.coconet_train import TrainCoconetParams, _make_optimizer, fit_horizon_to_time
+
+    p = TrainCoconetParams(preset="debug", steps=1000, warmup=10, lr=0.01, max_minutes=1.0, presets={})
+    model = Coconet(CoconetConfig.preset("debug"))
+    opt, sched = _make_optimizer(model, p)
+    for _ in range(10):
+        opt.step()
+        sched.step()
+    said = []
+    # 10 steps took 3 s: 1000 steps would take 5 min, so the schedule is fitted to what one minute holds
+    state = {"step": 10, "train_seconds": 0.0, "horizon": None}
+    fit_horizon_to_time(sched, state, p, 3.0, said.append)
+    assert 150 < state["horizon"] < 200 and "anneals over" in said[0]
+    for _ in range(state["horizon"] - 10):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05 * p.lr)  # fully annealed at the fitted horizon
+    # a run that fits keeps its schedule
+    state = {"step": 10, "train_seconds": 0.0, "horizon": None}
+    fit_horizon_to_time(_make_optimizer(model, p)[1], state, p, 0.1, said.append)
+    assert state["horizon"] is None and len(said) == 1

@@ -13,6 +13,7 @@ import torch
 from core.score_io import read_voices, voices_to_roll, write_midi, write_musicxml
 from generation.cli import main
 from models.coconet import Coconet, CoconetConfig, save_coconet
+from models.voice_leading import parallel_motions
 
 MELODY = np.array([72, 72, 72, 72, 74, 74, 76, 76, 77, 77, 77, 77, 76, 76, 74, 74] * 2 + [72] * 16)
 
@@ -106,9 +107,21 @@ def test_compose_and_ancestral(tmp_path, model_dir, capsys):
         "3",
     )
     assert rc == 0, err
-    assert json.loads(err.strip().splitlines()[-1])["sampler"] == "ancestral"
+    report = json.loads(err.strip().splitlines()[-1])
+    assert report["sampler"] == "ancestral+repair"  # the voice-leading repair runs by default
     roll = voices_to_roll(read_voices(str(tmp_path / "c.musicxml")))
     assert roll.shape == (4, 32)
+    repaired = report["parallels_repaired"]
+    rc, out, err = run(
+        capsys, "compose", "--bars", "2", "--sampler", "ancestral", "--allow-parallels", "--model", str(model_dir),
+        "--out", str(tmp_path / "raw"), "--seed", "3",
+    )  # fmt: skip
+    assert rc == 0, err
+    report = json.loads(err.strip().splitlines()[-1])
+    assert report["sampler"] == "ancestral" and report["parallels_repaired"] == 0
+    # the same seed draws the same piece; the repair then removed exactly the parallels it reported
+    raw = voices_to_roll(read_voices(str(tmp_path / "raw.musicxml")))
+    assert len(parallel_motions(raw)) - repaired == len(parallel_motions(roll))
 
 
 @pytest.mark.parametrize(
