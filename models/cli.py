@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 log = logging.getLogger(__name__)
@@ -31,11 +32,15 @@ def _tokenize(args) -> int:
 
 def _train(args) -> int:
     from core.config import load_section
+    from models.distributed import check_split, leave_group, relaunch_with_torchrun
     from models.train import TrainGeneratorParams, train_generator
 
     params = load_section(TrainGeneratorParams, args.params, "train_generator")
     if args.preset:
         params = params.with_overrides({"preset": args.preset}, "--preset")
+    if args.nproc != 1:
+        check_split(params.resolved().batch_size, args.nproc, "train_generator")
+        return relaunch_with_torchrun(args.nproc)
     metrics = train_generator(
         args.tokens,
         args.codec,
@@ -47,7 +52,9 @@ def _train(args) -> int:
         resume=not args.fresh,
         progress=lambda msg: print(msg, file=sys.stderr, flush=True),
     )
-    print(json.dumps({k: metrics[k] for k in ("steps", "stop_reason", "valid_loss", "unigram_valid_loss")}))
+    if metrics.get("processes", 1) == 1 or os.environ.get("RANK") == "0":
+        print(json.dumps({k: metrics[k] for k in ("steps", "stop_reason", "valid_loss", "unigram_valid_loss")}))
+    leave_group()
     return 0
 
 
@@ -89,6 +96,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--params", default="params.yaml")
     train.add_argument("--preset", default=None, help="override params: demo | cpu | gpu | debug")
     train.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    train.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="data-parallel processes on this machine (starts torchrun; the global batch_size is split over them)",
+    )
     train.set_defaults(func=_train)
 
     carry = commands.add_parser(

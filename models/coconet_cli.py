@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import numpy as np
@@ -39,10 +40,14 @@ def _splits(scores: str, cfg) -> dict[str, list[np.ndarray]]:
 def _train(args) -> int:
     from core.config import load_section
     from models.coconet_train import TrainCoconetParams, train_coconet
+    from models.distributed import check_split, leave_group, relaunch_with_torchrun
 
     params = load_section(TrainCoconetParams, args.params, "train_coconet")
     if args.preset:
         params = params.with_overrides({"preset": args.preset}, "--preset")
+    if args.nproc != 1:
+        check_split(params.resolved().batch_size, args.nproc, "train_coconet")
+        return relaunch_with_torchrun(args.nproc)
     rolls = _splits(args.scores, params.resolved().config())
     metrics = train_coconet(
         rolls["train"],
@@ -55,7 +60,10 @@ def _train(args) -> int:
         resume=not args.fresh,
         progress=_say,
     )
-    print(json.dumps({k: metrics[k] for k in ("steps", "stop_reason", "valid_loss", "train_seconds", "fingerprint")}))
+    if metrics.get("processes", 1) == 1 or os.environ.get("RANK") == "0":
+        keys = ("steps", "stop_reason", "valid_loss", "train_seconds", "fingerprint")
+        print(json.dumps({k: metrics[k] for k in keys}))
+    leave_group()
     return 0
 
 
@@ -105,6 +113,12 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--preset", default=None, choices=["demo", "cpu", "gpu", "debug"], help="override params train_coconet.preset"
     )
     train.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    train.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="data-parallel processes on this machine (starts torchrun; the global batch_size is split over them)",
+    )
     train.set_defaults(func=_train)
 
     ev = sub.add_parser(

@@ -55,6 +55,7 @@ class SamplingParams(Section):
     repair_candidates: int = Field(8, ge=1)  # the model's proposals per span, the best kept
     repair_refine_steps: int = Field(2, ge=0)  # Gibbs steps over the span per proposal
     repair_max_attempts: int = Field(24, ge=1)  # spans tried per piece
+    repair_widen: int = Field(1, ge=0)  # retries of a place, each with a sonority more on each side
 
     def gibbs_steps(self, n_free: int) -> int:
         return max(1, min(self.max_steps, int(round(n_free * self.steps_per_cell))))
@@ -89,6 +90,7 @@ class SamplingParams(Section):
             candidates=self.repair_candidates,
             refine_steps=self.repair_refine_steps,
             max_attempts=self.repair_max_attempts,
+            widen=self.repair_widen,
         )
 
 

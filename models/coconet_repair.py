@@ -10,7 +10,8 @@ writer and uses the rule only to choose among what it proposes:
 3. let the model propose `candidates` rewrites of that span (one independent draw per cell from one prediction,
    then `refine_steps` blocked-Gibbs steps over the span, at the sampler's temperature);
 4. keep the proposal with the fewest parallels in the whole piece (ties: the one the model finds most likely, by
-   the pseudo-likelihood of the span), and only if it has fewer than the piece had; else leave that place alone.
+   the pseudo-likelihood of the span), and only if it has fewer than the piece had; else try that place again
+   with the span widened by a sonority on each side (`widen` times), then leave it alone.
 
 Each attempt is a handful of model calls on a batch of `candidates`; `max_attempts` bounds the cost.
 """
@@ -26,13 +27,15 @@ from models.coconet import Coconet, Progress, classes_to_roll, predict, sample_c
 from models.voice_leading import parallel_motions
 
 
-def _span_end(roll: np.ndarray, start: int) -> int:
-    """First frame after the sonority that starts at `start` (where any voice changes)."""
+def _span(roll: np.ndarray, t0: int, t1: int, widen: int) -> tuple[int, int]:
+    """Frames [start, end) of the sonority starting at `t0` through the one starting at `t1`, plus `widen`
+    sonorities on each side."""
     frames = roll.T
-    t = start + 1
-    while t < len(frames) and np.array_equal(frames[t], frames[start]):
-        t += 1
-    return t
+    starts = np.flatnonzero(np.r_[True, np.any(frames[1:] != frames[:-1], axis=1)])
+    k0, k1 = int(np.searchsorted(starts, t0)), int(np.searchsorted(starts, t1))
+    start = int(starts[max(0, k0 - widen)])
+    end = int(starts[k1 + 1 + widen]) if k1 + 1 + widen < len(starts) else len(frames)
+    return start, end
 
 
 @torch.no_grad()
@@ -45,6 +48,7 @@ def repair_parallels(
     candidates: int = 8,
     refine_steps: int = 2,
     max_attempts: int = 24,
+    widen: int = 1,
 ) -> tuple[torch.Tensor, dict]:
     """`classes` [1, V, T] with parallels rewritten where the model offers a better span; (classes, report)."""
     if classes.shape[0] != 1:
@@ -55,17 +59,18 @@ def repair_parallels(
     roll = classes_to_roll(current[0].numpy(), cfg)
     motions = parallel_motions(roll)
     report = {"parallels_before": len(motions), "attempts": 0, "rewrites": 0}
-    left_alone: set[tuple] = set()
+    tries: dict[tuple, int] = {}  # failed attempts per place: each retry widens the span by a sonority a side
     while motions and report["attempts"] < max_attempts:
-        todo = [m for m in motions if m[:4] not in left_alone]
+        todo = [m for m in motions if tries.get(m[:4], 0) <= widen]
         if not todo:
             break
-        a, b, t0, t1, _ = todo[0]
+        key = todo[0][:4]
+        start, end = _span(roll, key[2], key[3], tries.get(key, 0))
         span = torch.zeros_like(free)
-        span[..., t0 : _span_end(roll, t1)] = True
+        span[..., start:end] = True
         span &= free
         if not span.any():
-            left_alone.add(todo[0][:4])
+            tries[key] = widen + 1
             continue
         report["attempts"] += 1
         proposals, span_k = current.repeat(candidates, 1, 1), span.repeat(candidates, 1, 1)
@@ -86,7 +91,7 @@ def repair_parallels(
             motions = parallel_motions(roll)
             report["rewrites"] += 1
         else:
-            left_alone.add(todo[0][:4])
+            tries[key] = tries.get(key, 0) + 1
     report["parallels_after"] = len(motions)
     return current, report
 
@@ -100,6 +105,7 @@ class RepairedSampler:
     candidates: int = 8
     refine_steps: int = 2
     max_attempts: int = 24
+    widen: int = 1
 
     @property
     def name(self) -> str:
@@ -140,4 +146,5 @@ class RepairedSampler:
             candidates=self.candidates,
             refine_steps=self.refine_steps,
             max_attempts=self.max_attempts,
+            widen=self.widen,
         )

@@ -31,6 +31,7 @@ from models.coconet import (
     roll_to_classes,
     save_coconet,
 )
+from models.distributed import DataParallel, threads_per_rank
 from models.optimizer_state import flatten_optimizer, unflatten_optimizer
 
 log = logging.getLogger(__name__)
@@ -177,14 +178,17 @@ def _make_optimizer(model: Coconet, p: TrainCoconetParams):
 TIME_FIT_MARGIN = 0.93
 
 
-def fit_horizon_to_time(sched, state: dict, p: TrainCoconetParams, elapsed: float, say) -> None:
+def fit_horizon_to_time(sched, state: dict, p: TrainCoconetParams, elapsed: float, say, dp=None) -> None:
     """At the end of warm-up, project how many steps fit in `max_minutes` at the speed seen so far; if fewer than
     `steps`, anneal the learning rate to that step instead. A run cut by the clock mid-schedule stops with its
-    learning rate still high and its loss well above what the same steps reach once annealed."""
+    learning rate still high and its loss well above what the same steps reach once annealed. Under data
+    parallelism rank 0's projection holds for all."""
     spent = state["train_seconds"] + elapsed
     per_step = spent / max(1, state["step"])
     budget = p.max_minutes * 60 * TIME_FIT_MARGIN - spent
     fits = state["step"] + int(budget / per_step)
+    if dp is not None:
+        fits = dp.from_main(fits)
     if fits >= p.steps:
         return
     horizon = max(state["step"] + 1, fits)
@@ -214,13 +218,16 @@ def train_coconet(
     from safetensors.torch import load_file, save_file
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    say = progress or log.info
+    dp = DataParallel.from_env()
+    say = (progress or log.info) if dp.is_main else (lambda _msg: None)
     p = params.resolved()
+    rows = dp.rows(p.batch_size)
     torch.manual_seed(p.seed)
-    torch.set_num_threads(p.threads)
+    torch.set_num_threads(threads_per_rank(p.threads))
     cfg = p.config()
     train, valid = RollSet(train_rolls, cfg), RollSet(valid_rolls, cfg)
     model = Coconet(cfg).use_precision(p.precision)
+    net = dp.wrap(model)  # what the loss is computed through: DDP averages the ranks' gradients
     precision = "bf16" if model.autocast_dtype is not None else "fp32"
     opt, sched = _make_optimizer(model, p)
     ema = (
@@ -259,6 +266,7 @@ def train_coconet(
     say(
         f"coconet {p.preset}: {cfg.n_layers} layers x {cfg.filters} filters, {model.num_params() / 1e6:.2f}M params, "
         f"{precision}; {len(train)} train pieces ({train.frames} frames), {len(valid)} valid"
+        + (f"; {dp.world} processes, {p.batch_size // dp.world} crops each" if dp.world > 1 else "")
     )
 
     model.train()
@@ -266,9 +274,11 @@ def train_coconet(
     stop = "steps"
     horizon = lambda: state["horizon"] or p.steps  # noqa: E731
     while state["step"] < horizon():
+        # the global batch, drawn alike on every rank; each trains on its rows
         classes, valid_cells = train.random_batch(p.batch_size, p.crop_frames, p.transpose, rng)
         mask = orderless_mask(valid_cells, mask_gen)
-        loss = orderless_loss(model(classes, mask), classes, mask, rescale=p.rescale_loss, valid=valid_cells)
+        classes, valid_cells, mask = classes[rows], valid_cells[rows], mask[rows]
+        loss = orderless_loss(net(classes, mask), classes, mask, rescale=p.rescale_loss, valid=valid_cells)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -276,13 +286,15 @@ def train_coconet(
         sched.step()
         if ema is not None:
             ema.update_parameters(model)
-        running.append(float(loss.detach()))
+        running.append(float(loss.detach()))  # this rank's rows; averaged over ranks when reported
         seen += p.batch_size * p.crop_frames
         state["step"] += 1
         elapsed = time.time() - t0
         if state["step"] == max(1, p.warmup) and state["horizon"] is None:
-            fit_horizon_to_time(sched, state, p, elapsed, say)
+            fit_horizon_to_time(sched, state, p, elapsed, say, dp)
         out_of_time = (state["train_seconds"] + elapsed) / 60 >= p.max_minutes
+        if dp.world > 1:
+            out_of_time = dp.any(out_of_time)  # the ranks' clocks differ; they must stop at the same step
         if state["step"] % p.eval_every == 0 or state["step"] == horizon() or out_of_time:
             # the live weights and their average are both judged; the better one is kept (early in a run the
             # average still remembers the first steps, late in it the average is usually ahead)
@@ -296,7 +308,7 @@ def train_coconet(
             v = min(v_live, v_avg)
             rec = {
                 "step": state["step"],
-                "train_loss": float(np.mean(running)),
+                "train_loss": dp.mean(float(np.mean(running))),  # over the global batch
                 "valid_loss": v,
                 "valid_loss_live": v_live,
                 **({"valid_loss_average": v_avg} if ema is not None else {}),
@@ -317,7 +329,7 @@ def train_coconet(
                 best_state = {k: t.detach().clone().contiguous() for k, t in judged.state_dict().items()}
             else:
                 state["bad_evals"] += 1
-            if ckpt:
+            if ckpt and dp.is_main:
                 _save_checkpoint(ckpt, model, opt, sched, ema, best_state, state, elapsed, save_file, flatten_optimizer)
             if state["bad_evals"] >= p.patience:
                 stop = "early_stopping"
@@ -344,6 +356,11 @@ def train_coconet(
         "preset": p.preset,
         "fingerprint": final.fingerprint(),
     }
+    if dp.world > 1:
+        metrics["processes"] = dp.world
+    if not dp.is_main:
+        dp.barrier()  # rank 0 writes the outputs
+        return metrics
     save_coconet(
         final,
         out_dir,
@@ -363,6 +380,7 @@ def train_coconet(
             json.dumps([{k: r[k] for k in ("step", "train_loss", "valid_loss")} for r in state["history"]], indent=1)
             + "\n"
         )
+    dp.barrier()
     return metrics
 
 

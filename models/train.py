@@ -27,6 +27,7 @@ from pydantic import Field
 from core.config import Section
 from core.errors import UserError
 from models.codec import MelCodecConfig, MelRVQCodec, load_codec
+from models.distributed import DataParallel, threads_per_rank
 from models.generator import Generator, GeneratorConfig, attribute_ids, save_generator
 from models.optimizer_state import flatten_optimizer, unflatten_optimizer
 
@@ -365,12 +366,14 @@ def train_generator(
     `checkpoint_dir`; a later run with the same config continues from there. Stops at `steps`, after
     `max_minutes`, or when validation loss has not improved for `patience` evaluations.
     """
-    say = progress or log.info
     p = params.resolved()
     torch.manual_seed(p.seed)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dp = DataParallel.from_env(device)
+    device = dp.device
+    say = (progress or log.info) if dp.is_main else (lambda _msg: None)
     if device == "cpu" and p.threads:
-        torch.set_num_threads(p.threads)
+        torch.set_num_threads(threads_per_rank(p.threads))
     codec = load_codec(codec_dir)
     train, valid = _training_tokens(tokens_dir, codec)
     cfg = generator_config(p, codec)
@@ -380,7 +383,7 @@ def train_generator(
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     # hashing the token files is only needed to tell a resumable checkpoint from another run's
     run_identity = _run_identity(codec, tokens_dir, p) if ckpt else None
-    training = _Training(p, cfg, train, valid, device, ckpt, run_identity, say)
+    training = _Training(p, cfg, train, valid, device, ckpt, run_identity, say, dp)
     if ckpt and resume and (ckpt / "state.json").exists():
         training.resume()
     floor = unigram_nats(train, valid, cfg.card)
@@ -389,7 +392,7 @@ def train_generator(
         f"unigram floor {floor:.3f} nats"
     )
     stop_reason, elapsed = training.run()
-    model = training.export(codec, out_dir)
+    model = training.export(codec, out_dir if dp.is_main else None)
     history = training.state["history"]
     best = min(history, key=lambda r: r["valid_loss"]) if history else {}
     metrics = {
@@ -404,8 +407,11 @@ def train_generator(
         **{k: v for k, v in best.items() if k.startswith(("valid_loss_cb", "train_loss_cb"))},
         "tokens_per_s": best.get("tokens_per_s"),
         "fingerprint": model.fingerprint(),
+        **({"processes": dp.world} if dp.world > 1 else {}),
     }
-    _write_training_outputs(metrics, history, metrics_path, plot_path)
+    if dp.is_main:
+        _write_training_outputs(metrics, history, metrics_path, plot_path)
+    dp.barrier()
     return metrics
 
 
@@ -440,11 +446,17 @@ class _Training:
         ckpt: Path | None,
         run_identity: str | None,
         say,
+        dp: DataParallel | None = None,
     ):
         self.p, self.cfg, self.device, self.say = p, cfg, device, say
+        self.dp = dp or DataParallel(device=device)
+        self.rows = self.dp.rows(p.batch_size)
         self.train, self.valid = train, valid
         self.ckpt = ckpt
         self.model = Generator(cfg).to(device)
+        # the loss is computed through DDP's forward, so that it averages the ranks' gradients; a step may leave
+        # parameters unused on a rank (the null condition when none of its rows drops its caption)
+        self.net = self.dp.wrap(_Loss(self.model), find_unused_parameters=True)
         self.opt = torch.optim.AdamW(
             self.model.parameters(),
             lr=p.lr,
@@ -506,15 +518,16 @@ class _Training:
             run_train.append(self._step(gen))
             frames_done += p.batch_size * p.window_frames
             elapsed = time.time() - t_start
-            last = state["step"] == p.steps or (state["train_seconds"] + elapsed) / 60 >= p.max_minutes
-            if state["step"] % p.eval_every == 0 or last:
+            # the ranks' clocks differ: they agree on running out, so that all stop at the same step
+            out_of_time = self.dp.any((state["train_seconds"] + elapsed) / 60 >= p.max_minutes)
+            if state["step"] % p.eval_every == 0 or state["step"] == p.steps or out_of_time:
                 self._validate(run_train, frames_done, elapsed)
                 run_train = []
-                if self.ckpt:
+                if self.ckpt and self.dp.is_main:
                     self._save_checkpoint(elapsed)
                 if state["bad_evals"] >= p.patience:
                     return "early_stopping", time.time() - t_start
-                if (state["train_seconds"] + elapsed) / 60 >= p.max_minutes:
+                if out_of_time:
                     return "time_limit", time.time() - t_start
         return "steps", time.time() - t_start
 
@@ -523,9 +536,10 @@ class _Training:
         model, opt, device, step = self.model, self.opt, self.device, self.state["step"]
         for g in opt.param_groups:
             g["lr"] = _learning_rate(self.p, step)
+        # the global batch, drawn alike on every rank; each trains on its rows
         idx = torch.randint(0, len(self.train), (self.p.batch_size,), generator=gen).tolist()
-        codes, cond, attrs = self.train.batch(idx, self.p.window_frames, gen)
-        loss, per_cb = model.loss(codes.to(device), cond.to(device), attrs.to(device))
+        codes, cond, attrs = (x[self.rows].to(device) for x in self.train.batch(idx, self.p.window_frames, gen))
+        loss, per_cb = self.net(codes, cond, attrs)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -542,7 +556,7 @@ class _Training:
         best so far."""
         p, state, n_codebooks = self.p, self.state, self.cfg.n_codebooks
         v = evaluate(self.judged, self.valid, p.window_frames, p.batch_size, p.eval_clips, self.device)
-        tr = torch.stack(run_train).mean(0)
+        tr = torch.tensor([self.dp.mean(float(x)) for x in torch.stack(run_train).mean(0)])  # the global batch's
         rec = {
             "step": state["step"],
             "train_loss": float(tr.mean()),
@@ -584,16 +598,29 @@ class _Training:
             )
         )
 
-    def export(self, codec, out_dir: str) -> Generator:
-        """Save the best weights (else the average, else the live ones) with the codec; returns that model."""
+    def export(self, codec, out_dir: str | None) -> Generator:
+        """Save the best weights (else the average, else the live ones) with the codec (when `out_dir` is given);
+        returns that model."""
         model = self.model
         if self.best_state is not None:
             model.load_state_dict(self.best_state)
         elif self.ema is not None:
             model.load_state_dict(self.ema.state_dict())
         model.eval()
-        save_generator(model.cpu(), codec, out_dir)
+        if out_dir is not None:
+            save_generator(model.cpu(), codec, out_dir)
         return model
+
+
+class _Loss(torch.nn.Module):
+    """The generator's training loss as a module's forward (what DistributedDataParallel wraps)."""
+
+    def __init__(self, model: Generator):
+        super().__init__()
+        self.model = model
+
+    def forward(self, codes, cond, attrs):
+        return self.model.loss(codes, cond, attrs)
 
 
 def _write_training_outputs(

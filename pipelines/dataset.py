@@ -18,6 +18,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Annotated, Literal
 
 import apache_beam as beam
@@ -35,7 +36,7 @@ from core.splits import assign_split
 from pipelines.captions import base_description, clip_rng, compose_caption, control_sentences, read_sidecar
 from pipelines.errors import PipelineUserError
 from pipelines.features import DOWNBEAT_CUES, ClipAnalyzer, FeatureParams, file_bar_phase
-from pipelines.runner import ReadKeptRows, make_pipeline
+from pipelines.runner import AsRecords, ReadKeptRows, make_pipeline, write_tables
 
 log = logging.getLogger(__name__)
 
@@ -582,37 +583,40 @@ def _build_locked(
 
     started = time.time()
     with make_pipeline(runner, workers, beam_args) as p:
-        results = (
+        records = (
             p
             | "Files" >> beam.Create(plan.to_process)
             | "Spread" >> beam.Reshuffle()
-            | "ProcessFile" >> beam.ParDo(ProcessFile(params)).with_outputs("errors", "sources", main="clips")
+            | "ProcessFile" >> beam.ParDo(AsRecords(ProcessFile(params), main="clips"))
         )
-        clips = results.clips
+        kept_rows = None
         if old_shard_urls:
             kept_rows = (
                 p
                 | "OldShards" >> beam.Create(old_shard_urls)
                 | "ReadKept" >> beam.ParDo(ReadKeptRows(sorted(plan.kept)))
             )
-            clips = (clips, kept_rows) | "AllClips" >> beam.Flatten()
-        (
-            clips
-            | "KeyByShard" >> beam.Map(lambda r, n=num_shards: (shard_of(r["source_sha256"], n), r))
-            | "GroupShards" >> beam.GroupByKey()
-            | "WriteShards" >> beam.ParDo(WriteShard(tmp_url, num_shards))
-        )
-        (
-            results.errors
-            | "CollectErrors" >> beam.combiners.ToList()
-            | "WriteErrors"
-            >> beam.Map(_write_small, f"{tmp_url}/{schema.ERRORS_FILE}", schema.ERRORS_SCHEMA, old_errors)
-        )
-        (
-            results.sources
-            | "CollectSources" >> beam.combiners.ToList()
-            | "WriteSources"
-            >> beam.Map(_write_small, f"{tmp_url}/{schema.SOURCES_FILE}", schema.SOURCES_SCHEMA, old_sources)
+        write_tables(
+            p,
+            records,
+            kept_rows=kept_rows,
+            main="clips",
+            shard_key=lambda r, n=num_shards: shard_of(r["source_sha256"], n),
+            write_shard=WriteShard(tmp_url, num_shards),
+            write_side={
+                "errors": partial(
+                    _write_small,
+                    path=f"{tmp_url}/{schema.ERRORS_FILE}",
+                    table_schema=schema.ERRORS_SCHEMA,
+                    extra=old_errors,
+                ),
+                "sources": partial(
+                    _write_small,
+                    path=f"{tmp_url}/{schema.SOURCES_FILE}",
+                    table_schema=schema.SOURCES_SCHEMA,
+                    extra=old_sources,
+                ),
+            },
         )
     elapsed = time.time() - started
 
@@ -675,7 +679,10 @@ def _skipped_source_row(path: str) -> dict:
 
 
 def _write_small(rows: list[dict], path: str, table_schema: pa.Schema, extra: list[dict]) -> str:
-    all_rows = sorted(list(rows) + list(extra), key=lambda r: (r["source_path"], r.get("stage", "")))
+    # a total order (every field), so that runners that group rows in another order write the same bytes
+    all_rows = sorted(
+        list(rows) + list(extra), key=lambda r: (r["source_path"], json.dumps(r, sort_keys=True, default=str))
+    )
     with fsspec.open(path, "wb") as f:
         pq.write_table(pa.Table.from_pylist(all_rows, schema=table_schema), f, compression="zstd")
     return path
