@@ -9,7 +9,7 @@ export MPLBACKEND := Agg
 # dvc.yaml's stage commands call `smitin`: the venv's, without asking the user to activate it
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup demo test lint studio browser bench clean
+.PHONY: setup demo test lint studio browser postgres bench clean
 
 $(BIN)/smitin: requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11) on PATH, or set PYTHON=..."; exit 1; }
@@ -33,7 +33,7 @@ demo: setup
 		--out demo/steered_drums.wav
 	$(BIN)/smitin harmonize --melody pipelines/data/jsb/test-000-soprano.mid --out demo/harmonized.mid
 
-test: setup browser
+test: setup browser postgres
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # Debian's Chromium and chromedriver, for the studio's browser tests (installed once; apt-get needs root)
@@ -42,6 +42,14 @@ browser:
 	  [ "$$(id -u)" = 0 ] || { echo "the studio's browser tests need Debian's chromium and chromium-driver:" \
 	    "run 'sudo make browser' once"; exit 1; }; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+# Debian's PostgreSQL 15, for the shared-registry tests (an `mlflow server` on PostgreSQL; installed once; apt-get
+# needs root). The tests start their own throwaway cluster, so the package's own service is never started.
+postgres:
+	@command -v pg_ctl >/dev/null || [ -x /usr/lib/postgresql/15/bin/pg_ctl ] || { \
+	  [ "$$(id -u)" = 0 ] || { echo "the shared-registry tests need Debian's postgresql: run 'sudo make postgres' once"; \
+	    exit 1; }; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
 
 # ruff: lint and formatting (configured in pyproject.toml); .ci/run runs it before the tests
 lint: setup

@@ -185,6 +185,8 @@ def _register(args) -> int:
         coconet_dir=coconet,
     )
     for r in done:
+        for version in r.cleaned:
+            print(f"{r.name}: removed v{version}, left half-registered by an interrupted registration")
         state = "registered" if r.created else "already registered"
         print(
             f"{r.name}: {state} as version {r.version}"
@@ -208,6 +210,8 @@ def _promote(args) -> int:
 
     reg = _registry(args)
     result = promote(reg, args.model, args.version, force=args.force, reason=args.reason, dry_run=args.dry_run)
+    for version in result.cleaned:
+        print(f"{result.name}: removed v{version}, left half-registered by an interrupted registration")
     for g in result.gates:
         print(f"  {g}")
     if args.dry_run:
@@ -279,7 +283,7 @@ def _list(args) -> int:
     rows = []
     with translate_errors(reg):
         c = reg.client
-        for rm in sorted(c.search_registered_models(max_results=1000), key=lambda m: m.name):
+        for rm in sorted(reg.registered_models(), key=lambda m: m.name):
             versions = c.search_model_versions(f"name = '{rm.name}'")
             aliases = rm.aliases or {}
             champ = alias_version(c, rm.name, "champion") if "champion" in aliases else None
@@ -303,7 +307,7 @@ def _list(args) -> int:
 
 def _show(args) -> int:
     from registry.promotion import version_metrics
-    from registry.store import TAG, translate_errors
+    from registry.store import PENDING, TAG, translate_errors
 
     reg = _registry(args)
     reg.check()
@@ -356,7 +360,8 @@ def _show(args) -> int:
                     "metrics": _key_metrics(version_metrics(mv)),
                     "generator": ident,
                     "git": t.get(TAG + "git_commit", "")[:10],
-                    "status": mv.status,
+                    # left by an interrupted registration: never served, removed by the next register / promote
+                    "status": "PENDING" if PENDING in t else mv.status,
                 }
             )
     print(f"{name}: {len(rows)} version(s)")

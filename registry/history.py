@@ -32,11 +32,25 @@ def now_iso() -> str:
 
 
 def record_event(client, name: str, event: dict) -> dict:
-    """Write one event; the returned dict carries its tag key as `key` (to undo it in a rollback)."""
+    """Write one event; the returned dict carries its tag key as `key` (to undo it in a rollback). Called under the
+    registry lock: the key's time is after every event already there, so the history stays in the order the
+    events happened even when the writers' clocks disagree (two machines sharing a server)."""
     event = {"when": now_iso(), "who": who(), **event}
-    key = f"{HISTORY_PREFIX}{int(time.time() * 1000):013d}.{secrets.token_hex(3)}"
+    ms = max(int(time.time() * 1000), _last_ms(client, name) + 1)
+    key = f"{HISTORY_PREFIX}{ms:013d}.{secrets.token_hex(3)}"
     client.set_registered_model_tag(name, key, json.dumps(event, sort_keys=True))
     return {**event, "key": key}
+
+
+def _last_ms(client, name: str) -> int:
+    return max((_key_ms(k) for k in client.get_registered_model(name).tags if k.startswith(HISTORY_PREFIX)), default=0)
+
+
+def _key_ms(key: str) -> int:
+    try:
+        return int(key[len(HISTORY_PREFIX) :].split(".")[0])
+    except ValueError:  # a tag someone wrote by hand
+        return 0
 
 
 def read_history(client, name: str) -> list[dict]:

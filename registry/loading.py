@@ -13,7 +13,7 @@ from pathlib import Path
 
 from registry.artifacts import MANIFEST, inspect_dir, verify_dir
 from registry.errors import CorruptArtifact, IncompatibleProbeSet, ModelNotFound, RegistryError
-from registry.store import CHAMPION, TAG, Registry, first_line, translate_errors
+from registry.store import CHAMPION, PENDING, TAG, Registry, first_line, translate_errors
 
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 
@@ -69,7 +69,7 @@ def parse_uri(uri: str) -> tuple[str, str | None, str | None]:
 
 def resolve(reg: Registry, uri: str):
     """The model version a URI points at (one registry query). Raises a one-line error when the model, the version
-    or the alias does not exist."""
+    or the alias does not exist, or when the version is half-registered (never served)."""
     from mlflow.exceptions import MlflowException
 
     name, version, alias = parse_uri(uri)
@@ -77,12 +77,18 @@ def resolve(reg: Registry, uri: str):
     c = reg.client
     with translate_errors(reg):
         try:
-            return c.get_model_version_by_alias(name, alias) if alias else c.get_model_version(name, version)
+            mv = c.get_model_version_by_alias(name, alias) if alias else c.get_model_version(name, version)
+            if PENDING in mv.tags:
+                raise RegistryError(
+                    f"{name} v{mv.version} is half-registered (its registration is under way or was interrupted); "
+                    f"the next `smitin registry register` or `smitin registry promote {name}` removes it"
+                )
+            return mv
         except MlflowException as e:
             if getattr(e, "error_code", "") != "RESOURCE_DOES_NOT_EXIST" and "not found" not in str(e).lower():
                 raise
         if not c.search_registered_models(f"name = '{name}'"):
-            known = sorted(m.name for m in c.search_registered_models(max_results=100))
+            known = sorted(m.name for m in reg.registered_models(max_results=100))
             raise ModelNotFound(
                 f"no registered model {name!r} in {reg.uri}"
                 + (f" (registered: {', '.join(known)})" if known else " (nothing registered yet)")

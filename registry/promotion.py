@@ -1,12 +1,18 @@
 """Promotion: move alias `champion` to a version only when the gates pass, and keep every decision as history.
 
 Gates (params.yaml `registry.gates`):
-- ready: the version finished registering and carries a content hash (so its files can be verified);
+- ready: the version finished registering (not left pending by an interrupted registration) and carries a content
+  hash (so its files can be verified);
 - metrics: every gated metric the current champion has is not worse on the candidate beyond `tolerance`
   (`higher` / `lower` is better, per metric); a metric with sibling settings (steering success: `strength`, and
   `every`, SMITIN's push interval) is compared only when both were measured with the same settings;
 - compatible (probe sets): trained on the current champion generator (same fingerprint).
-`--force` promotes anyway; the event records which gates were overridden."""
+`--force` promotes anyway (not a version without a content hash or left pending); the event records which gates were
+overridden.
+
+The whole read-champion -> gates -> move alias -> record event sequence runs under the model's registry lock
+(`Registry.lock`), so two promotions at once, from two processes or machines, are serialised: the second one sees
+the first one's champion, and the history's `from` of each event is the `to` of the one before."""
 
 from __future__ import annotations
 
@@ -15,7 +21,8 @@ from dataclasses import dataclass, field
 
 from registry.errors import ModelNotFound, PromotionRefused, RegistryError
 from registry.history import read_history, record_event
-from registry.store import CHALLENGER, CHAMPION, TAG, GatesParams, Registry, translate_errors
+from registry.registration import clean_interrupted
+from registry.store import CHALLENGER, CHAMPION, PENDING, TAG, GatesParams, Registry, translate_errors
 
 
 @dataclass
@@ -37,6 +44,7 @@ class Promotion:
     promoted: bool = False
     forced: bool = False
     event: dict = field(default_factory=dict)
+    cleaned: list[str] = field(default_factory=list)  # versions of interrupted registrations removed first
 
     @property
     def failed(self) -> list[Gate]:
@@ -146,19 +154,24 @@ def compatibility_gate(reg: Registry, candidate) -> Gate:
     return Gate("compatible", True, f"trained on champion {gen_name} v{gen.version} ({gen_fp[:12]})")
 
 
+def ready_gate(candidate) -> Gate:
+    if PENDING in candidate.tags:
+        return Gate(
+            "ready",
+            False,
+            "its registration did not complete (interrupted); the next registration or promotion of this model "
+            "removes it",
+        )
+    ready = candidate.status == "READY" and bool(candidate.tags.get(TAG + "content_hash"))
+    if ready:
+        return Gate("ready", True, "registered, content hash recorded")
+    has_hash = "present" if candidate.tags.get(TAG + "content_hash") else "missing"
+    return Gate("ready", False, f"status {candidate.status}, content hash {has_hash}")
+
+
 def evaluate_gates(reg: Registry, name: str, candidate, champion) -> list[Gate]:
     kind = candidate.tags.get(TAG + "kind", "probe_set" if name != reg.settings.generator_name else "generator")
-    ready = candidate.status == "READY" and bool(candidate.tags.get(TAG + "content_hash"))
-    gates = [
-        Gate(
-            "ready",
-            ready,
-            "registered, content hash recorded"
-            if ready
-            else f"status {candidate.status}, content hash "
-            f"{'present' if candidate.tags.get(TAG + 'content_hash') else 'missing'}",
-        )
-    ]
+    gates = [ready_gate(candidate)]
     gates.append(metric_gate(candidate, champion, reg.settings.gates, kind))
     if kind == "probe_set":
         gates.append(compatibility_gate(reg, candidate))
@@ -178,7 +191,7 @@ def _candidate(reg: Registry, name: str, version: str | int | None):
             raise ModelNotFound(f"{name} has no version {version}") from None
     mv = alias_version(c, name, CHALLENGER)
     if mv is None:
-        versions = c.search_model_versions(f"name = '{name}'")
+        versions = [v for v in c.search_model_versions(f"name = '{name}'") if PENDING not in v.tags]
         if not versions:
             raise ModelNotFound(f"{name} has no versions")
         mv = max(versions, key=lambda v: int(v.version))
@@ -197,12 +210,15 @@ def promote(
     """Move `champion` to `version` (default: the challenger, else the newest) if the gates pass or `force`.
     A refusal is recorded in the history too, then raised as `PromotionRefused` naming the failed gates."""
     reg.check()
-    with translate_errors(reg), reg.lock("promotion"):
-        c = reg.client
+    with translate_errors(reg):
         name = reg.resolve_name(model)
+    with translate_errors(reg), reg.lock(f"promotion of {name}", name):
+        c = reg.client
+        # a registration interrupted since (its challenger alias may point at a half-registered version)
+        cleaned = [] if dry_run or not c.search_registered_models(f"name = '{name}'") else clean_interrupted(reg, name)
         candidate = _candidate(reg, name, version)
         champion = alias_version(c, name, CHAMPION)
-        result = Promotion(name, str(candidate.version), str(champion.version) if champion else None)
+        result = Promotion(name, str(candidate.version), str(champion.version) if champion else None, cleaned=cleaned)
         if champion is not None and str(champion.version) == str(candidate.version):
             result.gates = [Gate("noop", True, f"v{candidate.version} is already the champion")]
             return result
@@ -229,6 +245,11 @@ def promote(
             raise RegistryError(
                 f"{name} v{candidate.version} has no content hash: it was not registered by smitin "
                 f"and cannot be verified, not even with --force"
+            )
+        if failed and PENDING in candidate.tags:
+            raise RegistryError(
+                f"{name} v{candidate.version} is half-registered (its registration was interrupted): "
+                f"it cannot be promoted, not even with --force"
             )
         c.set_registered_model_alias(name, CHAMPION, result.version)
         try:
@@ -268,7 +289,7 @@ def stale_probe_sets(reg: Registry, generator_fingerprint: str) -> list[str]:
     """Probe-set models whose champion was trained on another generator than `generator_fingerprint`."""
     out = []
     prefix = reg.settings.probe_set_prefix
-    for rm in reg.client.search_registered_models(max_results=1000):
+    for rm in reg.registered_models():
         if not rm.name.startswith(prefix) or reg.probe_set_backend(rm.name) != "builtin":
             continue
         champ = alias_version(reg.client, rm.name, CHAMPION)

@@ -2,8 +2,11 @@
 
 One registration = one MLflow run (params, metrics, lineage tags, plots) + one LoggedModel (the directory's files
 as plain artifacts + a sha256 manifest, the same metrics) + one model version (lineage tags, `smitin.metrics`).
-Either all of it exists at the end or none of it: a failure at any step rolls back what was made. The same
-content registered twice gives back the existing version (the DVC stage can re-run safely)."""
+Either all of it exists at the end or none of it: a failure at any step rolls back what was made. When the rollback
+cannot run (the process was killed, the server went away), the version still carries the tag `smitin.pending`: it
+is never served, promoted or taken for registered content, and the next registration or promotion of the model
+removes it (`clean_interrupted`). The same content registered twice gives back the existing version (the DVC stage
+can re-run safely)."""
 
 from __future__ import annotations
 
@@ -11,14 +14,23 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from registry.artifacts import ArtifactInfo, inspect_dir, numeric, verify_dir, write_manifest
 from registry.errors import RegistryError
-from registry.history import record_event, who
+from registry.history import HISTORY_PREFIX, now_iso, record_event, who
 from registry.lineage import dvc_lineage, git_state
-from registry.store import CHALLENGER, TAG, RegisterParams, Registry, first_line, translate_errors
+from registry.store import (
+    CHALLENGER,
+    PENDING,
+    TAG,
+    RegisterParams,
+    Registry,
+    first_line,
+    is_unreachable,
+    translate_errors,
+)
 
 
 @dataclass
@@ -29,6 +41,7 @@ class Registered:
     run_id: str
     content_hash: str
     created: bool  # False: this content was already registered as `version`
+    cleaned: list[str] = field(default_factory=list)  # versions of interrupted registrations removed first
 
     def uri(self) -> str:
         return f"models:/{self.name}/{self.version}"
@@ -36,7 +49,7 @@ class Registered:
 
 def _find_by_content(client, name: str, content_hash: str):
     for mv in client.search_model_versions(f"name = '{name}'"):
-        if mv.tags.get(TAG + "content_hash") == content_hash and mv.status == "READY":
+        if mv.tags.get(TAG + "content_hash") == content_hash and mv.status == "READY" and PENDING not in mv.tags:
             return mv
     return None
 
@@ -106,8 +119,9 @@ def register_dir(
     name = reg.model_name(info.kind, info.trait, backend)
     metrics = {**info.metrics, **numeric(extra_metrics or {})}
     reg.check(create=True)
-    with translate_errors(reg), reg.lock(f"registration of {name}"):
+    with translate_errors(reg), reg.lock(f"registration of {name}", name):
         _ensure_registered_model(reg, name, info)
+        cleaned = clean_interrupted(reg, name)
         existing = _find_by_content(reg.client, name, info.content_hash)
         if existing is not None:
             return Registered(
@@ -117,6 +131,7 @@ def register_dir(
                 existing.run_id or "",
                 info.content_hash,
                 created=False,
+                cleaned=cleaned,
             )
         tags = {"kind": info.kind, "content_hash": info.content_hash, "registered_by": who(), **git_state(".")}
         tags.update(dvc_lineage(directory))
@@ -145,7 +160,9 @@ def register_dir(
             )
         tags.update({k: str(v) for k, v in (lineage or {}).items()})
         tags = {TAG + k: str(v) for k, v in tags.items()}
-        return _register(reg, info, name, metrics, tags, plots, description, alias, _fail_after)
+        done = _register(reg, info, name, metrics, tags, plots, description, alias, _fail_after)
+        done.cleaned = cleaned
+        return done
 
 
 def _register(
@@ -173,6 +190,7 @@ def _register(
         short = name.removeprefix("smitin-")
         run_tags = {
             **tags,
+            PENDING: name,  # a run left by an interrupted registration is found (and removed) by this tag
             "mlflow.runName": f"register-{short}",
             "mlflow.user": who(),
             "mlflow.source.name": "smitin registry register",
@@ -223,7 +241,10 @@ def _register(
             c.log_batch(run.info.run_id, metrics=batch[i : i + 1000])
         c.finalize_logged_model(lm.model_id, "READY")
         step("logged_model")
-        mv_tags = {**tags, TAG + "metrics": json.dumps(metrics, sort_keys=True)}
+        # what an interrupted registration needs undone: the alias it may have moved, from which version
+        previous = _alias_version(c, name, alias) if alias else None
+        pending = json.dumps({"alias": alias, "previous": previous, "since": now_iso(), "who": who()})
+        mv_tags = {**tags, TAG + "metrics": json.dumps(metrics, sort_keys=True), PENDING: pending}
         mv = c.create_model_version(
             name,
             source=lm.artifact_location,
@@ -235,7 +256,6 @@ def _register(
         made["version"] = str(mv.version)
         step("version")
         if alias:
-            previous = _alias_version(c, name, alias)
             made["alias"] = (alias, previous)
             c.set_registered_model_alias(name, alias, str(mv.version))
             made["event"] = record_event(
@@ -250,10 +270,14 @@ def _register(
                 },
             )
         step("alias")
-        c.set_terminated(run.info.run_id, "FINISHED")
+        # The commit point: from here on the version is complete (served, promotable, found by content).
+        c.delete_model_version_tag(name, str(mv.version), PENDING)
+        made.clear()
+        _finish_run(c, run.info.run_id)
         return Registered(name, str(mv.version), lm.model_id, run.info.run_id, info.content_hash, created=True)
     except BaseException as e:
-        _rollback(reg, name, made, alias)
+        if made:
+            _rollback(reg, name, made, alias)
         if isinstance(e, RegistryError):
             raise
         if isinstance(e, Exception):
@@ -302,8 +326,72 @@ def _rollback(reg: Registry, name: str, made: dict, alias: str | None) -> None:
     for fn in undo:
         try:
             fn()
-        except Exception:  # noqa: BLE001 - keep undoing the rest
-            pass
+        except Exception as e:  # noqa: BLE001 - keep undoing the rest
+            if is_unreachable(e):
+                # the server is gone: each further step would only wait for it again. What is left carries the
+                # pending tag; the next registration or promotion of the model removes it (clean_interrupted).
+                return
+
+
+def _finish_run(c, run_id: str) -> None:
+    c.set_terminated(run_id, "FINISHED")
+    c.delete_tag(run_id, PENDING)
+
+
+def clean_interrupted(reg: Registry, name: str) -> list[str]:
+    """Remove what interrupted registrations of `name` left behind: each version still marked pending (its alias
+    moved back, its history event, logged model and run deleted), and pending runs that never got a version. Call
+    it holding the model's lock, so no registration of `name` is under way. Returns the versions removed."""
+    c = reg.client
+    removed, complete_runs = [], set()
+    for mv in c.search_model_versions(f"name = '{name}'"):
+        if PENDING not in mv.tags:
+            complete_runs.add(mv.run_id)
+            continue
+        _undo_version(reg, name, mv)
+        removed.append(str(mv.version))
+    exp = c.get_experiment_by_name(reg.settings.experiment)
+    if exp is not None:
+        for run in c.search_runs([exp.experiment_id], filter_string=f"tags.`{PENDING}` = '{name}'"):
+            if run.info.run_id in complete_runs:
+                _finish_run(c, run.info.run_id)  # complete, only its last step was cut off
+            else:
+                _undo_orphan_run(reg, name, exp.experiment_id, run.info.run_id)
+    return removed
+
+
+def _undo_version(reg: Registry, name: str, mv) -> None:
+    c = reg.client
+    try:
+        info = json.loads(mv.tags[PENDING])
+    except ValueError:
+        info = {}
+    made: dict = {"version": str(mv.version), "run": mv.run_id}
+    alias = info.get("alias")
+    if alias and _alias_version(c, name, alias) == str(mv.version):
+        made["alias"] = (alias, info.get("previous"))
+    if mv.model_id:
+        made["logged_model"] = c.get_logged_model(mv.model_id)
+    for key, value in c.get_registered_model(name).tags.items():
+        if key.startswith(HISTORY_PREFIX) and _is_register_event(value, str(mv.version)):
+            c.delete_registered_model_tag(name, key)
+    _rollback(reg, name, made, alias)
+
+
+def _is_register_event(value: str, version: str) -> bool:
+    try:
+        event = json.loads(value)
+    except ValueError:
+        return False
+    return event.get("action") == "register" and event.get("to") == version
+
+
+def _undo_orphan_run(reg: Registry, name: str, experiment_id: str, run_id: str) -> None:
+    made: dict = {"run": run_id}
+    models = reg.client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    for lm in models[:1]:  # one registration makes one logged model
+        made["logged_model"] = lm
+    _rollback(reg, name, made, None)
 
 
 def _delete_artifacts(location: str) -> None:

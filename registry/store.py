@@ -3,6 +3,9 @@ MLflow client, reachability checks, error translation, and the local registratio
 
 Default: a SQLite file in the project (`sqlite:///mlflow.db`) with artifacts under `./mlartifacts`. Any
 `MLFLOW_TRACKING_URI` (an `mlflow server` with a SQL backend, or another database URL) takes precedence.
+
+Registrations and promotions of one model are serialised by `Registry.lock`: an fcntl file lock for a local
+SQLite file, a `RegistryMutex` (a registered model used as a lock, see there) for a server or another database.
 """
 
 from __future__ import annotations
@@ -11,6 +14,10 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
+import secrets
+import socket
+import threading
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -28,6 +35,15 @@ TAG = "smitin."  # prefix of every tag this package writes
 # Probe sets trained on Hugging Face MusicGen are registered as PREFIX + "musicgen-" + trait (smitin-probes-musicgen-
 # drums), so they have their own champion and never compete with the builtin generator's probe sets.
 MUSICGEN_INFIX = "musicgen-"
+# Tag of a model version (and of its run) while its registration is under way: a version that still carries it was
+# left by an interrupted registration (a crash, a server gone mid-way) and is neither served nor promoted.
+PENDING = TAG + "pending"
+# Registered models whose name starts with this are locks (RegistryMutex), not models: every listing skips them.
+LOCK_PREFIX = "_smitin-lock-"
+
+
+def is_lock_name(name: str) -> bool:
+    return name.startswith(LOCK_PREFIX)
 
 
 def _quiet_mlflow() -> None:
@@ -39,6 +55,8 @@ def _quiet_mlflow() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # one "Retrying ..." line per retried request would bury the one-line error a dead server ends in
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
 Rule = Literal["higher", "lower"]
@@ -114,7 +132,9 @@ class RegistryParams(Section):
     probe_set_prefix: str = Field("smitin-probes-", min_length=1)  # + trait: smitin-probes-drums
     coconet_name: str = Field("smitin-coconet", min_length=1)
     cache_dir: str | None = None  # downloaded versions (null: $SMITIN_CACHE_DIR or ~/.cache/smitin/registry)
-    lock_timeout_s: float = Field(120.0, ge=0)  # wait this long for another registration on the same SQLite file
+    lock_timeout_s: float = Field(120.0, ge=0)  # wait this long for another registration / promotion to finish
+    # a server's lock is given up by a holder that stopped renewing it for this long (crashed, killed, cut off)
+    lock_lease_s: float = Field(30.0, gt=0)
     register_: RegisterParams = Field(default_factory=RegisterParams, alias="register")
     gates: GatesParams = Field(default_factory=GatesParams)
 
@@ -142,6 +162,7 @@ class Settings:
     lock_timeout_s: float
     gates: GatesParams
     register: RegisterParams
+    lock_lease_s: float = 30.0
 
     @classmethod
     def from_params(cls, params: RegistryParams, tracking_uri: str | None = None) -> Settings:
@@ -157,6 +178,7 @@ class Settings:
             lock_timeout_s=params.lock_timeout_s,
             gates=params.gates,
             register=params.register_,
+            lock_lease_s=params.lock_lease_s,
         )
 
     @classmethod
@@ -309,10 +331,14 @@ class Registry:
             self.settings.coconet_name,
         ):
             return text
-        names = {m.name for m in self.client.search_registered_models(max_results=1000)}
+        names = {m.name for m in self.registered_models()}
         if text in names:
             return text
         return f"{self.settings.probe_set_prefix}{text}"
+
+    def registered_models(self, max_results: int = 1000) -> list:
+        """Every registered model but the locks (`RegistryMutex`): what listings show."""
+        return [m for m in self.client.search_registered_models(max_results=max_results) if not is_lock_name(m.name)]
 
     # ------------------------------------------------------------------ concurrency
     def lock_path(self) -> Path | None:
@@ -330,14 +356,22 @@ class Registry:
         return db.with_name(db.name + ".smitin.lock")
 
     @contextlib.contextmanager
-    def lock(self, what: str = "registration"):
-        """Serialise registrations/promotions on one local database (SQLite allows a single writer; two
-        registrations racing would otherwise meet 'database is locked' half-way). A tracking server serialises
-        writes itself, so there the lock is a no-op."""
+    def lock(self, what: str = "registration", model: str | None = None):
+        """Hold the registry lock while registering or promoting `model`, so that read-decide-write sequences
+        (champion -> gates -> alias -> history event) of two processes never interleave. A local SQLite file: one
+        fcntl lock for the whole file (SQLite allows a single writer anyway; two registrations racing would meet
+        'database is locked' half-way). A server or another database: a `RegistryMutex` per model, which works
+        across processes and machines (an `mlflow server` serialises single writes, not our sequences of them)."""
         path = self.lock_path()
         if path is None:
-            yield
+            with RegistryMutex(self, model or "registry", what):
+                yield
             return
+        with self._file_lock(path, what):
+            yield
+
+    @contextlib.contextmanager
+    def _file_lock(self, path: Path, what: str):
         path.parent.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + self.settings.lock_timeout_s
         with open(path, "a+") as f:
@@ -364,6 +398,177 @@ class Registry:
                 f.seek(0)
                 f.truncate()
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+
+LOCK_TAG = TAG + "lock."  # the lock model's tags: holder, token, beat, since
+
+
+def _error_code(e: BaseException) -> str:
+    return getattr(e, "error_code", "") or ""
+
+
+class RegistryMutex:
+    """A lock shared by every client of one registry (processes, machines), held as the registered model
+    LOCK_PREFIX + model.
+
+    Why a registered model: creating one is a test-and-set in every backend (the name is the table's primary
+    key, so of two concurrent creates the database lets exactly one succeed and the other gets
+    RESOURCE_ALREADY_EXISTS), it goes through the `mlflow server` like everything else (a team's clients talk to
+    the server over HTTP and usually cannot reach its database, which rules out PostgreSQL advisory locks or
+    SELECT ... FOR UPDATE), and it needs nothing outside MLflow. Its tags are written in the same transaction as
+    the name: who holds it (`holder`), a random `token` per acquisition, and a heartbeat counter `beat`.
+
+    A crashed holder must not block for ever: while held, a thread bumps `beat` every lease/4 s. A waiter that
+    sees the same (token, beat) for a whole lease *on its own clock* (no clock comparison between machines)
+    breaks the lock. Breaking is itself serialised by a marker model named after the stale token, and the lock is
+    deleted only when it still carries that token, so two waiters never both break it, nor break a lock that a
+    third one has since taken. Released by deleting the model (only if it still carries our token)."""
+
+    def __init__(self, reg: Registry, model: str, what: str):
+        self.reg, self.what = reg, what
+        self.name = LOCK_PREFIX + model
+        self.lease_s = reg.settings.lock_lease_s
+        self.token = secrets.token_hex(8)
+        self.lost = False  # set when the lock was broken under us (we stalled for over a lease)
+        self._stop = threading.Event()
+        self._beater: threading.Thread | None = None
+        self._seen: dict[tuple, float] = {}  # (what, token, beat) -> when first seen unchanged (monotonic)
+
+    # ------------------------------------------------------------------ protocol
+    def __enter__(self) -> RegistryMutex:
+        self.acquire()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None and (isinstance(exc, RegistryUnavailable) or is_unreachable(exc)):
+            # the backend is gone: releasing would only wait for it again and hide why the command failed. The
+            # lock is left to expire: the next command breaks it one lease after the server is back.
+            self._stop.set()
+            return
+        self.release()
+
+    def acquire(self) -> None:
+        deadline = time.monotonic() + self.reg.settings.lock_timeout_s
+        while not self._try_create(self.name, self._tags(beat=0)):
+            held = self._read(self.name)
+            if held is not None and self._stale(("lock", held.get("token"), held.get("beat"))):
+                self._break(held)
+                continue
+            if time.monotonic() > deadline:
+                who = (held or {}).get("holder") or "another process"
+                raise RegistrationBusy(
+                    f"another {who} has held the registry lock {self.name} on {self.reg.uri} for over "
+                    f"{self.reg.settings.lock_timeout_s:g} s; try again when it has finished"
+                )
+            time.sleep(0.05 + secrets.randbelow(100) / 1000)  # jitter: two waiters do not retry in lockstep
+        self._beater = threading.Thread(target=self._beat, name=f"lease {self.name}", daemon=True)
+        self._beater.start()
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._beater is not None:
+            self._beater.join()
+        held = self._read(self.name)
+        if held is None or held.get("token") != self.token:
+            self.lost = True  # broken after we stalled: it is someone else's lock now, leave it alone
+            logging.getLogger(__name__).warning(
+                "the registry lock %s was taken over while this %s ran (it stalled for over %.0f s)",
+                self.name,
+                self.what,
+                self.lease_s,
+            )
+            return
+        self._delete(self.name)
+
+    # ------------------------------------------------------------------ steps
+    def _tags(self, beat: int) -> dict[str, str]:
+        holder = f"{self.what} (pid {os.getpid()} on {socket.gethostname()})"
+        return {
+            LOCK_TAG + "holder": holder,
+            LOCK_TAG + "token": self.token,
+            LOCK_TAG + "beat": str(beat),
+            LOCK_TAG + "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+
+    def _try_create(self, name: str, tags: dict[str, str]) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.reg.client.create_registered_model(
+                name, tags=tags, description="smitin registry lock (not a model): removed when released"
+            )
+            return True
+        except MlflowException as e:
+            # RESOURCE_DOES_NOT_EXIST too: the store answers a duplicate create by reading the existing model, which
+            # its holder may have deleted in between; either way the name was taken when we tried
+            if _error_code(e) not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
+                raise
+            return False
+
+    def _read(self, name: str) -> dict[str, str] | None:
+        """The lock's tags without the prefix, None when it is gone."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            tags = self.reg.client.get_registered_model(name).tags
+        except MlflowException as e:
+            if _error_code(e) in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+                return None
+            raise
+        return {k.removeprefix(LOCK_TAG): v for k, v in tags.items() if k.startswith(LOCK_TAG)}
+
+    def _delete(self, name: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.reg.client.delete_registered_model(name)
+        except MlflowException as e:
+            if _error_code(e) not in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+                raise
+
+    def _stale(self, key: tuple) -> bool:
+        """True once `key` (a holder's token and beat) has been seen unchanged for a whole lease."""
+        now = time.monotonic()
+        first = self._seen.setdefault(key, now)
+        return now - first > self.lease_s
+
+    def _break(self, held: dict[str, str]) -> None:
+        """Remove a lock whose holder stopped renewing it, unless another waiter is doing so already."""
+        token = held.get("token", "")
+        marker = f"{self.name}-break-{token}"
+        if not self._try_create(marker, self._tags(beat=0)):
+            # another waiter is breaking it; a marker left by one that died is removed after a lease too
+            mark = self._read(marker)
+            if mark is not None and self._stale(("marker", mark.get("token"), token)):
+                self._delete(marker)
+            return
+        try:
+            now = self._read(self.name)
+            if now is not None and (now.get("token"), now.get("beat")) == (token, held.get("beat")):
+                logging.getLogger(__name__).warning(
+                    "breaking the registry lock %s: its holder (%s) stopped renewing it %.0f s ago",
+                    self.name,
+                    held.get("holder", "?"),
+                    self.lease_s,
+                )
+                self._delete(self.name)
+        finally:
+            self._delete(marker)
+
+    def _beat(self) -> None:
+        """Renew the lease until released; stop when the lock is gone (broken after a stall)."""
+        from mlflow.exceptions import MlflowException
+
+        beat = 0
+        while not self._stop.wait(self.lease_s / 4):
+            beat += 1
+            try:
+                self.reg.client.set_registered_model_tag(self.name, LOCK_TAG + "beat", str(beat))
+            except MlflowException as e:
+                if _error_code(e) in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+                    return
+            except Exception:  # noqa: BLE001 - server briefly unreachable: try again at the next beat
+                pass
 
 
 def check_sqlite_registry(db: Path) -> None:
@@ -399,6 +604,37 @@ def first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+_UNREACHABLE = (
+    "connection refused",
+    "max retries exceeded",
+    "failed to establish",
+    "name or service not known",
+    "connectionerror",
+    "remote end closed",
+    "could not connect to server",  # psycopg2: a postgresql:// registry whose database is down
+    "server closed the connection unexpectedly",
+    "connection to server at",
+)
+
+
+def is_unreachable(e: BaseException) -> bool:
+    """The registry's server or database cannot be reached (not: it refused what we asked)."""
+    low = str(e).lower()
+    return any(s in low for s in _UNREACHABLE)
+
+
+def unreachable_reason(e: BaseException) -> str:
+    """A few words for the user instead of urllib3's paragraph."""
+    low = str(e).lower()
+    if "connection refused" in low:
+        return "connection refused"
+    if any(s in low for s in ("remote end closed", "connection reset", "connection aborted", "closed the connection")):
+        return "connection lost"
+    if "name or service not known" in low:
+        return "unknown host"
+    return first_line(e)[:160]
+
+
 @contextlib.contextmanager
 def translate_errors(reg: Registry):
     """Turn backend failures into one-line `RegistryError`s; leave our own errors alone."""
@@ -409,24 +645,18 @@ def translate_errors(reg: Registry):
     except Exception as e:  # noqa: BLE001 - classified below, re-raised when unknown
         from mlflow.exceptions import MlflowException
 
-        text = str(e)
-        low = text.lower()
+        low = str(e).lower()
         if "database is locked" in low:
             raise RegistrationBusy(f"the registry database {reg.uri} is locked by another process; try again") from None
-        if any(
-            s in low
-            for s in (
-                "connection refused",
-                "max retries exceeded",
-                "failed to establish",
-                "name or service not known",
-                "connectionerror",
-                "remote end closed",
-            )
-        ):
+        failing = re.search(r"too many (\d+) error responses", low)
+        if failing:  # the server is up and answers, but fails every retry: what is behind it (its database) is not
             raise RegistryUnavailable(
-                f"MLflow tracking server {reg.uri} is unreachable ({first_line(e)[:160]})"
+                f"MLflow tracking server {reg.uri} answers HTTP {failing[1]} to every retry: is its database up? "
+                f"(see the server's log)"
             ) from None
+        if is_unreachable(e):
+            what = "MLflow tracking server" if reg.is_server else "registry database"
+            raise RegistryUnavailable(f"{what} {reg.uri} is unreachable ({unreachable_reason(e)})") from None
         if isinstance(e, MlflowException):
             code = getattr(e, "error_code", "")
             if code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):

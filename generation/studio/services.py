@@ -362,7 +362,7 @@ class Services:
         reg.check()
         out = []
         with translate_errors(reg):
-            for rm in reg.client.search_registered_models(max_results=200):
+            for rm in reg.registered_models(max_results=200):  # without the promotion locks
                 # a version's aliases come from its model: search_model_versions does not fill them in
                 aliases = {a: str(v) for a, v in (rm.aliases or {}).items()}
                 versions = []
