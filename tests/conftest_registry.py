@@ -227,7 +227,8 @@ def server_registry(tmp_path, mlflow_server, monkeypatch, request):
     return Registry(s)
 
 
-@pytest.fixture(params=["sqlite", "server"])
+@pytest.fixture(params=["sqlite", "server", "pg"])
 def any_registry(request):
-    """Each test that uses it runs against the SQLite default and against a real `mlflow server`."""
+    """Each test that uses it runs against the SQLite default, a real `mlflow server` on SQLite, and the shared
+    registry a team runs: an `mlflow server` on PostgreSQL (tests/conftest_postgres.py)."""
     return request.getfixturevalue(f"{request.param}_registry")
