@@ -414,7 +414,7 @@ def render_corpus(
 ) -> RenderResult:
     """Render the selected pieces into `out` (audio/, stems/, labels.parquet). Previous audio/ and stems/ in
     `out` are replaced: the folder is this stage's output."""
-    from pipelines.runner import AsRecords, make_pipeline, write_tables
+    from pipelines.runner import AsRecords, is_local, make_pipeline, write_tables
 
     soundfont = params.soundfont or default_soundfont()
     if not os.path.exists(soundfont):
@@ -427,25 +427,44 @@ def render_corpus(
     out_abs = os.path.abspath(out)
     started = time.time()
     log.info("rendering %d pieces x %d variants into %s", len(refs), params.variants, out)
-    with make_pipeline(runner, workers, beam_args) as p:
-        records = (
-            p
-            | "Pieces" >> beam.Create(refs)
-            | "Spread" >> beam.Reshuffle()
-            | "Render" >> beam.ParDo(AsRecords(RenderPiece(params, out_abs, soundfont), main="labels"))
-        )
-        write_tables(
-            p,
-            records,
-            write_side={
-                "labels": partial(
-                    _write_table, path=os.path.join(out_abs, LABELS_FILE), schema=LABELS_SCHEMA, sort_key="file"
-                ),
-                "errors": partial(
-                    _write_table, path=os.path.join(out_abs, ERRORS_FILE), schema=ERRORS_SCHEMA, sort_key="piece_id"
-                ),
-            },
-        )
+    if is_local(runner):
+        with make_pipeline(runner, workers, beam_args) as p:
+            results = (
+                p
+                | "Pieces" >> beam.Create(refs)
+                | "Spread" >> beam.Reshuffle()
+                | "Render" >> beam.ParDo(RenderPiece(params, out_abs, soundfont)).with_outputs("errors", main="labels")
+            )
+            (
+                results.labels
+                | "CollectLabels" >> beam.combiners.ToList()
+                | "WriteLabels" >> beam.Map(_write_table, os.path.join(out_abs, LABELS_FILE), LABELS_SCHEMA, "file")
+            )
+            (
+                results.errors
+                | "CollectErrors" >> beam.combiners.ToList()
+                | "WriteErrors" >> beam.Map(_write_table, os.path.join(out_abs, ERRORS_FILE), ERRORS_SCHEMA, "piece_id")
+            )
+    else:  # one sink: see pipelines/runner.py (the local runner keeps one branch per table)
+        with make_pipeline(runner, workers, beam_args) as p:
+            records = (
+                p
+                | "Pieces" >> beam.Create(refs)
+                | "Spread" >> beam.Reshuffle()
+                | "Render" >> beam.ParDo(AsRecords(RenderPiece(params, out_abs, soundfont), main="labels"))
+            )
+            write_tables(
+                p,
+                records,
+                write_side={
+                    "labels": partial(
+                        _write_table, path=os.path.join(out_abs, LABELS_FILE), schema=LABELS_SCHEMA, sort_key="file"
+                    ),
+                    "errors": partial(
+                        _write_table, path=os.path.join(out_abs, ERRORS_FILE), schema=ERRORS_SCHEMA, sort_key="piece_id"
+                    ),
+                },
+            )
     elapsed = time.time() - started
     labels = pq.read_table(os.path.join(out_abs, LABELS_FILE)).to_pylist()
     errors = pq.read_table(os.path.join(out_abs, ERRORS_FILE)).to_pylist()

@@ -36,7 +36,7 @@ from core.splits import assign_split
 from pipelines.captions import base_description, clip_rng, compose_caption, control_sentences, read_sidecar
 from pipelines.errors import PipelineUserError
 from pipelines.features import DOWNBEAT_CUES, ClipAnalyzer, FeatureParams, file_bar_phase
-from pipelines.runner import AsRecords, ReadKeptRows, make_pipeline, write_tables
+from pipelines.runner import AsRecords, ReadKeptRows, is_local, make_pipeline, write_tables
 
 log = logging.getLogger(__name__)
 
@@ -582,42 +582,77 @@ def _build_locked(
     old_sources = list(plan.kept.values()) + side_rows
 
     started = time.time()
-    with make_pipeline(runner, workers, beam_args) as p:
-        records = (
-            p
-            | "Files" >> beam.Create(plan.to_process)
-            | "Spread" >> beam.Reshuffle()
-            | "ProcessFile" >> beam.ParDo(AsRecords(ProcessFile(params), main="clips"))
-        )
-        kept_rows = None
-        if old_shard_urls:
-            kept_rows = (
+    if is_local(runner):
+        with make_pipeline(runner, workers, beam_args) as p:
+            results = (
                 p
-                | "OldShards" >> beam.Create(old_shard_urls)
-                | "ReadKept" >> beam.ParDo(ReadKeptRows(sorted(plan.kept)))
+                | "Files" >> beam.Create(plan.to_process)
+                | "Spread" >> beam.Reshuffle()
+                | "ProcessFile" >> beam.ParDo(ProcessFile(params)).with_outputs("errors", "sources", main="clips")
             )
-        write_tables(
-            p,
-            records,
-            kept_rows=kept_rows,
-            main="clips",
-            shard_key=lambda r, n=num_shards: shard_of(r["source_sha256"], n),
-            write_shard=WriteShard(tmp_url, num_shards),
-            write_side={
-                "errors": partial(
-                    _write_small,
-                    path=f"{tmp_url}/{schema.ERRORS_FILE}",
-                    table_schema=schema.ERRORS_SCHEMA,
-                    extra=old_errors,
-                ),
-                "sources": partial(
-                    _write_small,
-                    path=f"{tmp_url}/{schema.SOURCES_FILE}",
-                    table_schema=schema.SOURCES_SCHEMA,
-                    extra=old_sources,
-                ),
-            },
-        )
+            clips = results.clips
+            if old_shard_urls:
+                kept_rows = (
+                    p
+                    | "OldShards" >> beam.Create(old_shard_urls)
+                    | "ReadKept" >> beam.ParDo(ReadKeptRows(sorted(plan.kept)))
+                )
+                clips = (clips, kept_rows) | "AllClips" >> beam.Flatten()
+            (
+                clips
+                | "KeyByShard" >> beam.Map(lambda r, n=num_shards: (shard_of(r["source_sha256"], n), r))
+                | "GroupShards" >> beam.GroupByKey()
+                | "WriteShards" >> beam.ParDo(WriteShard(tmp_url, num_shards))
+            )
+            (
+                results.errors
+                | "CollectErrors" >> beam.combiners.ToList()
+                | "WriteErrors"
+                >> beam.Map(_write_small, f"{tmp_url}/{schema.ERRORS_FILE}", schema.ERRORS_SCHEMA, old_errors)
+            )
+            (
+                results.sources
+                | "CollectSources" >> beam.combiners.ToList()
+                | "WriteSources"
+                >> beam.Map(_write_small, f"{tmp_url}/{schema.SOURCES_FILE}", schema.SOURCES_SCHEMA, old_sources)
+            )
+    else:  # one sink: see pipelines/runner.py (the local runner keeps one branch per table)
+        with make_pipeline(runner, workers, beam_args) as p:
+            records = (
+                p
+                | "Files" >> beam.Create(plan.to_process)
+                | "Spread" >> beam.Reshuffle()
+                | "ProcessFile" >> beam.ParDo(AsRecords(ProcessFile(params), main="clips"))
+            )
+            kept_rows = None
+            if old_shard_urls:
+                kept_rows = (
+                    p
+                    | "OldShards" >> beam.Create(old_shard_urls)
+                    | "ReadKept" >> beam.ParDo(ReadKeptRows(sorted(plan.kept)))
+                )
+            write_tables(
+                p,
+                records,
+                kept_rows=kept_rows,
+                main="clips",
+                shard_key=lambda r, n=num_shards: shard_of(r["source_sha256"], n),
+                write_shard=WriteShard(tmp_url, num_shards),
+                write_side={
+                    "errors": partial(
+                        _write_small,
+                        path=f"{tmp_url}/{schema.ERRORS_FILE}",
+                        table_schema=schema.ERRORS_SCHEMA,
+                        extra=old_errors,
+                    ),
+                    "sources": partial(
+                        _write_small,
+                        path=f"{tmp_url}/{schema.SOURCES_FILE}",
+                        table_schema=schema.SOURCES_SCHEMA,
+                        extra=old_sources,
+                    ),
+                },
+            )
     elapsed = time.time() - started
 
     # Empty shards are still written, so the set of file names is always the same.
@@ -626,6 +661,15 @@ def _build_locked(
         if not fs.exists(path):
             with fs.open(path, "wb") as f:
                 pq.write_table(schema.CLIPS_SCHEMA.empty_table(), f, compression="zstd")
+    # every file given must come back with its sources row, whatever the runner did: a runner that drops work
+    # would otherwise commit a table that silently lacks it
+    returned = {r["source_path"] for r in _read_small(tmp_url, schema.SOURCES_FILE)}
+    missing = sorted(f.path for f in matched.audio if f.path not in returned)
+    if missing:
+        raise PipelineUserError(
+            f"the runner returned no result for {len(missing)} of {len(matched.audio)} files (first: {missing[0]}); "
+            f"nothing was committed to {out}"
+        )
     stats = compute_stats(tmp_url, n_files=len(readable) + len(unreadable))
     stats["build_seconds"] = round(elapsed, 2)
     stats["files_processed"] = len(plan.to_process)

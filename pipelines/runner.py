@@ -22,11 +22,17 @@ RUNNER_PATHS = {
 }
 
 
+def is_local(runner: str | None) -> bool:
+    """The local FnApiRunner (the default): its pipelines keep one branch per output table, the layout every
+    release so far was measured with; other runners get the one-sink layout (`write_tables`)."""
+    return not runner or runner in ("FnApiRunner", "local")
+
+
 def pipeline_options(runner: str | None, workers: int, beam_args: list[str] | None = None):
     from apache_beam.options.pipeline_options import PipelineOptions
 
     flags = list(beam_args or [])
-    if runner and runner not in ("FnApiRunner", "local"):
+    if not is_local(runner):
         return None, PipelineOptions(flags + [f"--runner={RUNNER_PATHS.get(runner, runner)}"])
     mode = "multi_processing" if workers > 1 else "in_memory"
     return "local", PipelineOptions(flags + [f"--direct_num_workers={workers}", f"--direct_running_mode={mode}"])

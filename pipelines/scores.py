@@ -366,7 +366,7 @@ def build_scores(
     commit_fail_after: int | None = None,
 ) -> ScoresBuild:
     """Build (or refresh) the scores table in folder `out`."""
-    from pipelines.runner import AsRecords, ReadKeptRows, make_pipeline, write_tables
+    from pipelines.runner import AsRecords, ReadKeptRows, is_local, make_pipeline, write_tables
 
     if not inputs:
         raise UserError("no scores input given (--input or params build_scores.input)")
@@ -395,44 +395,94 @@ def build_scores(
         old_sources = list(plan.kept.values())
         n = params.num_shards
         started = time.time()
-        with make_pipeline(runner, params.workers, beam_args) as p:
-            records = (
-                p
-                | "Sources" >> beam.Create(plan.to_read)
-                | "Spread" >> beam.Reshuffle()
-                | "Read" >> beam.ParDo(AsRecords(ReadSource(dict(params.split_fractions)), main="pieces"))
-            )
-            kept = None
-            if old_shards:
-                kept = (
+        if is_local(runner):
+            with make_pipeline(runner, params.workers, beam_args) as p:
+                res = (
                     p
-                    | "OldShards" >> beam.Create(old_shards)
-                    | "ReadKept" >> beam.ParDo(ReadKeptRows(sorted(plan.kept)))
+                    | "Sources" >> beam.Create(plan.to_read)
+                    | "Spread" >> beam.Reshuffle()
+                    | "Read"
+                    >> beam.ParDo(ReadSource(dict(params.split_fractions))).with_outputs(
+                        "errors", "sources", main="pieces"
+                    )
                 )
-            write_tables(
-                p,
-                records,
-                kept_rows=kept,
-                main="pieces",
-                shard_key=lambda r, n=n: shard_of(r["piece_id"], n),
-                write_shard=WriteShard(tmp_url, n),
-                write_side={
-                    "errors": partial(
+                pieces = res.pieces
+                if old_shards:
+                    kept = (
+                        p
+                        | "OldShards" >> beam.Create(old_shards)
+                        | "ReadKept" >> beam.ParDo(ReadKeptRows(sorted(plan.kept)))
+                    )
+                    pieces = (pieces, kept) | "All" >> beam.Flatten()
+                (
+                    pieces
+                    | "KeyByShard" >> beam.Map(lambda r, n=n: (shard_of(r["piece_id"], n), r))
+                    | "Group" >> beam.GroupByKey()
+                    | "Write" >> beam.ParDo(WriteShard(tmp_url, n))
+                )
+                (
+                    res.errors
+                    | "Errors" >> beam.combiners.ToList()
+                    | "WriteErrors"
+                    >> beam.Map(
                         _write_side,
-                        path=f"{tmp_url}/{schema.ERRORS_FILE}",
-                        table_schema=schema.ERRORS_SCHEMA,
-                        extra=old_errors,
-                        key=lambda r: (r["source_path"], r["piece"]),
-                    ),
-                    "sources": partial(
+                        f"{tmp_url}/{schema.ERRORS_FILE}",
+                        schema.ERRORS_SCHEMA,
+                        old_errors,
+                        lambda r: (r["source_path"], r["piece"]),
+                    )
+                )
+                (
+                    res.sources
+                    | "SourcesRows" >> beam.combiners.ToList()
+                    | "WriteSources"
+                    >> beam.Map(
                         _write_side,
-                        path=f"{tmp_url}/{schema.SOURCES_FILE}",
-                        table_schema=schema.SOURCES_SCHEMA,
-                        extra=old_sources,
-                        key=lambda r: r["source_path"],
-                    ),
-                },
-            )
+                        f"{tmp_url}/{schema.SOURCES_FILE}",
+                        schema.SOURCES_SCHEMA,
+                        old_sources,
+                        lambda r: r["source_path"],
+                    )
+                )
+        else:  # one sink: see pipelines/runner.py (the local runner keeps one branch per table)
+            with make_pipeline(runner, params.workers, beam_args) as p:
+                records = (
+                    p
+                    | "Sources" >> beam.Create(plan.to_read)
+                    | "Spread" >> beam.Reshuffle()
+                    | "Read" >> beam.ParDo(AsRecords(ReadSource(dict(params.split_fractions)), main="pieces"))
+                )
+                kept = None
+                if old_shards:
+                    kept = (
+                        p
+                        | "OldShards" >> beam.Create(old_shards)
+                        | "ReadKept" >> beam.ParDo(ReadKeptRows(sorted(plan.kept)))
+                    )
+                write_tables(
+                    p,
+                    records,
+                    kept_rows=kept,
+                    main="pieces",
+                    shard_key=lambda r, n=n: shard_of(r["piece_id"], n),
+                    write_shard=WriteShard(tmp_url, n),
+                    write_side={
+                        "errors": partial(
+                            _write_side,
+                            path=f"{tmp_url}/{schema.ERRORS_FILE}",
+                            table_schema=schema.ERRORS_SCHEMA,
+                            extra=old_errors,
+                            key=lambda r: (r["source_path"], r["piece"]),
+                        ),
+                        "sources": partial(
+                            _write_side,
+                            path=f"{tmp_url}/{schema.SOURCES_FILE}",
+                            table_schema=schema.SOURCES_SCHEMA,
+                            extra=old_sources,
+                            key=lambda r: r["source_path"],
+                        ),
+                    },
+                )
         for i in range(n):  # empty shards too: the set of file names never depends on the data
             path = f"{tmp_root}/{schema.shard_name(i, n)}"
             if not fs.exists(path):
