@@ -448,3 +448,20 @@ def test_a_full_disk_during_harmonize_is_one_line_and_leaves_no_file(tmp_path, c
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("smitin:")]
     assert rc == 2 and len(err) == 1 and "cannot write" in err[0] and "c.wav" in err[0]
     assert not (tmp_path / "out" / "c.wav").exists() and not list((tmp_path / "out").glob(".c.wav.*"))
+
+
+def test_a_file_the_runner_returns_nothing_for_stops_the_commit(tmp_path, monkeypatch):
+    from pipelines import dataset
+
+    src = _folder(tmp_path / "in", n=3)
+    real = dataset.ProcessFile.process
+
+    def loses_one(self, source):
+        if source.path.endswith("piece1.wav"):
+            return  # as a runner that dropped the work would: no clips, no error row, no sources row
+        yield from real(self, source)
+
+    monkeypatch.setattr(dataset.ProcessFile, "process", loses_one)
+    with pytest.raises(UserError, match=r"returned no result for 1 of 3 files \(first: .*piece1.wav\)"):
+        build_dataset(str(src), str(tmp_path / "out"), params())
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("clips-*.parquet"))
