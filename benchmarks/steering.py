@@ -2,8 +2,9 @@
 same model, same seed, same run, runs interleaved so machine load hits all modes alike. Prints a table.
 
 none / iti / smitin run the default, fused path (`steer`: push and monitor folded into each layer's output
-projection); "smitin hook" runs the same plan through hooks on `head_out` (the path MusicGen takes), the baseline
-the fused path replaced.
+projection); smitin uses the evaluated monitor (params `evaluate_steering`: the sustained-presence one), "smitin
+paper" the paper's (one reading a step, no hold); "smitin hook" runs the paper's plan through hooks on `head_out`
+(the path MusicGen takes), the baseline the fused path replaced.
 
 Model: the trained generator in --generator when there is one, else the default architecture of params
 `train_generator.model` (random weights: time does not depend on the values) with the codec's K and card from
@@ -215,8 +216,13 @@ def main() -> int:
     else:
         sets = {"drums": random_probe_set(generator, "drums", 0), "piano": random_probe_set(generator, "piano", 1)}
     strengths = {t: (5.0 if i % 2 == 0 else -3.0) for i, t in enumerate(sets)}
-    every = args.every or load_section(EvaluateSteeringParams, args.params, "evaluate_steering").every
-    plans = {mode: SteeringPlan.build(sets, strengths, mode=mode, every=every) for mode in ("none", "iti", "smitin")}
+    evaluated = load_section(EvaluateSteeringParams, args.params, "evaluate_steering")
+    every = args.every or evaluated.every
+    plans = {mode: SteeringPlan.build(sets, strengths, mode=mode, every=every) for mode in ("none", "iti")}
+    # smitin with the evaluated (sustained-presence) monitor, and with the paper's beside it
+    held = {k: getattr(evaluated, k) for k in ("smooth_steps", "hold_steps", "hold_floor")}
+    plans["smitin"] = SteeringPlan.build(sets, strengths, mode="smitin", every=every, **held)
+    plans["smitin paper"] = SteeringPlan.build(sets, strengths, mode="smitin", every=every)
     condition = torch.randn(1, generator.cfg.cond_dim) if args.cfg != 1.0 else None
     steps = frames + generator.cfg.n_codebooks - 1
 
@@ -229,10 +235,10 @@ def main() -> int:
         if mode.startswith("plain"):
             generator.generate(frames, **kwargs)
         elif mode == "floor hook":
-            with floor_hooks(generator, plans["smitin"], fingerprint):
+            with floor_hooks(generator, plans["smitin paper"], fingerprint):
                 generator.generate(frames, **kwargs)
         elif mode == "smitin hook":
-            with steer(generator, plans["smitin"], fingerprint, fused=False):
+            with steer(generator, plans["smitin paper"], fingerprint, fused=False):
                 generator.generate(frames, **kwargs)
         else:
             with steer(generator, plans[mode], fingerprint):
@@ -248,7 +254,7 @@ def main() -> int:
 
     # "plain again": plain generation a second time in each repeat, the A/A control: its overhead is the noise
     # "floor hook": the tensor work alone of a hook that pushes and monitors (see floor_hooks)
-    modes = ["plain", "plain again", "none", "iti", "smitin", "smitin hook", "floor hook"]
+    modes = ["plain", "plain again", "none", "iti", "smitin", "smitin paper", "smitin hook", "floor hook"]
     for m in modes:  # warm-up
         run(m)
     step: dict[str, list[float]] = {m: [] for m in modes}
@@ -272,10 +278,10 @@ def main() -> int:
         "CI = bootstrap 95% over repeats; CPU best = this process's CPU time of the fastest run"
     )
     print(
-        f"| {'mode':<11} | {'median step ms':>14} | {'overhead':>8} | {'95% CI':>17} | {'IQR':>17} | "
+        f"| {'mode':<12} | {'median step ms':>14} | {'overhead':>8} | {'95% CI':>17} | {'IQR':>17} | "
         f"{'CPU best s':>10} | {'calls / step':>12} |"
     )
-    print(f"|{'-' * 13}|{'-' * 16}|{'-' * 10}|{'-' * 19}|{'-' * 19}|{'-' * 12}|{'-' * 14}|")
+    print(f"|{'-' * 14}|{'-' * 16}|{'-' * 10}|{'-' * 19}|{'-' * 19}|{'-' * 12}|{'-' * 14}|")
     over = {}
     for m in modes:
         med, lo, hi, q1, q3 = paired_overhead(step[m], step["plain"])
@@ -283,7 +289,7 @@ def main() -> int:
         n_calls = calls.get(m)
         extra = "" if n_calls is None else f"{n_calls}" if m == "plain" else f"{n_calls} (+{n_calls - calls['plain']})"
         print(
-            f"| {m:<11} | {1000 * statistics.median(step[m]):14.3f} | {med:+8.1%} | "
+            f"| {m:<12} | {1000 * statistics.median(step[m]):14.3f} | {med:+8.1%} | "
             f"{f'{lo:+.1%} to {hi:+.1%}':>17} | {f'{q1:+.1%} to {q3:+.1%}':>17} | {min(cpu[m]):10.3f} | "
             f"{extra:>12} |"
         )

@@ -51,17 +51,26 @@ FEATURES = [
 ]
 
 
-def drum_descriptors(wave: np.ndarray, sr: int) -> np.ndarray:
-    """Descriptor vector (see FEATURES) of a mono wave."""
+def spectral_parts(wave: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(S, H, P): the magnitude STFT of the peak-normalised wave and its harmonic / percussive parts (HPSS), the
+    costly half of `drum_descriptors`, shared with the strength judge (models.drum_strength)."""
     import librosa
 
     wave = np.asarray(wave, np.float32)
     if len(wave) < 2048:
         wave = np.pad(wave, (0, 2048 - len(wave)))
     wave = wave / (np.abs(wave).max() + 1e-6)
-    hop = 256
-    S = np.abs(librosa.stft(wave, n_fft=1024, hop_length=hop))
+    S = np.abs(librosa.stft(wave, n_fft=1024, hop_length=256))
     H, P = librosa.decompose.hpss(S, margin=1.0)
+    return S, H, P
+
+
+def drum_descriptors(wave: np.ndarray, sr: int, parts: tuple | None = None) -> np.ndarray:
+    """Descriptor vector (see FEATURES) of a mono wave (`parts`: its `spectral_parts`, when already computed)."""
+    import librosa
+
+    hop = 256
+    S, H, P = parts if parts is not None else spectral_parts(wave)
     he, pe = (H**2).sum(0), (P**2).sum(0)
     ratio = pe / (he + pe + 1e-9)
     flat = librosa.feature.spectral_flatness(S=S)[0]

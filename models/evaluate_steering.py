@@ -43,6 +43,7 @@ from pydantic import Field
 
 from core.config import Section
 from core.errors import UserError
+from models.drum_strength import StrengthScale
 from models.generation_params import GeneratorParams
 from models.generator import sampling_temperature
 from models.probes import (
@@ -78,6 +79,11 @@ class EvaluateSteeringParams(Section):
     iti_top_k: int = Field(16, ge=1)  # iti: heads pushed
     every: int = Field(1, ge=1)  # smitin: push every s-th step
     decay: float = Field(0.5, ge=0)  # push factor (1 - C / tau) ** decay below tau
+    # the sustained-presence monitor of the smitin rows (models.steering.SustainedMonitor); the `smitin_paper` row
+    # runs the paper's monitor (one reading a step, the push stops at the first one at tau) beside it
+    smooth_steps: int = Field(1, ge=1)
+    hold_steps: int = Field(20, ge=0)
+    hold_floor: float = Field(0.5, ge=0, le=1)
     tau: float | None = Field(None, gt=0, le=1)  # monitor threshold (null: median(acc) - std(acc) of the probe set)
     monitor_heads: int = Field(16, ge=1)  # heads whose median probe probability is the monitor
     n_pairs: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [10, 50])  # ablation probe sets
@@ -88,6 +94,9 @@ class EvaluateSteeringParams(Section):
     embedding_dims: int = Field(16, ge=1)  # PCA dims of the Frechet distance's embedding
     detector_max_segments: int = Field(400, ge=1)  # clips per split the detector is fitted / scored on
     detector_token_noise: float = Field(0.06, ge=0, le=1)  # share of tokens randomised in extra detector data
+    strength_threshold: float = Field(0.5, ge=0)  # an added trait counts once this strong (models.drum_strength)
+    monitor_window: int = Field(20, ge=1)  # last steps whose monitored probability is the monitor's verdict on a take
+    modes: list[str] | None = None  # rows to run (null: all); the unsteered `none` always runs
     threads: int = Field(1, ge=1)  # torch intra-op threads
     seed: int = 0
 
@@ -307,11 +316,14 @@ def evaluate_steering(
     embeddings: list[tuple[np.ndarray, EmbeddingSpace]] = []  # per row, for the paired interval of the FD rise
     metrics: dict = {"detector": {k: v for k, v in detector.info.items() if isinstance(v, (int, float))}}
     reports: dict = {}
+    trait_prompts: dict[str, _TraitPrompts] = {}
+    tagging_clips: dict[str, list] = {}  # per trait, the probes-as-taggers readings of each clip (report folder)
     for trait in traits:
         main = mains[trait]
         ablation = _trait_ablation(run, trait, clips_table, probes_section, say)
-        prompts = _trait_prompts(run, trait)
+        prompts = trait_prompts[trait] = _trait_prompts(run, trait)
         metrics.setdefault(trait, {}).update(_trait_metrics(main, ablation, prompts))
+        metrics[trait]["tagging"] = _tagging(run, main, tagging_clips.setdefault(trait, []), say)
         for task in params.tasks:
             modes = _modes(params, task, main, ablation)
             for direction in ("add", "remove"):
@@ -325,6 +337,8 @@ def evaluate_steering(
                         f"FD {row['frechet']:.2f}, probe p {row['mean_probe_p']:.2f} ({row['seconds']}s)"
                     )
 
+    for trait in traits:
+        _judge_strength(rows, trait, trait_prompts[trait], run.detector.threshold, params, metrics)
     _compare_with_unsteered(rows, embeddings, metrics)
     result = {
         "metrics": metrics,
@@ -335,6 +349,7 @@ def evaluate_steering(
         f"{params.embedding_dims} dims fitted on decoded real continuations",
         "detector": detector.info,
         "params": params.model_dump(),
+        "tagging_clips": tagging_clips,
     }
     _write_outputs(result, reports, detector, out_json, table_path, report_dir)
     return result
@@ -374,6 +389,7 @@ class _TraitPrompts:
     space: EmbeddingSpace
     prompt_embeddings: dict[bool, np.ndarray]
     real_judged: dict[bool, float]
+    real_descriptors: dict[bool, np.ndarray]  # models.drum_strength descriptors of the real continuations
 
 
 def _detectable_traits(traits: list[str], say: Callable[[str], None]) -> list[str]:
@@ -447,21 +463,48 @@ def _trait_prompts(run: _Run, trait: str) -> _TraitPrompts:
     picked = _pick_prompts(tokens, trait, params.prompts_per_class, prompt_n + new_n, params.seed)
     if not picked[True] or not picked[False]:
         raise UserError(f"{trait}: the {params.split} tokens need clips with and without it")
-    ref_waves = {
-        lab: [codec.decode(tokens.clip(i)[:, prompt_n : prompt_n + new_n]) for i in idx] for lab, idx in picked.items()
+    judged = {
+        lab: _judge_takes(codec, run.detector, [tokens.clip(i)[:, prompt_n : prompt_n + new_n] for i in idx])
+        for lab, idx in picked.items()
     }
-    reference = np.stack([audio_embedding(w, sr) for lab in (True, False) for w in ref_waves[lab]])
+    reference = np.concatenate([judged[lab][2] for lab in (True, False)])
     space = EmbeddingSpace(reference, params.embedding_dims)
     prompt_embeddings = {
         lab: np.stack([audio_embedding(codec.decode(tokens.clip(i)[:, :prompt_n]), sr) for i in idx])
         for lab, idx in picked.items()
     }
-    detector = run.detector
-    real_judged = {
-        lab: float(np.mean([detector.probability(w, sr) >= detector.threshold for w in ws]))
-        for lab, ws in ref_waves.items()
-    }
-    return _TraitPrompts(picked, space, prompt_embeddings, real_judged)
+    real_judged = {lab: float(np.mean(j[0] >= run.detector.threshold)) for lab, j in judged.items()}
+    real_descriptors = {lab: j[1] for lab, j in judged.items()}
+    return _TraitPrompts(picked, space, prompt_embeddings, real_judged, real_descriptors)
+
+
+def _tagging(run: _Run, main: ProbeSet, per_clip: list, say: Callable[[str], None]) -> dict:
+    """The probes read as taggers of the split's real clips (models.probe_tagging), over the window they were
+    trained on, against ground truth and the detector."""
+    from models.probe_tagging import probe_tagging
+
+    t0 = time.time()
+    window = int(main.params.get("window_frames") or run.prompt_n + run.new_n)
+    window = min(window, int(getattr(run.generator, "context_frames", window)))
+    out = probe_tagging(
+        run.generator,
+        run.codec,
+        main,
+        run.tokens,
+        run.detector,
+        window,
+        run.params.monitor_heads,
+        max_clips=run.params.detector_max_segments,
+        seed=run.params.seed,
+        per_clip=per_clip,
+    )
+    auc = {k: out.get(f"auc_{k}", float("nan")) for k in ("truth_median", "truth_detector", "detector_median")}
+    say(
+        f"{main.trait}: probes as taggers of {out['n']} {run.params.split} clips: AUC against the truth "
+        f"{auc['truth_median']:.3f} (the detector's {auc['truth_detector']:.3f}), against the detector "
+        f"{auc['detector_median']:.3f} ({time.time() - t0:.0f}s)"
+    )
+    return out
 
 
 def _trait_metrics(main: ProbeSet, ablation: dict[int, ProbeSet], prompts: _TraitPrompts) -> dict:
@@ -483,17 +526,26 @@ def _modes(params: EvaluateSteeringParams, task: str, main: ProbeSet, ablation: 
     """The modes of a task: none, iti, smitin at two strengths, the random-direction control, the ablation."""
     alpha = params.alpha_text if task == "text" else params.alpha
     alpha_high = params.alpha_high_text if task == "text" else params.alpha_high
-    steering = dict(every=params.every, decay=params.decay, monitor_heads=params.monitor_heads)
+    paper = dict(every=params.every, decay=params.decay, monitor_heads=params.monitor_heads)
     if params.tau is not None:
-        steering["tau"] = params.tau
+        paper["tau"] = params.tau
+    steering = dict(paper, smooth_steps=params.smooth_steps, hold_steps=params.hold_steps, hold_floor=params.hold_floor)
+    sustained = params.smooth_steps > 1 or params.hold_steps > 0
     modes = [
         _Mode("none", main, dict(mode="none"), 1.0),
         _Mode("iti", main, dict(mode="iti", top_k=params.iti_top_k), params.iti_alpha),
         _Mode("smitin", main, dict(mode="smitin", **steering), alpha),
+        *([_Mode("smitin_paper", main, dict(mode="smitin", **paper), alpha)] if sustained else []),
         _Mode(f"smitin_x{alpha_high / alpha:g}", main, dict(mode="smitin", **steering), alpha_high),
         _Mode("random_control", main, dict(mode="smitin", direction="random", **steering), alpha),
     ]
-    return modes + [_Mode(f"smitin_{n}pairs", ps, dict(mode="smitin", **steering), alpha) for n, ps in ablation.items()]
+    modes += [_Mode(f"smitin_{n}pairs", ps, dict(mode="smitin", **steering), alpha) for n, ps in ablation.items()]
+    if params.modes is not None:
+        unknown = set(params.modes) - {m.name for m in modes}
+        if unknown:
+            raise UserError(f"evaluate_steering modes: unknown {sorted(unknown)} (have {[m.name for m in modes]})")
+        modes = [m for m in modes if m.name == "none" or m.name in params.modes]
+    return modes
 
 
 def _task_inputs(run: _Run, task: str, idx: list[int]) -> dict:
@@ -521,11 +573,19 @@ def _run_cell(
     with steer(run.generator, plan, run.fingerprint) as session:
         out = run.generator.generate(run.new_n, seed=run.params.seed, **kwargs, **run.sampling)
     report = session.report()
-    detector, sr, space = run.detector, run.codec.sample_rate, prompts.space
+    detector, space = run.detector, prompts.space
     start = run.prompt_n if task == "continuation" else 0
-    waves = [run.codec.decode(out[j, :, start : start + run.new_n]) for j in range(len(idx))]
-    judged = np.array([detector.probability(w, sr) for w in waves])
-    emb = np.stack([audio_embedding(w, sr) for w in waves])
+    judged, strength_descriptors, emb = _judge_takes(
+        run.codec, detector, [out[j, :, start : start + run.new_n] for j in range(len(idx))]
+    )
+    # per take: what the monitor said at the end (its verdict on the take) and what the judges say
+    monitored = np.array([s["traits"][trait]["probability"] for s in report.steps])  # [steps, takes]
+    clips = {
+        "detector_p": judged.tolist(),
+        "descriptors": strength_descriptors.tolist(),
+        "monitor_end": monitored[-run.params.monitor_window :].mean(0).tolist(),
+        "push_steps": report.summary()[trait]["push_steps"],
+    }
     row = {
         "trait": trait,
         "task": task,
@@ -534,7 +594,12 @@ def _run_cell(
         "strength": sign * mode.strength if mode.name != "none" else 0.0,
         "n": len(idx),
         # smitin's push interval goes with its numbers (the registry gates compare like with like)
-        **({"every": plan.params.every} if plan.params.mode == "smitin" else {}),
+        # and so does its monitor (the paper's: hold_steps 0, hold_floor 0, smooth_steps 1)
+        **(
+            {k: getattr(plan.params, k) for k in ("every", "smooth_steps", "hold_steps", "hold_floor")}
+            if plan.params.mode == "smitin"
+            else {}
+        ),
         "judged_present": float(np.mean(judged >= detector.threshold)),
         "mean_detector_p": float(judged.mean()),
         "frechet": space.frechet(emb),
@@ -542,7 +607,9 @@ def _run_cell(
         "mean_probe_p": float(np.mean([s["traits"][trait]["probability"] for s in report.steps])),
         "push_steps": float(np.mean(report.summary()[trait]["push_steps"])),
         "steps": len(report.steps),
+        "tau": float(plan.taus()[0]),
         "seconds": round(time.time() - t1, 1),
+        "clips": clips,
     }
     if task == "continuation":
         sims = _cosine(space.standardise(prompts.prompt_embeddings[lab]), space.standardise(emb))
@@ -550,11 +617,48 @@ def _run_cell(
     return row, emb, report
 
 
+def _judge_takes(codec, detector, codes: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decode each take and judge it: (detector probability [n], strength descriptors [n, 3], Frechet embedding
+    [n, d]). The detector and the strength judge share one harmonic/percussive separation per take; takes run in two
+    threads (Griffin-Lim's torch ops, the FFTs and HPSS's median filters release the GIL)."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from models.detectors import drum_descriptors, spectral_parts
+    from models.drum_strength import DESCRIPTORS, percussive_descriptors
+
+    sr = codec.sample_rate
+
+    def judge(c: torch.Tensor) -> tuple[float, list[float], np.ndarray]:
+        wave = codec.decode(c)
+        parts = spectral_parts(wave)
+        p = float(detector.probability_of(drum_descriptors(wave, sr, parts))[0])
+        strength = percussive_descriptors(wave, sr, parts)
+        return p, [strength[k] for k in DESCRIPTORS], audio_embedding(wave, sr)
+
+    with ThreadPoolExecutor(min(2, os.cpu_count() or 1)) as pool:
+        done = list(pool.map(judge, codes))
+    return (
+        np.array([d[0] for d in done]),
+        np.array([d[1] for d in done]).reshape(len(done), len(DESCRIPTORS)),
+        np.stack([d[2] for d in done]),
+    )
+
+
+# how success is judged, recorded beside it: the registry gates compare success only between versions judged alike
+# (1, unrecorded: the detector alone; 2: the detector and the strength judge for an added trait)
+JUDGE = 2
+
 # a mode's numbers in the metrics; strength and push interval go with them: the registry gates compare success
 # only at equal settings
 _METRIC_KEYS = (
     "success",
     "judged_present",
+    "present_strong",
+    "strength_own",
+    "strength_real",
+    "strength_left",
+    "monitor_agreement",
     "frechet",
     "frechet_sd",
     "frechet_rise",
@@ -565,7 +669,70 @@ _METRIC_KEYS = (
     "mean_probe_p",
     "strength",
     "every",
+    "smooth_steps",
+    "hold_steps",
+    "hold_floor",
 )
+
+
+def _judge_strength(
+    rows: list[dict],
+    trait: str,
+    prompts: _TraitPrompts,
+    threshold: float,
+    params: EvaluateSteeringParams,
+    metrics: dict,
+) -> None:
+    """Add to every row of `trait` the strength judge's numbers (models.drum_strength) and the monitor's agreement
+    with the judges. Per task, the scale of the generator's own takes: its unsteered takes from prompts without the
+    trait that the detector judges trait-free (0), and from prompts with the trait that it judges trait-bearing (1);
+    the scale of real music: the decoded real continuations without and with the trait (ground-truth labels). A take
+    has the trait for the judges when the detector says so and it is at least `strength_threshold` strong on the
+    generator's scale; the monitor is right about a take when its verdict (the monitored probability over the last
+    `monitor_window` steps against tau) is the judges'."""
+    real = StrengthScale.from_takes(prompts.real_descriptors[False], prompts.real_descriptors[True])
+    node = metrics.setdefault(trait, {})
+    node["strength_scale_real"] = real.describe()
+    for task in dict.fromkeys(r["task"] for r in rows if r["trait"] == trait):
+        cells = {(r["direction"], r["mode"]): r for r in rows if r["trait"] == trait and r["task"] == task}
+        own = _own_scale(cells[("add", "none")]["clips"], cells[("remove", "none")]["clips"], threshold)
+        node.setdefault(task, {})["strength_scale_own"] = own.describe()
+        for r in cells.values():
+            c = r["clips"]
+            X, present = np.array(c["descriptors"]), np.array(c["detector_p"]) >= threshold
+            s_own, s_real = own.strength(X), real.strength(X)
+            c["strength_own"], c["strength_real"] = s_own.tolist(), s_real.tolist()
+            has = present & (s_own >= params.strength_threshold)
+            r["strength_own"] = float(np.median(s_own))
+            r["strength_real"] = float(np.median(s_real))
+            r["present_strong"] = float(has.mean())
+            said = np.array(c["monitor_end"]) >= r["tau"]
+            c["monitor_right"] = (said == has).tolist()
+            r["monitor_agreement"] = float((said == has).mean())
+        base = cells[("remove", "none")]["clips"]["strength_own"]
+        for (direction, _), r in cells.items():
+            if direction == "remove":  # strength left, against the unsteered takes of the same prompts
+                ref = float(np.mean(base))
+                r["strength_left"] = float(np.mean(r["clips"]["strength_own"])) / ref if ref > 0 else None
+    # per monitor: its steered takes of both tasks and directions pooled with the unsteered ones (whose monitor only
+    # watches), the share where its verdict is the judges'
+    mine = [r for r in rows if r["trait"] == trait]
+    agreement = node.setdefault("monitor_agreement", {})
+    for mode in dict.fromkeys(r["mode"] for r in mine):
+        pooled = [x for r in mine if r["mode"] in ("none", mode) for x in r["clips"]["monitor_right"]]
+        agreement[mode] = float(np.mean(pooled))
+
+
+def _own_scale(without: dict, with_: dict, threshold: float) -> StrengthScale:
+    """The generator's own scale from the clips of its unsteered rows (see `_judge_strength`); where fewer than 3
+    takes pass the detector's verdict, all takes of that row are the anchor."""
+
+    def pick(clips: dict, present: bool) -> np.ndarray:
+        X = np.array(clips["descriptors"])
+        keep = (np.array(clips["detector_p"]) >= threshold) == present
+        return X[keep] if keep.sum() >= 3 else X
+
+    return StrengthScale.from_takes(pick(without, False), pick(with_, True))
 
 
 def _compare_with_unsteered(
@@ -581,8 +748,8 @@ def _compare_with_unsteered(
         if i != j:  # every row shares its prompts and seed with the unsteered one: a paired interval
             (emb, space), (base_emb, _) = embeddings[i], embeddings[j]
             r["frechet_rise_lo"], r["frechet_rise_hi"] = space.frechet_rise_interval(emb, base_emb)
-        if r["direction"] == "add":
-            r["success"] = r["judged_present"]
+        if r["direction"] == "add":  # judged present and at least strength_threshold strong
+            r["success"] = r["present_strong"]
         else:
             r["success"] = 1.0 - r["judged_present"]  # share judged trait-free
             r["removal_cut"] = (1 - r["judged_present"] / b["judged_present"]) if b["judged_present"] > 0 else None
@@ -590,6 +757,7 @@ def _compare_with_unsteered(
         node[r["mode"]] = {
             k: r[k] for k in _METRIC_KEYS if r.get(k) is not None and np.isfinite(r[k])
         }  # e.g. no FD spread under 3 clips
+        node[r["mode"]]["judge"] = JUDGE
 
 
 def _write_outputs(
@@ -620,8 +788,9 @@ def _write_outputs(
 def format_table(rows: list[dict]) -> str:
     """Markdown table of the evaluation rows."""
     head = (
-        "| trait | task | direction | mode | strength | n | success | judged present | FD (± bootstrap sd) "
-        "| FD rise (paired 90% interval) | cont. sim | mean probe p | push steps |"
+        "| trait | task | direction | mode | strength | n | success | judged present | strength (own) "
+        "| strength (real) | strength left | monitor agrees | FD (± bootstrap sd) | FD rise (paired 90% interval) "
+        "| cont. sim | mean probe p | push steps |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -629,10 +798,18 @@ def format_table(rows: list[dict]) -> str:
         sd = f" ± {r['frechet_sd']:.1f}" if np.isfinite(r.get("frechet_sd", float("nan"))) else ""
         lo, hi = r.get("frechet_rise_lo", float("nan")), r.get("frechet_rise_hi", float("nan"))
         interval = f" ({lo:+.0%} to {hi:+.0%})" if np.isfinite(lo) and np.isfinite(hi) else ""
+        left = r.get("strength_left")
         lines.append(
             f"| {r['trait']} | {r['task']} | {r['direction']} | {r['mode']} | {r['strength']:+g} | {r['n']} "
-            f"| {r.get('success', float('nan')):.2f} | {r['judged_present']:.2f} | {r['frechet']:.2f}{sd} "
+            f"| {r.get('success', float('nan')):.2f} | {r['judged_present']:.2f} "
+            f"| {_num(r.get('strength_own'))} | {_num(r.get('strength_real'))} "
+            f"| {'' if left is None else f'{left:.0%}'} | {_num(r.get('monitor_agreement'))} "
+            f"| {r['frechet']:.2f}{sd} "
             f"| {r.get('frechet_rise', float('nan')):+.0%}{interval} | {'' if sim is None else f'{sim:.3f}'} "
             f"| {r['mean_probe_p']:.2f} | {r['push_steps']:.1f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _num(x: float | None) -> str:
+    return "" if x is None or not np.isfinite(x) else f"{x:.2f}"

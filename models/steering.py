@@ -76,13 +76,17 @@ class SteeringParams:
     tau: float | None = None  # None: median(acc) - std(acc) of each probe set
     decay: float = 0.5  # smitin push factor (1 - C / tau) ** decay below tau; 0 = full push until tau
     direction: str = "probe"  # "random": the control (random unit directions, their own sigma)
+    # The monitor that trusts only sustained presence (all three off: the paper's monitor, one reading a step):
+    smooth_steps: int = 1  # C is an exponential moving average over about this many steps (1: the last reading)
+    hold_steps: int = 0  # the goal must hold at tau this many steps in a row before the push may stop
+    hold_floor: float = 0.0  # until then the push factor is at least this (the decayed factor nears 0 at tau)
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise SteeringError(f"unknown steering mode {self.mode!r} (choose {', '.join(MODES)})")
         if self.direction not in DIRECTIONS:
             raise SteeringError(f"unknown steering direction {self.direction!r} (choose {', '.join(DIRECTIONS)})")
-        for name in ("top_k", "every", "monitor_heads"):
+        for name in ("top_k", "every", "monitor_heads", "smooth_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise SteeringError(f"steering {name} must be a positive integer, got {value!r}")
@@ -93,6 +97,16 @@ class SteeringParams:
         self.decay = _number("decay", self.decay)
         if self.decay < 0:
             raise SteeringError(f"steering decay must be >= 0, got {self.decay}")
+        if not isinstance(self.hold_steps, int) or isinstance(self.hold_steps, bool) or self.hold_steps < 0:
+            raise SteeringError(f"steering hold_steps must be an integer >= 0, got {self.hold_steps!r}")
+        self.hold_floor = _number("hold_floor", self.hold_floor)
+        if not 0.0 <= self.hold_floor <= 1.0:
+            raise SteeringError(f"steering hold_floor must be in [0, 1], got {self.hold_floor}")
+
+    @property
+    def sustained(self) -> bool:
+        """Whether the monitor is the sustained-presence one (else the paper's: one reading a step)."""
+        return self.smooth_steps > 1 or self.hold_steps > 0
 
 
 MAX_STRENGTH = 1000.0
@@ -239,6 +253,39 @@ def smitin_factor(
     return out
 
 
+class SustainedMonitor:
+    """The monitor that trusts only sustained presence: C is an exponential moving average of the readings (weight
+    1 / smooth_steps for the newest), and the push may only stop once the goal (C adding, 1 - C removing) has held
+    at tau for `hold_steps` readings in a row; until then the factor is at least `hold_floor`. Per row and trait,
+    in plain Python floats (a few numbers a step)."""
+
+    def __init__(self, params: SteeringParams, removed: Sequence[bool], tau: Sequence[float]):
+        self.rate = 1.0 / params.smooth_steps
+        self.hold, self.floor, self.decay = params.hold_steps, params.hold_floor, params.decay
+        self.removed, self.tau = list(removed), list(tau)
+        self.smoothed: list[list[float]] | None = None
+        self.held: list[list[int]] = []
+
+    def observe(self, reading: list[list[float]]) -> list[list[float]]:
+        """Take a step's readings [n][T]; returns the smoothed C [n][T] (the monitor's verdict)."""
+        if self.smoothed is None or len(self.smoothed) != len(reading):
+            self.smoothed = [list(row) for row in reading]
+            self.held = [[0] * len(row) for row in reading]
+        else:
+            a = self.rate
+            self.smoothed = [[m + a * (c - m) for m, c in zip(ms, cs)] for ms, cs in zip(self.smoothed, reading)]
+        for row, held in zip(self.smoothed, self.held):
+            for t, (c, rm, tau) in enumerate(zip(row, self.removed, self.tau)):
+                held[t] = held[t] + 1 if (1.0 - c if rm else c) >= tau else 0
+        return self.smoothed
+
+    def factor(self) -> list[list[float]]:
+        raw = smitin_factor(self.smoothed, self.removed, self.tau, self.decay)
+        if not self.hold:
+            return raw
+        return [[f if h >= self.hold else max(f, self.floor) for f, h in zip(fs, hs)] for fs, hs in zip(raw, self.held)]
+
+
 def _sigmoid(x: float) -> float:
     if x >= 0:
         return 1.0 / (1.0 + math.exp(-x))
@@ -292,6 +339,7 @@ class SteeringSession:
         self.removed = [a < 0 for a in plan.strengths.values()]
         self.tau = [float(t) for t in plan.taus()]
         self._iti, self._every, self._decay = p.mode == "iti", p.every, p.decay  # read at every step
+        self._sustained = p.sustained
         self._device, self._dtype = device, dtype
         self._delta_rows: tuple[torch.Tensor, ...] | None = None  # per layer [B, 1, H, Dh]: delta in row 0, zeros below
         self._fused: _FusedBuffers | None = None  # the fused path's buffers for the current batch size
@@ -306,6 +354,7 @@ class SteeringSession:
         self._step = -1
         # The monitor and the push factor are plain Python lists [n_cond][T] (rows, traits): a few numbers a step
         self._monitor: list[list[float]] | None = None  # monitored probability of the last step
+        self._sustain = SustainedMonitor(self.plan.params, self.removed, self.tau) if self._sustained else None
         self._applied: dict[int, tuple] = {}  # absolute position -> the push it received (as self._now)
         self._stash: list[torch.Tensor] = []  # this forward's monitored layers' last position [B, 1, H, Dh]
         self._now: tuple[float, tuple[torch.Tensor, ...]] | None = None  # this step's push (see _begin_forward)
@@ -322,6 +371,8 @@ class SteeringSession:
         step = self._step
         if step < 1 or (step - 1) % self._every or self._monitor is None:
             return None
+        if self._sustain is not None:
+            return self._sustain.factor()
         return smitin_factor(self._monitor, self.removed, self.tau, self._decay)
 
     def _advance(self, B: int, T: int) -> int:
@@ -402,9 +453,15 @@ class SteeringSession:
                 if T == 1
                 else [[_median_probability(row[t * M : (t + 1) * M]) for t in range(T)] for row in rows]
             )
-            self._log.append((step, prob, factor))
-        self._monitor = self._log[-1][1]
+            self._observe(step, prob, factor)
         self._pending = []
+
+    def _observe(self, step: int, prob: list[list[float]], factor: list | None) -> None:
+        """Record a step's monitored probability [n][T] (and the push factor it ran with); it becomes the monitor."""
+        self._log.append((step, prob, factor))
+        if self._sustain is not None:
+            self._sustain.observe(prob)
+        self._monitor = prob
 
     def hook(self, layer: int):
         monitored = self.monitor_layers[layer]
@@ -523,8 +580,7 @@ class SteeringSession:
                 prob = buf.probabilities(self._n)  # to the host now: the next step overwrites the buffer
                 if self._pending:  # the prompt's forward (hook path) comes first in the report
                     self._flush()
-                self._log.append((self._step, prob, self._factor_now))
-                self._monitor = prob
+                self._observe(self._step, prob, self._factor_now)
             return buf.residual[layer]
 
         return project

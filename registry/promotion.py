@@ -4,8 +4,9 @@ Gates (params.yaml `registry.gates`):
 - ready: the version finished registering (not left pending by an interrupted registration) and carries a content
   hash (so its files can be verified);
 - metrics: every gated metric the current champion has is not worse on the candidate beyond `tolerance`
-  (`higher` / `lower` is better, per metric); a metric with sibling settings (steering success: `strength`, and
-  `every`, SMITIN's push interval) is compared only when both were measured with the same settings;
+  (`higher` / `lower` is better, per metric); a metric with sibling settings (steering success: `strength`,
+  `every`, SMITIN's push interval, the monitor's `smooth_steps` / `hold_steps` / `hold_floor`, and `judge`, how
+  success was judged) is compared only when both were measured with the same settings;
 - compatible (probe sets): trained on the current champion generator (same fingerprint).
 `--force` promotes anyway (not a version without a content hash or left pending); the event records which gates were
 overridden.
@@ -67,9 +68,11 @@ def alias_version(client, name: str, alias: str):
         return None
 
 
-# settings a metric is only comparable at: steering strength and push interval; the ensemble size and number of
-# pieces of a Coconet likelihood
-SETTINGS = ("strength", "every", "ensemble", "pieces")
+# settings a metric is only comparable at: steering strength, push interval, the monitor and how success was judged;
+# the ensemble size and number of pieces of a Coconet likelihood
+SETTINGS = ("strength", "every", "smooth_steps", "hold_steps", "hold_floor", "judge", "ensemble", "pieces")
+# what a version registered before a setting was logged had: the paper's monitor, success judged by the detector alone
+SETTING_DEFAULTS = {"smooth_steps": 1.0, "hold_steps": 0.0, "hold_floor": 0.0, "judge": 1.0}
 
 
 def _fmt(x: float) -> str:
@@ -88,15 +91,15 @@ def metric_gate(candidate, champion, gates: GatesParams, kind: str) -> Gate:
             problems.append(f"{metric} missing (champion v{champion.version} has {_fmt(champ[metric])})")
             continue
         # steering metrics carry the settings they were run at; a setting only one side recorded (a version
-        # registered before it was logged) does not block the comparison
+        # registered before it was logged) does not block the comparison, unless its value then is known
+        # (SETTING_DEFAULTS: success judged by the detector alone is not success judged by it and by strength)
         node = metric.rsplit(".", 1)[0]
-        differ = [
-            f"{name} {_fmt(cand[f'{node}.{name}'])} vs {_fmt(champ[f'{node}.{name}'])}"
-            for name in SETTINGS
-            if f"{node}.{name}" in cand
-            and f"{node}.{name}" in champ
-            and cand[f"{node}.{name}"] != champ[f"{node}.{name}"]
-        ]
+        differ = []
+        for name in SETTINGS:
+            a = cand.get(f"{node}.{name}", SETTING_DEFAULTS.get(name))
+            b = champ.get(f"{node}.{name}", SETTING_DEFAULTS.get(name))
+            if a is not None and b is not None and a != b:
+                differ.append(f"{name} {_fmt(a)} vs {_fmt(b)}")
         if differ:
             skipped.append(f"{metric} ({', '.join(differ)})")
             continue

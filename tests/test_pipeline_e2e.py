@@ -116,6 +116,12 @@ def test_repro_runs_every_stage_and_registers_probe_sets(project):
     assert 0.0 <= features["overall"]["key_weighted"] <= 1.0
     drums = json.loads((dest / "metrics" / "probes" / "drums.json").read_text())
     assert 0.5 <= drums["best_acc"] <= 1.0
+    steering = json.loads((dest / "metrics" / "evaluate_steering.json").read_text())["drums"]
+    added = steering["continuation"]["add"]
+    assert added["smitin"]["judge"] == 2 and added["smitin"]["hold_steps"] == 20  # the sustained monitor, judged
+    assert added["smitin_paper"]["hold_steps"] == 0  # the paper's monitor beside it
+    assert set(steering["monitor_agreement"]) >= {"none", "smitin", "smitin_paper"}
+    assert steering["tagging"]["n"] > 0 and 0 <= steering["tagging"]["accuracy_truth_median_at_tau"] <= 1
     registered = json.loads((dest / "metrics" / "registry.json").read_text())
     assert set(registered) == {"smitin-generator", "smitin-probes-drums", "smitin-probes-minor", "smitin-coconet"}
     scores = json.loads((dest / "metrics" / "build_scores.json").read_text())

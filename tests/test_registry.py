@@ -540,3 +540,14 @@ def test_steering_gate_compares_success_only_at_equal_settings():
     # a champion that recorded no interval (registered before it was logged) is compared at equal strength
     no_interval = version(8, {f"{key}.success": 0.56, f"{key}.strength": 10.0, "best_acc": 0.85})
     assert not metric_gate(sparse, no_interval, gates, "probe_set").passed
+    # success judged by the detector and the strength judge (judge 2) is not the detector's alone: a champion that
+    # recorded no judge was judged the old way, and so was one evaluated with the paper's monitor (no hold)
+    judged = version(9, {f"{key}.success": 0.40, f"{key}.strength": 10.0, f"{key}.judge": 2.0, "best_acc": 0.85})
+    gate = metric_gate(judged, no_interval, gates, "probe_set")
+    assert gate.passed and f"{key}.success (judge 2 vs 1)" in gate.detail, gate
+    held = version(10, {f"{key}.success": 0.40, f"{key}.strength": 10.0, f"{key}.hold_steps": 20.0, "best_acc": 0.85})
+    gate = metric_gate(held, no_interval, gates, "probe_set")
+    assert gate.passed and f"{key}.success (hold_steps 20 vs 0)" in gate.detail, gate
+    worse = version(11, {f"{key}.success": 0.20, f"{key}.strength": 10.0, f"{key}.judge": 2.0, "best_acc": 0.85})
+    gate = metric_gate(worse, judged, gates, "probe_set")  # judged alike: compared, and a drop refuses
+    assert not gate.passed and f"{key}.success 0.2 < champion v9 0.4" in gate.detail, gate

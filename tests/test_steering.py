@@ -12,8 +12,10 @@ from models.generator import Generator, GeneratorConfig
 from models.probes import ProbeSet
 from models.steering import (
     SteeringError,
+    SteeringParams,
     SteeringPlan,
     SteeringSession,
+    SustainedMonitor,
     _median_probability,
     parse_strengths,
     smitin_factor,
@@ -135,14 +137,8 @@ class _ScriptedMonitor(SteeringSession):
 
     script = [0.1, 0.2, 0.3, 0.5, 0.6, 0.7, 0.75, 0.9, 0.95, 0.97, 0.4, 0.4, 0.4, 0.4]
 
-    def _flush(self):
-        start = len(self._log)
-        super()._flush()
-        for i in range(start, len(self._log)):
-            step, prob, factor = self._log[i]
-            self._log[i] = (step, [[self.script[min(step, len(self.script) - 1)]] * len(r) for r in prob], factor)
-        if len(self._log) > start:
-            self._monitor = self._log[-1][1]
+    def _observe(self, step, prob, factor):
+        super()._observe(step, [[self.script[min(step, len(self.script) - 1)]] * len(r) for r in prob], factor)
 
 
 def test_monitor_switches_the_push_off_once_the_probability_passes_tau():
@@ -170,6 +166,50 @@ def test_monitor_switches_the_push_off_once_the_probability_passes_tau():
     assert pushes[1] > pushes[3] > pushes[5] > 0 and pushes[9] == 0.0  # C = 0.95 at step 8: off
     assert pushes[11] > 0  # C fell below tau again: the closed loop pushes again
     assert report.probabilities("drums")[:3] == pytest.approx([0.1, 0.2, 0.3])
+
+
+def test_sustained_monitor_smooths_holds_and_keeps_a_floor_until_presence_holds():
+    params = SteeringParams(smooth_steps=2, hold_steps=2, hold_floor=0.4, decay=1.0)
+    assert params.sustained and not SteeringParams().sustained  # the defaults are the paper's monitor
+    adding, removing = SustainedMonitor(params, [False], [0.8]), SustainedMonitor(params, [True], [0.8])
+    # by hand: the average moves half way to each reading; the raw factor is 1 - C / tau below tau, 0 from it on;
+    # until the goal has held at tau for 2 readings the factor is at least 0.4
+    expected = [
+        (0.2, 0.2, 0.75),  # 1 - 0.2 / 0.8
+        (1.0, 0.6, 0.4),  # raw 0.25, floored
+        (1.0, 0.8, 0.4),  # at tau: raw 0, held once, still floored
+        (1.0, 0.9, 0.0),  # held twice: the push stops
+        (0.0, 0.45, 0.4375),  # presence lost: the push is back (above the floor)
+    ]
+    for reading, smoothed, factor in expected:
+        assert adding.observe([[reading]]) == [[pytest.approx(smoothed)]]
+        assert adding.factor() == [[pytest.approx(factor)]]
+        removing.observe([[1.0 - reading]])  # a removed trait watches 1 - C: the same numbers mirrored
+        assert removing.factor() == [[pytest.approx(factor)]]
+
+
+def test_sustained_monitor_keeps_pushing_where_the_papers_stops():
+    """With the scripted probability crossing tau = 0.8 at step 7, the paper's monitor stops pushing at step 8;
+    with hold_steps 2 the push goes on at the floor until two readings in a row are at tau."""
+    model = _model()
+    ps = _probe_set(model)
+    n = len(_ScriptedMonitor.script) - 3
+    pushes = {}
+    for name, extra in (("paper", {}), ("sustained", dict(hold_steps=2, hold_floor=0.5))):
+        plan = SteeringPlan.build([ps], "drums=+3", mode="smitin", every=1, tau=0.8, decay=1.0, **extra)
+        session = _ScriptedMonitor(model, plan)
+        handles = [site.register_forward_hook(session.hook(layer)) for layer, site in enumerate(model.head_sites())]
+        model.generate(n, prompt=_prompt(), seed=0)
+        for h in handles:
+            h.remove()
+        pushes[name] = session.report().pushes("drums")
+    script = _ScriptedMonitor.script  # [.1 .2 .3 .5 .6 .7 .75 .9 .95 .97 .4 ...]: at tau from step 7 to 9
+    assert pushes["paper"][1:8] == pytest.approx([1 - c / 0.8 for c in script[:7]])
+    assert pushes["paper"][8:11] == [0.0, 0.0, 0.0]
+    assert pushes["sustained"][1:8] == pytest.approx([max(1 - c / 0.8, 0.5) for c in script[:7]])
+    assert pushes["sustained"][8] == 0.5  # one reading at tau is not presence yet
+    assert pushes["sustained"][9:11] == [0.0, 0.0]  # two in a row: the push stops
+    assert pushes["sustained"][11] == pytest.approx(0.5) and pushes["paper"][11] == pytest.approx(0.5)
 
 
 def test_negative_strength_pushes_the_other_way_and_watches_absence():
@@ -479,3 +519,9 @@ def test_unknown_trait_and_bad_params():
         SteeringPlan.build([ps], "drums=1", every=0)
     with pytest.raises(SteeringError, match="tau"):
         SteeringPlan.build([ps], "drums=1", tau="high")
+    with pytest.raises(SteeringError, match="hold_floor must be in"):
+        SteeringPlan.build([ps], "drums=1", hold_floor=1.5)
+    with pytest.raises(SteeringError, match="hold_steps must be an integer"):
+        SteeringPlan.build([ps], "drums=1", hold_steps=-1)
+    with pytest.raises(SteeringError, match="smooth_steps must be a positive integer"):
+        SteeringPlan.build([ps], "drums=1", smooth_steps=0)

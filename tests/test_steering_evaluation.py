@@ -102,3 +102,62 @@ def test_params_section_defaults_and_one_line_errors(tmp_path):
     path.write_text("seed: 7\nevaluate_steering:\n  every: 5\n")
     params = load_section(EvaluateSteeringParams, path, "evaluate_steering")
     assert (params.every, params.seed, params.prompts_per_class) == (5, 7, 32)
+
+
+def _takes(strengths, detector_p, monitor, rng):
+    """Clips of one row: descriptors at the given strengths between the anchors below (with a little spread)."""
+    lo, hi = np.array([0.02, 2.0, 0.2]), np.array([0.12, 4.0, 0.5])
+    X = np.array([lo + s * (hi - lo) for s in strengths]) + rng.normal(0, 1e-4, (len(strengths), 3))
+    return {"descriptors": X.tolist(), "detector_p": list(detector_p), "monitor_end": list(monitor)}
+
+
+def test_strength_judge_success_strength_left_and_monitor_agreement_by_hand():
+    """Success of an added trait needs the detector's verdict and half the strength of the generator's own
+    trait-bearing takes; removal reports the strength left against the unsteered takes; the monitor is right on a
+    take when its verdict (>= tau) is the judges'."""
+    from types import SimpleNamespace
+
+    from models.evaluate_steering import _judge_strength
+
+    rng = np.random.default_rng(0)
+    row = lambda direction, mode, clips: {  # noqa: E731
+        "trait": "drums",
+        "task": "text",
+        "direction": direction,
+        "mode": mode,
+        "tau": 0.7,
+        "clips": clips,
+    }
+    rows = [
+        # unsteered, prompts without drums: 4 drum-free takes (0) and one the detector calls drum-bearing (left out
+        # of the anchor)
+        row("add", "none", _takes([0, 0, 0, 0, 1], [0.1, 0.1, 0.2, 0.1, 0.9], [0.2, 0.3, 0.8, 0.2, 0.9], rng)),
+        # steered: strong and detected / weak but detected / strong but not detected / detected, just at half
+        row("add", "smitin", _takes([1.2, 0.2, 1.0, 0.55], [0.9, 0.9, 0.3, 0.8], [0.9, 0.9, 0.9, 0.6], rng)),
+        # unsteered, prompts with drums: three detected takes at 1, one undetected one at 0
+        row("remove", "none", _takes([1, 1, 1, 0], [0.9, 0.8, 0.9, 0.2], [0.9, 0.9, 0.9, 0.9], rng)),
+        row("remove", "smitin", _takes([0.25, 0.0, 0.5, 0.0], [0.1, 0.1, 0.6, 0.1], [0.1, 0.2, 0.8, 0.1], rng)),
+    ]
+    real = {False: np.tile([0.02, 2.0, 0.2], (3, 1)) + rng.normal(0, 1e-3, (3, 3)), True: None}
+    real[True] = real[False] + np.array([0.2, 4.0, 0.6])  # real drums: twice as strong as the generator's
+    metrics = {}
+    params = EvaluateSteeringParams()
+    _judge_strength(rows, "drums", SimpleNamespace(real_descriptors=real), 0.5, params, metrics)
+    add, remove = rows[1], rows[3]
+    assert add["present_strong"] == pytest.approx(0.5)  # takes 1 and 4 (0.55 >= 0.5); 2 is weak, 3 undetected
+    np.testing.assert_allclose(add["clips"]["strength_own"], [1.2, 0.2, 1.0, 0.55], atol=0.01)
+    np.testing.assert_allclose(add["clips"]["strength_real"], [0.6, 0.1, 0.5, 0.275], atol=0.01)
+    # unsteered takes with drums average 0.75 on the generator's scale, the removal row 0.1875: a quarter left
+    assert remove["strength_left"] == pytest.approx(0.1875 / 0.75, abs=0.01)
+    # the monitor's verdict (>= 0.7) against the judges' (detected and at least 0.5 strong)
+    assert add["monitor_agreement"] == pytest.approx(0.25)  # right on take 1 only (2: weak, 3: undetected, 4: low)
+    assert remove["monitor_agreement"] == pytest.approx(1.0)  # takes 1, 2, 4 absent and read absent; 3 both present
+    assert rows[0]["monitor_agreement"] == pytest.approx(0.8)  # wrong on take 3 (reads 0.8, nothing there)
+    pooled = metrics["drums"]["monitor_agreement"]  # a monitor's rows pooled with the unsteered ones
+    assert pooled["none"] == pytest.approx((4 + 3) / 9)  # row 2: wrong on the undetected 4th take
+    assert pooled["smitin"] == pytest.approx((4 + 3 + 1 + 4) / 17)
+    assert metrics["drums"]["text"]["strength_scale_own"]["used"] == {
+        "share": 1.0,
+        "onset_rate": 1.0,
+        "regularity": 1.0,
+    }
