@@ -77,6 +77,32 @@ def probes(m: Path) -> list[str]:
     return rows
 
 
+def monitor_and_taggers(m: Path) -> list[str]:
+    """Per trait: how often each monitor's verdict is the judges' (its takes pooled with the unsteered ones), and
+    the probes read as taggers of the held-out split's real clips."""
+    d = _load(m / "evaluate_steering.json")
+    if d is None:
+        return []
+    rows = []
+    for trait, node in sorted(d.items()):
+        agreement, tagging = node.get("monitor_agreement") if isinstance(node, dict) else None, node.get("tagging")
+        if agreement:
+            rows += ["", f"Monitor agreement with the judges ({trait}; a monitor's takes and the unsteered ones):", ""]
+            rows += ["| mode | agreement |", "|---|---|"]
+            rows += [f"| {mode} | {_f(v)} |" for mode, v in sorted(agreement.items())]
+        if tagging:
+            rows += ["", f"Probes read as taggers of {tagging.get('n', '-')} held-out clips ({trait}):", ""]
+            rows += [
+                "| AUC vs truth (monitor median) | best head | detector's own AUC | AUC vs detector | Pearson with "
+                "detector p | accuracy at tau |",
+                "|---|---|---|---|---|---|",
+                f"| {_f(tagging.get('auc_truth_median'))} | {_f(tagging.get('auc_truth_best_head'))} | "
+                f"{_f(tagging.get('auc_truth_detector'))} | {_f(tagging.get('auc_detector_median'))} | "
+                f"{_f(tagging.get('pearson_detector_median'))} | {_f(tagging.get('accuracy_truth_median_at_tau'))} |",
+            ]
+    return rows
+
+
 def table_file(path: Path) -> list[str]:
     return path.read_text().rstrip().splitlines() if path.is_file() else [f"({path} not written yet)"]
 
@@ -108,6 +134,7 @@ def main(argv=None) -> None:
         "## Steering (`metrics/evaluate_steering.md`)",
         "",
         *table_file(m / "evaluate_steering.md"),
+        *monitor_and_taggers(m),
         "",
         "## Coconet (`metrics/coconet.md`)",
         "",
