@@ -136,19 +136,11 @@ def probe_tagging(
         # tau comes from the probes' balanced validation accuracy; the held-out split need not be balanced
         out["balanced_accuracy_truth_median_at_tau"] = float(balanced_accuracy_score(y, flagged))
     else:
-        log.info(
-            "probe tagging %s: every clip read is %s the trait; no AUC against the truth",
-            trait,
-            "with" if n_with else "without",
-        )
+        _no_auc(trait, "every clip read is", n_with, "the truth")
     if 0 < n_detected < n:
         out["auc_detector_median"] = float(roc_auc_score(verdict, median))
     else:
-        log.info(
-            "probe tagging %s: the detector judges every clip %s the trait; no AUC against it",
-            trait,
-            "with" if n_detected else "without",
-        )
+        _no_auc(trait, "the detector judges every clip", n_detected, "it")
     if n >= 2 and np.ptp(median) > 0 and np.ptp(detector_p) > 0:
         out["pearson_detector_median"] = float(pearsonr(median, detector_p).statistic)
         out["spearman_detector_median"] = float(spearmanr(median, detector_p).statistic)
@@ -166,6 +158,12 @@ def probe_tagging(
             )
             per_clip.append(entry)
     return out
+
+
+def _no_auc(trait: str, who: str, n_with: int, against: str) -> None:
+    log.info(
+        "probe tagging %s: %s %s the trait; no AUC against %s", trait, who, "with" if n_with else "without", against
+    )
 
 
 def _pick_clips(
