@@ -1,0 +1,64 @@
+"""benchmarks/ood_set.py: labels of a tiny score with a tempo change (beats, downbeats, tempo map, key)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from benchmarks.ood_set import TempoMap, choose_key, split_of, step_anchor
+from pipelines.corpus_scores import PieceRef, load_score
+
+
+@pytest.fixture(scope="module")
+def tiny_score(tmp_path_factory):
+    """Four 3/4 bars after a one-beat pickup, in A minor (key signature of C major / A minor)."""
+    from music21 import key, meter, note, stream
+
+    part = stream.Part()
+    pickup = stream.Measure(number=0)
+    pickup.append([meter.TimeSignature("3/4"), key.KeySignature(0), note.Note("E4", quarterLength=1.0)])
+    pickup.paddingLeft = 2.0
+    part.append(pickup)
+    tune = ["A4", "C5", "E5", "A4", "B4", "G#4", "A4", "E4", "C5", "A4", "G#4", "A4"]
+    for b in range(4):
+        m = stream.Measure(number=b + 1)
+        for p in tune[3 * b : 3 * b + 3]:
+            m.append(note.Note(p, quarterLength=1.0))
+        part.append(m)
+    score = stream.Score([part])
+    path = tmp_path_factory.mktemp("ood") / "tiny.musicxml"
+    score.write("musicxml", fp=str(path))
+    return load_score(PieceRef("user", str(path)))
+
+
+def test_beats_downbeats_and_tempo_change(tiny_score):
+    s = tiny_score
+    assert s.time_signature == "3/4" and s.beats_per_bar == 3 and s.beat_ql == 1.0
+    np.testing.assert_allclose(s.beats, np.arange(13.0))  # pickup beat + 4 bars of 3
+    np.testing.assert_allclose(s.downbeats, [1.0, 4.0, 7.0, 10.0])  # the pickup has no downbeat
+    # 60 bpm, then 120 bpm from the downbeat of bar 3 (ql 7)
+    tmap = TempoMap([(0.0, 60.0), *step_anchor(7.0, 60.0, 120.0)], s.beat_ql)
+    t = tmap.seconds(s.beats)
+    ibi = np.diff(t)
+    np.testing.assert_allclose(ibi[:6], 1.0, atol=0.01)
+    np.testing.assert_allclose(ibi[7:], 0.5, atol=0.01)
+    np.testing.assert_allclose(tmap.seconds(s.downbeats), [1.0, 4.0, 7.0, 8.5], atol=0.01)
+    assert abs(tmap.ql_at(8.5) - 10.0) < 0.01
+
+
+def test_ritardando_slows_monotonically(tiny_score):
+    tmap = TempoMap([(0.0, 100.0), (4.0, 100.0), (13.0, 60.0)], 1.0)
+    ibi = np.diff(tmap.seconds(np.arange(14.0)))
+    np.testing.assert_allclose(ibi[:4], 0.6, atol=1e-3)
+    assert np.all(np.diff(ibi[4:]) > 0) and ibi[-1] > 0.9
+
+
+def test_key_from_signature_pair(tiny_score):
+    tonic, mode, source = choose_key(tiny_score, tiny_score.end)
+    assert (tonic, mode) == (9, "minor")  # A minor, not the signature's C major
+    assert source.startswith("signature") or source.startswith("consensus")
+
+
+def test_split_is_stable_by_piece():
+    assert split_of("haydn-opus1no1-movement1") == split_of("haydn-opus1no1-movement1")
+    assert {split_of(f"piece-{i}") for i in range(20)} == {"dev", "heldout"}
