@@ -748,7 +748,9 @@ class SteeringReport:
         ax.set_ylim(0, 1.1)
         ax.set_xlabel("generation step")
         ax.set_ylabel("monitored probability")
-        ax.set_title(f"steering report ({plan['mode']}): ticks = push on, dotted = stop threshold")
+        hold = plan.get("params", {}).get("hold_steps", 0) if plan["mode"] == "smitin" else 0
+        held = f" after {hold} steps in a row" if hold else ""
+        ax.set_title(f"steering report ({plan['mode']}): ticks = push on, dotted = stop threshold{held}")
         ax.legend(loc="lower right", fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
