@@ -246,8 +246,28 @@ def fit_drum_detector(
             result[f"{name}_false_drums"] = float(said[y == 0].mean()) if (y == 0).any() else None
             result[f"{name}_missed_drums"] = float(1 - said[y == 1].mean()) if (y == 1).any() else None
         result[f"{name}_n"] = int(len(y))
-    det.info = {"seconds": seconds, "codec": codec.fingerprint(), **result}
+    det.info = {"seconds": seconds, "codec": codec.fingerprint(), "max_segments": max_clips, "seed": seed, **result}
     return det
+
+
+def matching_detector(
+    path: str | Path | None, codec, seconds: float, token_noise: float, max_segments: int, seed: int
+) -> DrumDetector | None:
+    """The detector saved at `path` when it was fitted exactly as `fit_drum_detector` would fit one now (the same
+    codec, segment length, token noise, segment budget and seed: the same detector), else None. The trait-carrying
+    stage writes one; the steering evaluation, judging continuations of the same length, reuses it."""
+    if not path or not Path(path).exists():
+        return None
+    det = DrumDetector.load(path)
+    info = det.info
+    same = (
+        info.get("codec") == codec.fingerprint()
+        and info.get("seconds") == seconds
+        and info.get("token_noise") == token_noise
+        and info.get("max_segments") == max_segments
+        and info.get("seed") == seed
+    )
+    return det if same else None
 
 
 def twin_pairs(tokens, trait: str = "drums") -> list[tuple[int, int]]:
@@ -335,15 +355,9 @@ def evaluate_trait_carrying(
     guidance = guidance_scales(params.prompt_guidance, generator.cfg.n_codebooks)  # refused before the detector
     plausibility = plausibility_cut(params.prompt_plausibility)
     t0 = time.time()
-    det = None
-    if detector_path and Path(detector_path).exists():  # reuse a detector fitted for this codec and length
-        det = DrumDetector.load(detector_path)
-        if (
-            det.info.get("codec") != codec.fingerprint()
-            or det.info.get("seconds") != new_n / codec.frame_rate
-            or det.info.get("token_noise") != token_noise
-        ):
-            det = None
+    det = matching_detector(
+        detector_path, codec, new_n / codec.frame_rate, token_noise, params.detector_max_segments, seed
+    )
     if det is None:
         det = fit_drum_detector(
             tokens_dir,
