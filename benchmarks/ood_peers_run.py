@@ -55,7 +55,11 @@ def madmom_downbeats(path: str) -> dict:
     from madmom.features.downbeats import DBNDownBeatTrackingProcessor, RNNDownBeatProcessor
 
     act = RNNDownBeatProcessor()(load_signal(path))
-    res = np.asarray(DBNDownBeatTrackingProcessor(beats_per_bar=[2, 3, 4], fps=100)(act))
+    return _bar_positions(np.asarray(DBNDownBeatTrackingProcessor(beats_per_bar=[2, 3, 4], fps=100)(act)))
+
+
+def _bar_positions(res) -> dict:
+    """A tracker's [n, 2] (beat time, position in the bar; 1 = downbeat) as this script's result."""
     if not len(res):
         return {"beats": [], "downbeats": [], "meter": None, "key": None}
     return {
@@ -77,15 +81,7 @@ def beatnet(path: str) -> dict:
         from BeatNet.BeatNet import BeatNet
 
         _BEATNET = BeatNet(1, mode="offline", inference_model="DBN", plot=[], thread=False)
-    res = np.asarray(_BEATNET.process(path))
-    if not len(res):
-        return {"beats": [], "downbeats": [], "meter": None, "key": None}
-    return {
-        "beats": [float(t) for t in res[:, 0]],
-        "downbeats": [float(t) for t, p in res if int(p) == 1],
-        "meter": int(res[:, 1].max()),
-        "key": None,
-    }
+    return _bar_positions(np.asarray(_BEATNET.process(path)))
 
 
 SYSTEMS = {"madmom_beats": madmom_beats, "madmom_downbeats": madmom_downbeats, "beatnet": beatnet}
