@@ -86,7 +86,7 @@ class EvaluateSteeringParams(Section):
     hold_floor: float = Field(0.5, ge=0, le=1)
     tau: float | None = Field(None, gt=0, le=1)  # monitor threshold (null: median(acc) - std(acc) of the probe set)
     monitor_heads: int = Field(16, ge=1)  # heads whose median probe probability is the monitor
-    n_pairs: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [10, 50])  # ablation probe sets
+    n_pairs: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list)  # ablation probe sets (e.g. [10, 50])
     temperature: float | list[float] = 1.0  # one, or one per codebook (coarse first); 0: greedy
     top_k: int = Field(0, ge=0)  # 0: off
     top_p: float = Field(0.0, ge=0, le=1)  # 0: off
@@ -435,6 +435,9 @@ def _fit_detector(
         seed=params.seed,
         max_clips=max_segments,
         token_noise=params.detector_token_noise,
+        # the trait-carrying stage reports how a detector fitted alike takes noisy tokens; here only the clean
+        # held-out accuracy is reported (a fifth of the fitting time saved, the detector unchanged)
+        noisy_test=False,
     )
     say(f"detector (independent of the probes): {detector.info} ({time.time() - t0:.0f}s)")
     return detector, tokens if tokens is not None else TokenSet(tokens_dir, split)

@@ -172,6 +172,12 @@ def test_drum_detector_separates_synthetic_drums(stages):
     # also fitted and judged on segments with randomised tokens (generated audio has such glitches)
     assert det.info["token_noise"] == 0.06 and det.info["test_noisy_accuracy_decoded"] >= 0.75
     assert det.info["test_noisy_n"] == det.info["test_n"]
+    # without the noisy test report: the same detector, fitted at less cost
+    quick = fit_drum_detector(
+        str(root / "tokens"), load_codec(root / "codec"), seconds=1.5, per_clip=2, noisy_test=False
+    )
+    assert np.array_equal(quick.coef, det.coef) and quick.intercept == det.intercept
+    assert "test_noisy_n" not in quick.info and quick.info["test_accuracy_decoded"] == det.info["test_accuracy_decoded"]
 
 
 def test_token_noise_replaces_the_asked_share_with_codebook_tokens():
