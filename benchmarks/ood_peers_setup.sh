@@ -24,7 +24,7 @@ fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
 "${PIP[@]}" "pip>=23" "setuptools<70" wheel
-"${PIP[@]}" "numpy==1.26.4" "cython>=0.29,<3.1" "scipy<1.14" "mido>=1.2.6" soundfile
+"${PIP[@]}" "numpy==1.26.4" "cython==3.0.12" "scipy==1.13.1" "mido==1.3.3" "soundfile==0.14.0"
 "${PIP[@]}" --no-build-isolation "madmom==0.16.1"
 
 SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
@@ -51,7 +51,8 @@ for _name in ("MutableSequence", "Sequence", "Mapping", "MutableMapping", "Itera
 EOF
 
 # BeatNet: torch (CPU) + librosa + numba compatible with numpy 1.26, then BeatNet itself without its pins.
-"${PIP[@]}" "torch" "librosa==0.10.2.post1" "numba>=0.59,<0.61" matplotlib
+# the versions this benchmark was run with (torch: the CPU wheel the machine's index serves)
+"${PIP[@]}" "torch==2.14.1" "librosa==0.10.2.post1" "numba==0.60.0" "matplotlib==3.11.2"
 "${PIP[@]}" --no-deps "BeatNet==1.1.3"
 # madmom imports pkg_resources, which setuptools >= 81 no longer ships; torch's wish for setuptools >= 77 only
 # serves its C++ extension builder, which nothing here uses.

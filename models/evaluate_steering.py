@@ -55,7 +55,7 @@ from models.probes import (
     probe_params,
     train_probe_set,
 )
-from models.steering import SteeringPlan, steer
+from models.steering import SteeringParams, SteeringPlan, steer
 
 log = logging.getLogger(__name__)
 
@@ -533,7 +533,7 @@ def _modes(params: EvaluateSteeringParams, task: str, main: ProbeSet, ablation: 
     if params.tau is not None:
         paper["tau"] = params.tau
     steering = dict(paper, smooth_steps=params.smooth_steps, hold_steps=params.hold_steps, hold_floor=params.hold_floor)
-    sustained = params.smooth_steps > 1 or params.hold_steps > 0
+    sustained = SteeringParams(**{k: steering[k] for k in ("smooth_steps", "hold_steps", "hold_floor")}).sustained
     modes = [
         _Mode("none", main, dict(mode="none"), 1.0),
         _Mode("iti", main, dict(mode="iti", top_k=params.iti_top_k), params.iti_alpha),
@@ -712,10 +712,9 @@ def _judge_strength(
             said = np.array(c["monitor_end"]) >= r["tau"]
             c["monitor_right"] = (said == has).tolist()
             r["monitor_agreement"] = float((said == has).mean())
-        base = cells[("remove", "none")]["clips"]["strength_own"]
+        ref = float(np.mean(cells[("remove", "none")]["clips"]["strength_own"]))
         for (direction, _), r in cells.items():
             if direction == "remove":  # strength left, against the unsteered takes of the same prompts
-                ref = float(np.mean(base))
                 r["strength_left"] = float(np.mean(r["clips"]["strength_own"])) / ref if ref > 0 else None
     # per monitor: its steered takes of both tasks and directions pooled with the unsteered ones (whose monitor only
     # watches), the share where its verdict is the judges'

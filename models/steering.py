@@ -339,7 +339,6 @@ class SteeringSession:
         self.removed = [a < 0 for a in plan.strengths.values()]
         self.tau = [float(t) for t in plan.taus()]
         self._iti, self._every, self._decay = p.mode == "iti", p.every, p.decay  # read at every step
-        self._sustained = p.sustained
         self._device, self._dtype = device, dtype
         self._delta_rows: tuple[torch.Tensor, ...] | None = None  # per layer [B, 1, H, Dh]: delta in row 0, zeros below
         self._fused: _FusedBuffers | None = None  # the fused path's buffers for the current batch size
@@ -354,7 +353,8 @@ class SteeringSession:
         self._step = -1
         # The monitor and the push factor are plain Python lists [n_cond][T] (rows, traits): a few numbers a step
         self._monitor: list[list[float]] | None = None  # monitored probability of the last step
-        self._sustain = SustainedMonitor(self.plan.params, self.removed, self.tau) if self._sustained else None
+        p = self.plan.params
+        self._sustain = SustainedMonitor(p, self.removed, self.tau) if p.sustained else None
         self._applied: dict[int, tuple] = {}  # absolute position -> the push it received (as self._now)
         self._stash: list[torch.Tensor] = []  # this forward's monitored layers' last position [B, 1, H, Dh]
         self._now: tuple[float, tuple[torch.Tensor, ...]] | None = None  # this step's push (see _begin_forward)

@@ -161,3 +161,17 @@ def test_strength_judge_success_strength_left_and_monitor_agreement_by_hand():
         "onset_rate": 1.0,
         "regularity": 1.0,
     }
+
+
+def test_modes_run_the_sustained_monitor_beside_the_papers_and_a_subset_on_request():
+    from models.evaluate_steering import _modes
+
+    modes = {m.name: m for m in _modes(EvaluateSteeringParams(), "text", main=None, ablation={})}
+    assert list(modes) == ["none", "iti", "smitin", "smitin_paper", "smitin_x2", "random_control"]
+    assert modes["smitin"].settings["hold_steps"] == 20 and "hold_steps" not in modes["smitin_paper"].settings
+    paper_only = EvaluateSteeringParams(hold_steps=0, hold_floor=0.0)  # no separate paper row when it is the monitor
+    assert "smitin_paper" not in [m.name for m in _modes(paper_only, "text", main=None, ablation={})]
+    picked = _modes(EvaluateSteeringParams(modes=["smitin"]), "text", main=None, ablation={})
+    assert [m.name for m in picked] == ["none", "smitin"]  # the unsteered row always runs
+    with pytest.raises(UserError, match=r"unknown \['smitin_typo'\]"):
+        _modes(EvaluateSteeringParams(modes=["smitin_typo"]), "text", main=None, ablation={})
