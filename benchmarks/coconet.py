@@ -1,5 +1,6 @@
-"""Coconet on this machine: training throughput per preset (bfloat16 convolutions against float32 in the same run),
-and the time to harmonize an 8-bar melody with the default Gibbs schedule against ancestral sampling.
+"""Coconet on this machine: training throughput per preset (bfloat16 convolutions against float32 in the same run,
+and bfloat16 under torch.compile, `train_coconet.compile`), and the time to harmonize an 8-bar melody with the
+default Gibbs schedule against ancestral sampling.
 
     python benchmarks/coconet.py [--model data/coconet] [--threads 2] [--repeats 3]
 
@@ -18,24 +19,27 @@ import numpy as np
 import torch
 
 
-def train_throughput(preset: str, precision: str, steps: int = 6, batch: int = 24, frames: int = 64) -> float:
-    """Training frames per second (forward + backward + step) of a preset's network."""
+def train_throughput(
+    preset: str, precision: str, steps: int = 6, batch: int = 24, frames: int = 64, compiled: bool = False
+) -> float:
+    """Training frames per second (forward + backward + step) of a preset's network; compiling is not timed."""
     from models.coconet import Coconet, CoconetConfig, orderless_loss, orderless_mask
 
     torch.manual_seed(0)
     model = Coconet(CoconetConfig.preset(preset)).use_precision(precision)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    net = torch.compile(model) if compiled else model
     classes = torch.randint(0, model.cfg.n_classes, (batch, model.cfg.n_voices, frames))
     valid = torch.ones_like(classes, dtype=torch.bool)
     times = []
     for i in range(steps + 2):
         mask = orderless_mask(valid)
         t0 = time.perf_counter()
-        loss = orderless_loss(model(classes, mask), classes, mask)
+        loss = orderless_loss(net(classes, mask), classes, mask)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if i >= 2:  # the first steps pick kernels
+        if i >= 2:  # the first steps pick kernels (and compile)
             times.append(time.perf_counter() - t0)
     return batch * frames / statistics.median(times)
 
@@ -55,16 +59,17 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
 
     print(f"## Training throughput ({args.threads} threads, batch 24 x 64 frames; frames / s, higher is better)\n")
-    print("| preset | layers x filters | params | float32 | bfloat16 | speed-up |")
-    print("|---|---|---|---|---|---|")
+    print("| preset | layers x filters | params | float32 | bfloat16 | speed-up | bfloat16, compiled | speed-up |")
+    print("|---|---|---|---|---|---|---|---|")
     for preset in args.presets.split(","):
         cfg = CoconetConfig.preset(preset)
         n = Coconet(cfg).num_params()
         fp32 = train_throughput(preset, "fp32", steps=3 if preset == "gpu" else 6)
         bf16 = train_throughput(preset, "bf16", steps=3 if preset == "gpu" else 6)
+        fused = train_throughput(preset, "bf16", steps=3 if preset == "gpu" else 6, compiled=True)
         print(
             f"| {preset} | {cfg.n_layers} x {cfg.filters} | {n / 1e6:.2f}M | {fp32:,.0f} | {bf16:,.0f} | "
-            f"{bf16 / fp32:.1f}x |",
+            f"{bf16 / fp32:.1f}x | {fused:,.0f} | {fused / fp32:.1f}x |",
             flush=True,
         )
 

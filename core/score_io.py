@@ -71,9 +71,18 @@ def parse_scores(path: str) -> list:
     except Exception as e:  # music21 raises many kinds on bad input; any of them means "not a score"
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ScoreError(f"{path} cannot be read as a score ({type(e).__name__}: {text[:200]})") from None
-    if isinstance(parsed, stream.Opus):
-        return list(parsed.scores)
-    return [parsed]
+    scores = list(parsed.scores) if isinstance(parsed, stream.Opus) else [parsed]
+    return [at_sounding_pitch(s) for s in scores]
+
+
+def at_sounding_pitch(score):
+    """The score as it sounds: a part written for a transposing instrument (a clarinet in B-flat, a horn in F)
+    is notated at another pitch than it sounds, and reading its written notes would put it in another key."""
+    if getattr(score, "atSoundingPitch", True) is False or any(
+        getattr(p, "atSoundingPitch", True) is False for p in getattr(score, "parts", [])
+    ):
+        score.toSoundingPitch(inPlace=True)
+    return score
 
 
 def _frame(ql: float) -> int:

@@ -56,12 +56,23 @@ class TrainCoconetParams(Section):
     patience: int = Field(8, ge=1)  # evaluations without improvement before early stopping
     max_minutes: float = Field(30.0, gt=0)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # torch.compile the training step's network: batch norm, ReLU and the residual adds fused into the
+    # convolutions' neighbours (benchmarks/coconet.py measures the gain); needs a C++ compiler, costs seconds once
+    compile: bool = False
     threads: int = Field(2, ge=1)
     presets: dict[str, dict] = Field(  # per preset: overrides of the keys above
         default_factory=lambda: {
             "demo": {"steps": 300, "max_minutes": 2, "ema_decay": 0.98, "eval_every": 100, "transpose": 0},
-            "cpu": {"steps": 4000, "max_minutes": 30, "ema_decay": 0.998, "eval_every": 200, "patience": 20},
-            "gpu": {"steps": 60000, "batch_size": 32, "max_minutes": 240, "eval_every": 1000},
+            "cpu": {
+                "steps": 4000,
+                "max_minutes": 30,
+                "lr": 8e-3,
+                "ema_decay": 0.998,
+                "eval_every": 200,
+                "patience": 20,
+                "compile": True,
+            },
+            "gpu": {"steps": 60000, "batch_size": 32, "max_minutes": 240, "eval_every": 1000, "compile": True},
             "debug": {"steps": 20, "batch_size": 4, "eval_every": 10, "max_minutes": 1, "ema_decay": 0.0},
         }
     )
@@ -162,7 +173,7 @@ def data_hash(rolls: dict[str, list[np.ndarray]]) -> str:
 
 def _identity(p: TrainCoconetParams, cfg: CoconetConfig, data: str) -> str:
     """What a checkpoint must share with this run to be resumed (steps and time budget may change)."""
-    schedule = p.model_dump(exclude={"steps", "max_minutes", "threads", "eval_every", "patience", "presets"})
+    schedule = p.model_dump(exclude={"steps", "max_minutes", "threads", "compile", "eval_every", "patience", "presets"})
     return hashlib.sha256(json.dumps([schedule, asdict(cfg), data], sort_keys=True).encode()).hexdigest()
 
 
@@ -228,6 +239,8 @@ def train_coconet(
     train, valid = RollSet(train_rolls, cfg), RollSet(valid_rolls, cfg)
     model = Coconet(cfg).use_precision(p.precision)
     net = dp.wrap(model)  # what the loss is computed through: DDP averages the ranks' gradients
+    if p.compile:
+        net = torch.compile(net)  # training only: validation runs the plain module in eval mode
     precision = "bf16" if model.autocast_dtype is not None else "fp32"
     opt, sched = _make_optimizer(model, p)
     ema = (

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from core.score_io import at_sounding_pitch
 from pipelines.chords import PITCH_CLASSES, ChordLabelError, pitch_class, to_harte
 
 SCORE_EXTENSIONS = (".mid", ".midi", ".xml", ".musicxml", ".mxl", ".abc", ".krn")
@@ -230,6 +231,7 @@ def load_score(ref: PieceRef) -> Score:
     s = _parse(ref)
     if isinstance(s, stream.Opus):
         s = s.scores[0]
+    s = at_sounding_pitch(s)
     parts = list(s.parts) if s.hasPartLikeStreams() else [s]
     title = (s.metadata.title if s.metadata and s.metadata.title else "") or ref.piece_id
 

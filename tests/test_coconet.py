@@ -447,3 +447,21 @@ def test_learning_rate_anneals_within_the_time_budget():
     state = {"step": 10, "train_seconds": 0.0, "horizon": None}
     fit_horizon_to_time(_make_optimizer(model, p)[1], state, p, 0.1, said.append)
     assert state["horizon"] is None and len(said) == 1
+
+
+def test_a_compiled_training_step_learns_what_the_eager_one_does(tmp_path):
+    from models.coconet_train import TrainCoconetParams, _identity, train_coconet
+
+    train, valid = _jsb("train", 8), _jsb("valid", 2)
+    eager = TrainCoconetParams.parse(
+        {"preset": "debug", "presets": {}, "steps": 6, "eval_every": 6, "batch_size": 4, "warmup": 2,
+         "ema_decay": 0.0, "precision": "fp32"},
+        "test",
+    )  # fmt: skip
+    compiled = eager.with_overrides({"compile": True}, "test")
+    a = train_coconet(train, valid, tmp_path / "eager", eager)
+    b = train_coconet(train, valid, tmp_path / "compiled", compiled)
+    assert b["valid_loss"] == pytest.approx(a["valid_loss"], rel=1e-3)
+    # compiling is how a run computes, not what it trains: either can resume the other's checkpoint
+    cfg = eager.config()
+    assert _identity(eager, cfg, "data") == _identity(compiled, cfg, "data")

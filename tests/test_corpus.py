@@ -241,3 +241,27 @@ def test_mixing_is_identical_across_processes():
         run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
         digests.add(run.stdout.strip())
     assert len(digests) == 1
+
+
+def _clarinet_score(path):
+    """A one-bar score for a B-flat clarinet written a tone above its sound: written D5 sounds C5 (MIDI 72)."""
+    from music21 import instrument, key, meter, note, stream
+
+    part = stream.Part([instrument.Clarinet(), key.Key("D"), meter.TimeSignature("4/4")])
+    part.append([note.Note("D5", quarterLength=1.0) for _ in range(4)])
+    part.atSoundingPitch = False
+    score = stream.Score([part])
+    score.write("musicxml", fp=str(path))
+    return path
+
+
+def test_a_transposing_instrument_is_read_at_sounding_pitch(tmp_path):
+    from core.score_io import parse_scores, score_voices
+    from pipelines.corpus_scores import PieceRef, load_score
+
+    path = _clarinet_score(tmp_path / "clarinet.musicxml")
+    rendered = load_score(PieceRef("user", str(path)))
+    assert {n.pitch for n in rendered.voices[0]} == {72}
+    assert rendered.signature_key == (0, "major")  # D major written: C major sounding
+    voices = score_voices(parse_scores(str(path))[0])
+    assert set(voices.parts[0][voices.parts[0] >= 0].tolist()) == {72}
