@@ -77,11 +77,9 @@ def parse_scores(path: str) -> list:
 
 def at_sounding_pitch(score):
     """The score as it sounds: a part written for a transposing instrument (a clarinet in B-flat, a horn in F)
-    is notated at another pitch than it sounds, and reading its written notes would put it in another key."""
-    if getattr(score, "atSoundingPitch", True) is False or any(
-        getattr(p, "atSoundingPitch", True) is False for p in getattr(score, "parts", [])
-    ):
-        score.toSoundingPitch(inPlace=True)
+    is notated at another pitch than it sounds, and reading its written notes would put it in another key.
+    music21 transposes only the parts it knows to be written, and applies any transposing ottava marks."""
+    score.toSoundingPitch(inPlace=True)
     return score
 
 

@@ -189,13 +189,20 @@ def _make_optimizer(model: Coconet, p: TrainCoconetParams):
 TIME_FIT_MARGIN = 0.93
 
 
-def fit_horizon_to_time(sched, state: dict, p: TrainCoconetParams, elapsed: float, say, dp=None) -> None:
+def fit_horizon_to_time(
+    sched, state: dict, p: TrainCoconetParams, elapsed: float, say, dp=None, first_step: float = 0.0
+) -> None:
     """At the end of warm-up, project how many steps fit in `max_minutes` at the speed seen so far; if fewer than
     `steps`, anneal the learning rate to that step instead. A run cut by the clock mid-schedule stops with its
-    learning rate still high and its loss well above what the same steps reach once annealed. Under data
+    learning rate still high and its loss well above what the same steps reach once annealed. `first_step`: the
+    seconds this session's first step took (compiling, choosing kernels), spent once and not projected. Under data
     parallelism rank 0's projection holds for all."""
     spent = state["train_seconds"] + elapsed
-    per_step = spent / max(1, state["step"])
+    if first_step and state["step"] > 1:
+        per_step = (spent - first_step) / (state["step"] - 1)
+    else:
+        per_step = spent / max(1, state["step"])
+    per_step = max(per_step, 1e-9)
     budget = p.max_minutes * 60 * TIME_FIT_MARGIN - spent
     fits = state["step"] + int(budget / per_step)
     if dp is not None:
@@ -284,6 +291,7 @@ def train_coconet(
 
     model.train()
     t0, seen, running = time.time(), 0, []
+    first_step = None  # seconds of this session's first step
     stop = "steps"
     horizon = lambda: state["horizon"] or p.steps  # noqa: E731
     while state["step"] < horizon():
@@ -303,8 +311,10 @@ def train_coconet(
         seen += p.batch_size * p.crop_frames
         state["step"] += 1
         elapsed = time.time() - t0
+        if first_step is None:
+            first_step = elapsed
         if state["step"] == max(1, p.warmup) and state["horizon"] is None:
-            fit_horizon_to_time(sched, state, p, elapsed, say, dp)
+            fit_horizon_to_time(sched, state, p, elapsed, say, dp, first_step=first_step)
         out_of_time = (state["train_seconds"] + elapsed) / 60 >= p.max_minutes
         if dp.world > 1:
             out_of_time = dp.any(out_of_time)  # the ranks' clocks differ; they must stop at the same step
