@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from core.errors import UserError
+from models.precision import bf16_is_fast
 
 SILENT = -1
 VOICES = ("soprano", "alto", "tenor", "bass")
@@ -310,20 +311,6 @@ class Coconet(nn.Module):
             h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         return h.hexdigest()[:32]
-
-
-def bf16_is_fast(device: torch.device | str = "cpu") -> bool:
-    """bfloat16 convolutions run natively: a CUDA device with bf16 support, or a CPU with AMX (Sapphire Rapids and
-    later), where oneDNN runs them several times faster than float32. Elsewhere they are emulated and slower."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags
 
 
 # ----------------------------------------------------------------------------------------------------- masks + loss

@@ -1,10 +1,13 @@
 """Audio codecs: waveform <-> K parallel streams of discrete codes (the generator's vocabulary).
 
 `MelRVQCodec` (the default) trains on a CPU in minutes: log-mel frames, standardised per band, quantised by
-residual k-means (codebook k quantises what codebooks < k left over). Decoding turns the dequantised log-mel back
-into an STFT magnitude and recovers phase with Griffin-Lim. Two mel->magnitude inversions are available and
-measured in `benchmarks/codec.py`: `pinv` (the mel filterbank's pseudo-inverse; no training) and `learned`
-(a ridge-regression map from log-mel to log-magnitude fitted on the training frames).
+residual k-means (codebook k quantises what codebooks < k left over). Two decoders turn the dequantised log-mel back
+into sound, both measured in `benchmarks/codec.py`:
+- `network` (the default when the codec has one): a Vocos-style network trained on the codec's own quantised
+  training frames predicts STFT magnitude and phase; an inverse STFT gives the samples (`models/codec_decoder.py`).
+- `griffin_lim` (the fallback, no training): an STFT magnitude from the log-mel, by `inversion` `learned` (a
+  ridge-regression map fitted on the training frames) or `pinv` (the mel filterbank's pseudo-inverse), and phase
+  from Griffin-Lim.
 
 `EncodecCodec` wraps a Hugging Face `EncodecModel` loaded from a local folder (users with weights; nothing is
 downloaded).
@@ -28,6 +31,7 @@ import torch
 
 from core.audio import resample
 from core.errors import UserError
+from models.codec_decoder import DecoderConfig, DecoderTraining, MelDecoder, decode_features, fit_decoder
 
 CODEC_WEIGHTS = "codec.safetensors"
 CODEC_CONFIG = "codec.json"
@@ -47,8 +51,9 @@ class MelCodecConfig:
     n_codebooks: int = 4
     card: int = 256
     kmeans_iters: int = 25
-    inversion: str = "learned"  # learned | pinv
+    inversion: str = "learned"  # learned | pinv (the Griffin-Lim decoder's log-mel -> magnitude map)
     griffin_lim_iters: int = 48
+    decoder: str = "network"  # network (when the codec has one) | griffin_lim
 
     @classmethod
     def debug(cls, **overrides) -> MelCodecConfig:
@@ -102,6 +107,7 @@ class MelRVQCodec:
         std: torch.Tensor,
         codebooks: torch.Tensor,
         inverse: torch.Tensor | None = None,
+        network: MelDecoder | None = None,
     ):
         self.cfg = cfg
         self.mean, self.std = mean.float(), std.float()  # [n_mels] per-band standardisation of log-mel
@@ -110,6 +116,8 @@ class MelRVQCodec:
         # learned inversion: log-mel (standardised, plus a bias column) -> log-magnitude [n_mels + 1, n_freq]
         self.inverse = inverse.float() if inverse is not None else None
         self.window = torch.hann_window(cfg.n_fft)
+        self.network = network.eval() if network is not None else None  # the learned decoder, if trained
+        self.network_training: dict | None = None  # fit_network's summary (saved beside the config, for the record)
 
     # -- the codec interface
     @property
@@ -163,8 +171,21 @@ class MelRVQCodec:
     def decode(self, codes: torch.Tensor) -> np.ndarray:
         return self.features_to_wave(self.dequantize(codes))
 
-    def features_to_wave(self, feats: torch.Tensor, inversion: str | None = None) -> np.ndarray:
-        """Standardised log-mel [T, n_mels] -> wave via an STFT-magnitude estimate and Griffin-Lim."""
+    @property
+    def decoder(self) -> str:
+        """The decoder `decode` uses: the configured one, or Griffin-Lim when the codec has no trained network."""
+        return "network" if self.cfg.decoder == "network" and self.network is not None else "griffin_lim"
+
+    def features_to_wave(
+        self, feats: torch.Tensor, inversion: str | None = None, decoder: str | None = None
+    ) -> np.ndarray:
+        """Standardised log-mel [T, n_mels] -> wave, by the learned network or by a magnitude estimate (`inversion`)
+        and Griffin-Lim."""
+        decoder = decoder or self.decoder
+        if decoder == "network":
+            if self.network is None:
+                raise CodecError("this codec has no trained decoder network (fit it again, or use griffin_lim)")
+            return decode_features(self.network, feats)
         mag = self.magnitude(feats, inversion or self.cfg.inversion)
         return _griffin_lim(mag, self.cfg.n_fft, self.cfg.hop, self.window, self.cfg.griffin_lim_iters)
 
@@ -217,6 +238,31 @@ class MelRVQCodec:
         inverse = torch.linalg.solve(design.T @ design + ridge, design.T @ logmag.double()).float()
         return cls(cfg, mean, std, torch.stack(books), inverse)
 
+    def fit_network(
+        self, waves: Iterable[tuple[np.ndarray, int]], cfg: DecoderConfig, train: DecoderTraining, seed: int = 0
+    ) -> dict:
+        """Train the learned decoder on these clips' quantised features (what `decode` will be given); returns the
+        training summary. The codebooks are not changed, so codes from before decode with the new network too."""
+        feats, targets = [], []
+        hop = self.cfg.hop
+        for wave, sr in waves:
+            x = resample(np.asarray(wave, np.float32), sr, self.cfg.sample_rate)
+            q = self.dequantize(self.encode(x, self.cfg.sample_rate))
+            n = hop * (q.shape[0] - 1)
+            y = torch.from_numpy(np.ascontiguousarray(x[:n]))
+            feats.append(q)
+            targets.append(torch.nn.functional.pad(y, (0, n - len(y))))
+        if not feats:
+            raise CodecError("no audio to train the codec's decoder on")
+        try:
+            network, summary = fit_decoder(
+                feats, targets, self.cfg.n_mels, self.cfg.n_fft, hop, self.mel_fb, cfg, train, seed
+            )
+        except ValueError as e:
+            raise CodecError(str(e)) from None
+        self.network, self.network_training = network, summary
+        return summary
+
     # -- persistence
     def identity(self) -> dict:
         return {
@@ -232,7 +278,14 @@ class MelRVQCodec:
         h = hashlib.sha256(json.dumps(asdict(self.cfg), sort_keys=True).encode())
         for t in (self.mean, self.std, self.codebooks) + ((self.inverse,) if self.inverse is not None else ()):
             h.update(t.contiguous().numpy().tobytes())
+        for name, t in sorted(self._network_tensors().items()):
+            h.update(name.encode() + t.contiguous().numpy().tobytes())
         return h.hexdigest()[:32]
+
+    def _network_tensors(self) -> dict[str, torch.Tensor]:
+        if self.network is None:
+            return {}
+        return {f"network.{k}": v.detach().float() for k, v in self.network.state_dict().items()}
 
     def save(self, directory: str | Path) -> None:
         from safetensors.torch import save_file
@@ -242,8 +295,13 @@ class MelRVQCodec:
         tensors = {"mean": self.mean, "std": self.std, "codebooks": self.codebooks}
         if self.inverse is not None:
             tensors["inverse"] = self.inverse
+        tensors.update(self._network_tensors())
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / CODEC_WEIGHTS))
         meta = {"kind": self.kind, "config": asdict(self.cfg), "fingerprint": self.fingerprint()}
+        if self.network is not None:
+            meta["network"] = asdict(self.network.cfg)
+        if self.network_training is not None:
+            meta["network_training"] = self.network_training
         (directory / CODEC_CONFIG).write_text(json.dumps(meta, indent=2))
 
     @classmethod
@@ -251,7 +309,16 @@ class MelRVQCodec:
         from safetensors.torch import load_file
 
         t = load_file(str(directory / CODEC_WEIGHTS))
-        return cls(MelCodecConfig.from_dict(meta["config"]), t["mean"], t["std"], t["codebooks"], t.get("inverse"))
+        cfg = MelCodecConfig.from_dict(meta["config"])
+        network = None
+        if "network" in meta:
+            network = MelDecoder(cfg.n_mels, cfg.n_fft, cfg.hop, DecoderConfig.from_dict(meta["network"]))
+            state = {k.removeprefix("network."): v for k, v in t.items() if k.startswith("network.")}
+            try:
+                network.load_state_dict(state)
+            except RuntimeError as e:
+                raise CodecError(f"{directory}: the decoder network does not match its config ({e})") from None
+        return cls(cfg, t["mean"], t["std"], t["codebooks"], t.get("inverse"), network)
 
 
 def _griffin_lim(mag: torch.Tensor, n_fft: int, hop: int, window: torch.Tensor, iters: int) -> np.ndarray:

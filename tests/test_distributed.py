@@ -110,7 +110,9 @@ def test_coconet_checkpoint_resumes_across_a_change_of_process_count(tmp_path, s
 def tokens(tmp_path_factory):
     root = tmp_path_factory.mktemp("tokens")
     clips = write_clips_table(root / "clips")
-    codec = FitCodecParams(n_mels=32, n_codebooks=2, card=16, kmeans_iters=5, griffin_lim_iters=4, seed=0)
+    codec = FitCodecParams(
+        n_mels=32, n_codebooks=2, card=16, kmeans_iters=5, griffin_lim_iters=4, decoder="griffin_lim", seed=0
+    )
     fit_codec(str(clips), str(root / "codec"), codec)
     tokenize(str(clips), str(root / "codec"), str(root / "tokens"), embed=fake_embed)
     return root

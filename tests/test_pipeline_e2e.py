@@ -20,7 +20,14 @@ BIN = Path(sys.executable).parent
 TINY = {
     "corpus": {"pieces": {"bach_chorales": 4, "nottingham": 0, "essen": 4}, "piece_seconds": 12.0, "variants": 1},
     "build_dataset": {"clip_seconds": 4.0, "hop_seconds": 4.0, "min_clip_seconds": 2.0},
-    "fit_codec": {"n_mels": 32, "card": 32, "kmeans_iters": 5, "griffin_lim_iters": 4, "max_clips": 200},
+    "fit_codec": {
+        "n_mels": 32,
+        "card": 32,
+        "kmeans_iters": 5,
+        "griffin_lim_iters": 4,
+        "max_clips": 200,
+        "network": {"dim": 16, "blocks": 1, "steps": 10, "batch_size": 4, "segment_frames": 16, "clips": 8},
+    },
     "train_generator": {"preset": "debug"},
     "evaluate_carrying": {
         "prompts_per_class": 2,

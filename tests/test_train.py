@@ -21,7 +21,10 @@ from models.train import (
 )
 from tests.clips_fixtures import fake_embed, write_clips_table
 
-CODEC_PARAMS = FitCodecParams(n_mels=32, n_codebooks=2, card=16, kmeans_iters=5, griffin_lim_iters=4, seed=0)
+TINY_NETWORK = {"dim": 16, "blocks": 1, "steps": 10, "batch_size": 4, "segment_frames": 16, "clips": 4}
+CODEC_PARAMS = FitCodecParams(
+    n_mels=32, n_codebooks=2, card=16, kmeans_iters=5, griffin_lim_iters=4, network=TINY_NETWORK, seed=0
+)
 DEBUG_PRESET = {
     "steps": 40,
     "batch_size": 8,
