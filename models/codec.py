@@ -312,7 +312,10 @@ class MelRVQCodec:
         cfg = MelCodecConfig.from_dict(meta["config"])
         network = None
         if "network" in meta:
-            network = MelDecoder(cfg.n_mels, cfg.n_fft, cfg.hop, DecoderConfig.from_dict(meta["network"]))
+            # its initial weights are overwritten at once: drawing them must not move the caller's random stream
+            # (a generator trained after loading the codec would otherwise start from other weights)
+            with torch.random.fork_rng(devices=[]):
+                network = MelDecoder(cfg.n_mels, cfg.n_fft, cfg.hop, DecoderConfig.from_dict(meta["network"]))
             state = {k.removeprefix("network."): v for k, v in t.items() if k.startswith("network.")}
             try:
                 network.load_state_dict(state)

@@ -175,9 +175,10 @@ _PARALLEL_MIN_SEGMENTS = 16  # below this a thread pool saves nothing
 
 
 def _descriptors_of_decoded(codec, segments: list) -> np.ndarray:
-    """drum_descriptors of each decoded segment, decoded and described in two threads (Griffin-Lim's torch ops,
-    FFTs and HPSS median filters release the GIL). Decoding is most of the cost (0.11 s of a 2 s segment): it used
-    to run in this thread alone while only the descriptors ran in the pool. Same values either way (tested)."""
+    """drum_descriptors of each decoded segment, decoded and described in two threads (the decoder's torch ops,
+    FFTs and HPSS median filters release the GIL). Decoding used to be most of the cost (0.11 s of a 2 s segment by
+    Griffin-Lim) and ran in this thread alone while only the descriptors ran in the pool. Same values either way
+    (tested)."""
     import os
     from concurrent.futures import ThreadPoolExecutor
 

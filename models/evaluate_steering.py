@@ -293,7 +293,7 @@ def evaluate_steering(
 
     say = progress or (lambda msg: log.info(msg))
     torch.manual_seed(params.seed)
-    # One intra-op thread by default: many small ops (Griffin-Lim decoding, KV-cached steps) gain nothing from
+    # One intra-op thread by default: many small ops (decoding, KV-cached steps) gain nothing from
     # more, and on a shared CPU oversubscribed threads made decoding 10-50x slower in wall time.
     torch.set_num_threads(params.threads)
     musicgen = generator_section is not None and generator_section.backend == "musicgen"
@@ -623,7 +623,7 @@ def _run_cell(
 def _judge_takes(codec, detector, codes: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Decode each take and judge it: (detector probability [n], strength descriptors [n, 3], Frechet embedding
     [n, d]). The detector and the strength judge share one harmonic/percussive separation per take; takes run in two
-    threads (Griffin-Lim's torch ops, the FFTs and HPSS's median filters release the GIL)."""
+    threads (the decoder's torch ops, the FFTs and HPSS's median filters release the GIL)."""
     import os
     from concurrent.futures import ThreadPoolExecutor
 

@@ -100,7 +100,7 @@ def probe_tagging(
             median.extend(np.median(probs, axis=1))
             mean.extend(probs.mean(axis=1))
             best.extend(probs[:, 0])
-            # decoding (Griffin-Lim) and the detector's HPSS release the GIL: two threads halve the wall time
+            # decoding and the detector's HPSS release the GIL: two threads halve the wall time
             detector_p.extend(
                 pool.map(lambda c: float(detector.probability(codec.decode(c), codec.sample_rate)), codes)
             )
