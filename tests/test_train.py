@@ -9,6 +9,7 @@ import torch
 
 from core.errors import UserError
 from models.carrying import EvaluateCarryingParams
+from models.codec import load_codec
 from models.generator import load_generator
 from models.train import (
     FitCodecParams,
@@ -166,7 +167,6 @@ def test_checkpoint_of_other_tokens_is_not_resumed(stages, tmp_path):
 
 
 def test_drum_detector_separates_synthetic_drums(stages):
-    from models.codec import load_codec
     from models.detectors import fit_drum_detector
 
     root, _ = stages
@@ -228,6 +228,20 @@ def test_detector_descriptors_same_in_threads(stages, monkeypatch):
     assert np.array_equal(threaded, one_by_one)
 
 
+def test_fit_codec_trains_its_decoder_network_unless_told_not_to(tmp_path, stages):
+    root, _ = stages
+    codec = load_codec(root / "codec")
+    assert codec.decoder == "network" and codec.network is not None
+    meta = json.loads((root / "codec" / "codec.json").read_text())
+    assert meta["network_training"]["steps"] == TINY_NETWORK["steps"]
+    plain = fit_codec(
+        str(root / "clips"), str(tmp_path / "gl"), CODEC_PARAMS.with_overrides({"decoder": "griffin_lim"}, "t")
+    )
+    assert plain.network is None and load_codec(tmp_path / "gl").decoder == "griffin_lim"
+    # the same codebooks either way: the tokens do not depend on the decoder
+    assert torch.equal(plain.codebooks, codec.codebooks) and plain.fingerprint() != codec.fingerprint()
+
+
 def test_bad_clips_tables(tmp_path, stages):
     root, _ = stages
     with pytest.raises(UserError, match="no clips table"):
@@ -276,6 +290,11 @@ def test_cli_prints_one_line_errors(tmp_path, capsys):
             "train_generator.presets.gpu.steps: Input should be a valid integer",
         ),
         (["codec", "fit"], "fit_codec:\n  inversion: magic\n", "fit_codec.inversion: Input should be 'learned' or"),
+        (
+            ["codec", "fit"],
+            "fit_codec:\n  network: {steps: 0}\n",
+            "fit_codec.network.steps: Input should be greater than or equal to 1",
+        ),
         (
             ["evaluate-carrying"],
             "evaluate_carrying:\n  prompts_per_class: lots\n",
