@@ -31,7 +31,7 @@ import torch
 
 from core.audio import resample
 from core.errors import UserError
-from models.codec_decoder import DecoderConfig, DecoderTraining, MelDecoder, decode_features, fit_decoder
+from models.codec_decoder import DecoderConfig, DecoderParams, MelDecoder, decode_features, fit_decoder
 
 CODEC_WEIGHTS = "codec.safetensors"
 CODEC_CONFIG = "codec.json"
@@ -238,9 +238,7 @@ class MelRVQCodec:
         inverse = torch.linalg.solve(design.T @ design + ridge, design.T @ logmag.double()).float()
         return cls(cfg, mean, std, torch.stack(books), inverse)
 
-    def fit_network(
-        self, waves: Iterable[tuple[np.ndarray, int]], cfg: DecoderConfig, train: DecoderTraining, seed: int = 0
-    ) -> dict:
+    def fit_network(self, waves: Iterable[tuple[np.ndarray, int]], params: DecoderParams, seed: int = 0) -> dict:
         """Train the learned decoder on these clips' quantised features (what `decode` will be given); returns the
         training summary. The codebooks are not changed, so codes from before decode with the new network too."""
         feats, targets = [], []
@@ -256,7 +254,7 @@ class MelRVQCodec:
             raise CodecError("no audio to train the codec's decoder on")
         try:
             network, summary = fit_decoder(
-                feats, targets, self.cfg.n_mels, self.cfg.n_fft, hop, self.mel_fb, cfg, train, seed
+                feats, targets, self.cfg.n_mels, self.cfg.n_fft, hop, self.mel_fb, params, seed
             )
         except ValueError as e:
             raise CodecError(str(e)) from None

@@ -20,8 +20,10 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 
+from core.config import Section
 from models.precision import bf16_is_fast
 
 log = logging.getLogger(__name__)
@@ -31,15 +33,36 @@ LOSS_FFT_SIZES = (512, 1024, 2048)
 
 @dataclass
 class DecoderConfig:
-    dim: int = 192
-    n_blocks: int = 6
-    kernel: int = 7
-    mlp_ratio: int = 3
+    """The network's shape (saved beside its weights; the defaults live in `DecoderParams`)."""
+
+    dim: int
+    n_blocks: int
+    kernel: int
+    mlp_ratio: int
 
     @classmethod
     def from_dict(cls, d: dict) -> DecoderConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class DecoderParams(Section):
+    """params.yaml `fit_codec.network` (every default is here): the decoder's shape and training budget."""
+
+    dim: int = Field(192, ge=8)
+    blocks: int = Field(6, ge=1)  # ConvNeXt blocks
+    kernel: int = Field(7, ge=1)
+    mlp_ratio: int = Field(3, ge=1)
+    steps: int = Field(1500, ge=1)  # a step budget, so that a run is reproducible
+    batch_size: int = Field(16, ge=1)
+    segment_frames: int = Field(48, ge=4)  # 1.2 s at 40 frames/s; convolutions see whole segments (the context)
+    lr: float = Field(2e-3, gt=0)
+    max_minutes: float = Field(10.0, gt=0)  # guards against a slow machine only
+    clips: int = Field(300, ge=1)  # train clips whose quantised features train it (about 50 min of audio)
+    bf16: bool = True  # bfloat16 autocast of the network where the CPU has AMX or on a GPU
+
+    def config(self) -> DecoderConfig:
+        return DecoderConfig(dim=self.dim, n_blocks=self.blocks, kernel=self.kernel, mlp_ratio=self.mlp_ratio)
 
 
 class _ConvNeXtBlock(nn.Module):
@@ -111,16 +134,6 @@ def reconstruction_loss(ref: torch.Tensor, est: torch.Tensor, mel_fb: torch.Tens
 
 
 # -------------------------------------------------------------------------------------------------- training
-@dataclass
-class DecoderTraining:
-    steps: int = 1500
-    batch_size: int = 16
-    segment_frames: int = 48  # 1.2 s at 40 frames/s; convolutions see whole segments, so this is also context
-    lr: float = 2e-3
-    max_minutes: float = 10.0  # a guard against a slow machine; the step budget makes a run reproducible
-    bf16: bool = True  # bfloat16 autocast of the network where the CPU has AMX (or on a GPU)
-
-
 def fit_decoder(
     feats: list[torch.Tensor],
     waves: list[torch.Tensor],
@@ -128,8 +141,7 @@ def fit_decoder(
     n_fft: int,
     hop: int,
     mel_fb: torch.Tensor,
-    cfg: DecoderConfig,
-    train: DecoderTraining,
+    train: DecoderParams,
     seed: int = 0,
 ) -> tuple[MelDecoder, dict]:
     """Train a `MelDecoder` on (features [T, n_mels], wave [hop * (T - 1)]) pairs of training clips.
@@ -142,7 +154,7 @@ def fit_decoder(
     if not pairs:
         raise ValueError(f"no clip is longer than {train.segment_frames} frames to train the decoder on")
     lengths = torch.tensor([f.shape[0] - train.segment_frames for f, _ in pairs], dtype=torch.float64)
-    model = MelDecoder(n_mels, n_fft, hop, cfg)
+    model = MelDecoder(n_mels, n_fft, hop, train.config())
     opt = torch.optim.AdamW(model.parameters(), lr=train.lr, betas=(0.8, 0.99), weight_decay=0.01)
     warmup = max(1, train.steps // 20)
     sched = torch.optim.lr_scheduler.SequentialLR(
@@ -188,7 +200,7 @@ def fit_decoder(
         "loss_last_100": float(np.mean(losses[-100:])),
         "params": sum(p.numel() for p in model.parameters()),
         "bf16": use_bf16,
-        "config": asdict(cfg),
+        "config": asdict(model.cfg),
     }
     return model, summary
 

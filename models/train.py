@@ -27,7 +27,7 @@ from pydantic import Field
 from core.config import Section
 from core.errors import UserError
 from models.codec import MelCodecConfig, MelRVQCodec, load_codec
-from models.codec_decoder import DecoderConfig, DecoderTraining
+from models.codec_decoder import DecoderParams
 from models.distributed import DataParallel, threads_per_rank
 from models.generator import Generator, GeneratorConfig, attribute_ids, save_generator
 from models.optimizer_state import flatten_optimizer, unflatten_optimizer
@@ -84,35 +84,6 @@ def iter_waves(clips_dir: str, split: str, limit: int | None = None) -> Iterator
 
 
 # ---------------------------------------------------------------------------------------------------- codec
-class CodecNetworkParams(Section):
-    """params.yaml `fit_codec.network`: the learned decoder's size and training budget (models/codec_decoder.py)."""
-
-    dim: int = Field(192, ge=8)
-    blocks: int = Field(6, ge=1)  # ConvNeXt blocks
-    kernel: int = Field(7, ge=1)
-    mlp_ratio: int = Field(3, ge=1)
-    steps: int = Field(1500, ge=1)  # a step budget, so that a run is reproducible
-    batch_size: int = Field(16, ge=1)
-    segment_frames: int = Field(48, ge=4)  # frames per training segment (1.2 s at 40 frames/s)
-    lr: float = Field(2e-3, gt=0)
-    max_minutes: float = Field(10.0, gt=0)  # guards against a slow machine only
-    clips: int = Field(300, ge=1)  # train clips whose quantised features train it (about 50 min of audio)
-    bf16: bool = True  # bfloat16 autocast where the CPU has AMX or on a GPU
-
-    def config(self) -> DecoderConfig:
-        return DecoderConfig(dim=self.dim, n_blocks=self.blocks, kernel=self.kernel, mlp_ratio=self.mlp_ratio)
-
-    def training(self) -> DecoderTraining:
-        return DecoderTraining(
-            steps=self.steps,
-            batch_size=self.batch_size,
-            segment_frames=self.segment_frames,
-            lr=self.lr,
-            max_minutes=self.max_minutes,
-            bf16=self.bf16,
-        )
-
-
 class FitCodecParams(Section):
     """params.yaml `fit_codec` (every default is here): the mel-RVQ codec and how much audio fits it."""
 
@@ -128,7 +99,7 @@ class FitCodecParams(Section):
     inversion: Literal["learned", "pinv"] = "learned"  # ridge log-mel -> log-magnitude | filterbank pseudo-inverse
     griffin_lim_iters: int = Field(48, ge=1)
     decoder: Literal["network", "griffin_lim"] = "network"  # griffin_lim: no network is trained
-    network: CodecNetworkParams = CodecNetworkParams()
+    network: DecoderParams = DecoderParams()  # the decoder network (models/codec_decoder.py)
     max_clips: int | None = Field(600, ge=1)  # train clips read to fit (null: all)
     max_frames: int = Field(150_000, ge=1)  # frames sampled for k-means
 
@@ -155,9 +126,7 @@ def fit_codec(clips_dir: str, out_dir: str, params: FitCodecParams) -> MelRVQCod
     )
     if params.decoder == "network":
         net = params.network
-        summary = codec.fit_network(
-            iter_waves(clips_dir, "train", net.clips), net.config(), net.training(), seed=params.seed
-        )
+        summary = codec.fit_network(iter_waves(clips_dir, "train", net.clips), net, seed=params.seed)
         log.info(
             "decoder network trained: %d steps in %.0fs, loss %.3f",
             summary["steps"],

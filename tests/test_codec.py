@@ -9,7 +9,7 @@ from benchmarks.codec import mrstft_distance
 from core.audio import resample
 from core.errors import UserError
 from models.codec import CodecError, EncodecCodec, MelCodecConfig, MelRVQCodec, load_codec
-from models.codec_decoder import DecoderConfig, DecoderTraining
+from models.codec_decoder import DecoderParams
 from tests.clips_fixtures import tonal
 
 TRAIN_WAVES = [(tonal(2.0, s, drums=s % 2 == 0), 32000) for s in range(6)]
@@ -24,8 +24,8 @@ def codec():
 def networked():
     """The same codec with a small decoder network trained on its quantised training frames (~10 s)."""
     codec = MelRVQCodec.fit(TRAIN_WAVES, MelCodecConfig.debug(), seed=0)
-    train = DecoderTraining(steps=300, batch_size=8, segment_frames=24, lr=5e-3)
-    summary = codec.fit_network(TRAIN_WAVES, DecoderConfig(dim=64, n_blocks=2), train, seed=0)
+    small = DecoderParams(dim=64, blocks=2, steps=300, batch_size=8, segment_frames=24, lr=5e-3)
+    summary = codec.fit_network(TRAIN_WAVES, small, seed=0)
     assert summary["steps"] == 300
     return codec
 
