@@ -1,0 +1,179 @@
+"""Meter and bar-phase decision rules compared offline, on the product's own per-beat downbeat evidence.
+
+    python benchmarks/meter_rules.py --set data/ood                           # the out-of-domain set (dev / heldout)
+    python benchmarks/meter_rules.py --set data/corpus --one-per-piece 60     # in-domain: the default corpus
+
+The product's expensive part (beat tracking and the learned downbeat evidence, `ClipAnalyzer.downbeat_inputs` +
+`learned_evidence` with params.yaml's `build_dataset`) runs once per 10 s clip; every rule then decides the
+file's meter and bar phase from the same stitched evidence, so rules differ only in the decision. Scored like
+`pipelines.evaluate`: meter right (beats per bar against the labels) and mir_eval downbeat F per 10 s window.
+
+Rules:
+- `product`: `pipelines.features.file_bar_phase` with params.yaml's `meter_bias` (what `smitin dataset build` does);
+- `bias 2:x 3:y`: the same with another bias per meter;
+- `autocorrelation`: the meter whose lag (and twice it) correlates the evidence best against the other lags up to 8
+  beats; the phase as the product picks it for that meter;
+- `hybrid`: `autocorrelation` where it says 3, else the product's rule between 2 and 4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pipelines.features import _best_meter_phase, file_bar_phase  # noqa: E402
+
+CLIP_SECONDS, MIN_SECONDS, SR = 10.0, 4.0, 44100
+
+
+def extract(set_dir: str, one_per_piece: int | None) -> list[dict]:
+    """Per file: labels, and per 10 s clip (start, beats, evidence) as the product computes them."""
+    import pyarrow.parquet as pq
+    import soundfile as sf
+
+    from core.audio import resample
+    from core.config import load_section
+    from pipelines.dataset import BuildDatasetParams
+    from pipelines.features import ClipAnalyzer, FeatureParams, learned_evidence
+
+    analyzer = ClipAnalyzer(FeatureParams.from_params(load_section(BuildDatasetParams, "params.yaml", "build_dataset")))
+    rows = pq.read_table(f"{set_dir}/labels.parquet").to_pylist()
+    if one_per_piece:
+        first = {}
+        for r in rows:
+            first.setdefault(r["piece_id"], r)
+        rows = list(first.values())[:one_per_piece]
+    files = []
+    for r in rows:
+        wave, sr = sf.read(f"{set_dir}/audio/{r['file']}", dtype="float32", always_2d=True)
+        wave = resample(wave.mean(1), sr, SR)
+        clips = []
+        for start in np.arange(0, len(wave) / SR, CLIP_SECONDS):
+            piece = wave[int(start * SR) : int((start + CLIP_SECONDS) * SR)]
+            if len(piece) < MIN_SECONDS * SR:
+                break
+            got = analyzer.downbeat_inputs(piece)
+            if got is not None:
+                beats, cues, env = got
+                clips.append((float(start), beats, learned_evidence(cues, env, analyzer._downbeat_model)))
+        files.append({**r, "clips": clips})
+    return files
+
+
+def beats_per_bar(f: dict) -> int:
+    if f.get("beats_per_bar"):
+        return int(f["beats_per_bar"])
+    beats, downs = np.asarray(f["beats_s"]), np.asarray(f["downbeats_s"])
+    counts = [np.sum((beats >= a - 1e-3) & (beats < b - 1e-3)) for a, b in zip(downs[:-1], downs[1:])]
+    return int(np.median(counts)) if counts else 4
+
+
+def _stitched(clips: list) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Each clip's beat numbers on one count (as file_bar_phase numbers them), all numbers, all evidence."""
+    index, prev = [], None
+    for start, beats, _ in clips:
+        period, absolute = float(np.median(np.diff(beats))), start + np.asarray(beats, float)
+        first = 0
+        if prev is not None:
+            j = int(np.argmin(np.abs(prev[0] - absolute[0])))
+            first = int(prev[1][j]) + int(round((absolute[0] - prev[0][j]) / period))
+        index.append(first + np.arange(len(beats)))
+        prev = (absolute, index[-1])
+    return index, np.concatenate(index), np.concatenate([e for _, _, e in clips])
+
+
+def _lag_correlations(idx: np.ndarray, ev: np.ndarray, max_lag: int = 8) -> dict[int, float]:
+    series = np.full(idx.max() - idx.min() + 1, np.nan)
+    series[idx - idx.min()] = ev
+    out = {}
+    for lag in range(1, max_lag + 1):
+        a, b = series[:-lag], series[lag:]
+        ok = ~np.isnan(a) & ~np.isnan(b)
+        good = ok.sum() >= 6 and a[ok].std() > 0 and b[ok].std() > 0
+        out[lag] = float(np.corrcoef(a[ok], b[ok])[0, 1]) if good else 0.0
+    return out
+
+
+def _autocorrelation_meter(idx: np.ndarray, ev: np.ndarray) -> int:
+    c = _lag_correlations(idx, ev)
+    odd = (c[1] + c[3] + c[5] + c[7]) / 4
+    score = {
+        2: (c[2] + c[4] + c[6] + c[8]) / 4 - odd,
+        3: (c[3] + c[6]) / 2 - (c[1] + c[2] + c[4] + c[5]) / 4,
+        4: (c[4] + c[8]) / 2 - odd,
+    }
+    return max(score, key=score.get)
+
+
+def _with_meter(clips: list, meter_of) -> tuple[list[np.ndarray], int]:
+    """Downbeats per clip for the meter `meter_of(idx, ev)` picks, at the phase the product's rule picks for it."""
+    index, idx, ev = _stitched(clips)
+    m = meter_of(idx, ev)
+    phase = max(range(m), key=lambda p: ev[(idx - p) % m == 0].mean() - ev[(idx - p) % m != 0].mean())
+    return [b[(i - phase) % m == 0] for i, (_, b, _) in zip(index, clips)], m
+
+
+def rules(product_bias: dict) -> dict:
+    def bias(b2: float, b3: float):
+        return lambda clips: file_bar_phase(clips, (2, 3, 4), {2: b2, 3: b3, 4: 0.0})
+
+    def hybrid_meter(idx, ev):
+        if _autocorrelation_meter(idx, ev) == 3:
+            return 3
+        return _best_meter_phase(idx, ev, (2, 4), product_bias)[0]
+
+    return {
+        "product": lambda clips: file_bar_phase(clips, (2, 3, 4), product_bias),
+        "bias 2:-0.2 3:-0.35": bias(-0.2, -0.35),
+        "bias 2:0 3:0": bias(0.0, 0.0),
+        "bias 2:-0.2 3:0": bias(-0.2, 0.0),
+        "autocorrelation": lambda clips: _with_meter(clips, _autocorrelation_meter),
+        "hybrid": lambda clips: _with_meter(clips, hybrid_meter),
+    }
+
+
+def score(files: list[dict], rule) -> dict[str, tuple[float, float, int]]:
+    import mir_eval
+
+    per_split: dict[str, list] = {}
+    for f in files:
+        clips = [c for c in f["clips"] if len(c[1]) >= 4]
+        if len(clips) < 2:
+            continue
+        downbeats, m = rule(clips)
+        for (start, _, _), est in zip(clips, downbeats):
+            ref = np.array([t - start for t in f["downbeats_s"] if start <= t < start + CLIP_SECONDS])
+            if len(ref):
+                f_measure = mir_eval.beat.f_measure(ref, np.asarray(est, float))
+                per_split.setdefault(f.get("split") or "all", []).append((m == beats_per_bar(f), f_measure))
+    return {s: (*np.mean(v, axis=0), len(v)) for s, v in sorted(per_split.items())}
+
+
+def main(argv=None) -> None:
+    from core.config import load_section
+    from pipelines.dataset import BuildDatasetParams
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--set", required=True, help="a folder with labels.parquet and audio/ (benchmarks/ood_set.py)")
+    ap.add_argument("--one-per-piece", type=int, default=None, help="only the first file of each piece, up to N")
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    files = extract(args.set, args.one_per_piece)
+    print(f"{len(files)} files from {args.set}, evidence in {time.time() - t0:.0f} s")
+    section = load_section(BuildDatasetParams, "params.yaml", "build_dataset")
+    product_bias = {int(k): float(v) for k, v in section.meter_bias.items()}
+    print("| rule | split | windows | meter right | downbeat F |")
+    print("|---|---|---|---|---|")
+    for name, rule in rules(product_bias).items():
+        for split, (meter, downbeat_f, n) in score(files, rule).items():
+            print(f"| {name} | {split} | {n} | {meter:.3f} | {downbeat_f:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
