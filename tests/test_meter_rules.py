@@ -1,0 +1,46 @@
+"""benchmarks/meter_rules.py: its decision rules find the meter of evidence with a known bar, across clips."""
+
+import numpy as np
+import pytest
+
+from benchmarks.meter_rules import _autocorrelation_meter, _stitched, _with_meter, rules
+
+
+def _clips(meter: int, phase: int, n_clips: int = 3, beats_per_clip: int = 20, period: float = 0.5, seed: int = 0):
+    """Back-to-back 10 s clips whose per-beat evidence peaks every `meter` beats from beat `phase` (plus noise)."""
+    rng = np.random.default_rng(seed)
+    clips = []
+    for c in range(n_clips):
+        beats = np.arange(beats_per_clip) * period
+        numbers = c * beats_per_clip + np.arange(beats_per_clip)
+        evidence = np.where((numbers - phase) % meter == 0, 1.0, 0.0) + 0.3 * rng.standard_normal(beats_per_clip)
+        clips.append((c * beats_per_clip * period, beats, evidence))
+    return clips
+
+
+def test_stitching_numbers_back_to_back_clips_as_one_count():
+    index, idx, ev = _stitched(_clips(3, 0))
+    assert [list(i[:2]) for i in index] == [[0, 1], [20, 21], [40, 41]]
+    assert len(idx) == len(ev) == 60
+
+
+@pytest.mark.parametrize("meter, phase", [(3, 1), (4, 2)])
+def test_rules_find_the_meter_and_downbeats(meter, phase):
+    clips = _clips(meter, phase)
+    index, idx, ev = _stitched(clips)
+    assert _autocorrelation_meter(idx, ev) == meter
+    downbeats, m = _with_meter(clips, _autocorrelation_meter)
+    assert m == meter
+    expected = clips[0][1][(np.arange(20) - phase) % meter == 0]
+    assert np.allclose(downbeats[0], expected)
+    for name, rule in rules({2: 0.0, 3: 0.0, 4: 0.0}).items():
+        assert rule(clips)[1] == meter, name
+
+
+def test_a_strict_alternation_is_2_for_the_product_rule_and_ambiguous_for_autocorrelation():
+    clips = _clips(2, 0)
+    assert rules({2: 0.0, 3: 0.0, 4: 0.0})["product"](clips)[1] == 2
+    # every second beat strong fits 2/4 and a 4/4 whose third beat is as strong as its first equally well:
+    # lag correlations cannot tell them apart, only that the meter is not 3
+    _, idx, ev = _stitched(clips)
+    assert _autocorrelation_meter(idx, ev) in (2, 4)
