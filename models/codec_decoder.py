@@ -1,6 +1,6 @@
 """A learned decoder for the mel-RVQ codec: dequantised log-mel frames -> waveform, in one forward pass.
 
-Vocos-style (Siuzdenko 2023): a ConvNeXt backbone at the codec's frame rate predicts, for every frame, the STFT
+Vocos-style (Siuzdak 2023): a ConvNeXt backbone at the codec's frame rate predicts, for every frame, the STFT
 log-magnitude and phase of the output; an inverse STFT at the codec's hop turns them into samples. Nothing is
 upsampled inside the network, so decoding costs a few small matrix products a frame and runs hundreds of times
 faster than real time on a CPU, where Griffin-Lim needs dozens of STFT round trips.
@@ -59,7 +59,7 @@ class DecoderParams(Section):
     lr: float = Field(2e-3, gt=0)
     max_minutes: float = Field(10.0, gt=0)  # guards against a slow machine only
     clips: int = Field(300, ge=1)  # train clips whose quantised features train it (about 50 min of audio)
-    bf16: bool = True  # bfloat16 autocast of the network where the CPU has AMX or on a GPU
+    bf16: bool = True  # bfloat16 autocast of the network where the CPU has AMX (it trains on the CPU)
 
     def config(self) -> DecoderConfig:
         return DecoderConfig(dim=self.dim, n_blocks=self.blocks, kernel=self.kernel, mlp_ratio=self.mlp_ratio)
