@@ -31,17 +31,10 @@ PEAK_FFT, PEAK_HOP, PEAK_RANGE_DB = 2048, 512, 40.0
 
 
 def mrstft_distance(ref: np.ndarray, est: np.ndarray) -> float:
+    from models.codec_decoder import mrstft_distance as distance
+
     n = min(len(ref), len(est))
-    ref, est = torch.from_numpy(ref[:n].copy()), torch.from_numpy(est[:n].copy())
-    total = 0.0
-    for n_fft in (512, 1024, 2048):
-        win = torch.hann_window(n_fft)
-        R = torch.stft(ref, n_fft, n_fft // 4, window=win, return_complex=True).abs()
-        E = torch.stft(est, n_fft, n_fft // 4, window=win, return_complex=True).abs()
-        sc = torch.linalg.norm(R - E) / (torch.linalg.norm(R) + 1e-9)
-        mag = (torch.log(R + 1e-5) - torch.log(E + 1e-5)).abs().mean()
-        total += float(sc + mag)
-    return total / 3
+    return float(distance(torch.from_numpy(ref[:n].copy())[None], torch.from_numpy(est[:n].copy())[None]))
 
 
 def logmel_distance(ref: np.ndarray, est: np.ndarray, sr: int) -> float:

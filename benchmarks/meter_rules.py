@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipelines.features import _best_meter_phase, file_bar_phase  # noqa: E402
+from pipelines.features import _best_meter_phase, beat_numbers, file_bar_phase  # noqa: E402
 
 CLIP_SECONDS, MIN_SECONDS, SR = 10.0, 4.0, 44100
 
@@ -75,16 +75,8 @@ def beats_per_bar(f: dict) -> int:
 
 
 def _stitched(clips: list) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-    """Each clip's beat numbers on one count (as file_bar_phase numbers them), all numbers, all evidence."""
-    index, prev = [], None
-    for start, beats, _ in clips:
-        period, absolute = float(np.median(np.diff(beats))), start + np.asarray(beats, float)
-        first = 0
-        if prev is not None:
-            j = int(np.argmin(np.abs(prev[0] - absolute[0])))
-            first = int(prev[1][j]) + int(round((absolute[0] - prev[0][j]) / period))
-        index.append(first + np.arange(len(beats)))
-        prev = (absolute, index[-1])
+    """Each clip's beat numbers on the file's one count (the product's `beat_numbers`), all numbers, all evidence."""
+    index = beat_numbers([(start, beats) for start, beats, _ in clips])
     return index, np.concatenate(index), np.concatenate([e for _, _, e in clips])
 
 

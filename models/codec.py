@@ -273,7 +273,12 @@ class MelRVQCodec:
         }
 
     def fingerprint(self) -> str:
-        h = hashlib.sha256(json.dumps(asdict(self.cfg), sort_keys=True).encode())
+        config = asdict(self.cfg)
+        if self.network is None:
+            # without a network the decoder is Griffin-Lim whatever the config says; leaving the key out keeps the
+            # fingerprints of codecs saved before the network existed, which their generators and tokens record
+            config.pop("decoder")
+        h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
         for t in (self.mean, self.std, self.codebooks) + ((self.inverse,) if self.inverse is not None else ()):
             h.update(t.contiguous().numpy().tobytes())
         for name, t in sorted(self._network_tensors().items()):

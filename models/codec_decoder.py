@@ -121,16 +121,25 @@ def _stft_mag(x: torch.Tensor, n_fft: int) -> torch.Tensor:
     return torch.stft(x, n_fft, n_fft // 4, window=win, return_complex=True).abs()
 
 
-def reconstruction_loss(ref: torch.Tensor, est: torch.Tensor, mel_fb: torch.Tensor) -> torch.Tensor:
-    """Multi-resolution STFT loss (spectral convergence + log-magnitude L1) plus log-mel L1; [B, L] waves."""
+def mrstft_distance(ref: torch.Tensor, est: torch.Tensor) -> torch.Tensor:
+    """Multi-resolution STFT distance of [B, L] waves: spectral convergence + mean |log-magnitude difference| at
+    FFT sizes 512 / 1024 / 2048 (hop a quarter), averaged over the sizes and the batch. The training loss's STFT
+    part, and what `benchmarks/codec.py` reports."""
     total = est.new_zeros(())
     for n_fft in LOSS_FFT_SIZES:
         r, e = _stft_mag(ref, n_fft), _stft_mag(est, n_fft)
         sc = torch.linalg.norm(r - e, dim=(1, 2)) / (torch.linalg.norm(r, dim=(1, 2)) + 1e-7)
         total = total + sc.mean() + (torch.log(r + 1e-5) - torch.log(e + 1e-5)).abs().mean()
-    r, e = _stft_mag(ref, 1024), _stft_mag(est, 1024)
+    return total / len(LOSS_FFT_SIZES)
+
+
+def reconstruction_loss(ref: torch.Tensor, est: torch.Tensor, mel_fb: torch.Tensor) -> torch.Tensor:
+    """`mrstft_distance` plus the log-mel L1 at the codec's own FFT size (the filterbank's); [B, L] waves."""
+    distance = mrstft_distance(ref, est)
+    n_fft = 2 * (mel_fb.shape[1] - 1)
+    r, e = _stft_mag(ref, n_fft), _stft_mag(est, n_fft)
     mel = (torch.log(mel_fb @ r.pow(2) + 1e-6) - torch.log(mel_fb @ e.pow(2) + 1e-6)).abs().mean()
-    return total / len(LOSS_FFT_SIZES) + mel
+    return distance + mel
 
 
 # -------------------------------------------------------------------------------------------------- training
@@ -149,12 +158,13 @@ def fit_decoder(
     Segments of `segment_frames` frames are drawn uniformly over the clips; the wave target is the matching
     stretch of samples. Returns the decoder (eval mode) and a summary (steps, seconds, last losses)."""
     gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
     pairs = [(f, w) for f, w in zip(feats, waves) if f.shape[0] > train.segment_frames]
     if not pairs:
         raise ValueError(f"no clip is longer than {train.segment_frames} frames to train the decoder on")
     lengths = torch.tensor([f.shape[0] - train.segment_frames for f, _ in pairs], dtype=torch.float64)
-    model = MelDecoder(n_mels, n_fft, hop, train.config())
+    with torch.random.fork_rng(devices=[]):  # seeded initial weights, the caller's random stream left alone
+        torch.manual_seed(seed)
+        model = MelDecoder(n_mels, n_fft, hop, train.config())
     opt = torch.optim.AdamW(model.parameters(), lr=train.lr, betas=(0.8, 0.99), weight_decay=0.01)
     warmup = max(1, train.steps // 20)
     sched = torch.optim.lr_scheduler.SequentialLR(

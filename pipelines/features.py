@@ -483,14 +483,26 @@ def file_bar_phase(
 ) -> tuple[list[np.ndarray], int]:
     """Meter and bar phase of a whole file from its clips' (start_s, beats, per-beat evidence): the clips'
     beat grids are stitched into one beat count, and the (meter, phase) whose beats carry the most evidence over
-    the file wins, as `bar_phase` does within a clip. Returns each clip's downbeats and the meter.
+    the file wins, as `bar_phase` does within a clip (the count: `beat_numbers`). Returns each clip's downbeats and
+    the meter."""
+    index = beat_numbers([(start, beats) for start, beats, _ in clips])
+    used = [(i, e) for i, (_, _, e) in zip(index, clips) if i is not None]
+    if not used:
+        return [b[:1] for _, b, _ in clips], 4
+    m, p = _best_meter_phase(
+        np.concatenate([i for i, _ in used]), np.concatenate([e for _, e in used]), meters, meter_bias
+    )
+    return [b[(i - p) % m == 0] if i is not None else b[:1] for i, (_, b, _) in zip(index, clips)], m
 
-    A clip's first beat is numbered from the previous clip's beat nearest to it (plus the gap in beat periods),
-    so back-to-back clips continue the count and overlapping clips (hop < clip length) give a beat both hold
-    the same number; counting from the previous clip rather than from the file's start keeps a slight tempo
-    error from drifting the count over a long file."""
+
+def beat_numbers(clips: list[tuple[float, np.ndarray]]) -> list[np.ndarray | None]:
+    """Each clip's beats numbered on one count over the file, from (start_s, beats) in file order; None for a clip
+    with fewer than 2 beats. A clip's first beat is numbered from the previous clip's beat nearest to it (plus the
+    gap in beat periods), so back-to-back clips continue the count and overlapping clips (hop < clip length) give a
+    beat both hold the same number; counting from the previous clip rather than from the file's start keeps a
+    slight tempo error from drifting the count over a long file."""
     index, prev = [], None
-    for start, beats, _ in clips:
+    for start, beats in clips:
         if len(beats) < 2:
             index.append(None)
             continue
@@ -504,13 +516,7 @@ def file_bar_phase(
         idx = first + np.arange(len(beats))
         index.append(idx)
         prev = (absolute, idx)
-    used = [(i, e) for i, (_, _, e) in zip(index, clips) if i is not None]
-    if not used:
-        return [b[:1] for _, b, _ in clips], 4
-    m, p = _best_meter_phase(
-        np.concatenate([i for i, _ in used]), np.concatenate([e for _, e in used]), meters, meter_bias
-    )
-    return [b[(i - p) % m == 0] if i is not None else b[:1] for i, (_, b, _) in zip(index, clips)], m
+    return index
 
 
 def _best_meter_phase(beat_index: np.ndarray, evidence: np.ndarray, meters, meter_bias: dict | None) -> tuple:

@@ -108,6 +108,35 @@ def test_network_decoder_saved_loaded_and_fallback(networked, codec, tmp_path):
         load_codec(tmp_path / "net")
 
 
+def test_codec_without_network_keeps_its_old_fingerprint(codec, tmp_path):
+    """Generators, tokens and detectors record their codec's fingerprint; a codec saved before the decoder network
+    existed (no `decoder` key in its config) must load with the fingerprint it was saved with."""
+    import json
+
+    codec.save(tmp_path / "old")
+    meta = json.loads((tmp_path / "old" / "codec.json").read_text())
+    del meta["config"]["decoder"]
+    (tmp_path / "old" / "codec.json").write_text(json.dumps(meta))
+    assert load_codec(tmp_path / "old").fingerprint() == meta["fingerprint"] == codec.fingerprint()
+    codec.cfg.decoder = "griffin_lim"  # without a network the setting changes nothing, nor the fingerprint
+    try:
+        assert codec.fingerprint() == meta["fingerprint"]
+    finally:
+        codec.cfg.decoder = "network"
+
+
+def test_network_loss_follows_the_codec_fft_size():
+    """The training loss's log-mel term runs at the filterbank's FFT size, whatever the codec's n_fft."""
+    from models.codec_decoder import reconstruction_loss
+
+    fb = torch.from_numpy(
+        __import__("models.codec", fromlist=["_mel_filters"])._mel_filters(MelCodecConfig(n_fft=2048))
+    )
+    wave = torch.from_numpy(tonal(1.0, 3, drums=True)[:16000].copy())[None]
+    assert float(reconstruction_loss(wave, wave, fb)) == pytest.approx(0.0, abs=1e-5)
+    assert float(reconstruction_loss(wave, 0.5 * wave, fb)) > 0.5
+
+
 def test_bad_input(codec):
     with pytest.raises(CodecError, match="mono"):
         codec.encode(np.zeros((2, 100), np.float32), 32000)
