@@ -71,6 +71,9 @@ class EvaluateSteeringParams(Section):
     prompt_seconds: float = Field(2.0, gt=0)
     continuation_seconds: float = Field(3.0, gt=0)
     prompts_per_class: int = Field(32, ge=1)  # prompts with and without the trait
+    # takes generated from each prompt (each its own draw): more takes steady the Frechet distance and the rates
+    # where a split has few prompts
+    takes_per_prompt: int = Field(1, ge=1)
     alpha: float = Field(15.0, gt=0)  # smitin strength, continuation
     alpha_high: float = Field(30.0, gt=0)  # second smitin strength, continuation
     alpha_text: float = Field(10.0, gt=0)  # smitin strength, text-to-music
@@ -78,12 +81,12 @@ class EvaluateSteeringParams(Section):
     iti_alpha: float = Field(10.0, gt=0)  # iti strength, both tasks
     iti_top_k: int = Field(16, ge=1)  # iti: heads pushed
     every: int = Field(1, ge=1)  # smitin: push every s-th step
-    decay: float = Field(0.5, ge=0)  # push factor (1 - C / tau) ** decay below tau
+    decay: float = Field(1.0, ge=0)  # push factor (1 - C / tau) ** decay below tau
     # the sustained-presence monitor of the smitin rows (models.steering.SustainedMonitor); the `smitin_paper` row
     # runs the paper's monitor (one reading a step, the push stops at the first one at tau) beside it
     smooth_steps: int = Field(1, ge=1)
-    hold_steps: int = Field(20, ge=0)
-    hold_floor: float = Field(0.5, ge=0, le=1)
+    hold_steps: int = Field(30, ge=0)
+    hold_floor: float = Field(0.25, ge=0, le=1)
     tau: float | None = Field(None, gt=0, le=1)  # monitor threshold (null: median(acc) - std(acc) of the probe set)
     monitor_heads: int = Field(16, ge=1)  # heads whose median probe probability is the monitor
     n_pairs: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list)  # ablation probe sets (e.g. [10, 50])
@@ -569,7 +572,7 @@ def _run_cell(
     a trait starts from prompts without it, removing from prompts with it."""
     t1 = time.time()
     lab = direction == "remove"
-    idx = prompts.picked[lab]
+    idx = prompts.picked[lab] * run.params.takes_per_prompt  # take j comes from prompt j mod n
     sign = 1.0 if direction == "add" else -1.0
     plan = SteeringPlan.build({trait: mode.probes}, {trait: sign * mode.strength}, **mode.settings)
     kwargs = _task_inputs(run, task, idx)
@@ -596,10 +599,11 @@ def _run_cell(
         "mode": mode.name,
         "strength": sign * mode.strength if mode.name != "none" else 0.0,
         "n": len(idx),
+        "prompts": len(prompts.picked[lab]),
         # smitin's push interval goes with its numbers (the registry gates compare like with like)
         # and so does its monitor (the paper's: hold_steps 0, hold_floor 0, smooth_steps 1)
         **(
-            {k: getattr(plan.params, k) for k in ("every", "smooth_steps", "hold_steps", "hold_floor")}
+            {k: getattr(plan.params, k) for k in ("every", "decay", "smooth_steps", "hold_steps", "hold_floor")}
             if plan.params.mode == "smitin"
             else {}
         ),
@@ -615,7 +619,8 @@ def _run_cell(
         "clips": clips,
     }
     if task == "continuation":
-        sims = _cosine(space.standardise(prompts.prompt_embeddings[lab]), space.standardise(emb))
+        prompt_emb = np.tile(prompts.prompt_embeddings[lab], (run.params.takes_per_prompt, 1))
+        sims = _cosine(space.standardise(prompt_emb), space.standardise(emb))
         row["continuation_similarity"] = float(sims.mean())
     return row, emb, report
 
@@ -672,6 +677,7 @@ _METRIC_KEYS = (
     "mean_probe_p",
     "strength",
     "every",
+    "decay",
     "smooth_steps",
     "hold_steps",
     "hold_floor",

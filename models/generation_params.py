@@ -36,14 +36,14 @@ class GenerateSteeringParams(Section):
     """params.yaml `generate.steering`: how `smitin generate --steer` pushes."""
 
     every: int = Field(1, ge=1)  # smitin: push every s-th step
-    decay: float = Field(0.5, ge=0)  # push factor (1 - C / tau) ** decay below tau
+    decay: float = Field(1.0, ge=0)  # push factor (1 - C / tau) ** decay below tau
     tau: float | None = None  # null: median(acc) - std(acc) of the probe set
     monitor_heads: int = Field(16, ge=1)  # heads whose trait probability the report follows
     iti_top_k: int = Field(16, ge=1)  # heads ITI steers (--mode iti)
     # the monitor trusts only sustained presence (models.steering.SustainedMonitor); 1, 0, 0: the paper's monitor
     smooth_steps: int = Field(1, ge=1)  # moving average of the monitored probability over about this many steps
-    hold_steps: int = Field(20, ge=0)  # the trait must read present this many steps in a row before the push stops
-    hold_floor: float = Field(0.5, ge=0, le=1)  # the push factor's floor until then
+    hold_steps: int = Field(30, ge=0)  # the trait must read present this many steps in a row before the push stops
+    hold_floor: float = Field(0.25, ge=0, le=1)  # the push factor's floor until then
 
 
 class GenerateParams(Section):

@@ -5,8 +5,8 @@ Gates (params.yaml `registry.gates`):
   hash (so its files can be verified);
 - metrics: every gated metric the current champion has is not worse on the candidate beyond `tolerance`
   (`higher` / `lower` is better, per metric); a metric with sibling settings (steering success: `strength`,
-  `every`, SMITIN's push interval, the monitor's `smooth_steps` / `hold_steps` / `hold_floor`, and `judge`, how
-  success was judged) is compared only when both were measured with the same settings;
+  `every` and `decay`, SMITIN's push interval and fade, the monitor's `smooth_steps` / `hold_steps` / `hold_floor`,
+  and `judge`, how success was judged) is compared only when both were measured with the same settings;
 - compatible (probe sets): trained on the current champion generator (same fingerprint).
 `--force` promotes anyway (not a version without a content hash or left pending); the event records which gates were
 overridden.
@@ -70,9 +70,10 @@ def alias_version(client, name: str, alias: str):
 
 # settings a metric is only comparable at: steering strength, push interval, the monitor and how success was judged;
 # the ensemble size and number of pieces of a Coconet likelihood
-SETTINGS = ("strength", "every", "smooth_steps", "hold_steps", "hold_floor", "judge", "ensemble", "pieces")
-# what a version registered before a setting was logged had: the paper's monitor, success judged by the detector alone
-SETTING_DEFAULTS = {"smooth_steps": 1.0, "hold_steps": 0.0, "hold_floor": 0.0, "judge": 1.0}
+SETTINGS = ("strength", "every", "decay", "smooth_steps", "hold_steps", "hold_floor", "judge", "ensemble", "pieces")
+# what a version registered before a setting was logged had: the push faded with exponent 0.5, the paper's monitor,
+# success judged by the detector alone
+SETTING_DEFAULTS = {"decay": 0.5, "smooth_steps": 1.0, "hold_steps": 0.0, "hold_floor": 0.0, "judge": 1.0}
 
 
 def _fmt(x: float) -> str:

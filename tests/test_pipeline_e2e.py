@@ -49,6 +49,7 @@ TINY = {
     "evaluate_steering": {
         "tasks": ["continuation"],
         "prompts_per_class": 2,
+        "takes_per_prompt": 2,
         "prompt_seconds": 0.5,
         "continuation_seconds": 0.5,
         "n_pairs": [4],
@@ -125,9 +126,12 @@ def test_repro_runs_every_stage_and_registers_probe_sets(project):
     assert 0.5 <= drums["best_acc"] <= 1.0
     steering = json.loads((dest / "metrics" / "evaluate_steering.json").read_text())["drums"]
     added = steering["continuation"]["add"]
-    assert added["smitin"]["judge"] == 2 and added["smitin"]["hold_steps"] == 20  # the sustained monitor, judged
+    assert added["smitin"]["judge"] == 2 and added["smitin"]["hold_steps"] == 30  # the sustained monitor, judged
     assert added["smitin_paper"]["hold_steps"] == 0  # the paper's monitor beside it
     assert set(steering["monitor_agreement"]) >= {"none", "smitin", "smitin_paper"}
+    rows = json.loads((dest / "data" / "evaluate_steering" / "rows.json").read_text())["rows"]
+    for row in rows:  # two takes of every prompt, each judged and watched by the monitor
+        assert row["n"] == 2 * row["prompts"] == len(row["clips"]["detector_p"]) == len(row["clips"]["monitor_end"])
     assert steering["tagging"]["n"] > 0 and 0 <= steering["tagging"]["accuracy_truth_median_at_tau"] <= 1
     registered = json.loads((dest / "metrics" / "registry.json").read_text())
     assert set(registered) == {"smitin-generator", "smitin-probes-drums", "smitin-probes-minor", "smitin-coconet"}

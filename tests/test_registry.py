@@ -548,6 +548,12 @@ def test_steering_gate_compares_success_only_at_equal_settings():
     held = version(10, {f"{key}.success": 0.40, f"{key}.strength": 10.0, f"{key}.hold_steps": 20.0, "best_acc": 0.85})
     gate = metric_gate(held, no_interval, gates, "probe_set")
     assert gate.passed and f"{key}.success (hold_steps 20 vs 0)" in gate.detail, gate
+    # the push's fade: a version that logged none pushed with exponent 0.5
+    faded = version(12, {f"{key}.success": 0.40, f"{key}.strength": 10.0, f"{key}.decay": 1.0, "best_acc": 0.85})
+    gate = metric_gate(faded, no_interval, gates, "probe_set")
+    assert gate.passed and f"{key}.success (decay 1 vs 0.5)" in gate.detail, gate
+    same_fade = version(13, {f"{key}.success": 0.20, f"{key}.strength": 10.0, f"{key}.decay": 0.5, "best_acc": 0.85})
+    assert not metric_gate(same_fade, no_interval, gates, "probe_set").passed  # 0.5 logged = 0.5 assumed: compared
     worse = version(11, {f"{key}.success": 0.20, f"{key}.strength": 10.0, f"{key}.judge": 2.0, "best_acc": 0.85})
     gate = metric_gate(worse, judged, gates, "probe_set")  # judged alike: compared, and a drop refuses
     assert not gate.passed and f"{key}.success 0.2 < champion v9 0.4" in gate.detail, gate

@@ -168,7 +168,7 @@ def test_modes_run_the_sustained_monitor_beside_the_papers_and_a_subset_on_reque
 
     modes = {m.name: m for m in _modes(EvaluateSteeringParams(), "text", main=None, ablation={})}
     assert list(modes) == ["none", "iti", "smitin", "smitin_paper", "smitin_x2", "random_control"]
-    assert modes["smitin"].settings["hold_steps"] == 20 and "hold_steps" not in modes["smitin_paper"].settings
+    assert modes["smitin"].settings["hold_steps"] == 30 and "hold_steps" not in modes["smitin_paper"].settings
     paper_only = EvaluateSteeringParams(hold_steps=0, hold_floor=0.0)  # no separate paper row when it is the monitor
     assert "smitin_paper" not in [m.name for m in _modes(paper_only, "text", main=None, ablation={})]
     picked = _modes(EvaluateSteeringParams(modes=["smitin"]), "text", main=None, ablation={})
