@@ -32,7 +32,7 @@ from pipelines.features import _best_meter_phase, beat_numbers, file_bar_phase  
 CLIP_SECONDS, MIN_SECONDS, SR = 10.0, 4.0, 44100
 
 
-def extract(set_dir: str, one_per_piece: int | None) -> list[dict]:
+def extract(set_dir: str, one_per_piece: int | None, downbeat_model: str | None = None) -> list[dict]:
     """Per file: labels, and per 10 s clip (start, beats, evidence) as the product computes them."""
     import pyarrow.parquet as pq
     import soundfile as sf
@@ -42,7 +42,10 @@ def extract(set_dir: str, one_per_piece: int | None) -> list[dict]:
     from pipelines.dataset import BuildDatasetParams
     from pipelines.features import ClipAnalyzer, FeatureParams, learned_evidence
 
-    analyzer = ClipAnalyzer(FeatureParams.from_params(load_section(BuildDatasetParams, "params.yaml", "build_dataset")))
+    build = load_section(BuildDatasetParams, "params.yaml", "build_dataset")
+    if downbeat_model:
+        build = build.model_copy(update={"downbeat_model": downbeat_model})
+    analyzer = ClipAnalyzer(FeatureParams.from_params(build))
     rows = pq.read_table(f"{set_dir}/labels.parquet").to_pylist()
     if one_per_piece:
         first = {}
@@ -154,9 +157,10 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--set", required=True, help="a folder with labels.parquet and audio/ (benchmarks/ood_set.py)")
     ap.add_argument("--one-per-piece", type=int, default=None, help="only the first file of each piece, up to N")
+    ap.add_argument("--downbeat-model", default=None, help="model JSON (fit_downbeats.py)")
     args = ap.parse_args(argv)
     t0 = time.time()
-    files = extract(args.set, args.one_per_piece)
+    files = extract(args.set, args.one_per_piece, args.downbeat_model)
     print(f"{len(files)} files from {args.set}, evidence in {time.time() - t0:.0f} s")
     section = load_section(BuildDatasetParams, "params.yaml", "build_dataset")
     product_bias = {int(k): float(v) for k, v in section.meter_bias.items()}

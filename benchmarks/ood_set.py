@@ -1,6 +1,7 @@
 """Out-of-domain evaluation set for the feature extractors: music nothing in the project is tuned on.
 
     python benchmarks/ood_set.py [--out data/ood] [--limit N]
+    python benchmarks/ood_set.py --fit --out data/ood_fit       # the downbeat evidence's fit set (FIT_PIECES)
 
 Pieces: music21 corpus scores OUTSIDE the default corpora (Bach chorales, Nottingham, Essen): string quartets
 (Haydn, Mozart, Beethoven, Robert Schumann), keyboard works (Mozart, Clara Schumann, Chopin, C. P. E. Bach),
@@ -110,6 +111,17 @@ PIECES: list[tuple[str, str]] = [
     ("chamber", "beach/prayer_of_a_tired_child.musicxml"),
     ("chamber", "schumann_clara/opus17/movement3.xml"),
     ("chamber", "corelli/opus3no1/1grave.xml"),
+]
+
+# The fit set (`--fit`): drum-free music written for the instruments it is played on, to train the learned downbeat
+# evidence (benchmarks/fit_downbeats.py --tonal-set) away from the drum / bass arrangements of the default corpora.
+# No work of PIECES (not even another movement of one) and none of the default corpora; rendered through the
+# default SoundFont, which the OOD set never uses.
+FIT_PIECES: list[tuple[str, str]] = [
+    *[("quartet", f"beethoven/{op}.mxl") for op in ("opus18no3", "opus18no4", "opus18no5", "opus74", "opus132")],
+    ("quartet", "beethoven/opus133.mxl"),
+    ("song", "schumann_robert/opus48no2.mxl"),
+    *[("madrigal", f"monteverdi/madrigal.3.{n}.mxl") for n in (3, 4, 6, 8, 9, 10, 11, 12, 17, 18, 19, 20)],
 ]
 
 # General-MIDI programs per family: a list of per-voice palettes (voice i takes palette min(i, last)).
@@ -326,21 +338,29 @@ def render_piece(family: str, rel: str, corpus_root: str, out: str, soundfonts: 
     }
 
 
-def build_set(out: str, limit: int | None = None, sr: int = 44100, max_seconds: float = 30.0) -> dict:
+def build_set(
+    out: str, limit: int | None = None, sr: int = 44100, max_seconds: float = 30.0, fit: bool = False
+) -> dict:
+    """Render the OOD set (or, `fit`, the fit set: FIT_PIECES through the default SoundFont, split `fit`)."""
     import music21
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    soundfonts = ensure_soundfonts()
+    from core.synth import default_soundfont
+
+    soundfonts = {"TimGM6mb": default_soundfont()} if fit else ensure_soundfonts()
+    pieces = FIT_PIECES if fit else PIECES
     corpus_root = os.path.join(os.path.dirname(music21.__file__), "corpus")
     shutil.rmtree(os.path.join(out, "audio"), ignore_errors=True)
     os.makedirs(os.path.join(out, "audio"), exist_ok=True)
     rows, errors = [], []
     started = time.time()
-    for family, rel in PIECES[:limit]:
+    for family, rel in pieces[:limit]:
         t = time.time()
         try:
             row = render_piece(family, rel, corpus_root, out, soundfonts, sr, max_seconds)
+            if fit:
+                row["split"] = "fit"
         except Exception as e:  # a score music21 cannot read or one too short: listed, not rendered
             errors.append({"score_path": rel, "error": f"{type(e).__name__}: {str(e)[:300]}"})
             print(f"  skip {rel}: {type(e).__name__}: {str(e)[:120]}", flush=True)
@@ -360,7 +380,7 @@ def build_set(out: str, limit: int | None = None, sr: int = 44100, max_seconds: 
         "failed": errors,
         "seconds": round(time.time() - started, 1),
         "audio_minutes": round(sum(r["duration_s"] for r in rows) / 60, 2),
-        "splits": {s: sum(r["split"] == s for r in rows) for s in ("dev", "heldout")},
+        "splits": {s: sum(r["split"] == s for r in rows) for s in ("dev", "heldout", "fit") if fit or s != "fit"},
         **{
             name: dict(sorted(Counter(r[col] for r in rows).items()))
             for name, col in (
@@ -382,9 +402,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="data/ood", help="output folder (audio/, manifest.json, labels.parquet)")
     ap.add_argument("--limit", type=int, default=None, help="only the first N pieces of the list (a quick check)")
-    ap.add_argument("--seconds", type=float, default=30.0, help="excerpt cap (cut at the last bar line before it)")
+    ap.add_argument(
+        "--seconds", type=float, default=None, help="excerpt cap, cut at the last bar line before it (30; --fit: 60)"
+    )
+    ap.add_argument(
+        "--fit", action="store_true", help="build the fit set instead (FIT_PIECES, default SoundFont: fit_downbeats)"
+    )
     args = ap.parse_args()
-    stats = build_set(args.out, args.limit, max_seconds=args.seconds)
+    seconds = args.seconds or (60.0 if args.fit else 30.0)
+    stats = build_set(args.out, args.limit, max_seconds=seconds, fit=args.fit)
     print(json.dumps(stats, indent=1))
     return 0
 

@@ -95,7 +95,7 @@ class BuildDatasetParams(Section):
     downbeat_evidence: Literal["learned", "weighted", "chroma_bass", "onsets_chords"] = "learned"
     downbeat_model: str = "builtin"  # `learned` evidence's model: builtin or a model JSON (benchmarks/fit_downbeats.py)
     downbeat_file_context: bool = True  # meter and bar phase over the whole file (clips' beat grids stitched)
-    meter_bias: dict[int, float] = Field(default_factory=lambda: {2: 0.0, 3: -0.35, 4: 0.0})  # bar-phase bonus
+    meter_bias: dict[int, float] = Field(default_factory=lambda: {2: -0.2, 3: -0.35, 4: 0.0})  # bar-phase bonus
     # `weighted` evidence: weight of each z-scored cue
     downbeat_weights: dict[Literal[DOWNBEAT_CUES], float] = Field(
         default_factory=lambda: {

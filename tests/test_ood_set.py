@@ -62,3 +62,20 @@ def test_key_from_signature_pair(tiny_score):
 def test_split_is_stable_by_piece():
     assert split_of("haydn-opus1no1-movement1") == split_of("haydn-opus1no1-movement1")
     assert {split_of(f"piece-{i}") for i in range(20)} == {"dev", "heldout"}
+
+
+def test_fit_set_shares_no_work_with_the_ood_set_and_every_score_exists():
+    """The downbeat evidence's fit set (`--fit`) must not contain the music it is judged on: no piece of the OOD set
+    and no other movement of one of its works."""
+    import os
+
+    import music21
+
+    from benchmarks.ood_set import FIT_PIECES, PIECES
+
+    def work(rel: str) -> str:  # a movement belongs to its work's folder; any other file is a work of its own
+        return os.path.dirname(rel) if "movement" in os.path.basename(rel) else os.path.splitext(rel)[0]
+
+    assert {work(rel) for _, rel in FIT_PIECES}.isdisjoint({work(rel) for _, rel in PIECES})
+    root = os.path.join(os.path.dirname(music21.__file__), "corpus")
+    assert all(os.path.exists(os.path.join(root, rel)) for _, rel in FIT_PIECES + PIECES)
