@@ -44,3 +44,35 @@ def test_a_strict_alternation_is_2_for_the_product_rule_and_ambiguous_for_autoco
     # lag correlations cannot tell them apart, only that the meter is not 3
     _, idx, ev = _stitched(clips)
     assert _autocorrelation_meter(idx, ev) in (2, 4)
+
+
+def test_extract_reads_the_evidence_of_the_model_it_is_given(tmp_path):
+    """`--downbeat-model` must change the evidence, not fall back to the builtin model silently: a model whose
+    trees all score the opposite way gives the opposite evidence on the same clip."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import soundfile as sf
+
+    from benchmarks.meter_rules import extract
+    from pipelines.features import DOWNBEAT_MODEL
+    from tests.synth import click_track
+
+    (tmp_path / "audio").mkdir()
+    sf.write(tmp_path / "audio" / "clicks.flac", click_track(120, 8.0), 44100)
+    pq.write_table(pa.Table.from_pylist([{"file": "clicks.flac", "piece_id": "clicks"}]), tmp_path / "labels.parquet")
+    model = json.loads(open(DOWNBEAT_MODEL).read())
+    for gate in model["models"].values():
+        gate["baseline"] = -gate["baseline"]
+        for tree in gate["trees"]:
+            tree["value"] = [-v for v in tree["value"]]
+    flipped = tmp_path / "flipped.json"
+    flipped.write_text(json.dumps(model))
+
+    (builtin,) = extract(str(tmp_path), None)
+    (other,) = extract(str(tmp_path), None, str(flipped))
+    assert len(builtin["clips"]) == len(other["clips"]) == 1
+    ev, ev_flipped = builtin["clips"][0][2], other["clips"][0][2]
+    assert len(ev) >= 8 and np.std(ev) > 0
+    np.testing.assert_allclose(ev_flipped, -ev, atol=1e-9)
