@@ -50,9 +50,8 @@ from models.probes import (
     ProbeSet,
     ProbesParams,
     capture_head_outputs,
-    labelled_codes,
+    encode_clips,
     load_trait_clips,
-    probe_frames,
     probe_params,
     train_probe_set,
 )
@@ -198,14 +197,15 @@ def ablation_probe_sets(
     params, source = probe_params(probes_section, trait)
     seed = params.seed
     clips = load_trait_clips(trait, source, clips_table, params.split_fractions, seed, max_clips=params.max_clips)
-    data = labelled_codes(codec, clips, *probe_frames(params, generator, float(codec.frame_rate)))
-    acts = capture_head_outputs(generator, data.codes, params.position, params.batch_size)
-    labels, splits = data.labels, data.splits
+    window = int(round(params.window_seconds * float(codec.frame_rate))) if params.window_seconds else None
+    acts = capture_head_outputs(generator, encode_clips(codec, clips, window), params.position, params.batch_size)
+    labels = np.array([c.label for c in clips])
+    splits = np.array([c.split for c in clips])
     train_keys = sorted({c.key for c in clips if c.split == "train"})
     out = {}
     for n in n_pairs:
         keep = set(np.random.default_rng(seed).permutation(train_keys)[:n].tolist())
-        mask = np.array([s != "train" or k in keep for s, k in zip(splits, data.keys)])
+        mask = np.array([c.split != "train" or c.key in keep for c in clips])
         ps = train_probe_set(
             acts[mask],
             labels[mask],

@@ -49,9 +49,6 @@ class ProbeTrainingParams(Section):
 
     position: Literal["last", "mean"] = "last"  # head output at the last position (SMITIN) | mean over time
     window_seconds: float | None = Field(4.0, gt=0)  # tokens teacher-forced per clip from its start (null: all)
-    # paired data: also teacher-force each pair spliced both ways (one member's tokens, then the other's for the
-    # last splice_seconds), labelled by the tail, so that the probes read what is sounding now, not the context
-    splice_seconds: float | None = Field(None, gt=0)
     direction: Literal["mass_mean", "probe"] = "mass_mean"  # mass-mean difference | logistic-regression weight
     C: float = Field(1.0, gt=0)  # logistic-regression inverse regularisation (on standardised activations)
     weight_power: float = Field(3.0, ge=0)  # SMITIN soft head weights ((acc - min) / (max - min)) ** p
@@ -71,7 +68,6 @@ class ProbeTrait(Section):
     source: Annotated[TraitSource, Field(discriminator="kind")] = Field(default_factory=StemsSource)
     position: Literal["last", "mean"] | None = None
     window_seconds: float | None = Field(None, gt=0)
-    splice_seconds: float | None = Field(None, gt=0)
     direction: Literal["mass_mean", "probe"] | None = None
     C: float | None = Field(None, gt=0)
     weight_power: float | None = Field(None, ge=0)

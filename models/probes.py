@@ -367,46 +367,6 @@ def data_hash(clips: Iterable[TraitClip]) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class LabelledCodes:
-    """What the probes are fitted on: codec tokens `LongTensor[K, T]` per sequence, its label, split and pair key."""
-
-    codes: list[torch.Tensor]
-    labels: np.ndarray
-    splits: np.ndarray
-    keys: list[str]
-
-
-def labelled_codes(codec, clips: Sequence[TraitClip], window_frames: int | None, splice_frames: int | None):
-    """The clips' tokens (cropped to `window_frames`) and, with `splice_frames`, each with/without pair spliced
-    both ways: the tokens of one member, then those of the other for the last `splice_frames` frames, labelled by
-    the tail. The two renderings of a pair are the same music, so the splice is where the trait starts or stops.
-    A probe reading the last position of a clip that had the trait all along cannot tell "the trait sounds now"
-    from "the context had it"; the splices can, and during steering the context is the prompt and the music so far."""
-    codes = encode_clips(codec, clips, window_frames)
-    labels = [c.label for c in clips]
-    splits = [c.split for c in clips]
-    keys = [c.key for c in clips]
-    if splice_frames:
-        members: dict[str, dict[int, int]] = {}
-        for i, c in enumerate(clips):
-            members.setdefault(c.key, {})[c.label] = i
-        for key, pair in members.items():
-            if set(pair) != {0, 1}:
-                continue
-            a, b = codes[pair[0]], codes[pair[1]]
-            n = min(a.shape[-1], b.shape[-1])
-            cut = n - splice_frames
-            if cut < 1:  # too short to hold a context and a tail
-                continue
-            for head, tail, label in ((a, b, 1), (b, a, 0)):
-                codes.append(torch.cat([head[:, :cut], tail[:, cut:n]], dim=-1))
-                labels.append(label)
-                splits.append(clips[pair[0]].split)
-                keys.append(key)
-    return LabelledCodes(codes, np.array(labels, dtype=int), np.array(splits), keys)
-
-
 def encode_clips(codec, clips: Sequence[TraitClip], window_frames: int | None) -> list[torch.Tensor]:
     """Codec tokens `LongTensor[K, T]` of each clip, cropped to the first `window_frames` frames."""
     out = []
@@ -776,18 +736,6 @@ def probe_params(section: ProbesParams, trait: str) -> tuple[ProbeTrainingParams
     return params, spec.source
 
 
-def probe_frames(params: ProbeTrainingParams, generator, frame_rate: float) -> tuple[int | None, int | None]:
-    """(window, splice) in frames: the window no longer than the generator's context."""
-    window = int(round(params.window_seconds * frame_rate)) if params.window_seconds else None
-    max_len = getattr(generator, "max_positions", None) or getattr(
-        getattr(generator, "config", None), "max_positions", None
-    )
-    if max_len and (window is None or window > max_len):
-        window = int(max_len)
-    splice = max(1, int(round(params.splice_seconds * frame_rate))) if params.splice_seconds else None
-    return window, splice
-
-
 def train_trait(
     trait: str,
     generator,
@@ -807,25 +755,31 @@ def train_trait(
         params.max_train_pairs,
         params.max_clips,
     )
-    window, splice = probe_frames(params, generator, float(codec.frame_rate))
-    data = labelled_codes(codec, clips, window, splice)
-    total = len(data.codes)
+    frame_rate = float(codec.frame_rate)
+    window = int(round(params.window_seconds * frame_rate)) if params.window_seconds else None
+    max_len = getattr(generator, "max_positions", None) or getattr(
+        getattr(generator, "config", None), "max_positions", None
+    )
+    if max_len and (window is None or window > max_len):
+        window = int(max_len)
+    codes = encode_clips(codec, clips, window)
+    total = len(codes)
     acts = capture_head_outputs(
         generator,
-        data.codes,
+        codes,
         params.position,
         params.batch_size,
         (lambda d: progress("capture", d, total)) if progress else None,
     )
     probe_set = train_probe_set(
         acts,
-        data.labels,
-        data.splits,
+        np.array([c.label for c in clips]),
+        [c.split for c in clips],
         trait,
         generator.fingerprint(),
         params,
         data_hash(clips),
-        record={"source": source.model_dump(), "window_frames": window, "splice_frames": splice},
+        record={"source": source.model_dump(), "window_frames": window},
     )
     describe = getattr(generator, "describe", None)  # backends other than the builtin one say what they are
     probe_set.generator = dict(describe()) if callable(describe) else {}

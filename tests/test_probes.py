@@ -24,9 +24,7 @@ from models.probes import (
     ProbeTrainingParams,
     SplitFractions,
     StemsSource,
-    TraitClip,
     capture_head_outputs,
-    labelled_codes,
     load_trait_clips,
     parse_predicate,
     probe_params,
@@ -293,44 +291,6 @@ class _ToyCodec:
         return torch.from_numpy(np.clip((feats * 40).astype(int), 0, 31)).long()
 
 
-class _SampleCodec:
-    """One frame per sample, its code the sample's value: what a splice did is readable in the tokens."""
-
-    frame_rate = 1.0
-
-    def encode(self, wave, sr):
-        return torch.as_tensor(np.asarray(wave)[None], dtype=torch.long)
-
-
-def test_labelled_codes_splices_each_pair_both_ways_and_labels_by_the_tail():
-    def clip(value, label, key, n=6, split="train"):
-        return TraitClip(np.full(n, value, np.float32), 1, label, key.split("#")[0], key, split)
-
-    clips = [
-        clip(1, 1, "a#0"),  # pair a: with = 1s, without = 0s
-        clip(0, 0, "a#0"),
-        clip(7, 1, "b#0", split="valid"),
-        clip(5, 0, "b#0", split="valid"),
-        clip(9, 1, "c#0"),  # no partner: not spliced
-        clip(3, 1, "d#0", n=2),  # a pair too short for a context before the tail
-        clip(4, 0, "d#0", n=2),
-    ]
-    plain = labelled_codes(_SampleCodec(), clips, window_frames=5, splice_frames=None)
-    assert len(plain.codes) == 7 and plain.codes[0].tolist() == [[1] * 5]
-    data = labelled_codes(_SampleCodec(), clips, window_frames=5, splice_frames=2)
-    assert [c.tolist() for c in data.codes[:7]] == [c.tolist() for c in plain.codes]
-    spliced = {
-        (tuple(c[0].tolist()), int(y), str(s), k)
-        for c, y, s, k in zip(data.codes[7:], data.labels[7:], data.splits[7:], data.keys[7:])
-    }
-    assert spliced == {
-        ((0, 0, 0, 1, 1), 1, "train", "a#0"),  # the trait starts: labelled present
-        ((1, 1, 1, 0, 0), 0, "train", "a#0"),  # the trait stops: labelled absent
-        ((5, 5, 5, 7, 7), 1, "valid", "b#0"),
-        ((7, 7, 7, 5, 5), 0, "valid", "b#0"),
-    }
-
-
 def test_train_trait_end_to_end(tmp_path):
     table = _clips_table(tmp_path / "clips", n_mix=16)
     model = _model()
@@ -341,6 +301,3 @@ def test_train_trait_end_to_end(tmp_path):
     assert ps.params["window_seconds"] == 0.5 and ps.params["seed"] == 0 and "traits" not in ps.params
     assert ps.metrics["n_positive"] == 16 and len(ps.data_hash) == 64
     assert ps.metrics["best_acc"] >= 0.75  # drum clicks are easy to see even for a random tiny model
-    spliced = train_trait("drums", model, _ToyCodec(), table, section.with_overrides({"splice_seconds": 0.2}, "x"))
-    assert spliced.params["splice_frames"] == 10 and ps.params["splice_frames"] is None
-    assert spliced.metrics["n_positive"] == 32 and spliced.metrics["n_negative"] == 32  # each pair twice more
