@@ -60,8 +60,6 @@ class DecoderParams(Section):
     max_minutes: float = Field(10.0, gt=0)  # guards against a slow machine only
     clips: int = Field(300, ge=1)  # train clips whose quantised features train it (about 50 min of audio)
     bf16: bool = True  # bfloat16 autocast of the network where the CPU has AMX (it trains on the CPU)
-    # weight of the direct phase loss at the decoder's own STFT (0: phase learned through the STFT losses alone)
-    phase_loss: float = Field(0.0, ge=0)
 
     def config(self) -> DecoderConfig:
         return DecoderConfig(dim=self.dim, n_blocks=self.blocks, kernel=self.kernel, mlp_ratio=self.mlp_ratio)
@@ -144,25 +142,6 @@ def reconstruction_loss(ref: torch.Tensor, est: torch.Tensor, mel_fb: torch.Tens
     return distance + mel
 
 
-def _wrapped(x: torch.Tensor) -> torch.Tensor:
-    """|x| on the circle: the distance of a phase difference from the nearest multiple of 2 pi."""
-    return (x - 2 * torch.pi * torch.round(x / (2 * torch.pi))).abs()
-
-
-def phase_loss(ref_spec: torch.Tensor, est_spec: torch.Tensor) -> torch.Tensor:
-    """Anti-wrapped phase losses of complex spectra [B, F, T] at the decoder's own STFT (Ai & Ling's APNet, 2023):
-    the instantaneous phase, its difference across frequency (group delay) and across time (instantaneous
-    frequency). Each is weighted by the reference magnitude: the phase of a near-silent bin is noise."""
-    ref, est = torch.angle(ref_spec), torch.angle(est_spec)
-    w = ref_spec.abs()
-    w = w / (w.sum(dim=(1, 2), keepdim=True) + 1e-7)
-    wf, wt = 0.5 * (w[:, 1:] + w[:, :-1]), 0.5 * (w[:, :, 1:] + w[:, :, :-1])
-    ip = (_wrapped(est - ref) * w).sum(dim=(1, 2))
-    gd = (_wrapped(est.diff(dim=1) - ref.diff(dim=1)) * wf).sum(dim=(1, 2))
-    iaf = (_wrapped(est.diff(dim=2) - ref.diff(dim=2)) * wt).sum(dim=(1, 2))
-    return (ip + gd + iaf).mean()
-
-
 # -------------------------------------------------------------------------------------------------- training
 def fit_decoder(
     feats: list[torch.Tensor],
@@ -210,12 +189,8 @@ def fit_decoder(
             ys.append(w[start * hop : start * hop + n_samples])
         x, y = torch.stack(xs), torch.stack(ys)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-            spec = model.spectrum(x)
-        est = torch.istft(spec, n_fft, hop, window=model.window, length=n_samples)
-        loss = reconstruction_loss(y, est, mel_fb)
-        if train.phase_loss:
-            target = torch.stft(y, n_fft, hop, window=model.window, return_complex=True)
-            loss = loss + train.phase_loss * phase_loss(target, spec)
+            est = model(x)
+        loss = reconstruction_loss(y, est.float(), mel_fb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
