@@ -98,7 +98,9 @@ class EvaluateSteeringParams(Section):
     detector_max_segments: int = Field(400, ge=1)  # clips per split the detector is fitted / scored on
     detector_token_noise: float = Field(0.06, ge=0, le=1)  # share of tokens randomised in extra detector data
     strength_threshold: float = Field(0.5, ge=0)  # an added trait counts once this strong (models.drum_strength)
-    monitor_window: int = Field(20, ge=1)  # last steps whose monitored probability is the monitor's verdict on a take
+    # last steps whose mean monitored probability is the monitor's verdict on a take: the judges hear the whole take,
+    # but the first steps' readings still see the prompt
+    monitor_window: int = Field(60, ge=1)
     modes: list[str] | None = None  # rows to run (null: all); the unsteered `none` always runs
     threads: int = Field(1, ge=1)  # torch intra-op threads
     seed: int = 0
