@@ -586,12 +586,11 @@ def _run_cell(
     judged, strength_descriptors, emb = _judge_takes(
         run.codec, detector, [out[j, :, start : start + run.new_n] for j in range(len(idx))]
     )
-    # per take: what the monitor said at the end (its verdict on the take) and what the judges say
-    monitored = np.array([s["traits"][trait]["probability"] for s in report.steps])  # [steps, takes]
+    # per take: what the monitor said (its verdict on the take) and what the judges say
     clips = {
         "detector_p": judged.tolist(),
         "descriptors": strength_descriptors.tolist(),
-        "monitor_end": monitored[-run.params.monitor_window :].mean(0).tolist(),
+        "monitor_end": monitor_verdict(report.steps, trait, run.params.monitor_window).tolist(),
         "push_steps": report.summary()[trait]["push_steps"],
     }
     row = {
@@ -625,6 +624,13 @@ def _run_cell(
         sims = _cosine(space.standardise(prompt_emb), space.standardise(emb))
         row["continuation_similarity"] = float(sims.mean())
     return row, emb, report
+
+
+def monitor_verdict(steps: list[dict], trait: str, window: int) -> np.ndarray:
+    """Per take, the mean monitored probability of `trait` over the last `window` steps of a steering report (all
+    of them when there are fewer): what is compared with tau as the monitor's verdict on the take."""
+    monitored = np.array([s["traits"][trait]["probability"] for s in steps])  # [steps, takes]
+    return monitored[-window:].mean(0)
 
 
 def _judge_takes(codec, detector, codes: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -11,6 +11,7 @@ from models.evaluate_steering import (
     audio_embedding,
     format_table,
     frechet_distance,
+    monitor_verdict,
 )
 
 
@@ -175,3 +176,15 @@ def test_modes_run_the_sustained_monitor_beside_the_papers_and_a_subset_on_reque
     assert [m.name for m in picked] == ["none", "smitin"]  # the unsteered row always runs
     with pytest.raises(UserError, match=r"unknown \['smitin_typo'\]"):
         _modes(EvaluateSteeringParams(modes=["smitin_typo"]), "text", main=None, ablation={})
+
+
+def test_monitor_verdict_reads_the_last_window_of_steps_per_take():
+    """The verdict on a take is its mean reading over the last `window` steps: a take whose early readings (the
+    prompt's context) say present but whose last half says absent is read absent, per take, and the default window
+    is the second half of a 3 s take at 40 frames a second."""
+    early, late = [0.9, 0.1], [0.2, 0.8]  # take 0: present early only; take 1: present late only
+    steps = [{"traits": {"drums": {"probability": early}}}] * 60 + [{"traits": {"drums": {"probability": late}}}] * 60
+    np.testing.assert_allclose(monitor_verdict(steps, "drums", 60), late)
+    np.testing.assert_allclose(monitor_verdict(steps, "drums", 120), [0.55, 0.45])
+    np.testing.assert_allclose(monitor_verdict(steps, "drums", 500), [0.55, 0.45])  # fewer steps than the window
+    assert EvaluateSteeringParams().monitor_window == 60
