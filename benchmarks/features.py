@@ -109,13 +109,19 @@ def main() -> None:
             rows.append((name, time.perf_counter() - t0, cpu_seconds() - c0))
 
         params = load_section(BuildDatasetParams, ROOT / "params.yaml", "build_dataset")
-        for method in ("multifeature", "degara"):
-            p = params.model_copy(update={"rhythm_method": method})
+        essentia = {"beat_tracker": "essentia", "downbeat_network_weight": 0.0}
+        variants = {
+            "beats=essentia multifeature": {**essentia, "rhythm_method": "multifeature"},
+            "beats=essentia degara": {**essentia, "rhythm_method": "degara"},
+            "beats=network": {"beat_tracker": "network"},
+        }
+        for i, (label, update) in enumerate(variants.items()):
+            p = params.model_copy(update=update)
             t0, c0 = time.perf_counter(), cpu_seconds()
-            build_dataset(str(src), str(tmp / f"clips-{method}"), p, workers=args.workers)
+            build_dataset(str(src), str(tmp / f"clips-{i}"), p, workers=args.workers)
             rows.append(
                 (
-                    f"smitin dataset build (Beam, {args.workers} procs, rhythm={method})",
+                    f"smitin dataset build (Beam, {args.workers} procs, {label})",
                     time.perf_counter() - t0,
                     cpu_seconds() - c0,
                 )

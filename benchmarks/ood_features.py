@@ -35,12 +35,14 @@ import argparse
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
 
 import numpy as np
+import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -58,13 +60,16 @@ METRICS = ("key_w", "key_w_local", "tempo_acc1", "tempo_acc2", "beat_f", "downbe
 # Systems (whole-file estimates: beats, downbeats, meter, key; times from the file's start)
 
 
-def run_product(audio_dir: str, work: str, workers: int) -> dict:
-    """`smitin dataset build` on the folder; per file, its clips: (start_s, duration_s, clip estimates)."""
+def run_product(audio_dir: str, work: str, workers: int, overrides: dict | None = None, name: str = "product") -> dict:
+    """`smitin dataset build` on the folder (params.yaml's section, plus `overrides`); per file, its clips:
+    (start_s, duration_s, clip estimates)."""
     from core import clips_table as schema
     from pipelines.dataset import BuildDatasetParams, build_dataset
 
     params = load_section(BuildDatasetParams, os.path.join(ROOT, "params.yaml"), "build_dataset")
-    clips_dir = os.path.join(work, "product-clips")
+    if overrides:
+        params = params.with_overrides(overrides, f"--variant {name}")
+    clips_dir = os.path.join(work, f"{name}-clips")
     shutil.rmtree(clips_dir, ignore_errors=True)
     build_dataset(audio_dir, clips_dir, params, workers=workers)
     cols = ["source_path", "start_s", "duration_s", "is_silent", "tempo_bpm", "beats_s", "downbeats_s"]
@@ -231,6 +236,13 @@ def main() -> int:
     ap.add_argument("--peers-venv", default=os.path.join(ROOT, "benchmarks", ".venv-peers"))
     ap.add_argument("--workers", type=int, default=1, help="worker processes of the product's build")
     ap.add_argument("--rescore", action="store_true", help="score the estimates.json of --out again, run nothing")
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+        help="also run the product with these build_dataset overrides, as system product-NAME (same files, same run)",
+    )
     args = ap.parse_args()
 
     from pipelines.dataset import BuildDatasetParams
@@ -241,6 +253,12 @@ def main() -> int:
         files = json.load(f)["files"]
     os.makedirs(args.out, exist_ok=True)
     systems = [s for s in args.systems.split(",") if s]
+    variants = {}
+    for spec in args.variant:
+        name, _, sets = spec.partition(":")
+        pairs = (kv.split("=", 1) for kv in re.split(r",(?=\s*\w+=)", sets))  # a comma inside a YAML value stays
+        variants[f"product-{name}"] = {k.strip(): yaml.safe_load(v) for k, v in pairs}
+    systems += [v for v in variants if v not in systems]
     estimates: dict[str, dict] = {}
     timings: dict[str, float] = {}
     errors: dict[str, str] = {}
@@ -256,6 +274,11 @@ def main() -> int:
         t = time.time()
         estimates["product"] = run_product(os.path.join(args.set, "audio"), args.out, args.workers)
         timings["product"] = round(time.time() - t, 1)
+    for name, overrides in variants.items():
+        if not args.rescore:
+            t = time.time()
+            estimates[name] = run_product(os.path.join(args.set, "audio"), args.out, args.workers, overrides, name)
+            timings[name] = round(time.time() - t, 1)
     for name, fn in (("essentia", run_essentia), ("librosa", run_librosa)):
         if name in systems and not args.rescore:
             t = time.time()
@@ -280,7 +303,7 @@ def main() -> int:
             est = estimates[system].get(row["file"])
             if est is None:
                 continue
-            if system == "product":  # the product's own clips (their windows are `windows`)
+            if system == "product" or system in variants:  # the product's own clips (their windows are `windows`)
                 for c in est:
                     if c["is_silent"]:
                         continue

@@ -132,8 +132,11 @@ PROGRAMS: dict[str, list[list[int]]] = {
     "madrigal": [[52, 53, 74, 71, 68]],  # choir aahs / voice oohs / recorder / clarinet / oboe consort
     "song": [[52, 53, 65, 71, 40, 73], [0, 1]],  # voice or a melody instrument; the piano below
     "chamber": [[40, 71, 73, 68], [0, 42, 6]],
+    # the beat fit set's (benchmarks/beat_fit_set.py): a fiddle tune on one melody instrument, a medieval consort
+    "folk": [[40, 73, 21, 78, 0, 24, 105, 71, 22]],
+    "consort": [[74, 52, 53, 19, 68, 71, 42, 6, 46]],
 }
-SAME_PROGRAM_FAMILIES = ("keyboard", "rag", "madrigal")  # one program drawn for every voice
+SAME_PROGRAM_FAMILIES = ("keyboard", "rag", "madrigal", "folk", "consort")  # one program drawn for every voice
 
 
 def ensure_soundfonts() -> dict[str, str]:

@@ -89,13 +89,21 @@ class BuildDatasetParams(Section):
     )  # vote of these on one HPCP ([]: key_profile alone)
     key_file_context: float = Field(1.0, ge=0)  # weight of the file's mean key profile added to each clip's
     rhythm_method: Literal["degara", "multifeature"] = "degara"  # essentia RhythmExtractor2013's method
+    # beats from essentia's RhythmExtractor2013 (`rhythm_method`) or from the learned activation + tempo HMM
+    # (pipelines/beat_network.py, pipelines/beat_hmm.py)
+    beat_tracker: Literal["essentia", "network"] = "network"
+    beat_model: str = "builtin"  # the network's weights: builtin or an .npz from benchmarks/fit_beats.py
     chord_method: Literal["hmm", "essentia"] = "hmm"  # beat-synchronous chroma + Viterbi | essentia ChordsDetection
     chord_self_transition: float = Field(0.3, ge=0, le=1)  # HMM: P(same chord next beat)
     tempo_halve_above_bpm: float = Field(150.0, ge=0)  # faster beat level + weak alternate beats: every other (0: off)
-    downbeat_evidence: Literal["learned", "weighted", "chroma_bass", "onsets_chords"] = "learned"
+    # `network`: the learned activation's downbeat output at each beat (needs beat_tracker network)
+    downbeat_evidence: Literal["learned", "weighted", "chroma_bass", "onsets_chords", "network"] = "learned"
+    # `learned` evidence plus this x the network's downbeat log-odds at each beat (beat_tracker network; essentia's
+    # tracker has no such output, so there it does nothing)
+    downbeat_network_weight: float = Field(0.5, ge=0)
     downbeat_model: str = "builtin"  # `learned` evidence's model: builtin or a model JSON (benchmarks/fit_downbeats.py)
     downbeat_file_context: bool = True  # meter and bar phase over the whole file (clips' beat grids stitched)
-    meter_bias: dict[int, float] = Field(default_factory=lambda: {2: -0.2, 3: -0.35, 4: 0.0})  # bar-phase bonus
+    meter_bias: dict[int, float] = Field(default_factory=lambda: {2: -0.5, 3: -0.35, 4: 0.0})  # bar-phase bonus
     # `weighted` evidence: weight of each z-scored cue
     downbeat_weights: dict[Literal[DOWNBEAT_CUES], float] = Field(
         default_factory=lambda: {
@@ -106,7 +114,9 @@ class BuildDatasetParams(Section):
             "high_onset": -0.35,
         }
     )
-    beat_refine: bool = True  # settle the tracker's first/last beats, fix off-beat phase and compound (6/8) beats
+    # essentia's beats only: settle first/last beats, fix off-beat phase and compound (6/8) beats (the network's beats
+    # are only halved when too fast: refining them lost beat F on the OOD dev set)
+    beat_refine: bool = True
     beat_phase_margin: float = 0.5  # off-beat evidence above on-beat by this much: shift half a beat
     beat_compound_margin: float = 0.8  # dotted-beat evidence above 2-tatum evidence by this much: compound metre
     split_fractions: dict[Literal["train", "valid", "test"], Fraction] = Field(
@@ -755,6 +765,17 @@ def _check_params(params: BuildDatasetParams) -> None:
             load_downbeat_model(model)
         except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
             raise PipelineUserError(f"downbeat_model {model} is not a downbeat model: {e}") from None
+    if params.downbeat_evidence == "network" and params.beat_tracker != "network":
+        raise PipelineUserError("downbeat_evidence network needs beat_tracker network (it reads the same activation)")
+    if params.beat_tracker == "network":
+        from pipelines.beat_network import BeatNetwork
+
+        if params.beat_model != "builtin" and not os.path.exists(params.beat_model):
+            raise PipelineUserError(f"beat_model {params.beat_model} does not exist")
+        try:
+            BeatNetwork.load(params.beat_model)
+        except (ValueError, KeyError, OSError) as e:
+            raise PipelineUserError(f"beat_model {params.beat_model} is not a beat network: {e}") from None
     if params.key_file_context and not params.key_profiles:
         raise PipelineUserError("key_file_context needs key_profiles (the file context is added to their vote)")
 

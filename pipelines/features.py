@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pipelines.beat_hmm import BeatHMM
+from pipelines.beat_network import FPS, BeatNetwork, spectral_frames
 from pipelines.chords import beat_sync, merge_segments, to_harte, viterbi_chords
 from pipelines.loudness import LoudnessMeter
 
@@ -35,6 +37,9 @@ class FeatureParams:
     # that key, the file around it says otherwise. 0 keeps clips independent. Needs `key_profiles`.
     key_file_context: float = 0.0
     rhythm_method: str = "multifeature"
+    beat_tracker: str = "essentia"  # or "network": pipelines/beat_network.py activation + pipelines/beat_hmm.py
+    beat_model: str = "builtin"
+    downbeat_network_weight: float = 0.0  # learned evidence + this x the network's downbeat log-odds
     chord_method: str = "hmm"
     chord_self_transition: float = 0.5
     silence_dbfs: float = -60.0
@@ -53,7 +58,8 @@ class FeatureParams:
         ("low_onset", 0.1),
         ("high_onset", -0.35),
     )
-    # Beat refinement after the tracker (see `refine_beats`); False keeps the tracker's beats (+ octave halving).
+    # Refinement of essentia's beats (see `refine_beats`); False keeps the tracker's beats (+ octave halving). The
+    # network's beats are only halved.
     beat_refine: bool = True
     beat_steady_tolerance: float = 0.04  # interval within this fraction of the median = settled tracking
     beat_phase_margin: float = 0.5  # off-beat evidence above on-beat evidence by this much: shift half a beat
@@ -689,6 +695,8 @@ class ClipAnalyzer:
             load_downbeat_model(params.downbeat_model) if params.downbeat_evidence == "learned" else None
         )
         self._es = es
+        self._beat_network = BeatNetwork.load(params.beat_model) if params.beat_tracker == "network" else None
+        self._beat_hmm = BeatHMM(fps=FPS)
 
     # -- pieces -------------------------------------------------------------------------------------------
     def _key_pcp(self, wave: np.ndarray) -> np.ndarray | None:
@@ -742,26 +750,33 @@ class ClipAnalyzer:
 
     # -- all ----------------------------------------------------------------------------------------------
     def _beats(self, wave: np.ndarray) -> tuple:
-        """(refined beats, tracker confidence, chroma frames, their times, low-band energy, onset envelopes)."""
+        """(refined beats, tracker confidence, chroma frames, their times, low-band energy, onset envelopes, the
+        network's (beat, downbeat) activation or None)."""
         p, sr = self.params, self.params.analysis_sample_rate
         duration = len(wave) / sr
-        _, beats, confidence, _, _ = self._rhythm(wave)
+        activation = None
+        if self._beat_network is not None:
+            net = self._beat_network
+            activation = net.activations(spectral_frames(wave, sr, net.features))
+            beats, confidence = self._beat_hmm.decode(activation[:, 0]), None
+        else:
+            _, beats, confidence, _, _ = self._rhythm(wave)
         beats = np.asarray(beats, dtype=float)
         beats = beats[(beats >= 0) & (beats < duration)]
         chroma, times, low = self._hpcp_frames(wave)
         env = onset_envelopes(wave, sr) if (p.beat_refine or p.downbeat_evidence in ("weighted", "learned")) else None
-        if p.beat_refine:
+        if p.beat_refine and self._beat_network is None:
             beats = refine_beats(beats, duration, chroma, times, low, env, p)
         else:
             beats = halve_fast_beats(beats, chroma, times, low, duration, p.tempo_halve_above_bpm)
-        return beats, confidence, chroma, times, low, env
+        return beats, confidence, chroma, times, low, env, activation
 
     def downbeat_inputs(self, wave: np.ndarray) -> tuple[np.ndarray, dict, dict] | None:
         """(beats, per-beat cues, onset envelopes) as `analyze` computes them, for fitting the downbeat model;
         None for a clip with fewer than 4 beats."""
         wave = np.ascontiguousarray(wave, dtype=np.float32)
         sr = self.params.analysis_sample_rate
-        beats, _, chroma, times, low, env = self._beats(wave)
+        beats, _, chroma, times, low, env, _ = self._beats(wave)
         if len(beats) < 4 or env is None:
             return None
         cues = downbeat_cues(beats, len(wave) / sr, chroma, times, low, env, self.params.chord_self_transition, sr)
@@ -779,7 +794,7 @@ class ClipAnalyzer:
         key_pcp = self._key_pcp(wave) if self.params.key_profiles else None
         key, scale, strength = self._vote(key_pcp) if key_pcp is not None else self._key(wave)
         p = self.params
-        beats, confidence, chroma, times, low, env = self._beats(wave)
+        beats, confidence, chroma, times, low, env, activation = self._beats(wave)
         boundaries = np.unique(np.concatenate([[0.0], beats, [duration]]))
         seg_chroma = beat_sync(chroma, times, boundaries)
         if p.chord_method == "essentia" and len(beats) >= 2:
@@ -793,10 +808,16 @@ class ClipAnalyzer:
             chords = merge_segments(boundaries, labels)
 
         evidence = None
-        if len(beats) >= 4 and p.downbeat_evidence in ("weighted", "learned"):
+        if len(beats) >= 4 and p.downbeat_evidence == "network":
+            evidence = network_evidence(activation[:, 1], beats)
+            downbeats, meter = bar_phase(beats, evidence, p.meters, dict(p.meter_bias))
+            time_signature = f"{meter}/4"
+        elif len(beats) >= 4 and p.downbeat_evidence in ("weighted", "learned"):
             cues = downbeat_cues(beats, duration, chroma, times, low, env, p.chord_self_transition, sr)
             if p.downbeat_evidence == "learned":
                 evidence = learned_evidence(cues, env, self._downbeat_model)
+                if activation is not None and p.downbeat_network_weight:
+                    evidence = evidence + p.downbeat_network_weight * network_evidence(activation[:, 1], beats)
             else:
                 evidence = sum(w * np.clip(_z(cues[name]), -2.5, 2.5) for name, w in p.downbeat_weights)
             downbeats, meter = bar_phase(beats, evidence, p.meters, dict(p.meter_bias))
@@ -825,7 +846,7 @@ class ClipAnalyzer:
             downbeats, time_signature = beats[:1], None
 
         tempo = tempo_from_beats(beats)
-        if self.params.rhythm_method != "multifeature":
+        if confidence is None or self.params.rhythm_method != "multifeature":
             # degara reports no confidence; use beat regularity (1 - CV of intervals) scaled to essentia's 0-5.3
             ibi = np.diff(beats)
             confidence = float(5.32 * max(0.0, 1.0 - ibi.std() / ibi.mean())) if len(ibi) > 1 else 0.0
@@ -844,6 +865,16 @@ class ClipAnalyzer:
             key_pcp=key_pcp,
             beat_evidence=evidence,
         )
+
+
+def network_evidence(downbeat_activation: np.ndarray, beats: np.ndarray, reach: int = 3) -> np.ndarray:
+    """Per beat: log-odds of the network's downbeat activation at its peak within `reach` frames of the beat (the
+    HMM's beat frame and the downbeat peak can differ by a frame or two)."""
+    frames = np.round(np.asarray(beats) * FPS).astype(int)
+    n = len(downbeat_activation)
+    peak = np.array([downbeat_activation[max(0, f - reach) : min(n, f + reach + 1)].max(initial=0.0) for f in frames])
+    peak = np.clip(peak, 1e-4, 1 - 1e-4)
+    return np.log(peak / (1 - peak))
 
 
 def _z(x: np.ndarray) -> np.ndarray:

@@ -369,6 +369,8 @@ def test_cli_build_and_one_line_errors(tmp_path, capsys):
         ({"downbeat_model": "/nope/model.json"}, "downbeat_model /nope/model.json does not exist"),
         ({"key_file_context": -1.0}, r"build_dataset\.key_file_context: Input should be greater than or equal to 0"),
         ({"key_profiles": []}, "key_file_context needs key_profiles"),
+        ({"beat_tracker": "network", "beat_model": "/nope/net.npz"}, "beat_model /nope/net.npz does not exist"),
+        ({"beat_tracker": "essentia", "downbeat_evidence": "network"}, "downbeat_evidence network needs beat_tracker"),
     ],
 )
 def test_bad_feature_params_are_one_line_errors(tmp_path, override, message):
@@ -396,6 +398,16 @@ def test_unknown_or_mistyped_build_params_are_one_line_errors(tmp_path, capsys, 
     assert smitin(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"smitin: error: {p}: {message}"), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_malformed_beat_network_is_refused_before_any_work(tmp_path):
+    from pipelines.errors import PipelineUserError
+
+    bad = tmp_path / "net.npz"
+    bad.write_bytes(b"not a zip file")
+    with pytest.raises(PipelineUserError, match=r"beat_model .*net\.npz is not a beat network"):
+        build_dataset(str(tmp_path), str(tmp_path / "out"), params(beat_tracker="network", beat_model=str(bad)))
     assert not (tmp_path / "out").exists()
 
 

@@ -66,6 +66,41 @@ def test_accented_clicks_give_downbeats_and_meter(which, request):
     assert mir_eval.beat.f_measure(truth, np.asarray(f.downbeats_s), f_measure_threshold=0.07) >= 0.7
 
 
+@pytest.fixture(scope="module")
+def network_analyzer():
+    """Beats from the shipped network + tempo HMM, downbeats from the learned trees plus the network's output."""
+    return ClipAnalyzer(
+        FeatureParams(
+            beat_tracker="network",
+            beat_refine=False,
+            downbeat_evidence="learned",
+            downbeat_network_weight=0.5,
+            meter_bias=((2, -0.2), (3, -0.35), (4, 0.0)),
+        )
+    )
+
+
+@pytest.mark.parametrize("bpm", [96.0, 120.0])
+def test_network_tracker_follows_a_chord_sequence_without_drums(network_analyzer, bpm):
+    """Triads over a bass, a chord every beat: no click, no drum. (At 75 bpm it counts eighths, 150 bpm: slow music
+    is where its tempo octave errs, docs/ood.md.)"""
+    prog = [
+        ("C", "maj"),
+        ("A", "min"),
+        ("F", "maj"),
+        ("G", "maj"),
+        ("E", "min"),
+        ("D", "min"),
+        ("G", "maj"),
+        ("C", "maj"),
+    ]
+    wave, _ = chord_sequence(prog, bpm=bpm, beats_per_chord=1, seconds=10.0, with_clicks=False)
+    f = network_analyzer.analyze(wave)
+    truth = np.arange(0.0, 10.0, 60.0 / bpm)
+    assert mir_eval.beat.f_measure(truth, np.asarray(f.beats_s)) >= 0.9
+    assert f.tempo_bpm == pytest.approx(bpm, rel=0.04)
+
+
 def test_waltz_meter(analyzer):
     wave = click_track(150.0, 10.0, accent_every=3)
     f = analyzer.analyze(wave)
