@@ -79,3 +79,27 @@ def test_fit_set_shares_no_work_with_the_ood_set_and_every_score_exists():
     assert {work(rel) for _, rel in FIT_PIECES}.isdisjoint({work(rel) for _, rel in PIECES})
     root = os.path.join(os.path.dirname(music21.__file__), "corpus")
     assert all(os.path.exists(os.path.join(root, rel)) for _, rel in FIT_PIECES + PIECES)
+
+
+def test_beat_fit_set_shares_no_work_with_the_ood_set():
+    """The beat network's training pieces (benchmarks/beat_fit_set.py) exclude every work of the OOD set, under
+    either reading of a work: the folder of a multi-movement work, or the movement file itself."""
+    import os
+
+    import music21
+
+    from benchmarks.beat_fit_set import SOURCES, beat_fit_pieces, work_of
+    from benchmarks.ood_set import PIECES
+
+    root = os.path.join(os.path.dirname(music21.__file__), "corpus")
+    chosen = beat_fit_pieces(root)
+    assert len(chosen) >= 100 and len({rel for _, rel in chosen}) == len(chosen)
+    assert {family for _, family, _ in SOURCES} <= {family for family, _ in chosen}
+
+    def movement_work(rel: str) -> str:
+        return os.path.dirname(rel) if "movement" in os.path.basename(rel) else os.path.splitext(rel)[0]
+
+    for work in (work_of, movement_work):
+        assert {work(rel) for _, rel in chosen}.isdisjoint({work(rel) for _, rel in PIECES})
+    assert work_of("haydn/opus74no1/movement2.mxl") == "haydn/opus74no1"
+    assert work_of("monteverdi/madrigal.4.2.mxl") == "monteverdi/madrigal.4.2"
