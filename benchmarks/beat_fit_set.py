@@ -20,13 +20,12 @@ import glob
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.ood_set import FIT_PIECES, PIECES, _hash, render_piece  # noqa: E402
+from benchmarks.ood_set import FIT_PIECES, PIECES, _hash, ensure_soundfonts, render_piece, write_set  # noqa: E402
 
 TRAINING_SOUNDFONTS = {
     "MuseScore_General": ("/usr/share/sounds/sf2/MuseScore_General_Full.sf2", "musescore-general-soundfont-lossless")
@@ -56,14 +55,7 @@ def work_of(rel: str) -> str:
 def ensure_training_soundfonts() -> dict[str, str]:
     from core.synth import default_soundfont
 
-    missing = [pkg for path, pkg in TRAINING_SOUNDFONTS.values() if not os.path.exists(path)]
-    if missing:
-        if os.geteuid() != 0:
-            raise SystemExit(f"missing SoundFonts; as root: apt-get update && apt-get install -y {' '.join(missing)}")
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update"], check=True, env=env)
-        subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", *missing], check=True, env=env)
-    return {"TimGM6mb": default_soundfont(), **{name: path for name, (path, _) in TRAINING_SOUNDFONTS.items()}}
+    return {"TimGM6mb": default_soundfont(), **ensure_soundfonts(TRAINING_SOUNDFONTS)}
 
 
 def beat_fit_pieces(corpus_root: str) -> list[tuple[str, str]]:
@@ -81,8 +73,6 @@ def beat_fit_pieces(corpus_root: str) -> list[tuple[str, str]]:
 
 def build(out: str, limit: int | None, max_seconds: float, sr: int = 44100) -> dict:
     import music21
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     corpus_root = os.path.join(os.path.dirname(music21.__file__), "corpus")
     soundfonts = ensure_training_soundfonts()
@@ -108,22 +98,7 @@ def build(out: str, limit: int | None, max_seconds: float, sr: int = 44100) -> d
             f"{row['duration_s']:5.1f} s {row['soundfont']:<17} ({time.time() - t:.1f} s)",
             flush=True,
         )
-    from collections import Counter
-
-    stats = {
-        "files": len(rows),
-        "failed": errors,
-        "seconds": round(time.time() - started, 1),
-        "audio_minutes": round(sum(r["duration_s"] for r in rows) / 60, 2),
-        "time_signatures": dict(sorted(Counter(r["time_signature"] for r in rows).items())),
-        "families": dict(sorted(Counter(r["family"] for r in rows).items())),
-        "soundfonts": dict(sorted(Counter(r["soundfont"] for r in rows).items())),
-    }
-    with open(os.path.join(out, "manifest.json"), "w") as f:
-        json.dump({"stats": stats, "files": rows}, f, indent=1)
-    table_rows = [{k: v for k, v in r.items() if k not in ("programs", "tempo_map")} for r in rows]
-    pq.write_table(pa.Table.from_pylist(table_rows), os.path.join(out, "labels.parquet"))
-    return stats
+    return write_set(out, rows, errors, started)
 
 
 def main() -> int:

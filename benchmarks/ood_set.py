@@ -139,16 +139,18 @@ PROGRAMS: dict[str, list[list[int]]] = {
 SAME_PROGRAM_FAMILIES = ("keyboard", "rag", "madrigal", "folk", "consort")  # one program drawn for every voice
 
 
-def ensure_soundfonts() -> dict[str, str]:
-    """The General-MIDI SoundFonts of the set (Debian packages), installed with apt-get where missing."""
-    missing = [pkg for path, pkg in SOUNDFONTS.values() if not os.path.exists(path)]
+def ensure_soundfonts(fonts: dict[str, tuple[str, str]] | None = None) -> dict[str, str]:
+    """{name: path} of General-MIDI SoundFonts from Debian packages (`fonts`: name -> (path, package); the OOD set's
+    by default), installed with apt-get where missing."""
+    fonts = SOUNDFONTS if fonts is None else fonts
+    missing = [pkg for path, pkg in fonts.values() if not os.path.exists(path)]
     if missing:
         if os.geteuid() != 0:
             raise SystemExit(f"missing SoundFonts; as root: apt-get update && apt-get install -y {' '.join(missing)}")
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         subprocess.run(["apt-get", "update"], check=True, env=env)
         subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", *missing], check=True, env=env)
-    return {name: path for name, (path, _) in SOUNDFONTS.items()}
+    return {name: path for name, (path, _) in fonts.items()}
 
 
 def _hash(*parts) -> int:
@@ -341,13 +343,41 @@ def render_piece(family: str, rel: str, corpus_root: str, out: str, soundfonts: 
     }
 
 
+def write_set(out: str, rows: list[dict], errors: list[dict], started: float, **extra) -> dict:
+    """Write a rendered set's manifest.json (its stats and every row) and labels.parquet; return the stats."""
+    from collections import Counter
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    stats = {
+        "files": len(rows),
+        "failed": errors,
+        "seconds": round(time.time() - started, 1),
+        "audio_minutes": round(sum(r["duration_s"] for r in rows) / 60, 2),
+        **extra,
+        **{
+            name: dict(sorted(Counter(r[col] for r in rows).items()))
+            for name, col in (
+                ("time_signatures", "time_signature"),
+                ("tempo_modes", "tempo_mode"),
+                ("families", "family"),
+                ("soundfonts", "soundfont"),
+            )
+        },
+    }
+    with open(os.path.join(out, "manifest.json"), "w") as f:
+        json.dump({"stats": stats, "files": rows}, f, indent=1)
+    table_rows = [{k: v for k, v in r.items() if k not in ("programs", "tempo_map")} for r in rows]
+    pq.write_table(pa.Table.from_pylist(table_rows), os.path.join(out, "labels.parquet"))
+    return stats
+
+
 def build_set(
     out: str, limit: int | None = None, sr: int = 44100, max_seconds: float = 30.0, fit: bool = False
 ) -> dict:
     """Render the OOD set (or, `fit`, the fit set: FIT_PIECES through the default SoundFont, split `fit`)."""
     import music21
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from core.synth import default_soundfont
 
@@ -376,28 +406,8 @@ def build_set(
             flush=True,
         )
     rows.sort(key=lambda r: r["file"])
-    from collections import Counter
-
-    stats = {
-        "files": len(rows),
-        "failed": errors,
-        "seconds": round(time.time() - started, 1),
-        "audio_minutes": round(sum(r["duration_s"] for r in rows) / 60, 2),
-        "splits": {s: sum(r["split"] == s for r in rows) for s in ("dev", "heldout", "fit") if fit or s != "fit"},
-        **{
-            name: dict(sorted(Counter(r[col] for r in rows).items()))
-            for name, col in (
-                ("time_signatures", "time_signature"),
-                ("tempo_modes", "tempo_mode"),
-                ("families", "family"),
-                ("soundfonts", "soundfont"),
-            )
-        },
-    }
-    with open(os.path.join(out, "manifest.json"), "w") as f:
-        json.dump({"stats": stats, "files": rows}, f, indent=1)
-    table_rows = [{k: v for k, v in r.items() if k not in ("programs", "tempo_map")} for r in rows]
-    pq.write_table(pa.Table.from_pylist(table_rows), os.path.join(out, "labels.parquet"))
+    splits = {s: sum(r["split"] == s for r in rows) for s in ("dev", "heldout", "fit") if fit or s != "fit"}
+    stats = write_set(out, rows, errors, started, splits=splits)
     return stats
 
 
