@@ -15,6 +15,7 @@ from pipelines.features import (
     export_boosted_trees,
     file_bar_phase,
     load_downbeat_model,
+    network_evidence,
     onset_envelopes,
     percussiveness,
     shift_offbeat,
@@ -99,6 +100,21 @@ def test_network_tracker_follows_a_chord_sequence_without_drums(network_analyzer
     truth = np.arange(0.0, 10.0, 60.0 / bpm)
     assert mir_eval.beat.f_measure(truth, np.asarray(f.beats_s)) >= 0.9
     assert f.tempo_bpm == pytest.approx(bpm, rel=0.04)
+
+
+def test_network_downbeat_weight_adds_the_networks_log_odds_to_the_tree_evidence(network_analyzer):
+    """The per-beat evidence the bar phase reads is the trees' score plus `downbeat_network_weight` x the network's
+    downbeat log-odds: with the weight at 0 the same beats carry the trees' score alone."""
+    from dataclasses import replace
+
+    trees_only = ClipAnalyzer(replace(network_analyzer.params, downbeat_network_weight=0.0))
+    wave = click_track(120.0, 10.0, accent_every=4)
+    blended, alone = network_analyzer.analyze(wave), trees_only.analyze(wave)
+    assert blended.beats_s == alone.beats_s
+    net, _, _, _, _, _, activation = network_analyzer._beats(np.ascontiguousarray(wave, dtype=np.float32))
+    expected = alone.beat_evidence + 0.5 * network_evidence(activation[:, 1], net)
+    np.testing.assert_allclose(blended.beat_evidence, expected, atol=1e-9)
+    assert np.abs(blended.beat_evidence - alone.beat_evidence).max() > 0.1
 
 
 def test_waltz_meter(analyzer):
