@@ -1,13 +1,16 @@
-"""Fit the learned downbeat evidence (pipelines/downbeat_model.json) on the rendered dev set and drum-free music.
+"""Fit the learned downbeat evidence (pipelines/downbeat_model.json) on the default corpus and drum-free music.
 
-    python benchmarks/ood_set.py --fit --out data/ood_fit   # the drum-free fit set, once (~3.5 min)
-    python benchmarks/fit_downbeats.py --tonal-set data/ood_fit   # render the dev set (offset 40) if absent, fit
-    python benchmarks/fit_downbeats.py --work data/bench_dev --out /tmp/model.json
+    python benchmarks/beat_fit_set.py --out data/beat_fit                  # the beat network's fit set (docs/ood.md)
+    python benchmarks/fit_beats.py --render-corpus data/beat_fit_corpus    # the default corpus' dev range, 4 stem mixes
+    python benchmarks/fit_downbeats.py --corpus data/beat_fit_corpus --tonal-set data/beat_fit   # the builtin model
+    python benchmarks/fit_downbeats.py --work data/bench_dev --out /tmp/model.json   # renders the dev range if absent
 
-The builtin model was fitted by the first two lines. The fit set (`benchmarks/ood_set.py` FIT_PIECES: string quartets,
-madrigals and a song, written for the instruments that play them, through the default SoundFont) shares no work with
-the out-of-domain evaluation set, and teaches the model bars that no drum or bass stem marks; its clips join the
-training data after the percussive gate is set (docs/ood.md).
+The builtin model was fitted by the first three lines, on the beats of params.yaml's tracker (the network's). The beat
+fit set (121 openings: fiddle tunes, trecento and Palestrina consorts, Monteverdi, Beethoven quartets, a Schumann
+song, through TimGM6mb and MuseScore's SoundFont) shares no work and no SoundFont with the out-of-domain evaluation
+set, and teaches the model bars that no drum or bass stem marks; its clips join the training data after the
+percussive gate is set (docs/ood.md). The earlier model used the smaller drum-free set of `benchmarks/ood_set.py
+--fit` the same way.
 
 Every estimated beat of every 10 s clip is a sample: its features are the clip-z-scored cues of
 `pipelines.features.downbeat_cues` at the beat and its two neighbours; its label is whether it lies within 70 ms of
@@ -85,6 +88,12 @@ def beat_labels(beats: np.ndarray, ref_beats: np.ndarray, ref_downbeats: np.ndar
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="data/bench_dev")
+    ap.add_argument(
+        "--corpus",
+        default=None,
+        help="an already rendered default-corpus folder (labels.parquet inside, e.g. the beat network's "
+        "`fit_beats.py --render-corpus` output) instead of rendering the dev range into --work",
+    )
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--out", default=DOWNBEAT_MODEL)
     ap.add_argument("--workers", type=int, default=2)
@@ -101,10 +110,14 @@ def main() -> int:
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.linear_model import LogisticRegression
 
-    corpus_dir = os.path.join(args.work, "corpus")
+    corpus_dir = args.corpus or os.path.join(args.work, "corpus")
     labels_path = os.path.join(corpus_dir, "labels.parquet")
     spec = {"pieces": {"bach_chorales": 40, "nottingham": 2, "essen": 40}, "piece_offset": 40, "piece_seconds": 20.0}
-    if not os.path.exists(labels_path):
+    if args.corpus:
+        if not os.path.exists(labels_path):
+            raise SystemExit(f"--corpus {args.corpus}: no labels.parquet there")
+        spec = {"corpus": os.path.normpath(args.corpus)}
+    elif not os.path.exists(labels_path):
         corpus_params = load_section(CorpusParams, args.params, "corpus").with_overrides(
             {"corpora": ["bach_chorales", "nottingham", "essen"], "variants": 1, **spec}, "benchmark"
         )

@@ -96,6 +96,8 @@ class BuildDatasetParams(Section):
     chord_method: Literal["hmm", "essentia"] = "hmm"  # beat-synchronous chroma + Viterbi | essentia ChordsDetection
     chord_self_transition: float = Field(0.3, ge=0, le=1)  # HMM: P(same chord next beat)
     tempo_halve_above_bpm: float = Field(150.0, ge=0)  # faster beat level + weak alternate beats: every other (0: off)
+    # halve only where the two phases' bass / harmonic-change evidence differs by this much (z units; docs/ood.md)
+    tempo_halve_min_contrast: float = 0.15
     # `network`: the learned activation's downbeat output at each beat (needs beat_tracker network)
     downbeat_evidence: Literal["learned", "weighted", "chroma_bass", "onsets_chords", "network"] = "learned"
     # `learned` evidence plus this x the network's downbeat log-odds at each beat (beat_tracker network; essentia's
@@ -103,7 +105,7 @@ class BuildDatasetParams(Section):
     downbeat_network_weight: float = Field(0.5, ge=0)
     downbeat_model: str = "builtin"  # `learned` evidence's model: builtin or a model JSON (benchmarks/fit_downbeats.py)
     downbeat_file_context: bool = True  # meter and bar phase over the whole file (clips' beat grids stitched)
-    meter_bias: dict[int, float] = Field(default_factory=lambda: {2: -0.5, 3: -0.35, 4: 0.0})  # bar-phase bonus
+    meter_bias: dict[int, float] = Field(default_factory=lambda: {2: -0.5, 3: 0.0, 4: 0.0})  # bar-phase bonus
     # `weighted` evidence: weight of each z-scored cue
     downbeat_weights: dict[Literal[DOWNBEAT_CUES], float] = Field(
         default_factory=lambda: {

@@ -67,6 +67,7 @@ class FeatureParams:
     # Tempo octave: a beat level faster than this is taken as the subdivision and every other beat is kept
     # (the phase with the stronger bass / harmonic-change evidence); 0 disables.
     tempo_halve_above_bpm: float = 150.0
+    tempo_halve_min_contrast: float = 0.3  # the two phases' evidence must differ by this much (z units) to halve
     # Added to a meter's bar-phase score (contrast of z-scored evidence). Meter 2 is favoured: on a 4/4 bar it
     # still scores F=0.67 with either half-bar phase, where a wrong 4/4 phase scores 0.
     meter_bias: tuple[tuple[int, float], ...] = ((2, 0.3), (3, -0.35), (4, 0.0))
@@ -299,7 +300,9 @@ def refine_beats(
 ) -> np.ndarray:
     """Tracker beats -> tempo octave (halving), settled grid, beat phase, compound metre, settled grid, trimmed
     to where there is sound. Each step keeps the beats unless its evidence is clear (see the functions)."""
-    beats = halve_fast_beats(beats, chroma, times, low, duration, params.tempo_halve_above_bpm)
+    beats = halve_fast_beats(
+        beats, chroma, times, low, duration, params.tempo_halve_above_bpm, params.tempo_halve_min_contrast
+    )
     tol = params.beat_steady_tolerance
     beats = steady_beats(beats, duration, tol)
     beats = shift_offbeat(beats, chroma, times, env, duration, params.beat_phase_margin)
@@ -768,7 +771,9 @@ class ClipAnalyzer:
         if p.beat_refine and self._beat_network is None:
             beats = refine_beats(beats, duration, chroma, times, low, env, p)
         else:
-            beats = halve_fast_beats(beats, chroma, times, low, duration, p.tempo_halve_above_bpm)
+            beats = halve_fast_beats(
+                beats, chroma, times, low, duration, p.tempo_halve_above_bpm, p.tempo_halve_min_contrast
+            )
         return beats, confidence, chroma, times, low, env, activation
 
     def downbeat_inputs(self, wave: np.ndarray) -> tuple[np.ndarray, dict, dict] | None:

@@ -14,6 +14,7 @@ from pipelines.features import (
     cue_matrix,
     export_boosted_trees,
     file_bar_phase,
+    halve_fast_beats,
     load_downbeat_model,
     network_evidence,
     onset_envelopes,
@@ -375,3 +376,30 @@ def test_exported_boosted_trees_score_like_sklearn():
     model = {**exported, "_arrays": stack_trees(exported["trees"])}
     test = rng.normal(size=(200, 6))
     np.testing.assert_allclose(boosted_trees_score(test, model), clf.decision_function(test), atol=1e-9)
+
+
+def _fast_pulse(even_bass: float):
+    """A 180 bpm pulse over one held chord: the even beats' bass level is 1 + `even_bass`, the odd beats' swings
+    between 2 and 0 (so the odd beats are no weaker on average). Returns halve_fast_beats' inputs."""
+    times = np.arange(0.0, 10.0, 0.01)
+    beats = np.arange(0.105, 10.0, 60.0 / 180.0)
+    chroma = np.ones((len(times), 12))
+    level = np.where(
+        np.arange(len(beats)) % 2 == 0, 1.0 + even_bass, np.where(np.arange(len(beats)) % 4 == 1, 2.0, 0.0)
+    )
+    low = np.zeros(len(times))
+    low[np.searchsorted(times, beats)] = np.expm1(level)
+    return beats, chroma, times, low, 10.0
+
+
+def test_halve_fast_beats_keeps_the_stronger_phase_only_past_the_minimum_contrast():
+    """The contrast of the even beats over the odd ones is about 0.21 z units here: the default minimum (0.15) halves
+    the pulse onto the even beats, a stricter one (0.3) keeps every beat, and a pulse at 100 bpm is never halved."""
+    beats, chroma, times, low, duration = _fast_pulse(0.22)
+    halved = halve_fast_beats(beats, chroma, times, low, duration, max_bpm=150.0, min_contrast=0.15)
+    np.testing.assert_allclose(halved, beats[0::2])
+    kept = halve_fast_beats(beats, chroma, times, low, duration, max_bpm=150.0, min_contrast=0.3)
+    np.testing.assert_allclose(kept, beats)
+    assert len(halve_fast_beats(beats, chroma, times, low, duration, max_bpm=200.0, min_contrast=0.0)) == len(beats)
+    alike = halve_fast_beats(*_fast_pulse(0.0), max_bpm=150.0, min_contrast=0.15)
+    assert len(alike) == len(beats)  # no phase stands out: not a subdivision
