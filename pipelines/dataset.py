@@ -105,6 +105,9 @@ class BuildDatasetParams(Section):
     downbeat_network_weight: float = Field(0.5, ge=0)
     downbeat_model: str = "builtin"  # `learned` evidence's model: builtin or a model JSON (benchmarks/fit_downbeats.py)
     downbeat_file_context: bool = True  # meter and bar phase over the whole file (clips' beat grids stitched)
+    # a clip leaves the file's bar phase where its own evidence beats it by this much (a beat-count slip at a clip
+    # boundary; null: never)
+    downbeat_rephase_penalty: float | None = Field(1.5, ge=0)
     meter_bias: dict[int, float] = Field(default_factory=lambda: {2: -0.5, 3: 0.0, 4: 0.0})  # bar-phase bonus
     # `weighted` evidence: weight of each z-scored cue
     downbeat_weights: dict[Literal[DOWNBEAT_CUES], float] = Field(
@@ -451,7 +454,10 @@ class ProcessFile(beam.DoFn):
         if not params.downbeat_file_context or len(usable) < 2:
             return
         downbeats, meter = file_bar_phase(
-            [(s, np.asarray(f.beats_s), f.beat_evidence) for s, f in usable], params.meters, dict(params.meter_bias)
+            [(s, np.asarray(f.beats_s), f.beat_evidence) for s, f in usable],
+            params.meters,
+            dict(params.meter_bias),
+            params.downbeat_rephase_penalty,
         )
         for (_, f), d in zip(usable, downbeats):
             f.downbeats_s, f.time_signature = [float(t) for t in d], f"{meter}/4"

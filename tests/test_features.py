@@ -331,6 +331,34 @@ def test_file_bar_phase_with_overlapping_clips():
         assert len(d) == 5
 
 
+def test_file_bar_phase_lets_a_clip_whose_count_slipped_take_its_own_phase():
+    """A 3/4 file at 120 bpm in three 10 s clips. The middle clip's tracker starts cold: a false beat at 10.2 s,
+    then the real beats from 11 s (10.5 s missed), so the stitched count slips one beat there and the clips before
+    and after the slip disagree. On one phase for the file, one side's downbeats all miss the bar lines; with the
+    re-phase penalty each clip follows its own evidence and every clip's downbeats are bar lines."""
+    period, rng = 0.5, np.random.default_rng(2)
+    clips, truth = [], []
+    for k, start in enumerate((0.0, 10.0, 20.0)):
+        beats = np.concatenate([[0.2], np.arange(1.0, 10.0, period)]) if k == 1 else np.arange(0.0, 10.0, period)
+        number = (start + beats) / period
+        on_bar = (np.abs(number - np.round(number)) < 1e-9) & (np.round(number) % 3 == 0)
+        clips.append((start, beats, on_bar + 0.2 * rng.standard_normal(len(beats))))
+        truth.append(beats[on_bar])
+    bias = {2: 0.0, 3: 0.0, 4: 0.0}
+    stitched, _ = file_bar_phase(clips, meter_bias=bias)
+    assert any(not np.intersect1d(d, t).size for d, t in zip(stitched, truth))  # a whole clip off the bar lines
+    downbeats, meter = file_bar_phase(clips, meter_bias=bias, rephase_penalty=1.0)
+    assert meter == 3
+    for k, (d, t) in enumerate(zip(downbeats, truth)):
+        np.testing.assert_allclose(d[d >= 0.5] if k == 1 else d, t)  # (the false beat holds a count slot of its own)
+    # evidence too weak to beat the penalty keeps the file's phase: no clip re-phases on noise
+    quiet = [(s, b, e if k != 1 else 0.05 * rng.standard_normal(len(b))) for k, (s, b, e) in enumerate(clips)]
+    downbeats, meter = file_bar_phase(quiet, meter_bias=bias, rephase_penalty=1.0)
+    assert meter == 3
+    np.testing.assert_allclose(downbeats[0], truth[0])
+    np.testing.assert_allclose(downbeats[2], truth[2])
+
+
 def test_percussiveness_separates_a_drum_kit_from_a_chord_pad():
     drums = click_track(120.0, 6.0, accent_every=4)
     pad, _ = chord_sequence([("C", "maj"), ("G", "maj")], 100.0, 4, 6.0)
