@@ -48,19 +48,31 @@ def _semitone_basis(sr: int) -> np.ndarray:
     return (basis / basis.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def _magnitudes(wave: np.ndarray, n_fft: int, hop: int, n_frames: int) -> np.ndarray:
+def _magnitudes(wave: np.ndarray, n_fft: int, hop: int, n_frames: int, n_bins: int) -> np.ndarray:
+    """|rFFT| of Hann-windowed frames, the first `n_bins` bins only (the band bases are zero above them; taking the
+    magnitude of only those bins halves the frames' cost)."""
     import scipy.fft
     from numpy.lib.stride_tricks import sliding_window_view
 
     padded = np.pad(wave, (n_fft // 2, n_fft // 2 + n_fft))
-    frames = sliding_window_view(padded, n_fft)[::hop][:n_frames] * np.hanning(n_fft).astype(np.float32)
-    return np.abs(scipy.fft.rfft(frames, axis=1))  # float32 in, complex64 out: 4x faster than numpy's float64 FFT
+    frames = sliding_window_view(padded, n_fft)[::hop][:n_frames] * _hann(n_fft)
+    return np.abs(scipy.fft.rfft(frames, axis=1)[:, :n_bins])  # float32 in, complex64 out: 4x faster than numpy's
+
+
+@lru_cache(maxsize=4)
+def _hann(n: int) -> np.ndarray:
+    return np.hanning(n).astype(np.float32)
+
+
+def _used_bins(basis: np.ndarray) -> int:
+    """1 + the highest FFT bin any band of `basis` (bands, bins) reads."""
+    return int(np.flatnonzero(basis.any(axis=0))[-1]) + 1
 
 
 def spectral_frames(wave: np.ndarray, sr: int, features: str = "mel") -> np.ndarray:
     """(frames, channels) at FPS, frame t centred on t / FPS seconds: log-compressed mel magnitudes and their
     half-wave rectified first difference (onsets); `features` "pitch" appends log semitone-band magnitudes of a
-    4096-sample FFT. `sr` must be a multiple of FPS (44.1 and 22.05 kHz are)."""
+    4096-sample FFT. `sr` must be a multiple of FPS (44.1 and 48 kHz are, 22.05 kHz is not)."""
     hop = int(round(sr / FPS))
     if abs(hop * FPS - sr) > 1e-6:
         raise ValueError(f"sample rate {sr} is not a multiple of {FPS:g} frames/s")
@@ -68,11 +80,15 @@ def spectral_frames(wave: np.ndarray, sr: int, features: str = "mel") -> np.ndar
         raise ValueError(f"unknown feature set {features!r} (known: {', '.join(FEATURE_SETS)})")
     wave = np.asarray(wave, dtype=np.float32)
     n_frames = len(wave) // hop + 1
-    mel = np.log1p(_magnitudes(wave, N_FFT, hop, n_frames) @ _mel_basis(sr).T)
+    mel_basis = _mel_basis(sr)
+    n = _used_bins(mel_basis)
+    mel = np.log1p(_magnitudes(wave, N_FFT, hop, n_frames, n) @ mel_basis[:, :n].T)
     diff = np.maximum(np.diff(mel, axis=0, prepend=mel[:1]), 0.0)
     parts = [mel, diff]
     if features == "pitch":
-        parts.append(np.log1p(_magnitudes(wave, PITCH_FFT, hop, n_frames) @ _semitone_basis(sr).T))
+        pitch_basis = _semitone_basis(sr)
+        n = _used_bins(pitch_basis)
+        parts.append(np.log1p(_magnitudes(wave, PITCH_FFT, hop, n_frames, n) @ pitch_basis[:, :n].T))
     return np.concatenate(parts, axis=1)
 
 

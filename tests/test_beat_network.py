@@ -47,6 +47,29 @@ def test_spectral_frames_are_centred_on_onsets():
         spectral_frames(wave, 44000 + 7)
 
 
+def test_spectral_frames_equal_librosas_stft_through_the_band_bases():
+    """The frames are librosa's centred STFT (same Hann window, hop 441) through the mel and semitone bases: only the
+    FFT bins up to the bases' top band are taken, which must not change a value."""
+    import librosa
+
+    from pipelines.beat_network import FMAX, FMIN, N_FFT, PITCH_FFT, _semitone_basis
+
+    sr = 44100
+    wave, _ = chord_sequence([("C", "maj"), ("F", "maj")], bpm=100.0, beats_per_chord=2, seconds=3.0)
+    feats = spectral_frames(wave, sr, "pitch")
+    mel_basis = librosa.filters.mel(sr=sr, n_fft=N_FFT, n_mels=N_MELS, fmin=FMIN, fmax=FMAX)
+    for n_fft, basis, columns in (
+        (N_FFT, mel_basis, slice(0, N_MELS)),
+        (PITCH_FFT, _semitone_basis(sr), slice(2 * N_MELS, None)),
+    ):
+        stft = librosa.stft(
+            wave.astype(np.float64), n_fft=n_fft, hop_length=441, window=np.hanning(n_fft), pad_mode="constant"
+        )
+        reference = np.log1p(basis.astype(np.float64) @ np.abs(stft)).T
+        assert feats[:, columns].shape == reference.shape
+        np.testing.assert_allclose(feats[:, columns], reference, atol=1e-4)
+
+
 def test_targets_mark_the_frame_and_its_neighbours():
     y = targets([0.5, 1.0], 200)
     assert y[50] == 1.0 and y[49] == y[51] == 0.5 and y[100] == 1.0 and y.sum() == 4.0
