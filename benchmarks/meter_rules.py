@@ -3,14 +3,17 @@
     python benchmarks/meter_rules.py --set data/ood                           # the out-of-domain set (dev / heldout)
     python benchmarks/meter_rules.py --set data/corpus --one-per-piece 60     # in-domain: the default corpus
 
-The product's expensive part (beat tracking and the learned downbeat evidence, `ClipAnalyzer.downbeat_inputs` +
-`learned_evidence` with params.yaml's `build_dataset`) runs once per 10 s clip; every rule then decides the
-file's meter and bar phase from the same stitched evidence, so rules differ only in the decision. Scored like
+The product's expensive part (beat tracking and the per-beat downbeat evidence, `ClipAnalyzer.analyze` with
+params.yaml's `build_dataset`) runs once per 10 s clip; every rule then decides the file's meter and bar phase
+from the same evidence, so rules differ only in the decision. Scored like
 `pipelines.evaluate`: meter right (beats per bar against the labels) and mir_eval downbeat F per 10 s window.
 
 Rules:
-- `product`: `pipelines.features.file_bar_phase` with params.yaml's `meter_bias` (what `smitin dataset build` does);
-- `bias 2:x 3:y`: the same with another bias per meter;
+- `product`: `pipelines.features.file_bar_phase` with params.yaml's `meter_bias` and `downbeat_rephase_penalty`
+  (what `smitin dataset build` does);
+- `one phase per file` / `re-phase penalty x`: the same with another penalty (none: the stitched count fixes every
+  clip's phase);
+- `bias 2:x 3:y`: the product's rule with another bias per meter;
 - `autocorrelation`: the meter whose lag (and twice it) correlates the evidence best against the other lags up to 8
   beats; the phase as the product picks it for that meter;
 - `hybrid`: `autocorrelation` where it says 3, else the product's rule between 2 and 4.
@@ -33,14 +36,15 @@ CLIP_SECONDS, MIN_SECONDS, SR = 10.0, 4.0, 44100
 
 
 def extract(set_dir: str, one_per_piece: int | None, downbeat_model: str | None = None) -> list[dict]:
-    """Per file: labels, and per 10 s clip (start, beats, evidence) as the product computes them."""
+    """Per file: labels, and per 10 s clip (start, beats, evidence) exactly as `ClipAnalyzer.analyze` computes them
+    with params.yaml's `build_dataset` (beats, the trees' evidence plus the network's weighted log-odds)."""
     import pyarrow.parquet as pq
     import soundfile as sf
 
     from core.audio import resample
     from core.config import load_section
     from pipelines.dataset import BuildDatasetParams
-    from pipelines.features import ClipAnalyzer, FeatureParams, learned_evidence
+    from pipelines.features import ClipAnalyzer, FeatureParams
 
     build = load_section(BuildDatasetParams, "params.yaml", "build_dataset")
     if downbeat_model:
@@ -61,10 +65,9 @@ def extract(set_dir: str, one_per_piece: int | None, downbeat_model: str | None 
             piece = wave[int(start * SR) : int((start + CLIP_SECONDS) * SR)]
             if len(piece) < MIN_SECONDS * SR:
                 break
-            got = analyzer.downbeat_inputs(piece)
-            if got is not None:
-                beats, cues, env = got
-                clips.append((float(start), beats, learned_evidence(cues, env, analyzer._downbeat_model)))
+            f = analyzer.analyze(piece)
+            if f.beat_evidence is not None:
+                clips.append((float(start), np.asarray(f.beats_s), f.beat_evidence))
         files.append({**r, "clips": clips})
     return files
 
@@ -114,9 +117,12 @@ def _with_meter(clips: list, meter_of) -> tuple[list[np.ndarray], int]:
     return [b[(i - phase) % m == 0] for i, (_, b, _) in zip(index, clips)], m
 
 
-def rules(product_bias: dict) -> dict:
+def rules(product_bias: dict, rephase_penalty: float | None = None) -> dict:
     def bias(b2: float, b3: float):
-        return lambda clips: file_bar_phase(clips, (2, 3, 4), {2: b2, 3: b3, 4: 0.0})
+        return lambda clips: file_bar_phase(clips, (2, 3, 4), {2: b2, 3: b3, 4: 0.0}, rephase_penalty)
+
+    def rephase(penalty: float | None):
+        return lambda clips: file_bar_phase(clips, (2, 3, 4), product_bias, penalty)
 
     def hybrid_meter(idx, ev):
         if _autocorrelation_meter(idx, ev) == 3:
@@ -124,7 +130,9 @@ def rules(product_bias: dict) -> dict:
         return _best_meter_phase(idx, ev, (2, 4), product_bias)[0]
 
     return {
-        "product": lambda clips: file_bar_phase(clips, (2, 3, 4), product_bias),
+        "product": rephase(rephase_penalty),
+        "one phase per file": rephase(None),
+        **{f"re-phase penalty {x:g}": rephase(x) for x in (0.0, 0.5, 1.0, 1.5, 2.0)},
         "bias 2:-0.2 3:-0.35": bias(-0.2, -0.35),
         "bias 2:0 3:0": bias(0.0, 0.0),
         "bias 2:-0.2 3:0": bias(-0.2, 0.0),
@@ -166,7 +174,7 @@ def main(argv=None) -> None:
     product_bias = {int(k): float(v) for k, v in section.meter_bias.items()}
     print("| rule | split | windows | meter right | downbeat F |")
     print("|---|---|---|---|---|")
-    for name, rule in rules(product_bias).items():
+    for name, rule in rules(product_bias, section.downbeat_rephase_penalty).items():
         for split, (meter, downbeat_f, n) in score(files, rule).items():
             print(f"| {name} | {split} | {n} | {meter:.3f} | {downbeat_f:.3f} |")
 

@@ -48,19 +48,23 @@ def test_a_strict_alternation_is_2_for_the_product_rule_and_ambiguous_for_autoco
 
 def test_extract_reads_the_evidence_of_the_model_it_is_given(tmp_path):
     """`--downbeat-model` must change the evidence, not fall back to the builtin model silently: a model whose
-    trees all score the opposite way gives the opposite evidence on the same clip."""
+    trees all score the opposite way flips the trees' part of the evidence; the network's part (the same beats,
+    the same audio) stays, so the two evidences sum to twice the network's weighted log-odds."""
     import json
 
     import pyarrow as pa
     import pyarrow.parquet as pq
     import soundfile as sf
 
-    from benchmarks.meter_rules import extract
-    from pipelines.features import DOWNBEAT_MODEL
+    from benchmarks.meter_rules import SR, extract
+    from core.config import load_section
+    from pipelines.dataset import BuildDatasetParams
+    from pipelines.features import DOWNBEAT_MODEL, ClipAnalyzer, FeatureParams, network_evidence
     from tests.synth import click_track
 
     (tmp_path / "audio").mkdir()
-    sf.write(tmp_path / "audio" / "clicks.flac", click_track(120, 8.0), 44100)
+    wave = click_track(120, 8.0)
+    sf.write(tmp_path / "audio" / "clicks.flac", wave, SR)
     pq.write_table(pa.Table.from_pylist([{"file": "clicks.flac", "piece_id": "clicks"}]), tmp_path / "labels.parquet")
     model = json.loads(open(DOWNBEAT_MODEL).read())
     for gate in model["models"].values():
@@ -73,6 +77,13 @@ def test_extract_reads_the_evidence_of_the_model_it_is_given(tmp_path):
     (builtin,) = extract(str(tmp_path), None)
     (other,) = extract(str(tmp_path), None, str(flipped))
     assert len(builtin["clips"]) == len(other["clips"]) == 1
-    ev, ev_flipped = builtin["clips"][0][2], other["clips"][0][2]
+    (_, beats, ev), (_, beats_flipped, ev_flipped) = builtin["clips"][0], other["clips"][0]
+    np.testing.assert_allclose(beats, beats_flipped)
     assert len(ev) >= 8 and np.std(ev) > 0
-    np.testing.assert_allclose(ev_flipped, -ev, atol=1e-9)
+    build = load_section(BuildDatasetParams, "params.yaml", "build_dataset")
+    analyzer = ClipAnalyzer(FeatureParams.from_params(build))
+    decoded = sf.read(tmp_path / "audio" / "clicks.flac", dtype="float32")[0]
+    *_, activation = analyzer._beats(np.ascontiguousarray(decoded))
+    network = build.downbeat_network_weight * network_evidence(activation[:, 1], beats)
+    np.testing.assert_allclose(ev + ev_flipped, 2 * network, atol=1e-6)
+    assert np.abs(ev - ev_flipped).max() > 0.1  # the trees' part did flip
