@@ -261,9 +261,11 @@ class RefreshPlan:
         return not self.to_process and not self.dropped
 
 
-# Modules whose code decides a clip row: a change in any of them (or in the build params, or in the downbeat
-# model) invalidates every kept row.
+# Modules whose code decides a clip row: a change in any of them (or in the build params, or in the beat network's
+# or the downbeat model's weights) invalidates every kept row.
 _ANALYSIS_MODULES = (
+    "pipelines/beat_hmm.py",
+    "pipelines/beat_network.py",
     "pipelines/captions.py",
     "pipelines/chords.py",
     "pipelines/dataset.py",
@@ -276,7 +278,8 @@ _ANALYSIS_MODULES = (
 
 def analysis_fingerprint(params: BuildDatasetParams) -> str:
     """sha256 of what makes a clip row from a file: the build params (not the worker count, runner or shard
-    count, which do not change rows), the analysis code and the downbeat model."""
+    count, which do not change rows), the analysis code, the downbeat model and the beat network's weights."""
+    from pipelines.beat_network import BUILTIN as BEAT_MODEL
     from pipelines.features import DOWNBEAT_MODEL
 
     h = hashlib.sha256(
@@ -287,8 +290,11 @@ def analysis_fingerprint(params: BuildDatasetParams) -> str:
         ).encode()
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    model = params.downbeat_model
-    for path in [os.path.join(root, m) for m in _ANALYSIS_MODULES] + [DOWNBEAT_MODEL if model == "builtin" else model]:
+    models = [
+        DOWNBEAT_MODEL if params.downbeat_model == "builtin" else params.downbeat_model,
+        BEAT_MODEL if params.beat_model == "builtin" else params.beat_model,
+    ]
+    for path in [os.path.join(root, m) for m in _ANALYSIS_MODULES] + models:
         if os.path.exists(path):
             with open(path, "rb") as f:
                 h.update(f.read())

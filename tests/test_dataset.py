@@ -427,3 +427,27 @@ def test_a_malformed_downbeat_model_is_refused_before_any_work(tmp_path):
     )
     with pytest.raises(PipelineUserError, match=r"is not a downbeat model: .*unknown cues \['tempo'\]"):
         build_dataset(str(tmp_path), str(tmp_path / "out"), params(downbeat_model=str(bad)))
+
+
+def test_analysis_fingerprint_follows_the_models_weights_not_only_their_paths(tmp_path):
+    """A refit that rewrites the beat network's or the downbeat model's file in place (same path, same params) must
+    invalidate every kept row on the next refresh, as a change of params or analysis code does; the worker count
+    must not."""
+    from pipelines.beat_network import BUILTIN as BEAT_MODEL
+    from pipelines.dataset import analysis_fingerprint
+    from pipelines.features import DOWNBEAT_MODEL
+
+    beat, down = tmp_path / "beat.npz", tmp_path / "downbeat.json"
+    shutil.copy(BEAT_MODEL, beat)
+    shutil.copy(DOWNBEAT_MODEL, down)
+    p = params(beat_model=str(beat), downbeat_model=str(down))
+    first = analysis_fingerprint(p)
+    assert analysis_fingerprint(params(beat_model=str(beat), downbeat_model=str(down), workers=2)) == first
+    with np.load(beat) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["out.bias"] = arrays["out.bias"] + 0.1
+    np.savez(beat, **arrays)
+    second = analysis_fingerprint(p)
+    assert second != first
+    down.write_text(down.read_text() + "\n")
+    assert analysis_fingerprint(p) != second
