@@ -451,3 +451,15 @@ def test_analysis_fingerprint_follows_the_models_weights_not_only_their_paths(tm
     assert second != first
     down.write_text(down.read_text() + "\n")
     assert analysis_fingerprint(p) != second
+
+
+def test_the_dvc_build_stage_depends_on_everything_the_fingerprint_reads():
+    """`dvc repro` reruns build_dataset only when a dep changes: every file `analysis_fingerprint` hashes (the
+    analysis modules and the builtin model weights) must be a dep of the stage, itself or through its folder."""
+    import yaml
+
+    from pipelines.dataset import _ANALYSIS_MODULES
+
+    deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["build_dataset"]["deps"]
+    for path in (*_ANALYSIS_MODULES, "pipelines/beat_model.npz", "pipelines/downbeat_model.json"):
+        assert path in deps or any(path.startswith(d.rstrip("/") + "/") for d in deps), path
