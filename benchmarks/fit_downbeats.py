@@ -59,8 +59,9 @@ TOLERANCE_S = 0.07
 TREES = {"max_iter": 100, "max_depth": 3, "early_stopping": False, "random_state": 0}
 
 
-def pipeline_f(clips: list[dict], scorers: dict, meter_bias: dict) -> float:
-    """Mean downbeat F of the file-level bar phase over `clips` with per-gate scoring functions."""
+def pipeline_f(clips: list[dict], scorers: dict, meter_bias: dict, rephase_penalty: float | None = None) -> float:
+    """Mean downbeat F of the file-level bar phase (the product's rule: meter bias and re-phase penalty) over `clips`
+    with per-gate scoring functions."""
     import mir_eval
 
     files: dict[str, list[dict]] = {}
@@ -70,7 +71,10 @@ def pipeline_f(clips: list[dict], scorers: dict, meter_bias: dict) -> float:
     for group in files.values():
         group.sort(key=lambda c: c["start"])
         downbeats, _ = file_bar_phase(
-            [(c["start"], c["beats"], scorers[c["percussive"]](c["x"])) for c in group], (2, 3, 4), meter_bias
+            [(c["start"], c["beats"], scorers[c["percussive"]](c["x"])) for c in group],
+            (2, 3, 4),
+            meter_bias,
+            rephase_penalty,
         )
         scores += [mir_eval.beat.f_measure(c["ref_down"], d) for c, d in zip(group, downbeats) if len(c["ref_down"])]
     return float(np.mean(scores))
@@ -169,6 +173,7 @@ def main() -> int:
         if not any(c["percussive"] == gate for c in samples):
             raise SystemExit(f"no {name} clip in {labels_path}: the set needs mixes with and without drums")
     meter_bias = dict(FeatureParams.from_params(build).meter_bias)
+    rephase_penalty = build.downbeat_rephase_penalty
 
     def fit(clips, make):
         out = {}
@@ -197,6 +202,7 @@ def main() -> int:
                         [c for c in samples if fold[c["piece"]] == k],
                         {g: m.decision_function for g, m in models.items()},
                         meter_bias,
+                        rephase_penalty,
                     )
                 )
             cv[name] = round(float(np.mean(fs)), 4)
@@ -224,7 +230,7 @@ def main() -> int:
             "trees": TREES,
             "percussive_gate_accuracy": round(float(((perc > threshold) == drums).mean()), 4),
             "in_sample_downbeat_f": round(
-                pipeline_f(samples, {g: m.decision_function for g, m in models.items()}, meter_bias), 4
+                pipeline_f(samples, {g: m.decision_function for g, m in models.items()}, meter_bias, rephase_penalty), 4
             ),
             **({"cv_downbeat_f": cv} if cv else {}),
             **report,

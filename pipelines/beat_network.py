@@ -49,8 +49,7 @@ def _semitone_basis(sr: int) -> np.ndarray:
 
 
 def _magnitudes(wave: np.ndarray, n_fft: int, hop: int, n_frames: int, n_bins: int) -> np.ndarray:
-    """|rFFT| of Hann-windowed frames, the first `n_bins` bins only (the band bases are zero above them; taking the
-    magnitude of only those bins halves the frames' cost)."""
+    """|rFFT| of Hann-windowed frames, the first `n_bins` bins only (`_band_basis`)."""
     import scipy.fft
     from numpy.lib.stride_tricks import sliding_window_view
 
@@ -64,9 +63,13 @@ def _hann(n: int) -> np.ndarray:
     return np.hanning(n).astype(np.float32)
 
 
-def _used_bins(basis: np.ndarray) -> int:
-    """1 + the highest FFT bin any band of `basis` (bands, bins) reads."""
-    return int(np.flatnonzero(basis.any(axis=0))[-1]) + 1
+@lru_cache(maxsize=8)
+def _band_basis(kind: str, sr: int) -> np.ndarray:
+    """The mel or semitone basis cut after the last FFT bin any of its bands reads: the magnitudes of the bins above
+    (mel bands end at 11 kHz, semitone bands near 5.3 kHz) are never computed."""
+    full = _mel_basis(sr) if kind == "mel" else _semitone_basis(sr)
+    used = int(np.flatnonzero(full.any(axis=0))[-1]) + 1
+    return np.ascontiguousarray(full[:, :used])
 
 
 def spectral_frames(wave: np.ndarray, sr: int, features: str = "mel") -> np.ndarray:
@@ -80,15 +83,13 @@ def spectral_frames(wave: np.ndarray, sr: int, features: str = "mel") -> np.ndar
         raise ValueError(f"unknown feature set {features!r} (known: {', '.join(FEATURE_SETS)})")
     wave = np.asarray(wave, dtype=np.float32)
     n_frames = len(wave) // hop + 1
-    mel_basis = _mel_basis(sr)
-    n = _used_bins(mel_basis)
-    mel = np.log1p(_magnitudes(wave, N_FFT, hop, n_frames, n) @ mel_basis[:, :n].T)
+    mel_basis = _band_basis("mel", sr)
+    mel = np.log1p(_magnitudes(wave, N_FFT, hop, n_frames, mel_basis.shape[1]) @ mel_basis.T)
     diff = np.maximum(np.diff(mel, axis=0, prepend=mel[:1]), 0.0)
     parts = [mel, diff]
     if features == "pitch":
-        pitch_basis = _semitone_basis(sr)
-        n = _used_bins(pitch_basis)
-        parts.append(np.log1p(_magnitudes(wave, PITCH_FFT, hop, n_frames, n) @ pitch_basis[:, :n].T))
+        pitch_basis = _band_basis("pitch", sr)
+        parts.append(np.log1p(_magnitudes(wave, PITCH_FFT, hop, n_frames, pitch_basis.shape[1]) @ pitch_basis.T))
     return np.concatenate(parts, axis=1)
 
 

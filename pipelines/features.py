@@ -580,8 +580,7 @@ def _best_meter_phase(beat_index: np.ndarray, evidence: np.ndarray, meters, mete
         if len(beat_index) < 2 * m:
             continue
         for p in range(m):
-            on = (beat_index - p) % m == 0
-            score = evidence[on].mean() - evidence[~on].mean() + float((meter_bias or {}).get(m, 0.0))
+            score = _phase_contrast(beat_index, evidence, m, p) + float((meter_bias or {}).get(m, 0.0))
             if score > best[0]:
                 best = (score, m, p)
     return best[1], best[2]
