@@ -115,7 +115,7 @@ def main() -> int:
 
     header = f"{'metric':<14}" + "".join(f"{n[:8] + '/' + s:>18}" for n in results for s in ("all", "drums", "nodrum"))
     print(header)
-    for k in ["clips", "pieces"] + METRIC_ORDER + ["key_weighted_global", "key_exact_global"]:
+    for k in ["clips", "pieces"] + METRIC_ORDER + ["key_weighted_global", "key_exact_global", "file_key_weighted"]:
         cells = []
         for m in results.values():
             for part in ("overall", "drums", "no_drums"):

@@ -18,7 +18,8 @@ Scoring (mir_eval, through `pipelines.evaluate.evaluate_clip`): every system is 
 windows (10 s, the same cut `core.audio.iter_clips` makes), whole-file estimates cut to each window, so the numbers
 read like the in-domain table of `smitin dataset eval`:
 - key: mir_eval weighted score against the excerpt's global key (`key_w`, the primary number: the peers name one
-  key per file) and against the local key segment covering most of the window (`key_w_local`).
+  key per file; the product's `file_key`, its whole-file key) and against the local key segment covering most of
+  the window (`key_w_local`: the product's clip `key`; the peers' one key).
 - tempo Acc1 / Acc2 (4 %; Acc2 also at x2, x3, x1/2, x1/3): estimate = 60 / median inter-beat interval of the
   system's beats inside the window (the product computes its clip tempo so), reference = the same on the
   labelled beats of the window (the local tempo: a third of the files slow down or change tempo).
@@ -73,7 +74,7 @@ def run_product(audio_dir: str, work: str, workers: int, overrides: dict | None 
     shutil.rmtree(clips_dir, ignore_errors=True)
     build_dataset(audio_dir, clips_dir, params, workers=workers)
     cols = ["source_path", "start_s", "duration_s", "is_silent", "tempo_bpm", "beats_s", "downbeats_s"]
-    cols += ["time_signature", "key", "mode"]
+    cols += ["time_signature", "key", "mode", "file_key", "file_mode"]
     out: dict = {}
     for r in schema.read_clips_table(clips_dir, columns=cols).to_pylist():
         meter = int(r["time_signature"].split("/")[0]) if r["time_signature"] else None
@@ -87,6 +88,7 @@ def run_product(audio_dir: str, work: str, workers: int, overrides: dict | None 
                 "downbeats": r["downbeats_s"] or [],
                 "meter": meter,
                 "key": f"{r['key']} {r['mode']}" if r["key"] else None,
+                "file_key": f"{r['file_key']} {r['file_mode']}" if r["file_key"] else None,
             }
         )
     return out
@@ -192,8 +194,10 @@ def score_window(system: str, row: dict, start: float, dur: float, clip: dict) -
         "tempo_mode": row["tempo_mode"],
         "start_s": start,
         "ref_key": ev["ref_key_global"],
-        "est_key": ev["est_key"],
-        "key_w": ev["key_weighted_global"],
+        "est_key": ev["est_file_key"] or ev["est_key"],
+        # the excerpt's key: a system's whole-file key where it names one apart from its local keys (the product's
+        # `file_key`), else the one key it names
+        "key_w": ev["file_key_weighted"] if clip.get("file_key") else ev["key_weighted_global"],
         "key_w_local": ev["key_weighted"],
         "ref_tempo": local_tempo,
         "est_tempo": clip.get("tempo_bpm"),
@@ -216,6 +220,38 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
+def peer_gaps(rows: list[dict], split: str, resamples: int = 2000, seed: int = 0) -> str:
+    """The product minus each other system per metric, on the windows both score, with a 90% interval from
+    resampling files: a file's windows move together (its key or meter is one decision), so the files, not the
+    windows, are the independent draws."""
+    rng = np.random.default_rng(seed)
+    by: dict[str, dict] = {}
+    for r in rows:
+        if r["split"] == split:
+            by.setdefault(r["system"], {})[(r["file"], round(r["start_s"], 2))] = r
+    product = by.get("product", {})
+    lines = ["| product minus | " + " | ".join(METRICS) + " |", "|" + "---|" * (len(METRICS) + 1)]
+    for other in [s for s in by if s != "product" and not s.startswith("product-")]:
+        cells = []
+        for k in METRICS:
+            per_file: dict[str, list[float]] = {}
+            for window, r in product.items():
+                q = by[other].get(window)
+                a, b = (np.nan if x is None else float(x) for x in (r[k], q[k] if q else None))
+                if np.isfinite(a) and np.isfinite(b):
+                    per_file.setdefault(window[0], []).append(a - b)
+            if not per_file:
+                cells.append("-")
+                continue
+            sums = np.array([sum(v) for v in per_file.values()])
+            counts = np.array([len(v) for v in per_file.values()])
+            draw = rng.integers(0, len(sums), (resamples, len(sums)))
+            lo, hi = np.percentile(sums[draw].sum(1) / counts[draw].sum(1), [5, 95])
+            cells.append(f"{sums.sum() / counts.sum():+.3f} ({lo:+.3f}, {hi:+.3f})")
+        lines.append(f"| {other} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def markdown(summary: dict, split: str) -> str:
     head = "| system | windows | " + " | ".join(METRICS) + " |"
     lines = [head, "|" + "---|" * (len(METRICS) + 2)]
@@ -236,6 +272,13 @@ def main() -> int:
     ap.add_argument("--peers-venv", default=os.path.join(ROOT, "benchmarks", ".venv-peers"))
     ap.add_argument("--workers", type=int, default=1, help="worker processes of the product's build")
     ap.add_argument("--rescore", action="store_true", help="score the estimates.json of --out again, run nothing")
+    ap.add_argument(
+        "--reuse",
+        default="",
+        metavar="SYSTEMS",
+        help="comma-separated systems whose estimates (and timings) come from --out's last run, not run again "
+        "(e.g. the peers, when only the product changed: same files, same scoring)",
+    )
     ap.add_argument(
         "--variant",
         action="append",
@@ -270,7 +313,19 @@ def main() -> int:
             previous = json.load(f)
         timings, errors = previous.get("timings_s", {}), previous.get("errors", {})
         systems = [s for s in systems if s in estimates]
-    if "product" in systems and not args.rescore:
+    reused = [s for s in args.reuse.split(",") if s]
+    if reused and not args.rescore:
+        with open(os.path.join(args.out, "estimates.json")) as f:
+            last = json.load(f)
+        with open(os.path.join(args.out, "summary.json")) as f:
+            last_timings = json.load(f).get("timings_s", {})
+        missing = [s for s in reused if s not in last]
+        if missing:
+            raise SystemExit(f"--reuse: {', '.join(missing)} not in {args.out}/estimates.json")
+        estimates.update({s: last[s] for s in reused})
+        timings.update({f"{s} (reused)": last_timings[s] for s in reused if s in last_timings})
+        systems += [s for s in reused if s not in systems]
+    if "product" in systems and not args.rescore and "product" not in reused:
         t = time.time()
         estimates["product"] = run_product(os.path.join(args.set, "audio"), args.out, args.workers)
         timings["product"] = round(time.time() - t, 1)
@@ -280,11 +335,11 @@ def main() -> int:
             estimates[name] = run_product(os.path.join(args.set, "audio"), args.out, args.workers, overrides, name)
             timings[name] = round(time.time() - t, 1)
     for name, fn in (("essentia", run_essentia), ("librosa", run_librosa)):
-        if name in systems and not args.rescore:
+        if name in systems and not args.rescore and name not in reused:
             t = time.time()
             estimates[name] = {r["file"]: fn(r["path"]) for r in files}
             timings[name] = round(time.time() - t, 1)
-    peers = [s for s in systems if s in PEER_SYSTEMS]
+    peers = [s for s in systems if s in PEER_SYSTEMS and s not in reused]
     if peers and not args.rescore:
         t = time.time()
         got = run_peers(manifest, os.path.join(args.out, "peers.json"), peers, args.peers_venv)
@@ -314,6 +369,8 @@ def main() -> int:
                         "meter": c["meter"],
                         "key": c["key"].split()[0] if c["key"] else None,
                         "mode": c["key"].split()[1] if c["key"] else None,
+                        "file_key": c["file_key"].split()[0] if c.get("file_key") else None,
+                        "file_mode": c["file_key"].split()[1] if c.get("file_key") else None,
                     }
                     rows.append(score_window(system, row, c["start_s"], c["duration_s"], clip))
             else:
@@ -334,6 +391,8 @@ def main() -> int:
             "means over 10 s windows (see benchmarks/ood_features.py).",
             "### dev (for choices)\n\n" + markdown(summary, "dev"),
             "### heldout (reported)\n\n" + markdown(summary, "heldout"),
+            "### heldout: the product minus each peer, on the same windows (90% interval, files resampled)\n\n"
+            + peer_gaps(rows, "heldout"),
             "wall seconds per system: " + ", ".join(f"{k} {v}" for k, v in timings.items()),
         ]
     )

@@ -5,11 +5,12 @@
 
 Pieces: music21 corpus scores OUTSIDE the default corpora (Bach chorales, Nottingham, Essen): string quartets
 (Haydn, Mozart, Beethoven, Robert Schumann), keyboard works (Mozart, Clara Schumann, Chopin, C. P. E. Bach),
-Joplin's rag, Monteverdi madrigals and songs / arias / chamber pieces (Handel, Verdi, Schubert, Schumann, Beach,
-Corelli, ...). Meters 2/2, 2/4, 3/4, 3/8, 4/4, 6/8, 9/8. Each is rendered from its start, as written (no
-added drums, bass or piano), through a General-MIDI SoundFont other than the project's default TimGM6mb: Debian's
-FluidR3_GM (`fluid-soundfont-gm`) or Csound's sf_GMbank (`csound-soundfont`), chosen per piece; `ensure_soundfonts`
-installs them with apt-get when missing (as root, idempotent).
+Joplin's rag, Monteverdi madrigals, Palestrina, Lusitano and trecento pieces, and songs / arias / chamber pieces
+(Handel, Verdi, Schubert, Schumann, Beach, Corelli, Weber, ...). Meters 2/2, 2/4, 3/4, 3/8, 4/2, 4/4, 6/8, 9/8.
+Each is rendered from its start, as written (no added drums, bass or piano), through a General-MIDI SoundFont other
+than the project's default TimGM6mb: Debian's FluidR3_GM (`fluid-soundfont-gm`) or Csound's sf_GMbank
+(`csound-soundfont`), chosen per piece; `ensure_soundfonts` installs them with apt-get when missing (as root,
+idempotent).
 
 Tempo: a seeded beat tempo per piece (the corpus files' metronome marks are mostly notation-software defaults),
 60-150 bpm for quarter / eighth beats, 45-100 for dotted-quarter beats; a third of the pieces keep it, a third
@@ -111,6 +112,22 @@ PIECES: list[tuple[str, str]] = [
     ("chamber", "beach/prayer_of_a_tired_child.musicxml"),
     ("chamber", "schumann_clara/opus17/movement3.xml"),
     ("chamber", "corelli/opus3no1/1grave.xml"),
+    # The rest of the corpus' movements of the quartets above, more pieces in other families, so each split holds
+    # about 40 files: with 25, one file's key or meter moved a split's mean by 0.03-0.04.
+    *[("quartet", f"mozart/{w}.mxl") for w in ("k155/movement2", "k155/movement3", "k156/movement2")],
+    *[("quartet", f"mozart/{w}.mxl") for w in ("k156/movement4", "k458/movement3", "k458/movement4")],
+    *[("quartet", f"mozart/k80/movement{i}.mxl") for i in (2, 3)],
+    ("quartet", "beethoven/opus18no1/movement3.mxl"),
+    *[("quartet", f"beethoven/opus59no1/movement{i}.mxl") for i in (3, 4)],
+    *[("quartet", f"beethoven/opus59no2/movement{i}.mxl") for i in (1, 2, 3)],
+    *[("quartet", f"beethoven/opus59no3/movement{i}.mxl") for i in (2, 3, 4)],
+    *[("quartet", f"schumann_robert/opus41no1/movement{i}.mxl") for i in (1, 4, 5)],
+    # Palestrina masses the beat fit set does not draw from (it takes Agnus Dei of masses 1-9)
+    *[("madrigal", f"palestrina/Kyrie_{n}.krn") for n in (12, 25, 38, 51, 77)],
+    ("madrigal", "lusitano/allor_che_ignuda.mxl"),
+    ("madrigal", "ciconia/quod_jactatur.xml"),
+    ("madrigal", "luca/gloria.xml"),
+    ("chamber", "weber/concertino_clarinet.mxl"),
 ]
 
 # The fit set (`--fit`): drum-free music written for the instruments it is played on, to train the learned downbeat

@@ -41,6 +41,9 @@ CLIPS_SCHEMA = pa.schema(
         ("key", pa.string()),
         ("mode", pa.string()),
         ("key_strength", pa.float64()),
+        # the whole source file's key (a piece's key; `key` is the clip's local key), the same on all its clips
+        ("file_key", pa.string()),
+        ("file_mode", pa.string()),
         # harmony (Harte labels)
         ("chords", pa.list_(CHORD_SEGMENT)),
         # level

@@ -88,6 +88,9 @@ class BuildDatasetParams(Section):
         default_factory=lambda: ["bgate", "braw", "edma", "krumhansl", "shaath", "temperley", "tonictriad"]
     )  # vote of these on one HPCP ([]: key_profile alone)
     key_file_context: float = Field(1.0, ge=0)  # weight of the file's mean key profile added to each clip's
+    # the whole file's key (file_key / file_mode) on its summed HPCP: the four symbolic profiles the corpus labels
+    # use ("consensus") or one essentia profile ("bgate" = KeyExtractor's default over the file; docs/ood.md)
+    file_key_profile: Literal["consensus"] | KeyProfile = "consensus"
     rhythm_method: Literal["degara", "multifeature"] = "degara"  # essentia RhythmExtractor2013's method
     # beats from essentia's RhythmExtractor2013 (`rhythm_method`) or from the learned activation + tempo HMM
     # (pipelines/beat_network.py, pipelines/beat_hmm.py)
@@ -400,6 +403,7 @@ class ProcessFile(beam.DoFn):
                 )
             stage = "analyze"
             self._keys_in_file_context([features for _, _, _, features, _ in analysed])
+            self._file_key([features for _, _, _, features, _ in analysed])
             self._downbeats_in_file_context([(start_s, features) for _, start_s, _, features, _ in analysed])
             rows = [self._row(source, sha, sidecar, *clip) for clip in analysed]
         except Exception as e:  # every failure becomes an error row; the pipeline goes on
@@ -450,6 +454,12 @@ class ProcessFile(beam.DoFn):
         for f in features:
             if f.key_pcp is not None:
                 f.key, f.mode, f.key_strength = self.analyzer.key_in_context(f.key_pcp, pcps)
+
+    def _file_key(self, features: list) -> None:
+        """Every clip of the file carries the file's key beside its own (a piece's key: `file_key`)."""
+        key, mode = self.analyzer.file_key([f.key_pcp for f in features])
+        for f in features:
+            f.file_key, f.file_mode = key, mode
 
     def _downbeats_in_file_context(self, clips: list) -> None:
         """Meter and bar phase decided over the whole file (`downbeat_file_context`): a 10 s clip holds 4-6 bars,
@@ -508,6 +518,8 @@ class ProcessFile(beam.DoFn):
             "key": features.key,
             "mode": features.mode,
             "key_strength": features.key_strength,
+            "file_key": features.file_key,
+            "file_mode": features.file_mode,
             "chords": features.chords,
             "loudness_lufs": features.loudness_lufs,
             "traits": [{"name": str(k), "present": bool(v)} for k, v in sorted(traits.items())],

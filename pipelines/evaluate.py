@@ -8,7 +8,8 @@ Metrics (overall and split by drums / no drums):
 - key: mir_eval weighted score (fifth above 0.5, relative 0.3, parallel 0.2) and exact accuracy, against the
   local key of the clip (the `key_segments` entry covering most of the clip window: chorales modulate, and a
   10 s clip can only be asked for the key it sounds in); `key_weighted_global` / `key_exact_global` score
-  against the global key of the whole rendered span, as the first version of this table did.
+  against the global key of the whole rendered span, as the first version of this table did;
+  `file_key_weighted` scores the table's `file_key` (the whole file's key) against that global key.
 - tempo: Acc1 (within 4 %) and Acc2 (also at x2, x3, x1/2, x1/3), by hand (not in mir_eval).
 - beats and downbeats: mir_eval F-measure (70 ms), min_beat_time = 0 (10 s clips).
 - chords: duration-weighted recall over all clips (MIREX WCSR), `majmin` and `root`.
@@ -38,6 +39,8 @@ CLIP_COLUMNS = [
     "downbeats_s",
     "key",
     "mode",
+    "file_key",
+    "file_mode",
     "chords",
     "traits",
 ]
@@ -116,6 +119,8 @@ def evaluate_clip(clip: dict, truth: dict) -> dict:
     local = clip_key(truth.get("key_segments") or [], start, end) or ref_key
     kw_local = float(mir_eval.key.weighted_score(local, est_key)) if est_key else 0.0
     kw_global = float(mir_eval.key.weighted_score(ref_key, est_key)) if est_key else 0.0
+    est_file_key = f"{clip['file_key']} {clip['file_mode']}" if clip.get("file_key") else None
+    kw_file = float(mir_eval.key.weighted_score(ref_key, est_file_key)) if est_file_key else 0.0
     acc1, acc2 = tempo_accuracy(clip.get("tempo_bpm"), float(truth["tempo_bpm"]))
     ref_chords = cut_segments(truth["chords"], start, end)
     mm, w_mm, rt, w_rt = chord_comparisons(ref_chords, clip.get("chords") or [], end - start)
@@ -136,6 +141,8 @@ def evaluate_clip(clip: dict, truth: dict) -> dict:
         "key_exact": float(kw_local == 1.0),  # enharmonic spellings (D# / Eb) count as exact
         "key_weighted_global": kw_global,
         "key_exact_global": float(kw_global == 1.0),
+        "est_file_key": est_file_key,
+        "file_key_weighted": kw_file,
         "ref_tempo": float(truth["tempo_bpm"]),
         "est_tempo": clip.get("tempo_bpm"),
         "tempo_acc1": acc1,
@@ -170,6 +177,7 @@ def summarise(rows: list[dict]) -> dict:
         "key_exact": mean("key_exact"),
         "key_weighted_global": mean("key_weighted_global"),
         "key_exact_global": mean("key_exact_global"),
+        "file_key_weighted": mean("file_key_weighted"),
         "tempo_acc1": mean("tempo_acc1"),
         "tempo_acc2": mean("tempo_acc2"),
         "beat_f": mean("beat_f"),
@@ -255,7 +263,7 @@ METRIC_ORDER = [
 def format_table(metrics: dict) -> str:
     cols = [("overall", metrics["overall"]), ("drums", metrics["drums"]), ("no_drums", metrics["no_drums"])]
     lines = [f"{'metric':<16}" + "".join(f"{name:>11}" for name, _ in cols)]
-    for k in ["clips"] + METRIC_ORDER + ["key_weighted_global", "key_exact_global"]:
+    for k in ["clips"] + METRIC_ORDER + ["key_weighted_global", "key_exact_global", "file_key_weighted"]:
         lines.append(
             f"{k:<16}"
             + "".join(

@@ -36,6 +36,10 @@ class FeatureParams:
     # own before the vote (`key_in_context`): a 10 s clip of a chorale that cadences on the dominant sounds in
     # that key, the file around it says otherwise. 0 keeps clips independent. Needs `key_profiles`.
     key_file_context: float = 0.0
+    # The whole file's key (`file_key`: a piece's key, where `key` is the clip's local one), on the file's HPCP
+    # (its clips' summed): "consensus" = the four symbolic profiles the corpus labels are made with
+    # (`pipelines.corpus_scores.key_correlations`), or an essentia Key profile ("bgate": KeyExtractor's default).
+    file_key_profile: str = "consensus"
     rhythm_method: str = "multifeature"
     beat_tracker: str = "essentia"  # or "network": pipelines/beat_network.py activation + pipelines/beat_hmm.py
     beat_model: str = "builtin"
@@ -103,6 +107,9 @@ class ClipFeatures:
     key: str | None = None
     mode: str | None = None
     key_strength: float | None = None
+    # the whole file's key, set by the build once every clip of the file is analysed (`ClipAnalyzer.file_key`)
+    file_key: str | None = None
+    file_mode: str | None = None
     chords: list[dict] = field(default_factory=list)
     loudness_lufs: float | None = None
     # the clip's key profile (12-bin HPCP summed over its frames, A-based as essentia's Key expects); kept for
@@ -689,39 +696,41 @@ class ClipAnalyzer:
         sr = params.analysis_sample_rate
         self._rhythm = es.RhythmExtractor2013(method=params.rhythm_method)
         self._key = es.KeyExtractor(profileType=params.key_profile, sampleRate=sr)
-        if params.key_profiles:
-            # KeyExtractor's own chain (hann 4096/4096, peaks 25-3500 Hz, whitening, 12-bin HPCP, mean, bins
-            # under 0.2 of the max cleared), shared by one Key per profile.
-            self._hann_window = _essentia_window(es, "hann", 4096)
-            self._kpeaks = es.SpectralPeaks(
-                orderBy="magnitude",
-                magnitudeThreshold=1e-4,
-                minFrequency=25,
-                maxFrequency=3500,
-                maxPeaks=60,
-                sampleRate=sr,
+        # KeyExtractor's own chain (hann 4096/4096, peaks 25-3500 Hz, whitening, 12-bin HPCP, mean, bins under 0.2
+        # of the max cleared): the clip's key profile, voted on by one Key per profile and summed into the file's
+        # (`file_key`).
+        self._hann_window = _essentia_window(es, "hann", 4096)
+        self._kpeaks = es.SpectralPeaks(
+            orderBy="magnitude",
+            magnitudeThreshold=1e-4,
+            minFrequency=25,
+            maxFrequency=3500,
+            maxPeaks=60,
+            sampleRate=sr,
+        )
+        self._kwhite = es.SpectralWhitening(maxFrequency=3500, sampleRate=sr)
+        self._khpcp = es.HPCP(
+            bandPreset=False,
+            harmonics=4,
+            maxFrequency=3500,
+            minFrequency=25,
+            nonLinear=False,
+            normalized="none",
+            referenceFrequency=440,
+            sampleRate=sr,
+            size=12,
+            weightType="cosine",
+            windowSize=1.0,
+            maxShifted=False,
+        )
+
+        def key_algo(profile: str):  # essentia's Key as KeyExtractor sets it up
+            return es.Key(
+                usePolyphony=False, useThreeChords=False, numHarmonics=4, slope=0.6, profileType=profile, pcpSize=12
             )
-            self._kwhite = es.SpectralWhitening(maxFrequency=3500, sampleRate=sr)
-            self._khpcp = es.HPCP(
-                bandPreset=False,
-                harmonics=4,
-                maxFrequency=3500,
-                minFrequency=25,
-                nonLinear=False,
-                normalized="none",
-                referenceFrequency=440,
-                sampleRate=sr,
-                size=12,
-                weightType="cosine",
-                windowSize=1.0,
-                maxShifted=False,
-            )
-            self._keys = [
-                es.Key(
-                    usePolyphony=False, useThreeChords=False, numHarmonics=4, slope=0.6, profileType=prof, pcpSize=12
-                )
-                for prof in params.key_profiles
-            ]
+
+        self._keys = [key_algo(prof) for prof in params.key_profiles]
+        self._file_key_algo = None if params.file_key_profile == "consensus" else key_algo(params.file_key_profile)
         self._bh_window = _essentia_window(es, "blackmanharris62", _HPCP_FRAME)
         self._peaks = es.SpectralPeaks(
             orderBy="magnitude",
@@ -774,6 +783,24 @@ class ClipAnalyzer:
         clips (each scaled to max 1, so long and short clips weigh alike)."""
         file_pcp = np.mean([p / p.max() for p in file_pcps], axis=0)
         return self._vote(clip_pcp / clip_pcp.max() + self.params.key_file_context * file_pcp / file_pcp.max())
+
+    def file_key(self, pcps: list[np.ndarray | None]) -> tuple[str | None, str | None]:
+        """(key, mode) of a whole file from its clips' key profiles: their sum is the file's HPCP (what
+        KeyExtractor would average over the file), scaled to max 1 with bins under 0.2 cleared as it does, matched
+        by `file_key_profile`. (None, None) when no clip is tonal."""
+        tonal = [p for p in pcps if p is not None]
+        total = np.sum(tonal, axis=0) if tonal else None
+        if total is None or total.max() <= 0:
+            return None, None
+        pcp = total / total.max()
+        pcp = np.where(pcp < 0.2, 0.0, pcp)
+        if self._file_key_algo is not None:
+            key, scale, _, _ = self._file_key_algo(pcp.astype(np.float32))
+            return key, scale
+        from pipelines.corpus_scores import key_correlations, key_name
+
+        best = int(np.argmax(key_correlations(np.roll(pcp, -3))))  # A-based bins -> C-based
+        return key_name(best % 12), "major" if best < 12 else "minor"
 
     def _hpcp_frames(self, wave: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(frames x 12 chroma, C-based), frame centre times, low-band energy per frame (bass/kick)."""
@@ -839,8 +866,9 @@ class ClipAnalyzer:
             # No tempo/key/chord claims about silence.
             return ClipFeatures(is_silent=True, loudness_lufs=self._loudness(wave))
 
-        key_pcp = self._key_pcp(wave) if self.params.key_profiles else None
-        key, scale, strength = self._vote(key_pcp) if key_pcp is not None else self._key(wave)
+        key_pcp = self._key_pcp(wave)
+        use_vote = key_pcp is not None and self.params.key_profiles
+        key, scale, strength = self._vote(key_pcp) if use_vote else self._key(wave)
         p = self.params
         beats, confidence, chroma, times, low, env, activation = self._beats(wave)
         boundaries = np.unique(np.concatenate([[0.0], beats, [duration]]))

@@ -139,6 +139,7 @@ def test_features_of_real_music_clip(built):
     for r in good:
         assert r["tempo_bpm"] == pytest.approx(120.0, rel=0.02)
         assert f"{r['key']} {r['mode']}" in ("C major", "A minor")
+        assert (r["file_key"], r["file_mode"]) == ("C", "major")  # C-Am-F-G
         assert {c["label"] for c in r["chords"]} >= {"C:maj", "F:maj", "G:maj"}
         assert r["time_signature"] == "4/4"
         assert -40 < r["loudness_lufs"] < 0
@@ -164,6 +165,7 @@ def test_silence_is_flagged_without_claims(built):
     rows = [r for r in schema.read_clips_table(str(built)).to_pylist() if r["source_path"].endswith("silent.wav")]
     assert rows and all(r["is_silent"] for r in rows)
     assert all(r["tempo_bpm"] is None and r["key"] is None and r["chords"] == [] for r in rows)
+    assert all(r["file_key"] is None and r["file_mode"] is None for r in rows)
     assert all(r["caption"] == "A music clip." for r in rows)
 
 

@@ -64,6 +64,9 @@ def test_evaluate_clip_cuts_truth_to_the_window():
     r = evaluate_clip(clip, truth)
     assert r["key_weighted"] == 0.5 and r["key_exact"] == 0.0  # a fifth above
     assert r["downbeat_f"] == 0.0
+    assert r["file_key_weighted"] == 0.0  # a table without the file's key scores nothing on it
+    clip["file_key"], clip["file_mode"] = "C", "major"  # the relative major: the file's key, scored against the global
+    assert evaluate_clip(clip, truth)["file_key_weighted"] == pytest.approx(0.3)
 
 
 @pytest.mark.filterwarnings("ignore")

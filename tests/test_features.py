@@ -431,3 +431,31 @@ def test_halve_fast_beats_keeps_the_stronger_phase_only_past_the_minimum_contras
     assert len(halve_fast_beats(beats, chroma, times, low, duration, max_bpm=200.0, min_contrast=0.0)) == len(beats)
     alike = halve_fast_beats(*_fast_pulse(0.0), max_bpm=150.0, min_contrast=0.15)
     assert len(alike) == len(beats)  # no phase stands out: not a subdivision
+
+
+def _clip_profiles(analyzer: ClipAnalyzer, wave: np.ndarray, clip_s: float = 10.0, sr: int = 44100) -> list:
+    n = int(clip_s * sr)
+    return [analyzer._key_pcp(wave[i : i + n]) for i in range(0, len(wave) - n // 2, n)]
+
+
+def test_file_key_is_the_piece_key_where_one_clip_sits_in_another():
+    analyzer = ClipAnalyzer(FeatureParams(key_profiles=("bgate", "temperley")))
+    # 20 s of A minor cadences around 10 s in C major (its relative): the middle clip is in C, the file in A minor
+    wave = np.concatenate([cadence("A", "minor", 10.0), cadence("C", "major", 10.0), cadence("A", "minor", 10.0)])
+    pcps = _clip_profiles(analyzer, wave)
+    assert analyzer._vote(pcps[1])[:2] == ("C", "major")
+    assert analyzer.file_key(pcps) == ("A", "minor")
+    assert analyzer.file_key([None, None]) == (None, None)  # silent clips have no profile
+
+
+@pytest.mark.parametrize("key,mode", [("Eb", "major"), ("F#", "minor")])
+def test_file_key_with_an_essentia_profile_is_key_extractor_on_the_whole_file(key, mode):
+    """file_key_profile "bgate" sums the clips' profiles into the file's: essentia's KeyExtractor (its default
+    profile) on the whole file names the same key."""
+    import essentia.standard as es
+
+    wave = np.concatenate([cadence(key, mode, 10.0), 0.5 * cadence(key, mode, 14.0)]).astype(np.float32)
+    analyzer = ClipAnalyzer(FeatureParams(key_profiles=("bgate",), file_key_profile="bgate"))
+    reference = es.KeyExtractor(sampleRate=44100)(wave)[:2]
+    assert reference == (key, mode)
+    assert analyzer.file_key(_clip_profiles(analyzer, wave)) == reference
