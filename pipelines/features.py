@@ -27,63 +27,62 @@ _HPCP_HOP = 2048
 
 @dataclass(frozen=True)
 class FeatureParams:
-    analysis_sample_rate: int = 44100
-    key_profile: str = "bgate"
+    """The analyzer's settings. Their defaults live in one place, the `build_dataset` section
+    (`pipelines.dataset.BuildDatasetParams`, set in params.yaml): build these with `from_params(section)`, or
+    `defaults(**overrides)` for the product's defaults with some fields changed. The two fields at the end are
+    analysis constants that section does not expose."""
+
+    analysis_sample_rate: int
+    key_profile: str
     # Several profiles: one HPCP pass (exactly KeyExtractor's), each profile's key is a vote, the most voted key
     # wins (ties: the earlier profile). Empty: essentia KeyExtractor with `key_profile` alone.
-    key_profiles: tuple[str, ...] = ()
+    key_profiles: tuple[str, ...]
     # Weight of the whole file's key profile (mean of its clips' HPCPs, each scaled to max 1) added to a clip's
     # own before the vote (`key_in_context`): a 10 s clip of a chorale that cadences on the dominant sounds in
     # that key, the file around it says otherwise. 0 keeps clips independent. Needs `key_profiles`.
-    key_file_context: float = 0.0
+    key_file_context: float
     # The whole file's key (`file_key`: a piece's key, where `key` is the clip's local one), on the file's HPCP
     # (its clips' summed): "consensus" = the four symbolic profiles the corpus labels are made with
     # (`pipelines.corpus_scores.key_correlations`), or an essentia Key profile ("bgate": KeyExtractor's default).
-    file_key_profile: str = "consensus"
-    rhythm_method: str = "multifeature"
-    beat_tracker: str = "essentia"  # or "network": pipelines/beat_network.py activation + pipelines/beat_hmm.py
-    beat_model: str = "builtin"
-    downbeat_network_weight: float = 0.0  # learned evidence + this x the network's downbeat log-odds
-    chord_method: str = "hmm"
-    chord_self_transition: float = 0.5
-    silence_dbfs: float = -60.0
-    meters: tuple[int, ...] = field(default=(2, 3, 4))
-    # Downbeat evidence per beat: "weighted" (default) sums the z-scored cues of `downbeat_weights`;
-    # "chroma_bass" / "onsets_chords" are the earlier fixed sums (chroma change + bass level [+ onsets, labels]).
-    downbeat_evidence: str = "weighted"
-    # Weights of the per-beat cues (fitted on the rendered dev set, checked by piece-grouped cross-validation):
-    # bass = low-band level at the beat, chord_change = chord label changes there, novelty = chroma of the two
-    # beats after vs the two before, low_onset / high_onset = spectral flux below 200 Hz / above 2 kHz (hats and
-    # snares sit on the backbeats, hence negative).
-    downbeat_weights: tuple[tuple[str, float], ...] = (
-        ("bass", 1.0),
-        ("chord_change", 0.6),
-        ("novelty", 0.45),
-        ("low_onset", 0.1),
-        ("high_onset", -0.35),
-    )
+    file_key_profile: str
+    rhythm_method: str
+    beat_tracker: str  # "essentia" or "network": pipelines/beat_network.py activation + pipelines/beat_hmm.py
+    beat_model: str
+    downbeat_network_weight: float  # learned evidence + this x the network's downbeat log-odds
+    chord_method: str
+    chord_self_transition: float
+    silence_dbfs: float
+    # Downbeat evidence per beat: "weighted" sums the z-scored cues of `downbeat_weights`, "learned" reads the
+    # boosted trees of `downbeat_model`; "chroma_bass" / "onsets_chords" are the earlier fixed sums (chroma change
+    # + bass level [+ onsets, labels]).
+    downbeat_evidence: str
+    # Weights of the per-beat cues of "weighted": bass = low-band level at the beat, chord_change = chord label
+    # changes there, novelty = chroma of the two beats after vs the two before, low_onset / high_onset = spectral
+    # flux below 200 Hz / above 2 kHz (hats and snares sit on the backbeats, hence negative).
+    downbeat_weights: tuple[tuple[str, float], ...]
     # Refinement of essentia's beats (see `refine_beats`); False keeps the tracker's beats (+ octave halving). The
     # network's beats are only halved.
-    beat_refine: bool = True
-    beat_steady_tolerance: float = 0.04  # interval within this fraction of the median = settled tracking
-    beat_phase_margin: float = 0.5  # off-beat evidence above on-beat evidence by this much: shift half a beat
-    beat_compound_margin: float = 0.8  # dotted-beat (3 tatums) evidence above 2-tatum evidence: compound metre
+    beat_refine: bool
+    beat_phase_margin: float  # off-beat evidence above on-beat evidence by this much: shift half a beat
+    beat_compound_margin: float  # dotted-beat (3 tatums) evidence above 2-tatum evidence: compound metre
     # Tempo octave: a beat level faster than this is taken as the subdivision and every other beat is kept
     # (the phase with the stronger bass / harmonic-change evidence); 0 disables.
-    tempo_halve_above_bpm: float = 150.0
-    tempo_halve_min_contrast: float = 0.3  # the two phases' evidence must differ by this much (z units) to halve
-    # Added to a meter's bar-phase score (contrast of z-scored evidence). Meter 2 is favoured: on a 4/4 bar it
-    # still scores F=0.67 with either half-bar phase, where a wrong 4/4 phase scores 0.
-    meter_bias: tuple[tuple[int, float], ...] = ((2, 0.3), (3, -0.35), (4, 0.0))
+    tempo_halve_above_bpm: float
+    tempo_halve_min_contrast: float  # the two phases' evidence must differ by this much (z units) to halve
+    # Added to a meter's bar-phase score (contrast of z-scored evidence): meter 2 still scores F=0.67 on a 4/4 bar
+    # with either half-bar phase, where a wrong 4/4 phase scores 0, hence a bias against it.
+    meter_bias: tuple[tuple[int, float], ...]
     # downbeat_evidence "learned": per-beat boosted trees over the cues of the beat and its two neighbours, one
-    # model for percussive clips and one for the rest (`DOWNBEAT_MODEL`, fitted by benchmarks/fit_downbeats.py
-    # on the rendered dev set); "builtin" or a path to such a JSON file.
-    downbeat_model: str = "builtin"
+    # model for percussive clips and one for the rest (`DOWNBEAT_MODEL`, fitted by benchmarks/fit_downbeats.py);
+    # "builtin" or a path to such a JSON file.
+    downbeat_model: str
     # Decide meter and bar phase over the whole file (clips' beat grids stitched) instead of clip by clip.
-    downbeat_file_context: bool = False
+    downbeat_file_context: bool
     # ... where a clip may leave the file's bar phase if its own evidence beats it by this much (None: never;
     # `file_bar_phase`)
-    downbeat_rephase_penalty: float | None = None
+    downbeat_rephase_penalty: float | None
+    meters: tuple[int, ...] = (2, 3, 4)  # the beats per bar the bar phase chooses among
+    beat_steady_tolerance: float = 0.04  # interval within this fraction of the median = settled tracking
 
     @classmethod
     def from_params(cls, section: BuildDatasetParams) -> FeatureParams:
@@ -94,6 +93,14 @@ class FeatureParams:
         kwargs["meter_bias"] = tuple((int(k), float(v)) for k, v in section.meter_bias.items())
         kwargs["downbeat_weights"] = tuple((str(k), float(v)) for k, v in section.downbeat_weights.items())
         return cls(**kwargs)
+
+    @classmethod
+    def defaults(cls, **overrides) -> FeatureParams:
+        """The product's defaults (`BuildDatasetParams()`), with `overrides` in that section's types (lists and
+        dicts, validated there)."""
+        from pipelines.dataset import BuildDatasetParams
+
+        return cls.from_params(BuildDatasetParams(**overrides))
 
 
 @dataclass

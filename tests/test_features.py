@@ -28,9 +28,30 @@ from tests.synth import cadence, chord_sequence, click_track
 SR = 44100
 
 
+# The analyzer before the beat network: essentia's multifeature beats with the project's refinements, one key
+# profile, the weighted downbeat cues clip by clip. The product still offers each of these paths.
+ESSENTIA_ERA = dict(
+    beat_tracker="essentia",
+    rhythm_method="multifeature",
+    key_profiles=[],
+    key_file_context=0.0,
+    chord_self_transition=0.5,
+    downbeat_evidence="weighted",
+    downbeat_network_weight=0.0,
+    tempo_halve_min_contrast=0.3,
+    meter_bias={2: 0.3, 3: -0.35, 4: 0.0},
+    downbeat_file_context=False,
+    downbeat_rephase_penalty=None,
+)
+
+
+def essentia_era(**changes) -> FeatureParams:
+    return FeatureParams.defaults(**{**ESSENTIA_ERA, **changes})
+
+
 @pytest.fixture(scope="module")
 def analyzer():
-    return ClipAnalyzer(FeatureParams())
+    return ClipAnalyzer(essentia_era())
 
 
 @pytest.mark.parametrize("bpm", [90.0, 120.0, 150.0])
@@ -72,12 +93,12 @@ def test_accented_clicks_give_downbeats_and_meter(which, request):
 def network_analyzer():
     """Beats from the shipped network + tempo HMM, downbeats from the learned trees plus the network's output."""
     return ClipAnalyzer(
-        FeatureParams(
+        essentia_era(
             beat_tracker="network",
             beat_refine=False,
             downbeat_evidence="learned",
             downbeat_network_weight=0.5,
-            meter_bias=((2, -0.2), (3, -0.35), (4, 0.0)),
+            meter_bias={2: -0.2, 3: -0.35, 4: 0.0},
         )
     )
 
@@ -230,7 +251,7 @@ def test_onset_envelopes_peak_at_clicks():
 @pytest.mark.parametrize("key,mode", [("D", "major"), ("A", "minor"), ("Bb", "major")])
 def test_cadence_key_by_profile_vote(key, mode):
     analyzer = ClipAnalyzer(
-        FeatureParams(key_profiles=("bgate", "braw", "edma", "krumhansl", "shaath", "temperley", "tonictriad"))
+        essentia_era(key_profiles=["bgate", "braw", "edma", "krumhansl", "shaath", "temperley", "tonictriad"])
     )
     f = analyzer.analyze(cadence(key, mode, seconds=10.0))
     assert mir_eval.key.weighted_score(f"{key} {mode}", f"{f.key} {f.mode}") == 1.0
@@ -241,7 +262,7 @@ def test_per_frame_direct_calls_match_essentias_checked_calls():
     """The per-frame chroma and key HPCP skip essentia.standard's argument checks: same numbers as through them."""
     from pipelines.features import _HPCP_HOP, _per_frame, _spectra
 
-    analyzer = ClipAnalyzer(FeatureParams(key_profiles=("bgate", "krumhansl")))
+    analyzer = ClipAnalyzer(essentia_era(key_profiles=["bgate", "krumhansl"]))
     wave, _ = chord_sequence([("C", "maj"), ("A", "min"), ("F", "maj"), ("G", "maj")], 100.0, 4, 6.0)
     wave = np.ascontiguousarray(wave, dtype=np.float32)
     for spec in _spectra(wave, analyzer._bh_window, _HPCP_HOP, centred=False)[::7]:
@@ -268,8 +289,8 @@ def _a_based(weights_by_pc: dict[int, float]) -> np.ndarray:
 
 def test_key_in_file_context_outvotes_a_clip_that_sits_on_the_dominant():
     analyzer = ClipAnalyzer(
-        FeatureParams(
-            key_profiles=("bgate", "braw", "edma", "krumhansl", "shaath", "temperley", "tonictriad"),
+        essentia_era(
+            key_profiles=["bgate", "braw", "edma", "krumhansl", "shaath", "temperley", "tonictriad"],
             key_file_context=1.0,
         )
     )
@@ -439,7 +460,7 @@ def _clip_profiles(analyzer: ClipAnalyzer, wave: np.ndarray, clip_s: float = 10.
 
 
 def test_file_key_is_the_piece_key_where_one_clip_sits_in_another():
-    analyzer = ClipAnalyzer(FeatureParams(key_profiles=("bgate", "temperley")))
+    analyzer = ClipAnalyzer(essentia_era(key_profiles=["bgate", "temperley"]))
     # 20 s of A minor cadences around 10 s in C major (its relative): the middle clip is in C, the file in A minor
     wave = np.concatenate([cadence("A", "minor", 10.0), cadence("C", "major", 10.0), cadence("A", "minor", 10.0)])
     pcps = _clip_profiles(analyzer, wave)
@@ -455,7 +476,7 @@ def test_file_key_with_an_essentia_profile_is_key_extractor_on_the_whole_file(ke
     import essentia.standard as es
 
     wave = np.concatenate([cadence(key, mode, 10.0), 0.5 * cadence(key, mode, 14.0)]).astype(np.float32)
-    analyzer = ClipAnalyzer(FeatureParams(key_profiles=("bgate",), file_key_profile="bgate"))
+    analyzer = ClipAnalyzer(essentia_era(key_profiles=["bgate"], file_key_profile="bgate"))
     reference = es.KeyExtractor(sampleRate=44100)(wave)[:2]
     assert reference == (key, mode)
     assert analyzer.file_key(_clip_profiles(analyzer, wave)) == reference
