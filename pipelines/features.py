@@ -35,7 +35,7 @@ class FeatureParams:
     analysis_sample_rate: int
     key_profile: str
     # Several profiles: one HPCP pass (exactly KeyExtractor's), each profile's key is a vote, the most voted key
-    # wins (ties: the earlier profile). Empty: essentia KeyExtractor with `key_profile` alone.
+    # wins (ties: the earlier profile). Empty: `key_profile` alone (what essentia's KeyExtractor names).
     key_profiles: tuple[str, ...]
     # Weight of the whole file's key profile (mean of its clips' HPCPs, each scaled to max 1) added to a clip's
     # own before the vote (`key_in_context`): a 10 s clip of a chorale that cadences on the dominant sounds in
@@ -702,7 +702,6 @@ class ClipAnalyzer:
         self.params = params
         sr = params.analysis_sample_rate
         self._rhythm = es.RhythmExtractor2013(method=params.rhythm_method)
-        self._key = es.KeyExtractor(profileType=params.key_profile, sampleRate=sr)
         # KeyExtractor's own chain (hann 4096/4096, peaks 25-3500 Hz, whitening, 12-bin HPCP, mean, bins under 0.2
         # of the max cleared): the clip's key profile, voted on by one Key per profile and summed into the file's
         # (`file_key`).
@@ -736,7 +735,8 @@ class ClipAnalyzer:
                 usePolyphony=False, useThreeChords=False, numHarmonics=4, slope=0.6, profileType=profile, pcpSize=12
             )
 
-        self._keys = [key_algo(prof) for prof in params.key_profiles]
+        # no `key_profiles`: `key_profile` alone, which is KeyExtractor's result (same chain, same Key)
+        self._keys = [key_algo(prof) for prof in params.key_profiles or (params.key_profile,)]
         self._file_key_algo = None if params.file_key_profile == "consensus" else key_algo(params.file_key_profile)
         self._bh_window = _essentia_window(es, "blackmanharris62", _HPCP_FRAME)
         self._peaks = es.SpectralPeaks(
@@ -874,8 +874,8 @@ class ClipAnalyzer:
             return ClipFeatures(is_silent=True, loudness_lufs=self._loudness(wave))
 
         key_pcp = self._key_pcp(wave)
-        use_vote = key_pcp is not None and self.params.key_profiles
-        key, scale, strength = self._vote(key_pcp) if use_vote else self._key(wave)
+        # no tonal peaks (25-3500 Hz) in a clip that is not silent: no key claim (KeyExtractor would name one anyway)
+        key, scale, strength = self._vote(key_pcp) if key_pcp is not None else (None, None, None)
         p = self.params
         beats, confidence, chroma, times, low, env, activation = self._beats(wave)
         boundaries = np.unique(np.concatenate([[0.0], beats, [duration]]))
@@ -942,7 +942,7 @@ class ClipAnalyzer:
             time_signature=time_signature,
             key=key,
             mode=scale,
-            key_strength=float(strength),
+            key_strength=None if strength is None else float(strength),
             chords=chords,
             loudness_lufs=self._loudness(wave),
             key_pcp=key_pcp,
