@@ -113,7 +113,8 @@ def main() -> None:
         variants = {
             "beats=essentia multifeature": {**essentia, "rhythm_method": "multifeature"},
             "beats=essentia degara": {**essentia, "rhythm_method": "degara"},
-            "beats=network": {"beat_tracker": "network"},
+            "beats=network, each clip alone": {"beat_tracker": "network", "beat_context_seconds": 0.0},
+            "beats=network (default)": {"beat_tracker": "network"},
         }
         for i, (label, update) in enumerate(variants.items()):
             p = params.model_copy(update=update)

@@ -96,6 +96,9 @@ class BuildDatasetParams(Section):
     # (pipelines/beat_network.py, pipelines/beat_hmm.py)
     beat_tracker: Literal["essentia", "network"] = "network"
     beat_model: str = "builtin"  # the network's weights: builtin or an .npz from benchmarks/fit_beats.py
+    # the network's beats: each clip's tracked with the network run across its neighbours and the HMM decoding this
+    # much of their activation on either side (back-to-back clips only; 0: each clip alone)
+    beat_context_seconds: float = Field(2.5, ge=0)
     chord_method: Literal["hmm", "essentia"] = "hmm"  # beat-synchronous chroma + Viterbi | essentia ChordsDetection
     chord_self_transition: float = Field(0.3, ge=0, le=1)  # HMM: P(same chord next beat)
     tempo_halve_above_bpm: float = Field(150.0, ge=0)  # faster beat level + weak alternate beats: every other (0: off)
@@ -392,11 +395,20 @@ class ProcessFile(beam.DoFn):
             info, clips = iter_clips(
                 source.path, sr, p.clip_seconds, p.hop_seconds, p.min_clip_seconds, p.max_file_seconds
             )
-            analysed = []
-            for index, start_s, wave in clips:
-                stage = "analyze"
-                analysed.append(self._analyse(index, start_s, wave))
-                stage = "decode"
+            stored = {}  # clip index -> (duration_s, FLAC bytes): each wave is encoded as it passes, never kept
+
+            def decoded():
+                nonlocal stage
+                for index, start_s, wave in clips:
+                    stored[index] = (len(wave) / sr, self._encode(wave))
+                    stage = "analyze"
+                    yield index, start_s, wave
+                    stage = "decode"
+
+            analysed = [
+                (index, start_s, stored[index][0], features, stored.pop(index)[1])
+                for index, start_s, features in self.analyzer.analyze_clips(decoded())
+            ]
             if not analysed:
                 raise ValueError(
                     f"shorter than min_clip_seconds={p.min_clip_seconds}s ({info.duration_s:.2f}s decoded)"
@@ -440,11 +452,10 @@ class ProcessFile(beam.DoFn):
         )
         yield from rows
 
-    def _analyse(self, index: int, start_s: float, wave: np.ndarray) -> tuple:
-        """(index, start_s, duration_s, features, stored FLAC bytes): the wave itself is not kept."""
+    def _encode(self, wave: np.ndarray) -> bytes:
+        """The clip's audio as stored in the table: FLAC at `store_sample_rate`."""
         sr, store_sr = self.params.analysis_sample_rate, self.params.store_sample_rate
-        features = self.analyzer.analyze(wave)
-        return index, start_s, len(wave) / sr, features, encode_flac(resample(wave, sr, store_sr), store_sr)
+        return encode_flac(resample(wave, sr, store_sr), store_sr)
 
     def _keys_in_file_context(self, features: list) -> None:
         """Re-vote each clip's key with the file's mean key profile added (`key_file_context`)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,12 @@ if TYPE_CHECKING:
 
 _HPCP_FRAME = 4096
 _HPCP_HOP = 2048
+# back-to-back clips whose beats `ClipAnalyzer.analyze_clips` tracks in one network pass (plus one clip of context
+# on either side: (_CONTEXT_RUN + 2) / _CONTEXT_RUN of the network's cost of clips tracked alone)
+_CONTEXT_RUN = 8
+# audio borrowed from either neighbour for the network frames at a clip's edges, in frames: the longest FFT window
+# (beat_network.PITCH_FFT, 4096 samples) reaches 2048 samples = 4.6 frames either side of its centre
+_EDGE_FRAMES = 5
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,8 @@ class FeatureParams:
     rhythm_method: str
     beat_tracker: str  # "essentia" or "network": pipelines/beat_network.py activation + pipelines/beat_hmm.py
     beat_model: str
+    # the network's beats: each clip tracked with this much of the clips around it (`analyze_clips`; 0: alone)
+    beat_context_seconds: float
     downbeat_network_weight: float  # learned evidence + this x the network's downbeat log-odds
     chord_method: str
     chord_self_transition: float
@@ -759,6 +768,8 @@ class ClipAnalyzer:
         self._es = es
         self._beat_network = BeatNetwork.load(params.beat_model) if params.beat_tracker == "network" else None
         self._beat_hmm = BeatHMM(fps=FPS)
+        self._sr = sr
+        self._hop = int(round(sr / FPS))  # samples per network frame
 
     # -- pieces -------------------------------------------------------------------------------------------
     def _key_pcp(self, wave: np.ndarray) -> np.ndarray | None:
@@ -829,29 +840,68 @@ class ClipAnalyzer:
         return float(value) if np.isfinite(value) else None
 
     # -- all ----------------------------------------------------------------------------------------------
-    def _beats(self, wave: np.ndarray) -> tuple:
-        """(refined beats, tracker confidence, chroma frames, their times, low-band energy, onset envelopes, the
-        network's (beat, downbeat) activation or None)."""
+    # A clip is analysed in three steps: `_signals` reads everything analysis needs from its audio, `_track_alone`
+    # finds its beats (or `analyze_clips` does, with the clips around it), `_finish` derives the rest from those.
+    def _signals(
+        self, wave: np.ndarray, lead: np.ndarray | None = None, tail: np.ndarray | None = None
+    ) -> _ClipSignals:
+        """`lead` / `tail`: the audio just before / after the clip where it continues (`_with_edges`), so the network
+        frames at its edges are those of the piece, not of audio cut off."""
         p, sr = self.params, self.params.analysis_sample_rate
+        wave = np.ascontiguousarray(wave, dtype=np.float32)
         duration = len(wave) / sr
-        activation = None
-        if self._beat_network is not None:
-            net = self._beat_network
-            activation = net.activations(spectral_frames(wave, sr, net.features))
-            beats, confidence = self._beat_hmm.decode(activation[:, 0]), None
+        rms = float(np.sqrt(np.mean(wave.astype(np.float64) ** 2))) if len(wave) else 0.0
+        net = self._beat_network
+        if rms <= 10 ** (p.silence_dbfs / 20):
+            # No tempo/key/chord claims about silence; its network frames are silence's (all zero) for the clips
+            # around it.
+            frames = None if net is None else np.zeros((len(wave) // self._hop + 1, net.mean.shape[0]), np.float32)
+            return _ClipSignals(duration, self._loudness(wave), silent=True, frames=frames)
+        sig = _ClipSignals(duration, self._loudness(wave), silent=False, key_pcp=self._key_pcp(wave))
+        sig.chroma, sig.times, sig.low = self._hpcp_frames(wave)
+        if p.beat_refine or p.downbeat_evidence in ("weighted", "learned"):
+            sig.env = onset_envelopes(wave, sr)
+        if net is not None:
+            sig.frames = self._network_frames(wave, lead, tail)
         else:
             _, beats, confidence, _, _ = self._rhythm(wave)
+            sig.essentia_beats, sig.essentia_confidence = np.asarray(beats, dtype=float), float(confidence)
+        return sig
+
+    def _network_frames(self, wave: np.ndarray, lead: np.ndarray | None, tail: np.ndarray | None) -> np.ndarray:
+        net, hop = self._beat_network, self._hop
+        if lead is None and tail is None:
+            return spectral_frames(wave, self._sr, net.features)
+        lead = np.zeros(0, np.float32) if lead is None else lead
+        tail = np.zeros(0, np.float32) if tail is None else tail
+        frames = spectral_frames(np.concatenate([lead, wave, tail]), self._sr, net.features)
+        first = len(lead) // hop  # lead is a whole number of frames long
+        return frames[first : first + len(wave) // hop + 1]
+
+    def _track_alone(self, sig: _ClipSignals) -> tuple[np.ndarray, float | None, np.ndarray | None]:
+        """(beats, tracker confidence, the network's (beat, downbeat) activation or None) from the clip alone."""
+        if self._beat_network is None:
+            return sig.essentia_beats, sig.essentia_confidence, None
+        activation = self._beat_network.activations(sig.frames)
+        return self._beat_hmm.decode(activation[:, 0]), None, activation
+
+    def _settle_beats(self, sig: _ClipSignals, beats: np.ndarray) -> np.ndarray:
+        """The tracker's beats inside the clip, refined (essentia's) or halved when too fast (the network's)."""
+        p = self.params
         beats = np.asarray(beats, dtype=float)
-        beats = beats[(beats >= 0) & (beats < duration)]
-        chroma, times, low = self._hpcp_frames(wave)
-        env = onset_envelopes(wave, sr) if (p.beat_refine or p.downbeat_evidence in ("weighted", "learned")) else None
+        beats = beats[(beats >= 0) & (beats < sig.duration)]
         if p.beat_refine and self._beat_network is None:
-            beats = refine_beats(beats, duration, chroma, times, low, env, p)
-        else:
-            beats = halve_fast_beats(
-                beats, chroma, times, low, duration, p.tempo_halve_above_bpm, p.tempo_halve_min_contrast
-            )
-        return beats, confidence, chroma, times, low, env, activation
+            return refine_beats(beats, sig.duration, sig.chroma, sig.times, sig.low, sig.env, p)
+        return halve_fast_beats(
+            beats, sig.chroma, sig.times, sig.low, sig.duration, p.tempo_halve_above_bpm, p.tempo_halve_min_contrast
+        )
+
+    def _beats(self, wave: np.ndarray) -> tuple:
+        """(settled beats, tracker confidence, chroma frames, their times, low-band energy, onset envelopes, the
+        network's (beat, downbeat) activation or None) of a clip on its own."""
+        sig = self._signals(wave)
+        beats, confidence, activation = self._track_alone(sig)
+        return self._settle_beats(sig, beats), confidence, sig.chroma, sig.times, sig.low, sig.env, activation
 
     def downbeat_inputs(self, wave: np.ndarray) -> tuple[np.ndarray, dict, dict] | None:
         """(beats, per-beat cues, onset envelopes) as `analyze` computes them, for fitting the downbeat model;
@@ -865,19 +915,71 @@ class ClipAnalyzer:
         return beats, cues, env
 
     def analyze(self, wave: np.ndarray) -> ClipFeatures:
-        wave = np.ascontiguousarray(wave, dtype=np.float32)
-        sr = self.params.analysis_sample_rate
-        duration = len(wave) / sr
-        rms = float(np.sqrt(np.mean(wave.astype(np.float64) ** 2))) if len(wave) else 0.0
-        if rms <= 10 ** (self.params.silence_dbfs / 20):
-            # No tempo/key/chord claims about silence.
-            return ClipFeatures(is_silent=True, loudness_lufs=self._loudness(wave))
+        """All features of one clip, heard on its own."""
+        sig = self._signals(wave)
+        if sig.silent:
+            return ClipFeatures(is_silent=True, loudness_lufs=sig.loudness)
+        return self._finish(sig, *self._track_alone(sig))
 
-        key_pcp = self._key_pcp(wave)
+    def analyze_clips(
+        self, clips: Iterable[tuple[int, float, np.ndarray]]
+    ) -> Iterator[tuple[int, float, ClipFeatures]]:
+        """(index, start_s, features) of a file's clips, from (index, start_s, wave) in file order.
+
+        With the beat network and `beat_context_seconds` > 0, each clip's beats are tracked with the audio around
+        it: the network runs over runs of back-to-back clips (each run with one clip more on either side, so every
+        frame sees the ~10 s of context either way the network reads), and the HMM decodes the clip plus
+        `beat_context_seconds` of its neighbours' activation. A clip cut out of a piece then starts on the beat
+        the piece is on, instead of finding its footing in its first bars, and neighbouring clips agree on the
+        beats at their boundary. Clips that do not follow each other (hop != clip length) are tracked alone.
+        Holds at most `_CONTEXT_RUN` + 2 clips' frames (never the file's audio)."""
+        if self._beat_network is None or self.params.beat_context_seconds <= 0:
+            for index, start_s, wave in clips:
+                yield index, start_s, self.analyze(wave)
+            return
+        run: list[tuple[int, float, _ClipSignals]] = []
+        before: _ClipSignals | None = None  # the clip just before the run, for context
+        for index, start_s, wave, lead, tail in _with_edges(clips, self._sr, _EDGE_FRAMES * self._hop):
+            sig = self._signals(wave, lead, tail)
+            if run and lead is None:  # a gap (or an overlap) before this clip: the run ends there
+                yield from self._finish_run(run, before, None)
+                run, before = [], None
+            elif len(run) == _CONTEXT_RUN:
+                yield from self._finish_run(run, before, sig)
+                run, before = [], run[-1][2]
+            run.append((index, start_s, sig))
+        if run:
+            yield from self._finish_run(run, before, None)
+
+    def _finish_run(
+        self, run: list[tuple[int, float, _ClipSignals]], before: _ClipSignals | None, after: _ClipSignals | None
+    ) -> Iterator[tuple[int, float, ClipFeatures]]:
+        def span(sig: _ClipSignals) -> tuple[np.ndarray, int]:
+            return sig.frames, round(sig.duration * FPS)
+
+        tracked = track_in_context(
+            self._beat_network,
+            self._beat_hmm,
+            [span(sig) for _, _, sig in run],
+            None if before is None else span(before),
+            None if after is None else span(after),
+            self.params.beat_context_seconds,
+        )
+        for (index, start_s, sig), (beats, activation) in zip(run, tracked):
+            if sig.silent:
+                yield index, start_s, ClipFeatures(is_silent=True, loudness_lufs=sig.loudness)
+            else:
+                yield index, start_s, self._finish(sig, beats, None, activation)
+
+    def _finish(
+        self, sig: _ClipSignals, tracked_beats: np.ndarray, confidence: float | None, activation: np.ndarray | None
+    ) -> ClipFeatures:
+        """A non-silent clip's features from its signals and the tracker's beats (seconds from the clip's start)."""
+        p, sr, duration = self.params, self.params.analysis_sample_rate, sig.duration
+        key_pcp, chroma, times, low, env = sig.key_pcp, sig.chroma, sig.times, sig.low, sig.env
         # no tonal peaks (25-3500 Hz) in a clip that is not silent: no key claim (KeyExtractor would name one anyway)
         key, scale, strength = self._vote(key_pcp) if key_pcp is not None else (None, None, None)
-        p = self.params
-        beats, confidence, chroma, times, low, env, activation = self._beats(wave)
+        beats = self._settle_beats(sig, tracked_beats)
         boundaries = np.unique(np.concatenate([[0.0], beats, [duration]]))
         seg_chroma = beat_sync(chroma, times, boundaries)
         if p.chord_method == "essentia" and len(beats) >= 2:
@@ -944,10 +1046,71 @@ class ClipAnalyzer:
             mode=scale,
             key_strength=None if strength is None else float(strength),
             chords=chords,
-            loudness_lufs=self._loudness(wave),
+            loudness_lufs=sig.loudness,
             key_pcp=key_pcp,
             beat_evidence=evidence,
         )
+
+
+def _with_edges(
+    clips: Iterable[tuple[int, float, np.ndarray]], sr: int, edge: int
+) -> Iterator[tuple[int, float, np.ndarray, np.ndarray | None, np.ndarray | None]]:
+    """(index, start_s, wave, lead, tail): each clip with the last `edge` samples of the clip before it and the
+    first `edge` of the clip after it, where they are back to back (None where a gap or an overlap separates them, or
+    at the file's ends). Holds one clip back to see the next."""
+    held, lead = None, None
+    for index, start_s, wave in clips:
+        if held is not None:
+            follows = abs(held[1] + len(held[2]) / sr - start_s) < 1.5 / sr
+            yield (*held, lead, wave[:edge].copy() if follows else None)
+            lead = held[2][-edge:].copy() if follows else None
+        held = (index, start_s, wave)
+    if held is not None:
+        yield (*held, lead, None)
+
+
+def track_in_context(
+    net: BeatNetwork,
+    hmm: BeatHMM,
+    clips: list[tuple[np.ndarray, int]],
+    before: tuple[np.ndarray, int] | None,
+    after: tuple[np.ndarray, int] | None,
+    context_s: float,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(beats in seconds from the clip's start, the network's (beat, downbeat) activation over the clip) of
+    back-to-back clips, from each clip's (spectral frames, frames it spans): the frames of `before`, `clips` and
+    `after` are joined into one stretch for the network, and each clip's beats are decoded from its activation plus
+    `context_s` of the activation on either side, then cut to the clip."""
+    segments = ([before] if before is not None else []) + list(clips) + ([after] if after is not None else [])
+    # a clip's frames run one past its end (the frame centred there is the next clip's first): cut to its span
+    activation = net.activations(np.concatenate([frames[:n] for frames, n in segments]))
+    offsets = np.cumsum([0] + [n for _, n in segments])
+    first = 1 if before is not None else 0
+    reach = int(round(context_s * FPS))
+    tracked = []
+    for k, (_, n) in enumerate(clips):
+        start = int(offsets[first + k])
+        lo, hi = max(0, start - reach), min(len(activation), start + n + reach)
+        beats = hmm.decode(activation[lo:hi, 0]) + (lo - start) / FPS
+        tracked.append((beats[(beats >= 0) & (beats < n / FPS)], activation[start : start + n]))
+    return tracked
+
+
+@dataclass
+class _ClipSignals:
+    """What analysis reads from a clip's audio (`ClipAnalyzer._signals`): the rest works from these alone."""
+
+    duration: float
+    loudness: float | None
+    silent: bool
+    key_pcp: np.ndarray | None = None
+    chroma: np.ndarray | None = None  # HPCP frames (C-based), their centre times, low-band energy per frame
+    times: np.ndarray | None = None
+    low: np.ndarray | None = None
+    env: dict | None = None  # onset envelopes (`onset_envelopes`)
+    frames: np.ndarray | None = None  # the beat network's input frames
+    essentia_beats: np.ndarray | None = None  # beat_tracker essentia: its beats and confidence
+    essentia_confidence: float | None = None
 
 
 def network_evidence(downbeat_activation: np.ndarray, beats: np.ndarray, reach: int = 3) -> np.ndarray:

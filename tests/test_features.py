@@ -499,3 +499,55 @@ def test_key_profile_alone_is_key_extractor_and_a_clip_without_pitch_names_no_ke
     assert es.KeyExtractor(sampleRate=44100)(whistle)[:2] == ("A", "minor")
     high = analyzer.analyze(whistle)
     assert not high.is_silent and high.key is None and high.mode is None and high.key_strength is None
+
+
+_PROG = [("C", "maj"), ("A", "min"), ("F", "maj"), ("G", "maj"), ("E", "min"), ("D", "min"), ("G", "maj"), ("C", "maj")]
+
+
+def _cut(wave: np.ndarray, clip_s: float, hop_s: float) -> list[tuple[int, float, np.ndarray]]:
+    clip, hop = int(clip_s * SR), int(hop_s * SR)
+    return [(i, i * hop_s, wave[s : s + clip]) for i, s in enumerate(range(0, len(wave) - clip + 1, hop))]
+
+
+def test_clip_edges_borrowed_from_the_neighbours_give_the_whole_files_network_frames(network_analyzer):
+    """The network frames of back-to-back clips, each computed with its neighbours' edge audio, are the frames of
+    the uncut file: no dip of half-empty FFT windows (and no onset after it) at every clip boundary."""
+    from pipelines.beat_network import spectral_frames
+    from pipelines.features import _EDGE_FRAMES, _with_edges
+
+    wave, _ = chord_sequence(_PROG, bpm=100.0, beats_per_chord=1, seconds=30.0, with_clicks=False)
+    wave = wave.astype(np.float32)
+    a = network_analyzer
+    whole = spectral_frames(wave, SR, a._beat_network.features)
+    edges = list(_with_edges(_cut(wave, 10.0, 10.0), SR, _EDGE_FRAMES * a._hop))
+    joined = np.concatenate([a._network_frames(w, lead, tail)[:1000] for _, _, w, lead, tail in edges])
+    np.testing.assert_array_equal(joined, whole[:3000])
+    alone = np.concatenate([spectral_frames(w, SR, a._beat_network.features)[:1000] for _, _, w in _cut(wave, 10, 10)])
+    assert np.abs(alone - whole[:3000]).max() > 0.1  # what cutting does without the edges
+    # overlapping clips (hop < clip) borrow nothing: they are not back to back
+    assert all(lead is None and tail is None for *_, lead, tail in _with_edges(_cut(wave, 10.0, 5.0), SR, 2205))
+
+
+def test_clips_tracked_in_context_keep_one_beat_grid_across_their_boundaries():
+    """A file cut into 10 s clips at 100 bpm (a boundary every 16.7 beats, mid-beat): tracked with their
+    neighbours (`beat_context_seconds`), the clips' beats continue one grid over each boundary and match the
+    truth; with context 0 each clip is analysed exactly as `analyze` does alone."""
+    bpm = 100.0
+    wave, _ = chord_sequence(_PROG, bpm=bpm, beats_per_chord=1, seconds=40.0, with_clicks=False)
+    wave = wave.astype(np.float32)
+    clips = _cut(wave, 10.0, 10.0)
+    in_context = ClipAnalyzer(FeatureParams.defaults(beat_context_seconds=2.5))
+    tracked = list(in_context.analyze_clips(iter(clips)))
+    assert [(i, s) for i, s, _ in tracked] == [(i, s) for i, s, _ in clips]
+    beats = np.concatenate([s + np.asarray(f.beats_s) for _, s, f in tracked])
+    period = 60.0 / bpm
+    assert np.abs(np.diff(beats) / period - 1).max() < 0.05  # no beat lost or doubled at a boundary
+    truth = np.arange(0.0, 40.0, period)
+    assert mir_eval.beat.f_measure(truth, beats) >= 0.95
+
+    alone = ClipAnalyzer(FeatureParams.defaults(beat_context_seconds=0.0))
+    for (_, _, f), (_, _, w) in zip(alone.analyze_clips(iter(clips)), clips):
+        g = alone.analyze(w)
+        for name in ("beats_s", "downbeats_s", "time_signature", "tempo_bpm", "key", "mode", "chords"):
+            assert getattr(f, name) == getattr(g, name)
+        np.testing.assert_array_equal(f.beat_evidence, g.beat_evidence)
