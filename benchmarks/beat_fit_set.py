@@ -1,6 +1,7 @@
 """Training set for the learned beat / downbeat activation (`pipelines/beat_model.npz`, `benchmarks/fit_beats.py`).
 
     python benchmarks/beat_fit_set.py --out data/beat_fit            # ~140 openings, ~10 min on 2 cores
+    python benchmarks/beat_fit_set.py --take 1 --seconds 80 --out data/beat_fit_take1   # a second rendering
 
 music21 corpus pieces outside the default corpora and outside every work of the out-of-domain set
 (`benchmarks/ood_set.py` PIECES; not even another movement of one): Ryan's Mammoth Collection fiddle tunes (reels,
@@ -71,7 +72,7 @@ def beat_fit_pieces(corpus_root: str) -> list[tuple[str, str]]:
     return chosen
 
 
-def build(out: str, limit: int | None, max_seconds: float, sr: int = 44100) -> dict:
+def build(out: str, limit: int | None, max_seconds: float, sr: int = 44100, take: int = 0) -> dict:
     import music21
 
     corpus_root = os.path.join(os.path.dirname(music21.__file__), "corpus")
@@ -82,7 +83,7 @@ def build(out: str, limit: int | None, max_seconds: float, sr: int = 44100) -> d
     for family, rel in beat_fit_pieces(corpus_root)[:limit]:
         t = time.time()
         try:
-            row = render_piece(family, rel, corpus_root, out, soundfonts, sr, max_seconds)
+            row = render_piece(family, rel, corpus_root, out, soundfonts, sr, max_seconds, take)
         except Exception as e:  # a score music21 cannot read, or one without a metric grid: listed, not rendered
             errors.append({"score_path": rel, "error": f"{type(e).__name__}: {str(e)[:300]}"})
             print(f"  skip {rel}: {type(e).__name__}: {str(e)[:120]}", flush=True)
@@ -106,8 +107,14 @@ def main() -> int:
     ap.add_argument("--out", default="data/beat_fit")
     ap.add_argument("--limit", type=int, default=None, help="only the first N pieces (a quick check)")
     ap.add_argument("--seconds", type=float, default=40.0, help="excerpt cap, cut at the last bar line before it")
+    ap.add_argument(
+        "--take",
+        type=int,
+        default=0,
+        help="render take N of every piece (N > 0: its own tempo plan and instruments, the other SoundFont)",
+    )
     args = ap.parse_args()
-    stats = build(args.out, args.limit, args.seconds)
+    stats = build(args.out, args.limit, args.seconds, take=args.take)
     print(json.dumps({k: v for k, v in stats.items() if k != "failed"}, indent=1), f"\nfailed: {len(stats['failed'])}")
     return 0
 

@@ -54,7 +54,7 @@ from pipelines.features import (  # noqa: E402
 )
 
 CUES = list(DOWNBEAT_CUES)
-SHIFTS = [-1, 0, 1]
+SHIFTS = [-1, 0, 1]  # the beats around each beat whose cues it reads (--shifts)
 TOLERANCE_S = 0.07
 TREES = {"max_iter": 100, "max_depth": 3, "early_stopping": False, "random_state": 0}
 
@@ -109,7 +109,15 @@ def main() -> int:
         help="a labelled set of drum-free music (labels.parquet inside, e.g. `benchmarks/ood_set.py --fit`) whose "
         "clips join the training data; repeatable",
     )
+    ap.add_argument(
+        "--shifts",
+        type=int,
+        nargs="+",
+        default=SHIFTS,
+        help="read the cues of the beats this many beats away (0: the beat itself)",
+    )
     args = ap.parse_args()
+    shifts = sorted(set(args.shifts) | {0})
     import pyarrow.parquet as pq
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.linear_model import LogisticRegression
@@ -148,7 +156,7 @@ def main() -> int:
                         "piece": truth["piece_id"],
                         "start": start,
                         "beats": beats,
-                        "x": cue_matrix(cues, CUES, SHIFTS),
+                        "x": cue_matrix(cues, CUES, shifts),
                         "lab": beat_labels(beats, cut_times(truth["beats_s"], start, end), ref_down),
                         "perc": percussiveness(env),
                         "ref_down": ref_down,
@@ -219,7 +227,7 @@ def main() -> int:
         report[kind] = {"beats": n, "clips": sum(c["percussive"] == gate for c in samples)}
     model = {
         "cues": CUES,
-        "shifts": SHIFTS,
+        "shifts": shifts,
         "percussive_threshold": round(threshold, 5),
         "models": exported,
         "fitted_on": {

@@ -288,23 +288,29 @@ def programs_for(family: str, n_voices: int, piece_id: str) -> list[int]:
     return out
 
 
-def render_piece(family: str, rel: str, corpus_root: str, out: str, soundfonts: dict, sr: int, max_s: float) -> dict:
+def render_piece(
+    family: str, rel: str, corpus_root: str, out: str, soundfonts: dict, sr: int, max_s: float, take: int = 0
+) -> dict:
+    """Render a score's opening and label it. `take` > 0: another rendering of the same piece (training sets): its
+    own seeded tempo plan and instruments, the next SoundFont in name order; file `<piece>~<take>.flac`, same
+    piece_id (so a split by piece keeps its takes together)."""
     import soundfile as sf
 
     path = os.path.join(corpus_root, rel)
     pid = piece_id_of(rel)
+    seed = pid if take == 0 else f"{pid}~{take}"  # what the seeded draws (tempo, programs) hash
     score = load_score(PieceRef(family, path))
-    mode, base, tmap, cut = tempo_plan(score, pid, max_s)
+    mode, base, tmap, cut = tempo_plan(score, seed, max_s)
     truth = piece_truth(score, cut + EPS)  # cut already lies on a bar line: keeps it, gives chords / segments
     cut = truth.cut
     key_pc, key_mode, key_source = choose_key(score, cut)
 
-    programs = programs_for(family, len(score.voices), pid)
+    programs = programs_for(family, len(score.voices), seed)
     events, chans = score_events(score, cut, 0, programs)
     timed = [
         Event(float(tmap.seconds(e.start)), float(tmap.seconds(e.end)), e.channel, e.pitch, e.velocity) for e in events
     ]
-    sf_name = sorted(soundfonts)[_hash("ood-soundfont", pid) % len(soundfonts)]
+    sf_name = sorted(soundfonts)[(_hash("ood-soundfont", pid) + take) % len(soundfonts)]
     with open(soundfonts[sf_name], "rb") as f:
         sf2 = f.read()
     end_s = float(tmap.seconds(cut))
@@ -312,7 +318,7 @@ def render_piece(family: str, rel: str, corpus_root: str, out: str, soundfonts: 
     wave = synthesize(sf2, Stem("score", chans, timed), 1.0, n, sr)  # events already in seconds
     stems, mixes = mix_stems({"score": wave}, {}, [frozenset()])
     audio = mixes[frozenset()]
-    file = f"{pid}.flac"
+    file = f"{seed}.flac"
     sf.write(os.path.join(out, "audio", file), audio, sr, subtype="PCM_16")
 
     beats_ql = score.beats[score.beats < cut - EPS]

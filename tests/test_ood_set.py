@@ -103,3 +103,28 @@ def test_beat_fit_set_shares_no_work_with_the_ood_set():
         assert {work(rel) for _, rel in chosen}.isdisjoint({work(rel) for _, rel in PIECES})
     assert work_of("haydn/opus74no1/movement2.mxl") == "haydn/opus74no1"
     assert work_of("monteverdi/madrigal.4.2.mxl") == "monteverdi/madrigal.4.2"
+
+
+def test_a_second_take_renders_the_piece_anew_under_its_own_piece_id(tmp_path):
+    """`render_piece(take=1)` (the beat fit set's second rendering): another file, its own seeded tempo plan and
+    instruments, the next SoundFont, the same piece_id (a split by piece keeps both takes on one side), and labels
+    that fit its own audio."""
+    import os
+
+    import music21
+    import soundfile as sf
+
+    from benchmarks.ood_set import render_piece
+    from core.synth import default_soundfont
+
+    root = os.path.join(os.path.dirname(music21.__file__), "corpus")
+    os.makedirs(tmp_path / "audio")
+    fonts = {"A": default_soundfont(), "B": default_soundfont()}
+    rel = "ryansMammoth/JenningsChampionClog.abc"
+    first, second = (render_piece("folk", rel, root, str(tmp_path), fonts, 44100, 12.0, take) for take in (0, 1))
+    assert first["piece_id"] == second["piece_id"] and first["file"] != second["file"]
+    assert second["file"].endswith("~1.flac") and {first["soundfont"], second["soundfont"]} == {"A", "B"}
+    assert (first["tempo_start_bpm"], first["programs"]) != (second["tempo_start_bpm"], second["programs"])
+    for row in (first, second):
+        duration = sf.info(row["path"]).duration
+        assert 0 < row["beats_s"][-1] < duration and set(row["downbeats_s"]) <= set(row["beats_s"])
