@@ -406,6 +406,9 @@ def percussiveness(env: dict) -> float:
 DOWNBEAT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "downbeat_model.json")
 
 
+_MAX_SHIFT = 4  # a downbeat model's widest reach, in beats: a 10 s clip at the slowest tempo (55 bpm) holds 9
+
+
 def load_downbeat_model(spec: str) -> dict:
     """{"cues": [...], "shifts": [...], "percussive_threshold": x, "models": {"percussive": M, "tonal": M}}: per
     gate, boosted trees over the (cue, shift) features, cue-major: M = {"baseline": b, "trees": [{"feature",
@@ -418,8 +421,8 @@ def load_downbeat_model(spec: str) -> dict:
     unknown = sorted(set(model["cues"]) - set(DOWNBEAT_CUES))
     if unknown:
         raise ValueError(f"downbeat model {path}: unknown cues {unknown} (known: {', '.join(DOWNBEAT_CUES)})")
-    if any(abs(int(s)) > 2 for s in model["shifts"]):
-        raise ValueError(f"downbeat model {path}: shifts beyond +-2 beats do not fit a short clip")
+    if any(abs(int(s)) > _MAX_SHIFT for s in model["shifts"]):
+        raise ValueError(f"downbeat model {path}: shifts beyond +-{_MAX_SHIFT} beats do not fit a short clip")
     for kind in ("percussive", "tonal"):
         for tree in model["models"][kind]["trees"]:
             size = len(tree["leaf"])
