@@ -401,6 +401,16 @@ def test_downbeat_model_ships_and_a_malformed_one_is_refused(tmp_path):
     path.write_text(json.dumps(bad))
     with pytest.raises(ValueError, match="splits on feature 999 of 30"):
         load_downbeat_model(str(path))
+    # a model may read up to 4 beats either side (`fit_downbeats.py --shifts`); further than a short clip holds, no
+    with open(DOWNBEAT_MODEL) as f:
+        wide = json.load(f)
+    wide["shifts"] = [-4, -3, -2, -1, 0, 1, 2, 3, 4]
+    path.write_text(json.dumps(wide))
+    assert load_downbeat_model(str(path))["shifts"] == wide["shifts"]
+    wide["shifts"] = [-5, 0, 5]
+    path.write_text(json.dumps(wide))
+    with pytest.raises(ValueError, match="shifts beyond"):
+        load_downbeat_model(str(path))
 
 
 def test_shipped_downbeat_model_finds_bar_lines_of_a_chord_sequence(default_analyzer):
