@@ -156,6 +156,7 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--stretch", type=float, default=1.25, help="tempo augmentation: crops stretched up to this factor")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--crop-seconds", type=float, default=10.0, help="training crop length (the pipeline's clips: 10)")
     args = ap.parse_args()
     if args.render_corpus:
         render_default_corpus(args.render_corpus)
@@ -196,7 +197,7 @@ def main() -> int:
 
     best, best_state, history = np.inf, None, []
     for step in range(1, args.steps + 1):
-        x, y, m = crops(train, rng, args.batch, 1000, mean, std, args.stretch)
+        x, y, m = crops(train, rng, args.batch, int(round(args.crop_seconds * FPS)), mean, std, args.stretch)
         gain = rng.uniform(-0.3, 0.3, size=(args.batch, 1, 1)).astype(np.float32)  # level shift of the log mel
         x[:, :N_MELS] += gain / std[:N_MELS, None]  # the mel bands
         if args.features == "pitch":
