@@ -405,10 +405,10 @@ class ProcessFile(beam.DoFn):
                     yield index, start_s, wave
                     stage = "decode"
 
-            analysed = [
-                (index, start_s, stored[index][0], features, stored.pop(index)[1])
-                for index, start_s, features in self.analyzer.analyze_clips(decoded())
-            ]
+            analysed = []
+            for index, start_s, features in self.analyzer.analyze_clips(decoded()):
+                duration_s, flac = stored.pop(index)
+                analysed.append((index, start_s, duration_s, features, flac))
             if not analysed:
                 raise ValueError(
                     f"shorter than min_clip_seconds={p.min_clip_seconds}s ({info.duration_s:.2f}s decoded)"

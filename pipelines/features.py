@@ -919,7 +919,9 @@ class ClipAnalyzer:
 
     def analyze(self, wave: np.ndarray) -> ClipFeatures:
         """All features of one clip, heard on its own."""
-        sig = self._signals(wave)
+        return self._analyze_signals(self._signals(wave))
+
+    def _analyze_signals(self, sig: _ClipSignals) -> ClipFeatures:
         if sig.silent:
             return ClipFeatures(is_silent=True, loudness_lufs=sig.loudness)
         return self._finish(sig, *self._track_alone(sig))
@@ -957,6 +959,11 @@ class ClipAnalyzer:
     def _finish_run(
         self, run: list[tuple[int, float, _ClipSignals]], before: _ClipSignals | None, after: _ClipSignals | None
     ) -> Iterator[tuple[int, float, ClipFeatures]]:
+        if len(run) == 1 and before is None and after is None:  # no neighbour: tracked exactly as `analyze` does
+            index, start_s, sig = run[0]
+            yield index, start_s, self._analyze_signals(sig)
+            return
+
         def span(sig: _ClipSignals) -> tuple[np.ndarray, int]:
             return sig.frames, round(sig.duration * FPS)
 
@@ -1059,12 +1066,13 @@ def _with_edges(
     clips: Iterable[tuple[int, float, np.ndarray]], sr: int, edge: int
 ) -> Iterator[tuple[int, float, np.ndarray, np.ndarray | None, np.ndarray | None]]:
     """(index, start_s, wave, lead, tail): each clip with the last `edge` samples of the clip before it and the
-    first `edge` of the clip after it, where they are back to back (None where a gap or an overlap separates them, or
-    at the file's ends). Holds one clip back to see the next."""
+    first `edge` of the clip after it, where they are back to back (None where a gap or an overlap separates them,
+    where either is shorter than `edge`, or at the file's ends). Holds one clip back to see the next."""
     held, lead = None, None
     for index, start_s, wave in clips:
         if held is not None:
-            follows = abs(held[1] + len(held[2]) / sr - start_s) < 1.5 / sr
+            back_to_back = abs(held[1] + len(held[2]) / sr - start_s) < 1.5 / sr
+            follows = back_to_back and min(len(held[2]), len(wave)) >= edge
             yield (*held, lead, wave[:edge].copy() if follows else None)
             lead = held[2][-edge:].copy() if follows else None
         held = (index, start_s, wave)

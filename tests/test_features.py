@@ -534,11 +534,13 @@ def test_clip_edges_borrowed_from_the_neighbours_give_the_whole_files_network_fr
     np.testing.assert_array_equal(joined, whole[:3000])
     alone = np.concatenate([spectral_frames(w, SR, a._beat_network.features)[:1000] for _, _, w in _cut(wave, 10, 10)])
     assert np.abs(alone - whole[:3000]).max() > 0.1  # what cutting does without the edges
-    # overlapping clips (hop < clip) borrow nothing: they are not back to back
+    # overlapping clips (hop < clip) borrow nothing: they are not back to back; nor does a clip shorter than the edge
     assert all(lead is None and tail is None for *_, lead, tail in _with_edges(_cut(wave, 10.0, 5.0), SR, 2205))
+    short = [(0, 0.0, wave[:SR]), (1, 1.0, wave[SR : SR + 1000])]
+    assert [(lead, tail) for *_, lead, tail in _with_edges(short, SR, 2205)] == [(None, None), (None, None)]
 
 
-def test_clips_tracked_in_context_keep_one_beat_grid_across_their_boundaries():
+def test_clips_tracked_in_context_keep_one_beat_grid_across_their_boundaries(monkeypatch):
     """A file cut into 10 s clips at 100 bpm (a boundary every 16.7 beats, mid-beat): tracked with their
     neighbours (`beat_context_seconds`), the clips' beats continue one grid over each boundary and match the
     truth; with context 0 each clip is analysed exactly as `analyze` does alone."""
@@ -555,9 +557,25 @@ def test_clips_tracked_in_context_keep_one_beat_grid_across_their_boundaries():
     truth = np.arange(0.0, 40.0, period)
     assert mir_eval.beat.f_measure(truth, beats) >= 0.95
 
-    alone = ClipAnalyzer(FeatureParams.defaults(beat_context_seconds=0.0))
-    for (_, _, f), (_, _, w) in zip(alone.analyze_clips(iter(clips)), clips):
-        g = alone.analyze(w)
+    # the network runs over runs of clips with one clip of context either side: cutting the file into runs of two
+    # (so runs meet after clips 2 and 4) gives the same beats, to a frame
+    import pipelines.features as features
+
+    monkeypatch.setattr(features, "_CONTEXT_RUN", 2)
+    for (_, _, f), (_, _, g) in zip(in_context.analyze_clips(iter(clips)), tracked):
+        assert len(f.beats_s) == len(g.beats_s)
+        np.testing.assert_allclose(f.beats_s, g.beats_s, atol=0.011)
+
+    def same(f, g):
         for name in ("beats_s", "downbeats_s", "time_signature", "tempo_bpm", "key", "mode", "chords"):
             assert getattr(f, name) == getattr(g, name)
         np.testing.assert_array_equal(f.beat_evidence, g.beat_evidence)
+
+    # with context 0, and for clips that overlap (hop < clip: no neighbour to borrow), each clip is analysed
+    # exactly as `analyze` does alone
+    alone = ClipAnalyzer(FeatureParams.defaults(beat_context_seconds=0.0))
+    for (_, _, f), (_, _, w) in zip(alone.analyze_clips(iter(clips)), clips):
+        same(f, alone.analyze(w))
+    overlapping = _cut(wave[: 20 * SR], 10.0, 5.0)
+    for (_, _, f), (_, _, w) in zip(in_context.analyze_clips(iter(overlapping)), overlapping):
+        same(f, in_context.analyze(w))
