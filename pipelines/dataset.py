@@ -104,6 +104,9 @@ class BuildDatasetParams(Section):
     tempo_halve_above_bpm: float = Field(150.0, ge=0)  # faster beat level + weak alternate beats: every other (0: off)
     # halve only where the two phases' bass / harmonic-change evidence differs by this much (z units; docs/ood.md)
     tempo_halve_min_contrast: float = 0.15
+    # the network's beats: a beat level still faster than this is a subdivision; its beats are grouped in twos or
+    # threes, whichever the downbeat evidence supports (0: off; docs/ood.md)
+    beat_group_above_bpm: float = Field(160.0, ge=0)
     # `network`: the learned activation's downbeat output at each beat (needs beat_tracker network)
     downbeat_evidence: Literal["learned", "weighted", "chroma_bass", "onsets_chords", "network"] = "learned"
     # `learned` evidence plus this x the network's downbeat log-odds at each beat (beat_tracker network; essentia's

@@ -78,6 +78,9 @@ class FeatureParams:
     # (the phase with the stronger bass / harmonic-change evidence); 0 disables.
     tempo_halve_above_bpm: float
     tempo_halve_min_contrast: float  # the two phases' evidence must differ by this much (z units) to halve
+    # The network's beats: a level still faster than this (after halving) is a subdivision, grouped in twos or
+    # threes by the downbeat evidence (`_group_fast_beats`); 0 disables.
+    beat_group_above_bpm: float
     # Added to a meter's bar-phase score (contrast of z-scored evidence): meter 2 still scores F=0.67 on a 4/4 bar
     # with either half-bar phase, where a wrong 4/4 phase scores 0, hence a bias against it.
     meter_bias: tuple[tuple[int, float], ...]
@@ -888,23 +891,63 @@ class ClipAnalyzer:
         activation = self._beat_network.activations(sig.frames)
         return self._beat_hmm.decode(activation[:, 0]), None, activation
 
-    def _settle_beats(self, sig: _ClipSignals, beats: np.ndarray) -> np.ndarray:
-        """The tracker's beats inside the clip, refined (essentia's) or halved when too fast (the network's)."""
+    def _settle_beats(self, sig: _ClipSignals, beats: np.ndarray, activation: np.ndarray | None = None) -> np.ndarray:
+        """The tracker's beats inside the clip, refined (essentia's) or halved / grouped when too fast (the
+        network's)."""
         p = self.params
         beats = np.asarray(beats, dtype=float)
         beats = beats[(beats >= 0) & (beats < sig.duration)]
         if p.beat_refine and self._beat_network is None:
             return refine_beats(beats, sig.duration, sig.chroma, sig.times, sig.low, sig.env, p)
-        return halve_fast_beats(
+        beats = halve_fast_beats(
             beats, sig.chroma, sig.times, sig.low, sig.duration, p.tempo_halve_above_bpm, p.tempo_halve_min_contrast
         )
+        return self._group_fast_beats(sig, beats, activation)
+
+    def _group_fast_beats(self, sig: _ClipSignals, beats: np.ndarray, activation: np.ndarray | None) -> np.ndarray:
+        """A beat level above `beat_group_above_bpm` is taken as a subdivision (the network follows the eighths of
+        a slow 6/8 or of a slow 4/4 where they are the densest pulse): keep every second or every third beat, in
+        the grouping and phase whose beats carry the most downbeat evidence relative to the others."""
+        limit = self.params.beat_group_above_bpm
+        bpm = tempo_from_beats(beats)
+        if not limit or bpm is None or bpm <= limit or len(beats) < 6:
+            return beats
+        evidence = self._downbeat_evidence(sig, beats, activation)
+        if evidence is None:
+            return beats
+        m, q = _best_meter_phase(np.arange(len(beats)), evidence, (2, 3), None)
+        return beats[q::m]
+
+    def _downbeat_evidence(
+        self, sig: _ClipSignals, beats: np.ndarray, activation: np.ndarray | None
+    ) -> np.ndarray | None:
+        """Per-beat downbeat evidence of `downbeat_evidence` "learned" (plus the network's weighted log-odds) or
+        "weighted"; None for the other kinds or fewer than 4 beats."""
+        p, sr = self.params, self.params.analysis_sample_rate
+        if len(beats) < 4 or p.downbeat_evidence not in ("weighted", "learned"):
+            return None
+        cues = downbeat_cues(beats, sig.duration, sig.chroma, sig.times, sig.low, sig.env, p.chord_self_transition, sr)
+        if p.downbeat_evidence == "weighted":
+            return sum(w * np.clip(_z(cues[name]), -2.5, 2.5) for name, w in p.downbeat_weights)
+        evidence = learned_evidence(cues, sig.env, self._downbeat_model)
+        if activation is not None and p.downbeat_network_weight:
+            evidence = evidence + p.downbeat_network_weight * network_evidence(activation[:, 1], beats)
+        return evidence
 
     def _beats(self, wave: np.ndarray) -> tuple:
         """(settled beats, tracker confidence, chroma frames, their times, low-band energy, onset envelopes, the
         network's (beat, downbeat) activation or None) of a clip on its own."""
         sig = self._signals(wave)
         beats, confidence, activation = self._track_alone(sig)
-        return self._settle_beats(sig, beats), confidence, sig.chroma, sig.times, sig.low, sig.env, activation
+        return (
+            self._settle_beats(sig, beats, activation),
+            confidence,
+            sig.chroma,
+            sig.times,
+            sig.low,
+            sig.env,
+            activation,
+        )
 
     def downbeat_inputs(self, wave: np.ndarray) -> tuple[np.ndarray, dict, dict] | None:
         """(beats, per-beat cues, onset envelopes) as `analyze` computes them, for fitting the downbeat model;
@@ -985,11 +1028,11 @@ class ClipAnalyzer:
         self, sig: _ClipSignals, tracked_beats: np.ndarray, confidence: float | None, activation: np.ndarray | None
     ) -> ClipFeatures:
         """A non-silent clip's features from its signals and the tracker's beats (seconds from the clip's start)."""
-        p, sr, duration = self.params, self.params.analysis_sample_rate, sig.duration
-        key_pcp, chroma, times, low, env = sig.key_pcp, sig.chroma, sig.times, sig.low, sig.env
+        p, duration = self.params, sig.duration
+        key_pcp, chroma, times, low = sig.key_pcp, sig.chroma, sig.times, sig.low
         # no tonal peaks (25-3500 Hz) in a clip that is not silent: no key claim (KeyExtractor would name one anyway)
         key, scale, strength = self._vote(key_pcp) if key_pcp is not None else (None, None, None)
-        beats = self._settle_beats(sig, tracked_beats)
+        beats = self._settle_beats(sig, tracked_beats, activation)
         boundaries = np.unique(np.concatenate([[0.0], beats, [duration]]))
         seg_chroma = beat_sync(chroma, times, boundaries)
         if p.chord_method == "essentia" and len(beats) >= 2:
@@ -1008,13 +1051,7 @@ class ClipAnalyzer:
             downbeats, meter = bar_phase(beats, evidence, p.meters, dict(p.meter_bias))
             time_signature = f"{meter}/4"
         elif len(beats) >= 4 and p.downbeat_evidence in ("weighted", "learned"):
-            cues = downbeat_cues(beats, duration, chroma, times, low, env, p.chord_self_transition, sr)
-            if p.downbeat_evidence == "learned":
-                evidence = learned_evidence(cues, env, self._downbeat_model)
-                if activation is not None and p.downbeat_network_weight:
-                    evidence = evidence + p.downbeat_network_weight * network_evidence(activation[:, 1], beats)
-            else:
-                evidence = sum(w * np.clip(_z(cues[name]), -2.5, 2.5) for name, w in p.downbeat_weights)
+            evidence = self._downbeat_evidence(sig, beats, activation)
             downbeats, meter = bar_phase(beats, evidence, p.meters, dict(p.meter_bias))
             time_signature = f"{meter}/4"
         elif len(beats) >= 4:

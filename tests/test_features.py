@@ -139,6 +139,20 @@ def test_network_downbeat_weight_adds_the_networks_log_odds_to_the_tree_evidence
     assert np.abs(blended.beat_evidence - alone.beat_evidence).max() > 0.1
 
 
+def test_a_beat_level_too_fast_to_be_the_beat_is_grouped_by_the_downbeat_evidence(network_analyzer):
+    """Clicks at 200 bpm, every third one accented (eighths of a 6/8 at 67 dotted quarters a minute): the network
+    follows every click; above `beat_group_above_bpm` they are grouped in threes, on the accents."""
+    from dataclasses import replace
+
+    wave = click_track(200.0, 10.0, accent_every=3)
+    kept = ClipAnalyzer(replace(network_analyzer.params, beat_group_above_bpm=0.0)).analyze(wave)
+    grouped = ClipAnalyzer(replace(network_analyzer.params, beat_group_above_bpm=160.0)).analyze(wave)
+    assert kept.tempo_bpm == pytest.approx(200.0, rel=0.02)
+    assert grouped.tempo_bpm == pytest.approx(200.0 / 3, rel=0.02)
+    accents = np.arange(0.0, 10.0, 3 * 60.0 / 200.0)
+    assert mir_eval.beat.f_measure(accents, np.asarray(grouped.beats_s), f_measure_threshold=0.07) >= 0.9
+
+
 def test_waltz_meter(analyzer):
     wave = click_track(150.0, 10.0, accent_every=3)
     f = analyzer.analyze(wave)
