@@ -116,8 +116,16 @@ def main() -> int:
         default=SHIFTS,
         help="read the cues of the beats this many beats away (0: the beat itself)",
     )
+    ap.add_argument(
+        "--cues",
+        nargs="+",
+        default=CUES,
+        choices=CUES,
+        help="the per-beat cues the trees read (default: all of pipelines.features.DOWNBEAT_CUES)",
+    )
     args = ap.parse_args()
     shifts = sorted(set(args.shifts) | {0})
+    cues_read = list(args.cues)
     import pyarrow.parquet as pq
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.linear_model import LogisticRegression
@@ -156,7 +164,7 @@ def main() -> int:
                         "piece": truth["piece_id"],
                         "start": start,
                         "beats": beats,
-                        "x": cue_matrix(cues, CUES, shifts),
+                        "x": cue_matrix(cues, cues_read, shifts),
                         "lab": beat_labels(beats, cut_times(truth["beats_s"], start, end), ref_down),
                         "perc": percussiveness(env),
                         "ref_down": ref_down,
@@ -226,7 +234,7 @@ def main() -> int:
         n = sum(int((c["lab"] >= 0).sum()) for c in samples if c["percussive"] == gate)
         report[kind] = {"beats": n, "clips": sum(c["percussive"] == gate for c in samples)}
     model = {
-        "cues": CUES,
+        "cues": cues_read,
         "shifts": shifts,
         "percussive_threshold": round(threshold, 5),
         "models": exported,

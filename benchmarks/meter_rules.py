@@ -3,7 +3,7 @@
     python benchmarks/meter_rules.py --set data/ood                           # the out-of-domain set (dev / heldout)
     python benchmarks/meter_rules.py --set data/corpus --one-per-piece 60     # in-domain: the default corpus
 
-The product's expensive part (beat tracking and the per-beat downbeat evidence, `ClipAnalyzer.analyze` with
+The product's expensive part (beat tracking and the per-beat downbeat evidence, `ClipAnalyzer.analyze_clips` with
 params.yaml's `build_dataset`) runs once per 10 s clip; every rule then decides the file's meter and bar phase
 from the same evidence, so rules differ only in the decision. Scored like
 `pipelines.evaluate`: meter right (beats per bar against the labels) and mir_eval downbeat F per 10 s window.
@@ -16,7 +16,10 @@ Rules:
 - `bias 2:x 3:y`: the product's rule with another bias per meter;
 - `autocorrelation`: the meter whose lag (and twice it) correlates the evidence best against the other lags up to 8
   beats; the phase as the product picks it for that meter;
-- `hybrid`: `autocorrelation` where it says 3, else the product's rule between 2 and 4.
+- `hybrid`: `autocorrelation` where it says 3, else the product's rule between 2 and 4;
+- `bar pointer, slip x`: Viterbi over each beat's bar position, scored as the product's clip contrast, where the
+  count may slip at any beat (not only at a clip boundary) for x / clips;
+- `likelihood`: the evidence read as a downbeat's log-odds, the (meter, phase) of the likeliest labelling.
 """
 
 from __future__ import annotations
@@ -36,12 +39,12 @@ CLIP_SECONDS, MIN_SECONDS, SR = 10.0, 4.0, 44100
 
 
 def extract(set_dir: str, one_per_piece: int | None, downbeat_model: str | None = None) -> list[dict]:
-    """Per file: labels, and per 10 s clip (start, beats, evidence) exactly as `ClipAnalyzer.analyze` computes them
-    with params.yaml's `build_dataset` (beats, the trees' evidence plus the network's weighted log-odds)."""
+    """Per file: labels, and per 10 s clip (start, beats, evidence) exactly as `smitin dataset build` computes them
+    with params.yaml's `build_dataset` (`ClipAnalyzer.analyze_clips`: beats tracked with the clips around them, the
+    trees' evidence plus the network's weighted log-odds)."""
     import pyarrow.parquet as pq
-    import soundfile as sf
 
-    from core.audio import resample
+    from core.audio import iter_clips
     from core.config import load_section
     from pipelines.dataset import BuildDatasetParams
     from pipelines.features import ClipAnalyzer, FeatureParams
@@ -58,16 +61,12 @@ def extract(set_dir: str, one_per_piece: int | None, downbeat_model: str | None 
         rows = list(first.values())[:one_per_piece]
     files = []
     for r in rows:
-        wave, sr = sf.read(f"{set_dir}/audio/{r['file']}", dtype="float32", always_2d=True)
-        wave = resample(wave.mean(1), sr, SR)
-        clips = []
-        for start in np.arange(0, len(wave) / SR, CLIP_SECONDS):
-            piece = wave[int(start * SR) : int((start + CLIP_SECONDS) * SR)]
-            if len(piece) < MIN_SECONDS * SR:
-                break
-            f = analyzer.analyze(piece)
-            if f.beat_evidence is not None:
-                clips.append((float(start), np.asarray(f.beats_s), f.beat_evidence))
+        _, pieces = iter_clips(f"{set_dir}/audio/{r['file']}", SR, CLIP_SECONDS, CLIP_SECONDS, MIN_SECONDS)
+        clips = [
+            (float(start), np.asarray(f.beats_s), f.beat_evidence)
+            for _, start, f in analyzer.analyze_clips(pieces)
+            if f.beat_evidence is not None
+        ]
         files.append({**r, "clips": clips})
     return files
 
@@ -117,12 +116,81 @@ def _with_meter(clips: list, meter_of) -> tuple[list[np.ndarray], int]:
     return [b[(i - phase) % m == 0] for i, (_, b, _) in zip(index, clips)], m
 
 
+def _likelihood_meter_phase(clips: list, product_bias: dict, scale: float) -> tuple[list[np.ndarray], int]:
+    """The (meter, phase) under which the file's beats are likeliest when each beat's evidence is read as log-odds
+    of a downbeat (x `scale`): sum of log P(downbeat) on the bar's first beats and log P(not) on the others, per
+    beat, plus the meter's bias."""
+    index, idx, ev = _stitched(clips)
+    logp, lognot = -np.logaddexp(0.0, -scale * ev), -np.logaddexp(0.0, scale * ev)
+    best = (-np.inf, 4, 0)
+    for m in (2, 3, 4):
+        for p in range(m):
+            on = (idx - p) % m == 0
+            score = (logp[on].sum() + lognot[~on].sum()) / len(idx) + product_bias.get(m, 0.0)
+            if score > best[0]:
+                best = (score, m, p)
+    _, m, phase = best
+    return [b[(i - phase) % m == 0] for i, (_, b, _) in zip(index, clips)], m
+
+
+def _bar_pointer(clips: list, meter_bias: dict, penalty: float) -> tuple[list[np.ndarray], int]:
+    """Each beat's bar position by Viterbi over the file's stitched beats: a beat on position 0 earns its clip's
+    contrast weight x (evidence - the clip's mean), so a path that keeps one phase per clip scores exactly the
+    product's mean clip contrast; the count may leave the grid at any beat (a slip of the beat count) for
+    `penalty` / clips. The meter with the best path (+ its bias) wins."""
+    index = beat_numbers([(start, beats) for start, beats, _ in clips])
+    used = [(i, e) for i, (_, _, e) in zip(index, clips) if i is not None]
+    if not used:
+        return [b[:1] for _, b, _ in clips], 4
+    n_clips = len(used)
+    idx = np.concatenate([i for i, _ in used])
+    best: tuple = (-np.inf, 4, None)
+    for m in (2, 3, 4):
+        if len(idx) < 2 * m:
+            continue
+        gain = np.concatenate([m * m / ((m - 1) * len(e)) * (e - e.mean()) / n_clips for _, e in used])
+        step_cost = penalty / n_clips
+        score = np.where(np.arange(m) == 0, gain[0], 0.0)
+        back = np.zeros((len(idx), m), int)
+        for t in range(1, len(idx)):
+            d = int(idx[t] - idx[t - 1])
+            kept = np.roll(score, d)  # position q came from q - d
+            jump = score.max() - step_cost
+            take_jump = jump > kept
+            back[t] = np.where(take_jump, int(np.argmax(score)), (np.arange(m) - d) % m)
+            score = np.maximum(kept, jump) + np.where(np.arange(m) == 0, gain[t], 0.0)
+        total = float(score.max()) + float(meter_bias.get(m, 0.0))
+        if total > best[0]:
+            pos = np.zeros(len(idx), int)
+            pos[-1] = int(np.argmax(score))
+            for t in range(len(idx) - 1, 0, -1):
+                pos[t - 1] = back[t, pos[t]]
+            best = (total, m, pos)
+    _, m, pos = best
+    if pos is None:
+        return [b[:1] for _, b, _ in clips], 4
+    out, at = [], 0
+    for i, (_, b, _) in zip(index, clips):
+        if i is None:
+            out.append(b[:1])
+            continue
+        out.append(b[pos[at : at + len(i)] == 0])
+        at += len(i)
+    return out, m
+
+
 def rules(product_bias: dict, rephase_penalty: float | None = None) -> dict:
     def bias(b2: float, b3: float):
         return lambda clips: file_bar_phase(clips, (2, 3, 4), {2: b2, 3: b3, 4: 0.0}, rephase_penalty)
 
     def rephase(penalty: float | None):
         return lambda clips: file_bar_phase(clips, (2, 3, 4), product_bias, penalty)
+
+    def pointer(penalty: float):
+        return lambda clips: _bar_pointer(clips, product_bias, penalty)
+
+    def likelihood(meter_bias: dict, k: float):
+        return lambda clips: _likelihood_meter_phase(clips, meter_bias, k)
 
     def hybrid_meter(idx, ev):
         if _autocorrelation_meter(idx, ev) == 3:
@@ -138,6 +206,9 @@ def rules(product_bias: dict, rephase_penalty: float | None = None) -> dict:
         "bias 2:-0.2 3:0": bias(-0.2, 0.0),
         "autocorrelation": lambda clips: _with_meter(clips, _autocorrelation_meter),
         "hybrid": lambda clips: _with_meter(clips, hybrid_meter),
+        **{f"bar pointer, slip {x:g}": pointer(x) for x in (0.5, 1.0, 1.5, 2.0, 3.0, 1e9)},
+        **{f"likelihood x{k:g}, no bias": likelihood({}, k) for k in (0.5, 1.0)},
+        **{f"likelihood x{k:g}": likelihood(product_bias, k) for k in (0.5, 1.0)},
     }
 
 

@@ -918,15 +918,28 @@ class ClipAnalyzer:
         m, q = _best_meter_phase(np.arange(len(beats)), evidence, (2, 3), None)
         return beats[q::m]
 
+    def _cues(self, sig: _ClipSignals, beats: np.ndarray) -> dict[str, np.ndarray]:
+        p = self.params
+        return downbeat_cues(
+            beats,
+            sig.duration,
+            sig.chroma,
+            sig.times,
+            sig.low,
+            sig.env,
+            p.chord_self_transition,
+            p.analysis_sample_rate,
+        )
+
     def _downbeat_evidence(
         self, sig: _ClipSignals, beats: np.ndarray, activation: np.ndarray | None
     ) -> np.ndarray | None:
         """Per-beat downbeat evidence of `downbeat_evidence` "learned" (plus the network's weighted log-odds) or
         "weighted"; None for the other kinds or fewer than 4 beats."""
-        p, sr = self.params, self.params.analysis_sample_rate
+        p = self.params
         if len(beats) < 4 or p.downbeat_evidence not in ("weighted", "learned"):
             return None
-        cues = downbeat_cues(beats, sig.duration, sig.chroma, sig.times, sig.low, sig.env, p.chord_self_transition, sr)
+        cues = self._cues(sig, beats)
         if p.downbeat_evidence == "weighted":
             return sum(w * np.clip(_z(cues[name]), -2.5, 2.5) for name, w in p.downbeat_weights)
         evidence = learned_evidence(cues, sig.env, self._downbeat_model)
@@ -951,14 +964,15 @@ class ClipAnalyzer:
 
     def downbeat_inputs(self, wave: np.ndarray) -> tuple[np.ndarray, dict, dict] | None:
         """(beats, per-beat cues, onset envelopes) as `analyze` computes them, for fitting the downbeat model;
-        None for a clip with fewer than 4 beats."""
-        wave = np.ascontiguousarray(wave, dtype=np.float32)
-        sr = self.params.analysis_sample_rate
-        beats, _, chroma, times, low, env, _ = self._beats(wave)
-        if len(beats) < 4 or env is None:
+        None for a silent clip or one with fewer than 4 beats."""
+        sig = self._signals(np.ascontiguousarray(wave, dtype=np.float32))
+        if sig.silent or sig.env is None:
             return None
-        cues = downbeat_cues(beats, len(wave) / sr, chroma, times, low, env, self.params.chord_self_transition, sr)
-        return beats, cues, env
+        tracked, _, activation = self._track_alone(sig)
+        beats = self._settle_beats(sig, tracked, activation)
+        if len(beats) < 4:
+            return None
+        return beats, self._cues(sig, beats), sig.env
 
     def analyze(self, wave: np.ndarray) -> ClipFeatures:
         """All features of one clip, heard on its own."""
