@@ -87,3 +87,22 @@ def test_extract_reads_the_evidence_of_the_model_it_is_given(tmp_path):
     network = build.downbeat_network_weight * network_evidence(activation[:, 1], beats)
     np.testing.assert_allclose(ev + ev_flipped, 2 * network, atol=1e-6)
     assert np.abs(ev - ev_flipped).max() > 0.1  # the trees' part did flip
+
+
+def test_bar_pointer_follows_a_slip_of_the_beat_count_inside_a_clip_only_when_slips_are_cheap():
+    """One 40-beat clip in 4/4 whose count slips a beat halfway (the tracker dropped one): from beat 20 the bars
+    start a beat earlier. A cheap slip follows the music's bar lines on both sides; an unaffordable one keeps one
+    phase and misses the second half's."""
+    from benchmarks.meter_rules import _bar_pointer
+
+    numbers = np.arange(40)
+    phase = np.where(numbers < 20, 0, 3)
+    evidence = np.where((numbers - phase) % 4 == 0, 1.0, 0.0)
+    beats = numbers * 0.5
+    clips = [(0.0, beats, evidence)]
+    truth = beats[evidence > 0]
+    cheap, m = _bar_pointer(clips, {}, 0.05)
+    assert m == 4 and np.allclose(cheap[0], truth)
+    never, m = _bar_pointer(clips, {}, 1e9)
+    assert m == 4 and any(np.array_equal(never[0], beats[(numbers - p) % 4 == 0]) for p in range(4))
+    assert not np.array_equal(never[0], truth)
