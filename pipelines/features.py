@@ -947,21 +947,6 @@ class ClipAnalyzer:
             evidence = evidence + p.downbeat_network_weight * network_evidence(activation[:, 1], beats)
         return evidence
 
-    def _beats(self, wave: np.ndarray) -> tuple:
-        """(settled beats, tracker confidence, chroma frames, their times, low-band energy, onset envelopes, the
-        network's (beat, downbeat) activation or None) of a clip on its own."""
-        sig = self._signals(wave)
-        beats, confidence, activation = self._track_alone(sig)
-        return (
-            self._settle_beats(sig, beats, activation),
-            confidence,
-            sig.chroma,
-            sig.times,
-            sig.low,
-            sig.env,
-            activation,
-        )
-
     def downbeat_inputs(self, wave: np.ndarray) -> tuple[np.ndarray, dict, dict] | None:
         """(beats, per-beat cues, onset envelopes) as `analyze` computes them, for fitting the downbeat model;
         None for a silent clip or one with fewer than 4 beats."""

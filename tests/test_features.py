@@ -133,8 +133,8 @@ def test_network_downbeat_weight_adds_the_networks_log_odds_to_the_tree_evidence
     wave = click_track(120.0, 10.0, accent_every=4)
     blended, alone = network_analyzer.analyze(wave), trees_only.analyze(wave)
     assert blended.beats_s == alone.beats_s
-    net, _, _, _, _, _, activation = network_analyzer._beats(np.ascontiguousarray(wave, dtype=np.float32))
-    expected = alone.beat_evidence + 0.5 * network_evidence(activation[:, 1], net)
+    _, _, activation = network_analyzer._track_alone(network_analyzer._signals(wave))
+    expected = alone.beat_evidence + 0.5 * network_evidence(activation[:, 1], np.asarray(alone.beats_s))
     np.testing.assert_allclose(blended.beat_evidence, expected, atol=1e-9)
     assert np.abs(blended.beat_evidence - alone.beat_evidence).max() > 0.1
 
