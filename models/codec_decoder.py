@@ -53,7 +53,7 @@ class DecoderParams(Section):
     blocks: int = Field(6, ge=1)  # ConvNeXt blocks
     kernel: int = Field(7, ge=1)
     mlp_ratio: int = Field(3, ge=1)
-    steps: int = Field(1500, ge=1)  # a step budget, so that a run is reproducible
+    steps: int = Field(1000, ge=1)  # a step budget, so that a run is reproducible
     batch_size: int = Field(16, ge=1)
     segment_frames: int = Field(48, ge=4)  # 1.2 s at 40 frames/s; convolutions see whole segments (the context)
     lr: float = Field(2e-3, gt=0)

@@ -61,8 +61,32 @@ def spectral_parts(wave: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
         wave = np.pad(wave, (0, 2048 - len(wave)))
     wave = wave / (np.abs(wave).max() + 1e-6)
     S = np.abs(librosa.stft(wave, n_fft=1024, hop_length=256))
-    H, P = librosa.decompose.hpss(S, margin=1.0)
-    return S, H, P
+    return (S, *hpss(S))
+
+
+_HPSS_KERNEL = 31  # librosa.decompose.hpss' default median length, in frames (harmonic) and bins (percussive)
+
+
+def hpss(S: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`librosa.decompose.hpss(S, margin=1.0)` for a real magnitude spectrogram [bins, frames], the same values
+    (tested), about twice as fast: the two median filters run as a partition over strided windows of a contiguous
+    copy instead of scipy.ndimage's per-pixel filter, which was most of a detector fit's time."""
+    import librosa
+
+    harm = _running_median(S, _HPSS_KERNEL)  # along time
+    perc = _running_median(np.ascontiguousarray(S.T), _HPSS_KERNEL).T  # along frequency
+    mask_harm = librosa.util.softmask(harm, perc, power=2.0, split_zeros=True)
+    mask_perc = librosa.util.softmask(perc, harm, power=2.0, split_zeros=True)
+    return S * mask_harm, S * mask_perc
+
+
+def _running_median(x: np.ndarray, k: int) -> np.ndarray:
+    """Median of each length-`k` (odd) window along the last axis of a 2-D array, centred, edges mirrored as
+    scipy.ndimage's mode="reflect" (numpy's "symmetric")."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    padded = np.pad(x, [(0, 0), (k // 2, k // 2)], mode="symmetric")
+    return np.partition(sliding_window_view(padded, k, axis=-1), k // 2, axis=-1)[..., k // 2]
 
 
 def drum_descriptors(wave: np.ndarray, sr: int, parts: tuple | None = None) -> np.ndarray:

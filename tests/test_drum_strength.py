@@ -1,10 +1,13 @@
 """The strength judge: descriptors of synthetic drums over a chord (known onset times), level invariance, silence,
-the scale's anchors and which descriptors it uses, and the separation shared with the detector."""
+the scale's anchors and which descriptors it uses, and the separation shared with the detector (librosa's HPSS,
+value for value)."""
 
 import numpy as np
 import pytest
 
-from models.detectors import spectral_parts
+import librosa
+
+from models.detectors import hpss, spectral_parts
 from models.drum_strength import DESCRIPTORS, StrengthScale, percussive_descriptors
 
 SR = 16000
@@ -49,6 +52,19 @@ def test_descriptors_do_not_depend_on_the_level_and_silence_has_no_drums():
 def test_a_shared_separation_gives_the_same_descriptors():
     wave = _chord() + _hits([0.4, 1.9])
     assert percussive_descriptors(wave, SR, spectral_parts(wave)) == percussive_descriptors(wave, SR)
+
+
+@pytest.mark.parametrize("frames", [186, 40, 9, 1])
+def test_separation_equals_librosa_hpss(frames):
+    """The fast separation gives librosa.decompose.hpss's values exactly, on music and at lengths shorter than the
+    median filters (mirrored edges), with silent frames (librosa's zero split)."""
+    wave = np.tile(_chord() + _hits([0.4, 1.1, 1.9]), 2)
+    S = np.abs(librosa.stft(wave, n_fft=1024, hop_length=256))[:, 20 : 20 + frames]
+    S[:, :1] = 0.0
+    harmonic, percussive = hpss(S)
+    ref_h, ref_p = librosa.decompose.hpss(S, margin=1.0)
+    assert np.array_equal(harmonic, ref_h) and np.array_equal(percussive, ref_p)
+    assert harmonic.dtype == ref_h.dtype == np.float32
 
 
 def test_scale_puts_its_anchors_at_0_and_1_and_uses_only_descriptors_that_separate():
