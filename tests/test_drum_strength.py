@@ -2,10 +2,9 @@
 the scale's anchors and which descriptors it uses, and the separation shared with the detector (librosa's HPSS,
 value for value)."""
 
+import librosa
 import numpy as np
 import pytest
-
-import librosa
 
 from models.detectors import hpss, spectral_parts
 from models.drum_strength import DESCRIPTORS, StrengthScale, percussive_descriptors
