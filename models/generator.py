@@ -153,11 +153,8 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # each [B,H,T,Dh]
         q, k = _rope(q, positions, self.rope_base), _rope(k, positions, self.rope_base)
-        if cache is not None:  # KV cache: keys/values of all earlier positions, appended in place
-            if "k" in cache:
-                k = torch.cat([cache["k"], k], dim=2)
-                v = torch.cat([cache["v"], v], dim=2)
-            cache["k"], cache["v"] = k, v
+        if cache is not None:  # KV cache: keys/values of all earlier positions
+            k, v = _cache_append(cache, k, v)
         # Causal mask aligned to the end: query i (absolute past + i) sees keys 0 .. past + i.
         past = k.shape[2] - T
         mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=past)
@@ -168,6 +165,24 @@ class CausalSelfAttention(nn.Module):
         if self.steering is not None:
             return self.steering(heads)
         return self.out_proj(heads.reshape(B, T, self.n_heads * self.head_dim))
+
+
+def _cache_append(cache: dict, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append this call's keys and values [B, H, T, Dh] to a layer's cache; returns views of all positions so far.
+    The buffers grow by doubling, so a generation step copies only its own position: concatenating the whole cache
+    on every step made the copies quadratic in the length (a quarter of a batched generation's time)."""
+    n, new = cache.get("n", 0), k.shape[2]
+    if "k" not in cache or n + new > cache["k"].shape[2]:
+        capacity = max(2 * (n + new), 64)
+        for name, t in (("k", k), ("v", v)):
+            grown = t.new_empty(t.shape[0], t.shape[1], capacity, t.shape[3])
+            if n:
+                grown[:, :, :n] = cache[name][:, :, :n]
+            cache[name] = grown
+    cache["k"][:, :, n : n + new] = k
+    cache["v"][:, :, n : n + new] = v
+    cache["n"] = n + new
+    return cache["k"][:, :, : n + new], cache["v"][:, :, : n + new]
 
 
 class MLP(nn.Module):

@@ -75,6 +75,24 @@ def test_kv_cache_logits_match_uncached():
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-4)
 
 
+@torch.no_grad()
+def test_kv_cache_grows_past_its_buffer_and_still_matches_uncached():
+    """The cache's buffers start at 64 positions and double: a stream of 100 steps crosses two growths, and every
+    step's logits still equal the uncached model's over the whole stream."""
+    model = _model()
+    codes = _codes(B=2, T=100)
+    inputs = torch.cat([torch.full((2, 4, 1), 32), apply_delay(codes, 32)[:, :, :-1]], 2)
+    full = model.forward_tokens(inputs, model._prefix(None, None, 2))
+    caches = [dict() for _ in range(model.n_layers)]
+    first = model.forward_tokens(inputs[:, :, :3], model._prefix(None, None, 2), caches, 0)
+    steps = [
+        model.forward_tokens(inputs[:, :, s : s + 1], None, caches, model.n_prefix + s)
+        for s in range(3, inputs.shape[2])
+    ]
+    assert caches[0]["n"] == model.n_prefix + inputs.shape[2] and caches[0]["k"].shape[2] >= caches[0]["n"]
+    torch.testing.assert_close(torch.cat([first] + steps, dim=2), full, atol=1e-5, rtol=1e-4)
+
+
 def test_generate_cached_equals_uncached_and_is_seeded():
     model = _model()
     prompt = _codes(B=2, T=6)
