@@ -88,3 +88,16 @@ def test_a_scale_whose_references_do_not_differ_judges_nothing():
     same = np.tile([0.1, 3.0, 0.3], (10, 1))
     scale = StrengthScale.from_takes(same, same)
     assert not scale.used.any() and np.isnan(scale.strength(same)).all()
+
+
+def test_hpss_benchmark_times_both_separations_on_audio_files(tmp_path, capsys):
+    """benchmarks/hpss.py cuts segments from audio files, runs librosa's separation and ours, and reports both."""
+    import soundfile as sf
+
+    from benchmarks.hpss import main
+
+    sf.write(tmp_path / "groove.flac", np.tile(_chord() + _hits(np.arange(0.1, 3.0, 0.5)), 2), SR)
+    main(["--audio", str(tmp_path / "*.flac"), "--segments", "3", "--seconds", "1.5"])
+    out = capsys.readouterr().out
+    assert "3 segments of 1.5 s" in out and "librosa.decompose.hpss (baseline)" in out
+    assert "identical values: True" in out
