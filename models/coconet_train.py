@@ -62,7 +62,15 @@ class TrainCoconetParams(Section):
     threads: int = Field(2, ge=1)
     presets: dict[str, dict] = Field(  # per preset: overrides of the keys above
         default_factory=lambda: {
-            "demo": {"steps": 300, "max_minutes": 2, "ema_decay": 0.98, "eval_every": 100, "transpose": 0},
+            "demo": {
+                "steps": 250,
+                "lr": 0.008,
+                "warmup": 30,
+                "max_minutes": 2,
+                "ema_decay": 0.98,
+                "eval_every": 100,
+                "transpose": 0,
+            },
             "cpu": {
                 "steps": 4000,
                 "max_minutes": 30,

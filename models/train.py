@@ -259,7 +259,8 @@ class TrainGeneratorParams(Section):
     ema_decay: float = Field(0.995, ge=0, lt=1)  # weight average evaluated, kept and exported (0: off)
     eval_every: int = Field(50, ge=1)  # steps between validations (and checkpoints)
     eval_clips: int = Field(32, ge=1)  # validation clips per evaluation
-    patience: int = Field(5, ge=1)  # evaluations without improvement before early stopping
+    patience: int = Field(2, ge=1)  # evaluations in a row without a `min_delta` improvement before early stopping
+    min_delta: float = Field(0.005, ge=0)  # nats/token an evaluation must beat the best by to count as progress
     max_minutes: float = Field(14.0, gt=0)  # training time limit
     threads: int = Field(2, ge=0)  # torch threads on the CPU (0: torch's default)
     presets: dict[str, dict] = Field(  # per preset: overrides of the keys above (`model`: of single keys)
@@ -283,6 +284,7 @@ class TrainGeneratorParams(Section):
                 "warmup": 1000,
                 "eval_every": 500,
                 "patience": 8,
+                "min_delta": 0.001,
                 "max_minutes": 240,
                 "ema_decay": 0.999,
             },
@@ -482,7 +484,8 @@ class _Training:
         self.judged = self.ema if self.ema is not None else self.model
         self.state = {
             "step": 0,
-            "best_valid": float("inf"),
+            "best_valid": float("inf"),  # the lowest validation loss: the weights kept and exported
+            "progress_valid": float("inf"),  # the last loss that beat the one before it by min_delta: patience
             "bad_evals": 0,
             "history": [],
             "train_seconds": 0.0,
@@ -510,7 +513,7 @@ class _Training:
         self.best_state = load_file(str(ckpt / "best.safetensors"), device=device)
         if self.ema is not None:
             self.ema.load_state_dict(load_file(str(ckpt / "ema.safetensors"), device=device))
-        self.state = {k: saved[k] for k in self.state}
+        self.state = {k: saved.get(k, saved["best_valid"] if k == "progress_valid" else None) for k in self.state}
         planned = saved.get("target_steps")
         if planned is not None and planned < steps:
             # e.g. a preset change: the user may expect a fresh run of the new preset, which trains differently
@@ -583,9 +586,13 @@ class _Training:
             f"step {rec['step']}/{p.steps} train {rec['train_loss']:.3f} valid {rec['valid_loss']:.3f} "
             f"({rec['tokens_per_s']:.0f} tokens/s)"
         )
-        if rec["valid_loss"] < state["best_valid"] - 1e-3:
-            state["best_valid"], state["bad_evals"] = rec["valid_loss"], 0
+        # The weights kept are the lowest validation loss's; patience counts the evaluations since the loss last
+        # improved by min_delta, so a run stops on a plateau instead of creeping on by thousandths of a nat.
+        if rec["valid_loss"] < state["best_valid"]:
+            state["best_valid"] = rec["valid_loss"]
             self.best_state = {k: t.detach().clone() for k, t in self.judged.state_dict().items()}
+        if rec["valid_loss"] < state["progress_valid"] - p.min_delta:
+            state["progress_valid"], state["bad_evals"] = rec["valid_loss"], 0
         else:
             state["bad_evals"] += 1
 

@@ -123,6 +123,34 @@ def test_ema_weights_are_judged_exported_and_checkpointed(stages, tmp_path):
         TRAIN_PARAMS.with_overrides({"ema_decay": 1.0}, "train_generator")
 
 
+def test_training_stops_on_a_plateau_and_exports_the_lowest_loss(stages, tmp_path, monkeypatch):
+    """Patience counts evaluations since the loss last fell by min_delta; the weights exported are still those of
+    the lowest loss, even where it fell by less than min_delta."""
+    import models.train as train_module
+
+    root, _ = stages
+    losses = [5.0, 4.0, 3.998, 3.999, 3.0, 2.9]  # the third is the lowest so far, but not progress at 0.005
+    scripted = iter(losses)
+    seen = []
+
+    def fake_evaluate(model, *args, **kwargs):
+        seen.append({k: t.detach().clone() for k, t in model.state_dict().items()})
+        return torch.full((2,), next(scripted))
+
+    monkeypatch.setattr(train_module, "evaluate", fake_evaluate)
+    params = TRAIN_PARAMS.with_overrides({"presets": {"debug": {**DEBUG_PRESET, "patience": 2, "steps": 60}}}, "t")
+    metrics = train_generator(str(root / "tokens"), str(root / "codec"), str(tmp_path / "gen"), params)
+    assert metrics["stop_reason"] == "early_stopping" and metrics["steps"] == 40 and len(seen) == 4
+    assert metrics["best_step"] == 30 and metrics["valid_loss"] == pytest.approx(3.998)
+    exported = load_generator(tmp_path / "gen")[0].state_dict()
+    assert all(torch.equal(exported[k], seen[2][k]) for k in seen[2])
+    assert not all(torch.equal(seen[2][k], seen[3][k]) for k in seen[2])  # training moved on after it
+    # with no min_delta the small gain is progress: the run goes on to its last step
+    scripted = iter(losses)
+    plain = params.with_overrides({"min_delta": 0.0}, "test")
+    assert train_generator(str(root / "tokens"), str(root / "codec"), str(tmp_path / "g2"), plain)["steps"] == 60
+
+
 def test_checkpoint_of_other_tokens_is_not_resumed(stages, tmp_path):
     """After a data refresh (new codec / tokens) the stage must train afresh, not continue the old model."""
     import shutil
