@@ -79,7 +79,8 @@ def _coconet(tmp: Path, scores: Path, name: str, steps: int, nproc: int, ckpt: P
     )
     argv = ["coconet", "train", "--scores", str(scores), "--out", str(tmp / name), "--params", str(params)]
     argv += ["--metrics", str(tmp / f"{name}.json"), "--plot", str(tmp / f"{name}_curve.json")]
-    argv += ["--checkpoint", str(ckpt)] if ckpt else ["--fresh"]
+    # without a checkpoint of its own the run is fresh, and writes its state under tmp (never the repo's data/)
+    argv += ["--checkpoint", str(ckpt)] if ckpt else ["--checkpoint", str(tmp / f"{name}_ckpt"), "--fresh"]
     reports = _run(argv, nproc)
     assert len(reports) == 1 and reports[0]["steps"] == steps  # one report: rank 0's
     return _curve(tmp / f"{name}_curve.json")
@@ -139,7 +140,8 @@ def _generator(tmp: Path, data: Path, name: str, steps: int, nproc: int, ckpt: P
     )
     argv = ["train", "--tokens", str(data / "tokens"), "--codec", str(data / "codec"), "--out", str(tmp / name)]
     argv += ["--params", str(params), "--metrics", str(tmp / f"{name}.json"), "--plot", str(tmp / f"{name}_c.json")]
-    argv += ["--checkpoint", str(ckpt)] if ckpt else ["--fresh"]
+    # without a checkpoint of its own the run is fresh, and writes its state under tmp (never the repo's data/)
+    argv += ["--checkpoint", str(ckpt)] if ckpt else ["--checkpoint", str(tmp / f"{name}_ckpt"), "--fresh"]
     reports = _run(argv, nproc)
     assert len(reports) == 1 and reports[0]["steps"] == steps
     return _curve(tmp / f"{name}_c.json")
