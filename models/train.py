@@ -260,7 +260,7 @@ class TrainGeneratorParams(Section):
     eval_every: int = Field(50, ge=1)  # steps between validations (and checkpoints)
     eval_clips: int = Field(32, ge=1)  # validation clips per evaluation
     patience: int = Field(2, ge=1)  # evaluations in a row without a `min_delta` improvement before early stopping
-    min_delta: float = Field(0.005, ge=0)  # nats/token an evaluation must beat the best by to count as progress
+    min_delta: float = Field(0.005, ge=0)  # nats/token by which an evaluation must beat the last progress to count
     max_minutes: float = Field(14.0, gt=0)  # training time limit
     threads: int = Field(2, ge=0)  # torch threads on the CPU (0: torch's default)
     presets: dict[str, dict] = Field(  # per preset: overrides of the keys above (`model`: of single keys)
@@ -485,7 +485,7 @@ class _Training:
         self.state = {
             "step": 0,
             "best_valid": float("inf"),  # the lowest validation loss: the weights kept and exported
-            "progress_valid": float("inf"),  # the last loss that beat the one before it by min_delta: patience
+            "progress_valid": float("inf"),  # the loss of the last evaluation that counted as progress (patience)
             "bad_evals": 0,
             "history": [],
             "train_seconds": 0.0,
@@ -513,7 +513,8 @@ class _Training:
         self.best_state = load_file(str(ckpt / "best.safetensors"), device=device)
         if self.ema is not None:
             self.ema.load_state_dict(load_file(str(ckpt / "ema.safetensors"), device=device))
-        self.state = {k: saved.get(k, saved["best_valid"] if k == "progress_valid" else None) for k in self.state}
+        saved = {"progress_valid": saved["best_valid"], **saved}  # checkpoints from before min_delta lack it
+        self.state = {k: saved[k] for k in self.state}
         planned = saved.get("target_steps")
         if planned is not None and planned < steps:
             # e.g. a preset change: the user may expect a fresh run of the new preset, which trains differently
