@@ -13,7 +13,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 # the rest from source again (the feature workers' imports: 7.0 s -> 2.9 s with the cache; a one-clip `dataset
 # build`: 9.0 s -> 4.8 s). The targets below let Python cache what they import (in the venv and the gitignored,
 # dvcignored __pycache__ folders), and setup caches the modules the stages, workers and benchmarks import, for
-# commands run outside make too: about 15 s, where byte-compiling the whole venv took 48 s on 2 cores.
+# commands run outside make too: 17 s, where byte-compiling the whole venv took 48 s on 2 cores.
 unexport PYTHONDONTWRITEBYTECODE
 WARM_IMPORTS := generation.cli pipelines.features pipelines.dataset pipelines.runner models.train \
 	models.evaluate_steering models.coconet_train registry apache_beam.runners.portability.fn_api_runner \

@@ -151,6 +151,25 @@ def test_training_stops_on_a_plateau_and_exports_the_lowest_loss(stages, tmp_pat
     assert train_generator(str(root / "tokens"), str(root / "codec"), str(tmp_path / "g2"), plain)["steps"] == 60
 
 
+def test_a_checkpoint_from_before_min_delta_resumes(stages, tmp_path):
+    """A checkpoint whose state has no `progress_valid` (written before the plateau rule) continues, its patience
+    measured from its best loss."""
+    root, _ = stages
+    ckpt = tmp_path / "ckpt"
+    train_generator(
+        str(root / "tokens"), str(root / "codec"), str(tmp_path / "a"), _steps(20), checkpoint_dir=str(ckpt)
+    )
+    state = json.loads((ckpt / "state.json").read_text())
+    del state["progress_valid"]
+    (ckpt / "state.json").write_text(json.dumps(state))
+    said = []
+    again = train_generator(
+        str(root / "tokens"), str(root / "codec"), str(tmp_path / "b"), _steps(30), str(ckpt), progress=said.append
+    )
+    assert again["steps"] == 30 and any("continues to 30" in line for line in said)
+    assert json.loads((ckpt / "state.json").read_text())["progress_valid"] <= state["best_valid"]
+
+
 def test_checkpoint_of_other_tokens_is_not_resumed(stages, tmp_path):
     """After a data refresh (new codec / tokens) the stage must train afresh, not continue the old model."""
     import shutil
