@@ -2,6 +2,7 @@
 
     python benchmarks/beat_fit_set.py --out data/beat_fit            # ~140 openings, ~10 min on 2 cores
     python benchmarks/beat_fit_set.py --take 1 --seconds 80 --out data/beat_fit_take1   # a second rendering
+    python benchmarks/beat_fit_set.py --chorales --out data/beat_fit_chorales   # Bach chorales played bare
 
 music21 corpus pieces outside the default corpora and outside every work of the out-of-domain set
 (`benchmarks/ood_set.py` PIECES; not even another movement of one): Ryan's Mammoth Collection fiddle tunes (reels,
@@ -46,6 +47,30 @@ SOURCES: list[tuple[str, str, int]] = [
 ]
 
 
+# `--chorales`: the default corpus' Bach chorales at these places of its seeded order (the demo's corpus takes 0-29,
+# the in-domain held-out set of benchmarks/feature_accuracy.py 100 on), played bare by one of these families
+CHORALE_RANGE = (30, 100)
+CHORALE_FAMILIES = ("quartet", "keyboard", "madrigal")
+
+
+def chorale_pieces(corpus_root: str) -> list[tuple[str, str]]:
+    """(family, path) of the default corpus' chorales in CHORALE_RANGE, each with a seeded family: four-part
+    common-practice harmony in 4/4 and 3/4, most of it with a pickup, as a string quartet, a keyboard or a
+    consort."""
+    import random
+
+    from pipelines.corpus import CorpusParams
+    from pipelines.corpus_scores import list_corpus
+
+    listed = list_corpus("bach_chorales")
+    random.Random(f"{CorpusParams().seed}:bach_chorales").shuffle(listed)
+    chosen = []
+    for ref in listed[CHORALE_RANGE[0] : CHORALE_RANGE[1]]:
+        rel = os.path.relpath(ref.path, corpus_root)
+        chosen.append((CHORALE_FAMILIES[_hash("beat-fit-chorale", rel) % len(CHORALE_FAMILIES)], rel))
+    return chosen
+
+
 def work_of(rel: str) -> str:
     """The work a corpus path belongs to: its folder for multi-movement works (composer/opus/movement.mxl), else the
     file itself (composer/piece.mxl)."""
@@ -72,7 +97,9 @@ def beat_fit_pieces(corpus_root: str) -> list[tuple[str, str]]:
     return chosen
 
 
-def build(out: str, limit: int | None, max_seconds: float, sr: int = 44100, take: int = 0) -> dict:
+def build(
+    out: str, limit: int | None, max_seconds: float, sr: int = 44100, take: int = 0, chorales: bool = False
+) -> dict:
     import music21
 
     corpus_root = os.path.join(os.path.dirname(music21.__file__), "corpus")
@@ -80,7 +107,8 @@ def build(out: str, limit: int | None, max_seconds: float, sr: int = 44100, take
     shutil.rmtree(os.path.join(out, "audio"), ignore_errors=True)
     os.makedirs(os.path.join(out, "audio"), exist_ok=True)
     rows, errors, started = [], [], time.time()
-    for family, rel in beat_fit_pieces(corpus_root)[:limit]:
+    pieces = chorale_pieces(corpus_root) if chorales else beat_fit_pieces(corpus_root)
+    for family, rel in pieces[:limit]:
         t = time.time()
         try:
             row = render_piece(family, rel, corpus_root, out, soundfonts, sr, max_seconds, take)
@@ -113,8 +141,13 @@ def main() -> int:
         default=0,
         help="render take N of every piece (N > 0: its own tempo plan and instruments, the other SoundFont)",
     )
+    ap.add_argument(
+        "--chorales",
+        action="store_true",
+        help="render the default corpus' chorales at places {}-{} of its seeded order instead".format(*CHORALE_RANGE),
+    )
     args = ap.parse_args()
-    stats = build(args.out, args.limit, args.seconds, take=args.take)
+    stats = build(args.out, args.limit, args.seconds, take=args.take, chorales=args.chorales)
     print(json.dumps({k: v for k, v in stats.items() if k != "failed"}, indent=1), f"\nfailed: {len(stats['failed'])}")
     return 0
 
