@@ -57,15 +57,19 @@ def chorale_pieces(corpus_root: str) -> list[tuple[str, str]]:
     """(family, path) of the default corpus' chorales in CHORALE_RANGE, each with a seeded family: four-part
     common-practice harmony in 4/4 and 3/4, most of it with a pickup, as a string quartet, a keyboard or a
     consort."""
-    import random
+    from core.config import load_section
+    from pipelines.corpus import CorpusParams, select_pieces
 
-    from pipelines.corpus import CorpusParams
-    from pipelines.corpus_scores import list_corpus
-
-    listed = list_corpus("bach_chorales")
-    random.Random(f"{CorpusParams().seed}:bach_chorales").shuffle(listed)
+    # the corpus' own seeded order (params.yaml's seed), so the range is the one the demo and benchmarks skip
+    corpus = load_section(CorpusParams, "params.yaml", "corpus").model_copy(
+        update={
+            "corpora": ["bach_chorales"],
+            "pieces": CHORALE_RANGE[1] - CHORALE_RANGE[0],
+            "piece_offset": CHORALE_RANGE[0],
+        }
+    )
     chosen = []
-    for ref in listed[CHORALE_RANGE[0] : CHORALE_RANGE[1]]:
+    for ref in (r for r in select_pieces(corpus) if r.corpus == "bach_chorales"):
         rel = os.path.relpath(ref.path, corpus_root)
         chosen.append((CHORALE_FAMILIES[_hash("beat-fit-chorale", rel) % len(CHORALE_FAMILIES)], rel))
     return chosen

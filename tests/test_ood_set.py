@@ -105,6 +105,29 @@ def test_beat_fit_set_shares_no_work_with_the_ood_set():
     assert work_of("monteverdi/madrigal.4.2.mxl") == "monteverdi/madrigal.4.2"
 
 
+def test_chorale_fit_pieces_avoid_the_demo_corpus_and_the_in_domain_held_out_set():
+    """`beat_fit_set.py --chorales` trains on chorales that neither the demo's corpus renders nor the in-domain
+    held-out benchmark (benchmarks/feature_accuracy.py, offset 100) scores."""
+    import os
+
+    import music21
+
+    from benchmarks.beat_fit_set import CHORALE_RANGE, chorale_pieces
+    from core.config import load_section
+    from pipelines.corpus import CorpusParams, select_pieces
+
+    root = os.path.join(os.path.dirname(music21.__file__), "corpus")
+    chosen = {os.path.join(root, rel) for _, rel in chorale_pieces(root)}
+    assert len(chosen) == CHORALE_RANGE[1] - CHORALE_RANGE[0]
+    demo_params = load_section(CorpusParams, "params.yaml", "corpus")
+    demo = {r.path for r in select_pieces(demo_params) if r.corpus == "bach_chorales"}
+    held_out = select_pieces(
+        demo_params.model_copy(update={"corpora": ["bach_chorales"], "pieces": None, "piece_offset": 100})
+    )
+    assert len(demo) == 30 and chosen.isdisjoint(demo)
+    assert len(held_out) > 100 and chosen.isdisjoint(r.path for r in held_out)
+
+
 def test_a_second_take_renders_the_piece_anew_under_its_own_piece_id(tmp_path):
     """`render_piece(take=1)` (the beat fit set's second rendering): another file, its own seeded tempo plan and
     instruments, the next SoundFont, the same piece_id (a split by piece keeps both takes on one side), and labels
