@@ -389,7 +389,9 @@ class GenerationSession:
         sp = self.defaults.steering
         extra = {"every": sp.every, "decay": sp.decay, "monitor_heads": sp.monitor_heads}
         if mode == "smitin":
-            extra.update(smooth_steps=sp.smooth_steps, hold_steps=sp.hold_steps, hold_floor=sp.hold_floor)
+            extra.update(
+                add_every=sp.add_every, smooth_steps=sp.smooth_steps, hold_steps=sp.hold_steps, hold_floor=sp.hold_floor
+            )
         if sp.tau is not None:
             extra["tau"] = sp.tau
         if mode == "iti":

@@ -81,6 +81,7 @@ class EvaluateSteeringParams(Section):
     iti_alpha: float = Field(10.0, gt=0)  # iti strength, both tasks
     iti_top_k: int = Field(16, ge=1)  # iti: heads pushed
     every: int = Field(1, ge=1)  # smitin: push every s-th step
+    add_every: int | None = Field(4, ge=1)  # smitin rows: push interval while adding (null: `every`)
     decay: float = Field(1.0, ge=0)  # push factor (1 - C / tau) ** decay below tau
     # the sustained-presence monitor of the smitin rows (models.steering.SustainedMonitor); the `smitin_paper` row
     # runs the paper's monitor (one reading a step, the push stops at the first one at tau) beside it
@@ -537,7 +538,13 @@ def _modes(params: EvaluateSteeringParams, task: str, main: ProbeSet, ablation: 
     paper = dict(every=params.every, decay=params.decay, monitor_heads=params.monitor_heads)
     if params.tau is not None:
         paper["tau"] = params.tau
-    steering = dict(paper, smooth_steps=params.smooth_steps, hold_steps=params.hold_steps, hold_floor=params.hold_floor)
+    steering = dict(
+        paper,
+        add_every=params.add_every,
+        smooth_steps=params.smooth_steps,
+        hold_steps=params.hold_steps,
+        hold_floor=params.hold_floor,
+    )
     sustained = SteeringParams(**{k: steering[k] for k in ("smooth_steps", "hold_steps", "hold_floor")}).sustained
     modes = [
         _Mode("none", main, dict(mode="none"), 1.0),
@@ -601,10 +608,14 @@ def _run_cell(
         "strength": sign * mode.strength if mode.name != "none" else 0.0,
         "n": len(idx),
         "prompts": len(prompts.picked[lab]),
-        # smitin's push interval goes with its numbers (the registry gates compare like with like)
+        # smitin's push interval (the one this row's trait ran at: `add_every` while adding) goes with its numbers
+        # (the registry gates compare like with like)
         # and so does its monitor (the paper's: hold_steps 0, hold_floor 0, smooth_steps 1)
         **(
-            {k: getattr(plan.params, k) for k in ("every", "decay", "smooth_steps", "hold_steps", "hold_floor")}
+            {
+                **{k: getattr(plan.params, k) for k in ("decay", "smooth_steps", "hold_steps", "hold_floor")},
+                "every": plan.params.add_every if direction == "add" and plan.params.add_every else plan.params.every,
+            }
             if plan.params.mode == "smitin"
             else {}
         ),

@@ -36,6 +36,7 @@ class GenerateSteeringParams(Section):
     """params.yaml `generate.steering`: how `smitin generate --steer` pushes."""
 
     every: int = Field(1, ge=1)  # smitin: push every s-th step
+    add_every: int | None = Field(4, ge=1)  # smitin: push interval of an added trait (null: `every`)
     decay: float = Field(1.0, ge=0)  # push factor (1 - C / tau) ** decay below tau
     tau: float | None = None  # null: median(acc) - std(acc) of the probe set
     monitor_heads: int = Field(16, ge=1)  # heads whose trait probability the report follows

@@ -12,7 +12,10 @@ push factor in [0, 1]). Modes:
   which on the builtin generator left removal weak: see params.yaml), and self-monitoring: C, the median
   probability of the top-16 probes at the current position, is compared with tau (median(acc) - std(acc) of the
   probe set unless given); the push decays as C rises, f = (1 - C / tau) ** decay, and is off once C >= tau.
-  A negative strength removes a trait: the push goes the other way and the monitor watches 1 - C.
+  A negative strength removes a trait: the push goes the other way and the monitor watches 1 - C. An added trait
+  may be pushed at a longer interval of its own (`add_every`): on the builtin generator a push at every step makes
+  the added drums a steady wash of high-frequency energy, where real drums are hits (docs/steering.md), while
+  removing a trait needs every step (what is left between pushes comes back).
 
 `steer(generator, plan)` (a context manager) applies a plan in one of two ways, with the same tokens and report up to
 float rounding (tested):
@@ -72,6 +75,7 @@ class SteeringParams:
     mode: str = "smitin"
     top_k: int = 16  # iti: heads pushed
     every: int = 1  # smitin: push every `every` steps (paper: 5)
+    add_every: int | None = None  # smitin: push interval of the traits being added (None: `every`)
     monitor_heads: int = 16  # heads whose median probe probability is the monitor
     tau: float | None = None  # None: median(acc) - std(acc) of each probe set
     decay: float = 0.5  # smitin push factor (1 - C / tau) ** decay below tau; 0 = full push until tau
@@ -90,6 +94,10 @@ class SteeringParams:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise SteeringError(f"steering {name} must be a positive integer, got {value!r}")
+        if self.add_every is not None and (
+            not isinstance(self.add_every, int) or isinstance(self.add_every, bool) or self.add_every < 1
+        ):
+            raise SteeringError(f"steering add_every must be a positive integer or null, got {self.add_every!r}")
         if self.tau is not None:
             self.tau = _number("tau", self.tau)
             if not 0.0 < self.tau <= 1.0:
@@ -338,7 +346,10 @@ class SteeringSession:
         self.last_monitor_layer = used[-1]
         self.removed = [a < 0 for a in plan.strengths.values()]
         self.tau = [float(t) for t in plan.taus()]
-        self._iti, self._every, self._decay = p.mode == "iti", p.every, p.decay  # read at every step
+        self._iti, self._decay = p.mode == "iti", p.decay  # read at every step
+        # each trait's push interval; the monitor reads before any trait's push step
+        self._intervals = [p.every if rm or p.add_every is None else p.add_every for rm in self.removed]
+        self._uniform = len(set(self._intervals)) == 1
         self._device, self._dtype = device, dtype
         self._delta_rows: tuple[torch.Tensor, ...] | None = None  # per layer [B, 1, H, Dh]: delta in row 0, zeros below
         self._fused: _FusedBuffers | None = None  # the fused path's buffers for the current batch size
@@ -369,11 +380,21 @@ class SteeringSession:
         if self._iti:
             return [[1.0] * len(self.tau) for _ in range(n)]
         step = self._step
-        if step < 1 or (step - 1) % self._every or self._monitor is None:
+        if step < 1 or self._monitor is None:
             return None
+        if self._uniform:
+            if (step - 1) % self._intervals[0]:
+                return None
+            due = None
+        else:
+            due = [(step - 1) % every == 0 for every in self._intervals]
+            if not any(due):
+                return None
         if self._sustain is not None:
-            return self._sustain.factor()
-        return smitin_factor(self._monitor, self.removed, self.tau, self._decay)
+            factor = self._sustain.factor()
+        else:
+            factor = smitin_factor(self._monitor, self.removed, self.tau, self._decay)
+        return factor if due is None else [[f if d else 0.0 for f, d in zip(row, due)] for row in factor]
 
     def _advance(self, B: int, T: int) -> int:
         """Recognise the forward that starts (B rows, T positions): the next cached step, the next uncached step or
@@ -433,8 +454,14 @@ class SteeringSession:
         p = self.plan.params
         # Probe probabilities are needed now only where they decide the next push (smitin, before a push step);
         # the other steps' are evaluated in one batch later (for the report), which keeps per-step cost low.
-        if p.mode == "smitin" and self.push_enabled and self._step % p.every == 0:
+        if p.mode == "smitin" and self.push_enabled and self._reads_before_push(self._step):
             self._flush()
+
+    def _reads_before_push(self, step: int) -> bool:
+        """Whether some trait is pushed at step + 1 (its monitor reading must be ready then)."""
+        if self._uniform:
+            return step % self._intervals[0] == 0
+        return any(step % every == 0 for every in self._intervals)
 
     def _flush(self) -> None:
         """Evaluate the monitored probes of all pending steps at once; the last one becomes the monitor."""

@@ -168,6 +168,28 @@ def test_monitor_switches_the_push_off_once_the_probability_passes_tau():
     assert report.probabilities("drums")[:3] == pytest.approx([0.1, 0.2, 0.3])
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_an_added_trait_is_pushed_at_its_own_interval_while_a_removed_one_is_pushed_every_step(fused):
+    """`add_every`: drums (added) get a push only on steps 1, 5, 9, ...; piano (removed) on every step from 1 on
+    (tau 1: the monitor never stops either). With one added trait alone the monitor reads only before its pushes."""
+    model = _model()
+    drums, piano = _probe_set(model, "drums", 0), _probe_set(model, "piano", 1)
+    plan = SteeringPlan.build([drums, piano], "drums=+4, piano=-2.5", mode="smitin", every=1, add_every=4, tau=1.0)
+    with steer(model, plan, fused=fused) as session:
+        model.generate(12, prompt=_prompt(), seed=0)
+    report = session.report()
+    drum_push, piano_push = report.pushes("drums"), report.pushes("piano")
+    assert len(drum_push) >= 10 and [s for s, f in enumerate(drum_push) if f > 0] == list(range(1, len(drum_push), 4))
+    assert piano_push[0] == 0.0 and all(f > 0 for f in piano_push[1:])
+    alone = SteeringPlan.build([drums], "drums=+4", mode="smitin", every=1, add_every=4, tau=1.0)
+    with steer(model, alone, fused=fused) as session:
+        model.generate(12, prompt=_prompt(), seed=0)
+    pushes = session.report().pushes("drums")
+    assert [s for s, f in enumerate(pushes) if f > 0] == list(range(1, len(pushes), 4))
+    with pytest.raises(SteeringError, match="add_every"):
+        SteeringParams(add_every=0)
+
+
 def test_sustained_monitor_smooths_holds_and_keeps_a_floor_until_presence_holds():
     params = SteeringParams(smooth_steps=2, hold_steps=2, hold_floor=0.4, decay=1.0)
     assert params.sustained and not SteeringParams().sustained  # the defaults are the paper's monitor
