@@ -614,7 +614,7 @@ def _run_cell(
         **(
             {
                 **{k: getattr(plan.params, k) for k in ("decay", "smooth_steps", "hold_steps", "hold_floor")},
-                "every": plan.params.add_every if direction == "add" and plan.params.add_every else plan.params.every,
+                "every": plan.params.interval(removing=direction == "remove"),
             }
             if plan.params.mode == "smitin"
             else {}

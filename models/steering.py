@@ -82,7 +82,7 @@ class SteeringParams:
     direction: str = "probe"  # "random": the control (random unit directions, their own sigma)
     # The monitor that trusts only sustained presence (all three off: the paper's monitor, one reading a step):
     smooth_steps: int = 1  # C is an exponential moving average over about this many steps (1: the last reading)
-    hold_steps: int = 0  # the goal must hold at tau this many steps in a row before the push may stop
+    hold_steps: int = 0  # the goal must hold at tau this many readings in a row (one before each push step)
     hold_floor: float = 0.0  # until then the push factor is at least this (the decayed factor nears 0 at tau)
 
     def __post_init__(self):
@@ -110,6 +110,10 @@ class SteeringParams:
         self.hold_floor = _number("hold_floor", self.hold_floor)
         if not 0.0 <= self.hold_floor <= 1.0:
             raise SteeringError(f"steering hold_floor must be in [0, 1], got {self.hold_floor}")
+
+    def interval(self, removing: bool) -> int:
+        """smitin's push interval of a trait being removed (`every`) or added (`add_every`, else `every`)."""
+        return self.every if removing or self.add_every is None else self.add_every
 
     @property
     def sustained(self) -> bool:
@@ -348,7 +352,7 @@ class SteeringSession:
         self.tau = [float(t) for t in plan.taus()]
         self._iti, self._decay = p.mode == "iti", p.decay  # read at every step
         # each trait's push interval; the monitor reads before any trait's push step
-        self._intervals = [p.every if rm or p.add_every is None else p.add_every for rm in self.removed]
+        self._intervals = [p.interval(removing=rm) for rm in self.removed]
         self._uniform = len(set(self._intervals)) == 1
         self._device, self._dtype = device, dtype
         self._delta_rows: tuple[torch.Tensor, ...] | None = None  # per layer [B, 1, H, Dh]: delta in row 0, zeros below

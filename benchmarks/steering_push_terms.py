@@ -1,0 +1,114 @@
+"""What a steering push does to the audio: the evaluation's Frechet distance split into its mean and covariance terms,
+and where each row sits against real music with and without the trait (docs/steering.md, "What the push adds").
+
+    python benchmarks/steering_push_terms.py                                    # the demo's stage cells (test split)
+    python benchmarks/steering_push_terms.py --set split=valid --set takes_per_prompt=3 --set add_every=8
+
+Runs `models.evaluate_steering` (after `make demo`: the trained generator, probes, tokens and clips) with
+params.yaml's `evaluate_steering` section plus the `--set` overrides, keeps each cell's audio embeddings (per-clip
+mean and spread over time of 64 log-mel bands), and prints per row: success and Frechet rise (as the stage reports
+them), the two terms of the Frechet distance in the stage's 16-d space, the position of the row's mean on the axis
+from the real trait-free continuations' mean (0) to the real trait-bearing ones' (1), and the high band's (mel bands
+40-63) mean level and spread over time, in z units of the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+import yaml
+from scipy import linalg
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import models.evaluate_steering as es  # noqa: E402
+from core.config import load_section  # noqa: E402
+from models.probes import ProbesParams  # noqa: E402
+
+HIGH = slice(40, 64)  # mel bands of the high band; the embedding's second half holds each band's spread over time
+
+
+def frechet_terms(x: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    """The Frechet distance's two terms for projected embeddings: |mu_x - mu_ref|^2 and
+    tr(S_x + S_ref - 2 (S_x S_ref)^1/2)."""
+    sx, sr = np.cov(x, rowvar=False), np.cov(ref, rowvar=False)
+    return float(np.sum((x.mean(0) - ref.mean(0)) ** 2)), float(np.trace(sx + sr - 2 * linalg.sqrtm(sx @ sr).real))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an evaluate_steering override")
+    ap.add_argument("--modes", default="smitin,smitin_paper,random_control", help="rows besides `none`")
+    args = ap.parse_args(argv)
+    update = {"modes": args.modes.split(",")}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        update[key] = yaml.safe_load(value)
+    params = load_section(es.EvaluateSteeringParams, args.params, "evaluate_steering").model_copy(update=update)
+
+    # the stage keeps neither its embeddings nor the reference's classes: catch them on the way (private functions,
+    # wrapped, not changed)
+    cells, spaces, n_with = {}, {}, {}
+    run_cell, trait_prompts, space_class = es._run_cell, es._trait_prompts, es.EmbeddingSpace
+
+    class KeepReference(space_class):
+        def __init__(self, reference, dims=16):
+            super().__init__(reference, dims)
+            self.raw_reference = reference
+
+    def keep_cell(run, trait, task, direction, prompts, mode):
+        row, emb, report = run_cell(run, trait, task, direction, prompts, mode)
+        cells[(trait, task, direction, mode.name)] = emb
+        spaces[trait] = prompts.space
+        return row, emb, report
+
+    def keep_prompts(run, trait):
+        prompts = trait_prompts(run, trait)
+        n_with[trait] = len(prompts.picked[True])  # the reference is the trait-bearing continuations, then the others
+        return prompts
+
+    es._run_cell, es._trait_prompts, es.EmbeddingSpace = keep_cell, keep_prompts, KeepReference
+    try:
+        result = es.evaluate_steering(
+            "data/generator", "data/probes", "data/tokens", "data/clips", params,
+            load_section(ProbesParams, args.params, "probes"),
+        )  # fmt: skip
+    finally:
+        es._run_cell, es._trait_prompts, es.EmbeddingSpace = run_cell, trait_prompts, space_class
+
+    print(f"split {params.split}, {params.prompts_per_class} prompts a class, {params.takes_per_prompt} take(s) each")
+    print("| trait | task | direction | mode | success | Frechet rise | mean term | covariance term | on the axis "
+          "| high band: mean | high band: spread |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for trait, space in spaces.items():
+        ref, k = space.reference, n_with[trait]
+        with_mean, without_mean = ref[:k].mean(0), ref[k:].mean(0)
+        axis = with_mean - without_mean
+        raw = space.standardise(space.raw_reference)
+        for label, z, std in (("real, with", ref[:k], raw[:k]), ("real, without", ref[k:], raw[k:])):
+            m, c = frechet_terms(z, ref)
+            pos = float((z.mean(0) - without_mean) @ axis / (axis @ axis))
+            high = f"{std[:, HIGH].mean():+.2f} | {std[:, 64:][:, HIGH].mean():+.2f}"
+            print(f"| {trait} | | | {label} | | | {m:.1f} | {c:.1f} | {pos:.2f} | {high} |")
+        for row in result["rows"]:
+            if row["trait"] != trait:
+                continue
+            emb = cells[(trait, row["task"], row["direction"], row["mode"])]
+            z, std = space.project(emb), space.standardise(emb)
+            m, c = frechet_terms(z, ref)
+            pos = float((z.mean(0) - without_mean) @ axis / (axis @ axis))
+            print(
+                f"| {trait} | {row['task']} | {row['direction']} | {row['mode']} "
+                f"| {row.get('success', float('nan')):.2f} | {row.get('frechet_rise', 0.0):+.0%} "
+                f"| {m:.1f} | {c:.1f} | {pos:.2f} "
+                f"| {std[:, HIGH].mean():+.2f} | {std[:, 64:][:, HIGH].mean():+.2f} |"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
