@@ -3,13 +3,18 @@ and where each row sits against real music with and without the trait (docs/stee
 
     python benchmarks/steering_push_terms.py                                    # the demo's stage cells (test split)
     python benchmarks/steering_push_terms.py --set split=valid --set takes_per_prompt=3 --set add_every=8
+    python benchmarks/steering_push_terms.py --probes /tmp/directions/orthogonal --save /tmp/cells.npz
+
+`--probes`: another probe-sets folder (e.g. one benchmarks/steering_directions.py wrote); `--save`: every cell's
+projected and standardised embeddings, per-take strength, detector probability and monitor verdict, as one .npz.
 
 Runs `models.evaluate_steering` (after `make demo`: the trained generator, probes, tokens and clips) with
 params.yaml's `evaluate_steering` section plus the `--set` overrides, keeps each cell's audio embeddings (per-clip
 mean and spread over time of 64 log-mel bands), and prints per row: success and Frechet rise (as the stage reports
 them), the two terms of the Frechet distance in the stage's 16-d space, the position of the row's mean on the axis
 from the real trait-free continuations' mean (0) to the real trait-bearing ones' (1), and the high band's (mel bands
-40-63) mean level and spread over time, in z units of the reference.
+40-63) mean level and spread over time, in z units of the reference, and the row's strength on the generator's own
+scale (median) and, for removal, the strength left.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an evaluate_steering override")
+    ap.add_argument("--probes", default="data/probes", help="probe sets folder (one subfolder a trait)")
+    ap.add_argument("--save", help="write every cell's projected embeddings and the reference's to this .npz")
     ap.add_argument("--modes", default="smitin,smitin_paper,random_control", help="rows besides `none`")
     args = ap.parse_args(argv)
     update = {"modes": args.modes.split(",")}
@@ -74,16 +81,25 @@ def main(argv=None) -> int:
     es._run_cell, es._trait_prompts, es.EmbeddingSpace = keep_cell, keep_prompts, KeepReference
     try:
         result = es.evaluate_steering(
-            "data/generator", "data/probes", "data/tokens", "data/clips", params,
+            "data/generator", args.probes, "data/tokens", "data/clips", params,
             load_section(ProbesParams, args.params, "probes"),
         )  # fmt: skip
     finally:
         es._run_cell, es._trait_prompts, es.EmbeddingSpace = run_cell, trait_prompts, space_class
 
+    if args.save:
+        arrays = {f"ref_{t}": s.reference for t, s in spaces.items()}
+        arrays.update({"/".join(k): spaces[k[0]].project(e) for k, e in cells.items()})
+        arrays.update({"std/" + "/".join(k): spaces[k[0]].standardise(e) for k, e in cells.items()})
+        for row in result["rows"]:
+            key = "/".join((row["trait"], row["task"], row["direction"], row["mode"]))
+            for name in ("strength_own", "detector_p", "monitor_end"):
+                arrays[f"{name}/{key}"] = np.asarray(row["clips"][name], dtype=float)
+        np.savez(args.save, **arrays)
     print(f"split {params.split}, {params.prompts_per_class} prompts a class, {params.takes_per_prompt} take(s) each")
     print("| trait | task | direction | mode | success | Frechet rise | mean term | covariance term | on the axis "
-          "| high band: mean | high band: spread |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| high band: mean | high band: spread | strength (own) | strength left |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for trait, space in spaces.items():
         ref, k = space.reference, n_with[trait]
         with_mean, without_mean = ref[:k].mean(0), ref[k:].mean(0)
@@ -93,7 +109,7 @@ def main(argv=None) -> int:
             m, c = frechet_terms(z, ref)
             pos = float((z.mean(0) - without_mean) @ axis / (axis @ axis))
             high = f"{std[:, HIGH].mean():+.2f} | {std[:, 64:][:, HIGH].mean():+.2f}"
-            print(f"| {trait} | | | {label} | | | {m:.1f} | {c:.1f} | {pos:.2f} | {high} |")
+            print(f"| {trait} | | | {label} | | | {m:.1f} | {c:.1f} | {pos:.2f} | {high} | | |")
         for row in result["rows"]:
             if row["trait"] != trait:
                 continue
@@ -101,11 +117,13 @@ def main(argv=None) -> int:
             z, std = space.project(emb), space.standardise(emb)
             m, c = frechet_terms(z, ref)
             pos = float((z.mean(0) - without_mean) @ axis / (axis @ axis))
+            left = f"{row['strength_left']:.0%}" if row.get("strength_left") is not None else ""
             print(
                 f"| {trait} | {row['task']} | {row['direction']} | {row['mode']} "
                 f"| {row.get('success', float('nan')):.2f} | {row.get('frechet_rise', 0.0):+.0%} "
                 f"| {m:.1f} | {c:.1f} | {pos:.2f} "
-                f"| {std[:, HIGH].mean():+.2f} | {std[:, 64:][:, HIGH].mean():+.2f} |"
+                f"| {std[:, HIGH].mean():+.2f} | {std[:, 64:][:, HIGH].mean():+.2f} "
+                f"| {row.get('strength_own', float('nan')):.2f} | {left} |"
             )
     return 0
 
