@@ -43,14 +43,51 @@ def frechet_terms(x: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
     return float(np.sum((x.mean(0) - ref.mean(0)) ** 2)), float(np.trace(sx + sr - 2 * linalg.sqrtm(sx @ sr).real))
 
 
+def mask_silent_tokens(level: float, generator_dir: str = "data/generator", tokens_dir: str = "data/tokens") -> list:
+    """Make the generator's sampler skip the codebook-0 tokens that stand for silence: those whose frames in the
+    training tokens (20 or more) average below `level` in the codec's standardised log-mel. Returns them."""
+    import torch
+
+    import models.generator as generator_module
+    from models.train import TokenSet
+
+    _, codec = generator_module.load_generator(generator_dir)
+    train = TokenSet(tokens_dir, "train")
+    level_of_frame = codec.dequantize(train.codes).numpy().mean(1)
+    first = train.codes[0].numpy()
+    silent = [t for t in range(codec.card) if (first == t).sum() >= 20 and level_of_frame[first == t].mean() < level]
+    mask = torch.zeros(codec.card, dtype=torch.bool)
+    mask[silent] = True
+    sample = generator_module._sample
+
+    def without_silence(logits, temperature, top_k, top_p, gen):
+        logits = logits.clone()
+        logits[:, 0, :][:, mask] = float("-inf")
+        return sample(logits, temperature, top_k, top_p, gen)
+
+    generator_module._sample = without_silence
+    share = float(np.isin(first, silent).mean())
+    print(f"masked {len(silent)} codebook-0 tokens ({share:.1%} of the training frames)")
+    return silent
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an evaluate_steering override")
     ap.add_argument("--probes", default="data/probes", help="probe sets folder (one subfolder a trait)")
+    ap.add_argument(
+        "--mask-silent-tokens",
+        type=float,
+        metavar="LEVEL",
+        help="a diagnostic: never sample the codebook-0 tokens whose training frames average below LEVEL (standardised "
+        "log-mel, e.g. -1.5), in every row",
+    )
     ap.add_argument("--save", help="write every cell's projected embeddings and the reference's to this .npz")
     ap.add_argument("--modes", default="smitin,smitin_paper,random_control", help="rows besides `none`")
     args = ap.parse_args(argv)
+    if args.mask_silent_tokens is not None:
+        mask_silent_tokens(args.mask_silent_tokens)
     update = {"modes": args.modes.split(",")}
     for item in args.set:
         key, _, value = item.partition("=")
