@@ -202,6 +202,27 @@ class TokenSet:
         self.meta = json.loads((directory / f"{split}.json").read_text())
         if len(self.offsets) < 2:
             raise TrainingDataError(f"split {split!r} in {directory} has no clips")
+        self.spans: torch.Tensor | None = None  # per clip, the [start, end) frames `batch` takes windows from
+
+    def keep_off_quiet_edges(self, codec, level: float) -> int:
+        """Let `batch` leave out each clip's leading and trailing frames whose dequantized log-mel (the codec's
+        standardised units, averaged over bands) lies below `level`; a clip quiet all through keeps every frame.
+        Returns the frames left out. `clip` still returns whole clips."""
+        quiet = (codec.dequantize(self.codes).mean(1) < level).tolist()
+        spans, left_out = [], 0
+        for i in range(len(self)):
+            a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+            start, end = a, b
+            while start < end and quiet[start]:
+                start += 1
+            while end > start and quiet[end - 1]:
+                end -= 1
+            if start == end:
+                start, end = a, b
+            spans.append((start - a, end - a))
+            left_out += (b - a) - (end - start)
+        self.spans = torch.tensor(spans, dtype=torch.long)
+        return left_out
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -217,6 +238,8 @@ class TokenSet:
         out = []
         for i in idx:
             c = self.clip(i)
+            if self.spans is not None:
+                c = c[:, int(self.spans[i, 0]) : int(self.spans[i, 1])]
             if c.shape[1] < window:
                 c = (
                     torch.cat([c, c[:, : window - c.shape[1]]], 1)
@@ -251,6 +274,9 @@ class TrainGeneratorParams(Section):
     preset: str = "cpu"  # cpu (the keys below) | debug (GeneratorConfig.debug's architecture) | a key of `presets`
     model: GeneratorModelParams = Field(default_factory=GeneratorModelParams)
     window_frames: int = Field(160, ge=1)  # frames per training window
+    # windows stay off each clip's leading and trailing frames quieter than this (the codec's standardised log-mel,
+    # averaged over bands): a generator that learned silence at clip edges falls silent when pushed (docs/steering.md)
+    quiet_edge_level: float | None = None
     batch_size: int = Field(8, ge=1)
     steps: int = Field(3000, ge=1)
     lr: float = Field(0.003, gt=0)  # peak learning rate: linear warmup, cosine decay to a tenth of it
@@ -331,6 +357,8 @@ def _run_identity(codec, tokens_dir: str, p: TrainGeneratorParams) -> str:
     schedule = {k: getattr(p, k) for k in ("seed", "batch_size", "window_frames", "lr", "warmup", "weight_decay")}
     if p.ema_decay > 0:  # (keeps the identity of checkpoints from before the option existed)
         schedule["ema_decay"] = p.ema_decay
+    if p.quiet_edge_level is not None:  # (the same)
+        schedule["quiet_edge_level"] = p.quiet_edge_level
     h.update(json.dumps(schedule, sort_keys=True).encode())
     return h.hexdigest()
 
@@ -391,6 +419,10 @@ def train_generator(
         torch.set_num_threads(threads_per_rank(p.threads))
     codec = load_codec(codec_dir)
     train, valid = _training_tokens(tokens_dir, codec)
+    if p.quiet_edge_level is not None:
+        for name, split in (("train", train), ("valid", valid)):
+            left_out = split.keep_off_quiet_edges(codec, p.quiet_edge_level)
+            say(f"{name}: windows keep off {left_out} quiet edge frames of {split.codes.shape[1]}")
     cfg = generator_config(p, codec)
     window = p.window_frames
     if window + cfg.n_codebooks - 1 > cfg.max_frames:

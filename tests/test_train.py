@@ -457,3 +457,30 @@ def test_trait_carrying_report_guided_and_unguided(stages, tmp_path):
     ):
         with pytest.raises(UserError, match=match):
             params.with_overrides(bad, "evaluate_carrying")
+
+
+class _LevelCodec:
+    """A codec whose dequantized frames are -3 (quiet) for codebook-0 token 0 and 0 for every other token."""
+
+    def dequantize(self, codes):
+        return torch.where(codes[0] == 0, -3.0, 0.0)[:, None].repeat(1, 4)
+
+
+def test_training_windows_keep_off_quiet_clip_edges(stages):
+    root, _ = stages
+    ts = TokenSet(root / "tokens", "train")
+    ts.codes[0] = torch.where(ts.codes[0] == 0, 1, ts.codes[0])  # no quiet frame anywhere
+    a, b = int(ts.offsets[0]), int(ts.offsets[1])
+    ts.codes[0, a : a + 3] = 0  # clip 0: three quiet frames lead, two trail, one rest inside stays
+    ts.codes[0, b - 2 : b] = 0
+    ts.codes[0, a + 10] = 0
+    c, d = int(ts.offsets[1]), int(ts.offsets[2])
+    ts.codes[0, c:d] = 0  # clip 1: quiet all through, kept whole
+    assert ts.keep_off_quiet_edges(_LevelCodec(), -1.5) == 5
+    n = b - a
+    assert ts.spans[0].tolist() == [3, n - 2] and ts.spans[1].tolist() == [0, d - c]
+    codes, _, _ = ts.batch([0], n - 5, None, start=0)
+    assert torch.equal(codes[0], ts.clip(0)[:, 3 : n - 2])  # the window is the clip between its quiet edges
+    assert ts.clip(0).shape[1] == n  # whole clips for everything else (prompts, reference continuations)
+    params = TrainGeneratorParams.parse({"quiet_edge_level": -1.5}, "test")
+    assert params.quiet_edge_level == -1.5 and TrainGeneratorParams().quiet_edge_level is None
