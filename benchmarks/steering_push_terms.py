@@ -162,6 +162,8 @@ def main(argv=None) -> int:
                 f"| {std[:, HIGH].mean():+.2f} | {std[:, 64:][:, HIGH].mean():+.2f} "
                 f"| {row.get('strength_own', float('nan')):.2f} | {left} |"
             )
+        agreement = result["metrics"][trait].get("monitor_agreement", {})
+        print(f"{trait}: monitor agreement with the judges, " + ", ".join(f"{m} {a:.3f}" for m, a in agreement.items()))
     return 0
 
 
