@@ -25,15 +25,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 1e6)
 
 
-def file_profile(pcps: list[np.ndarray]) -> np.ndarray:
-    """The file's HPCP as the product's `file_key` sees it, C-based."""
-    total = np.sum(pcps, axis=0) if pcps else np.zeros(12)
-    if total.max() <= 0:
-        return total
-    total = total / total.max()
-    return np.roll(np.where(total < 0.2, 0.0, total), -3)  # A-based (essentia) -> C-based
-
-
 def rotations(major: np.ndarray, minor: np.ndarray, h: np.ndarray) -> np.ndarray:
     """(24,) Pearson correlation of `h` with the 12 major then 12 minor rotations."""
     return np.array([np.corrcoef(h, np.roll(p, t))[0, 1] for p in (major, minor) for t in range(12)])
@@ -47,7 +38,7 @@ def main(argv=None) -> int:
     from core.config import load_section
     from pipelines.corpus_scores import key_correlations, key_name
     from pipelines.dataset import BuildDatasetParams
-    from pipelines.features import ClipAnalyzer, FeatureParams
+    from pipelines.features import ClipAnalyzer, FeatureParams, file_profile
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
@@ -66,12 +57,12 @@ def main(argv=None) -> int:
                 path, build.analysis_sample_rate, build.clip_seconds, build.hop_seconds, build.min_clip_seconds
             )
             pcps = [analyzer._key_pcp(wave) for _, _, wave in clips]
-            tonal = [p for p in pcps if p is not None]
+            profile = file_profile(pcps)
             files.append(
                 dict(
                     split="fit" if folder != args.ood else row["split"],
                     windows=len(pcps),
-                    h=file_profile(tonal),
+                    h=np.zeros(12) if profile is None else np.roll(profile, -3),  # A-based -> C-based
                     tonic=mir_eval.key.KEY_TO_SEMITONE[row["key"].lower()],
                     mode=row["mode"],
                     ref=f"{row['key']} {row['mode']}",

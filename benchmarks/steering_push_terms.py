@@ -45,17 +45,17 @@ def frechet_terms(x: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
 
 def mask_silent_tokens(level: float, generator_dir: str = "data/generator", tokens_dir: str = "data/tokens") -> list:
     """Make the generator's sampler skip the codebook-0 tokens that stand for silence: those whose frames in the
-    training tokens (20 or more) average below `level` in the codec's standardised log-mel. Returns them."""
+    training tokens (20 or more) average below `level` (`models.train.frame_levels`). Returns them."""
     import torch
 
     import models.generator as generator_module
-    from models.train import TokenSet
+    from models.train import TokenSet, frame_levels
 
     _, codec = generator_module.load_generator(generator_dir)
     train = TokenSet(tokens_dir, "train")
-    level_of_frame = codec.dequantize(train.codes).numpy().mean(1)
     first = train.codes[0].numpy()
-    silent = [t for t in range(codec.card) if (first == t).sum() >= 20 and level_of_frame[first == t].mean() < level]
+    levels = frame_levels(codec, train.codes).numpy()
+    silent = [t for t in range(codec.card) if (first == t).sum() >= 20 and levels[first == t].mean() < level]
     mask = torch.zeros(codec.card, dtype=torch.bool)
     mask[silent] = True
     sample = generator_module._sample

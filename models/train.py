@@ -186,6 +186,12 @@ def tokenize(clips_dir: str, codec_dir: str, out_dir: str, splits=SPLITS, embed=
     return counts
 
 
+def frame_levels(codec, codes: torch.Tensor) -> torch.Tensor:
+    """Per frame of `codes` [K, T], its dequantized log-mel averaged over bands (the codec's standardised units: 0 is
+    the training audio's mean level); a frame below about -1.5 is near silence."""
+    return codec.dequantize(codes).mean(1)
+
+
 class TokenSet:
     """One split's token file in memory: clip i is codes[:, offsets[i]:offsets[i + 1]]."""
 
@@ -208,7 +214,7 @@ class TokenSet:
         """Let `batch` leave out each clip's leading and trailing frames whose dequantized log-mel (the codec's
         standardised units, averaged over bands) lies below `level`; a clip quiet all through keeps every frame.
         Returns the frames left out. `clip` still returns whole clips."""
-        quiet = (codec.dequantize(self.codes).mean(1) < level).tolist()
+        quiet = (frame_levels(codec, self.codes) < level).tolist()
         spans, left_out = [], 0
         for i in range(len(self)):
             a, b = int(self.offsets[i]), int(self.offsets[i + 1])

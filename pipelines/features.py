@@ -137,6 +137,17 @@ class ClipFeatures:
     beat_evidence: np.ndarray | None = None  # per-beat downbeat evidence, for the file-level bar phase
 
 
+def file_profile(pcps: list[np.ndarray | None]) -> np.ndarray | None:
+    """A whole file's key profile (A-based, as essentia's Key expects) from its clips' `key_pcp`s: their sum, scaled
+    to max 1, bins under 0.2 cleared (KeyExtractor's averaging over a file); None when no clip is tonal."""
+    tonal = [p for p in pcps if p is not None]
+    total = np.sum(tonal, axis=0) if tonal else None
+    if total is None or total.max() <= 0:
+        return None
+    pcp = total / total.max()
+    return np.where(pcp < 0.2, 0.0, pcp)
+
+
 def tempo_from_beats(beats: np.ndarray) -> float | None:
     """bpm from the median inter-beat interval (robust to a missed or doubled beat)."""
     if len(beats) < 2:
@@ -812,12 +823,9 @@ class ClipAnalyzer:
         """(key, mode) of a whole file from its clips' key profiles: their sum is the file's HPCP (what
         KeyExtractor would average over the file), scaled to max 1 with bins under 0.2 cleared as it does, matched
         by `file_key_profile`. (None, None) when no clip is tonal."""
-        tonal = [p for p in pcps if p is not None]
-        total = np.sum(tonal, axis=0) if tonal else None
-        if total is None or total.max() <= 0:
+        pcp = file_profile(pcps)
+        if pcp is None:
             return None, None
-        pcp = total / total.max()
-        pcp = np.where(pcp < 0.2, 0.0, pcp)
         if self._file_key_algo is not None:
             key, scale, _, _ = self._file_key_algo(pcp.astype(np.float32))
             return key, scale

@@ -484,3 +484,22 @@ def test_training_windows_keep_off_quiet_clip_edges(stages):
     assert ts.clip(0).shape[1] == n  # whole clips for everything else (prompts, reference continuations)
     params = TrainGeneratorParams.parse({"quiet_edge_level": -1.5}, "test")
     assert params.quiet_edge_level == -1.5 and TrainGeneratorParams().quiet_edge_level is None
+
+
+def test_train_generator_applies_quiet_edge_level(stages, tmp_path):
+    from models.train import frame_levels
+
+    root, _ = stages
+    codec = load_codec(root / "codec")
+    train = TokenSet(root / "tokens", "train")
+    levels = frame_levels(codec, train.codes)
+    level = float(levels[train.offsets[:-1]].min()) + 1e-3  # the quietest first frame of a clip falls below it
+    expected = train.keep_off_quiet_edges(codec, level)
+    assert expected > 0
+    said = []
+    params = _steps(2).with_overrides({"quiet_edge_level": level}, "test")
+    metrics = train_generator(
+        str(root / "tokens"), str(root / "codec"), str(tmp_path / "gen"), params, progress=said.append
+    )
+    assert metrics["steps"] == 2
+    assert any(line.startswith(f"train: windows keep off {expected} quiet edge frames") for line in said)
