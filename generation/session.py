@@ -390,7 +390,11 @@ class GenerationSession:
         extra = {"every": sp.every, "decay": sp.decay, "monitor_heads": sp.monitor_heads}
         if mode == "smitin":
             extra.update(
-                add_every=sp.add_every, smooth_steps=sp.smooth_steps, hold_steps=sp.hold_steps, hold_floor=sp.hold_floor
+                add_every=sp.add_every,
+                smooth_steps=sp.smooth_steps,
+                hold_steps=sp.hold_steps,
+                hold_floor=sp.hold_floor,
+                remove_floor=sp.remove_floor,
             )
         if sp.tau is not None:
             extra["tau"] = sp.tau

@@ -88,6 +88,7 @@ class EvaluateSteeringParams(Section):
     smooth_steps: int = Field(1, ge=1)
     hold_steps: int = Field(30, ge=0)
     hold_floor: float = Field(0.25, ge=0, le=1)
+    remove_floor: float | None = Field(0.125, ge=0, le=1)  # the floor while removing (null: hold_floor)
     tau: float | None = Field(None, gt=0, le=1)  # monitor threshold (null: median(acc) - std(acc) of the probe set)
     monitor_heads: int = Field(16, ge=1)  # heads whose median probe probability is the monitor
     n_pairs: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list)  # ablation probe sets (e.g. [10, 50])
@@ -544,6 +545,7 @@ def _modes(params: EvaluateSteeringParams, task: str, main: ProbeSet, ablation: 
         smooth_steps=params.smooth_steps,
         hold_steps=params.hold_steps,
         hold_floor=params.hold_floor,
+        remove_floor=params.remove_floor,
     )
     sustained = SteeringParams(**{k: steering[k] for k in ("smooth_steps", "hold_steps", "hold_floor")}).sustained
     modes = [
@@ -610,10 +612,12 @@ def _run_cell(
         "prompts": len(prompts.picked[lab]),
         # smitin's push interval (the one this row's trait ran at: `add_every` while adding) goes with its numbers
         # (the registry gates compare like with like)
-        # and so does its monitor (the paper's: hold_steps 0, hold_floor 0, smooth_steps 1)
+        # and so does its monitor (the paper's: hold_steps 0, hold_floor 0, smooth_steps 1; the floor this row's
+        # trait ran at: `remove_floor` while removing)
         **(
             {
-                **{k: getattr(plan.params, k) for k in ("decay", "smooth_steps", "hold_steps", "hold_floor")},
+                **{k: getattr(plan.params, k) for k in ("decay", "smooth_steps", "hold_steps")},
+                "hold_floor": plan.params.floor(removing=direction == "remove"),
                 "every": plan.params.interval(removing=direction == "remove"),
             }
             if plan.params.mode == "smitin"

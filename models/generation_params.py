@@ -45,6 +45,7 @@ class GenerateSteeringParams(Section):
     smooth_steps: int = Field(1, ge=1)  # moving average of the monitored probability over about this many steps
     hold_steps: int = Field(30, ge=0)  # the trait must read present this many steps in a row before the push stops
     hold_floor: float = Field(0.25, ge=0, le=1)  # the push factor's floor until then
+    remove_floor: float | None = Field(0.125, ge=0, le=1)  # the floor while removing a trait (null: hold_floor)
 
 
 class GenerateParams(Section):

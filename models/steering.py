@@ -84,6 +84,7 @@ class SteeringParams:
     smooth_steps: int = 1  # C is an exponential moving average over about this many steps (1: the last reading)
     hold_steps: int = 0  # the goal must hold at tau this many readings in a row (one before each push step)
     hold_floor: float = 0.0  # until then the push factor is at least this (the decayed factor nears 0 at tau)
+    remove_floor: float | None = None  # the floor of a trait being removed (None: `hold_floor`)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -110,10 +111,19 @@ class SteeringParams:
         self.hold_floor = _number("hold_floor", self.hold_floor)
         if not 0.0 <= self.hold_floor <= 1.0:
             raise SteeringError(f"steering hold_floor must be in [0, 1], got {self.hold_floor}")
+        if self.remove_floor is not None:
+            self.remove_floor = _number("remove_floor", self.remove_floor)
+            if not 0.0 <= self.remove_floor <= 1.0:
+                raise SteeringError(f"steering remove_floor must be in [0, 1] or null, got {self.remove_floor}")
 
     def interval(self, removing: bool) -> int:
         """smitin's push interval of a trait being removed (`every`) or added (`add_every`, else `every`)."""
         return self.every if removing or self.add_every is None else self.add_every
+
+    def floor(self, removing: bool) -> float:
+        """The sustained monitor's push floor for a trait being removed (`remove_floor`, else `hold_floor`) or added
+        (`hold_floor`)."""
+        return self.remove_floor if removing and self.remove_floor is not None else self.hold_floor
 
     @property
     def sustained(self) -> bool:
@@ -268,13 +278,15 @@ def smitin_factor(
 class SustainedMonitor:
     """The monitor that trusts only sustained presence: C is an exponential moving average of the readings (weight
     1 / smooth_steps for the newest), and the push may only stop once the goal (C adding, 1 - C removing) has held
-    at tau for `hold_steps` readings in a row; until then the factor is at least `hold_floor`. Per row and trait,
-    in plain Python floats (a few numbers a step)."""
+    at tau for `hold_steps` readings in a row; until then the factor is at least the trait's floor (`hold_floor`;
+    `remove_floor`, where set, for a trait being removed). Per row and trait, in plain Python floats (a few numbers a
+    step)."""
 
     def __init__(self, params: SteeringParams, removed: Sequence[bool], tau: Sequence[float]):
         self.rate = 1.0 / params.smooth_steps
-        self.hold, self.floor, self.decay = params.hold_steps, params.hold_floor, params.decay
+        self.hold, self.decay = params.hold_steps, params.decay
         self.removed, self.tau = list(removed), list(tau)
+        self.floors = [params.floor(removing=rm) for rm in self.removed]
         self.smoothed: list[list[float]] | None = None
         self.held: list[list[int]] = []
 
@@ -295,7 +307,10 @@ class SustainedMonitor:
         raw = smitin_factor(self.smoothed, self.removed, self.tau, self.decay)
         if not self.hold:
             return raw
-        return [[f if h >= self.hold else max(f, self.floor) for f, h in zip(fs, hs)] for fs, hs in zip(raw, self.held)]
+        return [
+            [f if h >= self.hold else max(f, floor) for f, h, floor in zip(fs, hs, self.floors)]
+            for fs, hs in zip(raw, self.held)
+        ]
 
 
 def _sigmoid(x: float) -> float:

@@ -293,6 +293,7 @@ def test_evaluate_steering_on_musicgen(tmp_path, folders, capsys):
             smitin = metrics["drums"][task][direction]["smitin"]
             assert smitin["strength"] == (10.0 if direction == "add" else -10.0)
             assert smitin["every"] == (4 if direction == "add" else 2)
+            assert smitin["hold_floor"] == (0.25 if direction == "add" else 0.125)  # `remove_floor` while removing
             assert "every" not in metrics["drums"][task][direction]["iti"]  # ITI pushes every step by definition
             assert "frechet_sd" not in smitin and np.isfinite(smitin["frechet"])  # 2 clips: no spread, and no NaN
     rows = json.loads((tmp_path / "reports" / "rows.json").read_text())

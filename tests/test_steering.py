@@ -210,6 +210,18 @@ def test_sustained_monitor_smooths_holds_and_keeps_a_floor_until_presence_holds(
         assert removing.factor() == [[pytest.approx(factor)]]
 
 
+def test_a_removed_trait_holds_at_its_own_floor():
+    """`remove_floor` is the floor of a trait being removed; an added trait in the same plan keeps `hold_floor`."""
+    params = SteeringParams(hold_steps=3, hold_floor=0.4, remove_floor=0.1, decay=1.0)
+    assert (params.floor(removing=False), params.floor(removing=True)) == (0.4, 0.1)
+    assert SteeringParams(hold_floor=0.4).floor(removing=True) == 0.4  # unset: removal holds at hold_floor too
+    both = SustainedMonitor(params, [False, True], [0.8, 0.8])
+    both.observe([[0.78, 0.02]])  # each goal nearly met (C 0.78 adding, 1 - C 0.98 removing): raw factors ~0, 0
+    assert both.factor() == [[pytest.approx(0.4), pytest.approx(0.1)]]
+    with pytest.raises(SteeringError, match="remove_floor must be in"):
+        SteeringParams(remove_floor=1.5)
+
+
 def test_sustained_monitor_keeps_pushing_where_the_papers_stops():
     """With the scripted probability crossing tau = 0.8 at step 7, the paper's monitor stops pushing at step 8;
     with hold_steps 2 the push goes on at the floor until two readings in a row are at tau."""

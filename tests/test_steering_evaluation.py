@@ -166,10 +166,14 @@ def test_strength_judge_success_strength_left_and_monitor_agreement_by_hand():
 
 def test_modes_run_the_sustained_monitor_beside_the_papers_and_a_subset_on_request():
     from models.evaluate_steering import _modes
+    from models.steering import SteeringParams
 
     modes = {m.name: m for m in _modes(EvaluateSteeringParams(), "text", main=None, ablation={})}
     assert list(modes) == ["none", "iti", "smitin", "smitin_paper", "smitin_x2", "random_control"]
     assert modes["smitin"].settings["hold_steps"] == 30 and "hold_steps" not in modes["smitin_paper"].settings
+    sustained, paper = (SteeringParams(**modes[m].settings) for m in ("smitin", "smitin_paper"))
+    assert (sustained.floor(removing=False), sustained.floor(removing=True)) == (0.25, 0.125)
+    assert (paper.floor(removing=False), paper.floor(removing=True)) == (0.0, 0.0)  # the paper's monitor has none
     paper_only = EvaluateSteeringParams(hold_steps=0, hold_floor=0.0)  # no separate paper row when it is the monitor
     assert "smitin_paper" not in [m.name for m in _modes(paper_only, "text", main=None, ablation={})]
     picked = _modes(EvaluateSteeringParams(modes=["smitin"]), "text", main=None, ablation={})
