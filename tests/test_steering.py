@@ -246,6 +246,32 @@ def test_sustained_monitor_keeps_pushing_where_the_papers_stops():
     assert pushes["sustained"][11] == pytest.approx(0.5) and pushes["paper"][11] == pytest.approx(0.5)
 
 
+class _ScriptedAbsence(_ScriptedMonitor):
+    """The same script mirrored: a trait being removed reads absent (1 - C) as the script rises."""
+
+    script = [1.0 - c for c in _ScriptedMonitor.script]
+
+
+def test_a_removal_push_holds_at_remove_floor_in_generation():
+    """Removing with hold_floor 0.5 and remove_floor 0.2: the session's pushes keep to 0.2, not 0.5, until absence
+    has held for two readings."""
+    model = _model()
+    ps = _probe_set(model)
+    plan = SteeringPlan.build(
+        [ps], "drums=-3", mode="smitin", every=1, tau=0.8, decay=1.0, hold_steps=2, hold_floor=0.5, remove_floor=0.2
+    )
+    session = _ScriptedAbsence(model, plan)
+    handles = [site.register_forward_hook(session.hook(layer)) for layer, site in enumerate(model.head_sites())]
+    model.generate(len(_ScriptedMonitor.script) - 3, prompt=_prompt(), seed=0)
+    for h in handles:
+        h.remove()
+    pushes = session.report().pushes("drums")
+    goal = _ScriptedMonitor.script  # 1 - C of the mirrored readings
+    assert pushes[1:8] == pytest.approx([max(1 - g / 0.8, 0.2) for g in goal[:7]])
+    assert pushes[8] == pytest.approx(0.2)  # one reading of absence at tau: still held, at the removal floor
+    assert pushes[9:11] == [0.0, 0.0]
+
+
 def test_negative_strength_pushes_the_other_way_and_watches_absence():
     model = _model()
     ps = _probe_set(model, intercept=-20.0)  # the probes see no trait at all: nothing to remove
