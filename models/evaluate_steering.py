@@ -89,6 +89,7 @@ class EvaluateSteeringParams(Section):
     hold_steps: int = Field(30, ge=0)
     hold_floor: float = Field(0.25, ge=0, le=1)
     remove_floor: float | None = Field(0.125, ge=0, le=1)  # the floor while removing (null: hold_floor)
+    push_reference_rows: bool = False  # under guidance, push the reference rows too (models/steering.py)
     tau: float | None = Field(None, gt=0, le=1)  # monitor threshold (null: median(acc) - std(acc) of the probe set)
     monitor_heads: int = Field(16, ge=1)  # heads whose median probe probability is the monitor
     n_pairs: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list)  # ablation probe sets (e.g. [10, 50])
@@ -546,6 +547,7 @@ def _modes(params: EvaluateSteeringParams, task: str, main: ProbeSet, ablation: 
         hold_steps=params.hold_steps,
         hold_floor=params.hold_floor,
         remove_floor=params.remove_floor,
+        push_reference_rows=params.push_reference_rows,
     )
     sustained = SteeringParams(**{k: steering[k] for k in ("smooth_steps", "hold_steps", "hold_floor")}).sustained
     modes = [

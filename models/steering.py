@@ -33,8 +33,10 @@ Either way only the last position of each forward is edited, i.e. the position t
   paths give the same tokens (tested);
 - under classifier-free guidance only the conditional rows (the first `batch_layout["n_cond"]`) are monitored and
   pushed. The unconditional rows stay the plain model: the guided logits u + g (c - u) then treat the push as part
-  of the condition, so guidance strengthens it instead of cancelling it (pushing both halves alike would largely
-  subtract it out again), and the unconditional half keeps meaning "the model without any request".
+  of the condition, so guidance strengthens it about g times, and the unconditional half keeps meaning "the model
+  without any request". `push_reference_rows` pushes the reference rows alike, so the guided logits carry the push
+  about once; on the builtin generator strength 30 that way adds drums about as strength 10 does by default, with
+  no lower Frechet rise on the test split (docs/steering.md), so it is off by default.
 - SMITIN's monitor reads the probes at the step's position before that step's push and decides the push of the
   next step, because within one forward the upper layers (where the best probes usually are) run after the lower
   layers have already been pushed. Step 0 is therefore observe-only in smitin mode; pushes fall on steps
@@ -85,6 +87,9 @@ class SteeringParams:
     hold_steps: int = 0  # the goal must hold at tau this many readings in a row (one before each push step)
     hold_floor: float = 0.0  # until then the push factor is at least this (the decayed factor nears 0 at tau)
     remove_floor: float | None = None  # the floor of a trait being removed (None: `hold_floor`)
+    # Under guidance, push the reference rows (unconditional / prompt-free) alike: the guided logits then carry the
+    # push once instead of scale times (False: only the generation's rows, the push amplified by the guidance)
+    push_reference_rows: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -366,6 +371,7 @@ class SteeringSession:
         self.removed = [a < 0 for a in plan.strengths.values()]
         self.tau = [float(t) for t in plan.taus()]
         self._iti, self._decay = p.mode == "iti", p.decay  # read at every step
+        self._push_all = p.push_reference_rows
         # each trait's push interval; the monitor reads before any trait's push step
         self._intervals = [p.interval(removing=rm) for rm in self.removed]
         self._uniform = len(set(self._intervals)) == 1
@@ -415,6 +421,16 @@ class SteeringSession:
             factor = smitin_factor(self._monitor, self.removed, self.tau, self._decay)
         return factor if due is None else [[f if d else 0.0 for f, d in zip(row, due)] for row in factor]
 
+    def _push_rows(self, factor: list[list[float]], B: int) -> list[list[float]]:
+        """The push factor of all B rows from the generation rows' [n][T]: the reference rows of guidance (row
+        groups after the first n) get the factor of their generation row, or none."""
+        n = len(factor)
+        if B == n:
+            return factor
+        if self._push_all:
+            return factor * (B // n)
+        return factor + [[0.0] * len(self.tau)] * (B - n)
+
     def _advance(self, B: int, T: int) -> int:
         """Recognise the forward that starts (B rows, T positions): the next cached step, the next uncached step or
         a new generation; advance the step count; returns the absolute position it produces the next frame at."""
@@ -456,12 +472,13 @@ class SteeringSession:
             if n == 1 and len(factor[0]) == 1:
                 if self._delta_rows is None or self._delta_rows[0].shape[0] != B:
                     rows = torch.zeros((B, 1, *self.delta.shape[1:]), dtype=self._dtype, device=self._device)
-                    rows[0, 0] = self.delta[0]
+                    rows[:: 1 if self._push_all else B, 0] = self.delta[0]
                     self._delta_rows = rows.unbind(2)
                 self._now = (factor[0][0], self._delta_rows)
             else:
-                rows = factor if B == n else factor + [[0.0] * len(self.tau)] * (B - n)
-                now = torch.mm(torch.tensor(rows, dtype=self._dtype, device=self._device), self.delta_flat)
+                now = torch.mm(
+                    torch.tensor(self._push_rows(factor, B), dtype=self._dtype, device=self._device), self.delta_flat
+                )
                 self._now = (1.0, now.view(B, 1, *self.delta.shape[1:]).unbind(2))  # [B, 1, H, Dh] per layer
             self._applied[pos] = self._now
         # positions recomputed by an uncached step that were pushed when they were generated
@@ -583,7 +600,9 @@ class SteeringSession:
 
     def _buffers(self, B: int) -> _FusedBuffers:
         if self._fused is None or self._fused.rows != B:
-            self._fused = _FusedBuffers(B, self.n_layers, self._dim, self._width, self._u, self._monitor_cells)
+            self._fused = _FusedBuffers(
+                B, self.n_layers, self._dim, self._width, self._u, self._monitor_cells, self._push_all
+            )
         return self._fused
 
     def _set_push(self, buf: _FusedBuffers, factor: list[list[float]] | None) -> None:
@@ -598,7 +617,7 @@ class SteeringSession:
         else:
             if factor != buf.holds:
                 B, L = buf.rows, self.n_layers
-                rows = factor + [[0.0] * len(self.tau)] * (B - self._n)  # unguided rows: no push
+                rows = self._push_rows(factor, B)
                 now = torch.mm(torch.tensor(rows, dtype=self._dtype, device=self._device), self._u)  # [B, L*dim]
                 buf.push.copy_(now.view(B, L, self._dim).transpose(0, 1))
                 buf.holds = factor
@@ -675,14 +694,22 @@ class _FusedBuffers:
     that a step indexes nothing."""
 
     def __init__(
-        self, B: int, L: int, dim: int, width: int, u: torch.Tensor, cells: list[list[tuple[int, int, float]]]
+        self,
+        B: int,
+        L: int,
+        dim: int,
+        width: int,
+        u: torch.Tensor,
+        cells: list[list[tuple[int, int, float]]],
+        all_rows: bool = False,
     ):
         self.rows = B
         bias = torch.zeros(L, B, width, dtype=u.dtype, device=u.device)
         out = torch.zeros_like(bias)
         self.push = bias[:, :, :dim]
         self.unit = torch.zeros(L, B, dim, dtype=u.dtype, device=u.device)
-        self.unit[:, 0] = u[0].view(L, dim)  # one trait, pushed on the one conditional row (row 0)
+        # one trait, pushed on the one conditional row (row 0), and on the guidance's reference rows with `all_rows`
+        self.unit[:, :: 1 if all_rows else B] = u[0].view(L, 1, dim)
         self.holds: str | list | None = None  # what `push` holds: "unit", a factor list, or nothing yet (zeros)
         self.beta = 0.0
         self.residual = [o[:, None, :dim] for o in out.unbind(0)]  # [B, 1, dim] per layer

@@ -336,6 +336,35 @@ def test_cfg_steers_and_monitors_only_the_conditional_rows():
     assert all(len(s["traits"]["drums"]["probability"]) == 2 for s in report.steps)  # one monitor per cond row
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_cfg_pushes_the_reference_rows_alike_when_asked(fused):
+    """push_reference_rows: each unconditional row takes its conditional row's push, so the guided logits
+    u + g (c - u) carry the push once instead of g times."""
+    model = _model()
+    ps = _probe_set(model)
+    condition = torch.randn(2, 384, generator=torch.Generator().manual_seed(0))
+    moved = {}
+    for both in (False, True):
+        plan = SteeringPlan.build([ps], "drums=+6", mode="iti", top_k=8, push_reference_rows=both)
+        outputs = []
+        handles = _attention_outputs(model, outputs)
+        with steer(model, plan, fused=fused):
+            model.generate(5, prompt=_prompt(B=2), condition=condition, cfg_scale=3.0, seed=0)
+        for h in handles:
+            h.remove()
+        plain = []
+        handles = _attention_outputs(model, plain)
+        model.generate(5, prompt=_prompt(B=2), condition=condition, cfg_scale=3.0, seed=0)
+        for h in handles:
+            h.remove()
+        moved[both] = outputs[0][:, -1] - plain[0][:, -1]  # layer 0 of the prompt's forward: its last position
+    cond, ref = moved[True][:2], moved[True][2:]
+    assert cond.abs().max() > 1e-3
+    torch.testing.assert_close(ref, cond, rtol=0, atol=1e-5)  # the same push on the reference rows
+    torch.testing.assert_close(moved[False][:2], cond, rtol=0, atol=1e-5)  # the generation rows as before
+    assert moved[False][2:].abs().max() == 0  # by default the reference rows stay the plain model
+
+
 # ----------------------------------------------------------------------------------------- fused path
 def _attention_outputs(model, store):
     return [block.attn.register_forward_hook(lambda m, i, o: store.append(o.clone())) for block in model.blocks]
@@ -349,12 +378,20 @@ def _attention_outputs(model, store):
         ("drums=+4,piano=-2", "smitin", 2, True, True),  # several traits and rows: the push rows are rewritten
         ("drums=-3", "smitin", 2, False, True),
         ("drums=+4", "smitin", 1, True, False),  # uncached: every forward takes the hooks' arithmetic
+        ("drums=+4", "smitin", 1, "both", True),  # the reference rows pushed too (the unit push in every row)
+        ("drums=+4,piano=-2", "smitin", 2, "both", True),
     ],
 )
 def test_fused_path_gives_the_hooks_tokens_outputs_and_report(spec, mode, rows, cfg, cache):
     model = _model()
     plan = SteeringPlan.build(
-        [_probe_set(model), _probe_set(model, "piano", 1)], spec, mode=mode, every=1, tau=0.99, top_k=5
+        [_probe_set(model), _probe_set(model, "piano", 1)],
+        spec,
+        mode=mode,
+        every=1,
+        tau=0.99,
+        top_k=5,
+        push_reference_rows=cfg == "both",
     )
     condition = torch.randn(rows, 384, generator=torch.Generator().manual_seed(0)) if cfg else None
     runs = {}
