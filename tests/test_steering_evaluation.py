@@ -92,6 +92,33 @@ def test_paired_frechet_rise_interval():
         space.frechet_rise_interval(base[:5], base)
 
 
+def test_frechet_rise_interval_leaves_a_prompts_takes_out_together():
+    """Three takes of a prompt are nearly alike; with the prompts given, the jackknife leaves each prompt's takes out
+    together and its 90% interval holds a true zero rise about as often as with one take a prompt. Leaving out one
+    take at a time treats them as independent: the interval narrows and misses zero far more often."""
+    rng = np.random.default_rng(1)
+    space = EmbeddingSpace(rng.standard_normal((64, 16)), dims=16)
+
+    def takes(prompts: np.ndarray) -> np.ndarray:  # row i from prompt i mod 32, the stage's order
+        return np.tile(prompts, (3, 1)) + 0.2 * rng.standard_normal((96, 16))
+
+    covered = {"by prompt": 0, "by take": 0}
+    widths = {"by prompt": [], "by take": []}
+    for _ in range(60):  # steered and unsteered prompts from one distribution: the true rise is zero
+        a, b = (takes(rng.standard_normal((32, 16)) * 1.3 + 0.5) for _ in range(2))
+        for name, prompts in (("by prompt", 32), ("by take", None)):
+            lo, hi = space.frechet_rise_interval(a, b, prompts=prompts)
+            covered[name] += lo <= 0 <= hi
+            widths[name].append(hi - lo)
+    assert covered["by prompt"] >= 48  # 90% nominal
+    assert covered["by take"] <= covered["by prompt"] - 8
+    assert np.median(widths["by take"]) < 0.75 * np.median(widths["by prompt"])
+    # one take a prompt: the same interval either way
+    a, b = (rng.standard_normal((32, 16)) for _ in range(2))
+    assert space.frechet_rise_interval(a, b, prompts=32) == pytest.approx(space.frechet_rise_interval(a, b))
+    assert all(np.isnan(space.frechet_rise_interval(a[:6], b[:6], prompts=2)))  # two prompts: no interval
+
+
 def test_params_section_defaults_and_one_line_errors(tmp_path):
     assert EvaluateSteeringParams().alpha == 15.0  # the defaults are params.yaml's values
     path = tmp_path / "params.yaml"
