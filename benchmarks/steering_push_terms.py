@@ -71,6 +71,32 @@ def mask_silent_tokens(level: float, generator_dir: str = "data/generator", toke
     return silent
 
 
+def print_agreement_by_window(rows: list[dict], traces: dict, windows: list[int]) -> None:
+    """Each monitor's agreement with the judges (its takes pooled with the unsteered ones, as the stage pools them)
+    when its verdict is the mean reading over the last N steps. The judges' answer per take is recovered from the
+    stage's own verdict and whether it was right."""
+    judged = {}
+    for r in rows:
+        c = r["clips"]
+        said = np.asarray(c["monitor_end"]) >= r["tau"]
+        judged[(r["trait"], r["task"], r["direction"], r["mode"])] = (
+            np.where(c["monitor_right"], said, ~said),
+            r["tau"],
+        )
+    modes = [m for m in dict.fromkeys(k[3] for k in judged) if m != "none"]
+    print("| verdict over the last N steps | " + " | ".join(modes) + " |")
+    print("|---|" + "---|" * len(modes))
+    for w in windows:
+        cells = []
+        for mode in modes:
+            right = []
+            for key, (has, tau) in judged.items():
+                if key[3] in ("none", mode):
+                    right += list((traces[key][-w:].mean(0) >= tau) == has)
+            cells.append(f"{np.mean(right):.3f}")
+        print(f"| {w} | " + " | ".join(cells) + " |")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
@@ -85,6 +111,11 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--save", help="write every cell's projected embeddings and the reference's to this .npz")
     ap.add_argument("--modes", default="smitin,smitin_paper,random_control", help="rows besides `none`")
+    ap.add_argument(
+        "--windows",
+        help="also print each monitor's agreement with the judges with its verdict over the last N steps, for each N "
+        "of this comma list (e.g. 20,40,60,90,120; the stage uses evaluate_steering.monitor_window)",
+    )
     args = ap.parse_args(argv)
     if args.mask_silent_tokens is not None:
         mask_silent_tokens(args.mask_silent_tokens)
@@ -96,7 +127,7 @@ def main(argv=None) -> int:
 
     # the stage keeps neither its embeddings nor the reference's classes: catch them on the way (private functions,
     # wrapped, not changed)
-    cells, spaces, n_with = {}, {}, {}
+    cells, spaces, n_with, traces = {}, {}, {}, {}
     run_cell, trait_prompts, space_class = es._run_cell, es._trait_prompts, es.EmbeddingSpace
 
     class KeepReference(space_class):
@@ -107,6 +138,9 @@ def main(argv=None) -> int:
     def keep_cell(run, trait, task, direction, prompts, mode):
         row, emb, report = run_cell(run, trait, task, direction, prompts, mode)
         cells[(trait, task, direction, mode.name)] = emb
+        traces[(trait, task, direction, mode.name)] = np.array(
+            [s["traits"][trait]["probability"] for s in report.steps]
+        )  # [steps, takes]
         spaces[trait] = prompts.space
         return row, emb, report
 
@@ -134,6 +168,8 @@ def main(argv=None) -> int:
                 arrays[f"{name}/{key}"] = np.asarray(row["clips"][name], dtype=float)
         np.savez(args.save, **arrays)
     print(f"split {params.split}, {params.prompts_per_class} prompts a class, {params.takes_per_prompt} take(s) each")
+    if args.windows:
+        print_agreement_by_window(result["rows"], traces, [int(w) for w in args.windows.split(",")])
     print("| trait | task | direction | mode | success | Frechet rise | mean term | covariance term | on the axis "
           "| high band: mean | high band: spread | strength (own) | strength left |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -395,6 +395,7 @@ class GenerationSession:
                 hold_steps=sp.hold_steps,
                 hold_floor=sp.hold_floor,
                 remove_floor=sp.remove_floor,
+                add_gain=sp.add_gain,
             )
         if sp.tau is not None:
             extra["tau"] = sp.tau

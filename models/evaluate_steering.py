@@ -81,7 +81,7 @@ class EvaluateSteeringParams(Section):
     iti_alpha: float = Field(10.0, gt=0)  # iti strength, both tasks
     iti_top_k: int = Field(16, ge=1)  # iti: heads pushed
     every: int = Field(1, ge=1)  # smitin: push every s-th step
-    add_every: int | None = Field(4, ge=1)  # smitin rows: push interval while adding (null: `every`)
+    add_every: int | None = Field(12, ge=1)  # smitin rows: push interval while adding (null: `every`)
     decay: float = Field(1.0, ge=0)  # push factor (1 - C / tau) ** decay below tau
     # the sustained-presence monitor of the smitin rows (models.steering.SustainedMonitor); the `smitin_paper` row
     # runs the paper's monitor (one reading a step, the push stops at the first one at tau) beside it
@@ -90,6 +90,7 @@ class EvaluateSteeringParams(Section):
     hold_floor: float = Field(0.25, ge=0, le=1)
     remove_floor: float | None = Field(0.125, ge=0, le=1)  # the floor while removing (null: hold_floor)
     push_reference_rows: bool = False  # under guidance, push the reference rows too (models/steering.py)
+    add_gain: float = Field(2.0, gt=0)  # smitin rows, adding a trait: the push is this many times the strength
     tau: float | None = Field(None, gt=0, le=1)  # monitor threshold (null: median(acc) - std(acc) of the probe set)
     monitor_heads: int = Field(16, ge=1)  # heads whose median probe probability is the monitor
     n_pairs: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list)  # ablation probe sets (e.g. [10, 50])
@@ -549,6 +550,7 @@ def _modes(params: EvaluateSteeringParams, task: str, main: ProbeSet, ablation: 
     steering = dict(
         paper,
         add_every=params.add_every,
+        add_gain=params.add_gain,
         smooth_steps=params.smooth_steps,
         hold_steps=params.hold_steps,
         hold_floor=params.hold_floor,
@@ -627,6 +629,7 @@ def _run_cell(
                 **{k: getattr(plan.params, k) for k in ("decay", "smooth_steps", "hold_steps")},
                 "hold_floor": plan.params.floor(removing=direction == "remove"),
                 "every": plan.params.interval(removing=direction == "remove"),
+                "gain": plan.params.gain(removing=direction == "remove"),
             }
             if plan.params.mode == "smitin"
             else {}
@@ -712,6 +715,7 @@ _METRIC_KEYS = (
     "smooth_steps",
     "hold_steps",
     "hold_floor",
+    "gain",
 )
 
 

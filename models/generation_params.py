@@ -36,7 +36,8 @@ class GenerateSteeringParams(Section):
     """params.yaml `generate.steering`: how `smitin generate --steer` pushes."""
 
     every: int = Field(1, ge=1)  # smitin: push every s-th step
-    add_every: int | None = Field(4, ge=1)  # smitin: push interval of an added trait (null: `every`)
+    add_every: int | None = Field(12, ge=1)  # smitin: push interval of an added trait (null: `every`)
+    add_gain: float = Field(2.0, gt=0)  # smitin: an added trait's push is this many times its strength
     decay: float = Field(1.0, ge=0)  # push factor (1 - C / tau) ** decay below tau
     tau: float | None = None  # null: median(acc) - std(acc) of the probe set
     monitor_heads: int = Field(16, ge=1)  # heads whose trait probability the report follows

@@ -13,9 +13,10 @@ push factor in [0, 1]). Modes:
   probability of the top-16 probes at the current position, is compared with tau (median(acc) - std(acc) of the
   probe set unless given); the push decays as C rises, f = (1 - C / tau) ** decay, and is off once C >= tau.
   A negative strength removes a trait: the push goes the other way and the monitor watches 1 - C. An added trait
-  may be pushed at a longer interval of its own (`add_every`): on the builtin generator a push at every step makes
-  the added drums a steady wash of high-frequency energy, where real drums are hits (docs/steering.md), while
-  removing a trait needs every step (what is left between pushes comes back).
+  may be pushed at a longer interval of its own (`add_every`) and at a multiple of its strength (`add_gain`): on
+  the builtin generator a push at every step makes the added drums a steady wash of high-frequency energy, where
+  real drums are hits, and sparser, stronger pulses come closer to hits (docs/steering.md), while removing a trait
+  needs every step (what is left between pushes comes back).
 
 `steer(generator, plan)` (a context manager) applies a plan in one of two ways, with the same tokens and report up to
 float rounding (tested):
@@ -78,6 +79,7 @@ class SteeringParams:
     top_k: int = 16  # iti: heads pushed
     every: int = 1  # smitin: push every `every` steps (paper: 5)
     add_every: int | None = None  # smitin: push interval of the traits being added (None: `every`)
+    add_gain: float = 1.0  # smitin: an added trait's push is this many times its strength (sparser, stronger pulses)
     monitor_heads: int = 16  # heads whose median probe probability is the monitor
     tau: float | None = None  # None: median(acc) - std(acc) of each probe set
     decay: float = 0.5  # smitin push factor (1 - C / tau) ** decay below tau; 0 = full push until tau
@@ -108,6 +110,9 @@ class SteeringParams:
             self.tau = _number("tau", self.tau)
             if not 0.0 < self.tau <= 1.0:
                 raise SteeringError(f"steering tau must be in (0, 1], got {self.tau}")
+        self.add_gain = _number("add_gain", self.add_gain)
+        if not 0.0 < self.add_gain <= MAX_STRENGTH:
+            raise SteeringError(f"steering add_gain must be in (0, {MAX_STRENGTH:g}], got {self.add_gain}")
         self.decay = _number("decay", self.decay)
         if self.decay < 0:
             raise SteeringError(f"steering decay must be >= 0, got {self.decay}")
@@ -124,6 +129,10 @@ class SteeringParams:
     def interval(self, removing: bool) -> int:
         """smitin's push interval of a trait being removed (`every`) or added (`add_every`, else `every`)."""
         return self.every if removing or self.add_every is None else self.add_every
+
+    def gain(self, removing: bool) -> float:
+        """smitin's multiple of the strength for a trait being removed (1) or added (`add_gain`)."""
+        return 1.0 if removing else self.add_gain
 
     def floor(self, removing: bool) -> float:
         """The sustained monitor's push floor for a trait being removed (`remove_floor`, else `hold_floor`) or added
@@ -375,6 +384,8 @@ class SteeringSession:
         # each trait's push interval; the monitor reads before any trait's push step
         self._intervals = [p.interval(removing=rm) for rm in self.removed]
         self._uniform = len(set(self._intervals)) == 1
+        gains = [p.gain(removing=rm) for rm in self.removed]
+        self._gains = gains if any(g != 1.0 for g in gains) else None  # None: the common case costs nothing
         self._device, self._dtype = device, dtype
         self._delta_rows: tuple[torch.Tensor, ...] | None = None  # per layer [B, 1, H, Dh]: delta in row 0, zeros below
         self._fused: _FusedBuffers | None = None  # the fused path's buffers for the current batch size
@@ -419,6 +430,8 @@ class SteeringSession:
             factor = self._sustain.factor()
         else:
             factor = smitin_factor(self._monitor, self.removed, self.tau, self._decay)
+        if self._gains is not None:
+            factor = [[f * g for f, g in zip(row, self._gains)] for row in factor]
         return factor if due is None else [[f if d else 0.0 for f, d in zip(row, due)] for row in factor]
 
     def _push_rows(self, factor: list[list[float]], B: int) -> list[list[float]]:

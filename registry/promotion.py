@@ -5,8 +5,9 @@ Gates (params.yaml `registry.gates`):
   hash (so its files can be verified);
 - metrics: every gated metric the current champion has is not worse on the candidate beyond `tolerance`
   (`higher` / `lower` is better, per metric); a metric with sibling settings (steering success: `strength`,
-  `every` and `decay`, SMITIN's push interval and fade, the monitor's `smooth_steps` / `hold_steps` / `hold_floor`,
-  and `judge`, how success was judged) is compared only when both were measured with the same settings;
+  `every`, `gain` and `decay`, SMITIN's push interval, an added trait's push multiple and fade, the monitor's
+  `smooth_steps` / `hold_steps` / `hold_floor`, and `judge`, how success was judged) is compared only when both
+  were measured with the same settings;
 - compatible (probe sets): trained on the current champion generator (same fingerprint).
 `--force` promotes anyway (not a version without a content hash or left pending); the event records which gates were
 overridden.
@@ -70,10 +71,28 @@ def alias_version(client, name: str, alias: str):
 
 # settings a metric is only comparable at: steering strength, push interval, the monitor and how success was judged;
 # the ensemble size and number of pieces of a Coconet likelihood
-SETTINGS = ("strength", "every", "decay", "smooth_steps", "hold_steps", "hold_floor", "judge", "ensemble", "pieces")
+SETTINGS = (
+    "strength",
+    "every",
+    "gain",
+    "decay",
+    "smooth_steps",
+    "hold_steps",
+    "hold_floor",
+    "judge",
+    "ensemble",
+    "pieces",
+)
 # what a version registered before a setting was logged had: the push faded with exponent 0.5, the paper's monitor,
 # success judged by the detector alone
-SETTING_DEFAULTS = {"decay": 0.5, "smooth_steps": 1.0, "hold_steps": 0.0, "hold_floor": 0.0, "judge": 1.0}
+SETTING_DEFAULTS = {
+    "decay": 0.5,
+    "smooth_steps": 1.0,
+    "hold_steps": 0.0,
+    "hold_floor": 0.0,
+    "judge": 1.0,
+    "gain": 1.0,
+}
 
 
 def _fmt(x: float) -> str:

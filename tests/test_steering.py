@@ -190,6 +190,36 @@ def test_an_added_trait_is_pushed_at_its_own_interval_while_a_removed_one_is_pus
         SteeringParams(add_every=0)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_an_added_trait_is_pushed_add_gain_times_its_strength_and_a_removed_one_is_not(fused):
+    """`add_gain`: the push of an added trait moves the heads by add_gain * strength * w * sigma * theta (the
+    report's push factor is add_gain at full push); a removed trait in the same plan is pushed at its strength."""
+    model = _model()
+    drums = _probe_set(model, "drums", 0, intercept=-20.0)  # reads absent: adding pushes fully (decay 0)
+    piano = _probe_set(model, "piano", 1, intercept=20.0)  # reads present: removing pushes fully
+    plan = SteeringPlan.build([drums, piano], "drums=+3, piano=-2", mode="smitin", every=1, decay=0.0, add_gain=2.5)
+    before, after = {}, {}
+    handles = _record(model, before)
+    with steer(model, plan, fused=fused) as session:
+        handles += _record(model, after)
+        model.generate(4, prompt=_prompt(), seed=0)
+    for h in handles:
+        h.remove()
+    report = session.report()
+    drum_push, piano_push = report.pushes("drums"), report.pushes("piano")
+    assert len(drum_push) > 3 and drum_push[1:] == [2.5] * (len(drum_push) - 1)
+    assert piano_push[1:] == [1.0] * (len(piano_push) - 1)
+    if not fused:  # the fused path never materialises the pushed heads; its outputs equal the hooks' (tested above)
+        moved = (after[0][1] - before[0][1])[0, -1]
+        expected = sum(
+            torch.from_numpy((np.float32(a) * ps.weight * ps.sigma)[..., None] * ps.direction)[0]
+            for a, ps in ((3.0 * 2.5, drums), (-2.0, piano))
+        )
+        torch.testing.assert_close(moved, expected, rtol=0, atol=1e-5)
+    with pytest.raises(SteeringError, match="add_gain"):
+        SteeringParams(add_gain=0)
+
+
 def test_sustained_monitor_smooths_holds_and_keeps_a_floor_until_presence_holds():
     params = SteeringParams(smooth_steps=2, hold_steps=2, hold_floor=0.4, decay=1.0)
     assert params.sustained and not SteeringParams().sustained  # the defaults are the paper's monitor
