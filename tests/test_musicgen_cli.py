@@ -249,6 +249,7 @@ def test_evaluate_steering_on_musicgen(tmp_path, folders, capsys):
             "prompt_seconds": 0.2,
             "continuation_seconds": 0.4,
             "prompts_per_class": 2,
+            "takes_per_prompt": 1,
             "n_pairs": [2],
             "alpha": 10.0,
             "every": 2,
@@ -289,10 +290,12 @@ def test_evaluate_steering_on_musicgen(tmp_path, folders, capsys):
                 metrics["drums"][task][direction]
             )
             # each mode's numbers carry the settings they were run at (the registry gates compare like with like):
-            # the push interval of the row's trait, `add_every` (default 4) while adding
+            # the push interval of the row's trait, `add_every` (default 12) while adding, and its multiple of the
+            # strength, `add_gain` (default 2) while adding
             smitin = metrics["drums"][task][direction]["smitin"]
             assert smitin["strength"] == (10.0 if direction == "add" else -10.0)
-            assert smitin["every"] == (4 if direction == "add" else 2)
+            assert smitin["every"] == (12 if direction == "add" else 2)
+            assert smitin["gain"] == (2.0 if direction == "add" else 1.0)
             assert smitin["hold_floor"] == (0.25 if direction == "add" else 0.125)  # `remove_floor` while removing
             assert "every" not in metrics["drums"][task][direction]["iti"]  # ITI pushes every step by definition
             assert "frechet_sd" not in smitin and np.isfinite(smitin["frechet"])  # 2 clips: no spread, and no NaN
