@@ -56,6 +56,19 @@ def _record(model, store):
     ]
 
 
+def _steered_heads(model, plan, run, fused=False):
+    """Call `run()` under `steer(model, plan)`, recording each layer's head outputs before the push (a hook registered
+    before steering's) and after it; returns (the steering report, before, after)."""
+    before, after = {}, {}
+    handles = _record(model, before)
+    with steer(model, plan, fused=fused) as session:
+        handles += _record(model, after)
+        run()
+    for h in handles:
+        h.remove()
+    return session.report(), before, after
+
+
 def _prompt(B=1, T=6, seed=0):
     return torch.randint(0, 32, (B, 4, T), generator=torch.Generator().manual_seed(seed))
 
@@ -66,14 +79,8 @@ def test_update_formula_at_the_hook_is_exact(mode):
     model = _model()
     drums, piano = _probe_set(model, "drums", 0), _probe_set(model, "piano", 1)
     plan = SteeringPlan.build([drums, piano], "drums=+4, piano=-2.5", mode=mode, top_k=3, every=1, tau=1.0)
-    before, after = {}, {}
-    handles = _record(model, before)  # registered first: sees the output before the steering hook
-    with steer(model, plan, fused=False) as session:
-        handles += _record(model, after)  # registered after: sees the steered output
-        model.generate(3, prompt=_prompt(), seed=0)
-    for h in handles:
-        h.remove()
-    factors = [s["traits"] for s in session.report().steps]
+    report, before, after = _steered_heads(model, plan, lambda: model.generate(3, prompt=_prompt(), seed=0))
+    factors = [s["traits"] for s in report.steps]
     for step in range(len(before[0])):
         for layer in range(model.n_layers):
             pre, post = before[layer][step], after[layer][step]
@@ -102,13 +109,8 @@ def test_single_trait_push_is_bitwise_alpha_w_sigma_theta(rows):
     model = _model()
     ps = _probe_set(model)
     plan = SteeringPlan.build([ps], {"drums": 7.0}, mode="iti", top_k=4)
-    before, after = {}, {}
-    handles = _record(model, before)
-    with steer(model, plan, fused=False):
-        handles += _record(model, after)
-        model(_prompt(B=rows), condition=None)  # a teacher-forced forward counts as step 0 of a generation
-    for h in handles:
-        h.remove()
+    # a teacher-forced forward counts as step 0 of a generation
+    _, before, after = _steered_heads(model, plan, lambda: model(_prompt(B=rows), condition=None))
     w = np.zeros_like(ps.accuracy)
     for lh in ps.top_heads(4):
         w[lh] = 1.0
@@ -198,14 +200,7 @@ def test_an_added_trait_is_pushed_add_gain_times_its_strength_and_a_removed_one_
     drums = _probe_set(model, "drums", 0, intercept=-20.0)  # reads absent: adding pushes fully (decay 0)
     piano = _probe_set(model, "piano", 1, intercept=20.0)  # reads present: removing pushes fully
     plan = SteeringPlan.build([drums, piano], "drums=+3, piano=-2", mode="smitin", every=1, decay=0.0, add_gain=2.5)
-    before, after = {}, {}
-    handles = _record(model, before)
-    with steer(model, plan, fused=fused) as session:
-        handles += _record(model, after)
-        model.generate(4, prompt=_prompt(), seed=0)
-    for h in handles:
-        h.remove()
-    report = session.report()
+    report, before, after = _steered_heads(model, plan, lambda: model.generate(4, prompt=_prompt(), seed=0), fused)
     drum_push, piano_push = report.pushes("drums"), report.pushes("piano")
     assert len(drum_push) > 3 and drum_push[1:] == [2.5] * (len(drum_push) - 1)
     assert piano_push[1:] == [1.0] * (len(piano_push) - 1)
@@ -311,14 +306,8 @@ def test_negative_strength_pushes_the_other_way_and_watches_absence():
     assert all(p == 0.0 for p in session.report().pushes("drums"))
     ps_on = _probe_set(model, intercept=20.0)  # the trait looks present: removal pushes, against the direction
     plan = SteeringPlan.build([ps_on], "drums=-3", mode="smitin", every=1, decay=0.0)
-    before, after = {}, {}
-    handles = _record(model, before)
-    with steer(model, plan, fused=False) as session:
-        handles += _record(model, after)
-        model.generate(4, prompt=_prompt(), seed=0)
-    for h in handles:
-        h.remove()
-    assert session.report().pushes("drums")[1:] == [1.0] * 6
+    report, before, after = _steered_heads(model, plan, lambda: model.generate(4, prompt=_prompt(), seed=0))
+    assert report.pushes("drums")[1:] == [1.0] * 6
     moved = (after[0][1] - before[0][1])[0, -1]
     expected = torch.from_numpy((np.float32(-3.0) * ps_on.weight * ps_on.sigma)[..., None] * ps_on.direction)[0]
     torch.testing.assert_close(moved, expected, rtol=0, atol=1e-6)
@@ -350,19 +339,14 @@ def test_cfg_steers_and_monitors_only_the_conditional_rows():
     ps = _probe_set(model)
     plan = SteeringPlan.build([ps], "drums=+6", mode="iti", top_k=8)
     condition = torch.randn(2, 384, generator=torch.Generator().manual_seed(0))
-    before, after = {}, {}
-    handles = _record(model, before)
-    with steer(model, plan, fused=False) as session:
-        handles += _record(model, after)
-        model.generate(5, prompt=_prompt(B=2), condition=condition, cfg_scale=3.0, seed=0)
-    for h in handles:
-        h.remove()
+    report, before, after = _steered_heads(
+        model, plan, lambda: model.generate(5, prompt=_prompt(B=2), condition=condition, cfg_scale=3.0, seed=0)
+    )
     assert before[0][0].shape[0] == 4  # [2 conditional rows; 2 unconditional rows]
     for layer in range(model.n_layers):
         for pre, post in zip(before[layer], after[layer]):
             assert torch.equal(post[2:], pre[2:])  # unconditional half untouched
             assert not torch.equal(post[:2, -1], pre[:2, -1])  # conditional half pushed
-    report = session.report()
     assert all(len(s["traits"]["drums"]["probability"]) == 2 for s in report.steps)  # one monitor per cond row
 
 
