@@ -5,7 +5,7 @@ At a generation step the chosen heads' outputs before the output projection move
     z[l, h] += alpha * w[l, h] * sigma[l, h] * theta[l, h] * f
 
 (alpha: the trait's signed strength, w: head weight, sigma: spread along the unit direction theta, f: the monitor's
-push factor in [0, 1]). Modes:
+push factor in [0, 1], times `add_gain` for a trait being added). Modes:
 - `none`: no push; the monitor still runs so a report shows what the probes see.
 - `iti`: the top-K heads by probe accuracy, w = 1, f = 1 at every step (always on).
 - `smitin`: soft weights on all heads, a push at every `every`-th step (default 1: every step; the paper used 5,
