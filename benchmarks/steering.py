@@ -220,7 +220,8 @@ def main() -> int:
     every = args.every or evaluated.every
     plans = {mode: SteeringPlan.build(sets, strengths, mode=mode, every=every) for mode in ("none", "iti")}
     # smitin with the evaluated (sustained-presence) monitor, and with the paper's beside it
-    held = {k: getattr(evaluated, k) for k in ("smooth_steps", "hold_steps", "hold_floor", "remove_floor")}
+    # every step (the worst case: `add_every` would push an added trait less often), at the evaluated `add_gain`
+    held = {k: getattr(evaluated, k) for k in ("smooth_steps", "hold_steps", "hold_floor", "remove_floor", "add_gain")}
     plans["smitin"] = SteeringPlan.build(sets, strengths, mode="smitin", every=every, decay=evaluated.decay, **held)
     plans["smitin paper"] = SteeringPlan.build(sets, strengths, mode="smitin", every=every, decay=evaluated.decay)
     condition = torch.randn(1, generator.cfg.cond_dim) if args.cfg != 1.0 else None

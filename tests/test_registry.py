@@ -552,6 +552,10 @@ def test_steering_gate_compares_success_only_at_equal_settings():
     faded = version(12, {f"{key}.success": 0.40, f"{key}.strength": 10.0, f"{key}.decay": 1.0, "best_acc": 0.85})
     gate = metric_gate(faded, no_interval, gates, "probe_set")
     assert gate.passed and f"{key}.success (decay 1 vs 0.5)" in gate.detail, gate
+    # an added trait's push multiple: a version that logged none pushed at its strength (gain 1)
+    pulsed = version(14, {f"{key}.success": 0.40, f"{key}.strength": 10.0, f"{key}.gain": 2.0, "best_acc": 0.85})
+    gate = metric_gate(pulsed, no_interval, gates, "probe_set")
+    assert gate.passed and f"{key}.success (gain 2 vs 1)" in gate.detail, gate
     same_fade = version(13, {f"{key}.success": 0.20, f"{key}.strength": 10.0, f"{key}.decay": 0.5, "best_acc": 0.85})
     assert not metric_gate(same_fade, no_interval, gates, "probe_set").passed  # 0.5 logged = 0.5 assumed: compared
     worse = version(11, {f"{key}.success": 0.20, f"{key}.strength": 10.0, f"{key}.judge": 2.0, "best_acc": 0.85})

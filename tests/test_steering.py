@@ -394,6 +394,8 @@ def _attention_outputs(model, store):
         ("drums=+4", "smitin", 1, True, False),  # uncached: every forward takes the hooks' arithmetic
         ("drums=+4", "smitin", 1, "both", True),  # the reference rows pushed too (the unit push in every row)
         ("drums=+4,piano=-2", "smitin", 2, "both", True),
+        ("drums=+4", "smitin", 1, "gain", True),  # an added trait at add_gain times its strength: the unit push's beta
+        ("drums=+4,piano=-2", "smitin", 2, "gain", True),  # the rewritten push rows
     ],
 )
 def test_fused_path_gives_the_hooks_tokens_outputs_and_report(spec, mode, rows, cfg, cache):
@@ -406,6 +408,7 @@ def test_fused_path_gives_the_hooks_tokens_outputs_and_report(spec, mode, rows, 
         tau=0.99,
         top_k=5,
         push_reference_rows=cfg == "both",
+        add_gain=2.5 if cfg == "gain" else 1.0,
     )
     condition = torch.randn(rows, 384, generator=torch.Generator().manual_seed(0)) if cfg else None
     runs = {}
