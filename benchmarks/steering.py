@@ -4,7 +4,8 @@ same model, same seed, same run, runs interleaved so machine load hits all modes
 none / iti / smitin run the default, fused path (`steer`: push and monitor folded into each layer's output
 projection); smitin uses the evaluated monitor (params `evaluate_steering`: the sustained-presence one), "smitin
 paper" the paper's (one reading a step, no hold); "smitin hook" runs the paper's plan through hooks on `head_out`
-(the path MusicGen takes), the baseline the fused path replaced.
+(the path MusicGen takes), the baseline the fused path replaced. Every mode continues the same prompt of random
+tokens (`--prompt-frames`, 40), so a prompt-relative monitor (params `evaluate_steering.prompt_relative`) is timed.
 
 Model: the trained generator in --generator when there is one, else the default architecture of params
 `train_generator.model` (random weights: time does not depend on the values) with the codec's K and card from
@@ -176,6 +177,9 @@ def main() -> int:
     )
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--frames", type=int, default=200, help="frames generated per run (5 s at 40 frames/s)")
+    ap.add_argument(
+        "--prompt-frames", type=int, default=40, help="frames of an audio prompt every mode continues (0: none)"
+    )
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-pin", action="store_true", help="do not pin a one-thread run to one core")
@@ -221,18 +225,28 @@ def main() -> int:
     plans = {mode: SteeringPlan.build(sets, strengths, mode=mode, every=every) for mode in ("none", "iti")}
     # smitin with the evaluated (sustained-presence) monitor, and with the paper's beside it
     # every step (the worst case: `add_every` would push an added trait less often), at the evaluated `add_gain`
-    held = {k: getattr(evaluated, k) for k in ("smooth_steps", "hold_steps", "hold_floor", "remove_floor", "add_gain")}
+    # and with its monitor reading the generated audio's share after the prompt where the stage's does
+    keys = ("smooth_steps", "hold_steps", "hold_floor", "remove_floor", "add_gain", "prompt_relative")
+    held = {k: getattr(evaluated, k) for k in keys}
     plans["smitin"] = SteeringPlan.build(sets, strengths, mode="smitin", every=every, decay=evaluated.decay, **held)
     plans["smitin paper"] = SteeringPlan.build(sets, strengths, mode="smitin", every=every, decay=evaluated.decay)
     condition = torch.randn(1, generator.cfg.cond_dim) if args.cfg != 1.0 else None
     steps = frames + generator.cfg.n_codebooks - 1
+    prompt_n = max(0, min(args.prompt_frames, generator.cfg.max_frames - steps))
+    prompt = (
+        torch.randint(
+            0, generator.cfg.card, (1, generator.cfg.n_codebooks, prompt_n), generator=torch.Generator().manual_seed(0)
+        )
+        if prompt_n
+        else None
+    )
 
     # a stamp as each step's forward enters the first block (installed for every mode alike)
     stamps: list[float] = []
     generator.blocks[0].register_forward_pre_hook(lambda *_: stamps.append(time.perf_counter()))
 
     def generate(mode: str) -> None:
-        kwargs = dict(condition=condition, cfg_scale=args.cfg, seed=0, top_k=50, batch_size=1)
+        kwargs = dict(condition=condition, cfg_scale=args.cfg, seed=0, top_k=50, batch_size=1, prompt=prompt)
         if mode.startswith("plain"):
             generator.generate(frames, **kwargs)
         elif mode == "floor hook":

@@ -6,7 +6,8 @@ and where each row sits against real music with and without the trait (docs/stee
     python benchmarks/steering_push_terms.py --probes /tmp/directions/orthogonal --save /tmp/cells.npz
 
 `--probes`: another probe-sets folder (e.g. one benchmarks/steering_directions.py wrote); `--save`: every cell's
-projected and standardised embeddings, per-take strength, detector probability and monitor verdict, as one .npz.
+projected and standardised embeddings, per-take strength, detector probability, monitor verdict, the judges'
+verdict and the monitor's trace, as one .npz.
 
 Runs `models.evaluate_steering` (after `make demo`: the trained generator, probes, tokens and clips) with
 params.yaml's `evaluate_steering` section plus the `--set` overrides, keeps each cell's audio embeddings (per-clip
@@ -166,6 +167,11 @@ def main(argv=None) -> int:
             key = "/".join((row["trait"], row["task"], row["direction"], row["mode"]))
             for name in ("strength_own", "detector_p", "monitor_end"):
                 arrays[f"{name}/{key}"] = np.asarray(row["clips"][name], dtype=float)
+            said = np.asarray(row["clips"]["monitor_end"]) >= row["tau"]
+            arrays[f"judged/{key}"] = np.where(row["clips"]["monitor_right"], said, ~said)  # the judges' verdict
+            arrays[f"tau/{key}"] = np.asarray(row["tau"], dtype=float)
+        for k, trace in traces.items():
+            arrays["trace/" + "/".join(k)] = trace  # monitored probability [steps, takes]
         np.savez(args.save, **arrays)
     print(f"split {params.split}, {params.prompts_per_class} prompts a class, {params.takes_per_prompt} take(s) each")
     if args.windows:

@@ -396,6 +396,7 @@ class GenerationSession:
                 hold_floor=sp.hold_floor,
                 remove_floor=sp.remove_floor,
                 add_gain=sp.add_gain,
+                prompt_relative=sp.prompt_relative,
             )
         if sp.tau is not None:
             extra["tau"] = sp.tau

@@ -86,10 +86,13 @@ class EvaluateSteeringParams(Section):
     # the sustained-presence monitor of the smitin rows (models.steering.SustainedMonitor); the `smitin_paper` row
     # runs the paper's monitor (one reading a step, the push stops at the first one at tau) beside it
     smooth_steps: int = Field(1, ge=1)
-    hold_steps: int = Field(30, ge=0)
+    hold_steps: int = Field(60, ge=0)
     hold_floor: float = Field(0.25, ge=0, le=1)
     remove_floor: float | None = Field(0.125, ge=0, le=1)  # the floor while removing (null: hold_floor)
     push_reference_rows: bool = False  # under guidance, push the reference rows too (models/steering.py)
+    # after an audio prompt, the smitin rows' monitor (and the unsteered rows' watching one) reads the generated
+    # audio's share of the heads' mix (models/steering.py; chosen on valid, docs/steering.md)
+    prompt_relative: bool = True
     add_gain: float = Field(2.0, gt=0)  # smitin rows, adding a trait: the push is this many times the strength
     tau: float | None = Field(None, gt=0, le=1)  # monitor threshold (null: median(acc) - std(acc) of the probe set)
     monitor_heads: int = Field(16, ge=1)  # heads whose median probe probability is the monitor
@@ -556,10 +559,12 @@ def _modes(params: EvaluateSteeringParams, task: str, main: ProbeSet, ablation: 
         hold_floor=params.hold_floor,
         remove_floor=params.remove_floor,
         push_reference_rows=params.push_reference_rows,
+        prompt_relative=params.prompt_relative,
     )
     sustained = SteeringParams(**{k: steering[k] for k in ("smooth_steps", "hold_steps", "hold_floor")}).sustained
     modes = [
-        _Mode("none", main, dict(mode="none"), 1.0),
+        # the unsteered rows' monitor watches as the smitin rows' does (the report keeps the probes' own reading too)
+        _Mode("none", main, dict(mode="none", prompt_relative=params.prompt_relative), 1.0),
         _Mode("iti", main, dict(mode="iti", top_k=params.iti_top_k), params.iti_alpha),
         _Mode("smitin", main, dict(mode="smitin", **steering), alpha),
         *([_Mode("smitin_paper", main, dict(mode="smitin", **paper), alpha)] if sustained else []),
@@ -610,6 +615,13 @@ def _run_cell(
         "detector_p": judged.tolist(),
         "descriptors": strength_descriptors.tolist(),
         "monitor_end": monitor_verdict(report.steps, trait, run.params.monitor_window).tolist(),
+        # the same from the probes' own reading, where the monitor was prompt-relative (for the paper's monitor's
+        # agreement, which pools the unsteered takes)
+        **(
+            {"reading_end": monitor_verdict(report.steps, trait, run.params.monitor_window, "reading").tolist()}
+            if report.steps and "reading" in report.steps[0]["traits"][trait]
+            else {}
+        ),
         "push_steps": report.summary()[trait]["push_steps"],
     }
     row = {
@@ -630,6 +642,7 @@ def _run_cell(
                 "hold_floor": plan.params.floor(removing=direction == "remove"),
                 "every": plan.params.interval(removing=direction == "remove"),
                 "gain": plan.params.gain(removing=direction == "remove"),
+                "prompt_relative": float(plan.params.prompt_relative),
             }
             if plan.params.mode == "smitin"
             else {}
@@ -652,10 +665,11 @@ def _run_cell(
     return row, emb, report
 
 
-def monitor_verdict(steps: list[dict], trait: str, window: int) -> np.ndarray:
+def monitor_verdict(steps: list[dict], trait: str, window: int, key: str = "probability") -> np.ndarray:
     """Per take, the mean monitored probability of `trait` over the last `window` steps of a steering report (all
-    of them when there are fewer): what is compared with tau as the monitor's verdict on the take."""
-    monitored = np.array([s["traits"][trait]["probability"] for s in steps])  # [steps, takes]
+    of them when there are fewer): what is compared with tau as the monitor's verdict on the take. key "reading":
+    the same from the probes' own reading (reports of a prompt-relative monitor keep it)."""
+    monitored = np.array([s["traits"][trait][key] for s in steps])  # [steps, takes]
     return monitored[-window:].mean(0)
 
 
@@ -716,6 +730,7 @@ _METRIC_KEYS = (
     "hold_steps",
     "hold_floor",
     "gain",
+    "prompt_relative",
 )
 
 
@@ -747,6 +762,7 @@ def _judge_strength(
             s_own, s_real = own.strength(X), real.strength(X)
             c["strength_own"], c["strength_real"] = s_own.tolist(), s_real.tolist()
             has = present & (s_own >= params.strength_threshold)
+            c["judged_has"] = has.tolist()
             r["strength_own"] = float(np.median(s_own))
             r["strength_real"] = float(np.median(s_real))
             r["present_strong"] = float(has.mean())
@@ -758,11 +774,22 @@ def _judge_strength(
             if direction == "remove":  # strength left, against the unsteered takes of the same prompts
                 r["strength_left"] = float(np.mean(r["clips"]["strength_own"])) / ref if ref > 0 else None
     # per monitor: its steered takes of both tasks and directions pooled with the unsteered ones (whose monitor only
-    # watches), the share where its verdict is the judges'
+    # watches; read the way this monitor reads: prompt-relative or not), the share where its verdict is the judges'
     mine = [r for r in rows if r["trait"] == trait]
     agreement = node.setdefault("monitor_agreement", {})
     for mode in dict.fromkeys(r["mode"] for r in mine):
-        pooled = [x for r in mine if r["mode"] in ("none", mode) for x in r["clips"]["monitor_right"]]
+        relative = (
+            params.prompt_relative
+            if mode == "none"
+            else any(r.get("prompt_relative") for r in mine if r["mode"] == mode)
+        )
+        pooled = []
+        for r in mine:
+            if r["mode"] not in ("none", mode):
+                continue
+            c = r["clips"]
+            end = c["reading_end"] if r["mode"] == "none" and not relative and "reading_end" in c else c["monitor_end"]
+            pooled += list((np.array(end) >= r["tau"]) == np.array(c["judged_has"]))
         agreement[mode] = float(np.mean(pooled))
 
 

@@ -44,9 +44,11 @@ class GenerateSteeringParams(Section):
     iti_top_k: int = Field(16, ge=1)  # heads ITI steers (--mode iti)
     # the monitor trusts only sustained presence (models.steering.SustainedMonitor); 1, 0, 0: the paper's monitor
     smooth_steps: int = Field(1, ge=1)  # moving average of the monitored probability over about this many steps
-    hold_steps: int = Field(30, ge=0)  # the trait must read present this many steps in a row before the push stops
+    hold_steps: int = Field(60, ge=0)  # the trait must read present this many steps in a row before the push stops
     hold_floor: float = Field(0.25, ge=0, le=1)  # the push factor's floor until then
     remove_floor: float | None = Field(0.125, ge=0, le=1)  # the floor while removing a trait (null: hold_floor)
+    # after a --continue prompt the monitor reads the generated audio's share of the heads' mix (models.steering)
+    prompt_relative: bool = True
 
 
 class GenerateParams(Section):

@@ -401,8 +401,9 @@ class Generator(nn.Module):
 
         condition: [B, cond_dim] caption embeddings (None: unconditional). cfg_scale > 1 with a condition turns on
         classifier-free guidance: the batch becomes [B conditional rows; B unconditional rows] (conditional first)
-        and `self.batch_layout == {"cfg": True, "n_cond": B}` while generating; otherwise
-        `{"cfg": False, "n_cond": B}` and all rows are conditional.
+        and `self.batch_layout == {"cfg": True, "n_cond": B, "prompt_frames": Tp}` while generating; otherwise
+        `{"cfg": False, ...}` and all rows are conditional (`prompt_frames`: the prompt's length, read by steering's
+        prompt-relative monitor).
         on_step(step): called after each decoding step with `step` = 0 .. n_frames + K - 2, the index of the
         delayed-stream frame just sampled counted from the end of the prompt (the delay pattern needs K - 1 extra
         steps to finish the last frame's upper codebooks). Hooks on `head_out` run during the step itself; the
@@ -454,7 +455,7 @@ class Generator(nn.Module):
             log_cut=math.log(cut) if cut > 0 else None,
         )
         prefix, visible = self._guided_prefix(condition, attributes, guide, S)
-        self.batch_layout = {"cfg": guide.groups > 1, "n_cond": B}
+        self.batch_layout = {"cfg": guide.groups > 1, "n_cond": B, "prompt_frames": Tp}
         caches = [dict() for _ in range(self.cfg.n_layers)] if use_cache else None
         for step, s in enumerate(range(Tp, S)):
             if caches is None or step == 0:  # the whole stream so far, after the prefix

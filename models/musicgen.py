@@ -16,7 +16,8 @@ the built-in `Generator`:
 - `generate(n_frames, prompt, condition, ...)`: `transformers`' own `generate()` with the KV cache; codes come back
   `[B, K, Tp + n_frames]`. Under classifier-free guidance `transformers` doubles the batch as [conditional rows;
   unconditional rows] (decoder inputs `repeat((2, 1))`, text encoding concatenated with zeros), so
-  `batch_layout == {"cfg": True, "n_cond": B}` while generating, exactly like the built-in generator.
+  `batch_layout` has `"cfg": True, "n_cond": B` (and the prompt's length, `prompt_frames`) while generating, exactly
+  like the built-in generator.
 
 Two things `transformers` 5.23 does that the wrapper corrects for (both tested):
 - `MusicgenForConditionalGeneration.generate` runs the prefill forward twice (once in `generate`, once in
@@ -430,7 +431,7 @@ class MusicGenGenerator(nn.Module):
         # "generation" tells hooks a new generation starts (its first forward may have T == 1 here, unlike the
         # built-in generator's prefix): steering can use it to restart its step count (see the module docstring)
         self._generations += 1
-        self.batch_layout = {"cfg": use_cfg, "n_cond": B, "generation": self._generations}
+        self.batch_layout = {"cfg": use_cfg, "n_cond": B, "generation": self._generations, "prompt_frames": Tp}
         self.decoder_forwards = []
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices, enabled=seed is not None):

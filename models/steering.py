@@ -18,6 +18,14 @@ push factor in [0, 1], times `add_gain` for a trait being added). Modes:
   real drums are hits, and sparser, stronger pulses come closer to hits (docs/steering.md), while removing a trait
   needs every step (what is left between pushes comes back).
 
+After an audio prompt the heads at the newest position still mix in the prompt: the probes read a drum-free
+prompt's continuation as drum-free long after drums came in, and a drum prompt's continuation as drum-bearing after
+they left. With `prompt_relative` the monitor reads the generated audio's share instead: with p0 the reading on
+the prompt (step 0) and s the prompt's share of the positions a step sees (its frames over all frames so far, at
+most `PROMPT_SHARE_CAP`), the monitored probability is sigmoid((logit p - s logit p0) / (1 - s)), the reading with
+the prompt's part of a uniform mix taken out. Nothing changes without a prompt, or where the generation reads as its
+prompt did (docs/steering.md).
+
 `steer(generator, plan)` (a context manager) applies a plan in one of two ways, with the same tokens and report up to
 float rounding (tested):
 - fused (the builtin generator, the default there): each layer's output projection W is replaced by one matrix
@@ -92,6 +100,8 @@ class SteeringParams:
     # Under guidance, push the reference rows (unconditional / prompt-free) alike: the guided logits then carry the
     # push once instead of scale times (False: only the generation's rows, the push amplified by the guidance)
     push_reference_rows: bool = False
+    # After an audio prompt, the monitor reads the generated audio's share of the heads' mix (module docstring)
+    prompt_relative: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -327,6 +337,26 @@ class SustainedMonitor:
         ]
 
 
+# The most of a step's reading that is taken to be the prompt's: at most doubles the difference from the prompt's
+# reading, so the first steps' noise is not blown up (on the valid split 0.5-0.75 read alike; docs/steering.md)
+PROMPT_SHARE_CAP = 0.5
+
+
+def prompt_share(step: int, prompt_frames: int) -> float:
+    """The prompt's share of the frames a step's position sees (`PROMPT_SHARE_CAP` at most; 0 without a prompt)."""
+    return min(PROMPT_SHARE_CAP, prompt_frames / (prompt_frames + step)) if prompt_frames > 0 else 0.0
+
+
+def prompt_relative(p: float, prompt_logit: float, share: float) -> float:
+    """The reading p with the prompt's part taken out: sigmoid((logit p - share * prompt_logit) / (1 - share))."""
+    return _sigmoid((_logit(p) - share * prompt_logit) / (1.0 - share))
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-6), 1.0 - 1e-6)
+    return math.log(p / (1.0 - p))
+
+
 def _sigmoid(x: float) -> float:
     if x >= 0:
         return 1.0 / (1.0 + math.exp(-x))
@@ -391,6 +421,7 @@ class SteeringSession:
         self._fused: _FusedBuffers | None = None  # the fused path's buffers for the current batch size
         self._reset(None)
         self._layout = None
+        self._prompt_frames = 0
         self.generations: list[dict] = []
 
     # ---- state
@@ -402,11 +433,12 @@ class SteeringSession:
         self._monitor: list[list[float]] | None = None  # monitored probability of the last step
         p = self.plan.params
         self._sustain = SustainedMonitor(p, self.removed, self.tau) if p.sustained else None
+        self._prompt_logit: list[list[float]] | None = None  # the prompt's reading (prompt_relative), per row/trait
         self._applied: dict[int, tuple] = {}  # absolute position -> the push it received (as self._now)
         self._stash: list[torch.Tensor] = []  # this forward's monitored layers' last position [B, 1, H, Dh]
         self._now: tuple[float, tuple[torch.Tensor, ...]] | None = None  # this step's push (see _begin_forward)
         self._replay: list[tuple[int, tuple]] = []
-        self._log: list[tuple[int, list, list | None]] = []  # (step, probability, factor)
+        self._log: list[tuple] = []  # (step, monitored probability, factor, the probes' reading or None)
         self._pending: list[tuple[int, list[torch.Tensor], list | None]] = []  # not yet evaluated
 
     def _factor(self, n: int) -> list[list[float]] | None:
@@ -468,6 +500,9 @@ class SteeringSession:
             self._reset(B)
             pos = T - 1
         self._n, self._last_pos, self._step = n, pos, self._step + 1
+        if self._step == 0:
+            frames = int(layout.get("prompt_frames") or 0) if self.plan.params.prompt_relative else 0
+            self._prompt_frames = frames
         return pos
 
     def _begin_forward(self, z: torch.Tensor) -> None:
@@ -533,8 +568,16 @@ class SteeringSession:
         self._pending = []
 
     def _observe(self, step: int, prob: list[list[float]], factor: list | None) -> None:
-        """Record a step's monitored probability [n][T] (and the push factor it ran with); it becomes the monitor."""
-        self._log.append((step, prob, factor))
+        """Record a step's probe reading [n][T] (and the push factor it ran with); the monitored probability (the
+        reading itself, or prompt-relative) becomes the monitor."""
+        raw = None
+        if self._prompt_frames:
+            if self._prompt_logit is None:  # step 0: the position after the prompt, before anything is generated
+                self._prompt_logit = [[_logit(c) for c in row] for row in prob]
+            share = prompt_share(step, self._prompt_frames)
+            raw = prob
+            prob = [[prompt_relative(c, b, share) for c, b in zip(r, bs)] for r, bs in zip(raw, self._prompt_logit)]
+        self._log.append((step, prob, factor, raw))
         if self._sustain is not None:
             self._sustain.observe(prob)
         self._monitor = prob
@@ -676,7 +719,7 @@ class SteeringSession:
         self._flush()
         steps = []
         traits = self.plan.traits
-        for step, prob, factor in self._log:
+        for step, prob, factor, raw in self._log:
             factor = factor if factor is not None else [[0.0] * len(traits) for _ in prob]
             steps.append(
                 {
@@ -686,6 +729,8 @@ class SteeringSession:
                             "probability": [r[i] for r in prob],
                             "push": [r[i] for r in factor],
                             "on": [r[i] > 0 for r in factor],
+                            # the probes' own reading where the monitor is prompt-relative
+                            **({"reading": [r[i] for r in raw]} if raw is not None else {}),
                         }
                         for i, t in enumerate(traits)
                     },

@@ -6,8 +6,8 @@ Gates (params.yaml `registry.gates`):
 - metrics: every gated metric the current champion has is not worse on the candidate beyond `tolerance`
   (`higher` / `lower` is better, per metric); a metric with sibling settings (steering success: `strength`,
   `every`, `gain` and `decay`, SMITIN's push interval, an added trait's push multiple and fade, the monitor's
-  `smooth_steps` / `hold_steps` / `hold_floor`, and `judge`, how success was judged) is compared only when both
-  were measured with the same settings;
+  `smooth_steps` / `hold_steps` / `hold_floor` / `prompt_relative`, and `judge`, how success was judged) is
+  compared only when both were measured with the same settings;
 - compatible (probe sets): trained on the current champion generator (same fingerprint).
 `--force` promotes anyway (not a version without a content hash or left pending); the event records which gates were
 overridden.
@@ -75,6 +75,7 @@ SETTINGS = (
     "strength",
     "every",
     "gain",
+    "prompt_relative",
     "decay",
     "smooth_steps",
     "hold_steps",
@@ -83,8 +84,8 @@ SETTINGS = (
     "ensemble",
     "pieces",
 )
-# what a version registered before a setting was logged had: the push faded with exponent 0.5, the paper's monitor,
-# success judged by the detector alone
+# what a version registered before a setting was logged had: the push faded with exponent 0.5, the paper's monitor
+# reading the probes as they are, success judged by the detector alone
 SETTING_DEFAULTS = {
     "decay": 0.5,
     "smooth_steps": 1.0,
@@ -92,6 +93,7 @@ SETTING_DEFAULTS = {
     "hold_floor": 0.0,
     "judge": 1.0,
     "gain": 1.0,
+    "prompt_relative": 0.0,
 }
 
 

@@ -199,6 +199,7 @@ def test_cli_generate_with_text_prompt(sqlite_registry, model_dirs, tmp_path, ca
     assert info["prompts"] == ["an upbeat chorale with drums"] and info["cfg_scale"] == 3.0
     # params generate.steering reach the plan (its floors: hold_floor adding, remove_floor removing)
     assert report["plan"]["params"]["hold_floor"] == 0.25 and report["plan"]["params"]["remove_floor"] == 0.125
+    assert report["plan"]["params"]["prompt_relative"] is True
     print(f"cli generate (resolve + load + caption encoder + generate): {time.perf_counter() - t0:.1f} s")
     assert main(base + ["--prompt", "x", "--steer", "drums=lots", "--out", str(tmp_path / "o.wav")]) == 2
     assert "strength of 'drums' is not a number" in capsys.readouterr().err

@@ -125,9 +125,9 @@ def test_cfg_batch_layout_and_hooks_at_every_step():
     assert len(shapes) == n_steps
     assert shapes[0] == (6, model.n_prefix + 4 + 1, 4, 8)  # prompt pass: [3 cond; 3 uncond] rows
     assert all(s == (6, 1, 4, 8) for s in shapes[1:])  # cached steps see T == 1
-    assert all(lay == {"cfg": True, "n_cond": 3} for lay in layouts)
+    assert all(lay == {"cfg": True, "n_cond": 3, "prompt_frames": 4} for lay in layouts)
     model.generate(n_frames=3, batch_size=2, seed=0)
-    assert model.batch_layout == {"cfg": False, "n_cond": 2}
+    assert model.batch_layout == {"cfg": False, "n_cond": 2, "prompt_frames": 0}
 
 
 def test_cfg_rows_are_conditional_first():
@@ -218,7 +218,7 @@ def test_prompt_guidance_rows_layout_and_bad_values():
         seed=0,
     )
     h.remove()
-    assert set(seen) == {6} and layouts[0] == {"cfg": True, "n_cond": 2}  # [cond; text-uncond; prompt-free]
+    assert set(seen) == {6} and layouts[0] == {"cfg": True, "n_cond": 2, "prompt_frames": 6}  # cond; uncond; free
     for bad in (0.5, float("inf"), "x", None, [3.0, 1.0], "3,1,1,0.5"):
         with pytest.raises(GeneratorError, match="prompt_guidance"):
             model.generate(n_frames=2, prompt=prompt, prompt_guidance=bad)

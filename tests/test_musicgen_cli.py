@@ -297,6 +297,7 @@ def test_evaluate_steering_on_musicgen(tmp_path, folders, capsys):
             assert smitin["every"] == (12 if direction == "add" else 2)
             assert smitin["gain"] == (2.0 if direction == "add" else 1.0)
             assert smitin["hold_floor"] == (0.25 if direction == "add" else 0.125)  # `remove_floor` while removing
+            assert smitin["prompt_relative"] == 1.0  # the monitor after a prompt reads the generated audio's share
             assert "every" not in metrics["drums"][task][direction]["iti"]  # ITI pushes every step by definition
             assert "frechet_sd" not in smitin and np.isfinite(smitin["frechet"])  # 2 clips: no spread, and no NaN
     rows = json.loads((tmp_path / "reports" / "rows.json").read_text())

@@ -126,7 +126,7 @@ def test_repro_runs_every_stage_and_registers_probe_sets(project):
     assert 0.5 <= drums["best_acc"] <= 1.0
     steering = json.loads((dest / "metrics" / "evaluate_steering.json").read_text())["drums"]
     added = steering["continuation"]["add"]
-    assert added["smitin"]["judge"] == 2 and added["smitin"]["hold_steps"] == 30  # the sustained monitor, judged
+    assert added["smitin"]["judge"] == 2 and added["smitin"]["hold_steps"] == 60  # the sustained monitor, judged
     assert added["smitin_paper"]["hold_steps"] == 0  # the paper's monitor beside it
     assert set(steering["monitor_agreement"]) >= {"none", "smitin", "smitin_paper"}
     rows = json.loads((dest / "data" / "evaluate_steering" / "rows.json").read_text())["rows"]

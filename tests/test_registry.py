@@ -556,6 +556,10 @@ def test_steering_gate_compares_success_only_at_equal_settings():
     pulsed = version(14, {f"{key}.success": 0.40, f"{key}.strength": 10.0, f"{key}.gain": 2.0, "best_acc": 0.85})
     gate = metric_gate(pulsed, no_interval, gates, "probe_set")
     assert gate.passed and f"{key}.success (gain 2 vs 1)" in gate.detail, gate
+    # the monitor reading the generated audio's share after a prompt: a version that logged none read the probes as is
+    relative = {f"{key}.success": 0.40, f"{key}.strength": 10.0, f"{key}.prompt_relative": 1.0, "best_acc": 0.85}
+    gate = metric_gate(version(15, relative), no_interval, gates, "probe_set")
+    assert gate.passed and f"{key}.success (prompt_relative 1 vs 0)" in gate.detail, gate
     same_fade = version(13, {f"{key}.success": 0.20, f"{key}.strength": 10.0, f"{key}.decay": 0.5, "best_acc": 0.85})
     assert not metric_gate(same_fade, no_interval, gates, "probe_set").passed  # 0.5 logged = 0.5 assumed: compared
     worse = version(11, {f"{key}.success": 0.20, f"{key}.strength": 10.0, f"{key}.judge": 2.0, "best_acc": 0.85})

@@ -18,6 +18,7 @@ from models.steering import (
     SustainedMonitor,
     _median_probability,
     parse_strengths,
+    prompt_share,
     smitin_factor,
     steer,
 )
@@ -313,6 +314,60 @@ def test_negative_strength_pushes_the_other_way_and_watches_absence():
     torch.testing.assert_close(moved, expected, rtol=0, atol=1e-6)
 
 
+def _logit(p):
+    p = np.asarray(p, dtype=float)
+    return np.log(p / (1 - p))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_prompt_relative_monitor_reads_the_generated_audios_share_after_a_prompt(fused):
+    """After a prompt of Tp frames the monitored probability at step t is sigmoid((logit p - s logit p0) / (1 - s)),
+    p the probes' reading, p0 the reading at step 0, s = min(0.5, Tp / (Tp + t)); the report keeps p as "reading"."""
+    model = _model()
+    ps = _probe_set(model)
+    Tp, n = 6, 14
+    runs = {}
+    for relative in (False, True):
+        plan = SteeringPlan.build([ps], "drums=+4", mode="none", prompt_relative=relative)
+        with steer(model, plan, fused=fused) as session:
+            tokens = model.generate(n, prompt=_prompt(B=2, T=Tp), seed=1, top_k=8)
+        runs[relative] = tokens, session.report()
+    (tokens_plain, plain), (tokens_rel, rel) = runs[False], runs[True]
+    assert torch.equal(tokens_plain, tokens_rel)  # no push: only the reading differs
+    raw = np.array([s["traits"]["drums"]["probability"] for s in plain.steps])  # [steps, rows]
+    assert "reading" not in plain.steps[0]["traits"]["drums"]
+    np.testing.assert_allclose([s["traits"]["drums"]["reading"] for s in rel.steps], raw, atol=1e-6)
+    monitored = np.array([s["traits"]["drums"]["probability"] for s in rel.steps])
+    t = np.arange(len(raw))[:, None]
+    share = np.minimum(0.5, Tp / (Tp + t))
+    expected = 1 / (1 + np.exp(-(_logit(raw) - share * _logit(raw[0])) / (1 - share)))
+    np.testing.assert_allclose(monitored, expected, atol=1e-5)
+    np.testing.assert_allclose(monitored[0], raw[0], atol=1e-6)  # step 0 is the prompt's own reading
+    assert np.abs(monitored - raw).max() > 0.01  # the readings moved away from the prompt's, and the monitor says so
+    assert prompt_share(0, 0) == 0.0 and prompt_share(100, 6) == pytest.approx(6 / 106)
+
+
+def test_a_prompt_relative_monitor_changes_nothing_without_a_prompt_and_pushes_by_its_own_reading():
+    model = _model()
+    ps = _probe_set(model)
+    reports = []
+    for relative in (False, True):
+        plan = SteeringPlan.build([ps], "drums=+2", mode="smitin", every=1, decay=1.0, prompt_relative=relative)
+        with steer(model, plan) as session:
+            model.generate(8, batch_size=1, seed=2, top_k=8)
+        reports.append(session.report())
+    assert reports[0].steps == reports[1].steps  # no prompt: the probes' reading is the monitor
+    # after a prompt the push follows the prompt-relative reading: f(t + 1) = 1 - C(t) / tau below tau, else 0
+    plan = SteeringPlan.build([ps], "drums=+2", mode="smitin", every=1, decay=1.0, prompt_relative=True)
+    with steer(model, plan) as session:
+        model.generate(8, prompt=_prompt(), seed=2, top_k=8)
+    report, tau = session.report(), plan.taus()[0]
+    prob, push = report.probabilities("drums"), report.pushes("drums")
+    assert "reading" in report.steps[0]["traits"]["drums"]
+    for c, f in zip(prob[:-1], push[1:]):
+        assert f == pytest.approx(max(0.0, 1 - c / tau), abs=1e-6)
+
+
 # ----------------------------------------------------------------------------------------- KV cache, CFG
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("mode", ["iti", "smitin"])
@@ -396,6 +451,7 @@ def _attention_outputs(model, store):
         ("drums=+4,piano=-2", "smitin", 2, "both", True),
         ("drums=+4", "smitin", 1, "gain", True),  # an added trait at add_gain times its strength: the unit push's beta
         ("drums=+4,piano=-2", "smitin", 2, "gain", True),  # the rewritten push rows
+        ("drums=+4,piano=-2", "smitin", 2, "relative", True),  # a prompt-relative monitor
     ],
 )
 def test_fused_path_gives_the_hooks_tokens_outputs_and_report(spec, mode, rows, cfg, cache):
@@ -409,6 +465,7 @@ def test_fused_path_gives_the_hooks_tokens_outputs_and_report(spec, mode, rows, 
         top_k=5,
         push_reference_rows=cfg == "both",
         add_gain=2.5 if cfg == "gain" else 1.0,
+        prompt_relative=cfg == "relative",
     )
     condition = torch.randn(rows, 384, generator=torch.Generator().manual_seed(0)) if cfg else None
     runs = {}

@@ -191,13 +191,52 @@ def test_strength_judge_success_strength_left_and_monitor_agreement_by_hand():
     }
 
 
+def test_the_papers_monitor_pools_the_unsteered_takes_as_the_probes_read_them_not_prompt_relative():
+    """With a prompt-relative monitor the unsteered rows keep both verdicts: the smitin monitor's agreement pools
+    their prompt-relative one, the paper's monitor (which reads the probes as they are) their own reading."""
+    from types import SimpleNamespace
+
+    from models.evaluate_steering import _judge_strength
+
+    rng = np.random.default_rng(1)
+
+    def row(mode, strengths, detected, end, reading=None, relative=None, direction="add"):
+        clips = _takes(strengths, detected, end, rng)
+        if reading is not None:
+            clips["reading_end"] = reading
+        r = {"trait": "drums", "task": "continuation", "direction": direction, "mode": mode, "tau": 0.7}
+        r["clips"] = clips
+        return r if relative is None else {**r, "prompt_relative": relative}
+
+    rows = [
+        # unsteered: takes 1-2 drum-free, 3-4 drum-bearing; read prompt-relatively the monitor is right on all four,
+        # by the probes' own reading (held down by the drum-free prompt) only on the first two
+        row("none", [0, 0, 1, 1], [0.1, 0.1, 0.9, 0.9], [0.2, 0.3, 0.8, 0.9], reading=[0.2, 0.3, 0.5, 0.6]),
+        row("smitin", [1, 1], [0.9, 0.9], [0.8, 0.9], relative=1.0),
+        row("smitin_paper", [1, 1], [0.9, 0.9], [0.6, 0.9], relative=0.0),
+        # unsteered drum prompts: drum-bearing takes, read present either way
+        row("none", [1, 1], [0.9, 0.9], [0.9, 0.9], reading=[0.9, 0.8], direction="remove"),
+    ]
+    real = {False: np.tile([0.02, 2.0, 0.2], (3, 1)) + rng.normal(0, 1e-3, (3, 3))}
+    real[True] = real[False] + np.array([0.1, 2.0, 0.3])
+    metrics = {}
+    _judge_strength(rows, "drums", SimpleNamespace(real_descriptors=real), 0.5, EvaluateSteeringParams(), metrics)
+    pooled = metrics["drums"]["monitor_agreement"]
+    assert pooled["none"] == pytest.approx(1.0)  # the product's (prompt-relative) monitor watching
+    assert pooled["smitin"] == pytest.approx(8 / 8)
+    assert pooled["smitin_paper"] == pytest.approx((2 + 2 + 1) / 8)  # its own take 1 reads 0.6; unsteered 3-4 missed
+
+
 def test_modes_run_the_sustained_monitor_beside_the_papers_and_a_subset_on_request():
     from models.evaluate_steering import _modes
     from models.steering import SteeringParams
 
     modes = {m.name: m for m in _modes(EvaluateSteeringParams(), "text", main=None, ablation={})}
     assert list(modes) == ["none", "iti", "smitin", "smitin_paper", "smitin_x2", "random_control"]
-    assert modes["smitin"].settings["hold_steps"] == 30 and "hold_steps" not in modes["smitin_paper"].settings
+    assert modes["smitin"].settings["hold_steps"] == 60 and "hold_steps" not in modes["smitin_paper"].settings
+    # the unsteered rows watch with the smitin rows' monitor; the paper's reads the probes as they are
+    assert modes["none"].settings["prompt_relative"] and modes["smitin"].settings["prompt_relative"]
+    assert not SteeringParams(**modes["smitin_paper"].settings).prompt_relative
     sustained, paper = (SteeringParams(**modes[m].settings) for m in ("smitin", "smitin_paper"))
     assert (sustained.floor(removing=False), sustained.floor(removing=True)) == (0.25, 0.125)
     assert (paper.floor(removing=False), paper.floor(removing=True)) == (0.0, 0.0)  # the paper's monitor has none
