@@ -74,16 +74,12 @@ def mask_silent_tokens(level: float, generator_dir: str = "data/generator", toke
 
 def print_agreement_by_window(rows: list[dict], traces: dict, windows: list[int]) -> None:
     """Each monitor's agreement with the judges (its takes pooled with the unsteered ones, as the stage pools them)
-    when its verdict is the mean reading over the last N steps. The judges' answer per take is recovered from the
-    stage's own verdict and whether it was right."""
-    judged = {}
-    for r in rows:
-        c = r["clips"]
-        said = np.asarray(c["monitor_end"]) >= r["tau"]
-        judged[(r["trait"], r["task"], r["direction"], r["mode"])] = (
-            np.where(c["monitor_right"], said, ~said),
-            r["tau"],
-        )
+    when its verdict is the mean reading over the last N steps (the judges' answer per take: the stage's
+    `judged_has`)."""
+    judged = {
+        (r["trait"], r["task"], r["direction"], r["mode"]): (np.asarray(r["clips"]["judged_has"]), r["tau"])
+        for r in rows
+    }
     modes = [m for m in dict.fromkeys(k[3] for k in judged) if m != "none"]
     print("| verdict over the last N steps | " + " | ".join(modes) + " |")
     print("|---|" + "---|" * len(modes))
@@ -167,8 +163,7 @@ def main(argv=None) -> int:
             key = "/".join((row["trait"], row["task"], row["direction"], row["mode"]))
             for name in ("strength_own", "detector_p", "monitor_end"):
                 arrays[f"{name}/{key}"] = np.asarray(row["clips"][name], dtype=float)
-            said = np.asarray(row["clips"]["monitor_end"]) >= row["tau"]
-            arrays[f"judged/{key}"] = np.where(row["clips"]["monitor_right"], said, ~said)  # the judges' verdict
+            arrays[f"judged/{key}"] = np.asarray(row["clips"]["judged_has"])  # the judges' verdict
             arrays[f"tau/{key}"] = np.asarray(row["tau"], dtype=float)
         for k, trace in traces.items():
             arrays["trace/" + "/".join(k)] = trace  # monitored probability [steps, takes]

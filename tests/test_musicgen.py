@@ -242,6 +242,22 @@ def test_steered_cached_and_uncached_give_the_same_tokens(gen):
     assert torch.equal(out[0], out[1])
 
 
+def test_a_prompt_relative_monitor_reads_musicgen_continuations_from_the_prompts_reading(gen):
+    """MusicGen tells steering the prompt's length: after a prompt the monitor takes the prompt's part out of the
+    probes' reading (step 0 is the prompt's own reading); without a prompt the reading is the monitor."""
+    ps = _probe_set(gen)
+    plan = SteeringPlan.build([ps], {"drums": 2.0}, mode="none", prompt_relative=True)
+    with steer(gen, plan) as session:
+        gen.generate(6, prompt=_codes(2, 3), condition=_text(2), cfg_scale=3.0, seed=0)
+    assert gen.batch_layout["prompt_frames"] == 3
+    drums = [s["traits"]["drums"] for s in session.report().steps]
+    assert drums[0]["probability"] == pytest.approx(drums[0]["reading"], abs=1e-9)
+    assert max(abs(a - b) for d in drums[1:] for a, b in zip(d["probability"], d["reading"])) > 1e-4
+    with steer(gen, plan) as session:
+        gen.generate(6, condition=_text(2), cfg_scale=3.0, seed=0)
+    assert gen.batch_layout["prompt_frames"] == 0 and "reading" not in session.report().steps[0]["traits"]["drums"]
+
+
 def test_probe_set_from_another_model_is_refused(gen):
     other = MusicGenGenerator(debug_musicgen(seed=1))
     assert other.fingerprint() != gen.fingerprint()
