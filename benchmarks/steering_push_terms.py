@@ -7,7 +7,7 @@ and where each row sits against real music with and without the trait (docs/stee
 
 `--probes`: another probe-sets folder (e.g. one benchmarks/steering_directions.py wrote); `--save`: every cell's
 projected and standardised embeddings, per-take strength, detector probability, monitor verdict, the judges'
-verdict and the monitor's trace, as one .npz.
+verdict, the monitor's trace and (with `--own-takes`) the own trait-bearing takes, as one .npz.
 
 Runs `models.evaluate_steering` (after `make demo`: the trained generator, probes, tokens and clips) with
 params.yaml's `evaluate_steering` section plus the `--set` overrides, keeps each cell's audio embeddings (per-clip
@@ -15,7 +15,14 @@ mean and spread over time of 64 log-mel bands), and prints per row: success and 
 them), the two terms of the Frechet distance in the stage's 16-d space, the position of the row's mean on the axis
 from the real trait-free continuations' mean (0) to the real trait-bearing ones' (1), and the high band's (mel bands
 40-63) mean level and spread over time, in z units of the reference, and the row's strength on the generator's own
-scale (median) and, for removal, the strength left.
+scale (median) and, for removal, the strength left. "Spread" is the row's total variance across takes in the
+stage's 16-d space over the real continuations' (1: as varied as real music; a push that makes every take alike
+lowers it, and the Frechet distance's covariance term rises).
+
+`--own-takes K`: the generator's own trait-bearing music, the ceiling a push that adds the trait can hope to reach:
+K unsteered takes from each trait-bearing prompt (the removal rows' prompts), of which those the judges call
+trait-bearing are compared with the real continuations at the smitin add row's size (the median and 5-95% range
+over random subsets), and their rise over the unsteered add row.
 """
 
 from __future__ import annotations
@@ -42,6 +49,42 @@ def frechet_terms(x: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
     tr(S_x + S_ref - 2 (S_x S_ref)^1/2)."""
     sx, sr = np.cov(x, rowvar=False), np.cov(ref, rowvar=False)
     return float(np.sum((x.mean(0) - ref.mean(0)) ** 2)), float(np.trace(sx + sr - 2 * linalg.sqrtm(sx @ sr).real))
+
+
+def spread(x: np.ndarray, ref: np.ndarray) -> float:
+    """Total variance of projected embeddings over the reference's: how varied a set of takes is next to real music."""
+    return float(x.var(0).sum() / ref.var(0).sum())
+
+
+def own_trait_takes(contexts: dict, rows: list[dict], takes: int, subsets: int = 200, seed: int = 0) -> dict:
+    """Per (trait, task) the generator's own trait-bearing music: `takes` unsteered takes from each trait-bearing
+    prompt; of those the judges call trait-bearing (the stage's `judged_has`: the detector's verdict, and at least
+    `strength_threshold` strong on the scale of the stage's unsteered rows, `rows`), the Frechet distance at the
+    stage's row size (median, 5% and 95% over random subsets; all of them when fewer), their spread, how many were
+    judged trait-bearing, of how many, and their projected embeddings."""
+    from dataclasses import replace
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for (trait, task), (run, prompts, probes) in contexts.items():
+        p = run.params
+        own_run = replace(run, params=p.model_copy(update={"takes_per_prompt": takes}))
+        none = es._Mode("none", probes, dict(mode="none", prompt_relative=p.prompt_relative), 1.0)
+        row, emb, _ = es._run_cell(own_run, trait, task, "remove", prompts, none)
+        stage = {
+            r["direction"]: r["clips"] for r in rows if (r["trait"], r["task"], r["mode"]) == (trait, task, "none")
+        }
+        threshold = run.detector.threshold
+        scale = es._own_scale(stage["add"], stage["remove"], threshold)
+        present = np.asarray(row["clips"]["detector_p"]) >= threshold
+        has = present & (scale.strength(np.asarray(row["clips"]["descriptors"])) >= p.strength_threshold)
+        ref = prompts.space.reference
+        z = prompts.space.project(emb)[has]
+        n = min(len(z), len(prompts.picked[False]) * p.takes_per_prompt)
+        fds = [es.frechet_distance(z[rng.choice(len(z), n, replace=False)], ref) for _ in range(subsets)]
+        lo, hi = np.percentile(fds, [5, 95])
+        out[(trait, task)] = (float(np.median(fds)), float(lo), float(hi), spread(z, ref), len(z), len(emb), z)
+    return out
 
 
 def mask_silent_tokens(level: float, generator_dir: str = "data/generator", tokens_dir: str = "data/tokens") -> list:
@@ -109,6 +152,12 @@ def main(argv=None) -> int:
     ap.add_argument("--save", help="write every cell's projected embeddings and the reference's to this .npz")
     ap.add_argument("--modes", default="smitin,smitin_paper,random_control", help="rows besides `none`")
     ap.add_argument(
+        "--own-takes",
+        type=int,
+        metavar="K",
+        help="also draw K unsteered takes from each trait-bearing prompt and place the judged trait-bearing ones",
+    )
+    ap.add_argument(
         "--windows",
         help="also print each monitor's agreement with the judges with its verdict over the last N steps, for each N "
         "of this comma list (e.g. 20,40,60,90,120; the stage uses evaluate_steering.monitor_window)",
@@ -124,7 +173,7 @@ def main(argv=None) -> int:
 
     # the stage keeps neither its embeddings nor the reference's classes: catch them on the way (private functions,
     # wrapped, not changed)
-    cells, spaces, n_with, traces = {}, {}, {}, {}
+    cells, spaces, n_with, traces, contexts = {}, {}, {}, {}, {}
     run_cell, trait_prompts, space_class = es._run_cell, es._trait_prompts, es.EmbeddingSpace
 
     class KeepReference(space_class):
@@ -139,6 +188,7 @@ def main(argv=None) -> int:
             [s["traits"][trait]["probability"] for s in report.steps]
         )  # [steps, takes]
         spaces[trait] = prompts.space
+        contexts[(trait, task)] = (run, prompts, mode.probes)
         return row, emb, report
 
     def keep_prompts(run, trait):
@@ -154,9 +204,11 @@ def main(argv=None) -> int:
         )  # fmt: skip
     finally:
         es._run_cell, es._trait_prompts, es.EmbeddingSpace = run_cell, trait_prompts, space_class
+    own = own_trait_takes(contexts, result["rows"], args.own_takes) if args.own_takes else {}
 
     if args.save:
         arrays = {f"ref_{t}": s.reference for t, s in spaces.items()}
+        arrays.update({f"ref_with_{t}": np.asarray(n) for t, n in n_with.items()})  # the first n hold the trait
         arrays.update({"/".join(k): spaces[k[0]].project(e) for k, e in cells.items()})
         arrays.update({"std/" + "/".join(k): spaces[k[0]].standardise(e) for k, e in cells.items()})
         for row in result["rows"]:
@@ -167,13 +219,15 @@ def main(argv=None) -> int:
             arrays[f"tau/{key}"] = np.asarray(row["tau"], dtype=float)
         for k, trace in traces.items():
             arrays["trace/" + "/".join(k)] = trace  # monitored probability [steps, takes]
+        for (trait, task), found in own.items():
+            arrays[f"own/{trait}/{task}"] = found[-1]  # the judged trait-bearing own takes, projected
         np.savez(args.save, **arrays)
     print(f"split {params.split}, {params.prompts_per_class} prompts a class, {params.takes_per_prompt} take(s) each")
     if args.windows:
         print_agreement_by_window(result["rows"], traces, [int(w) for w in args.windows.split(",")])
     print("| trait | task | direction | mode | success | Frechet rise | mean term | covariance term | on the axis "
-          "| high band: mean | high band: spread | strength (own) | strength left |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| high band: mean | high band: spread | strength (own) | strength left | spread |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for trait, space in spaces.items():
         ref, k = space.reference, n_with[trait]
         with_mean, without_mean = ref[:k].mean(0), ref[k:].mean(0)
@@ -183,7 +237,7 @@ def main(argv=None) -> int:
             m, c = frechet_terms(z, ref)
             pos = float((z.mean(0) - without_mean) @ axis / (axis @ axis))
             high = f"{std[:, HIGH].mean():+.2f} | {std[:, 64:][:, HIGH].mean():+.2f}"
-            print(f"| {trait} | | | {label} | | | {m:.1f} | {c:.1f} | {pos:.2f} | {high} | | |")
+            print(f"| {trait} | | | {label} | | | {m:.1f} | {c:.1f} | {pos:.2f} | {high} | | | {spread(z, ref):.2f} |")
         for row in result["rows"]:
             if row["trait"] != trait:
                 continue
@@ -197,8 +251,17 @@ def main(argv=None) -> int:
                 f"| {row.get('success', float('nan')):.2f} | {row.get('frechet_rise', 0.0):+.0%} "
                 f"| {m:.1f} | {c:.1f} | {pos:.2f} "
                 f"| {std[:, HIGH].mean():+.2f} | {std[:, 64:][:, HIGH].mean():+.2f} "
-                f"| {row.get('strength_own', float('nan')):.2f} | {left} |"
+                f"| {row.get('strength_own', float('nan')):.2f} | {left} | {spread(z, ref):.2f} |"
             )
+        unsteered = {r["task"]: r["frechet"] for r in result["rows"] if r["trait"] == trait and r["mode"] == "none"
+                     and r["direction"] == "add"}  # fmt: skip
+        for (t, task), (fd, lo, hi, sp, m, total, _) in own.items():
+            if t == trait:
+                rise = fd / unsteered[task] - 1
+                print(
+                    f"| {trait} | {task} | own | judged trait-bearing, {m} of {total} takes | | {rise:+.0%} "
+                    f"(FD {fd:.1f}, 5-95% {lo:.1f}-{hi:.1f}) | | | | | | | | {sp:.2f} |"
+                )
         agreement = result["metrics"][trait].get("monitor_agreement", {})
         print(f"{trait}: monitor agreement with the judges, " + ", ".join(f"{m} {a:.3f}" for m, a in agreement.items()))
     return 0
