@@ -51,11 +51,6 @@ def frechet_terms(x: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
     return float(np.sum((x.mean(0) - ref.mean(0)) ** 2)), float(np.trace(sx + sr - 2 * linalg.sqrtm(sx @ sr).real))
 
 
-def spread(x: np.ndarray, ref: np.ndarray) -> float:
-    """Total variance of projected embeddings over the reference's: how varied a set of takes is next to real music."""
-    return float(x.var(0).sum() / ref.var(0).sum())
-
-
 def own_trait_takes(contexts: dict, rows: list[dict], takes: int, subsets: int = 200, seed: int = 0) -> dict:
     """Per (trait, task) the generator's own trait-bearing music: `takes` unsteered takes from each trait-bearing
     prompt; of those the judges call trait-bearing (the stage's `judged_has`: the detector's verdict, and at least
@@ -83,7 +78,7 @@ def own_trait_takes(contexts: dict, rows: list[dict], takes: int, subsets: int =
         n = min(len(z), len(prompts.picked[False]) * p.takes_per_prompt)
         fds = [es.frechet_distance(z[rng.choice(len(z), n, replace=False)], ref) for _ in range(subsets)]
         lo, hi = np.percentile(fds, [5, 95])
-        out[(trait, task)] = (float(np.median(fds)), float(lo), float(hi), spread(z, ref), len(z), len(emb), z)
+        out[(trait, task)] = (float(np.median(fds)), float(lo), float(hi), es.takes_spread(z, ref), len(z), len(emb), z)
     return out
 
 
@@ -237,7 +232,10 @@ def main(argv=None) -> int:
             m, c = frechet_terms(z, ref)
             pos = float((z.mean(0) - without_mean) @ axis / (axis @ axis))
             high = f"{std[:, HIGH].mean():+.2f} | {std[:, 64:][:, HIGH].mean():+.2f}"
-            print(f"| {trait} | | | {label} | | | {m:.1f} | {c:.1f} | {pos:.2f} | {high} | | | {spread(z, ref):.2f} |")
+            print(
+                f"| {trait} | | | {label} | | | {m:.1f} | {c:.1f} | {pos:.2f} | {high} | | "
+                f"| {es.takes_spread(z, ref):.2f} |"
+            )
         for row in result["rows"]:
             if row["trait"] != trait:
                 continue
@@ -251,7 +249,7 @@ def main(argv=None) -> int:
                 f"| {row.get('success', float('nan')):.2f} | {row.get('frechet_rise', 0.0):+.0%} "
                 f"| {m:.1f} | {c:.1f} | {pos:.2f} "
                 f"| {std[:, HIGH].mean():+.2f} | {std[:, 64:][:, HIGH].mean():+.2f} "
-                f"| {row.get('strength_own', float('nan')):.2f} | {left} | {spread(z, ref):.2f} |"
+                f"| {row.get('strength_own', float('nan')):.2f} | {left} | {es.takes_spread(z, ref):.2f} |"
             )
         unsteered = {r["task"]: r["frechet"] for r in result["rows"] if r["trait"] == trait and r["mode"] == "none"
                      and r["direction"] == "add"}  # fmt: skip

@@ -13,6 +13,8 @@ ablation.
   covariances of a few dozen clips are estimable. Reference: the codec-decoded real continuations of the same
   prompts (both classes), so codec artefacts do not count against the generator. It is a FAD stand-in, not FAD
   (no VGGish / CLAP weights ship offline); compare rows with each other, not with published FADs.
+  Spread: a row's total variance across takes in that space over the reference's (1: as varied as real music);
+  a push that makes every take alike lowers it and raises the distance's covariance term.
 - Continuation similarity: cosine similarity of the (reference-standardised) embeddings of prompt and
   continuation, averaged.
 
@@ -145,6 +147,10 @@ class EmbeddingSpace:
     def frechet(self, x: np.ndarray) -> float:
         return frechet_distance(self.project(x), self.reference)
 
+    def spread(self, x: np.ndarray) -> float:
+        """How varied clips are next to the reference: `takes_spread` of their projections."""
+        return takes_spread(self.project(x), self.reference)
+
     def frechet_sd(self, x: np.ndarray, resamples: int = 100, seed: int = 0) -> float:
         """Bootstrap standard deviation of `frechet(x)` over resamples of the generated clips (the reference
         fixed): with 16 clips in 16 dims the distance moves by tens of percent from sampling alone, and a rise has
@@ -187,6 +193,13 @@ class EmbeddingSpace:
         se = float(np.sqrt((g - 1) / g * np.sum((leave_one_out - leave_one_out.mean()) ** 2)))
         z = float(norm.ppf(0.5 + level / 2))
         return full - z * se, full + z * se
+
+
+def takes_spread(z: np.ndarray, reference: np.ndarray) -> float:
+    """Total variance of projected embeddings over the reference's (1: as varied as real music). A push that makes
+    every take alike lowers it, and the Frechet distance's covariance term rises with it (docs/steering.md, "Takes
+    made alike")."""
+    return float(np.atleast_2d(z).var(0).sum() / reference.var(0).sum())
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -651,6 +664,7 @@ def _run_cell(
         "mean_detector_p": float(judged.mean()),
         "frechet": space.frechet(emb),
         "frechet_sd": space.frechet_sd(emb, seed=run.params.seed),
+        "spread": space.spread(emb),
         "mean_probe_p": float(np.mean([s["traits"][trait]["probability"] for s in report.steps])),
         "push_steps": float(np.mean(report.summary()[trait]["push_steps"])),
         "steps": len(report.steps),
@@ -720,6 +734,7 @@ _METRIC_KEYS = (
     "frechet_rise",
     "frechet_rise_lo",
     "frechet_rise_hi",
+    "spread",
     "continuation_similarity",
     "removal_cut",
     "mean_probe_p",
@@ -862,7 +877,7 @@ def format_table(rows: list[dict]) -> str:
     head = (
         "| trait | task | direction | mode | strength | n | success | judged present | strength (own) "
         "| strength (real) | strength left | monitor agrees | FD (± bootstrap sd) | FD rise (paired 90% interval) "
-        "| cont. sim | mean probe p | push steps |"
+        "| spread | cont. sim | mean probe p | push steps |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -877,7 +892,8 @@ def format_table(rows: list[dict]) -> str:
             f"| {_num(r.get('strength_own'))} | {_num(r.get('strength_real'))} "
             f"| {'' if left is None else f'{left:.0%}'} | {_num(r.get('monitor_agreement'))} "
             f"| {r['frechet']:.2f}{sd} "
-            f"| {r.get('frechet_rise', float('nan')):+.0%}{interval} | {'' if sim is None else f'{sim:.3f}'} "
+            f"| {r.get('frechet_rise', float('nan')):+.0%}{interval} | {_num(r.get('spread'))} "
+            f"| {'' if sim is None else f'{sim:.3f}'} "
             f"| {r['mean_probe_p']:.2f} | {r['push_steps']:.1f} |"
         )
     return "\n".join(lines) + "\n"

@@ -12,6 +12,7 @@ from models.evaluate_steering import (
     format_table,
     frechet_distance,
     monitor_verdict,
+    takes_spread,
 )
 
 
@@ -45,6 +46,18 @@ def test_frechet_bootstrap_spread_shrinks_with_more_clips():
     assert np.isnan(space.frechet_sd(few[:2]))  # too few clips for a covariance
 
 
+def test_spread_is_the_total_variance_over_the_references():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(64, 4)) * [3.0, 2.0, 1.0, 0.5]
+    assert takes_spread(ref, ref) == pytest.approx(1.0)
+    assert takes_spread(2.0 * ref + 5.0, ref) == pytest.approx(4.0)  # a shift is the mean term's business
+    assert takes_spread(np.tile(ref[:1], (10, 1)), ref) == pytest.approx(0.0)  # every take alike
+    space = EmbeddingSpace(rng.standard_normal((200, 8)) * np.linspace(3, 0.5, 8), dims=8)
+    clips = rng.standard_normal((50, 8)) * np.linspace(3, 0.5, 8)
+    assert space.spread(clips) == pytest.approx(1.0, abs=0.3)  # another draw of the reference's distribution
+    assert space.spread(0.5 * clips) == pytest.approx(0.25 * space.spread(clips))  # half as varied: a quarter
+
+
 def test_table_has_every_row():
     rows = [
         {
@@ -70,6 +83,8 @@ def test_table_has_every_row():
     rows[1].update(frechet_rise_lo=-0.05, frechet_rise_hi=0.3)
     table = format_table(rows)
     assert "| +10% (-5% to +30%) |" in table and table.count("| +10% |") == 1  # the unsteered row has none
+    rows[1]["spread"] = 0.414
+    assert "| +10% (-5% to +30%) | 0.41 |" in format_table(rows)  # the spread beside the rise
 
 
 def test_paired_frechet_rise_interval():

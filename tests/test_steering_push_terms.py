@@ -1,5 +1,5 @@
-"""benchmarks/steering_push_terms.py: the spread of a set of takes, and the generator's own trait-bearing takes it
-places beside a steered row (the ceiling of a push that adds the trait)."""
+"""benchmarks/steering_push_terms.py: the generator's own trait-bearing takes it places beside a steered row (the
+ceiling of a push that adds the trait)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,6 @@ import pytest
 
 import benchmarks.steering_push_terms as spt
 import models.evaluate_steering as es
-
-
-def test_spread_is_the_total_variance_over_the_references():
-    rng = np.random.default_rng(0)
-    ref = rng.normal(size=(64, 4)) * [3.0, 2.0, 1.0, 0.5]
-    assert spt.spread(ref, ref) == pytest.approx(1.0)
-    assert spt.spread(2.0 * ref + 5.0, ref) == pytest.approx(4.0)  # a shift is the mean term's business, not spread
-    assert spt.spread(np.tile(ref[:1], (10, 1)), ref) == pytest.approx(0.0)  # every take alike
 
 
 def test_own_takes_keep_only_what_the_judges_call_trait_bearing_and_compare_at_the_rows_size(monkeypatch):
@@ -61,4 +53,4 @@ def test_own_takes_keep_only_what_the_judges_call_trait_bearing_and_compare_at_t
     # compared at the steered row's size (4 prompts x 2 takes = 8 of the 12 kept), so the distance is one of a subset
     subsets = [es.frechet_distance(emb[:12][list(c)], ref) for c in combinations(range(12), 8)]
     assert min(subsets) - 1e-9 <= lo <= fd <= hi <= max(subsets) + 1e-9
-    assert sp == pytest.approx(spt.spread(emb[:12], ref))
+    assert sp == pytest.approx(es.takes_spread(emb[:12], ref))
