@@ -55,8 +55,8 @@ def own_trait_takes(contexts: dict, rows: list[dict], takes: int, subsets: int =
     """Per (trait, task) the generator's own trait-bearing music: `takes` unsteered takes from each trait-bearing
     prompt; of those the judges call trait-bearing (the stage's `judged_has`: the detector's verdict, and at least
     `strength_threshold` strong on the scale of the stage's unsteered rows, `rows`), the Frechet distance at the
-    stage's row size (median, 5% and 95% over random subsets; all of them when fewer), their spread, how many were
-    judged trait-bearing, of how many, and their projected embeddings."""
+    stage's row size (median, 5% and 95% over random subsets; all of them when fewer; nan under 3), their spread, how
+    many were judged trait-bearing, of how many, and their projected embeddings."""
     from dataclasses import replace
 
     rng = np.random.default_rng(seed)
@@ -76,6 +76,9 @@ def own_trait_takes(contexts: dict, rows: list[dict], takes: int, subsets: int =
         ref = prompts.space.reference
         z = prompts.space.project(emb)[has]
         n = min(len(z), len(prompts.picked[False]) * p.takes_per_prompt)
+        if n < 3:  # too few for a covariance: the ceiling is not measurable at this K (said as nan, not a crash)
+            out[(trait, task)] = (float("nan"),) * 4 + (len(z), len(emb), z)
+            continue
         fds = [es.frechet_distance(z[rng.choice(len(z), n, replace=False)], ref) for _ in range(subsets)]
         lo, hi = np.percentile(fds, [5, 95])
         out[(trait, task)] = (float(np.median(fds)), float(lo), float(hi), es.takes_spread(z, ref), len(z), len(emb), z)

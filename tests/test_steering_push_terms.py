@@ -54,3 +54,7 @@ def test_own_takes_keep_only_what_the_judges_call_trait_bearing_and_compare_at_t
     subsets = [es.frechet_distance(emb[:12][list(c)], ref) for c in combinations(range(12), 8)]
     assert min(subsets) - 1e-9 <= lo <= fd <= hi <= max(subsets) + 1e-9
     assert sp == pytest.approx(es.takes_spread(emb[:12], ref))
+    # a K at which too few takes pass: nan, said, not a crash
+    detector_p[:] = 0.2
+    fd, lo, hi, sp, kept, total, z = spt.own_trait_takes(contexts, stage_rows, takes=6, subsets=5)[("drums", "text")]
+    assert (kept, total) == (0, n_own) and np.isnan([fd, lo, hi, sp]).all()
